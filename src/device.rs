@@ -1,0 +1,235 @@
+//! The device handle: one CUDA context and stream, the device's properties, and a lazy
+//! cache of kernel modules and functions.
+//!
+//! A [`Device`] is cheap to clone and can be shared across threads. Every ntkv call
+//! enqueues its work on the device's stream in order; results are ready when a host copy
+//! (for example [`crate::DeviceTensor::to_host`]) or [`Device::synchronize`] returns.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{Error, Result};
+use crate::kernels;
+
+/// One kernel module: the fatbin compiled from `cuda/<name>.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Module {
+    /// `cuda/common.cu`: copy ceiling, finiteness scan.
+    Common,
+    /// `cuda/quant.cu`: group-wise quantization and the MiKV cache.
+    Quant,
+}
+
+impl Module {
+    /// Every module, in file order.
+    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant];
+
+    /// The module's name: the stem of its `.cu` file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Common => "common",
+            Module::Quant => "quant",
+        }
+    }
+
+    /// The embedded fatbin, or `None` when the crate was built without nvcc.
+    pub fn image(self) -> Option<&'static [u8]> {
+        match self {
+            Module::Common => kernels::COMMON,
+            Module::Quant => kernels::QUANT,
+        }
+    }
+}
+
+/// Whether this build carries compiled kernels (nvcc was found at build time).
+pub fn kernels_built() -> bool {
+    Module::ALL.iter().all(|m| m.image().is_some())
+}
+
+/// The architectures the embedded kernels carry SASS for (for example `sm_80,sm_90`),
+/// or an empty string when they were not built.
+pub fn built_archs() -> &'static str {
+    kernels::BUILT_ARCHS
+}
+
+/// Properties read once when the device is opened.
+#[derive(Clone, Debug)]
+pub struct DeviceProps {
+    /// The device's name as the driver reports it.
+    pub name: String,
+    /// Compute capability `(major, minor)`.
+    pub compute_capability: (i32, i32),
+    /// Number of streaming multiprocessors.
+    pub sm_count: u32,
+    /// Most dynamic shared memory one block may opt in to, in bytes.
+    pub max_shared_mem_per_block_optin: u32,
+    /// Shared memory per SM, in bytes.
+    pub shared_mem_per_sm: u32,
+    /// L2 cache size, in bytes.
+    pub l2_cache_bytes: u64,
+    /// Global memory, in bytes.
+    pub total_mem_bytes: u64,
+}
+
+struct Inner {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    props: DeviceProps,
+    modules: RwLock<HashMap<Module, Arc<CudaModule>>>,
+    functions: RwLock<HashMap<(Module, &'static str), CudaFunction>>,
+}
+
+/// A CUDA device with its context, stream and kernel cache. Clone to share.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("ordinal", &self.inner.ordinal).field("props", &self.inner.props).finish()
+    }
+}
+
+/// Whether the CUDA driver library can be loaded. Never panics.
+pub fn driver_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen libcuda and drops the handle.
+    unsafe { sys::is_culib_present() }
+}
+
+impl Device {
+    /// Opens device `ordinal` on a new stream.
+    ///
+    /// # Errors
+    /// [`Error::NoDriver`] when `libcuda` is absent (this never panics),
+    /// [`Error::NoDevice`] when the ordinal is out of range, [`Error::Driver`] otherwise.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // cudarc's dynamic loading panics when libcuda is missing; probe first.
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        cudarc::driver::result::init()?;
+        let count = usize::try_from(CudaContext::device_count()?).unwrap_or(0);
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        let attr = |a: sys::CUdevice_attribute| -> Result<u32> {
+            Ok(u32::try_from(ctx.attribute(a)?).unwrap_or(0))
+        };
+        use sys::CUdevice_attribute as A;
+        let total_mem_bytes = ctx.mem_get_info()?.1 as u64;
+        let props = DeviceProps {
+            name: ctx.name()?,
+            compute_capability: ctx.compute_capability()?,
+            sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            max_shared_mem_per_block_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+            shared_mem_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
+            l2_cache_bytes: u64::from(attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
+            total_mem_bytes,
+        };
+        Ok(Device {
+            inner: Arc::new(Inner {
+                ordinal,
+                ctx,
+                stream,
+                props,
+                modules: RwLock::new(HashMap::new()),
+                functions: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+
+    /// Properties read when the device was opened.
+    pub fn props(&self) -> &DeviceProps {
+        &self.inner.props
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    /// The stream every ntkv call on this device enqueues its work on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// Blocks until all work enqueued on the device's stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Loads (once) and returns kernel `name` of `module`.
+    ///
+    /// The fast path takes a read lock; the module is loaded under the write lock the first
+    /// time any of its functions is asked for, so a user of one family pays for no other.
+    pub fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.inner.functions.read().ok().and_then(|m| m.get(&(module, name)).cloned()) {
+            return Ok(f);
+        }
+        let loaded = self.module(module)?;
+        let f = loaded.load_function(name).map_err(|source| Error::ModuleLoad {
+            module: module.name(),
+            what: name.to_owned(),
+            source,
+        })?;
+        if let Ok(mut map) = self.inner.functions.write() {
+            map.insert((module, name), f.clone());
+        }
+        Ok(f)
+    }
+
+    fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self.inner.modules.read().ok().and_then(|m| m.get(&module).cloned()) {
+            return Ok(m);
+        }
+        let mut map = self
+            .inner
+            .modules
+            .write()
+            .map_err(|_| Error::invalid("module cache", "lock poisoned by a panic in another thread"))?;
+        if let Some(m) = map.get(&module) {
+            return Ok(m.clone());
+        }
+        let image = module.image().ok_or(Error::KernelsNotBuilt { module: module.name() })?;
+        let loaded = self
+            .inner
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+            .map_err(|source| Error::ModuleLoad { module: module.name(), what: "module".to_owned(), source })?;
+        map.insert(module, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Checks a dynamic shared-memory request against the device's opt-in limit and, above
+    /// the 48 KiB default, raises the function's limit so the launch can use it.
+    pub fn prepare_shared_mem(&self, f: &CudaFunction, bytes: usize) -> Result<u32> {
+        let limit = self.inner.props.max_shared_mem_per_block_optin as usize;
+        if bytes > limit {
+            return Err(Error::too_large(
+                "shared memory",
+                format!("kernel needs {bytes} bytes of shared memory; the device allows {limit}"),
+            ));
+        }
+        let b = crate::error::to_u32("shared memory", bytes)?;
+        if bytes > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(bytes).unwrap_or(i32::MAX),
+            )?;
+        }
+        Ok(b)
+    }
+}

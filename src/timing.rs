@@ -1,0 +1,101 @@
+//! Kernel timing with CUDA events, and the in-run bandwidth ceiling.
+//!
+//! Every figure the bench runner prints is a median over repetitions timed with CUDA events
+//! (created with timing enabled: cudarc's default disables it) after warm-up, and each
+//! memory-bound figure is reported as a share of the copy bandwidth measured in the same run.
+
+use cudarc::driver::{sys, CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::device::{Device, Module};
+use crate::error::{to_u32, Result};
+use crate::params::NtkvCopyParams;
+
+/// Median of a non-empty sample (the mean of the middle two for even lengths); 0 when empty.
+pub fn median(samples: &mut [f64]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        0.5 * (samples[n / 2 - 1] + samples[n / 2])
+    }
+}
+
+/// Times `f` on the device's stream: `warmup` untimed calls, then `reps` calls each bracketed
+/// by timing events. Returns the per-call times in milliseconds (unsorted).
+///
+/// `f` receives the repetition index so callers can rotate inputs larger than L2.
+pub fn time_gpu_ms<F>(device: &Device, warmup: usize, reps: usize, mut f: F) -> Result<Vec<f64>>
+where
+    F: FnMut(usize) -> Result<()>,
+{
+    for i in 0..warmup {
+        f(i)?;
+    }
+    device.synchronize()?;
+    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let stream = device.stream();
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let start = stream.record_event(flags)?;
+        f(i)?;
+        let stop = stream.record_event(flags)?;
+        times.push(f64::from(start.elapsed_ms(&stop)?));
+    }
+    Ok(times)
+}
+
+/// Times `f` on the device's stream and returns the median in milliseconds.
+pub fn median_gpu_ms<F>(device: &Device, warmup: usize, reps: usize, f: F) -> Result<f64>
+where
+    F: FnMut(usize) -> Result<()>,
+{
+    let mut t = time_gpu_ms(device, warmup, reps, f)?;
+    Ok(median(&mut t))
+}
+
+/// Times a host function with the wall clock; median in milliseconds.
+pub fn median_cpu_ms<F, E>(warmup: usize, reps: usize, mut f: F) -> std::result::Result<f64, E>
+where
+    F: FnMut(usize) -> std::result::Result<(), E>,
+{
+    for i in 0..warmup {
+        f(i)?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let t0 = std::time::Instant::now();
+        f(i)?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(&mut times))
+}
+
+/// Enqueues a device-to-device copy of `src` into `dst` (equal lengths, multiples of 16
+/// bytes) with ntkv's vectorized copy kernel.
+pub fn copy_vec16(device: &Device, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
+    let n = src.len().min(dst.len()) / 16;
+    let params = NtkvCopyParams { n_vec16: n as u64 };
+    let f = device.function(Module::Common, "ntkv_copy_vec16")?;
+    let blocks = to_u32("copy blocks", (device.props().sm_count as usize * 8).max(1))?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(src).arg(dst);
+    // SAFETY: ntkv_copy_vec16(NtkvCopyParams, const uint4*, uint4*) reads and writes
+    // n_vec16 16-byte vectors, and both slices hold at least n_vec16 * 16 bytes.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// The in-run copy-bandwidth ceiling: copies `bytes` (default 2 GiB) device to device and
+/// returns read + write bytes per second, in GB/s (1e9), as a median of `reps` runs.
+pub fn copy_bandwidth_gbps(device: &Device, bytes: usize, reps: usize) -> Result<f64> {
+    let bytes = bytes / 16 * 16;
+    let src = device.stream().alloc_zeros::<u8>(bytes)?;
+    let mut dst = device.stream().alloc_zeros::<u8>(bytes)?;
+    let ms = median_gpu_ms(device, 3, reps, |_| copy_vec16(device, &src, &mut dst))?;
+    Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
+}
