@@ -44,9 +44,7 @@ fn main() {
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&cuda_dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect()
         })
         .unwrap_or_default();
     sources.sort();
@@ -177,9 +175,8 @@ fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
             }
         }
     }
-    let toolchain = env::var("NTKV_CUDA_TOOLCHAIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| manifest_dir.join(".cuda-toolchain"));
+    let toolchain =
+        env::var("NTKV_CUDA_TOOLCHAIN").map(PathBuf::from).unwrap_or_else(|_| manifest_dir.join(".cuda-toolchain"));
     for rel in ["nvidia/cu13/bin/nvcc", "nvidia/cuda_nvcc/bin/nvcc", "bin/nvcc"] {
         let p = toolchain.join(rel);
         if runs(&p) {
@@ -253,11 +250,7 @@ fn compile(
         .arg(src)
         .output()
         .map_err(|e| format!("spawn {}: {e}", nvcc.display()))?;
-    let diagnostics = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let diagnostics = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     if !output.status.success() {
         return Err(diagnostics);
     }

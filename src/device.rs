@@ -119,9 +119,7 @@ impl Device {
         }
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
-        let attr = |a: sys::CUdevice_attribute| -> Result<u32> {
-            Ok(u32::try_from(ctx.attribute(a)?).unwrap_or(0))
-        };
+        let attr = |a: sys::CUdevice_attribute| -> Result<u32> { Ok(u32::try_from(ctx.attribute(a)?).unwrap_or(0)) };
         use sys::CUdevice_attribute as A;
         let total_mem_bytes = ctx.mem_get_info()?.1 as u64;
         let props = DeviceProps {

@@ -98,7 +98,15 @@ impl Bench {
     }
 
     /// Times a GPU case: `warmup` untimed calls, then the median of `reps` event-timed calls.
-    pub fn gpu<F>(&mut self, family: &'static str, op: &str, shape: &str, dtype: &str, work: Work, f: F) -> ntkv::Result<()>
+    pub fn gpu<F>(
+        &mut self,
+        family: &'static str,
+        op: &str,
+        shape: &str,
+        dtype: &str,
+        work: Work,
+        f: F,
+    ) -> ntkv::Result<()>
     where
         F: FnMut(usize) -> ntkv::Result<()>,
     {
@@ -109,7 +117,15 @@ impl Bench {
     }
 
     /// Times the CPU reference of a case (used when there is no GPU; fewer repetitions).
-    pub fn cpu<F>(&mut self, family: &'static str, op: &str, shape: &str, dtype: &str, work: Work, f: F) -> ntkv::Result<()>
+    pub fn cpu<F>(
+        &mut self,
+        family: &'static str,
+        op: &str,
+        shape: &str,
+        dtype: &str,
+        work: Work,
+        f: F,
+    ) -> ntkv::Result<()>
     where
         F: FnMut(usize) -> ntkv::Result<()>,
     {
@@ -129,7 +145,16 @@ impl Bench {
         Ok(())
     }
 
-    fn push(&mut self, family: &'static str, op: &str, shape: &str, dtype: &str, backend: &'static str, ms: f64, work: Work) {
+    fn push(
+        &mut self,
+        family: &'static str,
+        op: &str,
+        shape: &str,
+        dtype: &str,
+        backend: &'static str,
+        ms: f64,
+        work: Work,
+    ) {
         self.records.push(Record {
             family,
             op: op.to_owned(),
