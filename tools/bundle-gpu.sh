@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the release test binaries and the bench runner with every kernel compiled, and
+# copies them into gpu-bundle/ (git-ignored) for the GPU machine, which has no Rust.
+# Then: run `tools/gpu-run.sh` there with gpu-bundle carried along.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if [[ -z "${NVCC:-}" ]]; then
+  eval "$(tools/install-cuda.sh | grep '^export NVCC=')"
+  export NVCC
+fi
+export NTKV_REQUIRE_KERNELS=1
+bundle="$root/gpu-bundle"
+rm -rf "$bundle"
+mkdir -p "$bundle/tests"
+
+cargo build --release --bin ntkv-bench
+cargo test --release --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+  cp "$exe" "$bundle/tests/$name"
+done
+cp "${CARGO_TARGET_DIR:-target}/release/ntkv-bench" "$bundle/ntkv-bench"
+strip "$bundle/ntkv-bench" "$bundle"/tests/* 2>/dev/null || true
+git rev-parse --short HEAD > "$bundle/COMMIT" 2>/dev/null || echo unknown > "$bundle/COMMIT"
+ls -la "$bundle" "$bundle/tests"
+du -sh "$bundle"
+echo "bundle ready: carry 'gpu-bundle' and run: bash tools/gpu-run.sh"
