@@ -39,3 +39,8 @@ mod kernels {
 pub use device::{built_archs, driver_present, kernels_built, Device, DeviceProps, Module};
 pub use error::{Error, Result};
 pub use tensor::{DType, DeviceTensor, Float};
+
+/// The README's examples compile as doc-tests, so the quick start stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
