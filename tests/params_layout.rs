@@ -39,7 +39,9 @@ fn rust_structs(src: &str) -> BTreeMap<String, Vec<String>> {
         let (Some(open), Some(close)) = (rest.find('{'), rest.find('}')) else { break };
         let fields = rest[open + 1..close]
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("pub ").and_then(|f| f.split(':').next()).map(|f| f.trim().to_owned()))
+            .filter_map(|l| {
+                l.trim().strip_prefix("pub ").and_then(|f| f.split(':').next()).map(|f| f.trim().to_owned())
+            })
             .collect();
         out.insert(name, fields);
         rest = &rest[close..];

@@ -112,7 +112,18 @@ impl Bench {
     {
         let Some(dev) = &self.device else { return Ok(()) };
         let ms = timing::median_gpu_ms(dev, self.warmup, self.reps, f)?;
-        self.push(family, op, shape, dtype, "gpu", ms, work);
+        let reps = self.reps;
+        self.records.push(Record {
+            family,
+            op: op.to_owned(),
+            shape: shape.to_owned(),
+            dtype: dtype.to_owned(),
+            backend: "gpu",
+            median_ms: ms,
+            reps,
+            bytes: work.bytes,
+            flops: work.flops,
+        });
         Ok(())
     }
 
@@ -143,29 +154,6 @@ impl Bench {
             flops: work.flops,
         });
         Ok(())
-    }
-
-    fn push(
-        &mut self,
-        family: &'static str,
-        op: &str,
-        shape: &str,
-        dtype: &str,
-        backend: &'static str,
-        ms: f64,
-        work: Work,
-    ) {
-        self.records.push(Record {
-            family,
-            op: op.to_owned(),
-            shape: shape.to_owned(),
-            dtype: dtype.to_owned(),
-            backend,
-            median_ms: ms,
-            reps: self.reps,
-            bytes: work.bytes,
-            flops: work.flops,
-        });
     }
 
     pub fn print_table(&self) {
