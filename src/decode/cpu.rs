@@ -64,8 +64,8 @@ pub fn sparse_decode<T: Float>(
     let mut lse = vec![f64::NEG_INFINITY; cfg.batch * tq_n * hq];
     let mut scores = vec![0.0f64; tcap];
     let mut visible = vec![false; tcap];
-    for b in 0..cfg.batch {
-        let cache_len = cache_lens[b] as usize;
+    for (b, &cache_len) in cache_lens.iter().enumerate() {
+        let cache_len = cache_len as usize;
         for t in 0..tq_n {
             // Causal limit in global positions: query t of Tq sits at cache_len − Tq + t.
             let limit = cache_len as i64 - tq_n as i64 + t as i64;
