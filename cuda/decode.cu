@@ -41,9 +41,15 @@ __host__ __device__ constexpr uint32_t attn_smem_bytes(int D) {
 }
 
 __device__ __forceinline__ uint32_t dynamic_smem_size() {
+#if defined(__CUDA_ARCH__)
     uint32_t r;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
+#elif defined(NTKV_EMULATE)
+    return ntkv_emu::dynamic_smem_bytes;  // tools/emu: the kernel source run on the CPU
+#else
+    return 0;
+#endif
 }
 
 // 16-byte global -> shared copy. With valid == false nothing is read and the 16 bytes are
