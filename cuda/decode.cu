@@ -317,6 +317,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
             const float psum = ntkv::warp_sum(p0 + p1);
             s_s[r * TK + lane] = p0;
             s_s[r * TK + lane + 32] = p1;
+            __syncwarp();  // every lane has read m_s[r] and l_s[r] before lane 0 updates them
             if (lane == 0) {
                 m_s[r] = m_new;
                 l_s[r] = l_s[r] * alpha + psum;

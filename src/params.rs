@@ -49,6 +49,7 @@ pub struct NtkvDecodeParams {
     pub causal: u32,
     pub direct: u32,
     pub _pad0: u32,
+    pub _pad1: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -72,6 +73,7 @@ const _: () = {
     ["Offset of field: NtkvDecodeParams::causal"][::core::mem::offset_of!(NtkvDecodeParams, causal) - 56usize];
     ["Offset of field: NtkvDecodeParams::direct"][::core::mem::offset_of!(NtkvDecodeParams, direct) - 60usize];
     ["Offset of field: NtkvDecodeParams::_pad0"][::core::mem::offset_of!(NtkvDecodeParams, _pad0) - 64usize];
+    ["Offset of field: NtkvDecodeParams::_pad1"][::core::mem::offset_of!(NtkvDecodeParams, _pad1) - 68usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

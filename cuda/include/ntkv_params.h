@@ -68,6 +68,7 @@ typedef struct NtkvDecodeParams {
     uint32_t causal;          /* query tq sees index i iff i <= cache_len - q_tokens + tq */
     uint32_t direct;          /* 1: write o and lse directly (max_chunks == 1) */
     uint32_t _pad0;
+    uint32_t _pad1;
 } NtkvDecodeParams;
 
 /* Validation of device-resident index lists before any attention launch: for every list

@@ -1,7 +1,7 @@
 //! The GPU path: [`DecodePlan`] (validate the lists, choose the split) and
 //! [`DecodePlan::run`] (the attention launch and, for split lists, the merge launch).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{
     index_error, plan_chunks, validate_cache_lens, validate_indptr, ChunkPlan, DecodeConfig, IndexFault, ROWS_PER_CTA,
@@ -42,6 +42,32 @@ pub struct DecodePlan<'a> {
     split: ChunkPlan,
     ws_acc: CudaSlice<f32>,
     ws_ml: CudaSlice<f32>,
+    /// Loaded once, shared memory prepared: `run` only launches.
+    kernels_f16: Kernels,
+    kernels_bf16: Kernels,
+    attn_smem: u32,
+}
+
+/// The attention and merge functions of one dtype at the plan's head dim.
+struct Kernels {
+    attn: CudaFunction,
+    merge: CudaFunction,
+}
+
+impl Kernels {
+    fn load(device: &Device, dtype: DType, head_dim: usize) -> Result<(Self, u32)> {
+        let attn_name: &'static str = match (dtype, head_dim) {
+            (DType::F16, 64) => "ntkv_decode_attn_f16_d64",
+            (DType::F16, _) => "ntkv_decode_attn_f16_d128",
+            (_, 64) => "ntkv_decode_attn_bf16_d64",
+            _ => "ntkv_decode_attn_bf16_d128",
+        };
+        let merge_name = if dtype == DType::F16 { "ntkv_decode_merge_f16" } else { "ntkv_decode_merge_bf16" };
+        let attn = device.function(Module::Decode, attn_name)?;
+        let smem = device.prepare_shared_mem(&attn, attn_smem_bytes(head_dim))?;
+        let merge = device.function(Module::Decode, merge_name)?;
+        Ok((Kernels { attn, merge }, smem))
+    }
 }
 
 impl std::fmt::Debug for DecodePlan<'_> {
@@ -117,6 +143,8 @@ impl<'a> DecodePlan<'a> {
         };
         let ws_acc = stream.alloc_zeros::<f32>(ws_acc_len)?;
         let ws_ml = stream.alloc_zeros::<f32>(ws_ml_len)?;
+        let (kernels_f16, attn_smem) = Kernels::load(device, DType::F16, cfg.head_dim)?;
+        let (kernels_bf16, _) = Kernels::load(device, DType::BF16, cfg.head_dim)?;
         Ok(DecodePlan {
             device: device.clone(),
             cfg: cfg.clone(),
@@ -126,6 +154,9 @@ impl<'a> DecodePlan<'a> {
             split,
             ws_acc,
             ws_ml,
+            kernels_f16,
+            kernels_bf16,
+            attn_smem,
         })
     }
 
@@ -156,9 +187,9 @@ impl<'a> DecodePlan<'a> {
         lse: &mut DeviceTensor<f32>,
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let dtype = match T::DTYPE {
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
+        let kernels = match T::DTYPE {
+            DType::F16 => &self.kernels_f16,
+            DType::BF16 => &self.kernels_bf16,
             DType::F32 => return Err(Error::invalid("q", "f32 is not supported; use f16 or bf16")),
         };
         check_shape("q", &cfg.q_shape(), q.shape())?;
@@ -186,24 +217,18 @@ impl<'a> DecodePlan<'a> {
             causal: u32::from(cfg.causal),
             direct: u32::from(self.split.direct()),
             _pad0: 0,
+            _pad1: 0,
         };
         // n_lists * rows and the CTA count fit in i32: checked by the plan.
         let blocks = to_u32("indices", n_lists * self.split.max_chunks * row_tiles)?;
-        let smem = attn_smem_bytes(cfg.head_dim);
-        let name: &'static str = match (dtype, cfg.head_dim) {
-            ("f16", 64) => "ntkv_decode_attn_f16_d64",
-            ("f16", _) => "ntkv_decode_attn_f16_d128",
-            ("bf16", 64) => "ntkv_decode_attn_bf16_d64",
-            _ => "ntkv_decode_attn_bf16_d128",
+        let stream = self.device.stream();
+        let cfg_attn = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: self.attn_smem,
         };
-        let dev = &self.device;
-        let f = dev.function(Module::Decode, name)?;
-        let smem = dev.prepare_shared_mem(&f, smem)?;
-        let stream = dev.stream();
-        let cfg_attn =
-            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: smem };
         {
-            let mut b = stream.launch_builder(&f);
+            let mut b = stream.launch_builder(&kernels.attn);
             b.arg(&params)
                 .arg(q.slice())
                 .arg(k.slice())
@@ -217,7 +242,7 @@ impl<'a> DecodePlan<'a> {
                 .arg(&mut self.ws_ml);
             // SAFETY: ntkv_decode_attn_<T>_d<D>(NtkvDecodeParams, const T* q, const T* k,
             // const T* v, const u32* indptr, const u32* indices, const u32* cache_lens, T* o,
-            // float* lse, float* ws_acc, float* ws_ml), T and D matching the name chosen above.
+            // float* lse, float* ws_acc, float* ws_ml), T and D matching the plan's head dim and T.
             // q/o have B*Tq*Hq*D elements and k/v B*Hkv*Tcap*D (shapes checked above); the
             // kernel reads q and writes o only at rows (b < B, tq < Tq, head < Hq) and
             // d < D; it gathers k/v rows only for indices below min(cache_lens[b], Tcap)
@@ -227,21 +252,17 @@ impl<'a> DecodePlan<'a> {
             // ([B,Tq,Hq]); otherwise it writes ws_acc / ws_ml at states
             // (list*max_chunks + chunk)*rows + row with chunk < max_chunks, row < rows, which
             // the plan allocated (times D and 2). Dynamic shared memory is attn_smem_bytes(D),
-            // checked against the device limit by prepare_shared_mem.
+            // checked against the device limit (and opted in) by prepare_shared_mem in the plan.
             unsafe { b.launch(cfg_attn) }?;
         }
         if !self.split.direct() {
-            let f = dev.function(
-                Module::Decode,
-                if dtype == "f16" { "ntkv_decode_merge_f16" } else { "ntkv_decode_merge_bf16" },
-            )?;
             let merge_blocks = to_u32("indices", n_lists * cfg.rows())?;
             let cfg_merge = LaunchConfig {
                 grid_dim: (merge_blocks, 1, 1),
                 block_dim: (to_u32("config.head_dim", cfg.head_dim)?, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&f);
+            let mut b = stream.launch_builder(&kernels.merge);
             b.arg(&params)
                 .arg(self.indptr.slice())
                 .arg(&self.ws_acc)

@@ -79,6 +79,8 @@ inline dim3_ gridDim;
 
 inline void __syncthreads() { ntkv_emu::block_barrier->arrive_and_wait(); }
 
+inline void __syncwarp(unsigned = 0xffffffffu) { ntkv_emu::warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
+
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     ntkv_emu::shfl_slots[warp][lane] = v;
