@@ -44,6 +44,42 @@
 //! `(acc, m, l)` and a merge kernel combines the chunks of a list in chunk order: an exact
 //! log-sum-exp merge, deterministic, no atomics.
 
+//!
+//! # Example
+//! ```no_run
+//! use half::f16;
+//! use ntkv::decode::{DecodeConfig, DecodePlan};
+//! use ntkv::{Device, DeviceTensor};
+//! # fn main() -> ntkv::Result<()> {
+//! let dev = Device::new(0)?;
+//! // 1 sequence, 1 query token, 32 query heads over 8 kv heads, D = 128, a 4096-token cache.
+//! let cfg = DecodeConfig::new(1, 1, 32, 8, 128, 4096);
+//! let q = DeviceTensor::<f16>::zeros(&dev, &cfg.q_shape())?;
+//! let k = DeviceTensor::<f16>::zeros(&dev, &cfg.kv_shape())?;
+//! let v = DeviceTensor::<f16>::zeros(&dev, &cfg.kv_shape())?;
+//! // Per kv head, the selected tokens (here: the first 64 and the last 64).
+//! let list: Vec<u32> = (0..64).chain(4032..4096).collect();
+//! let indices: Vec<u32> = (0..8).flat_map(|_| list.iter().copied()).collect();
+//! let indptr: Vec<u32> = (0..=8).map(|h| h * 128).collect();
+//! let indptr = DeviceTensor::from_host(&dev, &indptr, &[9])?;
+//! let indices = DeviceTensor::from_host(&dev, &indices, &[indices.len()])?;
+//! let mut o = DeviceTensor::<f16>::zeros(&dev, &cfg.q_shape())?;
+//! let mut lse = DeviceTensor::<f32>::zeros(&dev, &cfg.lse_shape())?;
+//! let mut plan = DecodePlan::new(&dev, &cfg, &[4096], &indptr, &indices)?; // validates
+//! for _layer in 0..32 {
+//!     plan.run(&q, &k, &v, &mut o, &mut lse)?; // one plan, every layer
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Verification
+//! [`cpu::sparse_decode`] is the reference (dense attention with the explicit token mask, in
+//! f64); `tests/decode_gpu.rs` compares the GPU against it. `tools/emu/run.sh` runs the
+//! kernel source itself on the CPU (one thread per CUDA thread, AddressSanitizer on)
+//! against an f64 reference, and `tools/decode-sanitize.sh` runs `examples/decode_check`
+//! under compute-sanitizer memcheck and racecheck.
+
 pub mod cpu;
 mod gpu;
 
