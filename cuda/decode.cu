@@ -280,7 +280,9 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 const uint32_t idx = idx_s[buf * TK + t];
                 float s = -CUDART_INF_F;
                 if (idx < cache_len && (long long)idx <= lim_s[r]) {
-                    float dot = 0.f;
+                    // Four independent FMA chains (fixed order, so still deterministic)
+                    // instead of one chain of D dependent FMAs.
+                    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
                     const float* qr = q_s + r * D;
 #pragma unroll 4
                     for (int c = 0; c < CHUNKS16; ++c) {
@@ -288,16 +290,16 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                         load8(kt + t * KS + c * 8, kf);
                         const float4 qa = *reinterpret_cast<const float4*>(qr + c * 8);
                         const float4 qb = *reinterpret_cast<const float4*>(qr + c * 8 + 4);
-                        dot = fmaf(qa.x, kf[0], dot);
-                        dot = fmaf(qa.y, kf[1], dot);
-                        dot = fmaf(qa.z, kf[2], dot);
-                        dot = fmaf(qa.w, kf[3], dot);
-                        dot = fmaf(qb.x, kf[4], dot);
-                        dot = fmaf(qb.y, kf[5], dot);
-                        dot = fmaf(qb.z, kf[6], dot);
-                        dot = fmaf(qb.w, kf[7], dot);
+                        d0 = fmaf(qa.x, kf[0], d0);
+                        d0 = fmaf(qa.y, kf[1], d0);
+                        d1 = fmaf(qa.z, kf[2], d1);
+                        d1 = fmaf(qa.w, kf[3], d1);
+                        d2 = fmaf(qb.x, kf[4], d2);
+                        d2 = fmaf(qb.y, kf[5], d2);
+                        d3 = fmaf(qb.z, kf[6], d3);
+                        d3 = fmaf(qb.w, kf[7], d3);
                     }
-                    s = dot;
+                    s = (d0 + d1) + (d2 + d3);
                 }
                 s_s[r * TK + t] = s;
             }
@@ -335,18 +337,22 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
             const int dp = e % PAIRS;
             if (r < R) {
                 const float a = alpha_s[r];
-                float ax = acc[it][0] * a;
-                float ay = acc[it][1] * a;
                 const float* pr = s_s + r * TK;
+                // Even and odd tokens in two chains, added at the end of the tile.
+                float ex = 0.f, ey = 0.f, ox = 0.f, oy = 0.f;
 #pragma unroll 8
-                for (int t = 0; t < TK; ++t) {
-                    const float w = pr[t];
-                    const float2 vf = load2(vt + t * KS + 2 * dp);
-                    ax = fmaf(w, vf.x, ax);
-                    ay = fmaf(w, vf.y, ay);
+                for (int t = 0; t < TK; t += 2) {
+                    const float w0 = pr[t];
+                    const float w1 = pr[t + 1];
+                    const float2 v0 = load2(vt + t * KS + 2 * dp);
+                    const float2 v1 = load2(vt + (t + 1) * KS + 2 * dp);
+                    ex = fmaf(w0, v0.x, ex);
+                    ey = fmaf(w0, v0.y, ey);
+                    ox = fmaf(w1, v1.x, ox);
+                    oy = fmaf(w1, v1.y, oy);
                 }
-                acc[it][0] = ax;
-                acc[it][1] = ay;
+                acc[it][0] = fmaf(acc[it][0], a, ex + ox);
+                acc[it][1] = fmaf(acc[it][1], a, ey + oy);
             }
         }
         __syncthreads();  // stage buf, idx_s[buf] and s_s may be overwritten next
