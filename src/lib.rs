@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod checks;
+pub mod decode;
 pub mod device;
 pub mod error;
 #[allow(missing_docs)]

@@ -30,3 +30,72 @@ const _: () = {
     ["Offset of field: NtkvFiniteCheckParams::dtype"][::core::mem::offset_of!(NtkvFiniteCheckParams, dtype) - 8usize];
     ["Offset of field: NtkvFiniteCheckParams::_pad0"][::core::mem::offset_of!(NtkvFiniteCheckParams, _pad0) - 12usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvDecodeParams {
+    pub n_indices: u64,
+    pub scale_log2: f32,
+    pub batch: u32,
+    pub q_tokens: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub cache_capacity: u32,
+    pub group: u32,
+    pub rows: u32,
+    pub row_tiles: u32,
+    pub chunk_tokens: u32,
+    pub max_chunks: u32,
+    pub causal: u32,
+    pub direct: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvDecodeParams"][::core::mem::size_of::<NtkvDecodeParams>() - 72usize];
+    ["Alignment of NtkvDecodeParams"][::core::mem::align_of::<NtkvDecodeParams>() - 8usize];
+    ["Offset of field: NtkvDecodeParams::n_indices"][::core::mem::offset_of!(NtkvDecodeParams, n_indices) - 0usize];
+    ["Offset of field: NtkvDecodeParams::scale_log2"][::core::mem::offset_of!(NtkvDecodeParams, scale_log2) - 8usize];
+    ["Offset of field: NtkvDecodeParams::batch"][::core::mem::offset_of!(NtkvDecodeParams, batch) - 12usize];
+    ["Offset of field: NtkvDecodeParams::q_tokens"][::core::mem::offset_of!(NtkvDecodeParams, q_tokens) - 16usize];
+    ["Offset of field: NtkvDecodeParams::q_heads"][::core::mem::offset_of!(NtkvDecodeParams, q_heads) - 20usize];
+    ["Offset of field: NtkvDecodeParams::kv_heads"][::core::mem::offset_of!(NtkvDecodeParams, kv_heads) - 24usize];
+    ["Offset of field: NtkvDecodeParams::head_dim"][::core::mem::offset_of!(NtkvDecodeParams, head_dim) - 28usize];
+    ["Offset of field: NtkvDecodeParams::cache_capacity"]
+        [::core::mem::offset_of!(NtkvDecodeParams, cache_capacity) - 32usize];
+    ["Offset of field: NtkvDecodeParams::group"][::core::mem::offset_of!(NtkvDecodeParams, group) - 36usize];
+    ["Offset of field: NtkvDecodeParams::rows"][::core::mem::offset_of!(NtkvDecodeParams, rows) - 40usize];
+    ["Offset of field: NtkvDecodeParams::row_tiles"][::core::mem::offset_of!(NtkvDecodeParams, row_tiles) - 44usize];
+    ["Offset of field: NtkvDecodeParams::chunk_tokens"]
+        [::core::mem::offset_of!(NtkvDecodeParams, chunk_tokens) - 48usize];
+    ["Offset of field: NtkvDecodeParams::max_chunks"][::core::mem::offset_of!(NtkvDecodeParams, max_chunks) - 52usize];
+    ["Offset of field: NtkvDecodeParams::causal"][::core::mem::offset_of!(NtkvDecodeParams, causal) - 56usize];
+    ["Offset of field: NtkvDecodeParams::direct"][::core::mem::offset_of!(NtkvDecodeParams, direct) - 60usize];
+    ["Offset of field: NtkvDecodeParams::_pad0"][::core::mem::offset_of!(NtkvDecodeParams, _pad0) - 64usize];
+    ["Offset of field: NtkvDecodeParams::_pad1"][::core::mem::offset_of!(NtkvDecodeParams, _pad1) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvDecodeValidateParams {
+    pub n_indices: u64,
+    pub n_lists: u32,
+    pub kv_heads: u32,
+    pub batch: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvDecodeValidateParams"][::core::mem::size_of::<NtkvDecodeValidateParams>() - 24usize];
+    ["Alignment of NtkvDecodeValidateParams"][::core::mem::align_of::<NtkvDecodeValidateParams>() - 8usize];
+    ["Offset of field: NtkvDecodeValidateParams::n_indices"]
+        [::core::mem::offset_of!(NtkvDecodeValidateParams, n_indices) - 0usize];
+    ["Offset of field: NtkvDecodeValidateParams::n_lists"]
+        [::core::mem::offset_of!(NtkvDecodeValidateParams, n_lists) - 8usize];
+    ["Offset of field: NtkvDecodeValidateParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvDecodeValidateParams, kv_heads) - 12usize];
+    ["Offset of field: NtkvDecodeValidateParams::batch"]
+        [::core::mem::offset_of!(NtkvDecodeValidateParams, batch) - 16usize];
+    ["Offset of field: NtkvDecodeValidateParams::_pad0"]
+        [::core::mem::offset_of!(NtkvDecodeValidateParams, _pad0) - 20usize];
+};

@@ -40,6 +40,49 @@ typedef struct NtkvFiniteCheckParams {
 
 /* ---- decode: sparse-index decode attention (SPEC §3) ------------------- */
 
+/* Sparse-index decode attention (src/decode). Layouts:
+ *   q, o  [batch, q_tokens, q_heads, head_dim]      (f16 or bf16)
+ *   k, v  [batch, kv_heads, cache_capacity, head_dim] head-major cache
+ *   lse   [batch, q_tokens, q_heads] f32 (natural log)
+ *   indptr [batch * kv_heads + 1] u32, indices [n_indices] u32 (CSR per (b, kv head))
+ *   cache_lens [batch] u32
+ * One CTA handles (list, chunk, row tile); rows of a list are the group * q_tokens query
+ * rows that read its kv head, row r = tq * group + g. With direct != 0 every list has one
+ * chunk and the kernel writes o and lse; otherwise it writes the partial state (acc, m, l)
+ * to the workspace [lists, max_chunks, rows, (head_dim | 1 | 1)] and the merge kernel
+ * combines the chunks in order. */
+typedef struct NtkvDecodeParams {
+    uint64_t n_indices;       /* length of indices */
+    float scale_log2;         /* softmax scale times log2(e) */
+    uint32_t batch;
+    uint32_t q_tokens;
+    uint32_t q_heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t cache_capacity;
+    uint32_t group;           /* q_heads / kv_heads */
+    uint32_t rows;            /* group * q_tokens */
+    uint32_t row_tiles;       /* ceil(rows / rows per CTA) */
+    uint32_t chunk_tokens;    /* tokens of a list per CTA, a multiple of the tile */
+    uint32_t max_chunks;      /* chunks of the longest list (workspace stride) */
+    uint32_t causal;          /* query tq sees index i iff i <= cache_len - q_tokens + tq */
+    uint32_t direct;          /* 1: write o and lse directly (max_chunks == 1) */
+    uint32_t _pad0;
+    uint32_t _pad1;
+} NtkvDecodeParams;
+
+/* Validation of device-resident index lists before any attention launch: for every list
+ * (b, kv head), indices must be strictly ascending and below cache_lens[b]. Writes the
+ * lowest (position << 2 | code) of a bad entry to one u64 (initialised to UINT64_MAX),
+ * code 1 = out of range, 2 = duplicate of the previous entry, 3 = below the previous. */
+typedef struct NtkvDecodeValidateParams {
+    uint64_t n_indices;
+    uint32_t n_lists;         /* batch * kv_heads */
+    uint32_t kv_heads;
+    uint32_t batch;
+    uint32_t _pad0;
+} NtkvDecodeValidateParams;
+
 /* ---- ntk: Jacobian contractions (SPEC §6) ------------------------------ */
 
 #endif /* NTKV_PARAMS_H */

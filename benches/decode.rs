@@ -1,0 +1,91 @@
+//! Criterion benches for sparse-index decode: 32 heads, 2048 selected tokens of a 128k f16
+//! cache (D = 128), timed with CUDA events through `iter_custom`. Without a GPU, the CPU
+//! reference at a small size (8 heads, 256 of 4096 tokens).
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::f16;
+use ntkv::decode::{cpu, DecodeConfig, DecodePlan};
+use ntkv::rng::Rng;
+use ntkv::{Device, DeviceTensor};
+
+fn selection(rng: &mut Rng, lists: usize, cache: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut indptr = vec![0u32];
+    let mut indices = Vec::new();
+    for _ in 0..lists {
+        let mut need = n;
+        for i in 0..cache {
+            if need == 0 {
+                break;
+            }
+            if rng.below(cache - i) < need {
+                indices.push(i as u32);
+                need -= 1;
+            }
+        }
+        indptr.push(indices.len() as u32);
+    }
+    (indptr, indices)
+}
+
+fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
+    let cfg = DecodeConfig::new(1, 1, 32, 32, 128, 131072);
+    let mut rng = Rng::new(1);
+    let qh: Vec<f16> = rng.normal_vec(cfg.q_shape().iter().product()).into_iter().map(f16::from_f32).collect();
+    let q = DeviceTensor::from_host(dev, &qh, &cfg.q_shape())?;
+    // Zero caches: the contents do not change the work.
+    let k = DeviceTensor::<f16>::zeros(dev, &cfg.kv_shape())?;
+    let v = DeviceTensor::<f16>::zeros(dev, &cfg.kv_shape())?;
+    let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape())?;
+    let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
+    let (ptr, idx) = selection(&mut rng, 32, 131072, 2048);
+    let indptr = DeviceTensor::from_host(dev, &ptr, &[ptr.len()])?;
+    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
+    let mut plan = DecodePlan::new(dev, &cfg, &[131072], &indptr, &indices)?;
+    plan.run(&q, &k, &v, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    c.bench_function("decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", |bch| {
+        bch.iter_custom(|iters| {
+            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
+            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
+                for _ in 0..iters {
+                    plan.run(&q, &k, &v, &mut o, &mut lse)?;
+                }
+                Ok(())
+            })
+            .map(|t| t.first().copied().unwrap_or(0.0))
+            .unwrap_or(f64::NAN);
+            Duration::from_secs_f64(ms * 1e-3)
+        })
+    });
+    Ok(())
+}
+
+fn cpu_bench(c: &mut Criterion) {
+    println!("decode bench: no GPU; timing the CPU reference at a small size");
+    let cfg = DecodeConfig::new(1, 1, 8, 8, 128, 4096);
+    let mut rng = Rng::new(2);
+    let gen = |rng: &mut Rng, n: usize| -> Vec<f16> { rng.normal_vec(n).into_iter().map(f16::from_f32).collect() };
+    let q = gen(&mut rng, cfg.q_shape().iter().product());
+    let k = gen(&mut rng, cfg.kv_shape().iter().product());
+    let v = gen(&mut rng, cfg.kv_shape().iter().product());
+    let (ptr, idx) = selection(&mut rng, 8, 4096, 256);
+    c.bench_function("decode_sparse B1 Hq8 Hkv8 T4096 D128 sel256 f16 (cpu reference)", |b| {
+        b.iter(|| cpu::sparse_decode(&cfg, &q, &k, &v, &[4096], &ptr, &idx).map(|r| r.lse.len()).unwrap_or(0))
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
+    match dev {
+        Some(dev) => {
+            if let Err(e) = gpu_bench(c, &dev) {
+                eprintln!("decode GPU bench failed: {e}");
+            }
+        }
+        None => cpu_bench(c),
+    }
+}
+
+criterion_group!(decode, benches);
+criterion_main!(decode);

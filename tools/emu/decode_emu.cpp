@@ -1,0 +1,281 @@
+// Runs the real kernel source cuda/decode.cu on the CPU (one std::thread per CUDA thread,
+// see include/ntkv_common.cuh) against an f64 reference: a check of indexing, masking,
+// tiling, the chunk split and the merge that needs no GPU. Build and run with
+// tools/emu/run.sh (AddressSanitizer on: any out-of-bounds read or write of q, k, v, o,
+// lse, the lists, the workspace or past the requested shared memory aborts the run).
+//
+// It does not replace the GPU tests: cp.async, the memory model and the real warp
+// scheduling are only modelled.
+#define NTKV_EMULATE 1
+#include "../../cuda/decode.cu"
+
+#include <sanitizer/asan_interface.h>
+
+#include <cstdio>
+#include <random>
+
+namespace {
+alignas(128) unsigned char smem[ntkv_emu::SMEM_CAP];
+}
+
+namespace {
+
+struct Cfg {
+    uint32_t B, Tq, Hq, Hkv, D, Tcap;
+    bool causal;
+    uint32_t chunk;  // forced chunk tokens (multiple of 64)
+};
+
+struct Lists {
+    std::vector<uint32_t> cache_lens, indptr, indices;
+};
+
+std::mt19937_64 rng(12345);
+
+uint32_t below(uint32_t n) { return n == 0 ? 0 : (uint32_t)(rng() % n); }
+
+Lists random_lists(const Cfg& c, int mode) {
+    Lists l;
+    for (uint32_t b = 0; b < c.B; ++b) l.cache_lens.push_back(below(4) == 0 ? below(c.Tcap + 1) : c.Tcap - below(std::min(c.Tcap, 8u)));
+    l.indptr.push_back(0);
+    for (uint32_t li = 0; li < c.B * c.Hkv; ++li) {
+        const uint32_t n = l.cache_lens[li / c.Hkv];
+        uint32_t len = mode == 0 ? below(n + 1) : mode == 1 ? n : std::min(n, 1u);
+        if (li % 3 == 1 && mode == 0) len = 0;  // some empty lists
+        uint32_t need = len;
+        for (uint32_t i = 0; i < n && need > 0; ++i) {
+            if (below(n - i) < need) {
+                l.indices.push_back(i);
+                --need;
+            }
+        }
+        l.indptr.push_back((uint32_t)l.indices.size());
+    }
+    return l;
+}
+
+template <typename T>
+T from_float(float x) { return ntkv::from_f32<T>(x); }
+
+template <typename T>
+struct Run {
+    std::vector<float> o, lse;
+};
+
+template <typename T>
+void reference(const Cfg& c, const std::vector<T>& q, const std::vector<T>& k, const std::vector<T>& v,
+               const Lists& l, std::vector<double>& o, std::vector<double>& lse) {
+    const uint32_t group = c.Hq / c.Hkv;
+    const double scale = (double)(1.0f / std::sqrt((float)c.D));
+    o.assign((size_t)c.B * c.Tq * c.Hq * c.D, 0.0);
+    lse.assign((size_t)c.B * c.Tq * c.Hq, -INFINITY);
+    for (uint32_t b = 0; b < c.B; ++b)
+        for (uint32_t t = 0; t < c.Tq; ++t)
+            for (uint32_t h = 0; h < c.Hq; ++h) {
+                const uint32_t list = b * c.Hkv + h / group;
+                const size_t row = ((size_t)b * c.Tq + t) * c.Hq + h;
+                const long long lim = (long long)l.cache_lens[b] - c.Tq + t;
+                std::vector<std::pair<uint32_t, double>> s;
+                for (uint32_t j = l.indptr[list]; j < l.indptr[list + 1]; ++j) {
+                    const uint32_t i = l.indices[j];
+                    if (c.causal && (long long)i > lim) continue;
+                    double dot = 0;
+                    for (uint32_t d = 0; d < c.D; ++d)
+                        dot += (double)ntkv::to_f32(q[row * c.D + d]) *
+                               (double)ntkv::to_f32(k[(((size_t)list) * c.Tcap + i) * c.D + d]);
+                    s.push_back({i, scale * dot});
+                }
+                if (s.empty()) continue;
+                double m = -INFINITY;
+                for (auto& x : s) m = std::max(m, x.second);
+                double z = 0;
+                for (auto& x : s) {
+                    const double p = std::exp(x.second - m);
+                    z += p;
+                    for (uint32_t d = 0; d < c.D; ++d)
+                        o[row * c.D + d] += p * (double)ntkv::to_f32(v[(((size_t)list) * c.Tcap + x.first) * c.D + d]);
+                }
+                for (uint32_t d = 0; d < c.D; ++d) o[row * c.D + d] /= z;
+                lse[row] = m + std::log(z);
+            }
+}
+
+using AttnFn = void (*)(NtkvDecodeParams, const void*, const void*, const void*, const uint32_t*, const uint32_t*,
+                        const uint32_t*, void*, float*, float*, float*);
+
+template <typename T>
+void attn_kernel(uint32_t D, const NtkvDecodeParams& p, const T* q, const T* k, const T* v, const uint32_t* indptr,
+                 const uint32_t* indices, const uint32_t* cl, T* o, float* lse, float* wa, float* wm);
+template <>
+void attn_kernel<__half>(uint32_t D, const NtkvDecodeParams& p, const __half* q, const __half* k, const __half* v,
+                         const uint32_t* ip, const uint32_t* ix, const uint32_t* cl, __half* o, float* lse, float* wa,
+                         float* wm) {
+    if (D == 64) ntkv_decode_attn_f16_d64(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
+    else ntkv_decode_attn_f16_d128(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
+}
+template <>
+void attn_kernel<__nv_bfloat16>(uint32_t D, const NtkvDecodeParams& p, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                const __nv_bfloat16* v, const uint32_t* ip, const uint32_t* ix, const uint32_t* cl,
+                                __nv_bfloat16* o, float* lse, float* wa, float* wm) {
+    if (D == 64) ntkv_decode_attn_bf16_d64(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
+    else ntkv_decode_attn_bf16_d128(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
+}
+void merge_kernel(const NtkvDecodeParams& p, const uint32_t* ip, const float* wa, const float* wm, __half* o, float* lse) {
+    ntkv_decode_merge_f16(p, ip, wa, wm, o, lse);
+}
+void merge_kernel(const NtkvDecodeParams& p, const uint32_t* ip, const float* wa, const float* wm, __nv_bfloat16* o,
+                  float* lse) {
+    ntkv_decode_merge_bf16(p, ip, wa, wm, o, lse);
+}
+
+// Heap copies of exactly the right size, so ASan sees every overrun.
+template <typename T>
+std::unique_ptr<T[]> dup(const std::vector<T>& x) {
+    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
+    std::copy(x.begin(), x.end(), p.get());
+    return p;
+}
+
+template <typename T>
+bool run_case(const Cfg& c, int mode, const char* name) {
+    const Lists l = random_lists(c, mode);
+    std::normal_distribution<float> nd;
+    const size_t nq = (size_t)c.B * c.Tq * c.Hq * c.D, nkv = (size_t)c.B * c.Hkv * c.Tcap * c.D;
+    std::vector<T> q(nq), k(nkv), v(nkv);
+    for (auto& x : q) x = from_float<T>(nd(rng));
+    for (auto& x : k) x = from_float<T>(nd(rng));
+    for (auto& x : v) x = from_float<T>(nd(rng));
+    std::vector<double> ro, rl;
+    reference(c, q, k, v, l, ro, rl);
+
+    const uint32_t n_lists = c.B * c.Hkv, group = c.Hq / c.Hkv, rows = group * c.Tq;
+    const uint32_t row_tiles = (rows + R_TILE - 1) / R_TILE;
+    uint32_t max_len = 0;
+    for (uint32_t i = 0; i < n_lists; ++i) max_len = std::max(max_len, l.indptr[i + 1] - l.indptr[i]);
+    const uint32_t max_chunks = std::max(1u, (max_len + c.chunk - 1) / c.chunk);
+    NtkvDecodeParams p{};
+    p.n_indices = l.indices.size();
+    p.scale_log2 = (1.0f / std::sqrt((float)c.D)) * 1.4426950408889634f;
+    p.batch = c.B; p.q_tokens = c.Tq; p.q_heads = c.Hq; p.kv_heads = c.Hkv; p.head_dim = c.D;
+    p.cache_capacity = c.Tcap; p.group = group; p.rows = rows; p.row_tiles = row_tiles;
+    p.chunk_tokens = c.chunk; p.max_chunks = max_chunks; p.causal = c.causal; p.direct = max_chunks == 1;
+
+    auto qd = dup(q), kd = dup(k), vd = dup(v);
+    auto ip = dup(l.indptr), ix = dup(l.indices), cl = dup(l.cache_lens);
+    std::vector<T> o_init(nq, from_float<T>(NAN));
+    std::vector<float> lse_init((size_t)c.B * c.Tq * c.Hq, NAN);
+    auto od = dup(o_init);
+    auto lsed = dup(lse_init);
+    const size_t states = (size_t)n_lists * max_chunks * rows;
+    std::vector<float> wa_init(p.direct ? 1 : states * c.D, NAN), wm_init(p.direct ? 1 : 2 * states, NAN);
+    auto wa = dup(wa_init), wm = dup(wm_init);
+
+    const uint32_t smem_bytes = attn_smem_bytes((int)c.D);
+    ASAN_UNPOISON_MEMORY_REGION(smem, ntkv_emu::SMEM_CAP);
+    ASAN_POISON_MEMORY_REGION(smem + smem_bytes, ntkv_emu::SMEM_CAP - smem_bytes);
+    ntkv_emu::launch(dim3_{n_lists * max_chunks * row_tiles, 1, 1}, dim3_{THREADS, 1, 1}, smem_bytes, [&] {
+        attn_kernel<T>(c.D, p, qd.get(), kd.get(), vd.get(), ip.get(), ix.get(), cl.get(), od.get(), lsed.get(),
+                       wa.get(), wm.get());
+    });
+    ASAN_UNPOISON_MEMORY_REGION(smem, ntkv_emu::SMEM_CAP);
+    if (!p.direct) {
+        ntkv_emu::launch(dim3_{n_lists * rows, 1, 1}, dim3_{c.D, 1, 1}, 0,
+                         [&] { merge_kernel(p, ip.get(), wa.get(), wm.get(), od.get(), lsed.get()); });
+    }
+    double num = 0, den = 0, lse_err = 0;
+    bool ok = true;
+    for (size_t i = 0; i < nq; ++i) {
+        const double g = ntkv::to_f32(od[i]);
+        if (std::isnan(g)) {
+            std::printf("  %s: o[%zu] not written (NaN)\n", name, i);
+            ok = false;
+            break;
+        }
+        num += (g - ro[i]) * (g - ro[i]);
+        den += ro[i] * ro[i];
+    }
+    for (size_t i = 0; i < rl.size(); ++i) {
+        const double g = lsed[i];
+        if (std::isinf(rl[i]) ? g != rl[i] : !(std::fabs(g - rl[i]) <= 1e-3 + 1e-4 * std::fabs(rl[i]))) {
+            std::printf("  %s: lse[%zu] = %g, want %g\n", name, i, g, rl[i]);
+            ok = false;
+            break;
+        }
+        if (!std::isinf(rl[i])) lse_err = std::max(lse_err, std::fabs(g - rl[i]));
+        // A row with nothing visible is exactly zero.
+        if (std::isinf(rl[i]))
+            for (uint32_t d = 0; d < c.D; ++d)
+                if (ntkv::to_f32(od[i * c.D + d]) != 0.f) {
+                    std::printf("  %s: empty row %zu not zero\n", name, i);
+                    ok = false;
+                    break;
+                }
+    }
+    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 5e-4 : 2e-3;
+    if (rel > tol) ok = false;
+    std::printf("%-4s %-46s B%u Tq%u Hq%u Hkv%u D%u T%u causal%d chunk%u chunks%u: rel L2 %.2e, max |dlse| %.2e\n",
+                ok ? "ok" : "FAIL", name, c.B, c.Tq, c.Hq, c.Hkv, c.D, c.Tcap, c.causal, c.chunk, max_chunks, rel,
+                lse_err);
+    return ok;
+}
+
+bool validate_case() {
+    // Two lists of one sequence (Hkv = 2), cache_len 100; faults at known positions.
+    struct V { std::vector<uint32_t> indptr, indices; uint64_t want; };
+    std::vector<V> cases = {
+        {{0, 3, 5}, {1, 5, 9, 0, 99}, ~0ull},
+        {{0, 3, 5}, {1, 5, 5, 0, 99}, (2ull << 2) | 2},
+        {{0, 3, 5}, {1, 5, 4, 0, 99}, (2ull << 2) | 3},
+        {{0, 3, 5}, {1, 5, 9, 0, 100}, (4ull << 2) | 1},
+        {{0, 3, 5}, {1, 500, 9, 7, 3}, (1ull << 2) | 1},
+        {{0, 0, 2}, {7, 7}, (1ull << 2) | 2},
+    };
+    // A long list whose fault sits in a later segment and stride.
+    V big{{0, 0, 5000}, {}, (4321ull << 2) | 3};
+    for (uint32_t i = 0; i < 5000; ++i) big.indices.push_back(i * 20000u / 5000u);
+    big.indices[4321] = 0;
+    std::vector<uint32_t> cl = {100};
+    cases.push_back(big);
+    bool ok = true;
+    for (size_t n = 0; n < cases.size(); ++n) {
+        auto& cs = cases[n];
+        std::vector<uint32_t> lens = n + 1 == cases.size() ? std::vector<uint32_t>{20000} : cl;
+        auto ip = dup(cs.indptr), ix = dup(cs.indices), cld = dup(lens);
+        unsigned long long flag = ~0ull;
+        NtkvDecodeValidateParams p{};
+        p.n_indices = cs.indices.size();
+        p.n_lists = 2;
+        p.kv_heads = 2;
+        p.batch = 1;
+        const uint32_t segments = std::min<uint32_t>(64, std::max<uint32_t>(1, (5000 + 2047) / 2048));
+        ntkv_emu::launch(dim3_{2, segments, 1}, dim3_{256, 1, 1}, 0,
+                         [&] { ntkv_decode_validate(p, ip.get(), ix.get(), cld.get(), &flag); });
+        const bool good = flag == cs.want;
+        std::printf("%-4s validate case %zu: verdict %llx want %llx\n", good ? "ok" : "FAIL", n, flag,
+                    (unsigned long long)cs.want);
+        ok &= good;
+    }
+    return ok;
+}
+
+}  // namespace
+
+int main() {
+    ntkv_emu::smem_ptr = smem;
+    bool ok = true;
+    ok &= validate_case();
+    // GQA groups 1, 2, 4, 8; D 64 and 128; direct and split; causal and not; row tiles.
+    ok &= run_case<__half>({2, 1, 2, 2, 128, 150, false, 256}, 0, "f16 direct, random lists");
+    ok &= run_case<__half>({2, 3, 4, 2, 64, 203, true, 64}, 0, "f16 split 64, group 2, causal");
+    ok &= run_case<__nv_bfloat16>({1, 2, 8, 2, 128, 300, false, 128}, 1, "bf16 split 128, group 4, full lists");
+    ok &= run_case<__nv_bfloat16>({2, 5, 8, 1, 64, 97, true, 64}, 0, "bf16 group 8 x Tq 5 = 40 rows (3 tiles)");
+    ok &= run_case<__half>({1, 16, 16, 2, 64, 130, true, 64}, 2, "f16 single-entry lists, 128 rows, causal");
+    ok &= run_case<__half>({1, 4, 6, 2, 128, 260, true, 1024}, 1, "f16 direct full lists, 12 rows, causal");
+    ok &= run_case<__nv_bfloat16>({3, 1, 3, 3, 128, 70, false, 64}, 0, "bf16 split 64, group 1, short cache");
+    ok &= run_case<__half>({3, 2, 16, 2, 128, 333, false, 64}, 0, "f16 split 64, group 8, D128, 16 rows");
+    ok &= run_case<__nv_bfloat16>({1, 1, 4, 4, 128, 2100, false, 256}, 1, "bf16 split 256 (4 tiles/chunk), full");
+    ok &= run_case<__half>({2, 7, 6, 3, 64, 180, true, 128}, 0, "f16 split 128, group 2 x Tq 7, causal");
+    std::printf(ok ? "ALL OK\n" : "FAILURES\n");
+    return ok ? 0 : 1;
+}
