@@ -18,7 +18,7 @@ fn device_open_is_typed_error_or_device() {
             if common::gpu_required() {
                 panic!("NTKV_REQUIRE_GPU=1 but Device::new(0) failed: {e}");
             }
-            println!("SKIP: device_open_is_typed_error_or_device: {e}");
+            common::skip("device_open_is_typed_error_or_device", &e.to_string());
         }
     }
 }
@@ -27,7 +27,7 @@ fn device_open_is_typed_error_or_device() {
 fn out_of_range_ordinal_is_no_device() {
     match ntkv::Device::new(1 << 20) {
         Err(ntkv::Error::NoDevice { ordinal, .. }) => assert_eq!(ordinal, 1 << 20),
-        Err(ntkv::Error::NoDriver) => println!("SKIP: out_of_range_ordinal_is_no_device: no driver"),
+        Err(ntkv::Error::NoDriver) => common::skip("out_of_range_ordinal_is_no_device", "no driver"),
         other => panic!("expected NoDevice, got {other:?}"),
     }
 }

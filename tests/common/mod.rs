@@ -29,10 +29,17 @@ pub fn gpu(test: &str) -> Option<&'static Device> {
             if gpu_required() {
                 panic!("NTKV_REQUIRE_GPU=1 but no GPU for {test}: {reason}");
             }
-            println!("SKIP: {test}: no GPU ({reason})");
+            skip(test, &format!("no GPU ({reason})"));
             None
         }
     }
+}
+
+/// Prints `SKIP: <test>: <why>` straight to the process's stderr, past libtest's output
+/// capture, so skips are visible in a plain `cargo test` run.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {why}");
 }
 
 /// Returns the device or skips the calling test.
