@@ -516,3 +516,27 @@ proptest! {
         check_plan_is_exact(&shape, PrefillOptions { causal, ..Default::default() }, &mask);
     }
 }
+
+/// The GPU suite's cases and inputs, run through the host emulation of the kernel: the
+/// tolerances the GPU tests assert are reachable by the kernel's arithmetic.
+fn gpu_cases_in_emulation<T: Float>(case_seed: u64, data_seed: u64, n: usize, tol: f64) {
+    let mut rng = Rng::new(data_seed);
+    for (i, c) in random_cases(case_seed, n).iter().enumerate() {
+        let (q, k, v) = normal_inputs::<T>(&mut rng, &c.shape);
+        let want = cpu::prefill(&c.shape, c.opts, &c.mask, &q, &k, &v).unwrap();
+        let plan = HostPlan::new(&c.shape, c.opts, &c.mask).unwrap();
+        let (o, lse) = emulate_kernel(&plan, &q, &k, &v);
+        common::assert_rel_l2(&format!("case {i}: o"), &o, &want.o, tol);
+        common::assert_close(&format!("case {i}: lse"), &lse, &want.lse, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn gpu_suite_f16_cases_pass_in_emulation() {
+    gpu_cases_in_emulation::<f16>(1, 101, 16, 5e-4);
+}
+
+#[test]
+fn gpu_suite_bf16_cases_pass_in_emulation() {
+    gpu_cases_in_emulation::<bf16>(2, 102, 16, 2e-3);
+}

@@ -2,7 +2,7 @@
 //! kernel's algorithm on a plan's work list.
 #![allow(dead_code)]
 
-use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillShape, NO_TOKEN_MASK};
+use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, NO_TOKEN_MASK};
 use ntkv::rng::Rng;
 use ntkv::Float;
 
@@ -153,4 +153,45 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
         }
     }
     (o, lse)
+}
+
+/// One differential case: shapes, options, mask.
+pub struct Case {
+    pub shape: PrefillShape,
+    pub opts: PrefillOptions,
+    pub mask: BlockMask,
+}
+
+/// q, k, v with N(0, 1) entries for `shape`.
+pub fn normal_inputs<T: Float>(rng: &mut Rng, s: &PrefillShape) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
+    let q: Vec<T> = (0..tq * hq * d).map(|_| T::from_f32(rng.normal())).collect();
+    let k: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
+    let v: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
+    (q, k, v)
+}
+
+/// The GPU differential suite's random cases (the CPU suite emulates the same ones): ragged
+/// batches (empty entries too), GQA groups 1, 2, 4, 8, D = 64 and 128, every block size,
+/// shared and per-kv-head masks, densities 1/8 to 1, token masks, causal and not.
+pub fn random_cases(seed: u64, n: usize) -> Vec<Case> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|case| {
+            let hkv = [1, 2, 1, 2][case % 4];
+            let group = [1, 2, 4, 8][(case / 2) % 4];
+            let d = [64, 128][case % 2];
+            let batch = 1 + case % 3;
+            let cu_q = random_cu(&mut rng, batch, 300, case % 5 == 4);
+            let cu_k = if case % 3 == 0 { cu_q.clone() } else { random_cu(&mut rng, batch, 300, case % 5 == 4) };
+            let shape = PrefillShape::new(hkv * group, hkv, d, cu_q, cu_k).unwrap();
+            let (br, bc) = ([64, 128][(case / 2) % 2], [64, 128][(case / 4) % 2]);
+            let heads = if case % 3 == 2 { MaskHeads::PerKvHead } else { MaskHeads::Shared };
+            let density = [0.125, 0.25, 0.5, 1.0][case % 4];
+            let token_frac = if case % 4 == 3 { 0.5 } else { 0.0 };
+            let mask = random_mask(&mut rng, &shape, br, bc, heads, density, token_frac);
+            let opts = PrefillOptions { causal: case % 2 == 1, ..Default::default() };
+            Case { shape, opts, mask }
+        })
+        .collect()
 }
