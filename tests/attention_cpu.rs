@@ -492,7 +492,7 @@ fn graph_builder_rejects_bad_graphs() {
         (GraphKv { edges: vec![(1, 1)], ..ok.clone() }, "edges"),
     ];
     for (g, arg) in bad {
-        let e = graph_kv_mask(&[g.clone()], 64, 64).unwrap_err();
+        let e = graph_kv_mask(std::slice::from_ref(&g), 64, 64).unwrap_err();
         assert_eq!(arg_of(&e), arg, "{g:?}");
     }
     assert_eq!(arg_of(&graph_kv_mask(&[ok], 96, 64).unwrap_err()), "block_rows");

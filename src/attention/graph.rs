@@ -169,10 +169,9 @@ pub fn graph_kv_mask(graphs: &[GraphKv], block_rows: usize, block_cols: usize) -
             for i in rows.clone() {
                 row_intervals(i, &mut intervals);
                 for r in &intervals {
-                    for cb in r.start / bc..=(r.end - 1) / bc {
-                        let lo = r.start.max(cb * bc);
-                        let hi = r.end.min((cb + 1) * bc);
-                        count[cb] += hi - lo;
+                    let first = r.start / bc;
+                    for (cb, n) in count.iter_mut().enumerate().take((r.end - 1) / bc + 1).skip(first) {
+                        *n += r.end.min((cb + 1) * bc) - r.start.max(cb * bc);
                     }
                 }
             }

@@ -135,7 +135,7 @@ impl PrefillShape {
             ));
         }
         // Heads x tokens must fit the kernel's 32-bit lse index and i32 causal offsets.
-        let rows = self.tq_total().checked_mul(self.num_q_heads).unwrap_or(usize::MAX);
+        let rows = self.tq_total().saturating_mul(self.num_q_heads);
         if rows > i32::MAX as usize {
             return Err(Error::too_large("cu_seqlens_q", format!("Tq_total x Hq = {rows} exceeds i32::MAX")));
         }

@@ -8,6 +8,7 @@
 //! `--json PATH` also writes the records, which `tools/compare.py` joins with the torch
 //! peers' timings from `tools/peers/run.py`.
 
+mod attention;
 mod harness;
 mod quant;
 
@@ -41,7 +42,7 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] = &[("quant", quant::run)];
+const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("attention", attention::run)];
 
 fn main() -> ExitCode {
     let args = Args::parse();
