@@ -62,6 +62,15 @@ impl HostPlan {
         let mut blocks: Vec<u32> = Vec::new();
         let group = shape.group();
         let mh = mask.mask_heads(shape);
+        // Start of BSR (b, m) in indptr, for every entry and mask head (one pass, not O(B) each).
+        let mut bsr_bases = Vec::with_capacity(shape.batch() * mh);
+        let mut next = 0usize;
+        for b in 0..shape.batch() {
+            for _ in 0..mh {
+                bsr_bases.push(next);
+                next += shape.seq_q(b).div_ceil(br) + 1;
+            }
+        }
         for b in 0..shape.batch() {
             let (tq, tk) = (shape.seq_q(b), shape.seq_k(b));
             let n_rb = tq.div_ceil(br);
@@ -73,7 +82,7 @@ impl HostPlan {
                 // The visited-block list of each mask head of this row block.
                 let mut lists = Vec::with_capacity(mh);
                 for m in 0..mh {
-                    let base = mask.bsr_base(shape, b, m);
+                    let base = bsr_bases[b * mh + m];
                     let (lo, hi) = (mask.indptr[base + rb] as usize, mask.indptr[base + rb + 1] as usize);
                     let begin = blocks.len() / BLOCK_WORDS;
                     for pos in lo..hi {

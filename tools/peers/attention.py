@@ -83,6 +83,9 @@ def run(p):
         p.record(FAMILY, op, shape, dname, "torch SDPA flash", ms, min_speedup=bar)
         if dtype == torch.bfloat16:
             p.record(FAMILY, op + "_fast", shape, dname, "torch SDPA flash", ms)
+            if tokens == 8192:
+                for variant in ("prefill_dense_bc64", "prefill_dense_bc64_fast"):
+                    p.record(FAMILY, variant, shape, dname, "torch SDPA flash", ms)
         del q, k, v
 
     dense_case(8192, torch.bfloat16, 0.9)

@@ -31,9 +31,9 @@ enum Pattern {
     CausalRandom(u32),
 }
 
-fn mask_for(pattern: Pattern, block: usize, shape: &PrefillShape) -> ntkv::Result<BlockMask> {
+fn mask_for(pattern: Pattern, block: usize, block_cols: usize, shape: &PrefillShape) -> ntkv::Result<BlockMask> {
     let n_rb = shape.seq_q(0).div_ceil(block) as u32;
-    let n_cb = shape.seq_k(0).div_ceil(block) as u32;
+    let n_cb = shape.seq_k(0).div_ceil(block_cols) as u32;
     let rows: Vec<Vec<u32>> = (0..n_rb)
         .map(|r| {
             (0..n_cb)
@@ -45,7 +45,7 @@ fn mask_for(pattern: Pattern, block: usize, shape: &PrefillShape) -> ntkv::Resul
                 .collect()
         })
         .collect();
-    BlockMask::from_lists(block, block, MaskHeads::Shared, &[rows])
+    BlockMask::from_lists(block, block_cols, MaskHeads::Shared, &[rows])
 }
 
 /// Device inputs filled with a repeated N(0, 1) pattern (timing does not depend on values).
@@ -58,6 +58,8 @@ fn filled<T: Float>(dev: &Device, rng: &mut Rng, shape: &[usize]) -> ntkv::Resul
 
 struct GpuCase {
     op: &'static str,
+    /// Column-block size of the mask (rows are always 128).
+    block_cols: usize,
     shape_key: String,
     heads: usize,
     tokens: usize,
@@ -72,7 +74,7 @@ fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &GpuCase, precision: PvPre
     }
     let n = ntkv::error::to_u32("tokens", c.tokens)?;
     let shape = PrefillShape::new(c.heads, c.heads, c.d, vec![0, n], vec![0, n])?;
-    let mask = mask_for(c.pattern, 128, &shape)?;
+    let mask = mask_for(c.pattern, 128, c.block_cols, &shape)?;
     let opts = PrefillOptions { causal: c.causal, pv_precision: precision, ..Default::default() };
     let plan = PrefillPlan::new(dev, &shape, opts, &mask)?;
     let mut rng = Rng::new(0xa77e);
@@ -90,6 +92,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let mut cases = vec![
         GpuCase {
             op: "prefill_dense",
+            block_cols: 128,
             shape_key: "1x32x8192x128".into(),
             heads: 32,
             tokens: 8192,
@@ -99,6 +102,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         },
         GpuCase {
             op: "prefill_dense",
+            block_cols: 128,
             shape_key: "1x32x32768x128".into(),
             heads: 32,
             tokens: 32768,
@@ -111,6 +115,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         for (pm, pct) in [(125u32, "12.5%"), (250, "25%"), (500, "50%")] {
             cases.push(GpuCase {
                 op: "prefill_bsr",
+                block_cols: 128,
                 shape_key: format!("1x32x32768x{d} b128 {pct}"),
                 heads: 32,
                 tokens: 32768,
@@ -121,6 +126,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         }
         cases.push(GpuCase {
             op: "prefill_bsr_causal",
+            block_cols: 128,
             shape_key: format!("1x32x32768x{d} b128 25%tri+diag"),
             heads: 32,
             tokens: 32768,
@@ -129,6 +135,17 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
             causal: true,
         });
     }
+    // The dense bar shape with 128 x 64 blocks too (the other kernel tiling), for tuning.
+    cases.push(GpuCase {
+        op: "prefill_dense_bc64",
+        block_cols: 64,
+        shape_key: "1x32x8192x128".into(),
+        heads: 32,
+        tokens: 8192,
+        d: 128,
+        pattern: Pattern::Dense,
+        causal: false,
+    });
     for c in &cases {
         gpu_case::<bf16>(b, dev, c, PvPrecision::Split, c.op)?;
         // FlashAttention-2 rounding of P (faster, ~2.2e-3 rel L2): the same case under `_fast`.
@@ -147,7 +164,7 @@ fn cpu_case<T: Float>(b: &mut Bench, op: &str, tokens: u32, pattern: Pattern, ca
     }
     let (heads, d) = (4usize, 64usize);
     let shape = PrefillShape::new(heads, heads, d, vec![0, tokens], vec![0, tokens])?;
-    let mask = mask_for(pattern, 64, &shape)?;
+    let mask = mask_for(pattern, 64, 64, &shape)?;
     let opts = PrefillOptions { causal, ..Default::default() };
     let plan = ntkv::attention::HostPlan::new(&shape, opts, &mask)?;
     let mut rng = Rng::new(1);
