@@ -90,6 +90,15 @@ fn prefill_dense_causal_and_scale_override() {
         let opts = PrefillOptions { causal: true, scale: Some(0.05), ..Default::default() };
         check::<f16>(dev, &mut rng, &Case { shape, opts, mask }, 5e-4, &format!("dense causal {tq}x{tk}"));
     }
+    // A long key range: 16 trips through the double buffer, both precisions.
+    let shape = PrefillShape::new(4, 2, 128, vec![0, 200], vec![0, 2000]).unwrap();
+    let mask = BlockMask::dense(128, 128, MaskHeads::Shared, &shape).unwrap();
+    for pv_precision in [PvPrecision::Split, PvPrecision::Storage] {
+        let opts = PrefillOptions { pv_precision, ..Default::default() };
+        let c = Case { shape: shape.clone(), opts, mask: mask.clone() };
+        let tol = if pv_precision == PvPrecision::Split { 2e-3 } else { 4e-3 };
+        check::<bf16>(dev, &mut rng, &c, tol, &format!("dense 200x2000 {pv_precision:?}"));
+    }
 }
 
 #[test]

@@ -14,8 +14,8 @@ const BLOCK_WORDS: usize = NTKV_ATTN_BLOCK_WORDS as usize;
 /// The validated work list of a prefill, on the host. [`PrefillPlan`] uploads it.
 ///
 /// One work item per (batch entry, row block, query head); each item is one CTA. Items are
-/// ordered by decreasing number of listed blocks (ties by creation order: entry, row block,
-/// head), so the longest CTAs start first.
+/// ordered by decreasing number of visited blocks, so the longest CTAs start first; ties go
+/// head-major (query head, then first query row) so that CTAs in flight share K/V in L2.
 ///
 /// `items` holds [`NTKV_ATTN_ITEM_WORDS`] `u32` per item: first query token (global), valid
 /// query rows, first key token of the entry (global), `Tk_b`, the causal offset (`i32` bits:
@@ -129,8 +129,10 @@ impl HostPlan {
                 }
             }
         }
-        // Longest lists first (stable: ties keep creation order, so the plan is deterministic).
-        items.sort_by_key(|it| std::cmp::Reverse(it[6] - it[5]));
+        // Longest lists first; ties head-major (query head, then first query row), so CTAs
+        // running together mostly read the same K/V head and find it in L2. The key is unique
+        // per item, so the order is fully determined.
+        items.sort_by_key(|it| (std::cmp::Reverse(it[6] - it[5]), it[7], it[0]));
         to_u32("work items", items.len())?;
         Ok(HostPlan {
             shape: shape.clone(),
