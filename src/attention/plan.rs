@@ -133,7 +133,8 @@ impl HostPlan {
         // running together mostly read the same K/V head and find it in L2. The key is unique
         // per item, so the order is fully determined.
         items.sort_by_key(|it| (std::cmp::Reverse(it[6] - it[5]), it[7], it[0]));
-        to_u32("work items", items.len())?;
+        // One CTA per item: grid.x is limited to 2^31 - 1.
+        crate::error::to_i32("work items", items.len())?;
         Ok(HostPlan {
             shape: shape.clone(),
             options,
