@@ -23,11 +23,13 @@ pub enum Module {
     Quant,
     /// `cuda/decode.cu`: sparse-index decode attention.
     Decode,
+    /// `cuda/attention.cu`: block-sparse flash attention prefill.
+    Attention,
 }
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Decode];
+    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Attention, Module::Decode];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl Module {
             Module::Common => "common",
             Module::Quant => "quant",
             Module::Decode => "decode",
+            Module::Attention => "attention",
         }
     }
 
@@ -44,6 +47,7 @@ impl Module {
             Module::Common => kernels::COMMON,
             Module::Quant => kernels::QUANT,
             Module::Decode => kernels::DECODE,
+            Module::Attention => kernels::ATTENTION,
         }
     }
 }

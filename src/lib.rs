@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod checks;
 pub mod decode;
 pub mod device;

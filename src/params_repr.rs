@@ -11,3 +11,4 @@ unsafe impl DeviceRepr for NtkvCopyParams {}
 unsafe impl DeviceRepr for NtkvFiniteCheckParams {}
 unsafe impl DeviceRepr for NtkvDecodeParams {}
 unsafe impl DeviceRepr for NtkvDecodeValidateParams {}
+unsafe impl DeviceRepr for NtkvAttnPrefillParams {}

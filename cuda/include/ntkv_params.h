@@ -38,6 +38,36 @@ typedef struct NtkvFiniteCheckParams {
 
 /* ---- attention: block-sparse prefill (SPEC §3) ------------------------- */
 
+/* Block-sparse flash prefill. One CTA per work item; the plan (src/attention/plan.rs) writes
+ * the items and their column-block lists, so the kernel only walks them.
+ *
+ * Work item (8 x u32, NTKV_ATTN_ITEM_WORDS):
+ *   [0] q_row0     global token index of the block's first query row
+ *   [1] n_rows     valid query rows in the block (1..=BR)
+ *   [2] k_tok0     global token index of the batch entry's first key
+ *   [3] tk         keys in the batch entry
+ *   [4] causal_off (i32 bits) local row r of the block sees local key j iff j <= r + causal_off
+ *   [5] list_begin first entry of the item's column-block list
+ *   [6] list_end   one past its last entry
+ *   [7] q_head     query head
+ * Column-block entry (4 x u32, NTKV_ATTN_BLOCK_WORDS):
+ *   [0] column block (keys col*BC .. col*BC+BC of the batch entry)
+ *   [1] element checks: 1 when the causal diagonal or the last partial key block crosses it
+ *   [2] token-mask id into the [n][BR][BC/32] bit pool, or 0xffffffff for none
+ *   [3] unused (0) */
+#define NTKV_ATTN_ITEM_WORDS 8
+#define NTKV_ATTN_BLOCK_WORDS 4
+#define NTKV_ATTN_NO_TOKEN_MASK 0xffffffffu
+
+typedef struct NtkvAttnPrefillParams {
+    uint32_t n_items;      /* CTAs (grid.x) */
+    uint32_t num_q_heads;  /* Hq: q/o row stride is Hq*D */
+    uint32_t num_kv_heads; /* Hkv: k/v row stride is Hkv*D */
+    uint32_t tq_total;     /* total query tokens: the lse row stride */
+    float scale_log2;      /* softmax scale * log2(e) */
+    uint32_t causal;       /* 1: apply j <= r + causal_off in flagged blocks */
+} NtkvAttnPrefillParams;
+
 /* ---- decode: sparse-index decode attention (SPEC §3) ------------------- */
 
 /* Sparse-index decode attention (src/decode). Layouts:

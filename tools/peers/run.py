@@ -19,7 +19,11 @@ import torch  # noqa: E402
 
 from common import Peers  # noqa: E402
 
-FAMILIES = ["quant", "decode"]
+FAMILIES = [
+    "quant",
+    "attention",
+    "decode",
+]
 
 
 def ceilings(p):

@@ -8,6 +8,7 @@
 //! `--json PATH` also writes the records, which `tools/compare.py` joins with the torch
 //! peers' timings from `tools/peers/run.py`.
 
+mod attention;
 mod decode;
 mod harness;
 mod quant;
@@ -42,7 +43,7 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("decode", decode::run)];
+const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("attention", attention::run), ("decode", decode::run)];
 
 fn main() -> ExitCode {
     let args = Args::parse();

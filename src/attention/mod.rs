@@ -1,0 +1,478 @@
+//! Block-sparse flash attention prefill with Graph-KV masks (SPEC §3).
+//!
+//! # Shapes and dtypes
+//! - `q [Tq_total, Hq, D]`, `k, v [Tk_total, Hkv, D]`, all `f16` or all `bf16`, `D ∈ {64, 128}`,
+//!   `Hq % Hkv == 0` (query head `h` reads kv head `h / (Hq / Hkv)`).
+//! - Batched variable-length inputs: `cu_seqlens_q`, `cu_seqlens_k` (`[B+1]`, `u32`, starting at
+//!   0, non-decreasing). Batch entry `b` owns query tokens `cu_seqlens_q[b]..cu_seqlens_q[b+1]`
+//!   and key tokens `cu_seqlens_k[b]..cu_seqlens_k[b+1]`; positions inside an entry are local.
+//! - Outputs: `o [Tq_total, Hq, D]` (the input dtype) and `lse [Hq, Tq_total]` (`f32`, natural
+//!   log of the softmax denominator, scale included).
+//!
+//! # What is computed
+//! For batch entry `b`, query head `h`, local query `i` and local key `j`, the key is
+//! *visible* when all of these hold:
+//! - the mask of `(b, mask head)` lists column block `j / BC` in row block `i / BR`
+//!   (the mask head is 0 for [`MaskHeads::Shared`], the kv head for [`MaskHeads::PerKvHead`]);
+//! - when that listed block carries a token mask, its bit for `(i % BR, j % BC)` is set;
+//! - with `causal`, `j ≤ i + (Tk_b − Tq_b)` (global bottom-right alignment, as in SPEC §3;
+//!   this is not FlashInfer's per-block-row meaning).
+//!
+//! Then `o[i] = Σ_j softmax_j(scale · q_i·k_j) v_j` over visible keys, with `scale = 1/√D`
+//! unless overridden, and `lse[h, i] = ln Σ_j exp(scale · q_i·k_j)`. A row with no visible key
+//! gives `o = 0` and `lse = −inf` (never NaN).
+//!
+//! # Using it
+//! [`PrefillPlan::new`] validates the mask against the shapes (sorted, unique, in range) and
+//! uploads the per-CTA work list; [`PrefillPlan::run`] launches on the device's stream. A plan
+//! is reused across layers and steps that share the mask and sequence lengths.
+//! [`cpu::prefill`] is the f64 reference; [`graph::graph_kv_mask`] builds the Graph-KV mask.
+//!
+//! ```no_run
+//! # fn main() -> ntkv::Result<()> {
+//! use ntkv::attention::{BlockMask, MaskHeads, PrefillOptions, PrefillPlan, PrefillShape};
+//! use ntkv::{Device, DeviceTensor};
+//! use half::bf16;
+//! let dev = Device::new(0)?;
+//! let shape = PrefillShape::new(32, 8, 128, vec![0, 4096], vec![0, 4096])?;
+//! let mask = BlockMask::dense(128, 128, MaskHeads::Shared, &shape)?;
+//! let plan = PrefillPlan::new(&dev, &shape, PrefillOptions { causal: true, ..Default::default() }, &mask)?;
+//! let q = DeviceTensor::<bf16>::zeros(&dev, &[4096, 32, 128])?;
+//! let k = DeviceTensor::<bf16>::zeros(&dev, &[4096, 8, 128])?;
+//! let v = DeviceTensor::<bf16>::zeros(&dev, &[4096, 8, 128])?;
+//! let mut o = DeviceTensor::<bf16>::zeros(&dev, &[4096, 32, 128])?;
+//! let mut lse = DeviceTensor::<f32>::zeros(&dev, &[32, 4096])?;
+//! plan.run(&q, &k, &v, &mut o, &mut lse)?;
+//! # Ok(()) }
+//! ```
+
+pub mod cpu;
+pub mod graph;
+mod plan;
+
+pub use plan::{HostPlan, PrefillPlan};
+
+use crate::error::{Error, Result};
+
+/// Token-mask id of a listed block that has no token mask (every pair in it is visible, up to
+/// causality and the sequence ends).
+pub const NO_TOKEN_MASK: u32 = crate::params::NTKV_ATTN_NO_TOKEN_MASK;
+
+/// The block sizes the kernels support, for both `BR` and `BC`.
+pub const BLOCK_SIZES: [usize; 2] = [64, 128];
+
+/// The head dimensions the kernels support.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether one mask serves every head or each kv head has its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskHeads {
+    /// One BSR per batch entry, shared by all heads.
+    Shared,
+    /// One BSR per (batch entry, kv head); query head `h` uses the one of kv head `h / (Hq/Hkv)`.
+    PerKvHead,
+}
+
+/// Sequence layout and head counts of a batched variable-length prefill.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefillShape {
+    /// `Hq`.
+    pub num_q_heads: usize,
+    /// `Hkv`, dividing `Hq`.
+    pub num_kv_heads: usize,
+    /// `D` (64 or 128).
+    pub head_dim: usize,
+    /// `[B+1]` query offsets, starting at 0, non-decreasing.
+    pub cu_seqlens_q: Vec<u32>,
+    /// `[B+1]` key offsets, starting at 0, non-decreasing.
+    pub cu_seqlens_k: Vec<u32>,
+}
+
+impl PrefillShape {
+    /// Builds and validates a shape.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `num_q_heads`, `num_kv_heads`, `head_dim`,
+    /// `cu_seqlens_q` or `cu_seqlens_k` when a count is zero, `Hkv` does not divide `Hq`, `D`
+    /// is not 64 or 128, or the offsets are empty, do not start at 0, decrease, or differ in
+    /// length; [`Error::TooLarge`] when a total exceeds `i32::MAX` tokens.
+    pub fn new(
+        num_q_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        cu_seqlens_q: Vec<u32>,
+        cu_seqlens_k: Vec<u32>,
+    ) -> Result<Self> {
+        let s = PrefillShape { num_q_heads, num_kv_heads, head_dim, cu_seqlens_q, cu_seqlens_k };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the invariants listed in [`PrefillShape::new`].
+    pub fn validate(&self) -> Result<()> {
+        if self.num_q_heads == 0 {
+            return Err(Error::invalid("num_q_heads", "must be at least 1"));
+        }
+        if self.num_kv_heads == 0 || self.num_q_heads % self.num_kv_heads != 0 {
+            return Err(Error::invalid(
+                "num_kv_heads",
+                format!("must be positive and divide num_q_heads = {}, got {}", self.num_q_heads, self.num_kv_heads),
+            ));
+        }
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            return Err(Error::invalid("head_dim", format!("must be 64 or 128, got {}", self.head_dim)));
+        }
+        check_cu_seqlens("cu_seqlens_q", &self.cu_seqlens_q)?;
+        check_cu_seqlens("cu_seqlens_k", &self.cu_seqlens_k)?;
+        if self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
+            return Err(Error::invalid(
+                "cu_seqlens_k",
+                format!(
+                    "has {} entries but cu_seqlens_q has {}; both are [B+1]",
+                    self.cu_seqlens_k.len(),
+                    self.cu_seqlens_q.len()
+                ),
+            ));
+        }
+        // Heads x tokens must fit the kernel's 32-bit lse index and i32 causal offsets.
+        let rows = self.tq_total().saturating_mul(self.num_q_heads);
+        if rows > i32::MAX as usize {
+            return Err(Error::too_large("cu_seqlens_q", format!("Tq_total x Hq = {rows} exceeds i32::MAX")));
+        }
+        Ok(())
+    }
+
+    /// Number of batch entries `B`.
+    pub fn batch(&self) -> usize {
+        self.cu_seqlens_q.len().saturating_sub(1)
+    }
+
+    /// Total query tokens.
+    pub fn tq_total(&self) -> usize {
+        self.cu_seqlens_q.last().map_or(0, |&x| x as usize)
+    }
+
+    /// Total key tokens.
+    pub fn tk_total(&self) -> usize {
+        self.cu_seqlens_k.last().map_or(0, |&x| x as usize)
+    }
+
+    /// Query tokens of entry `b`.
+    pub fn seq_q(&self, b: usize) -> usize {
+        (self.cu_seqlens_q[b + 1] - self.cu_seqlens_q[b]) as usize
+    }
+
+    /// Key tokens of entry `b`.
+    pub fn seq_k(&self, b: usize) -> usize {
+        (self.cu_seqlens_k[b + 1] - self.cu_seqlens_k[b]) as usize
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.num_q_heads / self.num_kv_heads
+    }
+}
+
+fn check_cu_seqlens(arg: &'static str, cu: &[u32]) -> Result<()> {
+    if cu.is_empty() {
+        return Err(Error::invalid(arg, "must hold B+1 >= 1 offsets"));
+    }
+    if cu[0] != 0 {
+        return Err(Error::invalid(arg, format!("must start at 0, starts at {}", cu[0])));
+    }
+    if let Some(w) = cu.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::invalid(arg, format!("decreases at entry {}: {} > {}", w + 1, cu[w], cu[w + 1])));
+    }
+    if cu[cu.len() - 1] > i32::MAX as u32 {
+        return Err(Error::too_large(arg, "more than i32::MAX tokens"));
+    }
+    Ok(())
+}
+
+/// Softmax options.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefillOptions {
+    /// Bottom-right aligned causal masking in each entry's local positions:
+    /// query `i` sees key `j` iff `j ≤ i + (Tk_b − Tq_b)`.
+    pub causal: bool,
+    /// Softmax scale; `None` means `1/√D`. Must be finite.
+    pub scale: Option<f32>,
+    /// How the softmax numerators P enter the P·V product on the GPU.
+    pub pv_precision: PvPrecision,
+}
+
+/// How the GPU kernel feeds the softmax numerators `P` (f32) to the `P·V` tensor-core product,
+/// whose operands are in the storage dtype.
+///
+/// With bf16, rounding `P` to bf16 (what FlashAttention-2 does) adds a relative error of about
+/// 1.5e-3 on N(0, 1) inputs on top of the 1.6e-3 that rounding the output to bf16 costs, which
+/// together exceed SPEC's 2e-3 relative L2 bound against the f64 reference. [`PvPrecision::Split`]
+/// sends `P` as `hi + lo` (two bf16 mmas sharing the V fragments), which removes that error at
+/// the cost of 50% more tensor-core work per visited block. f16 keeps 11 bits of `P`, within
+/// SPEC's 5e-4, so both settings run the same f16 kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PvPrecision {
+    /// bf16: `P = hi + lo`, two mmas. Meets SPEC's bf16 tolerance. The default.
+    #[default]
+    Split,
+    /// `P` rounded once to the storage dtype (FlashAttention-2 behaviour): faster with bf16,
+    /// about 2.2e-3 relative L2 error on N(0, 1) bf16 inputs.
+    Storage,
+}
+
+impl PrefillOptions {
+    /// The scale in effect for head dimension `d`.
+    pub fn scale_for(&self, d: usize) -> f32 {
+        self.scale.unwrap_or(1.0 / (d as f32).sqrt())
+    }
+}
+
+/// A block-sparse row (BSR) mask: one BSR per batch entry (and per kv head with
+/// [`MaskHeads::PerKvHead`]), all packed into two arrays, plus optional token-exact masks of
+/// listed blocks.
+///
+/// # Packed layout
+/// Let `M` be 1 ([`MaskHeads::Shared`]) or `Hkv` ([`MaskHeads::PerKvHead`]), and for entry `b`
+/// let `R_b = ceil(Tq_b / BR)` row blocks and `C_b = ceil(Tk_b / BC)` column blocks.
+/// - BSR `s = b·M + m` (entry `b`, mask head `m`) owns the `R_b + 1` consecutive entries of
+///   `indptr` that start at `Σ_{s' < s} (R_{b(s')} + 1)`.
+/// - `indptr` values are absolute positions in `indices`: BSR 0 starts at 0, each BSR starts
+///   where the previous one ended, the values never decrease, and the last is `indices.len()`.
+/// - Row block `r` of BSR `s` lists the column blocks `indices[indptr[base_s + r] ..
+///   indptr[base_s + r + 1]]`: local column block numbers `< C_b`, strictly increasing.
+/// - `token_mask_ids` is empty (no token masks) or parallel to `indices`: [`NO_TOKEN_MASK`] or
+///   an id `< n` into `token_masks`.
+/// - `token_masks` is `[n, BR, BC/32]` `u32` words: bit `c % 32` of word `c / 32` of row `r`
+///   of mask `id` says whether local query `r` of the block sees local key `c` of the block.
+///
+/// A partial last block (fewer than `BR` queries or `BC` keys) is listed like any other; the
+/// positions past the sequence end are ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockMask {
+    /// Queries per row block, `BR ∈ {64, 128}`.
+    pub block_rows: usize,
+    /// Keys per column block, `BC ∈ {64, 128}`.
+    pub block_cols: usize,
+    /// Shared by all heads or one per kv head.
+    pub heads: MaskHeads,
+    /// Row pointers of every BSR, packed as described above.
+    pub indptr: Vec<u32>,
+    /// Column blocks of every row block, packed.
+    pub indices: Vec<u32>,
+    /// Empty, or one token-mask id per entry of `indices`.
+    pub token_mask_ids: Vec<u32>,
+    /// `[n, BR, BC/32]` bit rows of the token masks.
+    pub token_masks: Vec<u32>,
+}
+
+impl BlockMask {
+    /// Builds a mask from explicit lists: `rows[s][r]` is the sorted column-block list of row
+    /// block `r` of BSR `s = b·M + m` (see the packed layout). No token masks.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when the lists hold more than `u32::MAX` entries. The lists are
+    /// checked against shapes later, by [`BlockMask::validate`].
+    pub fn from_lists(block_rows: usize, block_cols: usize, heads: MaskHeads, rows: &[Vec<Vec<u32>>]) -> Result<Self> {
+        let mut indptr = Vec::new();
+        let mut indices = Vec::new();
+        for bsr in rows {
+            indptr.push(crate::error::to_u32("rows", indices.len())?);
+            for row in bsr {
+                indices.extend_from_slice(row);
+                indptr.push(crate::error::to_u32("rows", indices.len())?);
+            }
+        }
+        Ok(BlockMask {
+            block_rows,
+            block_cols,
+            heads,
+            indptr,
+            indices,
+            token_mask_ids: Vec::new(),
+            token_masks: Vec::new(),
+        })
+    }
+
+    /// The mask that lists every block of every entry (dense attention).
+    pub fn dense(block_rows: usize, block_cols: usize, heads: MaskHeads, shape: &PrefillShape) -> Result<Self> {
+        shape.validate()?;
+        check_block_sizes(block_rows, block_cols)?;
+        let m = match heads {
+            MaskHeads::Shared => 1,
+            MaskHeads::PerKvHead => shape.num_kv_heads,
+        };
+        let mut rows = Vec::new();
+        for b in 0..shape.batch() {
+            let r = shape.seq_q(b).div_ceil(block_rows);
+            let c = crate::error::to_u32("cu_seqlens_k", shape.seq_k(b).div_ceil(block_cols))?;
+            for _ in 0..m {
+                rows.push(vec![(0..c).collect::<Vec<u32>>(); r]);
+            }
+        }
+        Self::from_lists(block_rows, block_cols, heads, &rows)
+    }
+
+    /// Number of BSRs per batch entry (`M`).
+    pub fn mask_heads(&self, shape: &PrefillShape) -> usize {
+        match self.heads {
+            MaskHeads::Shared => 1,
+            MaskHeads::PerKvHead => shape.num_kv_heads,
+        }
+    }
+
+    /// `u32` words of one token mask (`BR · BC / 32`).
+    pub fn token_mask_words(&self) -> usize {
+        self.block_rows * self.block_cols / 32
+    }
+
+    /// Start of BSR `(b, m)` in `indptr`, for a validated mask.
+    pub fn bsr_base(&self, shape: &PrefillShape, b: usize, m: usize) -> usize {
+        let mh = self.mask_heads(shape);
+        let before: usize = (0..b).map(|bb| mh * (shape.seq_q(bb).div_ceil(self.block_rows) + 1)).sum();
+        before + m * (shape.seq_q(b).div_ceil(self.block_rows) + 1)
+    }
+
+    /// Checks the mask against `shape`: block sizes, packing, sorted unique in-range indices,
+    /// token-mask ids and pool size.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `block_rows`, `block_cols`, `indptr`, `indices`,
+    /// `token_mask_ids` or `token_masks`, with the first offending position.
+    pub fn validate(&self, shape: &PrefillShape) -> Result<()> {
+        shape.validate()?;
+        check_block_sizes(self.block_rows, self.block_cols)?;
+        let mh = self.mask_heads(shape);
+        let mut expected_len = 0usize;
+        for b in 0..shape.batch() {
+            expected_len += mh * (shape.seq_q(b).div_ceil(self.block_rows) + 1);
+        }
+        if self.indptr.len() != expected_len {
+            return Err(Error::invalid(
+                "indptr",
+                format!(
+                    "has {} entries; the packed layout needs {expected_len} (sum over entries and mask heads of \
+                     ceil(Tq_b / BR) + 1)",
+                    self.indptr.len()
+                ),
+            ));
+        }
+        let nnz = self.indices.len();
+        let mut pos = 0usize;
+        let mut prev_end = 0usize;
+        for b in 0..shape.batch() {
+            let n_rb = shape.seq_q(b).div_ceil(self.block_rows);
+            let n_cb = shape.seq_k(b).div_ceil(self.block_cols);
+            for m in 0..mh {
+                let seg = &self.indptr[pos..pos + n_rb + 1];
+                if seg[0] as usize != prev_end {
+                    return Err(Error::invalid(
+                        "indptr",
+                        format!(
+                            "BSR of entry {b}, mask head {m} starts at {} but the previous one ended at {prev_end}",
+                            seg[0]
+                        ),
+                    ));
+                }
+                for r in 0..n_rb {
+                    let (lo, hi) = (seg[r] as usize, seg[r + 1] as usize);
+                    if hi < lo || hi > nnz {
+                        return Err(Error::invalid(
+                            "indptr",
+                            format!(
+                                "entry {b}, mask head {m}, row block {r}: range {lo}..{hi} is decreasing or past \
+                                 indices.len() = {nnz}"
+                            ),
+                        ));
+                    }
+                    let row = &self.indices[lo..hi];
+                    for (x, &c) in row.iter().enumerate() {
+                        if c as usize >= n_cb {
+                            return Err(Error::invalid(
+                                "indices",
+                                format!(
+                                    "entry {b}, mask head {m}, row block {r}: column block {c} at position {} is out \
+                                     of range (the entry has {n_cb} column blocks)",
+                                    lo + x
+                                ),
+                            ));
+                        }
+                        if x > 0 && row[x - 1] >= c {
+                            return Err(Error::invalid(
+                                "indices",
+                                format!(
+                                    "entry {b}, mask head {m}, row block {r}: not sorted and unique at position {} \
+                                     ({} then {c})",
+                                    lo + x,
+                                    row[x - 1]
+                                ),
+                            ));
+                        }
+                    }
+                }
+                prev_end = seg[n_rb] as usize;
+                pos += n_rb + 1;
+            }
+        }
+        if prev_end != nnz {
+            return Err(Error::invalid("indptr", format!("ends at {prev_end} but indices has {nnz} entries")));
+        }
+        let words = self.token_mask_words();
+        if self.token_masks.len() % words != 0 {
+            return Err(Error::invalid(
+                "token_masks",
+                format!("length {} is not a multiple of BR * BC / 32 = {words}", self.token_masks.len()),
+            ));
+        }
+        let n_masks = self.token_masks.len() / words;
+        if !self.token_mask_ids.is_empty() {
+            if self.token_mask_ids.len() != nnz {
+                return Err(Error::invalid(
+                    "token_mask_ids",
+                    format!("must be empty or hold one id per index ({nnz}), holds {}", self.token_mask_ids.len()),
+                ));
+            }
+            if let Some(p) = self.token_mask_ids.iter().position(|&id| id != NO_TOKEN_MASK && id as usize >= n_masks) {
+                return Err(Error::invalid(
+                    "token_mask_ids",
+                    format!("id {} at position {p} is out of range ({n_masks} token masks)", self.token_mask_ids[p]),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The token-mask id of `indices[pos]` ([`NO_TOKEN_MASK`] when there are none).
+    pub fn token_mask_id(&self, pos: usize) -> u32 {
+        self.token_mask_ids.get(pos).copied().unwrap_or(NO_TOKEN_MASK)
+    }
+
+    /// Whether local query `i` of entry `b` sees local key `j` through mask head `m`, ignoring
+    /// causality (see the module docs). The mask must be valid for `shape`, with `i < Tq_b`,
+    /// `j < Tk_b`.
+    pub fn visible(&self, shape: &PrefillShape, b: usize, m: usize, i: usize, j: usize) -> bool {
+        let base = self.bsr_base(shape, b, m);
+        let r = i / self.block_rows;
+        let (lo, hi) = (self.indptr[base + r] as usize, self.indptr[base + r + 1] as usize);
+        let Ok(x) = self.indices[lo..hi].binary_search(&((j / self.block_cols) as u32)) else {
+            return false;
+        };
+        let id = self.token_mask_id(lo + x);
+        if id == NO_TOKEN_MASK {
+            return true;
+        }
+        let words_per_row = self.block_cols / 32;
+        let (rr, cc) = (i % self.block_rows, j % self.block_cols);
+        let w = self.token_masks[id as usize * self.token_mask_words() + rr * words_per_row + cc / 32];
+        (w >> (cc % 32)) & 1 == 1
+    }
+}
+
+fn check_block_sizes(block_rows: usize, block_cols: usize) -> Result<()> {
+    if !BLOCK_SIZES.contains(&block_rows) {
+        return Err(Error::invalid("block_rows", format!("must be 64 or 128, got {block_rows}")));
+    }
+    if !BLOCK_SIZES.contains(&block_cols) {
+        return Err(Error::invalid("block_cols", format!("must be 64 or 128, got {block_cols}")));
+    }
+    Ok(())
+}
