@@ -9,3 +9,6 @@ use crate::params::*;
 // its size and field offsets are checked at compile time by the generated layout assertions.
 unsafe impl DeviceRepr for NtkvCopyParams {}
 unsafe impl DeviceRepr for NtkvFiniteCheckParams {}
+unsafe impl DeviceRepr for NtkvQuantParams {}
+unsafe impl DeviceRepr for NtkvQuantScanParams {}
+unsafe impl DeviceRepr for NtkvMikvRowsParams {}
