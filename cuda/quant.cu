@@ -122,6 +122,9 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
                                                uint32_t* __restrict__ codes, __half* __restrict__ scales,
                                                __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
     constexpr int E = 32 / B;
+    // Each warp takes U spans of 32 words per step, issuing all U loads before reducing, so
+    // U * 32 * E * sizeof(T) bytes per warp are in flight.
+    constexpr int U = 2;
     const uint32_t wpg = p.group / E;
     const uint32_t wpg_shift = log2_pow2(wpg);
     const uint64_t words = p.tokens * (uint64_t)p.dim / E;
@@ -135,48 +138,55 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
         __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
         __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
         // `base` is the same in every lane of a warp, so the shuffles below see all 32 lanes.
-        for (uint64_t base = warp0 * 32; base < words; base += nwarps * 32) {
-            const uint64_t w = base + (uint64_t)lane;
-            const bool valid = w < words;
-            float v[E];
-            if (valid) {
-                load_vals<T, E>(xh + w * E, v);
-            } else {
+        for (uint64_t base = warp0 * 32 * U; base < words; base += nwarps * 32 * U) {
+            float v[U][E];
 #pragma unroll
-                for (int j = 0; j < E; ++j) v[j] = 0.0f;
-            }
-            float lo = INFINITY, hi = -INFINITY;
-            bool bad = false;
+            for (int u = 0; u < U; ++u) {
+                const uint64_t w = base + (uint64_t)(u * 32 + lane);
+                if (w < words) {
+                    load_vals<T, E>(xh + w * E, v[u]);
+                } else {
 #pragma unroll
-            for (int j = 0; j < E; ++j) {
-                lo = fminf(lo, v[j]);
-                hi = fmaxf(hi, v[j]);
-                bad |= !quantizable(v[j]);
-            }
-            if (!valid) {
-                lo = INFINITY;
-                hi = -INFINITY;
-                bad = false;
-            }
-            for (uint32_t o = 1; o < wpg; o <<= 1) {
-                lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, (int)o));
-                hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, (int)o));
-            }
-            if (valid) {
-                const GroupParams g = group_params<B>(lo, hi);
-                uint32_t word = 0;
-#pragma unroll
-                for (int j = 0; j < E; ++j) word |= encode<B>(v[j], g) << (j * B);
-                ch[w] = word;
-                if (((uint32_t)lane & (wpg - 1)) == 0) {
-                    sh[w >> wpg_shift] = g.scale16;
-                    mh[w >> wpg_shift] = g.min16;
+                    for (int j = 0; j < E; ++j) v[u][j] = 0.0f;
                 }
-                if (bad) {
-                    int first = 0;
-                    for (int j = E - 1; j >= 0; --j)
-                        if (!quantizable(v[j])) first = j;
-                    atomicMin(flags, (unsigned long long)(xbase + w * E + (uint64_t)first));
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint64_t w = base + (uint64_t)(u * 32 + lane);
+                const bool valid = w < words;
+                float lo = INFINITY, hi = -INFINITY;
+                bool bad = false;
+#pragma unroll
+                for (int j = 0; j < E; ++j) {
+                    lo = fminf(lo, v[u][j]);
+                    hi = fmaxf(hi, v[u][j]);
+                    bad |= !quantizable(v[u][j]);
+                }
+                if (!valid) {
+                    lo = INFINITY;
+                    hi = -INFINITY;
+                    bad = false;
+                }
+                for (uint32_t o = 1; o < wpg; o <<= 1) {
+                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, (int)o));
+                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, (int)o));
+                }
+                if (valid) {
+                    const GroupParams g = group_params<B>(lo, hi);
+                    uint32_t word = 0;
+#pragma unroll
+                    for (int j = 0; j < E; ++j) word |= encode<B>(v[u][j], g) << (j * B);
+                    ch[w] = word;
+                    if (((uint32_t)lane & (wpg - 1)) == 0) {
+                        sh[w >> wpg_shift] = g.scale16;
+                        mh[w >> wpg_shift] = g.min16;
+                    }
+                    if (bad) {
+                        int first = 0;
+                        for (int j = E - 1; j >= 0; --j)
+                            if (!quantizable(v[u][j])) first = j;
+                        atomicMin(flags, (unsigned long long)(xbase + w * E + (uint64_t)first));
+                    }
                 }
             }
         }

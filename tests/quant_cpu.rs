@@ -1,5 +1,6 @@
 //! CPU reference of the quantization family: layouts, packing, the error bound, exact round
 //! trips, validation, and the MiKV cache (appends equal prefill, nothing dropped).
+#![allow(clippy::needless_range_loop)]
 
 use half::{bf16, f16};
 use ntkv::quant::cpu::{self, MikvCacheCpu, QuantizedHost};

@@ -4,7 +4,7 @@
 //! before launching, so a kernel never reads or writes out of bounds even when a caller
 //! inside the crate got a region wrong.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::{value_error, Axis, QuantSpec, Region};
@@ -51,10 +51,13 @@ fn names(dtype: DType) -> Names {
 }
 
 /// A launch over `heads` (grid y, capped at 65535 with the kernels striding over the rest)
-/// times `items_per_head` (grid x, grid-stride, at most 16 blocks per SM in total).
-fn grid(device: &Device, heads: usize, items_per_head: usize) -> Result<LaunchConfig> {
+/// times `items_per_head` (grid x, grid-stride). The grid is one full wave: as many blocks as
+/// the driver says fit on all SMs at once (register-limited occupancy), so no block waits
+/// for a second wave and the grid-stride loops balance the work.
+fn grid(device: &Device, f: &CudaFunction, heads: usize, items_per_head: usize) -> Result<LaunchConfig> {
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None).unwrap_or(4).max(1);
     let gy = heads.clamp(1, 65535);
-    let target = (device.props().sm_count as usize).max(1) * 16;
+    let target = (device.props().sm_count as usize).max(1) * per_sm as usize;
     let gx = items_per_head.div_ceil(THREADS as usize).clamp(1, (target / gy).max(1));
     Ok(LaunchConfig {
         grid_dim: (to_u32("grid", gx)?, to_u32("grid", gy)?, 1),
@@ -129,7 +132,7 @@ pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<
     let mut flags = new_flags(device)?;
     let f = device.function(Module::Quant, names(T::DTYPE).scan)?;
     let params = NtkvQuantScanParams { n: x.len() as u64 };
-    let cfg = grid(device, 1, x.len().div_ceil(16 / std::mem::size_of::<T>()))?;
+    let cfg = grid(device, &f, 1, x.len().div_ceil(16 / std::mem::size_of::<T>()))?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(x).arg(&mut flags);
     // SAFETY: ntkv_quant_scan_<dtype>(NtkvQuantScanParams, const T* x, u64* flags) reads
@@ -169,7 +172,7 @@ pub(crate) fn quantize_region<T: Float>(
         Axis::PerChannel => (n.quantize_channel, per_head / spec.group),
     };
     let f = device.function(Module::Quant, name)?;
-    let cfg = grid(device, r.heads, items)?;
+    let cfg = grid(device, &f, r.heads, items)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(x).arg(codes).arg(scales).arg(mins).arg(flags);
     // SAFETY: ntkv_quant_quantize_{token,channel}_<dtype>(NtkvQuantParams, const T* x, u32*
@@ -205,7 +208,7 @@ pub(crate) fn dequantize_region<T: Float>(
         Axis::PerChannel => n.dequantize_channel,
     };
     let f = device.function(Module::Quant, name)?;
-    let cfg = grid(device, r.heads, items)?;
+    let cfg = grid(device, &f, r.heads, items)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(codes).arg(scales).arg(mins).arg(out);
     // SAFETY: ntkv_quant_dequantize_{token,channel}_<dtype>(NtkvQuantParams, const u32* codes,
@@ -285,7 +288,7 @@ pub(crate) fn gather_rows(
     }
     let params = m.params()?;
     let f = device.function(Module::Quant, "ntkv_mikv_gather")?;
-    let cfg = grid(device, m.heads, m.rows * m.dim)?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
     // SAFETY: ntkv_mikv_gather(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
@@ -314,7 +317,7 @@ pub(crate) fn scatter_rows(
     }
     let params = m.params()?;
     let f = device.function(Module::Quant, "ntkv_mikv_scatter")?;
-    let cfg = grid(device, m.heads, m.rows * m.dim)?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
     // SAFETY: ntkv_mikv_scatter(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
@@ -334,7 +337,7 @@ pub(crate) fn copy_residual(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst
     }
     let params = m.params()?;
     let f = device.function(Module::Quant, "ntkv_mikv_residual")?;
-    let cfg = grid(device, m.heads, m.rows * m.dim)?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
     // SAFETY: ntkv_mikv_residual(NtkvMikvRowsParams, const half* src, half* dst) reads src
@@ -357,7 +360,7 @@ pub(crate) fn append_row(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &
     }
     let params = m.params()?;
     let f = device.function(Module::Quant, "ntkv_mikv_append")?;
-    let cfg = grid(device, m.heads, m.dim)?;
+    let cfg = grid(device, &f, m.heads, m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
     // SAFETY: ntkv_mikv_append(NtkvMikvRowsParams, const half* src, half* dst) reads

@@ -298,6 +298,21 @@ pub enum FiniteCheck {
     SinglePass,
 }
 
+/// The error flag of a launched single-pass quantize ([`QuantPlan::quantize_deferred`]).
+#[must_use = "a deferred quantize is only checked for NaN/Inf when wait() returns Ok"]
+#[derive(Debug)]
+pub struct PendingCheck {
+    flags: cudarc::driver::CudaSlice<u64>,
+}
+
+impl PendingCheck {
+    /// Waits for the kernel and returns [`Error::NonFinite`] (NaN/Inf) or
+    /// [`Error::InvalidArgument`] naming `x` (|x| ≥ 65520) at the lowest bad flat index.
+    pub fn wait(self) -> Result<()> {
+        gpu::read_flags(&self.flags)
+    }
+}
+
 /// Codes, scales and mins of a quantized tensor on the device.
 #[derive(Debug)]
 pub struct QuantizedTensor {
@@ -406,25 +421,55 @@ impl QuantPlan {
         out: &mut QuantizedTensor,
         check: FiniteCheck,
     ) -> Result<()> {
-        self.check_dtype::<T>("x")?;
-        check_shape("x", &self.layout.shape, x.shape())?;
-        out.check(&self.layout)?;
-        let region = self.layout.region();
+        self.validate_quantize(x, out)?;
         if check == FiniteCheck::Checked {
             gpu::scan_range(device, x.slice())?;
         }
+        self.launch_quantize(device, x, out)?.wait()
+    }
+
+    /// The single-pass quantize without waiting: launches the kernel and returns a
+    /// [`PendingCheck`] whose [`PendingCheck::wait`] reads the kernel's error flag (one sync).
+    /// Until `wait` returns `Ok`, treat `out` as unverified; on an error it is unspecified.
+    /// This lets a pipeline check many quantize calls (say, every layer of a step) with one
+    /// synchronization at the end.
+    ///
+    /// # Errors
+    /// Shape and dtype errors as [`QuantPlan::quantize`], before anything is launched.
+    pub fn quantize_deferred<T: Float>(
+        &self,
+        device: &Device,
+        x: &DeviceTensor<T>,
+        out: &mut QuantizedTensor,
+    ) -> Result<PendingCheck> {
+        self.validate_quantize(x, out)?;
+        self.launch_quantize(device, x, out)
+    }
+
+    fn validate_quantize<T: Float>(&self, x: &DeviceTensor<T>, out: &QuantizedTensor) -> Result<()> {
+        self.check_dtype::<T>("x")?;
+        check_shape("x", &self.layout.shape, x.shape())?;
+        out.check(&self.layout)
+    }
+
+    fn launch_quantize<T: Float>(
+        &self,
+        device: &Device,
+        x: &DeviceTensor<T>,
+        out: &mut QuantizedTensor,
+    ) -> Result<PendingCheck> {
         let mut flags = gpu::new_flags(device)?;
         gpu::quantize_region(
             device,
             &self.layout.spec,
-            &region,
+            &self.layout.region(),
             x.slice(),
             out.codes.slice_mut(),
             out.scales.slice_mut(),
             out.mins.slice_mut(),
             &mut flags,
         )?;
-        gpu::read_flags(&flags)
+        Ok(PendingCheck { flags })
     }
 
     /// Dequantizes `q` into `out` (shape `[.., T, D]`, the plan's dtype).
