@@ -1,38 +1,7 @@
 //! The MiKV mixed-precision KV cache, on the device ([`MikvCache`]) and its CPU reference
 //! ([`MikvCacheCpu`]). Both hold the same buffers in the same layout.
 //!
-//! # Design
-//! One cache holds one f16 tensor `[Hkv, T, D]` (the keys or the values of one layer) in
-//! three parts:
-//! - **Low precision, every quantized token.** Tokens `[0, Tq)` are quantized with
-//!   `QuantSpec { bits: lo_bits, group, axis }` into code storage preallocated for
-//!   `capacity` tokens (laid out like a `[Hkv, capacity, D]` tensor, see the
-//!   [module docs](super)). Groups are positional (token `t` of a `PerChannel` cache is in
-//!   group `t / group`), so appending tokens one at a time yields exactly the codes that
-//!   quantizing the whole tensor at once gives.
-//! - **High precision, the important tokens.** Per head, a sorted list of important token
-//!   indices (given at prefill, validated sorted, unique and `< T`). Their rows are copied
-//!   into `[Hkv, Kmax, D]` (`Kmax` = the longest list, shorter lists zero-padded) as f16, or
-//!   int8-quantized per token along `D` with the cache's group size ([`HiPrecision`]). They
-//!   are *also* in the low-precision storage: this keeps the groups positional (a list can
-//!   later change without requantizing anything) at the cost of `Kmax·D` extra low-bit codes
-//!   per head, a few percent for MiKV's typical 10–20 % important tokens.
-//! - **Residual window.** The most recent tokens stay f16 in a per-head ring buffer of
-//!   `R + block` rows, where `block` is `group` for `PerChannel` (a group must be whole) and 1
-//!   for `PerToken`. The quantized prefix is always
-//!   `Tq = ⌊max(T − R, 0) / block⌋ · block`, so the residual holds `T − Tq` tokens: between
-//!   `R` and `R + block − 1` once `T ≥ R`. When an append makes a whole block older than
-//!   the window, that block is quantized from the ring into the code storage (one kernel
-//!   launch); a partial group simply waits in the ring. Nothing is dropped: every token
-//!   `t < T` is in the codes or in the ring.
-//!
-//! [`MikvCache::dequantize_dense`] rebuilds `[Hkv, T, D]`: the codes of `[0, Tq)`, then the
-//! important rows over them, then the residual rows over everything (so a token still in the
-//! window is exact f16 even if it is important and int8). Important rows come back exactly
-//! (f16) or within the int8 bound `scale/2 + ε` of their own group.
-//!
-//! Appended tokens are never important (lists refer to prefill tokens): they join the
-//! low-precision storage when their block leaves the window, as in KIVI.
+//! The design is documented on [`MikvCache`].
 
 use cudarc::driver::CudaSlice;
 use half::f16;
@@ -411,20 +380,60 @@ impl MikvCacheCpu {
     }
 }
 
-/// The MiKV mixed-precision cache on the device (see the [module docs](self) of `mikv` in
-/// the source, summarized here):
+/// The MiKV mixed-precision cache on the device; [`MikvCacheCpu`] is its CPU reference,
+/// with the same buffers in the same layout.
 ///
-/// - tokens `[0, Tq)` as `lo_bits` codes with f16 scales and mins, in storage preallocated
-///   for `capacity` tokens (layout of a `[Hkv, capacity, D]` [`QuantLayout`]);
-/// - per head, sorted important tokens (given at prefill) also as f16 or int8 rows;
-/// - the most recent `T − Tq` tokens (`R ≤ T − Tq < R + block` once `T ≥ R`; `block` is
-///   `group` for `PerChannel`, 1 for `PerToken`) as f16 in a ring of `R + block` rows per
-///   head, with `Tq = ⌊max(T − R, 0) / block⌋ · block`.
+/// # Design
+/// One cache holds one f16 tensor `[Hkv, T, D]` (the keys or the values of one layer) in
+/// three parts:
+/// - **Low precision, every quantized token.** Tokens `[0, Tq)` are quantized with
+///   `QuantSpec { bits: lo_bits, group, axis }` into code storage preallocated for
+///   `capacity` tokens (laid out like a `[Hkv, capacity, D]` tensor, see the
+///   [quant module docs](super)). Groups are positional (token `t` of a `PerChannel` cache is in
+///   group `t / group`), so appending tokens one at a time yields exactly the codes that
+///   quantizing the whole tensor at once gives.
+/// - **High precision, the important tokens.** Per head, a sorted list of important token
+///   indices (given at prefill, validated sorted, unique and `< T`). Their rows are copied
+///   into `[Hkv, Kmax, D]` (`Kmax` = the longest list, shorter lists zero-padded) as f16, or
+///   int8-quantized per token along `D` with the cache's group size ([`HiPrecision`]). They
+///   are *also* in the low-precision storage: this keeps the groups positional (a list can
+///   later change without requantizing anything) at the cost of `Kmax·D` extra low-bit codes
+///   per head, a few percent for MiKV's typical 10–20 % important tokens.
+/// - **Residual window.** The most recent tokens stay f16 in a per-head ring buffer of
+///   `R + block` rows, where `block` is `group` for `PerChannel` (a group must be whole) and 1
+///   for `PerToken`. The quantized prefix is always
+///   `Tq = ⌊max(T − R, 0) / block⌋ · block`, so the residual holds `T − Tq` tokens: between
+///   `R` and `R + block − 1` once `T ≥ R` (the ring holds the last `min(T, R + block)`
+///   tokens; `[Tq, T)` of them are live). When an append makes a whole block older than
+///   the window, that block is quantized from the ring into the code storage (one kernel
+///   launch); a partial group simply waits in the ring. Nothing is dropped: every token
+///   `t < T` is in the codes or in the ring.
 ///
-/// [`MikvCache::append`] writes one token into the ring and, when a whole block leaves the
-/// window, quantizes it into the codes with one kernel launch. Appending tokens one at a time
-/// gives exactly the buffers of a prefill of all of them (groups are positional), and a
-/// partial group waits in the ring: nothing is dropped.
+/// [`MikvCache::dequantize_dense`] rebuilds `[Hkv, T, D]`: the codes of `[0, Tq)`, then the
+/// important rows over them, then the residual rows over everything (so a token still in the
+/// window is exact f16 even if it is important and int8). Important rows come back exactly
+/// (f16) or within the int8 bound `scale/2 + ε` of their own group.
+///
+/// Appended tokens are never important (lists refer to prefill tokens): they join the
+/// low-precision storage when their block leaves the window, as in KIVI.
+
+///
+/// # Example
+/// ```no_run
+/// # fn main() -> ntkv::Result<()> {
+/// use half::f16;
+/// use ntkv::quant::{Axis, HiPrecision, MikvCache, MikvConfig};
+/// use ntkv::{Device, DeviceTensor};
+/// let dev = Device::new(0)?;
+/// let cfg = MikvConfig { lo_bits: 4, hi: HiPrecision::F16, group: 32, axis: Axis::PerChannel, residual: 128, capacity: 8192 };
+/// let kv = DeviceTensor::<f16>::zeros(&dev, &[8, 1000, 128])?;
+/// let important: Vec<Vec<u32>> = (0..8).map(|_| vec![0, 5, 17]).collect();
+/// let mut cache = MikvCache::from_prefill(&dev, cfg, &kv, &important)?;
+/// cache.append(&dev, &DeviceTensor::<f16>::zeros(&dev, &[8, 128])?)?;
+/// let mut dense = DeviceTensor::<f16>::zeros(&dev, &[8, 1001, 128])?;
+/// cache.dequantize_dense(&dev, &mut dense)?;
+/// # Ok(()) }
+/// ```
 pub struct MikvCache {
     geo: Geometry,
     tokens: usize,

@@ -39,6 +39,8 @@
 //! writes nothing on error. [`FiniteCheck::SinglePass`] lets the quantize kernel itself flag
 //! bad values and reports the same errors after it ran: it reads the input once instead of
 //! twice, but the outputs are unspecified when it returns an error.
+//! [`QuantPlan::quantize_deferred`] is the single-pass kernel without the wait: it returns a
+//! [`PendingCheck`] to resolve later, so a pipeline can check many calls with one sync.
 //!
 //! # Plan, then run
 //! ```no_run
