@@ -416,7 +416,6 @@ impl MikvCacheCpu {
 ///
 /// Appended tokens are never important (lists refer to prefill tokens): they join the
 /// low-precision storage when their block leaves the window, as in KIVI.
-
 ///
 /// # Example
 /// ```no_run
