@@ -82,7 +82,8 @@ __device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N
 }
 
 // Stored (scale, min) of a group with extremes lo <= hi, as in cpu::group_params. Adding +0
-// turns a -0 minimum into +0, so min/max order (fminf of signed zeros) cannot change the bits.
+// turns a -0 extreme into +0, so the order of fminf/fmaxf over signed zeros (a tree of
+// shuffles here, a sequential fold on the CPU) cannot change the stored bits.
 struct GroupParams {
     __half scale16, min16;
     float scale, mn, inv;
@@ -93,7 +94,8 @@ __device__ __forceinline__ GroupParams group_params(float lo, float hi) {
     constexpr float kQmax = (float)((1u << B) - 1u);
     GroupParams g;
     const float mn = __fadd_rn(lo, 0.0f);
-    g.scale16 = __float2half_rn(__fdiv_rn(__fsub_rn(hi, mn), kQmax));
+    const float mx = __fadd_rn(hi, 0.0f);
+    g.scale16 = __float2half_rn(__fdiv_rn(__fsub_rn(mx, mn), kQmax));
     g.min16 = __float2half_rn(mn);
     g.scale = __half2float(g.scale16);
     g.mn = __half2float(g.min16);
@@ -108,6 +110,17 @@ __device__ __forceinline__ uint32_t encode(float x, const GroupParams& g) {
     if (g.inv == 0.0f) return 0u;
     const float q = rintf(__fmul_rn(__fsub_rn(x, g.mn), g.inv));
     return (uint32_t)fminf(fmaxf(q, 0.0f), kQmax);
+}
+
+// Error flags start at 0 (a stream-ordered memset, no host copy). The lowest bad index i is
+// kept as the largest ~i, so a flag of 0 means "none" and atomicMax makes it deterministic.
+__device__ __forceinline__ void flag_index(unsigned long long* slot, uint64_t i) {
+    atomicMax(slot, ~(unsigned long long)i);
+}
+
+// Flags a value that cannot be quantized: slot 0 for NaN/Inf, slot 1 for |x| >= 65520.
+__device__ __forceinline__ void flag_value(unsigned long long* flags, float v, uint64_t i) {
+    flag_index(&flags[isfinite(v) ? 1 : 0], i);
 }
 
 __device__ __forceinline__ uint32_t log2_pow2(uint32_t v) { return (uint32_t)(__ffs((int)v) - 1); }
@@ -182,10 +195,8 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
                         mh[w >> wpg_shift] = g.min16;
                     }
                     if (bad) {
-                        int first = 0;
-                        for (int j = E - 1; j >= 0; --j)
-                            if (!quantizable(v[u][j])) first = j;
-                        atomicMin(flags, (unsigned long long)(xbase + w * E + (uint64_t)first));
+                        for (int j = 0; j < E; ++j)
+                            if (!quantizable(v[u][j])) flag_value(flags, v[u][j], xbase + w * E + (uint64_t)j);
                     }
                 }
             }
@@ -266,12 +277,11 @@ __device__ __forceinline__ void quantize_channel(const NtkvQuantParams& p, const
             const uint64_t first = xbase + r * p.group * dim + d;  // value (r*group, d)
             const T* col = x + first;
             float lo = INFINITY, hi = -INFINITY;
-            uint64_t bad = ~0ull;
             for (uint32_t t = 0; t < p.group; ++t) {
                 const float v = ntkv::to_f32(col[(uint64_t)t * dim]);
                 lo = fminf(lo, v);
                 hi = fmaxf(hi, v);
-                if (!quantizable(v) && bad == ~0ull) bad = first + (uint64_t)t * dim;
+                if (!quantizable(v)) flag_value(flags, v, first + (uint64_t)t * dim);
             }
             const GroupParams g = group_params<B>(lo, hi);
             sh[r * dim + d] = g.scale16;
@@ -285,7 +295,6 @@ __device__ __forceinline__ void quantize_channel(const NtkvQuantParams& p, const
                 }
                 ch[((uint64_t)r * wpg + k) * dim + d] = word;
             }
-            if (bad != ~0ull) atomicMin(flags, (unsigned long long)bad);
         }
     }
 }
@@ -324,9 +333,8 @@ __device__ __forceinline__ void dequantize_channel(const NtkvQuantParams& p, con
 }
 
 // ---- Finiteness and range scan --------------------------------------------------------------
-template <typename T>
 __device__ __forceinline__ void note_bad(float v, uint64_t i, unsigned long long* flags) {
-    if (!quantizable(v)) atomicMin(&flags[isfinite(v) ? 1 : 0], (unsigned long long)i);
+    if (!quantizable(v)) flag_value(flags, v, i);
 }
 
 template <typename T>
@@ -340,9 +348,9 @@ __device__ __forceinline__ void scan(const NtkvQuantScanParams& p, const T* __re
         float v[V];
         load_vals<T, V>(x + i * V, v);
 #pragma unroll
-        for (int j = 0; j < V; ++j) note_bad<T>(v[j], i * V + (uint64_t)j, flags);
+        for (int j = 0; j < V; ++j) note_bad(v[j], i * V + (uint64_t)j, flags);
     }
-    for (uint64_t i = nvec * V + tid; i < p.n; i += nthreads) note_bad<T>(ntkv::to_f32(x[i]), i, flags);
+    for (uint64_t i = nvec * V + tid; i < p.n; i += nthreads) note_bad(ntkv::to_f32(x[i]), i, flags);
 }
 
 }  // namespace

@@ -53,8 +53,9 @@ typedef struct NtkvQuantParams {
     uint32_t _pad0;
 } NtkvQuantParams;
 
-/* Scans n values; flags[0] gets the lowest index of a NaN/Inf, flags[1] the lowest index of a
- * finite value with |x| >= 65520 (UINT64_MAX when none); the caller initialises both. */
+/* Scans n values; flags[0] gets ~(lowest index of a NaN/Inf), flags[1] ~(lowest index of a
+ * finite value with |x| >= 65520), by atomicMax; the caller zeroes both (0 = none). The
+ * quantize kernels flag their input the same way. */
 typedef struct NtkvQuantScanParams {
     uint64_t n;
 } NtkvQuantScanParams;

@@ -49,11 +49,11 @@ pub fn same_f16_bits(a: &[f16], b: &[f16]) -> bool {
 /// The stored `(scale, min)` of a group with minimum `mn` and maximum `mx` (f32):
 /// `scale = f16((mx − mn) / (2^bits − 1))`, `min = f16(mn)`.
 ///
-/// `mn + 0.0` first turns a `-0` minimum into `+0`, so the order in which a min is taken
-/// (which of two signed zeros wins) cannot change the stored bits.
+/// Adding `+0.0` first turns a `-0` min or max into `+0`, so the order in which they are
+/// taken (which of two signed zeros wins) cannot change the stored bits.
 pub fn group_params(bits: u32, mn: f32, mx: f32) -> (f16, f16) {
     let qmax = ((1u32 << bits) - 1) as f32;
-    let mn = mn + 0.0;
+    let (mn, mx) = (mn + 0.0, mx + 0.0);
     (f16::from_f32((mx - mn) / qmax), f16::from_f32(mn))
 }
 

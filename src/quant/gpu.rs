@@ -99,27 +99,31 @@ fn check_region(spec: &QuantSpec, r: &Region, x_len: usize, codes_len: usize, sm
     r.check(spec, x_len, codes_len, sm_len)
 }
 
-/// A fresh two-slot error flag, both `u64::MAX`.
+/// A fresh two-slot error flag, zeroed with a stream-ordered memset (no host copy, so a
+/// deferred quantize never waits on the host). The kernels keep `!index` of the lowest bad
+/// value with `atomicMax`, so 0 means none.
 pub(crate) fn new_flags(device: &Device) -> Result<CudaSlice<u64>> {
-    Ok(device.stream().clone_htod(&[u64::MAX, u64::MAX])?)
+    Ok(device.stream().alloc_zeros::<u64>(2)?)
+}
+
+/// Decodes one flag slot: `None` for 0, else the flat index.
+fn flag_index(v: Option<&u64>) -> Option<usize> {
+    v.copied().filter(|&f| f != 0).map(|f| usize::try_from(!f).unwrap_or(usize::MAX))
 }
 
 /// Reads the flags back (synchronizes) and turns them into the error of the lowest bad index.
+/// Slot 0 holds the lowest NaN/Inf, slot 1 the lowest finite value of magnitude ≥ 65520.
 pub(crate) fn read_flags(flags: &CudaSlice<u64>) -> Result<()> {
     let v = flags.stream().clone_dtoh(flags)?;
-    let nonfinite = v.first().copied().unwrap_or(u64::MAX);
-    let out_of_range = v.get(1).copied().unwrap_or(u64::MAX);
-    flag_error("x", nonfinite, out_of_range)
+    flag_error("x", flag_index(v.first()), flag_index(v.get(1)))
 }
 
-fn flag_error(arg: &'static str, nonfinite: u64, out_of_range: u64) -> Result<()> {
-    let idx = |i: u64| usize::try_from(i).unwrap_or(usize::MAX);
-    if nonfinite == u64::MAX && out_of_range == u64::MAX {
-        Ok(())
-    } else if nonfinite <= out_of_range {
-        Err(value_error(arg, idx(nonfinite), true))
-    } else {
-        Err(value_error(arg, idx(out_of_range), false))
+fn flag_error(arg: &'static str, nonfinite: Option<usize>, out_of_range: Option<usize>) -> Result<()> {
+    match (nonfinite, out_of_range) {
+        (None, None) => Ok(()),
+        (Some(i), Some(j)) if j < i => Err(value_error(arg, j, false)),
+        (Some(i), _) => Err(value_error(arg, i, true)),
+        (None, Some(j)) => Err(value_error(arg, j, false)),
     }
 }
 
@@ -140,8 +144,7 @@ pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<
     // one; cudarc allocations are 256-byte aligned) and atomically updates flags[0..2), which
     // holds 2.
     unsafe { b.launch(cfg) }?;
-    let v = device.stream().clone_dtoh(&flags)?;
-    flag_error("x", v.first().copied().unwrap_or(u64::MAX), v.get(1).copied().unwrap_or(u64::MAX))
+    read_flags(&flags)
 }
 
 /// Quantizes the region of `x` into `codes`, `scales` and `mins`; bad values are flagged in

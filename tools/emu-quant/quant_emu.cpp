@@ -95,8 +95,8 @@ Quantized ref_quantize(const std::vector<T>& x, size_t H, size_t Tn, size_t D, i
                 lo = std::fmin(lo, v);
                 hi = std::fmax(hi, v);
             }
-            const float mn = lo + 0.0f;
-            const __half s16 = __float2half_rn((hi - mn) / qmax), m16 = __float2half_rn(mn);
+            const float mn = lo + 0.0f, mx = hi + 0.0f;
+            const __half s16 = __float2half_rn((mx - mn) / qmax), m16 = __float2half_rn(mn);
             const float s = __half2float(s16), m = __half2float(m16);
             const float inv = s == 0.0f ? 0.0f : 1.0f / s;
             const size_t sidx = h * groups_per_head + gi;
@@ -213,7 +213,7 @@ void dense_case(Rng& rng, size_t H, size_t Tn, size_t D, int bits, size_t group,
     NtkvQuantParams p = dense_params(H, Tn, D, bits, group);
     std::vector<uint32_t> codes(n / E, 0xDEADBEEFu);
     std::vector<__half> scales(n / group, __half{0x7777}), mins(n / group, __half{0x7777});
-    unsigned long long flags[2] = {~0ull, ~0ull};
+    unsigned long long flags[2] = {0, 0};
     const size_t items = per_channel ? Tn * D / group : Tn * D / E;
     const unsigned gy = (unsigned)std::min<size_t>(H, gy_cap);
     emu::launch(grid_x(items, threads, max_blocks), gy, threads, [&] {
@@ -232,7 +232,7 @@ void dense_case(Rng& rng, size_t H, size_t Tn, size_t D, int bits, size_t group,
             CHECK(false, "%s: code word %zu: kernel %#x ref %#x", what.c_str(), i, codes[i], want.codes[i]);
     CHECK(same_half(scales, want.scales), "%s: scales differ", what.c_str());
     CHECK(same_half(mins, want.mins), "%s: mins differ", what.c_str());
-    CHECK(flags[0] == ~0ull && flags[1] == ~0ull, "%s: flags set on finite input", what.c_str());
+    CHECK(flags[0] == 0 && flags[1] == 0, "%s: flags set on finite input", what.c_str());
     std::vector<T> out(n, cast<T>(12345.0f));
     emu::launch(grid_x(Tn * D / E, threads, max_blocks), gy, threads, [&] {
         if (per_channel)
@@ -278,7 +278,7 @@ void known_answers() {
     NtkvQuantParams p = dense_params(1, 1, 32, 4, 32);
     std::vector<uint32_t> codes(4, 0);
     std::vector<__half> s(1), m(1);
-    unsigned long long flags[2] = {~0ull, ~0ull};
+    unsigned long long flags[2] = {0, 0};
     emu::launch(1, 1, 32, [&] { ntkv_quant_quantize_token_f32(p, x.data(), codes.data(), s.data(), m.data(), flags); });
     const uint32_t want[4] = {0x76543210u, 0xFEDCBA98u, 0x89ABCDEFu, 0x01234567u};
     for (int i = 0; i < 4; ++i) CHECK(codes[i] == want[i], "per-token known answer word %d: %#x", i, codes[i]);
@@ -298,7 +298,8 @@ void known_answers() {
 
 void flag_cases() {
     Rng rng{2};
-    // Single-pass flags: the lowest bad flat index, NaN/Inf in slot 0 and |x| >= 65520 in slot 1.
+    // Flags hold ~(lowest bad flat index), 0 for none: NaN/Inf in slot 0, |x| >= 65520 in
+    // slot 1, in the quantize kernels and the scan alike.
     for (int per_channel = 0; per_channel < 2; ++per_channel) {
         const size_t H = 2, Tn = 64, D = 64;
         std::vector<float> x = data<float>(rng, H * Tn * D, D);
@@ -308,26 +309,25 @@ void flag_cases() {
         NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
         std::vector<uint32_t> codes(H * Tn * D / 8);
         std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
-        unsigned long long flags[2] = {~0ull, ~0ull};
+        unsigned long long flags[2] = {0, 0};
         emu::launch(2, 2, 64, [&] {
             if (per_channel)
                 ntkv_quant_quantize_channel_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
             else
                 ntkv_quant_quantize_token_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
         });
-        // The quantize kernels keep one slot: the lowest index of any unquantizable value.
-        CHECK(flags[0] == 1000, "quantize flag: %llu (per_channel %d)", flags[0], per_channel);
-        unsigned long long sf[2] = {~0ull, ~0ull};
+        CHECK(flags[0] == ~3000ull && flags[1] == ~1000ull, "quantize flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1], per_channel);
+        unsigned long long sf[2] = {0, 0};
         NtkvQuantScanParams sp{H * Tn * D - 3};
         emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(sp, x.data(), sf); });
-        CHECK(sf[0] == 3000 && sf[1] == 1000, "scan flags %llu %llu", sf[0], sf[1]);
+        CHECK(sf[0] == ~3000ull && sf[1] == ~1000ull, "scan flags %llu %llu", ~sf[0], ~sf[1]);
     }
     // The scan's scalar tail (n not a multiple of the vector width) in f16.
     std::vector<__half> h(37, __float2half_rn(1.0f));
     h[36] = __float2half_rn(INFINITY);
-    unsigned long long sf[2] = {~0ull, ~0ull};
+    unsigned long long sf[2] = {0, 0};
     emu::launch(1, 1, 32, [&] { ntkv_quant_scan_f16(NtkvQuantScanParams{37}, h.data(), sf); });
-    CHECK(sf[0] == 36 && sf[1] == ~0ull, "scan tail %llu", sf[0]);
+    CHECK(sf[0] == ~36ull && sf[1] == 0, "scan tail %llu", ~sf[0]);
 }
 
 // A strided region (the MiKV flush): values from a ring at an offset, codes into storage at
@@ -353,7 +353,7 @@ void region_case() {
         p.dim = D;
         p.group = group;
         p.bits = bits;
-        unsigned long long flags[2] = {~0ull, ~0ull};
+        unsigned long long flags[2] = {0, 0};
         emu::launch(2, 2, 64, [&] {
             if (per_channel)
                 ntkv_quant_quantize_channel_f16(p, x.data(), codes.data(), s.data(), m.data(), flags);

@@ -4,7 +4,7 @@
 // Modelled: threadIdx/blockIdx/blockDim/gridDim, warp shuffles (a 32-lane exchange between
 // two barriers), __ldg, the _rn float intrinsics (plain IEEE ops; build with
 // -ffp-contract=off so nothing is fused), f16 and bf16 round-to-nearest-even conversions,
-// and atomicMin under a mutex. uint4/uint2 carry their CUDA alignment, so UBSan reports a
+// and atomicMax under a mutex. uint4/uint2 carry their CUDA alignment, so UBSan reports a
 // misaligned vector access. Not modelled: timing, the memory model, divergence (a shuffle
 // must be reached by all 32 lanes, which the kernels guarantee and this checks by deadlock).
 #pragma once
@@ -100,10 +100,10 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     return r;
 }
 
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
     std::lock_guard<std::mutex> g(emu::atomic_mutex);
     const unsigned long long old = *p;
-    if (v < old) *p = v;
+    if (v > old) *p = v;
     return old;
 }
 
