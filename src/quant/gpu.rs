@@ -333,7 +333,7 @@ pub(crate) fn scatter_rows(
 /// `dst[h, t] = src[h, t % ring]` for `first ≤ t < first + rows` (or, with `to_ring`,
 /// `dst[h, t % ring] = src[h, t]`); rows outside `src_rows` / `dst_rows` are skipped.
 pub(crate) fn copy_residual(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &mut CudaSlice<f16>) -> Result<()> {
-    need("ring", m.extent(m.src_hs, m.src_rows), src.len())?;
+    need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
     need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
     if m.heads == 0 || m.rows == 0 || m.dim == 0 || m.ring == 0 {
         return Ok(());
