@@ -14,70 +14,111 @@ constexpr float kF16Limit = 65520.0f;
 
 __device__ __forceinline__ bool quantizable(float x) { return fabsf(x) < kF16Limit; }
 
-// Loads N consecutive values (N * sizeof(T) bytes, aligned to that size up to 16) as f32,
-// with 16-byte vector loads where the size allows.
+// Raw bits of a storage value, so vectors are packed with integer ops in registers (a memcpy
+// between a T array and a uint4 let nvcc split 16-byte stores into 4-byte ones).
+template <typename T> struct RawBits;
+template <> struct RawBits<float> {
+    static __device__ __forceinline__ uint32_t to(float v) { return __float_as_uint(v); }
+    static __device__ __forceinline__ float from(uint32_t u) { return __uint_as_float(u); }
+};
+template <> struct RawBits<__half> {
+    static __device__ __forceinline__ uint32_t to(__half v) { return (uint32_t)__half_as_ushort(v); }
+    static __device__ __forceinline__ __half from(uint32_t u) { return __ushort_as_half((unsigned short)u); }
+};
+template <> struct RawBits<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t to(__nv_bfloat16 v) { return (uint32_t)__bfloat16_as_ushort(v); }
+    static __device__ __forceinline__ __nv_bfloat16 from(uint32_t u) {
+        return __ushort_as_bfloat16((unsigned short)u);
+    }
+};
+
+// Unpacks 32-bit words holding 4-byte or two 2-byte values (low half first) into f32.
+template <typename T, int N>
+__device__ __forceinline__ void unpack_words(const uint32_t* wds, float (&v)[N]) {
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = ntkv::to_f32(RawBits<T>::from(wds[j]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = ntkv::to_f32(RawBits<T>::from((wds[j / 2] >> (16 * (j % 2))) & 0xffffu));
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void pack_words(const float (&v)[N], uint32_t* wds) {
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) wds[j] = RawBits<T>::to(ntkv::from_f32<T>(v[j]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j)
+            wds[j] = RawBits<T>::to(ntkv::from_f32<T>(v[2 * j])) | (RawBits<T>::to(ntkv::from_f32<T>(v[2 * j + 1])) << 16);
+    }
+}
+
+// Loads N consecutive values (N * sizeof(T) bytes, a multiple of 8, aligned to min(that, 16))
+// as f32, with 16-byte vector loads where the size allows.
 template <typename T, int N>
 __device__ __forceinline__ void load_vals(const T* __restrict__ p, float (&v)[N]) {
     constexpr int kBytes = N * (int)sizeof(T);
+    static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
+    uint32_t wds[kBytes / 4];
     if constexpr (kBytes % 16 == 0) {
-        constexpr int kPer = 16 / (int)sizeof(T);
         const uint4* q = reinterpret_cast<const uint4*>(p);
 #pragma unroll
         for (int i = 0; i < kBytes / 16; ++i) {
             const uint4 u = __ldg(q + i);
-            T e[kPer];
-            memcpy(e, &u, 16);
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) v[i * kPer + j] = ntkv::to_f32(e[j]);
+            wds[4 * i] = u.x;
+            wds[4 * i + 1] = u.y;
+            wds[4 * i + 2] = u.z;
+            wds[4 * i + 3] = u.w;
         }
-    } else if constexpr (kBytes % 8 == 0) {
-        constexpr int kPer = 8 / (int)sizeof(T);
+    } else {
         const uint2* q = reinterpret_cast<const uint2*>(p);
 #pragma unroll
         for (int i = 0; i < kBytes / 8; ++i) {
             const uint2 u = __ldg(q + i);
-            T e[kPer];
-            memcpy(e, &u, 8);
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) v[i * kPer + j] = ntkv::to_f32(e[j]);
+            wds[2 * i] = u.x;
+            wds[2 * i + 1] = u.y;
         }
-    } else {
-#pragma unroll
-        for (int j = 0; j < N; ++j) v[j] = ntkv::to_f32(p[j]);
     }
+    unpack_words<T, N>(wds, v);
+}
+
+// 16- and 8-byte global stores. Plain uint4/uint2 assignments were split by nvcc into 4-byte
+// stores for some instantiations (PTX st.global.u32), so the vector width is spelled out. The
+// pointers come from the driver's allocations, whose generic addresses are global addresses.
+__device__ __forceinline__ void store_v4(uint4* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+#else
+    *p = make_uint4(a, b, c, d);
+#endif
+}
+
+__device__ __forceinline__ void store_v2(uint2* p, uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+#else
+    *p = make_uint2(a, b);
+#endif
 }
 
 // Stores N f32 values as N consecutive T (round to nearest even), vectorized like load_vals.
 template <typename T, int N>
 __device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N]) {
     constexpr int kBytes = N * (int)sizeof(T);
+    static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
+    uint32_t wds[kBytes / 4];
+    pack_words<T, N>(v, wds);
     if constexpr (kBytes % 16 == 0) {
-        constexpr int kPer = 16 / (int)sizeof(T);
         uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) {
-            T e[kPer];
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) e[j] = ntkv::from_f32<T>(v[i * kPer + j]);
-            uint4 u;
-            memcpy(&u, e, 16);
-            q[i] = u;
-        }
-    } else if constexpr (kBytes % 8 == 0) {
-        constexpr int kPer = 8 / (int)sizeof(T);
+        for (int i = 0; i < kBytes / 16; ++i) store_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
+    } else {
         uint2* q = reinterpret_cast<uint2*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) {
-            T e[kPer];
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) e[j] = ntkv::from_f32<T>(v[i * kPer + j]);
-            uint2 u;
-            memcpy(&u, e, 8);
-            q[i] = u;
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < N; ++j) p[j] = ntkv::from_f32<T>(v[j]);
+        for (int i = 0; i < kBytes / 8; ++i) store_v2(q + i, wds[2 * i], wds[2 * i + 1]);
     }
 }
 
