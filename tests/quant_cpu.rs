@@ -76,7 +76,7 @@ fn check_bound<T: Float>(spec: QuantSpec, shape: &[usize], x: &[T]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn pack_unpack_round_trip(bits_i in 0usize..3, codes in proptest::collection::vec(0u32..256, 0..200)) {
@@ -314,7 +314,7 @@ fn random_important(rng: &mut Rng, heads: usize, tokens: usize) -> Vec<Vec<u32>>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Prefill of T0 tokens then T − T0 one-token appends gives exactly the buffers (and the
     /// dense reconstruction) of a prefill of all T tokens; every residual token is exact.

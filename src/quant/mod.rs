@@ -224,18 +224,24 @@ impl QuantLayout {
         self.numel() / self.spec.group
     }
 
-    /// The whole tensor as one strided region (offsets 0, dense head strides).
+    /// The whole tensor as one strided region (offsets 0, dense head strides). `PerToken`
+    /// groups never cross a token, so its heads fold into one block of `H·T` tokens, which
+    /// spreads small-`T` tensors over the whole grid.
     pub(crate) fn region(&self) -> Region {
+        let (heads, tokens) = match self.spec.axis {
+            Axis::PerToken => (1, self.heads * self.tokens),
+            Axis::PerChannel => (self.heads, self.tokens),
+        };
         Region {
-            heads: self.heads,
-            tokens: self.tokens,
+            heads,
+            tokens,
             dim: self.dim,
             x_off: 0,
-            x_hs: self.tokens * self.dim,
+            x_hs: tokens * self.dim,
             c_off: 0,
-            c_hs: self.tokens * self.dim / self.spec.codes_per_word(),
+            c_hs: tokens * self.dim / self.spec.codes_per_word(),
             s_off: 0,
-            s_hs: self.tokens * self.dim / self.spec.group,
+            s_hs: tokens * self.dim / self.spec.group,
         }
     }
 }
