@@ -11,6 +11,9 @@
 //! - dequantization is `x̂ = fma(code, scale, mn)` in f32, then a round-to-nearest-even cast
 //!   to the output dtype.
 //!
+//! `mn` and `mx` get `+ 0.0` first (turning `-0` into `+0`), so the order the extremes are
+//! found in (a shuffle tree on the GPU, a fold on the CPU) cannot change a stored bit.
+//!
 //! The CPU reference ([`cpu`]) and the kernels do exactly these f32 operations, so codes,
 //! scales and mins are bit-equal between them, and so is every dequantized value.
 //! The error is bounded by `|x − x̂| ≤ scale/2 + ε` (ε: the f16 rounding of `mn` and f32
@@ -41,6 +44,22 @@
 //! twice, but the outputs are unspecified when it returns an error.
 //! [`QuantPlan::quantize_deferred`] is the single-pass kernel without the wait: it returns a
 //! [`PendingCheck`] to resolve later, so a pipeline can check many calls with one sync.
+//!
+//! # Kernels (`cuda/quant.cu`)
+//! - `PerToken` quantize: one thread per code word (`E` values, one 8–32-byte vector load);
+//!   the `group/E` threads of a group (adjacent lanes of one warp) reduce min/max with
+//!   butterfly shuffles; each warp keeps two spans of 32 words in flight.
+//! - `PerToken` dequantize: one thread per code word, 8 independent word loads in flight per
+//!   thread, each word written as one 16-byte (or 8/32-byte) vector store, so stores are
+//!   fully coalesced.
+//! - `PerChannel`: one thread per (token group, channel) to quantize and per code word to
+//!   dequantize, adjacent lanes on adjacent channels (coalesced along `D`).
+//! - Grids are one full wave (the driver's occupancy for the kernel × SMs) with grid-stride
+//!   loops; heads run along grid y. No shared memory, no float atomics (error flags are
+//!   integer `atomicMax` of `!index`, so the lowest bad index is reported deterministically).
+//!
+//! `tools/emu-quant/run.sh` runs these kernels on the CPU (one thread per CUDA thread, with
+//! ASan/UBSan) against a scalar reference, for machines without a GPU.
 //!
 //! # Plan, then run
 //! ```no_run
