@@ -1,2 +1,526 @@
 // quant.cu: group-wise quantization and the MiKV cache (SPEC §1).
+//
+// Every quantize/dequantize kernel works on one strided region (NtkvQuantParams): `heads`
+// blocks of [tokens, dim] values. blockIdx.y strides over heads, x threads grid-stride over
+// the items of a head. The f32 arithmetic mirrors src/quant/cpu.rs operation for operation:
+// __fsub_rn/__fmul_rn/__fdiv_rn keep nvcc from contracting (x - mn) * inv into an FMA, rintf
+// rounds half to even, and dequantization is one __fmaf_rn, so codes are bit-exact.
 #include "ntkv_common.cuh"
+
+namespace {
+
+// The smallest magnitude that rounds to infinity in f16: inputs must stay below it.
+constexpr float kF16Limit = 65520.0f;
+
+__device__ __forceinline__ bool quantizable(float x) { return fabsf(x) < kF16Limit; }
+
+// Raw bits of a storage value, so vectors are packed with integer ops in registers (a memcpy
+// between a T array and a uint4 let nvcc split 16-byte stores into 4-byte ones).
+template <typename T> struct RawBits;
+template <> struct RawBits<float> {
+    static __device__ __forceinline__ uint32_t to(float v) { return __float_as_uint(v); }
+    static __device__ __forceinline__ float from(uint32_t u) { return __uint_as_float(u); }
+};
+template <> struct RawBits<__half> {
+    static __device__ __forceinline__ uint32_t to(__half v) { return (uint32_t)__half_as_ushort(v); }
+    static __device__ __forceinline__ __half from(uint32_t u) { return __ushort_as_half((unsigned short)u); }
+};
+template <> struct RawBits<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t to(__nv_bfloat16 v) { return (uint32_t)__bfloat16_as_ushort(v); }
+    static __device__ __forceinline__ __nv_bfloat16 from(uint32_t u) {
+        return __ushort_as_bfloat16((unsigned short)u);
+    }
+};
+
+// Unpacks 32-bit words holding 4-byte or two 2-byte values (low half first) into f32.
+template <typename T, int N>
+__device__ __forceinline__ void unpack_words(const uint32_t* wds, float (&v)[N]) {
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = ntkv::to_f32(RawBits<T>::from(wds[j]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = ntkv::to_f32(RawBits<T>::from((wds[j / 2] >> (16 * (j % 2))) & 0xffffu));
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void pack_words(const float (&v)[N], uint32_t* wds) {
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) wds[j] = RawBits<T>::to(ntkv::from_f32<T>(v[j]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < N / 2; ++j)
+            wds[j] = RawBits<T>::to(ntkv::from_f32<T>(v[2 * j])) | (RawBits<T>::to(ntkv::from_f32<T>(v[2 * j + 1])) << 16);
+    }
+}
+
+// Loads N consecutive values (N * sizeof(T) bytes, a multiple of 8, aligned to min(that, 16))
+// as f32, with 16-byte vector loads where the size allows.
+template <typename T, int N>
+__device__ __forceinline__ void load_vals(const T* __restrict__ p, float (&v)[N]) {
+    constexpr int kBytes = N * (int)sizeof(T);
+    static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
+    uint32_t wds[kBytes / 4];
+    if constexpr (kBytes % 16 == 0) {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < kBytes / 16; ++i) {
+            const uint4 u = __ldg(q + i);
+            wds[4 * i] = u.x;
+            wds[4 * i + 1] = u.y;
+            wds[4 * i + 2] = u.z;
+            wds[4 * i + 3] = u.w;
+        }
+    } else {
+        const uint2* q = reinterpret_cast<const uint2*>(p);
+#pragma unroll
+        for (int i = 0; i < kBytes / 8; ++i) {
+            const uint2 u = __ldg(q + i);
+            wds[2 * i] = u.x;
+            wds[2 * i + 1] = u.y;
+        }
+    }
+    unpack_words<T, N>(wds, v);
+}
+
+// 16- and 8-byte global stores. Plain uint4/uint2 assignments were split by nvcc into 4-byte
+// stores for some instantiations (PTX st.global.u32), so the vector width is spelled out. The
+// pointers come from the driver's allocations, whose generic addresses are global addresses.
+__device__ __forceinline__ void store_v4(uint4* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+#else
+    *p = make_uint4(a, b, c, d);
+#endif
+}
+
+__device__ __forceinline__ void store_v2(uint2* p, uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+#else
+    *p = make_uint2(a, b);
+#endif
+}
+
+// Stores N f32 values as N consecutive T (round to nearest even), vectorized like load_vals.
+template <typename T, int N>
+__device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N]) {
+    constexpr int kBytes = N * (int)sizeof(T);
+    static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
+    uint32_t wds[kBytes / 4];
+    pack_words<T, N>(v, wds);
+    if constexpr (kBytes % 16 == 0) {
+        uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < kBytes / 16; ++i) store_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
+    } else {
+        uint2* q = reinterpret_cast<uint2*>(p);
+#pragma unroll
+        for (int i = 0; i < kBytes / 8; ++i) store_v2(q + i, wds[2 * i], wds[2 * i + 1]);
+    }
+}
+
+// Stored (scale, min) of a group with extremes lo <= hi, as in cpu::group_params. Adding +0
+// turns a -0 extreme into +0, so the order of fminf/fmaxf over signed zeros (a tree of
+// shuffles here, a sequential fold on the CPU) cannot change the stored bits.
+struct GroupParams {
+    __half scale16, min16;
+    float scale, mn, inv;
+};
+
+template <int B>
+__device__ __forceinline__ GroupParams group_params(float lo, float hi) {
+    constexpr float kQmax = (float)((1u << B) - 1u);
+    GroupParams g;
+    const float mn = __fadd_rn(lo, 0.0f);
+    const float mx = __fadd_rn(hi, 0.0f);
+    g.scale16 = __float2half_rn(__fdiv_rn(__fsub_rn(mx, mn), kQmax));
+    g.min16 = __float2half_rn(mn);
+    g.scale = __half2float(g.scale16);
+    g.mn = __half2float(g.min16);
+    g.inv = (g.scale == 0.0f) ? 0.0f : __fdiv_rn(1.0f, g.scale);
+    return g;
+}
+
+// clamp(round_half_even((x - mn) * inv), 0, qmax); 0 when the scale is 0 (inv == 0).
+template <int B>
+__device__ __forceinline__ uint32_t encode(float x, const GroupParams& g) {
+    constexpr float kQmax = (float)((1u << B) - 1u);
+    if (g.inv == 0.0f) return 0u;
+    const float q = rintf(__fmul_rn(__fsub_rn(x, g.mn), g.inv));
+    return (uint32_t)fminf(fmaxf(q, 0.0f), kQmax);
+}
+
+// Error flags start at 0 (a stream-ordered memset, no host copy). The lowest bad index i is
+// kept as the largest ~i, so a flag of 0 means "none" and atomicMax makes it deterministic.
+__device__ __forceinline__ void flag_index(unsigned long long* slot, uint64_t i) {
+    atomicMax(slot, ~(unsigned long long)i);
+}
+
+// Flags a value that cannot be quantized: slot 0 for NaN/Inf, slot 1 for |x| >= 65520.
+__device__ __forceinline__ void flag_value(unsigned long long* flags, float v, uint64_t i) {
+    flag_index(&flags[isfinite(v) ? 1 : 0], i);
+}
+
+__device__ __forceinline__ uint32_t log2_pow2(uint32_t v) { return (uint32_t)(__ffs((int)v) - 1); }
+
+// ---- PerToken: groups along dim; one thread per code word ---------------------------------
+// Word w of a head covers values [w*E, w*E + E) of the head's contiguous [tokens, dim] block;
+// group g covers words [g*WPG, g*WPG + WPG). WPG divides 32, and every warp starts at a word
+// index that is a multiple of 32, so a group's words sit in WPG adjacent lanes of one warp and
+// a butterfly shuffle over offsets < WPG reduces exactly one group.
+template <typename T, int B>
+__device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T* __restrict__ x,
+                                               uint32_t* __restrict__ codes, __half* __restrict__ scales,
+                                               __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
+    constexpr int E = 32 / B;
+    // Each warp takes U spans of 32 words per step, issuing all U loads before reducing, so
+    // U * 32 * E * sizeof(T) bytes per warp are in flight.
+    constexpr int U = 2;
+    const uint32_t wpg = p.group / E;
+    const uint32_t wpg_shift = log2_pow2(wpg);
+    const uint64_t words = p.tokens * (uint64_t)p.dim / E;
+    const int lane = threadIdx.x & 31;
+    const uint64_t warp0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const uint64_t nwarps = ((uint64_t)gridDim.x * blockDim.x) >> 5;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint64_t xbase = p.x_offset + h * p.x_head_stride;
+        const T* xh = x + xbase;
+        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
+        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
+        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        // `base` is the same in every lane of a warp, so the shuffles below see all 32 lanes.
+        for (uint64_t base = warp0 * 32 * U; base < words; base += nwarps * 32 * U) {
+            float v[U][E];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint64_t w = base + (uint64_t)(u * 32 + lane);
+                if (w < words) {
+                    load_vals<T, E>(xh + w * E, v[u]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < E; ++j) v[u][j] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint64_t w = base + (uint64_t)(u * 32 + lane);
+                const bool valid = w < words;
+                float lo = INFINITY, hi = -INFINITY;
+                bool bad = false;
+#pragma unroll
+                for (int j = 0; j < E; ++j) {
+                    lo = fminf(lo, v[u][j]);
+                    hi = fmaxf(hi, v[u][j]);
+                    bad |= !quantizable(v[u][j]);
+                }
+                if (!valid) {
+                    lo = INFINITY;
+                    hi = -INFINITY;
+                    bad = false;
+                }
+                for (uint32_t o = 1; o < wpg; o <<= 1) {
+                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, (int)o));
+                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, (int)o));
+                }
+                if (valid) {
+                    const GroupParams g = group_params<B>(lo, hi);
+                    uint32_t word = 0;
+#pragma unroll
+                    for (int j = 0; j < E; ++j) word |= encode<B>(v[u][j], g) << (j * B);
+                    ch[w] = word;
+                    if (((uint32_t)lane & (wpg - 1)) == 0) {
+                        sh[w >> wpg_shift] = g.scale16;
+                        mh[w >> wpg_shift] = g.min16;
+                    }
+                    if (bad) {
+                        for (int j = 0; j < E; ++j)
+                            if (!quantizable(v[u][j])) flag_value(flags, v[u][j], xbase + w * E + (uint64_t)j);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Each thread dequantizes U words per batch (U independent 4-byte loads in flight, then U
+// vector stores of E values); consecutive lanes take consecutive words, so loads and stores
+// are coalesced.
+template <typename T, int B>
+__device__ __forceinline__ void dequantize_token(const NtkvQuantParams& p, const uint32_t* __restrict__ codes,
+                                                 const __half* __restrict__ scales,
+                                                 const __half* __restrict__ mins, T* __restrict__ out) {
+    constexpr int E = 32 / B;
+    constexpr uint32_t kMask = (1u << B) - 1u;
+    constexpr int U = 8;
+    const uint32_t wpg_shift = log2_pow2(p.group / E);
+    const uint64_t words = p.tokens * (uint64_t)p.dim / E;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
+        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
+        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        T* oh = out + p.x_offset + h * p.x_head_stride;
+        for (uint64_t base = tid; base < words; base += U * nthreads) {
+            uint32_t c[U];
+            float s[U], m[U];
+#pragma unroll
+            for (int k = 0; k < U; ++k) {
+                const uint64_t w = base + (uint64_t)k * nthreads;
+                c[k] = 0u;
+                s[k] = 0.0f;
+                m[k] = 0.0f;
+                if (w < words) {
+                    c[k] = __ldg(ch + w);
+                    s[k] = __half2float(sh[w >> wpg_shift]);
+                    m[k] = __half2float(mh[w >> wpg_shift]);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < U; ++k) {
+                const uint64_t w = base + (uint64_t)k * nthreads;
+                if (w < words) {
+                    float v[E];
+#pragma unroll
+                    for (int j = 0; j < E; ++j) v[j] = __fmaf_rn((float)((c[k] >> (j * B)) & kMask), s[k], m[k]);
+                    store_vals<T, E>(oh + w * E, v);
+                }
+            }
+        }
+    }
+}
+
+// ---- PerChannel: groups along tokens; one thread per (token group, channel) ----------------
+// Item i of a head is token group r = i / dim, channel d = i % dim: values x[(r*group + t)*dim
+// + d] for t < group, code words [(r*WPG + k)*dim + d] for k < WPG, scale/min [r*dim + d].
+// Adjacent lanes take adjacent channels, so every access is coalesced across the warp.
+template <typename T, int B>
+__device__ __forceinline__ void quantize_channel(const NtkvQuantParams& p, const T* __restrict__ x,
+                                                 uint32_t* __restrict__ codes, __half* __restrict__ scales,
+                                                 __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
+    constexpr int E = 32 / B;
+    const uint32_t wpg = p.group / E;
+    const uint64_t dim = p.dim;
+    const uint64_t items = (p.tokens / p.group) * dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint64_t xbase = p.x_offset + h * p.x_head_stride;
+        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
+        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
+        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        for (uint64_t i = tid; i < items; i += nthreads) {
+            const uint64_t r = i / dim;
+            const uint64_t d = i - r * dim;
+            const uint64_t first = xbase + r * p.group * dim + d;  // value (r*group, d)
+            const T* col = x + first;
+            float lo = INFINITY, hi = -INFINITY;
+            for (uint32_t t = 0; t < p.group; ++t) {
+                const float v = ntkv::to_f32(col[(uint64_t)t * dim]);
+                lo = fminf(lo, v);
+                hi = fmaxf(hi, v);
+                if (!quantizable(v)) flag_value(flags, v, first + (uint64_t)t * dim);
+            }
+            const GroupParams g = group_params<B>(lo, hi);
+            sh[r * dim + d] = g.scale16;
+            mh[r * dim + d] = g.min16;
+            for (uint32_t k = 0; k < wpg; ++k) {
+                uint32_t word = 0;
+#pragma unroll
+                for (int j = 0; j < E; ++j) {
+                    const float v = ntkv::to_f32(col[(uint64_t)(k * E + j) * dim]);
+                    word |= encode<B>(v, g) << (j * B);
+                }
+                ch[((uint64_t)r * wpg + k) * dim + d] = word;
+            }
+        }
+    }
+}
+
+// Item i of a head is code-word row rw = i / dim (tokens rw*E .. rw*E + E - 1), channel d.
+template <typename T, int B>
+__device__ __forceinline__ void dequantize_channel(const NtkvQuantParams& p, const uint32_t* __restrict__ codes,
+                                                   const __half* __restrict__ scales,
+                                                   const __half* __restrict__ mins, T* __restrict__ out) {
+    constexpr int E = 32 / B;
+    constexpr uint32_t kMask = (1u << B) - 1u;
+    const uint32_t wpg_shift = log2_pow2(p.group / E);
+    const uint64_t dim = p.dim;
+    const uint64_t items = (p.tokens / E) * dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
+        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
+        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        T* oh = out + p.x_offset + h * p.x_head_stride;
+        for (uint64_t i = tid; i < items; i += nthreads) {
+            const uint64_t rw = i / dim;
+            const uint64_t d = i - rw * dim;
+            const uint32_t c = __ldg(ch + i);
+            const uint64_t gi = (rw >> wpg_shift) * dim + d;
+            const float s = __half2float(sh[gi]);
+            const float m = __half2float(mh[gi]);
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                const float v = __fmaf_rn((float)((c >> (j * B)) & kMask), s, m);
+                oh[(rw * E + (uint64_t)j) * dim + d] = ntkv::from_f32<T>(v);
+            }
+        }
+    }
+}
+
+// ---- Finiteness and range scan --------------------------------------------------------------
+__device__ __forceinline__ void note_bad(float v, uint64_t i, unsigned long long* flags) {
+    if (!quantizable(v)) flag_value(flags, v, i);
+}
+
+template <typename T>
+__device__ __forceinline__ void scan(const NtkvQuantScanParams& p, const T* __restrict__ x,
+                                     unsigned long long* __restrict__ flags) {
+    constexpr int V = 16 / (int)sizeof(T);
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    const uint64_t nvec = p.n / V;
+    for (uint64_t i = tid; i < nvec; i += nthreads) {
+        float v[V];
+        load_vals<T, V>(x + i * V, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) note_bad(v[j], i * V + (uint64_t)j, flags);
+    }
+    for (uint64_t i = nvec * V + tid; i < p.n; i += nthreads) note_bad(ntkv::to_f32(x[i]), i, flags);
+}
+
+}  // namespace
+
+// ---- extern "C" entry points: one per (operation, axis, dtype); bits dispatch inside ------------
+#define NTKV_QUANT_ENTRIES(SUFFIX, T)                                                                          \
+    extern "C" __global__ void ntkv_quant_quantize_token_##SUFFIX(                                             \
+        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
+        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
+        switch (p.bits) {                                                                                      \
+            case 2: quantize_token<T, 2>(p, x, codes, scales, mins, flags); break;                             \
+            case 4: quantize_token<T, 4>(p, x, codes, scales, mins, flags); break;                             \
+            case 8: quantize_token<T, 8>(p, x, codes, scales, mins, flags); break;                             \
+            default: break;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    extern "C" __global__ void ntkv_quant_quantize_channel_##SUFFIX(                                           \
+        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
+        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
+        switch (p.bits) {                                                                                      \
+            case 2: quantize_channel<T, 2>(p, x, codes, scales, mins, flags); break;                           \
+            case 4: quantize_channel<T, 4>(p, x, codes, scales, mins, flags); break;                           \
+            case 8: quantize_channel<T, 8>(p, x, codes, scales, mins, flags); break;                           \
+            default: break;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    extern "C" __global__ void ntkv_quant_dequantize_token_##SUFFIX(                                           \
+        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
+        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
+        switch (p.bits) {                                                                                      \
+            case 2: dequantize_token<T, 2>(p, codes, scales, mins, out); break;                                \
+            case 4: dequantize_token<T, 4>(p, codes, scales, mins, out); break;                                \
+            case 8: dequantize_token<T, 8>(p, codes, scales, mins, out); break;                                \
+            default: break;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    extern "C" __global__ void ntkv_quant_dequantize_channel_##SUFFIX(                                         \
+        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
+        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
+        switch (p.bits) {                                                                                      \
+            case 2: dequantize_channel<T, 2>(p, codes, scales, mins, out); break;                              \
+            case 4: dequantize_channel<T, 4>(p, codes, scales, mins, out); break;                              \
+            case 8: dequantize_channel<T, 8>(p, codes, scales, mins, out); break;                              \
+            default: break;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    extern "C" __global__ void ntkv_quant_scan_##SUFFIX(const NtkvQuantScanParams p, const T* __restrict__ x, \
+                                                        unsigned long long* __restrict__ flags) {             \
+        scan<T>(p, x, flags);                                                                                  \
+    }
+
+NTKV_QUANT_ENTRIES(f32, float)
+NTKV_QUANT_ENTRIES(f16, __half)
+NTKV_QUANT_ENTRIES(bf16, __nv_bfloat16)
+
+// ---- MiKV row moves (f16 rows); see NtkvMikvRowsParams -------------------------------------------
+extern "C" __global__ void ntkv_mikv_gather(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                            const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
+                                            __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    const uint64_t items = (uint64_t)p.rows * dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint32_t count = counts[h];
+        for (uint64_t i = tid; i < items; i += nthreads) {
+            const uint64_t k = i / dim;
+            const uint64_t d = i - k * dim;
+            __half v = __float2half_rn(0.0f);
+            if (k < count) {
+                const uint32_t t = idx[h * p.rows + k];
+                if (t < p.src_rows) v = src[h * p.src_head_stride + (uint64_t)t * dim + d];
+            }
+            dst[h * p.dst_head_stride + i] = v;
+        }
+    }
+}
+
+extern "C" __global__ void ntkv_mikv_scatter(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                             const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
+                                             __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    const uint64_t items = (uint64_t)p.rows * dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        const uint32_t count = counts[h];
+        for (uint64_t i = tid; i < items; i += nthreads) {
+            const uint64_t k = i / dim;
+            const uint64_t d = i - k * dim;
+            if (k >= count) continue;
+            const uint32_t t = idx[h * p.rows + k];
+            if (t < p.dst_rows) dst[h * p.dst_head_stride + (uint64_t)t * dim + d] = src[h * p.src_head_stride + i];
+        }
+    }
+}
+
+extern "C" __global__ void ntkv_mikv_residual(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                              __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    const uint64_t items = (uint64_t)p.rows * dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    if (p.ring == 0) return;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        for (uint64_t i = tid; i < items; i += nthreads) {
+            const uint64_t k = i / dim;
+            const uint64_t d = i - k * dim;
+            const uint64_t t = (uint64_t)p.first + k;
+            const uint64_t slot = t % p.ring;
+            if (p.to_ring) {
+                if (t < p.src_rows && slot < p.dst_rows)
+                    dst[h * p.dst_head_stride + slot * dim + d] = src[h * p.src_head_stride + t * dim + d];
+            } else if (t < p.dst_rows && slot < p.src_rows) {
+                dst[h * p.dst_head_stride + t * dim + d] = src[h * p.src_head_stride + slot * dim + d];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void ntkv_mikv_append(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                            __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
+    if (p.first >= p.dst_rows) return;
+    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
+        for (uint64_t d = tid; d < dim; d += nthreads) {
+            dst[h * p.dst_head_stride + (uint64_t)p.first * dim + d] = src[h * p.src_head_stride + d];
+        }
+    }
+}

@@ -34,6 +34,87 @@ const _: () = {
     ["Offset of field: NtkvFiniteCheckParams::_pad0"][::core::mem::offset_of!(NtkvFiniteCheckParams, _pad0) - 12usize];
 };
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvQuantParams {
+    pub heads: u64,
+    pub tokens: u64,
+    pub x_offset: u64,
+    pub x_head_stride: u64,
+    pub codes_offset: u64,
+    pub codes_head_stride: u64,
+    pub sm_offset: u64,
+    pub sm_head_stride: u64,
+    pub dim: u32,
+    pub group: u32,
+    pub bits: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvQuantParams"][::core::mem::size_of::<NtkvQuantParams>() - 80usize];
+    ["Alignment of NtkvQuantParams"][::core::mem::align_of::<NtkvQuantParams>() - 8usize];
+    ["Offset of field: NtkvQuantParams::heads"][::core::mem::offset_of!(NtkvQuantParams, heads) - 0usize];
+    ["Offset of field: NtkvQuantParams::tokens"][::core::mem::offset_of!(NtkvQuantParams, tokens) - 8usize];
+    ["Offset of field: NtkvQuantParams::x_offset"][::core::mem::offset_of!(NtkvQuantParams, x_offset) - 16usize];
+    ["Offset of field: NtkvQuantParams::x_head_stride"]
+        [::core::mem::offset_of!(NtkvQuantParams, x_head_stride) - 24usize];
+    ["Offset of field: NtkvQuantParams::codes_offset"]
+        [::core::mem::offset_of!(NtkvQuantParams, codes_offset) - 32usize];
+    ["Offset of field: NtkvQuantParams::codes_head_stride"]
+        [::core::mem::offset_of!(NtkvQuantParams, codes_head_stride) - 40usize];
+    ["Offset of field: NtkvQuantParams::sm_offset"][::core::mem::offset_of!(NtkvQuantParams, sm_offset) - 48usize];
+    ["Offset of field: NtkvQuantParams::sm_head_stride"]
+        [::core::mem::offset_of!(NtkvQuantParams, sm_head_stride) - 56usize];
+    ["Offset of field: NtkvQuantParams::dim"][::core::mem::offset_of!(NtkvQuantParams, dim) - 64usize];
+    ["Offset of field: NtkvQuantParams::group"][::core::mem::offset_of!(NtkvQuantParams, group) - 68usize];
+    ["Offset of field: NtkvQuantParams::bits"][::core::mem::offset_of!(NtkvQuantParams, bits) - 72usize];
+    ["Offset of field: NtkvQuantParams::_pad0"][::core::mem::offset_of!(NtkvQuantParams, _pad0) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvQuantScanParams {
+    pub n: u64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvQuantScanParams"][::core::mem::size_of::<NtkvQuantScanParams>() - 8usize];
+    ["Alignment of NtkvQuantScanParams"][::core::mem::align_of::<NtkvQuantScanParams>() - 8usize];
+    ["Offset of field: NtkvQuantScanParams::n"][::core::mem::offset_of!(NtkvQuantScanParams, n) - 0usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvMikvRowsParams {
+    pub heads: u64,
+    pub src_head_stride: u64,
+    pub dst_head_stride: u64,
+    pub dim: u32,
+    pub rows: u32,
+    pub src_rows: u32,
+    pub dst_rows: u32,
+    pub first: u32,
+    pub ring: u32,
+    pub to_ring: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvMikvRowsParams"][::core::mem::size_of::<NtkvMikvRowsParams>() - 56usize];
+    ["Alignment of NtkvMikvRowsParams"][::core::mem::align_of::<NtkvMikvRowsParams>() - 8usize];
+    ["Offset of field: NtkvMikvRowsParams::heads"][::core::mem::offset_of!(NtkvMikvRowsParams, heads) - 0usize];
+    ["Offset of field: NtkvMikvRowsParams::src_head_stride"]
+        [::core::mem::offset_of!(NtkvMikvRowsParams, src_head_stride) - 8usize];
+    ["Offset of field: NtkvMikvRowsParams::dst_head_stride"]
+        [::core::mem::offset_of!(NtkvMikvRowsParams, dst_head_stride) - 16usize];
+    ["Offset of field: NtkvMikvRowsParams::dim"][::core::mem::offset_of!(NtkvMikvRowsParams, dim) - 24usize];
+    ["Offset of field: NtkvMikvRowsParams::rows"][::core::mem::offset_of!(NtkvMikvRowsParams, rows) - 28usize];
+    ["Offset of field: NtkvMikvRowsParams::src_rows"][::core::mem::offset_of!(NtkvMikvRowsParams, src_rows) - 32usize];
+    ["Offset of field: NtkvMikvRowsParams::dst_rows"][::core::mem::offset_of!(NtkvMikvRowsParams, dst_rows) - 36usize];
+    ["Offset of field: NtkvMikvRowsParams::first"][::core::mem::offset_of!(NtkvMikvRowsParams, first) - 40usize];
+    ["Offset of field: NtkvMikvRowsParams::ring"][::core::mem::offset_of!(NtkvMikvRowsParams, ring) - 44usize];
+    ["Offset of field: NtkvMikvRowsParams::to_ring"][::core::mem::offset_of!(NtkvMikvRowsParams, to_ring) - 48usize];
+    ["Offset of field: NtkvMikvRowsParams::_pad0"][::core::mem::offset_of!(NtkvMikvRowsParams, _pad0) - 52usize];
+};
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct NtkvAttnPrefillParams {
     pub n_items: u32,

@@ -12,3 +12,6 @@ unsafe impl DeviceRepr for NtkvFiniteCheckParams {}
 unsafe impl DeviceRepr for NtkvDecodeParams {}
 unsafe impl DeviceRepr for NtkvDecodeValidateParams {}
 unsafe impl DeviceRepr for NtkvAttnPrefillParams {}
+unsafe impl DeviceRepr for NtkvQuantParams {}
+unsafe impl DeviceRepr for NtkvQuantScanParams {}
+unsafe impl DeviceRepr for NtkvMikvRowsParams {}

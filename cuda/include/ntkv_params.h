@@ -34,6 +34,53 @@ typedef struct NtkvFiniteCheckParams {
 
 /* ---- quant: group-wise asymmetric quantization (SPEC §1) --------------- */
 
+/* One strided quantize/dequantize region: `heads` blocks of [tokens, dim] values, block h of
+ * the values at x_offset + h * x_head_stride (elements), of the u32 codes at codes_offset +
+ * h * codes_head_stride (words), of the f16 scales and mins at sm_offset + h * sm_head_stride.
+ * bits: 2, 4 or 8; group: 32, 64 or 128. Layouts: src/quant/mod.rs. */
+typedef struct NtkvQuantParams {
+    uint64_t heads;
+    uint64_t tokens;
+    uint64_t x_offset;
+    uint64_t x_head_stride;
+    uint64_t codes_offset;
+    uint64_t codes_head_stride;
+    uint64_t sm_offset;
+    uint64_t sm_head_stride;
+    uint32_t dim;
+    uint32_t group;
+    uint32_t bits;
+    uint32_t _pad0;
+} NtkvQuantParams;
+
+/* Scans n values; flags[0] gets ~(lowest index of a NaN/Inf), flags[1] ~(lowest index of a
+ * finite value with |x| >= 65520), by atomicMax; the caller zeroes both (0 = none). The
+ * quantize kernels flag their input the same way. */
+typedef struct NtkvQuantScanParams {
+    uint64_t n;
+} NtkvQuantScanParams;
+
+/* Row moves of the MiKV cache (f16 rows of `dim` values), per head h < heads:
+ * gather:   dst[h, k] = src[h, idx[h, k]]        for k < rows (zero when k >= counts[h])
+ * scatter:  dst[h, idx[h, k]] = src[h, k]        for k < counts[h] (rows = idx row length)
+ * residual: dst[h, t] = src[h, t % ring]         for first <= t < first + rows (to_ring == 0)
+ *           dst[h, t % ring] = src[h, t]         for first <= t < first + rows (to_ring == 1)
+ * append:   dst[h, first] = src[h]               (first < ring)
+ * src_rows / dst_rows bound every row index (out-of-range rows are skipped). */
+typedef struct NtkvMikvRowsParams {
+    uint64_t heads;
+    uint64_t src_head_stride;
+    uint64_t dst_head_stride;
+    uint32_t dim;
+    uint32_t rows;
+    uint32_t src_rows;
+    uint32_t dst_rows;
+    uint32_t first;
+    uint32_t ring;
+    uint32_t to_ring;
+    uint32_t _pad0;
+} NtkvMikvRowsParams;
+
 /* ---- topk: top-k selection, H2O, SnapKV (SPEC §2) ---------------------- */
 
 /* ---- attention: block-sparse prefill (SPEC §3) ------------------------- */

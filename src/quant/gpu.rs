@@ -1,0 +1,374 @@
+//! Launch code of the quantization kernels (`cuda/quant.cu`).
+//!
+//! Every function checks the extents its kernel will touch against the buffers' lengths
+//! before launching, so a kernel never reads or writes out of bounds even when a caller
+//! inside the crate got a region wrong.
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{value_error, Axis, QuantSpec, Region};
+use crate::device::{Device, Module};
+use crate::error::{to_u32, Error, Result};
+use crate::params::{NtkvMikvRowsParams, NtkvQuantParams, NtkvQuantScanParams};
+use crate::tensor::{DType, Float};
+
+const THREADS: u32 = 256;
+
+/// Kernel names of one dtype.
+struct Names {
+    quantize_token: &'static str,
+    quantize_channel: &'static str,
+    dequantize_token: &'static str,
+    dequantize_channel: &'static str,
+    scan: &'static str,
+}
+
+fn names(dtype: DType) -> Names {
+    match dtype {
+        DType::F32 => Names {
+            quantize_token: "ntkv_quant_quantize_token_f32",
+            quantize_channel: "ntkv_quant_quantize_channel_f32",
+            dequantize_token: "ntkv_quant_dequantize_token_f32",
+            dequantize_channel: "ntkv_quant_dequantize_channel_f32",
+            scan: "ntkv_quant_scan_f32",
+        },
+        DType::F16 => Names {
+            quantize_token: "ntkv_quant_quantize_token_f16",
+            quantize_channel: "ntkv_quant_quantize_channel_f16",
+            dequantize_token: "ntkv_quant_dequantize_token_f16",
+            dequantize_channel: "ntkv_quant_dequantize_channel_f16",
+            scan: "ntkv_quant_scan_f16",
+        },
+        DType::BF16 => Names {
+            quantize_token: "ntkv_quant_quantize_token_bf16",
+            quantize_channel: "ntkv_quant_quantize_channel_bf16",
+            dequantize_token: "ntkv_quant_dequantize_token_bf16",
+            dequantize_channel: "ntkv_quant_dequantize_channel_bf16",
+            scan: "ntkv_quant_scan_bf16",
+        },
+    }
+}
+
+/// A launch over `heads` (grid y, capped at 65535 with the kernels striding over the rest)
+/// times `items_per_head` (grid x, grid-stride). The grid is one full wave: as many blocks as
+/// the driver says fit on all SMs at once (register-limited occupancy), so no block waits
+/// for a second wave and the grid-stride loops balance the work.
+fn grid(device: &Device, f: &CudaFunction, heads: usize, items_per_head: usize) -> Result<LaunchConfig> {
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None).unwrap_or(4).max(1);
+    let gy = heads.clamp(1, 65535);
+    let target = (device.props().sm_count as usize).max(1) * per_sm as usize;
+    let gx = items_per_head.div_ceil(THREADS as usize).clamp(1, (target / gy).max(1));
+    Ok(LaunchConfig {
+        grid_dim: (to_u32("grid", gx)?, to_u32("grid", gy)?, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn quant_params(spec: &QuantSpec, r: &Region) -> Result<NtkvQuantParams> {
+    Ok(NtkvQuantParams {
+        heads: r.heads as u64,
+        tokens: r.tokens as u64,
+        x_offset: r.x_off as u64,
+        x_head_stride: r.x_hs as u64,
+        codes_offset: r.c_off as u64,
+        codes_head_stride: r.c_hs as u64,
+        sm_offset: r.s_off as u64,
+        sm_head_stride: r.s_hs as u64,
+        dim: to_u32("dim", r.dim)?,
+        group: to_u32("group", spec.group)?,
+        bits: spec.bits,
+        _pad0: 0,
+    })
+}
+
+/// Checks the region's shape constraints the kernels rely on: PerToken needs whole groups
+/// along `dim`, PerChannel whole groups along `tokens` (so every group and word is complete).
+fn check_region(spec: &QuantSpec, r: &Region, x_len: usize, codes_len: usize, sm_len: usize) -> Result<()> {
+    spec.validate()?;
+    match spec.axis {
+        Axis::PerToken if r.dim % spec.group != 0 => {
+            return Err(Error::invalid("x", "dim is not a multiple of the group"));
+        }
+        Axis::PerChannel if r.tokens % spec.group != 0 => {
+            return Err(Error::invalid("x", "tokens is not a multiple of the group"));
+        }
+        _ => {}
+    }
+    r.check(spec, x_len, codes_len, sm_len)
+}
+
+/// A fresh two-slot error flag, zeroed with a stream-ordered memset (no host copy, so a
+/// deferred quantize never waits on the host). The kernels keep `!index` of the lowest bad
+/// value with `atomicMax`, so 0 means none.
+pub(crate) fn new_flags(device: &Device) -> Result<CudaSlice<u64>> {
+    Ok(device.stream().alloc_zeros::<u64>(2)?)
+}
+
+/// Decodes one flag slot: `None` for 0, else the flat index.
+fn flag_index(v: Option<&u64>) -> Option<usize> {
+    v.copied().filter(|&f| f != 0).map(|f| usize::try_from(!f).unwrap_or(usize::MAX))
+}
+
+/// Reads the flags back (synchronizes) and turns them into the error of the lowest bad index.
+/// Slot 0 holds the lowest NaN/Inf, slot 1 the lowest finite value of magnitude ≥ 65520.
+pub(crate) fn read_flags(flags: &CudaSlice<u64>) -> Result<()> {
+    let v = flags.stream().clone_dtoh(flags)?;
+    flag_error("x", flag_index(v.first()), flag_index(v.get(1)))
+}
+
+fn flag_error(arg: &'static str, nonfinite: Option<usize>, out_of_range: Option<usize>) -> Result<()> {
+    match (nonfinite, out_of_range) {
+        (None, None) => Ok(()),
+        (Some(i), Some(j)) if j < i => Err(value_error(arg, j, false)),
+        (Some(i), _) => Err(value_error(arg, i, true)),
+        (None, Some(j)) => Err(value_error(arg, j, false)),
+    }
+}
+
+/// Scans `x` on the device (16-byte loads) and returns the error of its first NaN/Inf or
+/// out-of-f16-range value. Synchronizes (reads two `u64` back).
+pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<()> {
+    if x.is_empty() {
+        return Ok(());
+    }
+    let mut flags = new_flags(device)?;
+    let f = device.function(Module::Quant, names(T::DTYPE).scan)?;
+    let params = NtkvQuantScanParams { n: x.len() as u64 };
+    let cfg = grid(device, &f, 1, x.len().div_ceil(16 / std::mem::size_of::<T>()))?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(x).arg(&mut flags);
+    // SAFETY: ntkv_quant_scan_<dtype>(NtkvQuantScanParams, const T* x, u64* flags) reads
+    // x[0..n) with n = x.len() (16-byte vectors over the first n/V·V values, the rest one by
+    // one; cudarc allocations are 256-byte aligned) and atomically updates flags[0..2), which
+    // holds 2.
+    unsafe { b.launch(cfg) }?;
+    read_flags(&flags)
+}
+
+/// Quantizes the region of `x` into `codes`, `scales` and `mins`; bad values are flagged in
+/// `flags` (lowest flat index of `x`, atomically) while the outputs are still written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_region<T: Float>(
+    device: &Device,
+    spec: &QuantSpec,
+    r: &Region,
+    x: &CudaSlice<T>,
+    codes: &mut CudaSlice<u32>,
+    scales: &mut CudaSlice<f16>,
+    mins: &mut CudaSlice<f16>,
+    flags: &mut CudaSlice<u64>,
+) -> Result<()> {
+    check_region(spec, r, x.len(), codes.len(), scales.len().min(mins.len()))?;
+    if flags.len() < 2 {
+        return Err(Error::shape("flags", &[2], &[flags.len()]));
+    }
+    if r.heads == 0 || r.tokens == 0 || r.dim == 0 {
+        return Ok(());
+    }
+    let params = quant_params(spec, r)?;
+    let n = names(T::DTYPE);
+    let per_head = r.tokens * r.dim;
+    let (name, items) = match spec.axis {
+        Axis::PerToken => (n.quantize_token, per_head / spec.codes_per_word()),
+        Axis::PerChannel => (n.quantize_channel, per_head / spec.group),
+    };
+    let f = device.function(Module::Quant, name)?;
+    let cfg = grid(device, &f, r.heads, items)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(x).arg(codes).arg(scales).arg(mins).arg(flags);
+    // SAFETY: ntkv_quant_quantize_{token,channel}_<dtype>(NtkvQuantParams, const T* x, u32*
+    // codes, half* scales, half* mins, u64* flags). For each head h < heads it reads values
+    // [x_off + h·x_hs, + tokens·dim), writes words [c_off + h·c_hs, + tokens·dim/E) and
+    // scales/mins [s_off + h·s_hs, + tokens·dim/group); check_region proved each range inside
+    // its buffer, and that every group is whole. flags holds the 2 u64 it may update. PerToken
+    // vector accesses are aligned: offsets and strides are multiples of dim, a multiple of the
+    // group, and the base allocations are 256-byte aligned.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Dequantizes the region's codes into `out` (indexed like the region's values).
+pub(crate) fn dequantize_region<T: Float>(
+    device: &Device,
+    spec: &QuantSpec,
+    r: &Region,
+    codes: &CudaSlice<u32>,
+    scales: &CudaSlice<f16>,
+    mins: &CudaSlice<f16>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    check_region(spec, r, out.len(), codes.len(), scales.len().min(mins.len()))?;
+    if r.heads == 0 || r.tokens == 0 || r.dim == 0 {
+        return Ok(());
+    }
+    let params = quant_params(spec, r)?;
+    let n = names(T::DTYPE);
+    let items = r.tokens * r.dim / spec.codes_per_word();
+    let name = match spec.axis {
+        Axis::PerToken => n.dequantize_token,
+        Axis::PerChannel => n.dequantize_channel,
+    };
+    let f = device.function(Module::Quant, name)?;
+    let cfg = grid(device, &f, r.heads, items)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(codes).arg(scales).arg(mins).arg(out);
+    // SAFETY: ntkv_quant_dequantize_{token,channel}_<dtype>(NtkvQuantParams, const u32* codes,
+    // const half* scales, const half* mins, T* out): per head it reads words [c_off + h·c_hs,
+    // + tokens·dim/E), scales/mins [s_off + h·s_hs, + tokens·dim/group) and writes values
+    // [x_off + h·x_hs, + tokens·dim); check_region proved each range inside its buffer.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Parameters of a MiKV row move; see `NtkvMikvRowsParams` in the header.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rows {
+    pub heads: usize,
+    pub dim: usize,
+    pub rows: usize,
+    pub src_hs: usize,
+    pub dst_hs: usize,
+    pub src_rows: usize,
+    pub dst_rows: usize,
+    pub first: usize,
+    pub ring: usize,
+    /// For [`copy_residual`]: copy dense rows into the ring instead of ring rows out.
+    pub to_ring: bool,
+}
+
+impl Rows {
+    fn params(&self) -> Result<NtkvMikvRowsParams> {
+        Ok(NtkvMikvRowsParams {
+            heads: self.heads as u64,
+            src_head_stride: self.src_hs as u64,
+            dst_head_stride: self.dst_hs as u64,
+            dim: to_u32("dim", self.dim)?,
+            rows: to_u32("rows", self.rows)?,
+            src_rows: to_u32("rows", self.src_rows)?,
+            dst_rows: to_u32("rows", self.dst_rows)?,
+            first: to_u32("first", self.first)?,
+            ring: to_u32("ring", self.ring)?,
+            to_ring: u32::from(self.to_ring),
+            _pad0: 0,
+        })
+    }
+
+    /// One past the last index of a buffer of `heads` blocks of `n_rows` rows at stride `hs`.
+    fn extent(&self, hs: usize, n_rows: usize) -> usize {
+        if self.heads == 0 || n_rows == 0 {
+            0
+        } else {
+            (self.heads - 1) * hs + n_rows * self.dim
+        }
+    }
+}
+
+fn need(arg: &'static str, want: usize, have: usize) -> Result<()> {
+    if want > have {
+        Err(Error::shape(arg, &[want], &[have]))
+    } else {
+        Ok(())
+    }
+}
+
+/// `dst[h, k] = src[h, idx[h, k]]` for `k < rows` (zero rows past `counts[h]`).
+pub(crate) fn gather_rows(
+    device: &Device,
+    m: &Rows,
+    src: &CudaSlice<f16>,
+    idx: &CudaSlice<u32>,
+    counts: &CudaSlice<u32>,
+    dst: &mut CudaSlice<f16>,
+) -> Result<()> {
+    need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
+    need("dst", m.extent(m.dst_hs, m.rows), dst.len())?;
+    need("idx", m.heads * m.rows, idx.len())?;
+    need("counts", m.heads, counts.len())?;
+    if m.heads == 0 || m.rows == 0 || m.dim == 0 {
+        return Ok(());
+    }
+    let params = m.params()?;
+    let f = device.function(Module::Quant, "ntkv_mikv_gather")?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
+    // SAFETY: ntkv_mikv_gather(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
+    // counts, half* dst) reads counts[h] and idx[h·rows + k] for h < heads, k < rows (lengths
+    // checked above), src rows only when idx < src_rows (src holds heads blocks of src_rows
+    // rows at stride src_hs), and writes dst[h·dst_hs + k·dim + d] for k < rows (checked).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `dst[h, idx[h, k]] = src[h, k]` for `k < counts[h]` and `idx < dst_rows`.
+pub(crate) fn scatter_rows(
+    device: &Device,
+    m: &Rows,
+    src: &CudaSlice<f16>,
+    idx: &CudaSlice<u32>,
+    counts: &CudaSlice<u32>,
+    dst: &mut CudaSlice<f16>,
+) -> Result<()> {
+    need("src", m.extent(m.src_hs, m.rows), src.len())?;
+    need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+    need("idx", m.heads * m.rows, idx.len())?;
+    need("counts", m.heads, counts.len())?;
+    if m.heads == 0 || m.rows == 0 || m.dim == 0 {
+        return Ok(());
+    }
+    let params = m.params()?;
+    let f = device.function(Module::Quant, "ntkv_mikv_scatter")?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
+    // SAFETY: ntkv_mikv_scatter(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
+    // counts, half* dst) reads src[h·src_hs + k·dim + d] for k < rows, idx/counts as in gather,
+    // and writes dst rows only when idx < dst_rows; all extents are checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `dst[h, t] = src[h, t % ring]` for `first ≤ t < first + rows` (or, with `to_ring`,
+/// `dst[h, t % ring] = src[h, t]`); rows outside `src_rows` / `dst_rows` are skipped.
+pub(crate) fn copy_residual(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &mut CudaSlice<f16>) -> Result<()> {
+    need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
+    need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+    if m.heads == 0 || m.rows == 0 || m.dim == 0 || m.ring == 0 {
+        return Ok(());
+    }
+    let params = m.params()?;
+    let f = device.function(Module::Quant, "ntkv_mikv_residual")?;
+    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(src).arg(dst);
+    // SAFETY: ntkv_mikv_residual(NtkvMikvRowsParams, const half* src, half* dst) reads src
+    // rows (t or t % ring) only when < src_rows and writes dst rows (t % ring or t) only when
+    // < dst_rows; both buffers hold heads blocks of that many rows at their strides (checked
+    // above).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `dst[h, first] = src[h]` (one new token per head into its ring slot).
+pub(crate) fn append_row(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &mut CudaSlice<f16>) -> Result<()> {
+    need("token", m.extent(m.src_hs, 1), src.len())?;
+    need("ring", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+    if m.first >= m.dst_rows {
+        return Err(Error::invalid("slot", "ring slot out of range"));
+    }
+    if m.heads == 0 || m.dim == 0 {
+        return Ok(());
+    }
+    let params = m.params()?;
+    let f = device.function(Module::Quant, "ntkv_mikv_append")?;
+    let cfg = grid(device, &f, m.heads, m.dim)?;
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(src).arg(dst);
+    // SAFETY: ntkv_mikv_append(NtkvMikvRowsParams, const half* src, half* dst) reads
+    // src[h·src_hs + d] and writes dst[h·dst_hs + first·dim + d] for d < dim, h < heads, with
+    // first < dst_rows; both extents are checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}

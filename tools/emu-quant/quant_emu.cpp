@@ -1,0 +1,466 @@
+// tools/emu-quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
+// include/ntkv_common.cuh) under AddressSanitizer and UBSan, and compares them bit for bit
+// with a plain scalar reference of SPEC §1 written here, plus the known-answer layouts of
+// tests/quant_cpu.rs. Catches indexing, bounds, alignment, shuffle-reduction and flag bugs
+// that cannot be run on the GPU from a machine without one.
+#include "../../cuda/quant.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond, ...)                                       \
+    do {                                                       \
+        if (!(cond)) {                                         \
+            ++failures;                                        \
+            std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            std::fprintf(stderr, __VA_ARGS__);                 \
+            std::fprintf(stderr, "\n");                        \
+            if (failures > 20) std::exit(1);                   \
+        }                                                      \
+    } while (0)
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {
+        s += 0x9E3779B97F4A7C15ull;
+        uint64_t z = s;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    float uniform() { return (float)(next() >> 40) * (1.0f / 16777216.0f); }
+    float normal() {
+        float a = 0;
+        for (int i = 0; i < 4; ++i) a += uniform();
+        return (a - 2.0f) * 1.7f;
+    }
+    unsigned below(unsigned n) { return (unsigned)(next() % n); }
+};
+
+template <typename T> T cast(float x) { return ntkv::from_f32<T>(x); }
+template <typename T> uint32_t bits_of(T v) {
+    float f = ntkv::to_f32(v);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+template <typename T>
+std::vector<T> data(Rng& rng, size_t n, size_t dim) {
+    std::vector<T> v(n);
+    float amp = 1, off = 0;
+    for (size_t i = 0; i < n; ++i) {
+        if (i % dim == 0) {
+            amp = std::pow(10.0f, rng.uniform() * 5.5f - 3.0f);
+            off = rng.normal() * amp;
+        }
+        v[i] = cast<T>(off + amp * rng.normal());
+    }
+    return v;
+}
+
+struct Quantized {
+    std::vector<uint32_t> codes;
+    std::vector<__half> scales, mins;
+};
+
+// The dense [H, T, D] reference, written from SPEC §1 and the layouts of src/quant/mod.rs.
+template <typename T>
+Quantized ref_quantize(const std::vector<T>& x, size_t H, size_t Tn, size_t D, int bits, size_t group, bool per_channel) {
+    const size_t E = 32 / bits, n = H * Tn * D;
+    const float qmax = (float)((1u << bits) - 1);
+    Quantized q{std::vector<uint32_t>(n / E, 0), std::vector<__half>(n / group), std::vector<__half>(n / group)};
+    for (size_t h = 0; h < H; ++h) {
+        const size_t groups_per_head = Tn * D / group;
+        for (size_t gi = 0; gi < groups_per_head; ++gi) {
+            std::vector<size_t> t_of(group), c_of(group);
+            for (size_t i = 0; i < group; ++i) {
+                if (per_channel) {
+                    t_of[i] = (gi / D) * group + i;
+                    c_of[i] = gi % D;
+                } else {
+                    const size_t f = gi * group + i;
+                    t_of[i] = f / D;
+                    c_of[i] = f % D;
+                }
+            }
+            float lo = INFINITY, hi = -INFINITY;
+            for (size_t i = 0; i < group; ++i) {
+                const float v = ntkv::to_f32(x[(h * Tn + t_of[i]) * D + c_of[i]]);
+                lo = std::fmin(lo, v);
+                hi = std::fmax(hi, v);
+            }
+            const float mn = lo + 0.0f, mx = hi + 0.0f;
+            const __half s16 = __float2half_rn((mx - mn) / qmax), m16 = __float2half_rn(mn);
+            const float s = __half2float(s16), m = __half2float(m16);
+            const float inv = s == 0.0f ? 0.0f : 1.0f / s;
+            const size_t sidx = h * groups_per_head + gi;
+            q.scales[sidx] = s16;
+            q.mins[sidx] = m16;
+            for (size_t i = 0; i < group; ++i) {
+                const float v = ntkv::to_f32(x[(h * Tn + t_of[i]) * D + c_of[i]]);
+                uint32_t code = 0;
+                if (inv != 0.0f) {
+                    const float d = v - m;
+                    const float p = d * inv;
+                    code = (uint32_t)std::fmin(std::fmax(std::rint(p), 0.0f), qmax);
+                }
+                size_t w, slot;
+                if (per_channel) {
+                    w = h * (Tn / E * D) + (t_of[i] / E) * D + c_of[i];
+                    slot = t_of[i] % E;
+                } else {
+                    const size_t f = t_of[i] * D + c_of[i];
+                    w = h * (Tn * D / E) + f / E;
+                    slot = f % E;
+                }
+                q.codes[w] |= code << (slot * bits);
+            }
+        }
+    }
+    return q;
+}
+
+template <typename T>
+std::vector<T> ref_dequantize(const Quantized& q, size_t H, size_t Tn, size_t D, int bits, size_t group, bool per_channel) {
+    const size_t E = 32 / bits;
+    std::vector<T> out(H * Tn * D);
+    for (size_t h = 0; h < H; ++h)
+        for (size_t t = 0; t < Tn; ++t)
+            for (size_t c = 0; c < D; ++c) {
+                size_t w, slot, g;
+                if (per_channel) {
+                    w = h * (Tn / E * D) + (t / E) * D + c;
+                    slot = t % E;
+                    g = h * (Tn / group * D) + (t / group) * D + c;
+                } else {
+                    const size_t f = t * D + c;
+                    w = h * (Tn * D / E) + f / E;
+                    slot = f % E;
+                    g = h * (Tn * D / group) + f / group;
+                }
+                const uint32_t code = (q.codes[w] >> (slot * bits)) & ((1u << bits) - 1);
+                out[(h * Tn + t) * D + c] = cast<T>(std::fma((float)code, __half2float(q.scales[g]), __half2float(q.mins[g])));
+            }
+    return out;
+}
+
+NtkvQuantParams dense_params(size_t H, size_t Tn, size_t D, int bits, size_t group) {
+    NtkvQuantParams p{};
+    p.heads = H;
+    p.tokens = Tn;
+    p.x_offset = 0;
+    p.x_head_stride = Tn * D;
+    p.codes_offset = 0;
+    p.codes_head_stride = Tn * D / (32 / bits);
+    p.sm_offset = 0;
+    p.sm_head_stride = Tn * D / group;
+    p.dim = (uint32_t)D;
+    p.group = (uint32_t)group;
+    p.bits = (uint32_t)bits;
+    return p;
+}
+
+unsigned grid_x(size_t items, unsigned threads, unsigned max_blocks) {
+    size_t g = (items + threads - 1) / threads;
+    return (unsigned)std::max<size_t>(1, std::min<size_t>(g, max_blocks));
+}
+
+template <typename T> struct Entry;
+template <> struct Entry<float> {
+    static constexpr const char* name = "f32";
+    static constexpr auto qt = ntkv_quant_quantize_token_f32;
+    static constexpr auto qc = ntkv_quant_quantize_channel_f32;
+    static constexpr auto dt = ntkv_quant_dequantize_token_f32;
+    static constexpr auto dc = ntkv_quant_dequantize_channel_f32;
+    static constexpr auto scan = ntkv_quant_scan_f32;
+};
+template <> struct Entry<__half> {
+    static constexpr const char* name = "f16";
+    static constexpr auto qt = ntkv_quant_quantize_token_f16;
+    static constexpr auto qc = ntkv_quant_quantize_channel_f16;
+    static constexpr auto dt = ntkv_quant_dequantize_token_f16;
+    static constexpr auto dc = ntkv_quant_dequantize_channel_f16;
+    static constexpr auto scan = ntkv_quant_scan_f16;
+};
+template <> struct Entry<__nv_bfloat16> {
+    static constexpr const char* name = "bf16";
+    static constexpr auto qt = ntkv_quant_quantize_token_bf16;
+    static constexpr auto qc = ntkv_quant_quantize_channel_bf16;
+    static constexpr auto dt = ntkv_quant_dequantize_token_bf16;
+    static constexpr auto dc = ntkv_quant_dequantize_channel_bf16;
+    static constexpr auto scan = ntkv_quant_scan_bf16;
+};
+
+bool same_half(const std::vector<__half>& a, const std::vector<__half>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (a[i].bits != b[i].bits) return false;
+    return true;
+}
+
+// Quantize + dequantize one dense tensor on the emulated device and compare with the reference.
+template <typename T>
+void dense_case(Rng& rng, size_t H, size_t Tn, size_t D, int bits, size_t group, bool per_channel, unsigned threads,
+                unsigned max_blocks, unsigned gy_cap, const std::vector<T>* given = nullptr) {
+    const size_t n = H * Tn * D, E = 32 / bits;
+    std::vector<T> x = given ? *given : data<T>(rng, n, D);
+    NtkvQuantParams p = dense_params(H, Tn, D, bits, group);
+    std::vector<uint32_t> codes(n / E, 0xDEADBEEFu);
+    std::vector<__half> scales(n / group, __half{0x7777}), mins(n / group, __half{0x7777});
+    unsigned long long flags[2] = {0, 0};
+    const size_t items = per_channel ? Tn * D / group : Tn * D / E;
+    const unsigned gy = (unsigned)std::min<size_t>(H, gy_cap);
+    emu::launch(grid_x(items, threads, max_blocks), gy, threads, [&] {
+        if (per_channel)
+            Entry<T>::qc(p, x.data(), codes.data(), scales.data(), mins.data(), flags);
+        else
+            Entry<T>::qt(p, x.data(), codes.data(), scales.data(), mins.data(), flags);
+    });
+    Quantized want = ref_quantize(x, H, Tn, D, bits, group, per_channel);
+    const std::string what = std::string(Entry<T>::name) + " bits " + std::to_string(bits) + " group " +
+                             std::to_string(group) + (per_channel ? " per_channel" : " per_token") + " [" +
+                             std::to_string(H) + "," + std::to_string(Tn) + "," + std::to_string(D) + "]";
+    size_t bad = 0;
+    for (size_t i = 0; i < codes.size(); ++i)
+        if (codes[i] != want.codes[i] && bad++ == 0)
+            CHECK(false, "%s: code word %zu: kernel %#x ref %#x", what.c_str(), i, codes[i], want.codes[i]);
+    CHECK(same_half(scales, want.scales), "%s: scales differ", what.c_str());
+    CHECK(same_half(mins, want.mins), "%s: mins differ", what.c_str());
+    CHECK(flags[0] == 0 && flags[1] == 0, "%s: flags set on finite input", what.c_str());
+    std::vector<T> out(n, cast<T>(12345.0f));
+    emu::launch(grid_x(Tn * D / E, threads, max_blocks), gy, threads, [&] {
+        if (per_channel)
+            Entry<T>::dc(p, codes.data(), scales.data(), mins.data(), out.data());
+        else
+            Entry<T>::dt(p, codes.data(), scales.data(), mins.data(), out.data());
+    });
+    std::vector<T> ref = ref_dequantize<T>(want, H, Tn, D, bits, group, per_channel);
+    bad = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (bits_of(out[i]) != bits_of(ref[i]) && bad++ == 0)
+            CHECK(false, "%s: dequant %zu: kernel %g ref %g", what.c_str(), i, ntkv::to_f32(out[i]), ntkv::to_f32(ref[i]));
+}
+
+template <typename T>
+void random_dense_cases(Rng& rng, int count) {
+    const int bits_list[3] = {2, 4, 8};
+    const size_t groups[3] = {32, 64, 128};
+    for (int c = 0; c < count; ++c) {
+        const int bits = bits_list[rng.below(3)];
+        const size_t group = groups[rng.below(3)];
+        const bool per_channel = rng.below(2) == 1;
+        const size_t H = 1 + rng.below(3);
+        size_t Tn, D;
+        if (per_channel) {
+            Tn = group * (1 + rng.below(2));
+            D = 1 + rng.below(70);
+        } else {
+            Tn = 1 + rng.below(40);
+            D = group * (1 + rng.below(2));
+        }
+        const unsigned threads = rng.below(4) == 0 ? 256 : 64;
+        dense_case<T>(rng, H, Tn, D, bits, group, per_channel, threads, 1 + rng.below(3), 1 + rng.below(3));
+    }
+}
+
+void known_answers() {
+    Rng rng{1};
+    // PerToken 4-bit: values 0..15 then 15..0 (tests/quant_cpu.rs per_token_packing_known_answer).
+    std::vector<float> x(32);
+    for (int i = 0; i < 16; ++i) x[i] = (float)i;
+    for (int i = 0; i < 16; ++i) x[16 + i] = (float)(15 - i);
+    NtkvQuantParams p = dense_params(1, 1, 32, 4, 32);
+    std::vector<uint32_t> codes(4, 0);
+    std::vector<__half> s(1), m(1);
+    unsigned long long flags[2] = {0, 0};
+    emu::launch(1, 1, 32, [&] { ntkv_quant_quantize_token_f32(p, x.data(), codes.data(), s.data(), m.data(), flags); });
+    const uint32_t want[4] = {0x76543210u, 0xFEDCBA98u, 0x89ABCDEFu, 0x01234567u};
+    for (int i = 0; i < 4; ++i) CHECK(codes[i] == want[i], "per-token known answer word %d: %#x", i, codes[i]);
+    // PerChannel 2-bit: T = 32, D = 2; channel 0 is t % 4, channel 1 is 2 (t % 4).
+    std::vector<float> y(64);
+    for (int t = 0; t < 32; ++t) {
+        y[t * 2] = (float)(t % 4);
+        y[t * 2 + 1] = 2.0f * (float)(t % 4);
+    }
+    NtkvQuantParams pc = dense_params(1, 32, 2, 2, 32);
+    std::vector<uint32_t> cc(4, 0);
+    std::vector<__half> sc(2), mc(2);
+    emu::launch(1, 1, 32, [&] { ntkv_quant_quantize_channel_f32(pc, y.data(), cc.data(), sc.data(), mc.data(), flags); });
+    for (int i = 0; i < 4; ++i) CHECK(cc[i] == 0xE4E4E4E4u, "per-channel known answer word %d: %#x", i, cc[i]);
+    CHECK(__half2float(sc[0]) == 1.0f && __half2float(sc[1]) == 2.0f, "per-channel known answer scales");
+}
+
+void flag_cases() {
+    Rng rng{2};
+    // Flags hold ~(lowest bad flat index), 0 for none: NaN/Inf in slot 0, |x| >= 65520 in
+    // slot 1, in the quantize kernels and the scan alike.
+    for (int per_channel = 0; per_channel < 2; ++per_channel) {
+        const size_t H = 2, Tn = 64, D = 64;
+        std::vector<float> x = data<float>(rng, H * Tn * D, D);
+        x[3000] = NAN;
+        x[5000] = INFINITY;
+        x[1000] = -1e6f;
+        NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
+        std::vector<uint32_t> codes(H * Tn * D / 8);
+        std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
+        unsigned long long flags[2] = {0, 0};
+        emu::launch(2, 2, 64, [&] {
+            if (per_channel)
+                ntkv_quant_quantize_channel_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
+            else
+                ntkv_quant_quantize_token_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
+        });
+        CHECK(flags[0] == ~3000ull && flags[1] == ~1000ull, "quantize flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1], per_channel);
+        unsigned long long sf[2] = {0, 0};
+        NtkvQuantScanParams sp{H * Tn * D - 3};
+        emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(sp, x.data(), sf); });
+        CHECK(sf[0] == ~3000ull && sf[1] == ~1000ull, "scan flags %llu %llu", ~sf[0], ~sf[1]);
+    }
+    // The scan's scalar tail (n not a multiple of the vector width) in f16.
+    std::vector<__half> h(37, __float2half_rn(1.0f));
+    h[36] = __float2half_rn(INFINITY);
+    unsigned long long sf[2] = {0, 0};
+    emu::launch(1, 1, 32, [&] { ntkv_quant_scan_f16(NtkvQuantScanParams{37}, h.data(), sf); });
+    CHECK(sf[0] == ~36ull && sf[1] == 0, "scan tail %llu", ~sf[0]);
+}
+
+// A strided region (the MiKV flush): values from a ring at an offset, codes into storage at
+// an offset with larger head strides; nothing outside the region may change.
+void region_case() {
+    Rng rng{3};
+    const size_t H = 3, D = 64, ring = 96, cap = 256, group = 32;
+    for (int per_channel = 0; per_channel < 2; ++per_channel) {
+        const int bits = per_channel ? 2 : 4;
+        const size_t E = 32 / bits, Tn = 32, slot0 = 32, t0 = 64;
+        std::vector<__half> x = data<__half>(rng, H * ring * D, D);
+        std::vector<uint32_t> codes(H * cap * D / E, 0xABABABABu);
+        std::vector<__half> s(H * cap * D / group, __half{0x1234}), m(H * cap * D / group, __half{0x1234});
+        NtkvQuantParams p{};
+        p.heads = H;
+        p.tokens = Tn;
+        p.x_offset = slot0 * D;
+        p.x_head_stride = ring * D;
+        p.codes_offset = per_channel ? t0 / E * D : t0 * D / E;
+        p.codes_head_stride = cap * D / E;
+        p.sm_offset = per_channel ? t0 / group * D : t0 * D / group;
+        p.sm_head_stride = cap * D / group;
+        p.dim = D;
+        p.group = group;
+        p.bits = bits;
+        unsigned long long flags[2] = {0, 0};
+        emu::launch(2, 2, 64, [&] {
+            if (per_channel)
+                ntkv_quant_quantize_channel_f16(p, x.data(), codes.data(), s.data(), m.data(), flags);
+            else
+                ntkv_quant_quantize_token_f16(p, x.data(), codes.data(), s.data(), m.data(), flags);
+        });
+        std::vector<__half> dense(H * Tn * D);
+        for (size_t h = 0; h < H; ++h)
+            for (size_t i = 0; i < Tn * D; ++i) dense[h * Tn * D + i] = x[h * ring * D + slot0 * D + i];
+        Quantized want = ref_quantize(dense, H, Tn, D, bits, group, per_channel);
+        const size_t wph = Tn * D / E, gph = Tn * D / group;
+        for (size_t i = 0; i < codes.size(); ++i) {
+            const size_t h = i / (cap * D / E), r = i % (cap * D / E);
+            const bool inside = r >= p.codes_offset && r < p.codes_offset + wph;
+            const uint32_t expect = inside ? want.codes[h * wph + (r - p.codes_offset)] : 0xABABABABu;
+            CHECK(codes[i] == expect, "region codes %zu (per_channel %d): %#x want %#x", i, per_channel, codes[i], expect);
+        }
+        for (size_t i = 0; i < s.size(); ++i) {
+            const size_t h = i / (cap * D / group), r = i % (cap * D / group);
+            const bool inside = r >= p.sm_offset && r < p.sm_offset + gph;
+            const uint16_t expect = inside ? want.scales[h * gph + (r - p.sm_offset)].bits : 0x1234;
+            CHECK(s[i].bits == expect, "region scales %zu (per_channel %d)", i, per_channel);
+        }
+    }
+}
+
+void mikv_rows_cases() {
+    Rng rng{4};
+    const size_t H = 3, T = 50, D = 40, K = 7, ring = 12;
+    std::vector<__half> src = data<__half>(rng, H * T * D, D);
+    std::vector<uint32_t> idx(H * K, 0), counts = {7, 0, 3};
+    for (size_t h = 0; h < H; ++h)
+        for (size_t k = 0; k < counts[h]; ++k) idx[h * K + k] = (uint32_t)(k * 7 + h);
+    // gather
+    NtkvMikvRowsParams g{H, T * D, K * D, (uint32_t)D, (uint32_t)K, (uint32_t)T, (uint32_t)K, 0, 0, 0, 0};
+    std::vector<__half> rows(H * K * D, __half{0x5555});
+    emu::launch(2, 2, 64, [&] { ntkv_mikv_gather(g, src.data(), idx.data(), counts.data(), rows.data()); });
+    for (size_t h = 0; h < H; ++h)
+        for (size_t k = 0; k < K; ++k)
+            for (size_t d = 0; d < D; ++d) {
+                const uint16_t want = k < counts[h] ? src[(h * T + idx[h * K + k]) * D + d].bits : 0;
+                CHECK(rows[(h * K + k) * D + d].bits == want, "gather %zu %zu %zu", h, k, d);
+            }
+    // scatter
+    NtkvMikvRowsParams sc{H, K * D, T * D, (uint32_t)D, (uint32_t)K, (uint32_t)K, (uint32_t)T, 0, 0, 0, 0};
+    std::vector<__half> dense(H * T * D, __half{0x5555});
+    emu::launch(1, 3, 32, [&] { ntkv_mikv_scatter(sc, rows.data(), idx.data(), counts.data(), dense.data()); });
+    for (size_t h = 0; h < H; ++h)
+        for (size_t t = 0; t < T; ++t) {
+            int k = -1;
+            for (size_t j = 0; j < counts[h]; ++j)
+                if (idx[h * K + j] == t) k = (int)j;
+            for (size_t d = 0; d < D; ++d) {
+                const uint16_t want = k >= 0 ? rows[(h * K + k) * D + d].bits : 0x5555;
+                CHECK(dense[(h * T + t) * D + d].bits == want, "scatter %zu %zu %zu", h, t, d);
+            }
+        }
+    // residual, both directions: the last `ring` tokens into the ring, then ring rows [first, T) out.
+    NtkvMikvRowsParams in{H, T * D, ring * D, (uint32_t)D, (uint32_t)ring, (uint32_t)T, (uint32_t)ring, (uint32_t)(T - ring), (uint32_t)ring, 1, 0};
+    std::vector<__half> rb(H * ring * D, __half{0x5555});
+    emu::launch(2, 1, 64, [&] { ntkv_mikv_residual(in, src.data(), rb.data()); });
+    for (size_t h = 0; h < H; ++h)
+        for (size_t t = T - ring; t < T; ++t)
+            for (size_t d = 0; d < D; ++d)
+                CHECK(rb[(h * ring + t % ring) * D + d].bits == src[(h * T + t) * D + d].bits, "to ring %zu %zu", h, t);
+    const size_t first = T - 5;
+    NtkvMikvRowsParams out{H, ring * D, T * D, (uint32_t)D, 5, (uint32_t)ring, (uint32_t)T, (uint32_t)first, (uint32_t)ring, 0, 0};
+    std::vector<__half> back(H * T * D, __half{0x5555});
+    emu::launch(1, 2, 64, [&] { ntkv_mikv_residual(out, rb.data(), back.data()); });
+    for (size_t h = 0; h < H; ++h)
+        for (size_t t = 0; t < T; ++t)
+            for (size_t d = 0; d < D; ++d) {
+                const uint16_t want = t >= first ? src[(h * T + t) * D + d].bits : 0x5555;
+                CHECK(back[(h * T + t) * D + d].bits == want, "from ring %zu %zu", h, t);
+            }
+    // append into slot 4
+    std::vector<__half> tok = data<__half>(rng, H * D, D);
+    NtkvMikvRowsParams ap{H, D, ring * D, (uint32_t)D, 1, 1, (uint32_t)ring, 4, (uint32_t)ring, 0, 0};
+    std::vector<__half> rb2 = rb;
+    emu::launch(1, 1, 32, [&] { ntkv_mikv_append(ap, tok.data(), rb2.data()); });
+    for (size_t h = 0; h < H; ++h)
+        for (size_t r = 0; r < ring; ++r)
+            for (size_t d = 0; d < D; ++d) {
+                const uint16_t want = r == 4 ? tok[h * D + d].bits : rb[(h * ring + r) * D + d].bits;
+                CHECK(rb2[(h * ring + r) * D + d].bits == want, "append %zu %zu", h, r);
+            }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const int count = argc > 1 ? std::atoi(argv[1]) : 40;
+    known_answers();
+    flag_cases();
+    region_case();
+    mikv_rows_cases();
+    Rng rng{42};
+    random_dense_cases<float>(rng, count);
+    random_dense_cases<__half>(rng, count);
+    random_dense_cases<__nv_bfloat16>(rng, count);
+    // A larger PerToken f16 int4 case with many grid-stride steps per warp.
+    dense_case<__half>(rng, 1, 301, 128, 4, 32, false, 64, 2, 1);
+    dense_case<__half>(rng, 2, 256, 33, 8, 128, true, 256, 1, 1);
+    // Signed zeros and constant groups.
+    std::vector<float> z(2 * 64, 0.0f);
+    for (size_t i = 0; i < z.size(); i += 3) z[i] = -0.0f;
+    dense_case<float>(rng, 1, 2, 64, 4, 32, false, 32, 1, 1, &z);
+    if (failures == 0) std::printf("quant emulation: all checks passed\n");
+    return failures == 0 ? 0 : 1;
+}
