@@ -21,17 +21,20 @@ pub enum Module {
     Common,
     /// `cuda/quant.cu`: group-wise quantization and the MiKV cache.
     Quant,
+    /// `cuda/ntk.cu`: NTK Jacobian contractions, the factored MLP NTK and kernel metrics.
+    Ntk,
 }
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant];
+    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Ntk];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
         match self {
             Module::Common => "common",
             Module::Quant => "quant",
+            Module::Ntk => "ntk",
         }
     }
 
@@ -40,6 +43,7 @@ impl Module {
         match self {
             Module::Common => kernels::COMMON,
             Module::Quant => kernels::QUANT,
+            Module::Ntk => kernels::NTK,
         }
     }
 }

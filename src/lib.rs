@@ -27,6 +27,7 @@ pub mod error;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;
+pub mod ntk;
 pub mod quant;
 pub mod rng;
 pub mod tensor;

@@ -9,3 +9,12 @@ use crate::params::*;
 // its size and field offsets are checked at compile time by the generated layout assertions.
 unsafe impl DeviceRepr for NtkvCopyParams {}
 unsafe impl DeviceRepr for NtkvFiniteCheckParams {}
+unsafe impl DeviceRepr for NtkvNtkGemmParams {}
+unsafe impl DeviceRepr for NtkvNtkReduceParams {}
+unsafe impl DeviceRepr for NtkvNtkPresumParams {}
+unsafe impl DeviceRepr for NtkvNtkCombineParams {}
+unsafe impl DeviceRepr for NtkvNtkBiasActParams {}
+unsafe impl DeviceRepr for NtkvNtkCotangentParams {}
+unsafe impl DeviceRepr for NtkvNtkJvpParams {}
+unsafe impl DeviceRepr for NtkvNtkStatsParams {}
+unsafe impl DeviceRepr for NtkvNtkMeansParams {}

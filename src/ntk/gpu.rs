@@ -1,0 +1,596 @@
+//! Launchers for `cuda/ntk.cu` (crate-private): the split-K GEMM, its reduction, and the small
+//! elementwise and reduction kernels. The public API in `mod.rs` validates every argument
+//! before calling in here; each launcher re-checks the extents its kernel touches.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::device::{Device, Module};
+use crate::error::{to_u32, Error, Result};
+use crate::ntk::Precision;
+use crate::params::{
+    NtkvNtkBiasActParams, NtkvNtkCombineParams, NtkvNtkCotangentParams, NtkvNtkGemmParams, NtkvNtkJvpParams,
+    NtkvNtkMeansParams, NtkvNtkPresumParams, NtkvNtkReduceParams, NtkvNtkStatsParams,
+};
+use crate::tensor::{DType, Float};
+
+/// Rows and columns of C per GEMM block (`kTile` in ntk.cu).
+pub(crate) const TILE: usize = 128;
+/// k per shared-memory stage (`kDepth`).
+pub(crate) const DEPTH: usize = 32;
+/// Dynamic shared memory of each GEMM flavour; ntk.cu static_asserts the same numbers.
+const SMEM_FFMA: usize = 67584;
+const SMEM_TF32: usize = 73728;
+const SMEM_BF16: usize = 40960;
+/// Split-K never grows the partials beyond this many f32 (1 GiB) unless one split already does.
+const MAX_PARTIAL_ELEMS: usize = 1 << 28;
+const MAX_SPLITS: usize = 32;
+
+/// One operand of `C_z = A_z · B_zᵀ`: row `r` of batch `z` starts at
+/// `z·batch_stride + r·row_stride` and holds `k` contiguous elements.
+pub(crate) struct Operand<'a, T> {
+    pub data: &'a CudaSlice<T>,
+    pub rows: usize,
+    pub row_stride: usize,
+    pub batch_stride: usize,
+}
+
+/// A validated GEMM geometry with its split-K choice.
+#[derive(Clone, Debug)]
+pub(crate) struct GemmPlan {
+    pub m1: usize,
+    pub m2: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub symmetric: bool,
+    pub splits: usize,
+    pub k_chunk: usize,
+    pub tiles: usize,
+    pub col_tiles: usize,
+}
+
+impl GemmPlan {
+    /// Chooses the split count: enough blocks to fill whole waves of the device, at most
+    /// `MAX_SPLITS`, within the partials budget.
+    pub fn new(sm_count: usize, m1: usize, m2: usize, k: usize, batch: usize, symmetric: bool) -> Result<Self> {
+        if m1 == 0 || m2 == 0 || batch == 0 {
+            return Err(Error::invalid("shape", "GEMM with an empty side"));
+        }
+        if symmetric && m1 != m2 {
+            return Err(Error::invalid("shape", "a symmetric GEMM needs m1 == m2"));
+        }
+        to_u32("rows", m1)?;
+        to_u32("rows", m2)?;
+        if batch > 65535 {
+            return Err(Error::too_large("outputs", format!("{batch} batches exceed the grid's 65535")));
+        }
+        let row_tiles = m1.div_ceil(TILE);
+        let col_tiles = m2.div_ceil(TILE);
+        let tiles = if symmetric { col_tiles * (col_tiles + 1) / 2 } else { row_tiles * col_tiles };
+        if tiles > i32::MAX as usize {
+            return Err(Error::too_large("rows", format!("{tiles} tiles exceed the grid")));
+        }
+        let plane = m1.checked_mul(m2).and_then(|v| v.checked_mul(batch)).ok_or_else(|| Error::too_large("rows", "output overflows"))?;
+        let ktiles = k.div_ceil(DEPTH).max(1);
+        let sms = sm_count.max(1);
+        let blocks = tiles * batch;
+        let mut best = (f64::INFINITY, 1usize);
+        for s in 1..=MAX_SPLITS.min(ktiles) {
+            if s > 1 && plane.saturating_mul(s) > MAX_PARTIAL_ELEMS {
+                break;
+            }
+            let waves = (blocks * s).div_ceil(sms) as f64;
+            // Time ∝ waves / s; each split also costs a pass over the partials.
+            let cost = waves / s as f64 * (1.0 + 0.02 * s as f64);
+            if cost < best.0 {
+                best = (cost, s);
+            }
+        }
+        let k_chunk = ktiles.div_ceil(best.1) * DEPTH;
+        let splits = k.div_ceil(k_chunk).max(1);
+        Ok(GemmPlan { m1, m2, k, batch, symmetric, splits, k_chunk, tiles, col_tiles })
+    }
+
+    /// f32 elements of the partials buffer.
+    pub fn partial_elems(&self) -> usize {
+        self.batch * self.splits * self.m1 * self.m2
+    }
+}
+
+fn check_operand<T>(arg: &'static str, op: &Operand<'_, T>, rows: usize, k: usize, batch: usize) -> Result<()> {
+    if op.rows != rows {
+        return Err(Error::shape(arg, &[rows], &[op.rows]));
+    }
+    let last = (batch - 1)
+        .checked_mul(op.batch_stride)
+        .and_then(|v| v.checked_add((rows - 1).checked_mul(op.row_stride)?))
+        .and_then(|v| v.checked_add(k))
+        .ok_or_else(|| Error::too_large(arg, "operand extent overflows"))?;
+    if last > op.data.len() {
+        return Err(Error::shape(arg, &[last], &[op.data.len()]));
+    }
+    Ok(())
+}
+
+fn gemm_kernel(dtype: DType, precision: Precision) -> Result<(&'static str, usize)> {
+    Ok(match (dtype, precision) {
+        (DType::F32, Precision::F32) => ("ntkv_ntk_gemm_f32_ffma", SMEM_FFMA),
+        (DType::F32, Precision::Tf32) => ("ntkv_ntk_gemm_f32_tf32", SMEM_TF32),
+        (DType::F32, Precision::Bf16) => ("ntkv_ntk_gemm_f32_bf16", SMEM_BF16),
+        (DType::BF16, Precision::F32) => ("ntkv_ntk_gemm_bf16_ffma", SMEM_FFMA),
+        (DType::BF16, Precision::Tf32) => ("ntkv_ntk_gemm_bf16_tf32", SMEM_TF32),
+        (DType::BF16, Precision::Bf16) => ("ntkv_ntk_gemm_bf16_bf16", SMEM_BF16),
+        (DType::F16, _) => return Err(Error::invalid("j1", "f16 storage is not supported; use f32 or bf16")),
+    })
+}
+
+/// Enqueues the split-K GEMM into `partials` (`plan.partial_elems()` or more f32).
+/// `b = None` multiplies `a` by itself (required when `plan.symmetric`).
+pub(crate) fn gemm<T: Float>(
+    dev: &Device,
+    plan: &GemmPlan,
+    a: &Operand<'_, T>,
+    b: Option<&Operand<'_, T>>,
+    precision: Precision,
+    partials: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_operand("a", a, plan.m1, plan.k, plan.batch)?;
+    if let Some(b) = b {
+        check_operand("b", b, plan.m2, plan.k, plan.batch)?;
+    } else {
+        check_operand("a", a, plan.m2, plan.k, plan.batch)?;
+    }
+    if plan.symmetric && b.is_some() {
+        return Err(Error::invalid("b", "a symmetric GEMM multiplies one operand by itself"));
+    }
+    if partials.len() < plan.partial_elems() {
+        return Err(Error::shape("partials", &[plan.partial_elems()], &[partials.len()]));
+    }
+    let b_op = b.unwrap_or(a);
+    let (name, smem) = gemm_kernel(T::DTYPE, precision)?;
+    let f = dev.function(Module::Ntk, name)?;
+    let shared = dev.prepare_shared_mem(&f, smem)?;
+    let vec_ok = [a.row_stride, a.batch_stride, b_op.row_stride, b_op.batch_stride].iter().all(|s| s % 4 == 0);
+    let params = NtkvNtkGemmParams {
+        a_batch_stride: a.batch_stride as u64,
+        b_batch_stride: b_op.batch_stride as u64,
+        a_row_stride: a.row_stride as u64,
+        b_row_stride: b_op.row_stride as u64,
+        k: plan.k as u64,
+        k_chunk: plan.k_chunk as u64,
+        m1: to_u32("rows", plan.m1)?,
+        m2: to_u32("rows", plan.m2)?,
+        batch: to_u32("batch", plan.batch)?,
+        splits: to_u32("splits", plan.splits)?,
+        col_tiles: to_u32("tiles", plan.col_tiles)?,
+        symmetric: u32::from(plan.symmetric),
+        vec_ok: u32::from(vec_ok),
+        _pad0: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32("tiles", plan.tiles)?, to_u32("splits", plan.splits)?, to_u32("batch", plan.batch)?),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(a.data).arg(b_op.data).arg(partials);
+    // SAFETY: ntkv_ntk_gemm_*(NtkvNtkGemmParams, const T* a, const T* b, float* partials).
+    // Every load is of row < m1 (m2) of batch z < batch at column < k, checked above to lie
+    // inside a and b (check_operand); every store is to (z, split, r < m1, c < m2) of a
+    // partials buffer holding batch·splits·m1·m2 floats; shared memory is exactly the
+    // kernel's static_assert'ed size, checked against the device limit.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// How [`reduce`] lays out its output.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReduceLayout {
+    /// `[batch, m1, m2]`.
+    Plain,
+    /// `[n1, n2, o, o]` from C `[(n1·o), (n2·o)]`.
+    Full { n2: usize, o: usize },
+    /// `[n1, n2, o]` from `o` batches of C `[n1, n2]`.
+    Diagonal { n2: usize, o: usize },
+}
+
+fn grid_for(dev: &Device, n: usize) -> Result<u32> {
+    to_u32("blocks", n.div_ceil(256).clamp(1, dev.props().sm_count.max(1) as usize * 32))
+}
+
+/// Sums the split-K partials (split order) into `out` with `layout`, times `scale`.
+pub(crate) fn reduce(
+    dev: &Device,
+    plan: &GemmPlan,
+    partials: &CudaSlice<f32>,
+    layout: ReduceLayout,
+    scale: f32,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let n_out = plan.batch * plan.m1 * plan.m2;
+    if out.len() < n_out {
+        return Err(Error::shape("out", &[n_out], &[out.len()]));
+    }
+    if partials.len() < plan.partial_elems() {
+        return Err(Error::shape("partials", &[plan.partial_elems()], &[partials.len()]));
+    }
+    let (kind, n2, o) = match layout {
+        ReduceLayout::Plain => (0, 1, 1),
+        ReduceLayout::Full { n2, o } => {
+            if plan.batch != 1 || plan.m2 != n2 * o || plan.m1 % o != 0 {
+                return Err(Error::invalid("layout", "Full layout needs one batch of [(n1·o), (n2·o)]"));
+            }
+            (1, n2, o)
+        }
+        ReduceLayout::Diagonal { n2, o } => {
+            if plan.batch != o || plan.m2 != n2 {
+                return Err(Error::invalid("layout", "Diagonal layout needs o batches of [n1, n2]"));
+            }
+            (2, n2, o)
+        }
+    };
+    let params = NtkvNtkReduceParams {
+        n_out: n_out as u64,
+        plane: (plan.m1 * plan.m2) as u64,
+        m1: to_u32("rows", plan.m1)?,
+        m2: to_u32("rows", plan.m2)?,
+        splits: to_u32("splits", plan.splits)?,
+        batch: to_u32("batch", plan.batch)?,
+        kind,
+        n2: to_u32("n2", n2)?,
+        o: to_u32("o", o)?,
+        symmetric: u32::from(plan.symmetric),
+        scale,
+        _pad0: 0,
+    };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_reduce")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, n_out)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(partials).arg(out);
+    // SAFETY: ntkv_ntk_reduce(NtkvNtkReduceParams, const float* partials, float* out) writes
+    // out[idx] for idx < n_out ≤ out.len() and reads partials[(z·splits + s)·m1·m2 + r·m2 + c]
+    // with z < batch, s < splits, r < m1, c < m2 (the layouts decode idx into those ranges,
+    // checked above), all inside partial_elems() ≤ partials.len().
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[i, q] = Σ_a j[i, a, q]` for `j [n, o, p]`.
+pub(crate) fn presum<T: Float>(
+    dev: &Device,
+    j: &CudaSlice<T>,
+    n: usize,
+    o: usize,
+    p: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if j.len() != n * o * p || out.len() < n * p {
+        return Err(Error::shape("j", &[n * o * p], &[j.len()]));
+    }
+    let name = match T::DTYPE {
+        DType::F32 => "ntkv_ntk_presum_f32",
+        DType::BF16 => "ntkv_ntk_presum_bf16",
+        DType::F16 => return Err(Error::invalid("j1", "f16 storage is not supported; use f32 or bf16")),
+    };
+    let params = NtkvNtkPresumParams { p: p as u64, n_out: (n * p) as u64, n: to_u32("n", n)?, o: to_u32("o", o)? };
+    let f = dev.function(Module::Ntk, name)?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, n * p)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(j).arg(out);
+    // SAFETY: ntkv_ntk_presum_*(NtkvNtkPresumParams, const T* j, float* out) writes out[idx]
+    // for idx < n·p ≤ out.len() and reads j[(i·o + a)·p + q] with i < n, a < o, q < p, inside
+    // j's n·o·p elements.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// One layer of the factored NTK: `out (+)= scale·Σ_{t,s}(aa + β)·gg` (see ntkv_params.h).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine(
+    dev: &Device,
+    aa: &CudaSlice<f32>,
+    gg: &CudaSlice<f32>,
+    n1: usize,
+    n2: usize,
+    t: usize,
+    e: usize,
+    diagonal: bool,
+    beta: f32,
+    scale: f32,
+    accumulate: bool,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let n_out = n1 * n2 * if diagonal { e } else { e * e };
+    let aa_len = n1 * t * n2 * t;
+    let gg_len = aa_len * e * e;
+    if out.len() < n_out || aa.len() < aa_len || gg.len() < gg_len {
+        return Err(Error::shape("out", &[n_out, aa_len, gg_len], &[out.len(), aa.len(), gg.len()]));
+    }
+    let params = NtkvNtkCombineParams {
+        n_out: n_out as u64,
+        n1: to_u32("n1", n1)?,
+        n2: to_u32("n2", n2)?,
+        t: to_u32("t", t)?,
+        e: to_u32("o", e)?,
+        kind: u32::from(diagonal),
+        accumulate: u32::from(accumulate),
+        beta,
+        scale,
+    };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_combine")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, n_out)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(aa).arg(gg).arg(out);
+    // SAFETY: ntkv_ntk_combine(NtkvNtkCombineParams, const float* aa, const float* gg, float*
+    // out) writes out[idx < n_out] and reads aa[(i t + ti)·(n2 t) + (j t + si)] (< n1·t·n2·t)
+    // and gg[((i t + ti) e + a)·(n2 t e) + (j t + si) e + b] (< n1·t·e·n2·t·e), all checked.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// Forward epilogue: `z = pre + bias`, `act_out = φ(z)` (or `z` when `apply_act` is false).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bias_act(
+    dev: &Device,
+    pre: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    cols: usize,
+    apply_act: bool,
+    act: u32,
+    z: &mut CudaSlice<f32>,
+    act_out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let total = pre.len();
+    if z.len() != total || act_out.len() != total || cols == 0 || total % cols != 0 {
+        return Err(Error::shape("z", &[total], &[z.len()]));
+    }
+    if let Some(b) = bias {
+        if b.len() != cols {
+            return Err(Error::shape("bias", &[cols], &[b.len()]));
+        }
+    }
+    let params = NtkvNtkBiasActParams {
+        total: total as u64,
+        cols: to_u32("cols", cols)?,
+        has_bias: u32::from(bias.is_some()),
+        apply_act: u32::from(apply_act),
+        act,
+    };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_bias_act")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, total)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = dev.stream().launch_builder(&f);
+    // Without a bias the kernel never reads the bias pointer; pass `pre` as a valid stand-in.
+    builder.arg(&params).arg(pre).arg(bias.unwrap_or(pre)).arg(z).arg(act_out);
+    // SAFETY: ntkv_ntk_bias_act(params, const float* pre, const float* bias, float* z, float*
+    // act_out) touches index < total of pre, z and act_out (all exactly total long) and
+    // bias[idx % cols] only when has_bias, with bias.len() == cols.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// Cotangents: `identity` writes `g[(n,a), c] = (a == c)` (`[n, o, o]`); otherwise
+/// `g[(n,a), c] = pre[(n,a), c]·φ'(z[n, c])`.
+pub(crate) fn cotangent(
+    dev: &Device,
+    pre: Option<&CudaSlice<f32>>,
+    z: Option<&CudaSlice<f32>>,
+    o: usize,
+    cols: usize,
+    act: u32,
+    g: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let total = g.len();
+    if cols == 0 || o == 0 || total % (cols * o) != 0 {
+        return Err(Error::shape("g", &[total], &[cols * o]));
+    }
+    let mode = match (pre, z) {
+        (None, None) => {
+            if cols != o {
+                return Err(Error::shape("g", &[o], &[cols]));
+            }
+            0
+        }
+        (Some(p), Some(zz)) => {
+            if p.len() != total || zz.len() != total / o {
+                return Err(Error::shape("pre", &[total, total / o], &[p.len(), zz.len()]));
+            }
+            1
+        }
+        _ => return Err(Error::invalid("pre", "pre and z go together")),
+    };
+    let params =
+        NtkvNtkCotangentParams { total: total as u64, o: to_u32("o", o)?, cols: to_u32("cols", cols)?, mode, act };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_cotangent")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, total)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let dummy = dev.stream().alloc_zeros::<f32>(1)?;
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(pre.unwrap_or(&dummy)).arg(z.unwrap_or(&dummy)).arg(g);
+    // SAFETY: ntkv_ntk_cotangent(params, const float* pre, const float* z, float* g) writes
+    // g[idx < total]; in mode 1 it reads pre[idx] (pre.len() == total) and z[n·cols + c] with
+    // n < total/(o·cols), c < cols (z.len() == total/o); mode 0 reads neither.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// The inputs of one fused JVP step (see `NtkvNtkJvpParams`).
+pub(crate) struct JvpStep<'a> {
+    pub pre: &'a CudaSlice<f32>,
+    pub t1: &'a CudaSlice<f32>,
+    pub t2: Option<&'a CudaSlice<f32>>,
+    pub bias: Option<(&'a CudaSlice<f32>, &'a CudaSlice<f32>)>,
+    pub cols: usize,
+    pub is_last: bool,
+    pub act: u32,
+}
+
+pub(crate) fn jvp(dev: &Device, s: &JvpStep<'_>, a_out: &mut CudaSlice<f32>, da_out: &mut CudaSlice<f32>) -> Result<()> {
+    let total = s.pre.len();
+    let bad_t2 = s.t2.is_some_and(|t| t.len() != total);
+    let bad_b = s.bias.is_some_and(|(b, db)| b.len() != s.cols || db.len() != s.cols);
+    if s.t1.len() != total || bad_t2 || bad_b || a_out.len() != total || da_out.len() != total || s.cols == 0 {
+        return Err(Error::shape("jvp", &[total], &[s.t1.len(), a_out.len(), da_out.len()]));
+    }
+    let params = NtkvNtkJvpParams {
+        total: total as u64,
+        cols: to_u32("cols", s.cols)?,
+        has_bias: u32::from(s.bias.is_some()),
+        has_t2: u32::from(s.t2.is_some()),
+        is_last: u32::from(s.is_last),
+        act: s.act,
+        _pad0: 0,
+    };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_jvp")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(dev, total)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (b, db) = s.bias.unwrap_or((s.pre, s.pre));
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(s.pre).arg(s.t1).arg(s.t2.unwrap_or(s.t1)).arg(b).arg(db).arg(a_out).arg(da_out);
+    // SAFETY: ntkv_ntk_jvp(params, pre, t1, t2, bias, dbias, a_out, da_out) touches index <
+    // total of pre, t1, t2 (when has_t2), a_out and da_out (all total long, checked) and
+    // bias/dbias[idx % cols] only when has_bias, with both cols long.
+    unsafe { builder.launch(cfg) }?;
+    Ok(())
+}
+
+/// What the statistics pass compares the kernel with.
+pub(crate) enum StatsTarget<'a> {
+    None,
+    Labels(&'a CudaSlice<u32>),
+    Dense(&'a CudaSlice<f32>),
+}
+
+/// `[Σk', Σk'², Σ diag k', Σm', Σm'², Σk'm']` in f64 (see `NtkvNtkStatsParams`); `cent` holds
+/// the centring vectors of k and m when given.
+pub(crate) fn stats(
+    dev: &Device,
+    k: &CudaSlice<f32>,
+    n: usize,
+    target: StatsTarget<'_>,
+    cent: Option<&CudaSlice<f64>>,
+) -> Result<[f64; 6]> {
+    let total = n * n;
+    if k.len() != total || n == 0 {
+        return Err(Error::shape("kernel", &[total], &[k.len()]));
+    }
+    let stream = dev.stream();
+    let dummy_f = stream.alloc_zeros::<f32>(1)?;
+    let dummy_u = stream.alloc_zeros::<u32>(1)?;
+    let dummy_d = stream.alloc_zeros::<f64>(1)?;
+    let (m_kind, m, labels) = match &target {
+        StatsTarget::None => (0, &dummy_f, &dummy_u),
+        StatsTarget::Labels(l) => {
+            if l.len() != n {
+                return Err(Error::shape("labels", &[n], &[l.len()]));
+            }
+            (1, &dummy_f, *l)
+        }
+        StatsTarget::Dense(m) => {
+            if m.len() != total {
+                return Err(Error::shape("targets", &[total], &[m.len()]));
+            }
+            (2, *m, &dummy_u)
+        }
+    };
+    if let Some(c) = cent {
+        if c.len() != 4 * n + 2 || m_kind != 2 {
+            return Err(Error::shape("centering", &[4 * n + 2], &[c.len()]));
+        }
+    }
+    let blocks = total.div_ceil(256).clamp(1, dev.props().sm_count.max(1) as usize * 8);
+    let params = NtkvNtkStatsParams {
+        total: total as u64,
+        n: to_u32("n", n)?,
+        m_kind,
+        center: u32::from(cent.is_some()),
+        blocks: to_u32("blocks", blocks)?,
+    };
+    let mut partials = stream.alloc_zeros::<f64>(blocks * 6)?;
+    let mut out = stream.alloc_zeros::<f64>(6)?;
+    let f = dev.function(Module::Ntk, "ntkv_ntk_stats")?;
+    let cfg = LaunchConfig { grid_dim: (params.blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&params).arg(k).arg(m).arg(labels).arg(cent.unwrap_or(&dummy_d)).arg(&mut partials);
+    // SAFETY: ntkv_ntk_stats(params, const float* k, const float* m, const u32* labels, const
+    // double* cent, double* partials) reads k[idx < n²]; m[idx] only for m_kind 2 (m.len() ==
+    // n²); labels[i < n] only for m_kind 1 (labels.len() == n); cent[< 4n + 2] only when
+    // centering (checked); writes partials[block·6 + q] for block < blocks (blocks·6 long).
+    unsafe { builder.launch(cfg) }?;
+    let f2 = dev.function(Module::Ntk, "ntkv_ntk_stats_finish")?;
+    let cfg2 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b2 = stream.launch_builder(&f2);
+    b2.arg(&params).arg(&partials).arg(&mut out);
+    // SAFETY: ntkv_ntk_stats_finish(params, const double* partials, double* out) reads
+    // partials[b·6 + q] for b < blocks and writes out[q < 6]; both buffers are that long.
+    unsafe { b2.launch(cfg2) }?;
+    let host = stream.clone_dtoh(&out)?;
+    let mut r = [0.0f64; 6];
+    r.copy_from_slice(&host[..6]);
+    Ok(r)
+}
+
+/// Row means, column means and the grand mean of `x [n, n]` into `out[offset..offset + 2n + 1]`.
+pub(crate) fn means(dev: &Device, x: &CudaSlice<f32>, n: usize, out: &mut CudaSlice<f64>) -> Result<()> {
+    if x.len() != n * n || out.len() != 2 * n + 1 || n == 0 {
+        return Err(Error::shape("kernel", &[n * n, 2 * n + 1], &[x.len(), out.len()]));
+    }
+    let params = NtkvNtkMeansParams { n: to_u32("n", n)?, _pad0: 0 };
+    let f = dev.function(Module::Ntk, "ntkv_ntk_means")?;
+    let blocks = to_u32("blocks", n + n.div_ceil(256))?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut builder = dev.stream().launch_builder(&f);
+    builder.arg(&params).arg(x).arg(&mut *out);
+    // SAFETY: ntkv_ntk_means(params, const float* x, double* out): blocks < n read row
+    // blockIdx of x (n² long) and write out[i < n]; the other blocks write out[n + col] for
+    // col < n after reading column col; out is 2n + 1 long.
+    unsafe { builder.launch(cfg) }?;
+    let f2 = dev.function(Module::Ntk, "ntkv_ntk_grand_mean")?;
+    let cfg2 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b2 = dev.stream().launch_builder(&f2);
+    b2.arg(&params).arg(out);
+    // SAFETY: ntkv_ntk_grand_mean(params, double* out) reads out[i < n] and writes out[2n].
+    unsafe { b2.launch(cfg2) }?;
+    Ok(())
+}
+
+/// A growable f32 device buffer for split-K partials and intermediate Grams.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    buf: Option<CudaSlice<f32>>,
+}
+
+impl Scratch {
+    /// A buffer of at least `len` f32 (contents unspecified: every user overwrites it).
+    pub fn get(&mut self, dev: &Device, len: usize) -> Result<&mut CudaSlice<f32>> {
+        let need = len.max(1);
+        if self.buf.as_ref().is_none_or(|b| b.len() < need) {
+            self.buf = None;
+            self.buf = Some(dev.stream().alloc_zeros::<f32>(need)?);
+        }
+        self.buf.as_mut().ok_or_else(|| Error::invalid("scratch", "allocation vanished"))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// `C [ra, rb] = A [ra, k] · B [rb, k]ᵀ` (both row-major f32, contiguous rows) with the
+/// given precision; `b = None` is the symmetric `A·Aᵀ`.
+pub(crate) fn matmul_abt(
+    dev: &Device,
+    a: &CudaSlice<f32>,
+    ra: usize,
+    b: Option<(&CudaSlice<f32>, usize)>,
+    k: usize,
+    precision: Precision,
+    scratch: &mut Scratch,
+) -> Result<CudaSlice<f32>> {
+    let rb = b.map_or(ra, |(_, r)| r);
+    let plan = GemmPlan::new(dev.props().sm_count as usize, ra, rb, k, 1, b.is_none())?;
+    let op_a = Operand { data: a, rows: ra, row_stride: k, batch_stride: 0 };
+    let op_b = b.map(|(data, rows)| Operand { data, rows, row_stride: k, batch_stride: 0 });
+    let partials = scratch.get(dev, plan.partial_elems())?;
+    gemm(dev, &plan, &op_a, op_b.as_ref(), precision, partials)?;
+    let mut out = dev.stream().alloc_zeros::<f32>(ra * rb)?;
+    reduce(dev, &plan, partials, ReduceLayout::Plain, 1.0, &mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,453 @@
+//! NTK Jacobian contractions (SPEC §6): the empirical NTK from per-sample Jacobians, the
+//! factored (structured-derivative) MLP NTK that never materializes `J`, an MLP helper, the
+//! linearized model, and metrics on an `[N, N]` kernel.
+//!
+//! # What runs where
+//! - [`Gram`] / [`gram`]: Jacobian contractions on the GPU (tiled GEMM kernels: FFMA for
+//!   [`Precision::F32`], inline-PTX `mma.sync` tensor cores for [`Precision::Tf32`] and
+//!   [`Precision::Bf16`], fp32 accumulation, split-K over `P` reduced in a fixed order).
+//! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: GPU (the same GEMM
+//!   kernels plus small elementwise kernels).
+//! - [`metrics`]: trace, Frobenius norm, mean, LGA and the alignments are GPU reductions
+//!   (per-block `f64` partial sums, then one block sums them in a fixed order); eigenvalues,
+//!   the condition number and NTK regression copy the kernel to the host and run in `f64` on
+//!   the CPU (O(N³), fine for N ≤ 4096).
+//! - [`cpu`]: the `f64` reference of everything, which the tests compare against.
+//!
+//! # Layouts
+//! Per-sample Jacobians are `J [N, O, P]` row-major (`J[i,a,p] = ∂f_a(x_i)/∂θ_p`). Outputs
+//! are `f32`: `Full` `[N1, N2, O, O]`, `Trace` and `Pseudo` `[N1, N2]`, `Diagonal`
+//! `[N1, N2, O]`.
+//!
+//! # Precision and tolerances (against the `f64` reference, relative L2 over the output)
+//! - `F32`: exact fp32 FMA, ≤ 1e-5.
+//! - `Tf32`: inputs rounded to tf32 (`cvt.rna`, 10-bit mantissa) once when staged into shared
+//!   memory, fp32 accumulation: ≤ 2e-3 for inputs of one sign pattern as random data (the
+//!   rounding of each input is 2⁻¹¹ relative; the tests use 2e-3).
+//! - `Bf16`: `J` stored as bf16 (`half::bf16`) is used as is; `J` stored as `f32` is rounded to
+//!   bf16 on the fly when staged into shared memory. fp32 accumulation. Against the reference
+//!   on the bf16 values: ≤ 2e-3 (SPEC's bf16 GEMM bar); against the unrounded f32 input:
+//!   ≤ 1e-2 (each input carries 2⁻⁹ relative rounding).
+
+pub mod cpu;
+
+/// How the `[N1, N2, O, O]` kernel is contracted over the output axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NtkMode {
+    /// `Θ[i,j,a,b] = Σ_p J1[i,a,p]·J2[j,b,p]`, shape `[N1, N2, O, O]`.
+    Full,
+    /// `Σ_a Θ[i,j,a,a]`, shape `[N1, N2]`; neural-tangents divides by `O`
+    /// (`divide_by_outputs: true`), the PyTorch tutorial does not.
+    Trace {
+        /// Divide the trace by `O`.
+        divide_by_outputs: bool,
+    },
+    /// `Θ[i,j,a,a]`, shape `[N1, N2, O]`.
+    Diagonal,
+    /// `(Σ_a J1[i,a])·(Σ_b J2[j,b])`, shape `[N1, N2]`: the scalar-output NTK of TE-NAS and LGA.
+    Pseudo,
+}
+
+impl NtkMode {
+    /// A short name for tables (`full`, `trace`, `trace/O`, `diag`, `pseudo`).
+    pub fn name(self) -> &'static str {
+        match self {
+            NtkMode::Full => "full",
+            NtkMode::Trace { divide_by_outputs: false } => "trace",
+            NtkMode::Trace { divide_by_outputs: true } => "trace/O",
+            NtkMode::Diagonal => "diag",
+            NtkMode::Pseudo => "pseudo",
+        }
+    }
+
+    /// The output shape for `n1 × n2` samples and `o` outputs.
+    pub fn output_shape(self, n1: usize, n2: usize, o: usize) -> Vec<usize> {
+        cpu::output_shape(self, n1, n2, o)
+    }
+}
+
+/// The arithmetic of a contraction. All accumulate in fp32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Exact fp32 FMA on the CUDA cores; the reference for tests.
+    F32,
+    /// TF32 tensor cores (`mma.sync.m16n8k8`), inputs rounded with `cvt.rna.tf32.f32`.
+    Tf32,
+    /// BF16 tensor cores (`mma.sync.m16n8k16`), inputs as bf16.
+    Bf16,
+}
+
+impl Precision {
+    /// `f32`, `tf32` or `bf16`: the dtype string of the bench tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The relative-L2 bound against the `f64` reference of the values the kernel reads
+    /// (documented at module level).
+    pub fn rel_l2_bound(self) -> f64 {
+        match self {
+            Precision::F32 => 1e-5,
+            Precision::Tf32 | Precision::Bf16 => 2e-3,
+        }
+    }
+}
+
+/// A hidden activation of the MLP helper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// `max(x, 0)`; derivative 0 at 0 (as PyTorch).
+    Relu,
+    /// `tanh(x)`.
+    Tanh,
+    /// Exact GELU `x·Φ(x)` (erf form, `torch.nn.GELU()`'s default).
+    Gelu,
+}
+
+impl Activation {
+    /// The code the kernels use: 0 ReLU, 1 tanh, 2 GELU.
+    pub fn code(self) -> u32 {
+        match self {
+            Activation::Relu => 0,
+            Activation::Tanh => 1,
+            Activation::Gelu => 2,
+        }
+    }
+}
+
+mod gpu;
+pub mod metrics;
+mod mlp;
+
+pub use mlp::{Mlp, MlpFactors};
+
+use cudarc::driver::CudaSlice;
+
+use crate::device::Device;
+use crate::error::{check_shape, Error, Result};
+use crate::tensor::{DType, DeviceTensor, Float};
+use gpu::{GemmPlan, Operand, ReduceLayout, Scratch};
+
+fn check_dtype<T: Float>(arg: &'static str) -> Result<()> {
+    if T::DTYPE == DType::F16 {
+        return Err(Error::invalid(arg, "f16 storage is not supported; use f32 or bf16"));
+    }
+    Ok(())
+}
+
+/// A planned Jacobian contraction (FlashInfer-style: [`Gram::plan`] validates the shapes and
+/// chooses the GEMM geometry and split-K once; [`Gram::run`] launches, reusing its workspace).
+///
+/// Cost: `Full` is one GEMM over rows `N·O` (`2·N1·N2·O²·P` FLOPs); `Trace` is one GEMM over
+/// rows `N` with depth `O·P` (`2·N1·N2·O·P`), never forming the off-diagonal output blocks;
+/// `Diagonal` is `O` batched GEMMs of depth `P` (same FLOPs as `Trace`); `Pseudo` sums `J` over
+/// `O` first (one pass over `J`) and then does one GEMM of depth `P` (`2·N1·N2·P`). The
+/// symmetric case computes only the 128×128 tiles on or above the diagonal (about half).
+///
+/// Workspace: `splits × (output rows × output columns)` f32 partials, with `splits` chosen
+/// to fill the GPU's SMs and capped at 1 GiB of partials (see [`Gram::workspace_bytes`]), plus
+/// `(N1 + N2)·P` f32 for `Pseudo`. `P` is streamed, so any `P` that fits `J` works.
+#[derive(Debug)]
+pub struct Gram {
+    n1: usize,
+    n2: usize,
+    o: usize,
+    p: usize,
+    mode: NtkMode,
+    precision: Precision,
+    symmetric: bool,
+    plan: GemmPlan,
+    scratch: ScratchDebug,
+}
+
+#[derive(Default)]
+struct ScratchDebug(Scratch, Option<CudaSlice<f32>>, Option<CudaSlice<f32>>);
+
+impl std::fmt::Debug for ScratchDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Workspace({} bytes)", self.0.bytes())
+    }
+}
+
+impl Gram {
+    /// Plans `Θ = J1·J2ᵀ` contracted per `mode`, for `J1 [n1, o, p]` and `J2 [n2, o, p]`;
+    /// `n2 = None` plans the symmetric case `J2 = J1` (one triangle computed).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a zero `n1`, `n2` or `o` (`p = 0` is allowed and gives
+    /// zeros); [`Error::TooLarge`] when a dimension exceeds the kernels' index types.
+    pub fn plan(
+        dev: &Device,
+        n1: usize,
+        n2: Option<usize>,
+        o: usize,
+        p: usize,
+        mode: NtkMode,
+        precision: Precision,
+    ) -> Result<Self> {
+        if n1 == 0 {
+            return Err(Error::invalid("n1", "need at least one sample"));
+        }
+        if n2 == Some(0) {
+            return Err(Error::invalid("n2", "need at least one sample"));
+        }
+        if o == 0 {
+            return Err(Error::invalid("o", "need at least one output"));
+        }
+        let symmetric = n2.is_none();
+        let n2v = n2.unwrap_or(n1);
+        let checked = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("o", "size overflows"));
+        let sms = dev.props().sm_count as usize;
+        let plan = match mode {
+            NtkMode::Full => GemmPlan::new(sms, checked(n1, o)?, checked(n2v, o)?, p, 1, symmetric)?,
+            NtkMode::Trace { .. } => GemmPlan::new(sms, n1, n2v, checked(o, p)?, 1, symmetric)?,
+            NtkMode::Diagonal => GemmPlan::new(sms, n1, n2v, p, o, symmetric)?,
+            NtkMode::Pseudo => GemmPlan::new(sms, n1, n2v, p, 1, symmetric)?,
+        };
+        let out: usize = mode.output_shape(n1, n2v, o).iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+        crate::error::to_u32("output", out.min(usize::MAX))?;
+        Ok(Gram { n1, n2: n2v, o, p, mode, precision, symmetric, plan, scratch: ScratchDebug::default() })
+    }
+
+    /// The output shape (see [`NtkMode`]).
+    pub fn output_shape(&self) -> Vec<usize> {
+        self.mode.output_shape(self.n1, self.n2, self.o)
+    }
+
+    /// The number of split-K partitions of `P` the plan uses.
+    pub fn splits(&self) -> usize {
+        self.plan.splits
+    }
+
+    /// Bytes of device workspace a run allocates (once, then reused).
+    pub fn workspace_bytes(&self) -> usize {
+        let pseudo = if self.mode == NtkMode::Pseudo { (self.n1 + if self.symmetric { 0 } else { self.n2 }) * self.p } else { 0 };
+        (self.plan.partial_elems() + pseudo) * 4
+    }
+
+    /// Runs the contraction into `out` (shape [`Gram::output_shape`], f32).
+    ///
+    /// `j1 [n1, o, p]` and, unless the plan is symmetric, `j2 [n2, o, p]`, both `f32` or `bf16`
+    /// (see the module docs for how each precision reads each dtype).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming `j1`, `j2` or `out`; [`Error::InvalidArgument`] for `j2` given to
+    /// a symmetric plan or missing from a cross plan, or for f16 storage. Nothing is written
+    /// on error.
+    pub fn run<T: Float>(
+        &mut self,
+        dev: &Device,
+        j1: &DeviceTensor<T>,
+        j2: Option<&DeviceTensor<T>>,
+        out: &mut DeviceTensor<f32>,
+    ) -> Result<()> {
+        check_dtype::<T>("j1")?;
+        check_shape("j1", &[self.n1, self.o, self.p], j1.shape())?;
+        match (j2, self.symmetric) {
+            (Some(_), true) => return Err(Error::invalid("j2", "the plan is symmetric (J2 = J1); pass None")),
+            (None, false) => return Err(Error::invalid("j2", "the plan is for a cross kernel; pass J2")),
+            (Some(j), false) => check_shape("j2", &[self.n2, self.o, self.p], j.shape())?,
+            (None, true) => {}
+        }
+        check_shape("out", &self.output_shape(), out.shape())?;
+        let (n1, n2, o, p) = (self.n1, self.n2, self.o, self.p);
+        let plan = self.plan.clone();
+        let precision = self.precision;
+        let ScratchDebug(scratch, sum1, sum2) = &mut self.scratch;
+        let partials = scratch.get(dev, plan.partial_elems())?;
+        match self.mode {
+            NtkMode::Full => {
+                let a = Operand { data: j1.slice(), rows: n1 * o, row_stride: p, batch_stride: 0 };
+                let b = j2.map(|j| Operand { data: j.slice(), rows: n2 * o, row_stride: p, batch_stride: 0 });
+                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+                gpu::reduce(dev, &plan, partials, ReduceLayout::Full { n2, o }, 1.0, out.slice_mut())
+            }
+            NtkMode::Trace { divide_by_outputs } => {
+                let a = Operand { data: j1.slice(), rows: n1, row_stride: o * p, batch_stride: 0 };
+                let b = j2.map(|j| Operand { data: j.slice(), rows: n2, row_stride: o * p, batch_stride: 0 });
+                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+                let scale = if divide_by_outputs { 1.0 / o as f32 } else { 1.0 };
+                gpu::reduce(dev, &plan, partials, ReduceLayout::Plain, scale, out.slice_mut())
+            }
+            NtkMode::Diagonal => {
+                let a = Operand { data: j1.slice(), rows: n1, row_stride: o * p, batch_stride: p };
+                let b = j2.map(|j| Operand { data: j.slice(), rows: n2, row_stride: o * p, batch_stride: p });
+                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+                gpu::reduce(dev, &plan, partials, ReduceLayout::Diagonal { n2, o }, 1.0, out.slice_mut())
+            }
+            NtkMode::Pseudo => {
+                let need1 = (n1 * p).max(1);
+                if sum1.as_ref().is_none_or(|s| s.len() != need1) {
+                    *sum1 = Some(dev.stream().alloc_zeros::<f32>(need1)?);
+                }
+                let s1 = sum1.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
+                gpu::presum(dev, j1.slice(), n1, o, p, s1)?;
+                if let Some(j) = j2 {
+                    let need2 = (n2 * p).max(1);
+                    if sum2.as_ref().is_none_or(|s| s.len() != need2) {
+                        *sum2 = Some(dev.stream().alloc_zeros::<f32>(need2)?);
+                    }
+                    let s2 = sum2.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
+                    gpu::presum(dev, j.slice(), n2, o, p, s2)?;
+                }
+                let s1 = sum1.as_ref().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
+                let a = Operand { data: s1, rows: n1, row_stride: p, batch_stride: 0 };
+                let b = match (j2, sum2.as_ref()) {
+                    (Some(_), Some(s2)) => Some(Operand { data: s2, rows: n2, row_stride: p, batch_stride: 0 }),
+                    _ => None,
+                };
+                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+                gpu::reduce(dev, &plan, partials, ReduceLayout::Plain, 1.0, out.slice_mut())
+            }
+        }
+    }
+}
+
+/// One call: plans and runs a Jacobian contraction, returning a new `f32` tensor.
+/// `j2 = None` is the symmetric case `J2 = J1`.
+///
+/// # Errors
+/// As [`Gram::plan`] and [`Gram::run`].
+pub fn gram<T: Float>(
+    dev: &Device,
+    j1: &DeviceTensor<T>,
+    j2: Option<&DeviceTensor<T>>,
+    mode: NtkMode,
+    precision: Precision,
+) -> Result<DeviceTensor<f32>> {
+    let s = j1.shape();
+    if s.len() != 3 {
+        return Err(Error::shape("j1", &[0, 0, 0], s));
+    }
+    let n2 = match j2 {
+        Some(j) => {
+            if j.shape().len() != 3 {
+                return Err(Error::shape("j2", &[0, s[1], s[2]], j.shape()));
+            }
+            Some(j.shape()[0])
+        }
+        None => None,
+    };
+    let mut plan = Gram::plan(dev, s[0], n2, s[1], s[2], mode, precision)?;
+    let mut out = DeviceTensor::zeros(dev, &plan.output_shape())?;
+    plan.run(dev, j1, j2, &mut out)?;
+    Ok(out)
+}
+
+/// One dense layer's factors on the device: inputs `a [N, T, d_in]`, cotangents
+/// `g [N, T, O, d_out]` (`g[i,t,a,:] = ∂f_a(x_i)/∂z_t` for `z_t = W·a_t + b`), and whether the
+/// layer has a bias (`β = 1`).
+#[derive(Clone, Copy, Debug)]
+pub struct FactoredLayer<'a> {
+    /// `[N, T, d_in]`, f32.
+    pub a: &'a DeviceTensor<f32>,
+    /// `[N, T, O, d_out]`, f32.
+    pub g: &'a DeviceTensor<f32>,
+    /// Whether the layer has a bias.
+    pub bias: bool,
+}
+
+fn factored_dims(arg: &'static str, layers: &[FactoredLayer<'_>]) -> Result<(usize, usize, usize)> {
+    let first = layers.first().ok_or_else(|| Error::invalid(arg, "need at least one layer"))?;
+    let a = first.a.shape();
+    let g = first.g.shape();
+    if a.len() != 3 || g.len() != 4 {
+        return Err(Error::shape(arg, &[0, 0, 0, 0], g));
+    }
+    let (n, t, o) = (a[0], a[1], g[2]);
+    for l in layers {
+        let (sa, sg) = (l.a.shape(), l.g.shape());
+        if sa.len() != 3 || sa[0] != n || sa[1] != t || sa[2] == 0 {
+            return Err(Error::shape(arg, &[n, t, sa.get(2).copied().unwrap_or(0)], sa));
+        }
+        if sg.len() != 4 || sg[0] != n || sg[1] != t || sg[2] != o || sg[3] == 0 {
+            return Err(Error::shape(arg, &[n, t, o, sg.get(3).copied().unwrap_or(0)], sg));
+        }
+    }
+    if n == 0 || t == 0 || o == 0 {
+        return Err(Error::invalid(arg, "N, T and O must be positive"));
+    }
+    Ok((n, t, o))
+}
+
+/// The factored (structured-derivative) NTK of dense layers, on the GPU, never forming `J`:
+/// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (A_l[i,t]·A_l[j,s] + β_l)·(G_l[i,t,a]·G_l[j,s,b])` (SPEC §6),
+/// contracted per `mode` like [`gram`] on the explicit Jacobian of the same layers.
+///
+/// Per layer it computes the input Gram `A·Aᵀ` over `d_in` (rows `N·T`) and the cotangent
+/// Gram over `d_out` (rows `N·T·O` for `Full` and `Diagonal`; rows `N·T` with depth
+/// `O·d_out` for `Trace`; the `O`-summed cotangents for `Pseudo`) with the GEMM kernels at
+/// `precision`, then combines them elementwise (`T = 1`: the Hadamard form
+/// `(AAᵀ + β) ⊙ (GGᵀ)`; `T > 1`: the sum over `t, s`, i.e. the Frobenius form), adding the
+/// layers in order (deterministic). `layers2 = None` is the symmetric case.
+///
+/// Train-mode BatchNorm couples samples and is not a dense layer: it cannot be expressed here.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for no layers or zero sizes; [`Error::Shape`] when the layers
+/// disagree on `N`, `T`, `O` or the two sides on widths.
+pub fn factored_ntk(
+    dev: &Device,
+    layers1: &[FactoredLayer<'_>],
+    layers2: Option<&[FactoredLayer<'_>]>,
+    mode: NtkMode,
+    precision: Precision,
+) -> Result<DeviceTensor<f32>> {
+    let (n1, t, o) = factored_dims("layers1", layers1)?;
+    let n2 = match layers2 {
+        Some(l2) => {
+            let (n2, t2, o2) = factored_dims("layers2", l2)?;
+            check_shape("layers2", &[t, o], &[t2, o2])?;
+            check_shape("layers2", &[layers1.len()], &[l2.len()])?;
+            for (x, y) in layers1.iter().zip(l2) {
+                check_shape("layers2", &[x.a.shape()[2], x.g.shape()[3]], &[y.a.shape()[2], y.g.shape()[3]])?;
+                if x.bias != y.bias {
+                    return Err(Error::invalid("layers2", "bias flags differ between the two sides"));
+                }
+            }
+            n2
+        }
+        None => n1,
+    };
+    let shape = mode.output_shape(n1, n2, o);
+    let mut out = DeviceTensor::<f32>::zeros(dev, &shape)?;
+    let mut scratch = Scratch::default();
+    for (l, x) in layers1.iter().enumerate() {
+        let y = layers2.map(|l2| &l2[l]);
+        let din = x.a.shape()[2];
+        let dout = x.g.shape()[3];
+        let aa = gpu::matmul_abt(dev, x.a.slice(), n1 * t, y.map(|y| (y.a.slice(), n2 * t)), din, precision, &mut scratch)?;
+        let (gg, e, diagonal, scale) = match mode {
+            NtkMode::Full | NtkMode::Diagonal => {
+                let gg = gpu::matmul_abt(dev, x.g.slice(), n1 * t * o, y.map(|y| (y.g.slice(), n2 * t * o)), dout, precision, &mut scratch)?;
+                (gg, o, mode == NtkMode::Diagonal, 1.0)
+            }
+            NtkMode::Trace { divide_by_outputs } => {
+                let gg = gpu::matmul_abt(dev, x.g.slice(), n1 * t, y.map(|y| (y.g.slice(), n2 * t)), o * dout, precision, &mut scratch)?;
+                (gg, 1, false, if divide_by_outputs { 1.0 / o as f32 } else { 1.0 })
+            }
+            NtkMode::Pseudo => {
+                let mut s1 = dev.stream().alloc_zeros::<f32>(n1 * t * dout)?;
+                gpu::presum(dev, x.g.slice(), n1 * t, o, dout, &mut s1)?;
+                let s2 = match y {
+                    Some(y) => {
+                        let mut s2 = dev.stream().alloc_zeros::<f32>(n2 * t * dout)?;
+                        gpu::presum(dev, y.g.slice(), n2 * t, o, dout, &mut s2)?;
+                        Some(s2)
+                    }
+                    None => None,
+                };
+                let other = s2.as_ref().map(|s2| (s2, n2 * t));
+                let gg = gpu::matmul_abt(dev, &s1, n1 * t, other, dout, precision, &mut scratch)?;
+                (gg, 1, false, 1.0)
+            }
+        };
+        let beta = if x.bias { 1.0 } else { 0.0 };
+        gpu::combine(dev, &aa, &gg, n1, n2, t, e, diagonal, beta, scale, l > 0, out.slice_mut())?;
+    }
+    Ok(out)
+}
