@@ -9,6 +9,7 @@
 //! peers' timings from `tools/peers/run.py`.
 
 mod harness;
+mod ntk;
 mod quant;
 
 use std::process::ExitCode;
@@ -41,7 +42,7 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] = &[("quant", quant::run)];
+const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("ntk", ntk::run)];
 
 fn main() -> ExitCode {
     let args = Args::parse();
