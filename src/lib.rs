@@ -24,10 +24,10 @@
 pub mod checks;
 pub mod device;
 pub mod error;
+pub mod ntk;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;
-pub mod ntk;
 pub mod quant;
 pub mod rng;
 pub mod tensor;

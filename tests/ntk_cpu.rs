@@ -158,7 +158,10 @@ fn mlp_jacobian_matches_finite_differences() {
             for row in 0..n * 3 {
                 let fd = (fp[row] - fm[row]) / (2.0 * h);
                 let an = j[row * p + q];
-                assert!((fd - an).abs() < 1e-6 * (1.0 + an.abs()), "{act:?} param {q} row {row}: fd {fd} analytic {an}");
+                assert!(
+                    (fd - an).abs() < 1e-6 * (1.0 + an.abs()),
+                    "{act:?} param {q} row {row}: fd {fd} analytic {an}"
+                );
             }
         }
     }
@@ -182,7 +185,8 @@ fn forward_f64(mlp: &Mlp, theta: &[f64], x: &[f32], n: usize) -> Vec<f64> {
         let mut z = vec![0.0; n * dout];
         for i in 0..n {
             for r in 0..dout {
-                z[i * dout + r] = (0..din).map(|c| wl[r * din + c] * a[i * din + c]).sum::<f64>() + bl.map_or(0.0, |b| b[r]);
+                z[i * dout + r] =
+                    (0..din).map(|c| wl[r * din + c] * a[i * din + c]).sum::<f64>() + bl.map_or(0.0, |b| b[r]);
             }
         }
         a = if l + 1 < mlp.layers() { z.iter().map(|&v| cpu::activate(mlp.activation, v)).collect() } else { z };
@@ -250,7 +254,8 @@ fn linearized_is_first_order_taylor() {
         b.iter_mut().for_each(|v| *v *= eps);
     }
     let lin = mlp.linearized(&delta, &x, n).unwrap();
-    let theta: Vec<f64> = mlp.flat_params().unwrap().iter().zip(delta.flat_params().unwrap()).map(|(a, b)| a + b).collect();
+    let theta: Vec<f64> =
+        mlp.flat_params().unwrap().iter().zip(delta.flat_params().unwrap()).map(|(a, b)| a + b).collect();
     let moved = forward_f64(&mlp, &theta, &x, n);
     for (l, m) in lin.iter().zip(&moved) {
         assert!((l - m).abs() < 1e-4, "lin {l} moved {m}");

@@ -24,7 +24,18 @@ fn upload(dev: &Device, v: &[f32], shape: &[usize]) -> DeviceTensor<f32> {
     DeviceTensor::from_host(dev, v, shape).unwrap()
 }
 
-fn run_gram(dev: &Device, j1: &[f32], j2: Option<&[f32]>, n1: usize, n2: usize, o: usize, p: usize, mode: NtkMode, prec: Precision) -> Vec<f64> {
+#[allow(clippy::too_many_arguments)]
+fn run_gram(
+    dev: &Device,
+    j1: &[f32],
+    j2: Option<&[f32]>,
+    n1: usize,
+    n2: usize,
+    o: usize,
+    p: usize,
+    mode: NtkMode,
+    prec: Precision,
+) -> Vec<f64> {
     let t1 = upload(dev, j1, &[n1, o, p]);
     let t2 = j2.map(|j| upload(dev, j, &[n2, o, p]));
     let out = ntk::gram(dev, &t1, t2.as_ref(), mode, prec).unwrap();
@@ -149,9 +160,18 @@ fn gram_edge_cases_and_validation() {
     assert!(matches!(plan.run(dev, &t, None, &mut bad_out), Err(ntkv::Error::Shape { arg: "out", .. })));
     assert_eq!(out.to_host().unwrap(), sentinel, "a failed run must not write");
     let h = DeviceTensor::<half::f16>::zeros(dev, &[3, 2, 7]).unwrap();
-    assert!(matches!(ntk::gram(dev, &h, None, NtkMode::Full, Precision::F32), Err(ntkv::Error::InvalidArgument { .. })));
-    assert!(matches!(Gram::plan(dev, 0, None, 1, 1, NtkMode::Full, Precision::F32), Err(ntkv::Error::InvalidArgument { arg: "n1", .. })));
-    assert!(matches!(Gram::plan(dev, 1, None, 0, 1, NtkMode::Full, Precision::F32), Err(ntkv::Error::InvalidArgument { arg: "o", .. })));
+    assert!(matches!(
+        ntk::gram(dev, &h, None, NtkMode::Full, Precision::F32),
+        Err(ntkv::Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        Gram::plan(dev, 0, None, 1, 1, NtkMode::Full, Precision::F32),
+        Err(ntkv::Error::InvalidArgument { arg: "n1", .. })
+    ));
+    assert!(matches!(
+        Gram::plan(dev, 1, None, 0, 1, NtkMode::Full, Precision::F32),
+        Err(ntkv::Error::InvalidArgument { arg: "o", .. })
+    ));
     plan.run(dev, &t, None, &mut out).unwrap();
     assert_ne!(out.to_host().unwrap(), sentinel);
 }
@@ -176,8 +196,10 @@ fn factored_ntk_matches_reference_t1_and_t3() {
         };
         let d1 = dev_side(&host1, n1);
         let d2 = dev_side(&host2, n2);
-        let l1: Vec<FactoredLayer<'_>> = d1.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
-        let l2: Vec<FactoredLayer<'_>> = d2.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
+        let l1: Vec<FactoredLayer<'_>> =
+            d1.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
+        let l2: Vec<FactoredLayer<'_>> =
+            d2.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
         let c1: Vec<cpu::FactoredLayer<'_>> = host1
             .iter()
             .zip(&dims)
@@ -194,7 +216,12 @@ fn factored_ntk_matches_reference_t1_and_t3() {
             common::assert_rel_l2(&format!("factored t{t} {mode:?}"), &f64s(&got.to_host().unwrap()), &want, 1e-5);
             let want = cpu::factored_ntk(&c1, None, n1, n1, t, o, mode).unwrap();
             let got = ntk::factored_ntk(dev, &l1, None, mode, Precision::Tf32).unwrap();
-            common::assert_rel_l2(&format!("factored sym tf32 t{t} {mode:?}"), &f64s(&got.to_host().unwrap()), &want, 2e-3);
+            common::assert_rel_l2(
+                &format!("factored sym tf32 t{t} {mode:?}"),
+                &f64s(&got.to_host().unwrap()),
+                &want,
+                2e-3,
+            );
         }
     }
 }
@@ -244,7 +271,12 @@ fn mlp_factors_and_empirical_ntk_match_explicit_jacobian() {
             common::assert_rel_l2(&format!("explicit {act:?} {mode:?}"), &explicit, &want, 1e-5);
             let want = cpu::gram(&j1, None, n1, n1, 3, p, mode).unwrap();
             let got = mlp.empirical_ntk(dev, &tx1, None, mode, Precision::Tf32).unwrap();
-            common::assert_rel_l2(&format!("eNTK sym tf32 {act:?} {mode:?}"), &f64s(&got.to_host().unwrap()), &want, 2e-3);
+            common::assert_rel_l2(
+                &format!("eNTK sym tf32 {act:?} {mode:?}"),
+                &f64s(&got.to_host().unwrap()),
+                &want,
+                2e-3,
+            );
         }
     }
 }
@@ -280,10 +312,22 @@ fn metrics_match_reference() {
     let tk = upload(dev, &k32, &[n, n]);
     let s = metrics::stats(dev, &tk).unwrap();
     common::assert_close("trace", &[s.trace], &[cpu::trace(&k64, n).unwrap()], 1e-12, 1e-12);
-    common::assert_close("frob", &[metrics::frobenius_norm(dev, &tk).unwrap()], &[cpu::frobenius_norm(&k64, n).unwrap()], 1e-12, 0.0);
+    common::assert_close(
+        "frob",
+        &[metrics::frobenius_norm(dev, &tk).unwrap()],
+        &[cpu::frobenius_norm(&k64, n).unwrap()],
+        1e-12,
+        0.0,
+    );
     common::assert_close("mean", &[metrics::mean(dev, &tk).unwrap()], &[cpu::mean(&k64, n).unwrap()], 1e-10, 1e-12);
     let labels: Vec<u32> = (0..n).map(|_| rng.below(c) as u32).collect();
-    common::assert_close("lga", &[metrics::lga(dev, &tk, &labels).unwrap()], &[cpu::lga(&k64, n, &labels).unwrap()], 1e-8, 1e-10);
+    common::assert_close(
+        "lga",
+        &[metrics::lga(dev, &tk, &labels).unwrap()],
+        &[cpu::lga(&k64, n, &labels).unwrap()],
+        1e-8,
+        1e-10,
+    );
     let mut y = vec![0.0f32; n * c];
     for (i, &l) in labels.iter().enumerate() {
         y[i * c + l as usize] = 1.0;

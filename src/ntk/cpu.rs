@@ -27,7 +27,15 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 ///
 /// # Errors
 /// [`Error::Shape`] when a slice length does not match its shape.
-pub fn gram(j1: &[f32], j2: Option<&[f32]>, n1: usize, n2: usize, o: usize, p: usize, mode: NtkMode) -> Result<Vec<f64>> {
+pub fn gram(
+    j1: &[f32],
+    j2: Option<&[f32]>,
+    n1: usize,
+    n2: usize,
+    o: usize,
+    p: usize,
+    mode: NtkMode,
+) -> Result<Vec<f64>> {
     check_shape("j1", &[n1 * o * p], &[j1.len()])?;
     let j2 = match j2 {
         Some(j) => {
@@ -350,7 +358,9 @@ impl Mlp {
     /// `b_l` when present.
     pub fn param_count(&self) -> usize {
         (0..self.layers())
-            .map(|l| self.widths[l + 1] * self.widths[l] + if self.biases[l].is_some() { self.widths[l + 1] } else { 0 })
+            .map(|l| {
+                self.widths[l + 1] * self.widths[l] + if self.biases[l].is_some() { self.widths[l + 1] } else { 0 }
+            })
             .sum()
     }
 
@@ -373,7 +383,8 @@ impl Mlp {
             for i in 0..n {
                 for r in 0..dout {
                     let wr = &self.weights[l][r * din..(r + 1) * din];
-                    let mut s: f64 = wr.iter().zip(&a[i * din..(i + 1) * din]).map(|(&wv, &av)| f64::from(wv) * av).sum();
+                    let mut s: f64 =
+                        wr.iter().zip(&a[i * din..(i + 1) * din]).map(|(&wv, &av)| f64::from(wv) * av).sum();
                     if let Some(b) = &self.biases[l] {
                         s += f64::from(b[r]);
                     }
@@ -782,7 +793,7 @@ pub fn cholesky(a: &[f64], n: usize, arg: &'static str) -> Result<Vec<f64>> {
                 s -= l[i * n + q] * l[j * n + q];
             }
             if i == j {
-                if !(s > 0.0) || !s.is_finite() {
+                if !s.is_finite() || s <= 0.0 {
                     return Err(Error::invalid(
                         arg,
                         format!("not positive definite after regularization (pivot {i} is {s:e}); raise diag_reg"),
@@ -820,7 +831,7 @@ pub fn ntk_regression(
     check_square("theta_train", theta_train, n)?;
     check_shape("theta_test", &[m * n], &[theta_test.len()])?;
     check_shape("targets", &[n * c], &[y.len()])?;
-    if !(diag_reg >= 0.0) || !diag_reg.is_finite() {
+    if !diag_reg.is_finite() || diag_reg < 0.0 {
         return Err(Error::invalid("diag_reg", format!("must be finite and ≥ 0, got {diag_reg}")));
     }
     for (arg, v) in [("theta_train", theta_train), ("theta_test", theta_test), ("targets", y)] {

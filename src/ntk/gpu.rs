@@ -69,7 +69,10 @@ impl GemmPlan {
         if tiles > i32::MAX as usize {
             return Err(Error::too_large("rows", format!("{tiles} tiles exceed the grid")));
         }
-        let plane = m1.checked_mul(m2).and_then(|v| v.checked_mul(batch)).ok_or_else(|| Error::too_large("rows", "output overflows"))?;
+        let plane = m1
+            .checked_mul(m2)
+            .and_then(|v| v.checked_mul(batch))
+            .ok_or_else(|| Error::too_large("rows", "output overflows"))?;
         let ktiles = k.div_ceil(DEPTH).max(1);
         let sms = sm_count.max(1);
         let blocks = tiles * batch;
@@ -422,7 +425,12 @@ pub(crate) struct JvpStep<'a> {
     pub act: u32,
 }
 
-pub(crate) fn jvp(dev: &Device, s: &JvpStep<'_>, a_out: &mut CudaSlice<f32>, da_out: &mut CudaSlice<f32>) -> Result<()> {
+pub(crate) fn jvp(
+    dev: &Device,
+    s: &JvpStep<'_>,
+    a_out: &mut CudaSlice<f32>,
+    da_out: &mut CudaSlice<f32>,
+) -> Result<()> {
     let total = s.pre.len();
     let bad_t2 = s.t2.is_some_and(|t| t.len() != total);
     let bad_b = s.bias.is_some_and(|(b, db)| b.len() != s.cols || db.len() != s.cols);
@@ -560,7 +568,7 @@ impl Scratch {
     /// A buffer of at least `len` f32 (contents unspecified: every user overwrites it).
     pub fn get(&mut self, dev: &Device, len: usize) -> Result<&mut CudaSlice<f32>> {
         let need = len.max(1);
-        if self.buf.as_ref().is_none_or(|b| b.len() < need) {
+        if self.buf.as_ref().map_or(true, |b| b.len() < need) {
             self.buf = None;
             self.buf = Some(dev.stream().alloc_zeros::<f32>(need)?);
         }

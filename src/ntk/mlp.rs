@@ -139,7 +139,8 @@ impl Mlp {
         gpu::cotangent(dev, None, None, o, o, act, &mut g)?;
         for l in (1..layers).rev() {
             let (din, dout) = (self.widths[l], self.widths[l + 1]);
-            let pre = gpu::matmul_abt(dev, &g, n * o, Some((&self.layers[l].wt, din)), dout, Precision::F32, &mut scratch)?;
+            let pre =
+                gpu::matmul_abt(dev, &g, n * o, Some((&self.layers[l].wt, din)), dout, Precision::F32, &mut scratch)?;
             let mut gp = stream.alloc_zeros::<f32>(n * o * din)?;
             gpu::cotangent(dev, Some(&pre), Some(&pre_acts[l - 1]), o, din, act, &mut gp)?;
             cot[l] = Some(std::mem::replace(&mut g, gp));

@@ -208,8 +208,9 @@ impl Gram {
             NtkMode::Diagonal => GemmPlan::new(sms, n1, n2v, p, o, symmetric)?,
             NtkMode::Pseudo => GemmPlan::new(sms, n1, n2v, p, 1, symmetric)?,
         };
-        let out: usize = mode.output_shape(n1, n2v, o).iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
-        crate::error::to_u32("output", out.min(usize::MAX))?;
+        let out: usize =
+            mode.output_shape(n1, n2v, o).iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+        crate::error::to_u32("output", out)?;
         Ok(Gram { n1, n2: n2v, o, p, mode, precision, symmetric, plan, scratch: ScratchDebug::default() })
     }
 
@@ -225,7 +226,11 @@ impl Gram {
 
     /// Bytes of device workspace a run allocates (once, then reused).
     pub fn workspace_bytes(&self) -> usize {
-        let pseudo = if self.mode == NtkMode::Pseudo { (self.n1 + if self.symmetric { 0 } else { self.n2 }) * self.p } else { 0 };
+        let pseudo = if self.mode == NtkMode::Pseudo {
+            (self.n1 + if self.symmetric { 0 } else { self.n2 }) * self.p
+        } else {
+            0
+        };
         (self.plan.partial_elems() + pseudo) * 4
     }
 
@@ -281,14 +286,14 @@ impl Gram {
             }
             NtkMode::Pseudo => {
                 let need1 = (n1 * p).max(1);
-                if sum1.as_ref().is_none_or(|s| s.len() != need1) {
+                if sum1.as_ref().map_or(true, |s| s.len() != need1) {
                     *sum1 = Some(dev.stream().alloc_zeros::<f32>(need1)?);
                 }
                 let s1 = sum1.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
                 gpu::presum(dev, j1.slice(), n1, o, p, s1)?;
                 if let Some(j) = j2 {
                     let need2 = (n2 * p).max(1);
-                    if sum2.as_ref().is_none_or(|s| s.len() != need2) {
+                    if sum2.as_ref().map_or(true, |s| s.len() != need2) {
                         *sum2 = Some(dev.stream().alloc_zeros::<f32>(need2)?);
                     }
                     let s2 = sum2.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
@@ -420,14 +425,31 @@ pub fn factored_ntk(
         let y = layers2.map(|l2| &l2[l]);
         let din = x.a.shape()[2];
         let dout = x.g.shape()[3];
-        let aa = gpu::matmul_abt(dev, x.a.slice(), n1 * t, y.map(|y| (y.a.slice(), n2 * t)), din, precision, &mut scratch)?;
+        let aa =
+            gpu::matmul_abt(dev, x.a.slice(), n1 * t, y.map(|y| (y.a.slice(), n2 * t)), din, precision, &mut scratch)?;
         let (gg, e, diagonal, scale) = match mode {
             NtkMode::Full | NtkMode::Diagonal => {
-                let gg = gpu::matmul_abt(dev, x.g.slice(), n1 * t * o, y.map(|y| (y.g.slice(), n2 * t * o)), dout, precision, &mut scratch)?;
+                let gg = gpu::matmul_abt(
+                    dev,
+                    x.g.slice(),
+                    n1 * t * o,
+                    y.map(|y| (y.g.slice(), n2 * t * o)),
+                    dout,
+                    precision,
+                    &mut scratch,
+                )?;
                 (gg, o, mode == NtkMode::Diagonal, 1.0)
             }
             NtkMode::Trace { divide_by_outputs } => {
-                let gg = gpu::matmul_abt(dev, x.g.slice(), n1 * t, y.map(|y| (y.g.slice(), n2 * t)), o * dout, precision, &mut scratch)?;
+                let gg = gpu::matmul_abt(
+                    dev,
+                    x.g.slice(),
+                    n1 * t,
+                    y.map(|y| (y.g.slice(), n2 * t)),
+                    o * dout,
+                    precision,
+                    &mut scratch,
+                )?;
                 (gg, 1, false, if divide_by_outputs { 1.0 / o as f32 } else { 1.0 })
             }
             NtkMode::Pseudo => {

@@ -47,7 +47,7 @@ pub fn run(b: &mut Bench) -> ntkv::Result<()> {
 }
 
 fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
-    let mut rng = Rng::new(0x4e54_4b);
+    let mut rng = Rng::new(0x004e_544b);
     if b.wants(FAMILY, "gram") {
         for &(n, p) in &[(1024usize, 1usize << 20), (4096, 1 << 18)] {
             let shape = format!("{n}x{p}");
@@ -79,10 +79,9 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let o = 10usize;
         // FLOPs of the factored path: backward GEMMs + the per-layer Grams.
         let gg_rows = |full: bool| if full { n * o } else { n };
-        for (op, mode) in [
-            ("mlp_entk_full", NtkMode::Full),
-            ("mlp_entk_trace", NtkMode::Trace { divide_by_outputs: false }),
-        ] {
+        for (op, mode) in
+            [("mlp_entk_full", NtkMode::Full), ("mlp_entk_trace", NtkMode::Trace { divide_by_outputs: false })]
+        {
             if !b.wants(FAMILY, op) {
                 continue;
             }
@@ -121,7 +120,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
 }
 
 fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
-    let mut rng = Rng::new(0x4e54_4b);
+    let mut rng = Rng::new(0x004e_544b);
     if b.wants(FAMILY, "gram") {
         let (n, o, p) = (48, 2, 2048);
         let j = rng.normal_vec(n * o * p);
@@ -139,16 +138,21 @@ fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
         let host = random_mlp(&mut rng, &widths);
         let x = rng.normal_vec(n * widths[0]);
         let shape = mlp_shape(n, &widths);
-        for (op, mode) in [
-            ("mlp_entk_full", NtkMode::Full),
-            ("mlp_entk_trace", NtkMode::Trace { divide_by_outputs: false }),
-        ] {
+        for (op, mode) in
+            [("mlp_entk_full", NtkMode::Full), ("mlp_entk_trace", NtkMode::Trace { divide_by_outputs: false })]
+        {
             b.cpu(FAMILY, op, &shape, "f64", Work::default(), |_| {
                 let pass = host.pass(&x, n)?;
                 let a: Vec<Vec<f32>> = pass.inputs.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
                 let g: Vec<Vec<f32>> = pass.cotangents.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
                 let layers: Vec<cpu::FactoredLayer<'_>> = (0..3)
-                    .map(|l| cpu::FactoredLayer { a: &a[l], g: &g[l], d_in: widths[l], d_out: widths[l + 1], bias: true })
+                    .map(|l| cpu::FactoredLayer {
+                        a: &a[l],
+                        g: &g[l],
+                        d_in: widths[l],
+                        d_out: widths[l + 1],
+                        bias: true,
+                    })
                     .collect();
                 cpu::factored_ntk(&layers, None, n, n, 1, 10, mode).map(|_| ())
             })?;
