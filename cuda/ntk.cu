@@ -15,6 +15,8 @@
 // row tile <= column tile are computed and the reduction mirrors the rest.
 #include "ntkv_common.cuh"
 
+#include <type_traits>
+
 namespace {
 
 constexpr int kTile = 128;  // rows and columns of C per block
@@ -222,6 +224,67 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
     }
 }
 
+
+// One 32-deep k tile of a warp's 64 x 32 block of C from shared memory rows of kWordsLd u32
+// words (k contiguous). One mma step covers 8 k (tf32) or 16 k (bf16): 8 words per row
+// either way. kCvt: the words are f32 values still to be rounded to tf32 (cvt.rna).
+template <bool kBf16, bool kCvt>
+__device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t* __restrict__ ca,
+                                          const uint32_t* __restrict__ cb, int ld, int wm, int wn, int g,
+                                          int t) {
+    auto word = [](uint32_t w) -> uint32_t { return kCvt ? to_tf32(__uint_as_float(w)) : w; };
+#pragma unroll
+    for (int ks = 0; ks < (kBf16 ? 2 : 4); ++ks) {
+        const int w0 = ks * 8;
+        uint32_t af[4][4], bfr[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+            const int r = wm * 64 + mi * 16 + g;
+            // tf32: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
+            // bf16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+            // in words both are (row, w0 + t) and (row, w0 + t + 4).
+            af[mi][0] = word(ca[r * ld + w0 + t]);
+            af[mi][1] = word(ca[(r + 8) * ld + w0 + t]);
+            af[mi][2] = word(ca[r * ld + w0 + t + 4]);
+            af[mi][3] = word(ca[(r + 8) * ld + w0 + t + 4]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int n = wn * 32 + ni * 8 + g;
+            // B[k][n] = Bs[n][k]: b0 (k = t | 2t..2t+1), b1 (k = t+4 | 2t+8..).
+            bfr[ni][0] = word(cb[n * ld + w0 + t]);
+            bfr[ni][1] = word(cb[n * ld + w0 + t + 4]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                if (kBf16)
+                    mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+                else
+                    mma_tf32(acc[mi][ni], af[mi], bfr[ni]);
+            }
+    }
+}
+
+// Writes a warp's accumulators (c0, c1: (g, 2t + e); c2, c3: (g + 8, 2t + e - 2)) to the
+// block's partial plane, dropping rows >= m1 and columns >= m2.
+__device__ __forceinline__ void store_mma_acc(const NtkvNtkGemmParams& p, float* part, const GemmCtx& c,
+                                              const float (&acc)[4][4][4], uint32_t row0, uint32_t col0, int wm,
+                                              int wn, int g, int t) {
+    float* out = partial_plane(p, part, c);
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t r = row0 + wm * 64 + mi * 16 + g + (e >= 2 ? 8 : 0);
+                const uint32_t col = col0 + wn * 32 + ni * 8 + 2 * t + (e & 1);
+                if (r < p.m1 && col < p.m2) out[(uint64_t)r * p.m2 + col] = acc[mi][ni][e];
+            }
+}
+
 // ---- tensor-core flavours ------------------------------------------------------------------
 // Shared: As[stage][row][k] (k contiguous, padded) holding tf32 bit patterns (u32) or bf16
 // pairs. 8 warps as 2 (rows) x 4 (columns); each warp owns 64 x 32 of C as 4 x 4 mma tiles.
@@ -301,58 +364,107 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
     for (int kt = 0; kt < c.ktiles; ++kt) {
         const int buf = kt & 1;
         if (kt + 1 < c.ktiles) gload(kt + 1);
-        const uint32_t* ca = sA + buf * kStageWords;
-        const uint32_t* cb = sB + buf * kStageWords;
-        // One mma step covers 8 k (tf32) or 16 k (bf16), i.e. 8 words per row either way.
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            if (kBf16 && ks >= 2) break;
-            const int w0 = ks * 8;  // word offset of this step within a row
-            uint32_t af[4][4], bfr[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = wm * 64 + mi * 16 + g;
-                // tf32: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
-                // bf16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
-                // in words both are (row, w0 + t) and (row, w0 + t + 4).
-                af[mi][0] = ca[r * kWordsLd + w0 + t];
-                af[mi][1] = ca[(r + 8) * kWordsLd + w0 + t];
-                af[mi][2] = ca[r * kWordsLd + w0 + t + 4];
-                af[mi][3] = ca[(r + 8) * kWordsLd + w0 + t + 4];
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int n = wn * 32 + ni * 8 + g;
-                // B[k][n] = Bs[n][k]: b0 (k = t | 2t..2t+1), b1 (k = t+4 | 2t+8..).
-                bfr[ni][0] = cb[n * kWordsLd + w0 + t];
-                bfr[ni][1] = cb[n * kWordsLd + w0 + t + 4];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    if (kBf16)
-                        mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
-                    else
-                        mma_tf32(acc[mi][ni], af[mi], bfr[ni]);
-                }
-        }
+        mma_stage<kBf16, false>(acc, sA + buf * kStageWords, sB + buf * kStageWords, kWordsLd, wm, wn, g, t);
         if (kt + 1 < c.ktiles) sstore(buf ^ 1);
         __syncthreads();
     }
 
-    float* out = partial_plane(p, part, c);
+    store_mma_acc(p, part, c, acc, row0, col0, wm, wn, g, t);
+}
+
+
+// ---- tensor-core flavours, cp.async multi-stage pipeline ----------------------------------------
+// For inputs already in the mma's storage type (f32 for tf32, rounded at fragment load; bf16
+// for bf16) whose rows, batches and depth are multiples of 16 bytes: every 16-byte chunk of a
+// tile is then wholly inside or wholly outside the operand, and cp.async (zero-filling the
+// outside ones) streams kStages tiles ahead, which hides global latency that the two-buffer
+// register pipeline cannot at tensor-core rates.
+constexpr int kAsyncStagesTf32 = 3;
+constexpr int kAsyncStagesBf16 = 4;
+constexpr size_t kTf32AsyncSmem = (size_t)kAsyncStagesTf32 * 2 * kTile * kTf32Ld * sizeof(float);
+constexpr size_t kBf16AsyncSmem = (size_t)kAsyncStagesBf16 * 2 * kTile * kBf16Ld * sizeof(__nv_bfloat16);
+static_assert(kTf32AsyncSmem == 110592, "must match SMEM_TF32_ASYNC in gpu.rs");
+static_assert(kBf16AsyncSmem == 81920, "must match SMEM_BF16_ASYNC in gpu.rs");
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
+    const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <bool kBf16>
+__device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restrict__ a_raw,
+                               const void* __restrict__ b_raw, float* __restrict__ part) {
+    using Tin = typename std::conditional<kBf16, __nv_bfloat16, float>::type;
+    constexpr int kStages = kBf16 ? kAsyncStagesBf16 : kAsyncStagesTf32;
+    constexpr int kLd = kBf16 ? kBf16Ld : kTf32Ld;        // elements per shared row
+    constexpr int kElems = 16 / (int)sizeof(Tin);        // elements per 16-byte chunk
+    constexpr int kChunksPerRow = kDepth / kElems;
+    constexpr int kPerThread = kTile * kChunksPerRow / kThreads;
+    constexpr int kStageElems = kTile * kLd;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    Tin* sA = reinterpret_cast<Tin*>(smem_raw);
+    Tin* sB = sA + kStages * kStageElems;
+
+    const GemmCtx c = gemm_ctx(p);
+    const int tid = threadIdx.x;
+    const Tin* abase = static_cast<const Tin*>(a_raw) + (uint64_t)c.z * p.a_batch_stride;
+    const Tin* bbase = static_cast<const Tin*>(b_raw) + (uint64_t)c.z * p.b_batch_stride;
+    const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
+
+    auto issue = [&](int kt, int stage) {
+        const uint64_t k0 = c.kbeg + (uint64_t)kt * kDepth;
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
+        for (int it = 0; it < kPerThread; ++it) {
+            const int chunk = tid + it * kThreads;
+            const int r = chunk / kChunksPerRow;
+            const int kc = (chunk % kChunksPerRow) * kElems;
+            const uint64_t k = k0 + kc;
+            const bool kin = k < c.kend;
+            const bool va = kin && row0 + r < p.m1;
+            const bool vb = kin && col0 + r < p.m2;
+            const Tin* ga = va ? abase + (uint64_t)(row0 + r) * p.a_row_stride + k : abase;
+            const Tin* gb = vb ? bbase + (uint64_t)(col0 + r) * p.b_row_stride + k : bbase;
+            cp_async16(sA + stage * kStageElems + r * kLd + kc, ga, va);
+            cp_async16(sB + stage * kStageElems + r * kLd + kc, gb, vb);
+        }
+    };
+
+    const int warp = tid >> 5, lane = tid & 31;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int g = lane >> 2, t = lane & 3;
+    float acc[4][4][4];
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                // c0, c1: (g, 2t + e); c2, c3: (g + 8, 2t + e - 2).
-                const uint32_t r = row0 + wm * 64 + mi * 16 + g + (e >= 2 ? 8 : 0);
-                const uint32_t col = col0 + wn * 32 + ni * 8 + 2 * t + (e & 1);
-                if (r < p.m1 && col < p.m2) out[(uint64_t)r * p.m2 + col] = acc[mi][ni][e];
-            }
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    // One commit group per k tile (empty past the end) keeps wait_group's count exact.
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < c.ktiles) issue(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < c.ktiles; ++kt) {
+        cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread) ...
+        __syncthreads();               // ... for every thread, and tile kt-1's stage is free
+        const int next = kt + kStages - 1;
+        if (next < c.ktiles) issue(next, next % kStages);
+        cp_async_commit();
+        const int stage = kt % kStages;
+        mma_stage<kBf16, !kBf16>(acc, reinterpret_cast<const uint32_t*>(sA + stage * kStageElems),
+                                 reinterpret_cast<const uint32_t*>(sB + stage * kStageElems),
+                                 kLd * (int)sizeof(Tin) / 4, wm, wn, g, t);
+    }
+    cp_async_wait<0>();
+    store_mma_acc(p, part, c, acc, row0, col0, wm, wn, g, t);
 }
 
 }  // namespace
@@ -361,19 +473,23 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
 // Signature: (NtkvNtkGemmParams, const T* a, const T* b, float* partials). Grid: x = tiles
 // (all, or the upper triangle when symmetric), y = splits, z = batch; 256 threads; dynamic
 // shared memory kFfmaSmem / kTf32Smem / kBf16Smem (67584 / 73728 / 40960 bytes).
-#define NTKV_NTK_GEMM(NAME, T, BODY)                                                                   \
-    extern "C" __global__ void __launch_bounds__(kThreads, 1)                                         \
+#define NTKV_NTK_GEMM(NAME, T, MIN_BLOCKS, BODY)                                                       \
+    extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)                                \
         NAME(const NtkvNtkGemmParams p, const T* __restrict__ a, const T* __restrict__ b,            \
              float* __restrict__ part) {                                                              \
         BODY;                                                                                         \
     }
 
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_ffma, float, (gemm_ffma<float>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_ffma, __nv_bfloat16, (gemm_ffma<__nv_bfloat16>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32, float, (gemm_mma<float, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, (gemm_mma<__nv_bfloat16, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, (gemm_mma<float, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, (gemm_mma<__nv_bfloat16, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_ffma, float, 1, (gemm_ffma<float>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32, float, 1, (gemm_mma<float, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, 1, (gemm_mma<float, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true>(p, a, b, part)))
+// cp.async pipelines (host picks them when rows, batches and k are multiples of 16 bytes);
+// dynamic shared memory kTf32AsyncSmem / kBf16AsyncSmem (110592 / 81920 bytes).
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32_async, float, 2, (gemm_mma_async<false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16_async, __nv_bfloat16, 2, (gemm_mma_async<true>(p, a, b, part)))
 
 // ---- split-K reduction with the contraction's output layout -----------------------------------
 extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const float* __restrict__ part,

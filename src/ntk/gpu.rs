@@ -2,7 +2,7 @@
 //! elementwise and reduction kernels. The public API in `mod.rs` validates every argument
 //! before calling in here; each launcher re-checks the extents its kernel touches.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::device::{Device, Module};
 use crate::error::{to_u32, Error, Result};
@@ -21,6 +21,8 @@ pub(crate) const DEPTH: usize = 32;
 const SMEM_FFMA: usize = 67584;
 const SMEM_TF32: usize = 73728;
 const SMEM_BF16: usize = 40960;
+const SMEM_TF32_ASYNC: usize = 110592;
+const SMEM_BF16_ASYNC: usize = 81920;
 /// Split-K never grows the partials beyond this many f32 (1 GiB) unless one split already does.
 const MAX_PARTIAL_ELEMS: usize = 1 << 28;
 const MAX_SPLITS: usize = 32;
@@ -51,7 +53,9 @@ pub(crate) struct GemmPlan {
 impl GemmPlan {
     /// Chooses the split count: enough blocks to fill whole waves of the device, at most
     /// `MAX_SPLITS`, within the partials budget.
-    pub fn new(sm_count: usize, m1: usize, m2: usize, k: usize, batch: usize, symmetric: bool) -> Result<Self> {
+    ///
+    /// `slots` is how many GEMM blocks the device runs at once (SMs × resident blocks per SM).
+    pub fn new(slots: usize, m1: usize, m2: usize, k: usize, batch: usize, symmetric: bool) -> Result<Self> {
         if m1 == 0 || m2 == 0 || batch == 0 {
             return Err(Error::invalid("shape", "GEMM with an empty side"));
         }
@@ -74,7 +78,7 @@ impl GemmPlan {
             .and_then(|v| v.checked_mul(batch))
             .ok_or_else(|| Error::too_large("rows", "output overflows"))?;
         let ktiles = k.div_ceil(DEPTH).max(1);
-        let sms = sm_count.max(1);
+        let sms = slots.max(1);
         let blocks = tiles * batch;
         let mut best = (f64::INFINITY, 1usize);
         for s in 1..=MAX_SPLITS.min(ktiles) {
@@ -114,8 +118,20 @@ fn check_operand<T>(arg: &'static str, op: &Operand<'_, T>, rows: usize, k: usiz
     Ok(())
 }
 
-fn gemm_kernel(dtype: DType, precision: Precision) -> Result<(&'static str, usize)> {
+/// Concurrent GEMM blocks for a precision: the tensor-core kernels (cp.async flavour) fit two
+/// blocks per SM, the FFMA kernel one.
+pub(crate) fn gemm_slots(dev: &Device, precision: Precision) -> usize {
+    let sms = dev.props().sm_count.max(1) as usize;
+    match precision {
+        Precision::F32 => sms,
+        Precision::Tf32 | Precision::Bf16 => 2 * sms,
+    }
+}
+
+fn gemm_kernel(dtype: DType, precision: Precision, async_ok: bool) -> Result<(&'static str, usize)> {
     Ok(match (dtype, precision) {
+        (DType::F32, Precision::Tf32) if async_ok => ("ntkv_ntk_gemm_f32_tf32_async", SMEM_TF32_ASYNC),
+        (DType::BF16, Precision::Bf16) if async_ok => ("ntkv_ntk_gemm_bf16_bf16_async", SMEM_BF16_ASYNC),
         (DType::F32, Precision::F32) => ("ntkv_ntk_gemm_f32_ffma", SMEM_FFMA),
         (DType::F32, Precision::Tf32) => ("ntkv_ntk_gemm_f32_tf32", SMEM_TF32),
         (DType::F32, Precision::Bf16) => ("ntkv_ntk_gemm_f32_bf16", SMEM_BF16),
@@ -149,10 +165,21 @@ pub(crate) fn gemm<T: Float>(
         return Err(Error::shape("partials", &[plan.partial_elems()], &[partials.len()]));
     }
     let b_op = b.unwrap_or(a);
-    let (name, smem) = gemm_kernel(T::DTYPE, precision)?;
+    let stream = dev.stream();
+    let base_aligned = {
+        let (pa, _ga) = a.data.device_ptr(stream);
+        let (pb, _gb) = b_op.data.device_ptr(stream);
+        pa % 16 == 0 && pb % 16 == 0
+    };
+    // 4-element vectors (16 B of f32, 8 B of bf16) for the register-staged loads; whole
+    // 16-byte chunks for cp.async.
+    let strides = [a.row_stride, a.batch_stride, b_op.row_stride, b_op.batch_stride];
+    let vec_ok = base_aligned && strides.iter().all(|s| s % 4 == 0);
+    let chunk = 16 / T::DTYPE.size();
+    let async_ok = base_aligned && plan.k % chunk == 0 && strides.iter().all(|s| s % chunk == 0);
+    let (name, smem) = gemm_kernel(T::DTYPE, precision, async_ok)?;
     let f = dev.function(Module::Ntk, name)?;
     let shared = dev.prepare_shared_mem(&f, smem)?;
-    let vec_ok = [a.row_stride, a.batch_stride, b_op.row_stride, b_op.batch_stride].iter().all(|s| s % 4 == 0);
     let params = NtkvNtkGemmParams {
         a_batch_stride: a.batch_stride as u64,
         b_batch_stride: b_op.batch_stride as u64,
@@ -174,13 +201,15 @@ pub(crate) fn gemm<T: Float>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: shared,
     };
-    let mut builder = dev.stream().launch_builder(&f);
+    let mut builder = stream.launch_builder(&f);
     builder.arg(&params).arg(a.data).arg(b_op.data).arg(partials);
     // SAFETY: ntkv_ntk_gemm_*(NtkvNtkGemmParams, const T* a, const T* b, float* partials).
     // Every load is of row < m1 (m2) of batch z < batch at column < k, checked above to lie
-    // inside a and b (check_operand); every store is to (z, split, r < m1, c < m2) of a
-    // partials buffer holding batch·splits·m1·m2 floats; shared memory is exactly the
-    // kernel's static_assert'ed size, checked against the device limit.
+    // inside a and b (check_operand); vector loads and cp.async chunks are only used when the
+    // base pointers, strides (and for cp.async k) keep them aligned and inside a row; every
+    // store is to (z, split, r < m1, c < m2) of a partials buffer holding
+    // batch·splits·m1·m2 floats; shared memory is exactly the kernel's static_assert'ed size,
+    // checked against the device limit.
     unsafe { builder.launch(cfg) }?;
     Ok(())
 }
@@ -593,7 +622,7 @@ pub(crate) fn matmul_abt(
     scratch: &mut Scratch,
 ) -> Result<CudaSlice<f32>> {
     let rb = b.map_or(ra, |(_, r)| r);
-    let plan = GemmPlan::new(dev.props().sm_count as usize, ra, rb, k, 1, b.is_none())?;
+    let plan = GemmPlan::new(gemm_slots(dev, precision), ra, rb, k, 1, b.is_none())?;
     let op_a = Operand { data: a, rows: ra, row_stride: k, batch_stride: 0 };
     let op_b = b.map(|(data, rows)| Operand { data, rows, row_stride: k, batch_stride: 0 });
     let partials = scratch.get(dev, plan.partial_elems())?;
@@ -601,4 +630,85 @@ pub(crate) fn matmul_abt(
     let mut out = dev.stream().alloc_zeros::<f32>(ra * rb)?;
     reduce(dev, &plan, partials, ReduceLayout::Plain, 1.0, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's `tile_coords` for the symmetric grid, transcribed: block `x` of
+    /// `T(T+1)/2` to (row tile, column tile) with row ≤ column.
+    fn sym_tile(mut x: usize, t: usize) -> (usize, usize) {
+        let mut r = 0;
+        while r + 1 < t && x >= t - r {
+            x -= t - r;
+            r += 1;
+        }
+        (r, r + x)
+    }
+
+    #[test]
+    fn symmetric_grid_enumerates_the_upper_triangle_once() {
+        for t in 1..40 {
+            let mut seen = std::collections::HashSet::new();
+            for x in 0..t * (t + 1) / 2 {
+                let (r, c) = sym_tile(x, t);
+                assert!(r <= c && c < t, "t={t} x={x} -> ({r},{c})");
+                assert!(seen.insert((r, c)));
+            }
+            assert_eq!(seen.len(), t * (t + 1) / 2);
+        }
+    }
+
+    #[test]
+    fn split_plan_covers_k_exactly() {
+        for &(slots, m1, m2, k, batch, sym) in &[
+            (132usize, 1024usize, 1024usize, 1usize << 20, 1usize, true),
+            (264, 4096, 4096, 1 << 18, 1, true),
+            (132, 21, 21, 200_003, 1, true),
+            (132, 37, 53, 301, 1, false),
+            (8, 5, 7, 0, 1, false),
+            (132, 100, 100, 45, 3, true),
+            (1, 1, 1, 31, 1, false),
+        ] {
+            let p = GemmPlan::new(slots, m1, m2, k, batch, sym).unwrap();
+            assert_eq!(p.k_chunk % DEPTH, 0);
+            assert!(p.splits >= 1 && p.splits <= MAX_SPLITS);
+            assert!(p.splits * p.k_chunk >= k, "{p:?}");
+            assert!(k == 0 || (p.splits - 1) * p.k_chunk < k, "an empty split: {p:?}");
+            assert!(p.splits == 1 || p.partial_elems() <= MAX_PARTIAL_ELEMS);
+            let t = m2.div_ceil(TILE);
+            let want_tiles = if sym { t * (t + 1) / 2 } else { m1.div_ceil(TILE) * t };
+            assert_eq!(p.tiles, want_tiles);
+            assert_eq!(p.col_tiles, t);
+        }
+        // A deep, narrow Gram splits; a wide one that fills the device does not.
+        assert!(GemmPlan::new(132, 21, 21, 200_003, 1, true).unwrap().splits > 1);
+        assert_eq!(GemmPlan::new(132, 4096, 4096, 1 << 18, 1, true).unwrap().splits, 1);
+    }
+
+    #[test]
+    fn plan_rejects_bad_geometry() {
+        assert!(GemmPlan::new(132, 0, 4, 8, 1, false).is_err());
+        assert!(GemmPlan::new(132, 4, 0, 8, 1, false).is_err());
+        assert!(GemmPlan::new(132, 4, 4, 8, 0, false).is_err());
+        assert!(GemmPlan::new(132, 4, 5, 8, 1, true).is_err());
+        assert!(GemmPlan::new(132, 4, 4, 8, 70_000, false).is_err());
+        assert!(GemmPlan::new(132, 1 << 33, 4, 8, 1, false).is_err());
+    }
+
+    #[test]
+    fn kernel_choice_follows_dtype_precision_and_alignment() {
+        assert_eq!(gemm_kernel(DType::F32, Precision::F32, true).unwrap().0, "ntkv_ntk_gemm_f32_ffma");
+        assert_eq!(gemm_kernel(DType::F32, Precision::Tf32, true).unwrap().0, "ntkv_ntk_gemm_f32_tf32_async");
+        assert_eq!(gemm_kernel(DType::F32, Precision::Tf32, false).unwrap().0, "ntkv_ntk_gemm_f32_tf32");
+        assert_eq!(gemm_kernel(DType::F32, Precision::Bf16, true).unwrap().0, "ntkv_ntk_gemm_f32_bf16");
+        assert_eq!(gemm_kernel(DType::BF16, Precision::Bf16, true).unwrap().0, "ntkv_ntk_gemm_bf16_bf16_async");
+        assert_eq!(gemm_kernel(DType::BF16, Precision::Bf16, false).unwrap().0, "ntkv_ntk_gemm_bf16_bf16");
+        assert!(gemm_kernel(DType::F16, Precision::F32, true).is_err());
+        // Shared memory of every flavour fits the H200's 227 KiB opt-in limit.
+        for smem in [SMEM_FFMA, SMEM_TF32, SMEM_BF16, SMEM_TF32_ASYNC, SMEM_BF16_ASYNC] {
+            assert!(smem <= 227 * 1024);
+        }
+    }
 }

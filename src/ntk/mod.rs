@@ -201,7 +201,7 @@ impl Gram {
         let symmetric = n2.is_none();
         let n2v = n2.unwrap_or(n1);
         let checked = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("o", "size overflows"));
-        let sms = dev.props().sm_count as usize;
+        let sms = gpu::gemm_slots(dev, precision);
         let plan = match mode {
             NtkMode::Full => GemmPlan::new(sms, checked(n1, o)?, checked(n2v, o)?, p, 1, symmetric)?,
             NtkMode::Trace { .. } => GemmPlan::new(sms, n1, n2v, checked(o, p)?, 1, symmetric)?,
