@@ -3,9 +3,15 @@
 //! linearized model, and metrics on an `[N, N]` kernel.
 //!
 //! # What runs where
-//! - [`Gram`] / [`gram`]: Jacobian contractions on the GPU (tiled GEMM kernels: FFMA for
-//!   [`Precision::F32`], inline-PTX `mma.sync` tensor cores for [`Precision::Tf32`] and
-//!   [`Precision::Bf16`], fp32 accumulation, split-K over `P` reduced in a fixed order).
+//! - [`Gram`] / [`gram`]: Jacobian contractions on the GPU (tiled 128×128×32 GEMM kernels:
+//!   FFMA with an 8×8 register tile for [`Precision::F32`], inline-PTX `mma.sync` tensor cores
+//!   for [`Precision::Tf32`] (`m16n8k8`) and [`Precision::Bf16`] (`m16n8k16`), fp32
+//!   accumulation; split-K over `P` into f32 partials summed in split order by a second
+//!   kernel, so results are bit-identical run to run). Inputs whose rows are 16-byte
+//!   multiples and already in the mma's type (f32 for Tf32, bf16 for Bf16) stream through a
+//!   3–4 stage `cp.async` pipeline; other inputs go through a register-staged double buffer
+//!   that converts on the fly (f32 → bf16 with round-to-nearest-even, f32 → tf32 with
+//!   `cvt.rna`).
 //! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: GPU (the same GEMM
 //!   kernels plus small elementwise kernels).
 //! - [`metrics`]: trace, Frobenius norm, mean, LGA and the alignments are GPU reductions

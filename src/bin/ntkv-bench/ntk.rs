@@ -9,6 +9,7 @@
 //!
 //! Without a GPU, the CPU references run at small sizes.
 
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use ntkv::ntk::{self, cpu, metrics, Activation, Gram, NtkMode, Precision};
 use ntkv::rng::Rng;
@@ -51,12 +52,12 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     if b.wants(FAMILY, "gram") {
         for &(n, p) in &[(1024usize, 1usize << 20), (4096, 1 << 18)] {
             let shape = format!("{n}x{p}");
-            let host = rng.normal_vec(n * p);
-            let j = DeviceTensor::from_host(dev, &host, &[n, 1, p])?;
-            let hb: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
-            drop(host);
-            let jb = DeviceTensor::from_host(dev, &hb, &[n, 1, p])?;
-            drop(hb);
+            // 4 GiB of J: tile a 2^24-element random pattern on the device instead of
+            // generating 2^30 values on the host (GEMM speed does not depend on the values).
+            let pattern = rng.uniform_vec(1 << 24, -1.0, 1.0);
+            let pattern_b: Vec<bf16> = pattern.iter().map(|&v| bf16::from_f32(v)).collect();
+            let j = DeviceTensor::from_slice(tile_pattern(dev, &pattern, n * p)?, &[n, 1, p])?;
+            let jb = DeviceTensor::from_slice(tile_pattern(dev, &pattern_b, n * p)?, &[n, 1, p])?;
             let work = Work { bytes: (n * p * 4) as f64, flops: 2.0 * (n * n) as f64 * p as f64 };
             for prec in [Precision::F32, Precision::Tf32, Precision::Bf16] {
                 let mut plan = Gram::plan(dev, n, None, 1, p, NtkMode::Full, prec)?;
@@ -77,6 +78,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let x = DeviceTensor::from_host(dev, &rng.normal_vec(n * MLP_WIDTHS[0]), &[n, MLP_WIDTHS[0]])?;
         let shape = mlp_shape(n, &MLP_WIDTHS);
         let o = 10usize;
+        check_mlp_entk(dev, &host, &mlp, &mut rng)?;
         // FLOPs of the factored path: backward GEMMs + the per-layer Grams.
         let gg_rows = |full: bool| if full { n * o } else { n };
         for (op, mode) in
@@ -115,6 +117,49 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         b.gpu(FAMILY, "ntk_metrics_align_centered", &shape, "f32", Work::bytes(3.0 * bytes.bytes), |_| {
             metrics::alignment(dev, &k, &yt, true).map(|_| ())
         })?;
+    }
+    Ok(())
+}
+
+/// A device buffer of `total` elements filled by repeating `pattern`.
+fn tile_pattern<T: ntkv::Float>(dev: &Device, pattern: &[T], total: usize) -> ntkv::Result<CudaSlice<T>> {
+    let stream = dev.stream();
+    let src = stream.clone_htod(pattern)?;
+    let mut dst = stream.alloc_zeros::<T>(total)?;
+    let mut off = 0;
+    while off < total {
+        let len = pattern.len().min(total - off);
+        stream.memcpy_dtod(&src.slice(0..len), &mut dst.slice_mut(off..off + len))?;
+        off += len;
+    }
+    Ok(dst)
+}
+
+/// The "results matching to 1e-4 relative": the GPU eNTK (both modes) of the bench
+/// MLP on 8 samples against the f64 CPU reference (forward/backward + factored NTK in f64).
+fn check_mlp_entk(dev: &Device, host: &cpu::Mlp, mlp: &ntk::Mlp, rng: &mut Rng) -> ntkv::Result<()> {
+    let n = 8;
+    let x = rng.normal_vec(n * MLP_WIDTHS[0]);
+    let xt = DeviceTensor::from_host(dev, &x, &[n, MLP_WIDTHS[0]])?;
+    let pass = host.pass(&x, n)?;
+    let a: Vec<Vec<f32>> = pass.inputs.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
+    let g: Vec<Vec<f32>> = pass.cotangents.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
+    let layers: Vec<cpu::FactoredLayer<'_>> = (0..3)
+        .map(|l| cpu::FactoredLayer { a: &a[l], g: &g[l], d_in: MLP_WIDTHS[l], d_out: MLP_WIDTHS[l + 1], bias: true })
+        .collect();
+    for mode in [NtkMode::Full, NtkMode::Trace { divide_by_outputs: false }] {
+        let want = cpu::factored_ntk(&layers, None, n, n, 1, 10, mode)?;
+        let got = mlp.empirical_ntk(dev, &xt, None, mode, Precision::F32)?.to_host()?;
+        let num: f64 = got.iter().zip(&want).map(|(&g, &w)| (f64::from(g) - w).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        println!("check mlp_entk {}: relative L2 vs the f64 CPU reference on {n} samples = {rel:.2e}", mode.name());
+        if !rel.is_finite() || rel > 1e-4 {
+            return Err(ntkv::Error::invalid(
+                "mlp_entk",
+                format!("{} differs from the reference by {rel:e}", mode.name()),
+            ));
+        }
     }
     Ok(())
 }
