@@ -6,13 +6,15 @@
 //   - ffma: fp32 FMA with an 8x8 register tile per thread (the F32 precision);
 //   - tf32: mma.sync.m16n8k8 tf32 tensor cores, inputs rounded with cvt.rna.tf32.f32;
 //   - bf16: mma.sync.m16n8k16 bf16 tensor cores.
-// All accumulate in fp32. Tiles are staged global -> registers -> shared memory with two
-// shared buffers: the next k tile's global loads are in flight while the current tile is
-// multiplied (register double buffering; it also converts f32 <-> bf16/tf32 on the way and
-// needs no alignment beyond the element's, which cp.async would). Each (split, batch) writes
-// its own f32 partial tile, and a second kernel sums the splits in a fixed order, so results
-// are bit-identical run to run (SPEC §0). In the symmetric case only tiles with
-// row tile <= column tile are computed and the reduction mirrors the rest.
+// All accumulate in fp32. Two ways to feed shared memory:
+//   - register staging with two shared buffers (every flavour, any alignment): the next k
+//     tile's global loads are in flight while the current one is multiplied, and values are
+//     converted on the way (f32 -> bf16 round-to-nearest-even, f32 -> tf32 cvt.rna);
+//   - a 3-4 stage cp.async pipeline (tf32 from f32, bf16 from bf16) when rows, batches and
+//     depth are whole 16-byte chunks; out-of-range chunks are zero-filled.
+// Each (split, batch) writes its own f32 partial tile, and a second kernel sums the splits in
+// a fixed order, so results are bit-identical run to run (SPEC §0). In the symmetric case only
+// tiles with row tile <= column tile are computed and the reduction mirrors the rest.
 #include "ntkv_common.cuh"
 
 #include <type_traits>
@@ -391,10 +393,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
     const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 template <bool kBf16>

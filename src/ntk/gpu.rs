@@ -62,8 +62,10 @@ impl GemmPlan {
         if symmetric && m1 != m2 {
             return Err(Error::invalid("shape", "a symmetric GEMM needs m1 == m2"));
         }
-        to_u32("rows", m1)?;
-        to_u32("rows", m2)?;
+        // Tile row indices (row0 + 127) stay inside the kernels' u32 arithmetic.
+        if m1 > 1 << 31 || m2 > 1 << 31 {
+            return Err(Error::too_large("rows", format!("{m1} x {m2} rows exceed 2^31")));
+        }
         if batch > 65535 {
             return Err(Error::too_large("outputs", format!("{batch} batches exceed the grid's 65535")));
         }
