@@ -4,12 +4,12 @@
 // axis contiguous, as per-sample Jacobians J[N, O, P] are), tiled 128 x 128 x 32 with 256
 // threads, in three arithmetic flavours:
 //   - ffma: fp32 FMA with an 8x8 register tile per thread (the F32 precision);
-//   - tf32: mma.sync.m16n8k8 tf32 tensor cores, inputs rounded with cvt.rna.tf32.f32;
+//   - tf32: mma.sync.m16n8k8 tf32 tensor cores, inputs rounded to tf32 as cvt.rna does;
 //   - bf16: mma.sync.m16n8k16 bf16 tensor cores.
 // All accumulate in fp32. Two ways to feed shared memory:
 //   - register staging with two shared buffers (every flavour, any alignment): the next k
 //     tile's global loads are in flight while the current one is multiplied, and values are
-//     converted on the way (f32 -> bf16 round-to-nearest-even, f32 -> tf32 cvt.rna);
+//     converted on the way (f32 -> bf16 round-to-nearest-even, f32 -> tf32 as cvt.rna);
 //   - a 3-4 stage cp.async pipeline (tf32 from f32, bf16 from bf16) when rows, batches and
 //     depth are whole 16-byte chunks; out-of-range chunks are zero-filled.
 // Each (split, batch) writes its own f32 partial tile, and a second kernel sums the splits in
@@ -84,10 +84,15 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* __restrict__ base, ui
     }
 }
 
+// f32 -> tf32 bits, rounding the 13 dropped mantissa bits to nearest with ties away from zero:
+// the rule of cvt.rna.tf32.f32, done with an integer add and mask (it runs once per fragment
+// element on the cp.async path, so it is kept to plain integer ops). Adding half an ulp of tf32 to
+// the sign-magnitude bits carries into the exponent exactly when rounding should; infinities
+// and NaNs pass through unchanged.
 __device__ __forceinline__ uint32_t to_tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
+    const uint32_t u = __float_as_uint(x);
+    const bool special = (u & 0x7f800000u) == 0x7f800000u;
+    return special ? u : ((u + 0x1000u) & 0xffffe000u);
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -229,7 +234,7 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 
 // One 32-deep k tile of a warp's 64 x 32 block of C from shared memory rows of kWordsLd u32
 // words (k contiguous). One mma step covers 8 k (tf32) or 16 k (bf16): 8 words per row
-// either way. kCvt: the words are f32 values still to be rounded to tf32 (cvt.rna).
+// either way. kCvt: the words are f32 values still to be rounded to tf32.
 template <bool kBf16, bool kCvt>
 __device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t* __restrict__ ca,
                                           const uint32_t* __restrict__ cb, int ld, int wm, int wn, int g,

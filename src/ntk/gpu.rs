@@ -689,6 +689,39 @@ mod tests {
         assert_eq!(GemmPlan::new(132, 4096, 4096, 1 << 18, 1, true).unwrap().splits, 1);
     }
 
+    /// ntk.cu's `to_tf32`, transcribed.
+    fn to_tf32(u: u32) -> u32 {
+        if u & 0x7f80_0000 == 0x7f80_0000 {
+            u
+        } else {
+            u.wrapping_add(0x1000) & 0xffff_e000
+        }
+    }
+
+    #[test]
+    fn tf32_rounding_is_nearest_ties_away() {
+        let mut rng = crate::rng::Rng::new(3);
+        let mut cases: Vec<u32> = (0..20_000).map(|_| rng.next_u64() as u32).collect();
+        // Exact ties, the largest finite value, subnormals, zeros, infinities.
+        cases.extend([0x3f80_1000, 0xbf80_1000, 0x3f80_3000, 0x7f7f_ffff, 0x0000_1000, 0x8000_0000, 0, 0x7f80_0000]);
+        for u in cases {
+            let x = f32::from_bits(u);
+            if !x.is_finite() {
+                assert_eq!(to_tf32(u), u);
+                continue;
+            }
+            // Reference: the two tf32 neighbours around x, in f64; nearest, ties away from 0.
+            let lo = f32::from_bits(u & 0xffff_e000);
+            let hi_bits = (u & 0xffff_e000).wrapping_add(0x2000);
+            // Past the largest finite tf32 the upper neighbour is 2^128 (rounding overflows to ∞).
+            let hi = f32::from_bits(hi_bits);
+            let hi = if hi.is_infinite() { 2f64.powi(128).copysign(f64::from(x)) } else { f64::from(hi) };
+            let (dl, dh) = ((f64::from(x) - f64::from(lo)).abs(), (hi - f64::from(x)).abs());
+            let want = if u & 0x1fff == 0 || dl < dh { u & 0xffff_e000 } else { hi_bits };
+            assert_eq!(to_tf32(u), want, "x = {x:e} ({u:#010x})");
+        }
+    }
+
     #[test]
     fn plan_rejects_bad_geometry() {
         assert!(GemmPlan::new(132, 0, 4, 8, 1, false).is_err());

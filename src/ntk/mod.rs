@@ -10,8 +10,8 @@
 //!   kernel, so results are bit-identical run to run). Inputs whose rows are 16-byte
 //!   multiples and already in the mma's type (f32 for Tf32, bf16 for Bf16) stream through a
 //!   3–4 stage `cp.async` pipeline; other inputs go through a register-staged double buffer
-//!   that converts on the fly (f32 → bf16 with round-to-nearest-even, f32 → tf32 with
-//!   `cvt.rna`).
+//!   that converts on the fly (f32 → bf16 with round-to-nearest-even, f32 → tf32 to nearest
+//!   with ties away from zero, `cvt.rna`'s rule).
 //! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: GPU (the same GEMM
 //!   kernels plus small elementwise kernels).
 //! - [`metrics`]: trace, Frobenius norm, mean, LGA and the alignments are GPU reductions
@@ -27,7 +27,7 @@
 //!
 //! # Precision and tolerances (against the `f64` reference, relative L2 over the output)
 //! - `F32`: exact fp32 FMA, ≤ 1e-5.
-//! - `Tf32`: inputs rounded to tf32 (`cvt.rna`, 10-bit mantissa) once when staged into shared
+//! - `Tf32`: inputs rounded to tf32 (10-bit mantissa, `cvt.rna`'s rule) when staged into shared
 //!   memory, fp32 accumulation: ≤ 2e-3 for inputs of one sign pattern as random data (the
 //!   rounding of each input is 2⁻¹¹ relative; the tests use 2e-3).
 //! - `Bf16`: `J` stored as bf16 (`half::bf16`) is used as is; `J` stored as `f32` is rounded to
@@ -77,7 +77,7 @@ impl NtkMode {
 pub enum Precision {
     /// Exact fp32 FMA on the CUDA cores; the reference for tests.
     F32,
-    /// TF32 tensor cores (`mma.sync.m16n8k8`), inputs rounded with `cvt.rna.tf32.f32`.
+    /// TF32 tensor cores (`mma.sync.m16n8k8`), inputs rounded to tf32 as `cvt.rna.tf32.f32` does.
     Tf32,
     /// BF16 tensor cores (`mma.sync.m16n8k16`), inputs as bf16.
     Bf16,
