@@ -1,8 +1,8 @@
 // ntk.cu: NTK Jacobian contractions (SPEC §6).
 //
 // The core is one split-K GEMM C_z = A_z · B_zᵀ (both operands row-major with the contraction
-// axis contiguous, as per-sample Jacobians J[N, O, P] are), tiled 128 x 128 x 32 with 256
-// threads, in three arithmetic flavours:
+// axis contiguous, as per-sample Jacobians J[N, O, P] are), tiled 128 x 128 x 32, in three
+// arithmetic flavours:
 //   - ffma: fp32 FMA with an 8x8 register tile per thread (the F32 precision);
 //   - tf32: mma.sync.m16n8k8 tf32 tensor cores, inputs rounded to tf32 as cvt.rna does;
 //   - bf16: mma.sync.m16n8k16 bf16 tensor cores.
@@ -11,7 +11,11 @@
 //     tile's global loads are in flight while the current one is multiplied, and values are
 //     converted on the way (f32 -> bf16 round-to-nearest-even, f32 -> tf32 as cvt.rna);
 //   - a 3-4 stage cp.async pipeline (tf32 from f32, bf16 from bf16) when rows, batches and
-//     depth are whole 16-byte chunks; out-of-range chunks are zero-filled.
+//     depth are whole 16-byte chunks; out-of-range chunks are zero-filled. These kernels run
+//     4 warps of 64 x 64 (half the shared-memory reads per mma of 8 warps of 64 x 32), two
+//     blocks per SM.
+// The register-staged kernels run 256 threads (FFMA: 16 x 16 threads of 8 x 8; mma: 8 warps
+// of 64 x 32).
 // Each (split, batch) writes its own f32 partial tile, and a second kernel sums the splits in
 // a fixed order, so results are bit-identical run to run (SPEC §0). In the symmetric case only
 // tiles with row tile <= column tile are computed and the reduction mirrors the rest.
@@ -232,21 +236,22 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 }
 
 
-// One 32-deep k tile of a warp's 64 x 32 block of C from shared memory rows of kWordsLd u32
-// words (k contiguous). One mma step covers 8 k (tf32) or 16 k (bf16): 8 words per row
-// either way. kCvt: the words are f32 values still to be rounded to tf32.
-template <bool kBf16, bool kCvt>
-__device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t* __restrict__ ca,
-                                          const uint32_t* __restrict__ cb, int ld, int wm, int wn, int g,
+// One 32-deep k tile of a warp's 64 x (8·NI) block of C, whose top-left is (wr, wc) within the
+// block tile, from shared memory rows of `ld` u32 words (k contiguous). One mma step covers
+// 8 k (tf32) or 16 k (bf16): 8 words per row either way. kCvt: the words are f32 values still
+// to be rounded to tf32.
+template <bool kBf16, bool kCvt, int NI>
+__device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t* __restrict__ ca,
+                                          const uint32_t* __restrict__ cb, int ld, int wr, int wc, int g,
                                           int t) {
     auto word = [](uint32_t w) -> uint32_t { return kCvt ? to_tf32(__uint_as_float(w)) : w; };
 #pragma unroll
     for (int ks = 0; ks < (kBf16 ? 2 : 4); ++ks) {
         const int w0 = ks * 8;
-        uint32_t af[4][4], bfr[4][2];
+        uint32_t af[4][4], bfr[NI][2];
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
-            const int r = wm * 64 + mi * 16 + g;
+            const int r = wr + mi * 16 + g;
             // tf32: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
             // bf16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
             // in words both are (row, w0 + t) and (row, w0 + t + 4).
@@ -256,8 +261,8 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t*
             af[mi][3] = word(ca[(r + 8) * ld + w0 + t + 4]);
         }
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-            const int n = wn * 32 + ni * 8 + g;
+        for (int ni = 0; ni < NI; ++ni) {
+            const int n = wc + ni * 8 + g;
             // B[k][n] = Bs[n][k]: b0 (k = t | 2t..2t+1), b1 (k = t+4 | 2t+8..).
             bfr[ni][0] = word(cb[n * ld + w0 + t]);
             bfr[ni][1] = word(cb[n * ld + w0 + t + 4]);
@@ -265,7 +270,7 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t*
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
+            for (int ni = 0; ni < NI; ++ni) {
                 if (kBf16)
                     mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
                 else
@@ -275,19 +280,21 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][4][4], const uint32_t*
 }
 
 // Writes a warp's accumulators (c0, c1: (g, 2t + e); c2, c3: (g + 8, 2t + e - 2)) to the
-// block's partial plane, dropping rows >= m1 and columns >= m2.
+// block's partial plane; (r0, c0) is the warp tile's top-left in C. Rows >= m1 and columns
+// >= m2 are dropped.
+template <int NI>
 __device__ __forceinline__ void store_mma_acc(const NtkvNtkGemmParams& p, float* part, const GemmCtx& c,
-                                              const float (&acc)[4][4][4], uint32_t row0, uint32_t col0, int wm,
-                                              int wn, int g, int t) {
+                                              const float (&acc)[4][NI][4], uint32_t r0, uint32_t c0, int g,
+                                              int t) {
     float* out = partial_plane(p, part, c);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const uint32_t r = row0 + wm * 64 + mi * 16 + g + (e >= 2 ? 8 : 0);
-                const uint32_t col = col0 + wn * 32 + ni * 8 + 2 * t + (e & 1);
+                const uint32_t r = r0 + mi * 16 + g + (e >= 2 ? 8 : 0);
+                const uint32_t col = c0 + ni * 8 + 2 * t + (e & 1);
                 if (r < p.m1 && col < p.m2) out[(uint64_t)r * p.m2 + col] = acc[mi][ni][e];
             }
 }
@@ -371,12 +378,13 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
     for (int kt = 0; kt < c.ktiles; ++kt) {
         const int buf = kt & 1;
         if (kt + 1 < c.ktiles) gload(kt + 1);
-        mma_stage<kBf16, false>(acc, sA + buf * kStageWords, sB + buf * kStageWords, kWordsLd, wm, wn, g, t);
+        mma_stage<kBf16, false, 4>(acc, sA + buf * kStageWords, sB + buf * kStageWords, kWordsLd, wm * 64, wn * 32,
+                                   g, t);
         if (kt + 1 < c.ktiles) sstore(buf ^ 1);
         __syncthreads();
     }
 
-    store_mma_acc(p, part, c, acc, row0, col0, wm, wn, g, t);
+    store_mma_acc<4>(p, part, c, acc, row0 + wm * 64, col0 + wn * 32, g, t);
 }
 
 
@@ -386,6 +394,7 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
 // tile is then wholly inside or wholly outside the operand, and cp.async (zero-filling the
 // outside ones) streams kStages tiles ahead, which hides global latency that the two-buffer
 // register pipeline cannot at tensor-core rates.
+constexpr int kAsyncThreads = 128;  // 4 warps, each 64 x 64 of C: half the shared reads per mma
 constexpr int kAsyncStagesTf32 = 3;
 constexpr int kAsyncStagesBf16 = 4;
 constexpr size_t kTf32AsyncSmem = (size_t)kAsyncStagesTf32 * 2 * kTile * kTf32Ld * sizeof(float);
@@ -412,7 +421,7 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
     constexpr int kLd = kBf16 ? kBf16Ld : kTf32Ld;        // elements per shared row
     constexpr int kElems = 16 / (int)sizeof(Tin);        // elements per 16-byte chunk
     constexpr int kChunksPerRow = kDepth / kElems;
-    constexpr int kPerThread = kTile * kChunksPerRow / kThreads;
+    constexpr int kPerThread = kTile * kChunksPerRow / kAsyncThreads;
     constexpr int kStageElems = kTile * kLd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Tin* sA = reinterpret_cast<Tin*>(smem_raw);
@@ -428,7 +437,7 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
         const uint64_t k0 = c.kbeg + (uint64_t)kt * kDepth;
 #pragma unroll
         for (int it = 0; it < kPerThread; ++it) {
-            const int chunk = tid + it * kThreads;
+            const int chunk = tid + it * kAsyncThreads;
             const int r = chunk / kChunksPerRow;
             const int kc = (chunk % kChunksPerRow) * kElems;
             const uint64_t k = k0 + kc;
@@ -442,14 +451,15 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
         }
     };
 
+    // 4 warps as 2 x 2, each owning 64 x 64 of C (4 x 8 mma tiles).
     const int warp = tid >> 5, lane = tid & 31;
-    const int wm = warp >> 2, wn = warp & 3;
+    const int wr = (warp >> 1) * 64, wc = (warp & 1) * 64;
     const int g = lane >> 2, t = lane & 3;
-    float acc[4][4][4];
+    float acc[4][8][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
@@ -466,12 +476,12 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
         if (next < c.ktiles) issue(next, next % kStages);
         cp_async_commit();
         const int stage = kt % kStages;
-        mma_stage<kBf16, !kBf16>(acc, reinterpret_cast<const uint32_t*>(sA + stage * kStageElems),
-                                 reinterpret_cast<const uint32_t*>(sB + stage * kStageElems),
-                                 kLd * (int)sizeof(Tin) / 4, wm, wn, g, t);
+        mma_stage<kBf16, !kBf16, 8>(acc, reinterpret_cast<const uint32_t*>(sA + stage * kStageElems),
+                                    reinterpret_cast<const uint32_t*>(sB + stage * kStageElems),
+                                    kLd * (int)sizeof(Tin) / 4, wr, wc, g, t);
     }
     cp_async_wait<0>();
-    store_mma_acc(p, part, c, acc, row0, col0, wm, wn, g, t);
+    store_mma_acc<8>(p, part, c, acc, row0 + wr, col0 + wc, g, t);
 }
 
 }  // namespace
@@ -494,9 +504,18 @@ NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16
 NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, 1, (gemm_mma<float, true>(p, a, b, part)))
 NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true>(p, a, b, part)))
 // cp.async pipelines (host picks them when rows, batches and k are multiples of 16 bytes);
-// dynamic shared memory kTf32AsyncSmem / kBf16AsyncSmem (110592 / 81920 bytes).
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32_async, float, 2, (gemm_mma_async<false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16_async, __nv_bfloat16, 2, (gemm_mma_async<true>(p, a, b, part)))
+// dynamic shared memory kTf32AsyncSmem / kBf16AsyncSmem (110592 / 81920 bytes);
+// 128 threads per block.
+extern "C" __global__ void __launch_bounds__(kAsyncThreads, 2)
+    ntkv_ntk_gemm_f32_tf32_async(const NtkvNtkGemmParams p, const float* __restrict__ a,
+                                 const float* __restrict__ b, float* __restrict__ part) {
+    gemm_mma_async<false>(p, a, b, part);
+}
+extern "C" __global__ void __launch_bounds__(kAsyncThreads, 2)
+    ntkv_ntk_gemm_bf16_bf16_async(const NtkvNtkGemmParams p, const __nv_bfloat16* __restrict__ a,
+                                  const __nv_bfloat16* __restrict__ b, float* __restrict__ part) {
+    gemm_mma_async<true>(p, a, b, part);
+}
 
 // ---- split-K reduction with the contraction's output layout -----------------------------------
 extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const float* __restrict__ part,

@@ -130,16 +130,19 @@ pub(crate) fn gemm_slots(dev: &Device, precision: Precision) -> usize {
     }
 }
 
-fn gemm_kernel(dtype: DType, precision: Precision, async_ok: bool) -> Result<(&'static str, usize)> {
+/// The GEMM kernel for an input dtype and precision: (name, dynamic shared memory, threads).
+/// The cp.async kernels (4 warps of 64 × 64) need `async_ok`: 16-byte aligned rows, batches
+/// and depth.
+fn gemm_kernel(dtype: DType, precision: Precision, async_ok: bool) -> Result<(&'static str, usize, u32)> {
     Ok(match (dtype, precision) {
-        (DType::F32, Precision::Tf32) if async_ok => ("ntkv_ntk_gemm_f32_tf32_async", SMEM_TF32_ASYNC),
-        (DType::BF16, Precision::Bf16) if async_ok => ("ntkv_ntk_gemm_bf16_bf16_async", SMEM_BF16_ASYNC),
-        (DType::F32, Precision::F32) => ("ntkv_ntk_gemm_f32_ffma", SMEM_FFMA),
-        (DType::F32, Precision::Tf32) => ("ntkv_ntk_gemm_f32_tf32", SMEM_TF32),
-        (DType::F32, Precision::Bf16) => ("ntkv_ntk_gemm_f32_bf16", SMEM_BF16),
-        (DType::BF16, Precision::F32) => ("ntkv_ntk_gemm_bf16_ffma", SMEM_FFMA),
-        (DType::BF16, Precision::Tf32) => ("ntkv_ntk_gemm_bf16_tf32", SMEM_TF32),
-        (DType::BF16, Precision::Bf16) => ("ntkv_ntk_gemm_bf16_bf16", SMEM_BF16),
+        (DType::F32, Precision::Tf32) if async_ok => ("ntkv_ntk_gemm_f32_tf32_async", SMEM_TF32_ASYNC, 128),
+        (DType::BF16, Precision::Bf16) if async_ok => ("ntkv_ntk_gemm_bf16_bf16_async", SMEM_BF16_ASYNC, 128),
+        (DType::F32, Precision::F32) => ("ntkv_ntk_gemm_f32_ffma", SMEM_FFMA, 256),
+        (DType::F32, Precision::Tf32) => ("ntkv_ntk_gemm_f32_tf32", SMEM_TF32, 256),
+        (DType::F32, Precision::Bf16) => ("ntkv_ntk_gemm_f32_bf16", SMEM_BF16, 256),
+        (DType::BF16, Precision::F32) => ("ntkv_ntk_gemm_bf16_ffma", SMEM_FFMA, 256),
+        (DType::BF16, Precision::Tf32) => ("ntkv_ntk_gemm_bf16_tf32", SMEM_TF32, 256),
+        (DType::BF16, Precision::Bf16) => ("ntkv_ntk_gemm_bf16_bf16", SMEM_BF16, 256),
         (DType::F16, _) => return Err(Error::invalid("j1", "f16 storage is not supported; use f32 or bf16")),
     })
 }
@@ -179,7 +182,7 @@ pub(crate) fn gemm<T: Float>(
     let vec_ok = base_aligned && strides.iter().all(|s| s % 4 == 0);
     let chunk = 16 / T::DTYPE.size();
     let async_ok = base_aligned && plan.k % chunk == 0 && strides.iter().all(|s| s % chunk == 0);
-    let (name, smem) = gemm_kernel(T::DTYPE, precision, async_ok)?;
+    let (name, smem, threads) = gemm_kernel(T::DTYPE, precision, async_ok)?;
     let f = dev.function(Module::Ntk, name)?;
     let shared = dev.prepare_shared_mem(&f, smem)?;
     let params = NtkvNtkGemmParams {
@@ -200,7 +203,7 @@ pub(crate) fn gemm<T: Float>(
     };
     let cfg = LaunchConfig {
         grid_dim: (to_u32("tiles", plan.tiles)?, to_u32("splits", plan.splits)?, to_u32("batch", plan.batch)?),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     };
     let mut builder = stream.launch_builder(&f);
@@ -745,5 +748,7 @@ mod tests {
         for smem in [SMEM_FFMA, SMEM_TF32, SMEM_BF16, SMEM_TF32_ASYNC, SMEM_BF16_ASYNC] {
             assert!(smem <= 227 * 1024);
         }
+        assert_eq!(gemm_kernel(DType::BF16, Precision::Bf16, true).unwrap().2, 128);
+        assert_eq!(gemm_kernel(DType::F32, Precision::F32, true).unwrap().2, 256);
     }
 }
