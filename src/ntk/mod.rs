@@ -9,7 +9,8 @@
 //!   accumulation; split-K over `P` into f32 partials summed in split order by a second
 //!   kernel, so results are bit-identical run to run). Inputs whose rows are 16-byte
 //!   multiples and already in the mma's type (f32 for Tf32, bf16 for Bf16) stream through a
-//!   3–4 stage `cp.async` pipeline; other inputs go through a register-staged double buffer
+//!   3–4 stage `cp.async` pipeline (4 warps of 64×64 per block, two blocks per SM); other
+//!   inputs go through a register-staged double buffer
 //!   that converts on the fly (f32 → bf16 with round-to-nearest-even, f32 → tf32 to nearest
 //!   with ties away from zero, `cvt.rna`'s rule).
 //! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: GPU (the same GEMM
@@ -27,9 +28,11 @@
 //!
 //! # Precision and tolerances (against the `f64` reference, relative L2 over the output)
 //! - `F32`: exact fp32 FMA, ≤ 1e-5.
-//! - `Tf32`: inputs rounded to tf32 (10-bit mantissa, `cvt.rna`'s rule) when staged into shared
-//!   memory, fp32 accumulation: ≤ 2e-3 for inputs of one sign pattern as random data (the
-//!   rounding of each input is 2⁻¹¹ relative; the tests use 2e-3).
+//!
+//! `tests/ntk_gpu.rs` checks every bound above against the `f64` reference.
+//! - `Tf32`: inputs rounded to tf32 (10-bit mantissa, `cvt.rna`'s rule: at most 2⁻¹¹
+//!   relative per input), fp32 accumulation: ≤ 2e-3 (what the tests assert, on random data;
+//!   the typical error there is a few 1e-4).
 //! - `Bf16`: `J` stored as bf16 (`half::bf16`) is used as is; `J` stored as `f32` is rounded to
 //!   bf16 on the fly when staged into shared memory. fp32 accumulation. Against the reference
 //!   on the bf16 values: ≤ 2e-3 (SPEC's bf16 GEMM bar); against the unrounded f32 input:
