@@ -220,7 +220,7 @@ pub(crate) fn gemm<T: Float>(
 }
 
 /// How [`reduce`] lays out its output.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReduceLayout {
     /// `[batch, m1, m2]`.
     Plain,
@@ -637,13 +637,16 @@ pub(crate) fn matmul_abt(
     Ok(out)
 }
 
+/// The kernels' index arithmetic transliterated to the host, so the tests can run the whole
+/// launch geometry (tile enumeration, split ranges, partial layout, the reduction's output
+/// decode and mirroring, the combine decode) on the CPU. The arithmetic inside a tile is a
+/// plain dot product here; the GPU tests cover the kernels themselves.
 #[cfg(test)]
-mod tests {
+pub(crate) mod emulate {
     use super::*;
 
-    /// The kernel's `tile_coords` for the symmetric grid, transcribed: block `x` of
-    /// `T(T+1)/2` to (row tile, column tile) with row ≤ column.
-    fn sym_tile(mut x: usize, t: usize) -> (usize, usize) {
+    /// `tile_coords` for the symmetric grid: block `x` of `T(T+1)/2` to (row tile, column tile).
+    pub(crate) fn sym_tile(mut x: usize, t: usize) -> (usize, usize) {
         let mut r = 0;
         while r + 1 < t && x >= t - r {
             x -= t - r;
@@ -651,6 +654,143 @@ mod tests {
         }
         (r, r + x)
     }
+
+    /// One launch of the split-K GEMM: every block (tile, split, batch) writes its rows < m1 and
+    /// columns < m2 of its partial plane; anything no block writes stays NaN.
+    pub(crate) fn gemm(
+        plan: &GemmPlan,
+        a: &[f32],
+        b: Option<&[f32]>,
+        row_stride: usize,
+        batch_stride: usize,
+    ) -> Vec<f32> {
+        let b = b.unwrap_or(a);
+        let mut part = vec![f32::NAN; plan.partial_elems()];
+        let plane = plan.m1 * plan.m2;
+        for x in 0..plan.tiles {
+            let (tr, tc) =
+                if plan.symmetric { sym_tile(x, plan.col_tiles) } else { (x / plan.col_tiles, x % plan.col_tiles) };
+            for split in 0..plan.splits {
+                let kbeg = split * plan.k_chunk;
+                let kend = (kbeg + plan.k_chunk).min(plan.k);
+                for z in 0..plan.batch {
+                    for r in tr * TILE..tr * TILE + TILE {
+                        for c in tc * TILE..tc * TILE + TILE {
+                            if r >= plan.m1 || c >= plan.m2 {
+                                continue;
+                            }
+                            let ra = z * batch_stride + r * row_stride;
+                            let rb = z * batch_stride + c * row_stride;
+                            let mut acc = 0.0f32;
+                            for q in kbeg..kend.max(kbeg) {
+                                acc = a[ra + q].mul_add(b[rb + q], acc);
+                            }
+                            part[(z * plan.splits + split) * plane + r * plan.m2 + c] = acc;
+                        }
+                    }
+                }
+            }
+        }
+        part
+    }
+
+    /// `ntkv_ntk_reduce`; panics if it reads a partial no block wrote.
+    pub(crate) fn reduce(plan: &GemmPlan, part: &[f32], layout: ReduceLayout, scale: f32) -> Vec<f32> {
+        let n_out = plan.batch * plan.m1 * plan.m2;
+        let plane = plan.m1 * plan.m2;
+        (0..n_out)
+            .map(|idx| {
+                let (z, mut r, mut c) = match layout {
+                    ReduceLayout::Full { n2, o } => {
+                        let (bb, q) = (idx % o, idx / o);
+                        let (aa, q) = (q % o, q / o);
+                        let (j, i) = (q % n2, q / n2);
+                        (0, i * o + aa, j * o + bb)
+                    }
+                    ReduceLayout::Diagonal { n2, o } => {
+                        let (aa, q) = (idx % o, idx / o);
+                        (aa, q / n2, q % n2)
+                    }
+                    ReduceLayout::Plain => (idx / plane, idx % plane / plan.m2, idx % plane % plan.m2),
+                };
+                if plan.symmetric && r / TILE > c / TILE {
+                    std::mem::swap(&mut r, &mut c);
+                }
+                let mut s = 0.0f32;
+                for k in 0..plan.splits {
+                    let v = part[(z * plan.splits + k) * plane + r * plan.m2 + c];
+                    assert!(!v.is_nan(), "reduce read an unwritten partial at z={z} split={k} ({r}, {c})");
+                    s += v;
+                }
+                s * scale
+            })
+            .collect()
+    }
+
+    /// `ntkv_ntk_presum_*`.
+    pub(crate) fn presum(j: &[f32], n: usize, o: usize, p: usize) -> Vec<f32> {
+        (0..n * p).map(|idx| (0..o).map(|a| j[(idx / p * o + a) * p + idx % p]).sum()).collect()
+    }
+
+    /// `ntkv_ntk_combine`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn combine(
+        aa: &[f32],
+        gg: &[f32],
+        _n1: usize,
+        n2: usize,
+        t: usize,
+        e: usize,
+        diagonal: bool,
+        beta: f32,
+        scale: f32,
+        accumulate: bool,
+        out: &mut [f32],
+    ) {
+        let aa_cols = n2 * t;
+        let gg_cols = aa_cols * e;
+        for (idx, o) in out.iter_mut().enumerate() {
+            let mut q = idx;
+            let (oa, ob) = if diagonal {
+                let a = q % e;
+                q /= e;
+                (a, a)
+            } else {
+                let b = q % e;
+                q /= e;
+                let a = q % e;
+                q /= e;
+                (a, b)
+            };
+            let (j, i) = (q % n2, q / n2);
+            let mut s = 0.0f32;
+            for ti in 0..t {
+                let ar = i * t + ti;
+                let gr = ar * e + oa;
+                for si in 0..t {
+                    let ac = j * t + si;
+                    let gc = ac * e + ob;
+                    s = (aa[ar * aa_cols + ac] + beta).mul_add(gg[gr * gg_cols + gc], s);
+                }
+            }
+            s *= scale;
+            *o = if accumulate { *o + s } else { s };
+        }
+    }
+
+    /// `matmul_abt`: plan, GEMM and a plain reduction.
+    pub(crate) fn matmul_abt(slots: usize, a: &[f32], ra: usize, b: Option<(&[f32], usize)>, k: usize) -> Vec<f32> {
+        let rb = b.map_or(ra, |(_, r)| r);
+        let plan = GemmPlan::new(slots, ra, rb, k, 1, b.is_none()).expect("plan");
+        let part = gemm(&plan, a, b.map(|(x, _)| x), k, 0);
+        reduce(&plan, &part, ReduceLayout::Plain, 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::emulate::sym_tile;
+    use super::*;
 
     #[test]
     fn symmetric_grid_enumerates_the_upper_triangle_once() {

@@ -148,6 +148,85 @@ fn check_dtype<T: Float>(arg: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// How one contraction mode maps onto the split-K GEMM `C_z = A_z·B_zᵀ` over `J` (pure: the
+/// plan, the launches and the CPU emulation in the tests share it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ModeGeometry {
+    /// Rows of A (side 1) and B (side 2).
+    pub m1: usize,
+    pub m2: usize,
+    /// Contraction depth.
+    pub k: usize,
+    /// Independent GEMMs (`O` for `Diagonal`).
+    pub batch: usize,
+    /// Elements between rows and between batches of an operand (the same on both sides).
+    pub row_stride: usize,
+    pub batch_stride: usize,
+    /// The operands are `J` summed over outputs (`[N, P]`), not `J`.
+    pub presum: bool,
+    pub layout: ReduceLayout,
+    pub scale: f32,
+}
+
+/// The GEMM geometry of `mode` for `J1 [n1, o, p]`, `J2 [n2, o, p]`:
+/// - `Full`: rows `(i, a)` of `J` as they lie (`N·O` rows of `P`), output `[N1, N2, O, O]`;
+/// - `Trace`: rows `i` of depth `O·P` (`Σ_a Σ_p` is one dot product of a sample's whole slab);
+/// - `Diagonal`: `O` batched GEMMs, batch `a` reading rows `i` at stride `O·P` from offset `a·P`;
+/// - `Pseudo`: rows of the `O`-summed `J` (`[N, P]`).
+///
+/// # Errors
+/// [`Error::TooLarge`] when a size overflows.
+pub(crate) fn mode_geometry(mode: NtkMode, n1: usize, n2: usize, o: usize, p: usize) -> Result<ModeGeometry> {
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("o", "size overflows"));
+    let op = mul(o, p)?;
+    Ok(match mode {
+        NtkMode::Full => ModeGeometry {
+            m1: mul(n1, o)?,
+            m2: mul(n2, o)?,
+            k: p,
+            batch: 1,
+            row_stride: p,
+            batch_stride: 0,
+            presum: false,
+            layout: ReduceLayout::Full { n2, o },
+            scale: 1.0,
+        },
+        NtkMode::Trace { divide_by_outputs } => ModeGeometry {
+            m1: n1,
+            m2: n2,
+            k: op,
+            batch: 1,
+            row_stride: op,
+            batch_stride: 0,
+            presum: false,
+            layout: ReduceLayout::Plain,
+            scale: if divide_by_outputs { 1.0 / o as f32 } else { 1.0 },
+        },
+        NtkMode::Diagonal => ModeGeometry {
+            m1: n1,
+            m2: n2,
+            k: p,
+            batch: o,
+            row_stride: op,
+            batch_stride: p,
+            presum: false,
+            layout: ReduceLayout::Diagonal { n2, o },
+            scale: 1.0,
+        },
+        NtkMode::Pseudo => ModeGeometry {
+            m1: n1,
+            m2: n2,
+            k: p,
+            batch: 1,
+            row_stride: p,
+            batch_stride: 0,
+            presum: true,
+            layout: ReduceLayout::Plain,
+            scale: 1.0,
+        },
+    })
+}
+
 /// A planned Jacobian contraction (FlashInfer-style: [`Gram::plan`] validates the shapes and
 /// chooses the GEMM geometry and split-K once; [`Gram::run`] launches, reusing its workspace).
 ///
@@ -169,6 +248,7 @@ pub struct Gram {
     mode: NtkMode,
     precision: Precision,
     symmetric: bool,
+    geometry: ModeGeometry,
     plan: GemmPlan,
     scratch: ScratchDebug,
 }
@@ -209,18 +289,13 @@ impl Gram {
         }
         let symmetric = n2.is_none();
         let n2v = n2.unwrap_or(n1);
-        let checked = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("o", "size overflows"));
-        let sms = gpu::gemm_slots(dev, precision);
-        let plan = match mode {
-            NtkMode::Full => GemmPlan::new(sms, checked(n1, o)?, checked(n2v, o)?, p, 1, symmetric)?,
-            NtkMode::Trace { .. } => GemmPlan::new(sms, n1, n2v, checked(o, p)?, 1, symmetric)?,
-            NtkMode::Diagonal => GemmPlan::new(sms, n1, n2v, p, o, symmetric)?,
-            NtkMode::Pseudo => GemmPlan::new(sms, n1, n2v, p, 1, symmetric)?,
-        };
+        let geometry = mode_geometry(mode, n1, n2v, o, p)?;
+        let g = &geometry;
+        let plan = GemmPlan::new(gpu::gemm_slots(dev, precision), g.m1, g.m2, g.k, g.batch, symmetric)?;
         let out: usize =
             mode.output_shape(n1, n2v, o).iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
         crate::error::to_u32("output", out)?;
-        Ok(Gram { n1, n2: n2v, o, p, mode, precision, symmetric, plan, scratch: ScratchDebug::default() })
+        Ok(Gram { n1, n2: n2v, o, p, mode, precision, symmetric, geometry, plan, scratch: ScratchDebug::default() })
     }
 
     /// The output shape (see [`NtkMode`]).
@@ -269,55 +344,42 @@ impl Gram {
         }
         check_shape("out", &self.output_shape(), out.shape())?;
         let (n1, n2, o, p) = (self.n1, self.n2, self.o, self.p);
+        let g = self.geometry;
         let plan = self.plan.clone();
         let precision = self.precision;
         let ScratchDebug(scratch, sum1, sum2) = &mut self.scratch;
         let partials = scratch.get(dev, plan.partial_elems())?;
-        match self.mode {
-            NtkMode::Full => {
-                let a = Operand { data: j1.slice(), rows: n1 * o, row_stride: p, batch_stride: 0 };
-                let b = j2.map(|j| Operand { data: j.slice(), rows: n2 * o, row_stride: p, batch_stride: 0 });
-                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
-                gpu::reduce(dev, &plan, partials, ReduceLayout::Full { n2, o }, 1.0, out.slice_mut())
-            }
-            NtkMode::Trace { divide_by_outputs } => {
-                let a = Operand { data: j1.slice(), rows: n1, row_stride: o * p, batch_stride: 0 };
-                let b = j2.map(|j| Operand { data: j.slice(), rows: n2, row_stride: o * p, batch_stride: 0 });
-                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
-                let scale = if divide_by_outputs { 1.0 / o as f32 } else { 1.0 };
-                gpu::reduce(dev, &plan, partials, ReduceLayout::Plain, scale, out.slice_mut())
-            }
-            NtkMode::Diagonal => {
-                let a = Operand { data: j1.slice(), rows: n1, row_stride: o * p, batch_stride: p };
-                let b = j2.map(|j| Operand { data: j.slice(), rows: n2, row_stride: o * p, batch_stride: p });
-                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
-                gpu::reduce(dev, &plan, partials, ReduceLayout::Diagonal { n2, o }, 1.0, out.slice_mut())
-            }
-            NtkMode::Pseudo => {
-                let need1 = (n1 * p).max(1);
-                if sum1.as_ref().map_or(true, |s| s.len() != need1) {
-                    *sum1 = Some(dev.stream().alloc_zeros::<f32>(need1)?);
-                }
-                let s1 = sum1.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
-                gpu::presum(dev, j1.slice(), n1, o, p, s1)?;
-                if let Some(j) = j2 {
-                    let need2 = (n2 * p).max(1);
-                    if sum2.as_ref().map_or(true, |s| s.len() != need2) {
-                        *sum2 = Some(dev.stream().alloc_zeros::<f32>(need2)?);
-                    }
-                    let s2 = sum2.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
-                    gpu::presum(dev, j.slice(), n2, o, p, s2)?;
-                }
-                let s1 = sum1.as_ref().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
-                let a = Operand { data: s1, rows: n1, row_stride: p, batch_stride: 0 };
-                let b = match (j2, sum2.as_ref()) {
-                    (Some(_), Some(s2)) => Some(Operand { data: s2, rows: n2, row_stride: p, batch_stride: 0 }),
-                    _ => None,
-                };
-                gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
-                gpu::reduce(dev, &plan, partials, ReduceLayout::Plain, 1.0, out.slice_mut())
-            }
+        fn operand<'a>(g: &ModeGeometry, data: &'a CudaSlice<f32>, rows: usize) -> Operand<'a, f32> {
+            Operand { data, rows, row_stride: g.row_stride, batch_stride: g.batch_stride }
         }
+        if g.presum {
+            for (j, n, sum) in [(Some(j1), n1, &mut *sum1), (j2, n2, &mut *sum2)] {
+                let Some(j) = j else { continue };
+                let need = (n * p).max(1);
+                if sum.as_ref().map_or(true, |s| s.len() != need) {
+                    *sum = Some(dev.stream().alloc_zeros::<f32>(need)?);
+                }
+                let s = sum.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
+                gpu::presum(dev, j.slice(), n, o, p, s)?;
+            }
+            let s1 = sum1.as_ref().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
+            let a = operand(&g, s1, g.m1);
+            let b = match (j2, sum2.as_ref()) {
+                (Some(_), Some(s2)) => Some(operand(&g, s2, g.m2)),
+                _ => None,
+            };
+            gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+        } else {
+            let a = Operand { data: j1.slice(), rows: g.m1, row_stride: g.row_stride, batch_stride: g.batch_stride };
+            let b = j2.map(|j| Operand {
+                data: j.slice(),
+                rows: g.m2,
+                row_stride: g.row_stride,
+                batch_stride: g.batch_stride,
+            });
+            gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+        }
+        gpu::reduce(dev, &plan, partials, g.layout, g.scale, out.slice_mut())
     }
 }
 
@@ -388,6 +450,47 @@ fn factored_dims(arg: &'static str, layers: &[FactoredLayer<'_>]) -> Result<(usi
     Ok((n, t, o))
 }
 
+/// How one mode of the factored NTK uses a layer's cotangents `G [N, T, O, d_out]` (pure:
+/// shared by [`factored_ntk`] and the CPU emulation in the tests).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct FactoredGeometry {
+    /// Cotangent-Gram rows per `(sample, t)`: `O` (rows `(i, t, a)`) or 1.
+    pub rows_per_slot: usize,
+    /// Cotangent-Gram depth: `d_out`, or `O·d_out` for `Trace` (`Σ_a` folded into the dot).
+    pub depth: usize,
+    /// The combine kernel's `e`: output entries per side of a sample pair (`O` or 1).
+    pub e: usize,
+    /// `Diagonal`: only `a = b` of the `e × e` block.
+    pub diagonal: bool,
+    /// The Gram is over the `O`-summed cotangents (`Pseudo`).
+    pub presum: bool,
+    pub scale: f32,
+}
+
+pub(crate) fn factored_geometry(mode: NtkMode, o: usize, dout: usize) -> FactoredGeometry {
+    match mode {
+        NtkMode::Full | NtkMode::Diagonal => FactoredGeometry {
+            rows_per_slot: o,
+            depth: dout,
+            e: o,
+            diagonal: mode == NtkMode::Diagonal,
+            presum: false,
+            scale: 1.0,
+        },
+        NtkMode::Trace { divide_by_outputs } => FactoredGeometry {
+            rows_per_slot: 1,
+            depth: o * dout,
+            e: 1,
+            diagonal: false,
+            presum: false,
+            scale: if divide_by_outputs { 1.0 / o as f32 } else { 1.0 },
+        },
+        NtkMode::Pseudo => {
+            FactoredGeometry { rows_per_slot: 1, depth: dout, e: 1, diagonal: false, presum: true, scale: 1.0 }
+        }
+    }
+}
+
 /// The factored (structured-derivative) NTK of dense layers, on the GPU, never forming `J`:
 /// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (A_l[i,t]·A_l[j,s] + β_l)·(G_l[i,t,a]·G_l[j,s,b])` (SPEC §6),
 /// contracted per `mode` like [`gram`] on the explicit Jacobian of the same layers.
@@ -436,49 +539,136 @@ pub fn factored_ntk(
         let dout = x.g.shape()[3];
         let aa =
             gpu::matmul_abt(dev, x.a.slice(), n1 * t, y.map(|y| (y.a.slice(), n2 * t)), din, precision, &mut scratch)?;
-        let (gg, e, diagonal, scale) = match mode {
-            NtkMode::Full | NtkMode::Diagonal => {
-                let gg = gpu::matmul_abt(
-                    dev,
-                    x.g.slice(),
-                    n1 * t * o,
-                    y.map(|y| (y.g.slice(), n2 * t * o)),
-                    dout,
-                    precision,
-                    &mut scratch,
-                )?;
-                (gg, o, mode == NtkMode::Diagonal, 1.0)
-            }
-            NtkMode::Trace { divide_by_outputs } => {
-                let gg = gpu::matmul_abt(
-                    dev,
-                    x.g.slice(),
-                    n1 * t,
-                    y.map(|y| (y.g.slice(), n2 * t)),
-                    o * dout,
-                    precision,
-                    &mut scratch,
-                )?;
-                (gg, 1, false, if divide_by_outputs { 1.0 / o as f32 } else { 1.0 })
-            }
-            NtkMode::Pseudo => {
-                let mut s1 = dev.stream().alloc_zeros::<f32>(n1 * t * dout)?;
-                gpu::presum(dev, x.g.slice(), n1 * t, o, dout, &mut s1)?;
-                let s2 = match y {
-                    Some(y) => {
-                        let mut s2 = dev.stream().alloc_zeros::<f32>(n2 * t * dout)?;
-                        gpu::presum(dev, y.g.slice(), n2 * t, o, dout, &mut s2)?;
-                        Some(s2)
-                    }
-                    None => None,
-                };
-                let other = s2.as_ref().map(|s2| (s2, n2 * t));
-                let gg = gpu::matmul_abt(dev, &s1, n1 * t, other, dout, precision, &mut scratch)?;
-                (gg, 1, false, 1.0)
-            }
+        let fg = factored_geometry(mode, o, dout);
+        let gg = if fg.presum {
+            let mut s1 = dev.stream().alloc_zeros::<f32>(n1 * t * dout)?;
+            gpu::presum(dev, x.g.slice(), n1 * t, o, dout, &mut s1)?;
+            let s2 = match y {
+                Some(y) => {
+                    let mut s2 = dev.stream().alloc_zeros::<f32>(n2 * t * dout)?;
+                    gpu::presum(dev, y.g.slice(), n2 * t, o, dout, &mut s2)?;
+                    Some(s2)
+                }
+                None => None,
+            };
+            let other = s2.as_ref().map(|s2| (s2, n2 * t * fg.rows_per_slot));
+            gpu::matmul_abt(dev, &s1, n1 * t * fg.rows_per_slot, other, fg.depth, precision, &mut scratch)?
+        } else {
+            let other = y.map(|y| (y.g.slice(), n2 * t * fg.rows_per_slot));
+            gpu::matmul_abt(dev, x.g.slice(), n1 * t * fg.rows_per_slot, other, fg.depth, precision, &mut scratch)?
         };
+        let (e, diagonal, scale) = (fg.e, fg.diagonal, fg.scale);
         let beta = if x.bias { 1.0 } else { 0.0 };
         gpu::combine(dev, &aa, &gg, n1, n2, t, e, diagonal, beta, scale, l > 0, out.slice_mut())?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The host-side geometry of every mode, run end to end through the CPU emulation of the
+    //! kernels' index arithmetic (tiles, splits, partials, reduction layouts, combine).
+    use super::gpu::{emulate, GemmPlan};
+    use super::*;
+    use crate::rng::Rng;
+
+    const MODES: [NtkMode; 5] = [
+        NtkMode::Full,
+        NtkMode::Trace { divide_by_outputs: false },
+        NtkMode::Trace { divide_by_outputs: true },
+        NtkMode::Diagonal,
+        NtkMode::Pseudo,
+    ];
+
+    fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let num: f64 = got.iter().zip(want).map(|(&g, &w)| (f64::from(g) - w).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    #[test]
+    fn every_mode_through_the_emulated_launches_matches_the_reference() {
+        let mut rng = Rng::new(17);
+        // (n1, n2 or symmetric, o, p, slots): several row tiles, splits > 1, odd sizes.
+        let cases = [
+            (3usize, Some(5usize), 2usize, 7usize, 132usize),
+            (70, None, 3, 40, 132),
+            (130, Some(20), 1, 33, 132),
+            (45, None, 4, 300, 4),
+            (9, Some(140), 2, 64, 2),
+        ];
+        for &(n1, n2, o, p, slots) in &cases {
+            let n2v = n2.unwrap_or(n1);
+            let j1 = rng.normal_vec(n1 * o * p);
+            let j2 = rng.normal_vec(n2v * o * p);
+            for mode in MODES {
+                let g = mode_geometry(mode, n1, n2v, o, p).unwrap();
+                assert_eq!(g.batch * g.m1 * g.m2, mode.output_shape(n1, n2v, o).iter().product::<usize>());
+                let plan = GemmPlan::new(slots, g.m1, g.m2, g.k, g.batch, n2.is_none()).unwrap();
+                let (a, b) = if g.presum {
+                    (emulate::presum(&j1, n1, o, p), emulate::presum(&j2, n2v, o, p))
+                } else {
+                    (j1.clone(), j2.clone())
+                };
+                let part = emulate::gemm(&plan, &a, n2.map(|_| b.as_slice()), g.row_stride, g.batch_stride);
+                let got = emulate::reduce(&plan, &part, g.layout, g.scale);
+                let want = cpu::gram(&j1, n2.map(|_| j2.as_slice()), n1, n2v, o, p, mode).unwrap();
+                let e = rel_l2(&got, &want);
+                assert!(e < 1e-5, "{mode:?} n1={n1} n2={n2:?} o={o} p={p} splits={}: rel L2 {e:e}", plan.splits);
+            }
+        }
+    }
+
+    #[test]
+    fn factored_modes_through_the_emulated_launches_match_the_reference() {
+        let mut rng = Rng::new(19);
+        for &(n1, n2, t, o, slots) in
+            &[(5usize, Some(3usize), 1usize, 3usize, 132usize), (7, None, 2, 2, 3), (50, None, 1, 3, 132)]
+        {
+            let n2v = n2.unwrap_or(n1);
+            let dims = [(6usize, 9usize, true), (9, 4, false)];
+            let h1: Vec<(Vec<f32>, Vec<f32>)> = dims
+                .iter()
+                .map(|&(di, d_o, _)| (rng.normal_vec(n1 * t * di), rng.normal_vec(n1 * t * o * d_o)))
+                .collect();
+            let h2: Vec<(Vec<f32>, Vec<f32>)> = dims
+                .iter()
+                .map(|&(di, d_o, _)| (rng.normal_vec(n2v * t * di), rng.normal_vec(n2v * t * o * d_o)))
+                .collect();
+            let side2 = if n2.is_some() { &h2 } else { &h1 };
+            for mode in MODES {
+                let mut out = vec![0.0f32; mode.output_shape(n1, n2v, o).iter().product()];
+                for (l, &(din, dout, bias)) in dims.iter().enumerate() {
+                    let (a1, g1) = &h1[l];
+                    let (a2, g2) = &side2[l];
+                    let other_a = n2.map(|_| (a2.as_slice(), n2v * t));
+                    let aa = emulate::matmul_abt(slots, a1, n1 * t, other_a, din);
+                    let fg = factored_geometry(mode, o, dout);
+                    let (s1, s2) = if fg.presum {
+                        (emulate::presum(g1, n1 * t, o, dout), emulate::presum(g2, n2v * t, o, dout))
+                    } else {
+                        (g1.clone(), g2.clone())
+                    };
+                    let other_g = n2.map(|_| (s2.as_slice(), n2v * t * fg.rows_per_slot));
+                    let gg = emulate::matmul_abt(slots, &s1, n1 * t * fg.rows_per_slot, other_g, fg.depth);
+                    let beta = if bias { 1.0 } else { 0.0 };
+                    emulate::combine(&aa, &gg, n1, n2v, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut out);
+                }
+                let c1: Vec<cpu::FactoredLayer<'_>> = h1
+                    .iter()
+                    .zip(&dims)
+                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
+                    .collect();
+                let c2: Vec<cpu::FactoredLayer<'_>> = side2
+                    .iter()
+                    .zip(&dims)
+                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
+                    .collect();
+                let want = cpu::factored_ntk(&c1, n2.map(|_| c2.as_slice()), n1, n2v, t, o, mode).unwrap();
+                let e = rel_l2(&out, &want);
+                assert!(e < 1e-5, "factored {mode:?} n1={n1} n2={n2:?} t={t}: rel L2 {e:e}");
+            }
+        }
+    }
 }
