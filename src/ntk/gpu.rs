@@ -892,3 +892,243 @@ mod tests {
         assert_eq!(gemm_kernel(DType::F32, Precision::F32, true).unwrap().2, 256);
     }
 }
+
+/// A lane-level transliteration of one 128 × 128 × 32 tile of the tensor-core kernels:
+/// the shared-memory fill of each loader (register-staged 256 threads, cp.async 128 threads),
+/// `mma_stage`'s fragment reads, the mma instruction's register layout from the PTX ISA
+/// (m16n8k8 tf32, m16n8k16 bf16), and `store_mma_acc`'s epilogue. It checks that the indices
+/// fit together: every C entry written once and equal to the tile's product.
+#[cfg(test)]
+// Index loops on purpose: they mirror the CUDA code line by line.
+#[allow(clippy::needless_range_loop)]
+mod fragment_tests {
+    use half::bf16;
+
+    const TILE: usize = 128;
+    const DEPTH: usize = 32;
+
+    fn tf32_bits(x: f32) -> u32 {
+        let u = x.to_bits();
+        if u & 0x7f80_0000 == 0x7f80_0000 {
+            u
+        } else {
+            u.wrapping_add(0x1000) & 0xffff_e000
+        }
+    }
+
+    fn bf16_bits(x: f32) -> u32 {
+        u32::from(bf16::from_f32(x).to_bits())
+    }
+
+    /// Fills shared memory (u32 words) for a [128, 32] operand tile as each loader does.
+    fn fill(vals: &[f32], is_bf16: bool, cp_async: bool) -> (Vec<u32>, usize) {
+        let ld_words = if is_bf16 { 20 } else { 36 };
+        let mut s = vec![0u32; TILE * ld_words];
+        // Element `kk` of row `r` in element units of the shared layout.
+        let mut put = |r: usize, kk: usize, v: f32| {
+            if is_bf16 {
+                let w = &mut s[r * ld_words + kk / 2];
+                let h = bf16_bits(v);
+                *w = if kk % 2 == 0 { (*w & 0xffff_0000) | h } else { (*w & 0xffff) | (h << 16) };
+            } else {
+                // The register path stores tf32 bits, the cp.async path raw f32 (rounded at
+                // fragment load): both give the same operand to the mma.
+                s[r * ld_words + kk] = if cp_async { v.to_bits() } else { tf32_bits(v) };
+            }
+        };
+        if cp_async {
+            let elems = if is_bf16 { 8 } else { 4 };
+            let per_row = DEPTH / elems;
+            let threads = 128;
+            let per_thread = TILE * per_row / threads;
+            for tid in 0..threads {
+                for it in 0..per_thread {
+                    let chunk = tid + it * threads;
+                    let (r, kc) = (chunk / per_row, (chunk % per_row) * elems);
+                    for e in 0..elems {
+                        put(r, kc + e, vals[r * DEPTH + kc + e]);
+                    }
+                }
+            }
+        } else {
+            for tid in 0..256 {
+                let (lrow, lk) = (tid >> 3, (tid & 7) * 4);
+                for it in 0..4 {
+                    let r = lrow + 32 * it;
+                    for e in 0..4 {
+                        put(r, lk + e, vals[r * DEPTH + lk + e]);
+                    }
+                }
+            }
+        }
+        (s, ld_words)
+    }
+
+    fn operand_value(word: u32, half: usize, is_bf16: bool) -> f64 {
+        if is_bf16 {
+            f64::from(bf16::from_bits((word >> (16 * half)) as u16).to_f32())
+        } else {
+            f64::from(f32::from_bits(word))
+        }
+    }
+
+    /// Runs the tile through the warps as the kernels do and returns C [128, 128] (NaN where no
+    /// lane wrote).
+    fn run_tile(a: &[f32], b: &[f32], is_bf16: bool, cp_async: bool) -> Vec<f64> {
+        let (sa, ld) = fill(a, is_bf16, cp_async);
+        let (sb, _) = fill(b, is_bf16, cp_async);
+        let cvt = cp_async && !is_bf16;
+        let word = |w: u32| if cvt { tf32_bits(f32::from_bits(w)) } else { w };
+        let (warps, ni_count) = if cp_async { (4, 8) } else { (8, 4) };
+        let mut c = vec![f64::NAN; TILE * TILE];
+        for warp in 0..warps {
+            let (wr, wc) =
+                if cp_async { ((warp >> 1) * 64, (warp & 1) * 64) } else { ((warp >> 2) * 64, (warp & 3) * 32) };
+            // acc[lane][mi][ni][e]
+            let mut acc = vec![[[[0.0f64; 4]; 8]; 4]; 32];
+            for ks in 0..(if is_bf16 { 2 } else { 4 }) {
+                let w0 = ks * 8;
+                let mut af = [[[0u32; 4]; 4]; 32];
+                let mut bfr = [[[0u32; 2]; 8]; 32];
+                for lane in 0..32 {
+                    let (g, t) = (lane >> 2, lane & 3);
+                    for mi in 0..4 {
+                        let r = wr + mi * 16 + g;
+                        af[lane][mi] = [
+                            word(sa[r * ld + w0 + t]),
+                            word(sa[(r + 8) * ld + w0 + t]),
+                            word(sa[r * ld + w0 + t + 4]),
+                            word(sa[(r + 8) * ld + w0 + t + 4]),
+                        ];
+                    }
+                    for ni in 0..ni_count {
+                        let n = wc + ni * 8 + g;
+                        bfr[lane][ni] = [word(sb[n * ld + w0 + t]), word(sb[n * ld + w0 + t + 4])];
+                    }
+                }
+                // The mma, from the PTX ISA's fragment layouts.
+                let kdim = if is_bf16 { 16 } else { 8 };
+                for mi in 0..4 {
+                    for ni in 0..ni_count {
+                        let mut am = vec![vec![0.0f64; kdim]; 16];
+                        let mut bm = vec![vec![0.0f64; 8]; kdim];
+                        for lane in 0..32 {
+                            let (g, t) = (lane >> 2, lane & 3);
+                            for (r, &reg) in af[lane][mi].iter().enumerate() {
+                                let row = g + 8 * (r % 2);
+                                if is_bf16 {
+                                    for h in 0..2 {
+                                        am[row][2 * t + h + 8 * (r / 2)] = operand_value(reg, h, true);
+                                    }
+                                } else {
+                                    am[row][t + 4 * (r / 2)] = operand_value(reg, 0, false);
+                                }
+                            }
+                            for (r, &reg) in bfr[lane][ni].iter().enumerate() {
+                                if is_bf16 {
+                                    for h in 0..2 {
+                                        bm[2 * t + h + 8 * r][g] = operand_value(reg, h, true);
+                                    }
+                                } else {
+                                    bm[t + 4 * r][g] = operand_value(reg, 0, false);
+                                }
+                            }
+                        }
+                        for lane in 0..32 {
+                            let (g, t) = (lane >> 2, lane & 3);
+                            for e in 0..4 {
+                                let (row, col) = (g + 8 * (e / 2), 2 * t + (e % 2));
+                                acc[lane][mi][ni][e] += (0..kdim).map(|q| am[row][q] * bm[q][col]).sum::<f64>();
+                            }
+                        }
+                    }
+                }
+            }
+            // store_mma_acc
+            for (lane, acc_lane) in acc.iter().enumerate() {
+                let (g, t) = (lane >> 2, lane & 3);
+                for (mi, acc_mi) in acc_lane.iter().enumerate() {
+                    for (ni, acc_ni) in acc_mi.iter().enumerate().take(ni_count) {
+                        for (e, &v) in acc_ni.iter().enumerate() {
+                            let r = wr + mi * 16 + g + if e >= 2 { 8 } else { 0 };
+                            let col = wc + ni * 8 + 2 * t + (e & 1);
+                            assert!(c[r * TILE + col].is_nan(), "C({r}, {col}) written twice");
+                            c[r * TILE + col] = v;
+                        }
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn tensor_core_tiles_compute_the_product() {
+        let mut rng = crate::rng::Rng::new(23);
+        let a = rng.normal_vec(TILE * DEPTH);
+        let b = rng.normal_vec(TILE * DEPTH);
+        for is_bf16 in [false, true] {
+            let round = |x: f32| -> f64 {
+                if is_bf16 {
+                    f64::from(bf16::from_f32(x).to_f32())
+                } else {
+                    f64::from(f32::from_bits(tf32_bits(x)))
+                }
+            };
+            for cp_async in [false, true] {
+                let c = run_tile(&a, &b, is_bf16, cp_async);
+                for r in 0..TILE {
+                    for col in 0..TILE {
+                        let want: f64 = (0..DEPTH).map(|q| round(a[r * DEPTH + q]) * round(b[col * DEPTH + q])).sum();
+                        let got = c[r * TILE + col];
+                        assert!(
+                            (got - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                            "bf16={is_bf16} cp_async={cp_async} C({r}, {col}) = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `gemm_ffma`'s loader (lane = row, warp = k group, transposed store into [k][row]) and its
+    /// 16 × 16 threads of 8 × 8 outputs.
+    #[test]
+    fn ffma_tile_covers_the_product() {
+        let mut rng = crate::rng::Rng::new(29);
+        let a = rng.normal_vec(TILE * DEPTH);
+        let b = rng.normal_vec(TILE * DEPTH);
+        let ld = TILE + 4;
+        let mut sa = vec![f32::NAN; DEPTH * ld];
+        let mut sb = vec![f32::NAN; DEPTH * ld];
+        for tid in 0..256 {
+            let (lrow, lk) = (tid & 31, (tid >> 5) * 4);
+            for it in 0..4 {
+                for e in 0..4 {
+                    let r = lrow + 32 * it;
+                    sa[(lk + e) * ld + r] = a[r * DEPTH + lk + e];
+                    sb[(lk + e) * ld + r] = b[r * DEPTH + lk + e];
+                }
+            }
+        }
+        let mut c = vec![f64::NAN; TILE * TILE];
+        for tid in 0..256 {
+            let (tx, ty) = (tid & 15, tid >> 4);
+            for i in 0..8 {
+                let r = if i < 4 { ty * 4 + i } else { 64 + ty * 4 + (i - 4) };
+                for j in 0..8 {
+                    let col = if j < 4 { tx * 4 + j } else { 64 + tx * 4 + (j - 4) };
+                    let v: f64 = (0..DEPTH).map(|kk| f64::from(sa[kk * ld + r]) * f64::from(sb[kk * ld + col])).sum();
+                    assert!(c[r * TILE + col].is_nan(), "C({r}, {col}) written twice");
+                    c[r * TILE + col] = v;
+                }
+            }
+        }
+        for r in 0..TILE {
+            for col in 0..TILE {
+                let want: f64 = (0..DEPTH).map(|q| f64::from(a[r * DEPTH + q]) * f64::from(b[col * DEPTH + q])).sum();
+                assert!((c[r * TILE + col] - want).abs() <= 1e-9 * (1.0 + want.abs()), "C({r}, {col})");
+            }
+        }
+    }
+}
