@@ -25,11 +25,13 @@ pub enum Module {
     Decode,
     /// `cuda/attention.cu`: block-sparse flash attention prefill.
     Attention,
+    /// `cuda/ntk.cu`: NTK Jacobian contractions, the factored MLP NTK and kernel metrics.
+    Ntk,
 }
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Attention, Module::Decode];
+    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Attention, Module::Decode, Module::Ntk];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
@@ -38,6 +40,7 @@ impl Module {
             Module::Quant => "quant",
             Module::Decode => "decode",
             Module::Attention => "attention",
+            Module::Ntk => "ntk",
         }
     }
 
@@ -48,6 +51,7 @@ impl Module {
             Module::Quant => kernels::QUANT,
             Module::Decode => kernels::DECODE,
             Module::Attention => kernels::ATTENTION,
+            Module::Ntk => kernels::NTK,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod checks;
 pub mod decode;
 pub mod device;
 pub mod error;
+pub mod ntk;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;

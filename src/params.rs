@@ -210,3 +210,218 @@ const _: () = {
     ["Offset of field: NtkvDecodeValidateParams::_pad0"]
         [::core::mem::offset_of!(NtkvDecodeValidateParams, _pad0) - 20usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkGemmParams {
+    pub a_batch_stride: u64,
+    pub b_batch_stride: u64,
+    pub a_row_stride: u64,
+    pub b_row_stride: u64,
+    pub k: u64,
+    pub k_chunk: u64,
+    pub m1: u32,
+    pub m2: u32,
+    pub batch: u32,
+    pub splits: u32,
+    pub col_tiles: u32,
+    pub symmetric: u32,
+    pub vec_ok: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkGemmParams"][::core::mem::size_of::<NtkvNtkGemmParams>() - 80usize];
+    ["Alignment of NtkvNtkGemmParams"][::core::mem::align_of::<NtkvNtkGemmParams>() - 8usize];
+    ["Offset of field: NtkvNtkGemmParams::a_batch_stride"]
+        [::core::mem::offset_of!(NtkvNtkGemmParams, a_batch_stride) - 0usize];
+    ["Offset of field: NtkvNtkGemmParams::b_batch_stride"]
+        [::core::mem::offset_of!(NtkvNtkGemmParams, b_batch_stride) - 8usize];
+    ["Offset of field: NtkvNtkGemmParams::a_row_stride"]
+        [::core::mem::offset_of!(NtkvNtkGemmParams, a_row_stride) - 16usize];
+    ["Offset of field: NtkvNtkGemmParams::b_row_stride"]
+        [::core::mem::offset_of!(NtkvNtkGemmParams, b_row_stride) - 24usize];
+    ["Offset of field: NtkvNtkGemmParams::k"][::core::mem::offset_of!(NtkvNtkGemmParams, k) - 32usize];
+    ["Offset of field: NtkvNtkGemmParams::k_chunk"][::core::mem::offset_of!(NtkvNtkGemmParams, k_chunk) - 40usize];
+    ["Offset of field: NtkvNtkGemmParams::m1"][::core::mem::offset_of!(NtkvNtkGemmParams, m1) - 48usize];
+    ["Offset of field: NtkvNtkGemmParams::m2"][::core::mem::offset_of!(NtkvNtkGemmParams, m2) - 52usize];
+    ["Offset of field: NtkvNtkGemmParams::batch"][::core::mem::offset_of!(NtkvNtkGemmParams, batch) - 56usize];
+    ["Offset of field: NtkvNtkGemmParams::splits"][::core::mem::offset_of!(NtkvNtkGemmParams, splits) - 60usize];
+    ["Offset of field: NtkvNtkGemmParams::col_tiles"][::core::mem::offset_of!(NtkvNtkGemmParams, col_tiles) - 64usize];
+    ["Offset of field: NtkvNtkGemmParams::symmetric"][::core::mem::offset_of!(NtkvNtkGemmParams, symmetric) - 68usize];
+    ["Offset of field: NtkvNtkGemmParams::vec_ok"][::core::mem::offset_of!(NtkvNtkGemmParams, vec_ok) - 72usize];
+    ["Offset of field: NtkvNtkGemmParams::_pad0"][::core::mem::offset_of!(NtkvNtkGemmParams, _pad0) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvNtkReduceParams {
+    pub n_out: u64,
+    pub plane: u64,
+    pub m1: u32,
+    pub m2: u32,
+    pub splits: u32,
+    pub batch: u32,
+    pub kind: u32,
+    pub n2: u32,
+    pub o: u32,
+    pub symmetric: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkReduceParams"][::core::mem::size_of::<NtkvNtkReduceParams>() - 56usize];
+    ["Alignment of NtkvNtkReduceParams"][::core::mem::align_of::<NtkvNtkReduceParams>() - 8usize];
+    ["Offset of field: NtkvNtkReduceParams::n_out"][::core::mem::offset_of!(NtkvNtkReduceParams, n_out) - 0usize];
+    ["Offset of field: NtkvNtkReduceParams::plane"][::core::mem::offset_of!(NtkvNtkReduceParams, plane) - 8usize];
+    ["Offset of field: NtkvNtkReduceParams::m1"][::core::mem::offset_of!(NtkvNtkReduceParams, m1) - 16usize];
+    ["Offset of field: NtkvNtkReduceParams::m2"][::core::mem::offset_of!(NtkvNtkReduceParams, m2) - 20usize];
+    ["Offset of field: NtkvNtkReduceParams::splits"][::core::mem::offset_of!(NtkvNtkReduceParams, splits) - 24usize];
+    ["Offset of field: NtkvNtkReduceParams::batch"][::core::mem::offset_of!(NtkvNtkReduceParams, batch) - 28usize];
+    ["Offset of field: NtkvNtkReduceParams::kind"][::core::mem::offset_of!(NtkvNtkReduceParams, kind) - 32usize];
+    ["Offset of field: NtkvNtkReduceParams::n2"][::core::mem::offset_of!(NtkvNtkReduceParams, n2) - 36usize];
+    ["Offset of field: NtkvNtkReduceParams::o"][::core::mem::offset_of!(NtkvNtkReduceParams, o) - 40usize];
+    ["Offset of field: NtkvNtkReduceParams::symmetric"]
+        [::core::mem::offset_of!(NtkvNtkReduceParams, symmetric) - 44usize];
+    ["Offset of field: NtkvNtkReduceParams::scale"][::core::mem::offset_of!(NtkvNtkReduceParams, scale) - 48usize];
+    ["Offset of field: NtkvNtkReduceParams::_pad0"][::core::mem::offset_of!(NtkvNtkReduceParams, _pad0) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkPresumParams {
+    pub p: u64,
+    pub n_out: u64,
+    pub n: u32,
+    pub o: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkPresumParams"][::core::mem::size_of::<NtkvNtkPresumParams>() - 24usize];
+    ["Alignment of NtkvNtkPresumParams"][::core::mem::align_of::<NtkvNtkPresumParams>() - 8usize];
+    ["Offset of field: NtkvNtkPresumParams::p"][::core::mem::offset_of!(NtkvNtkPresumParams, p) - 0usize];
+    ["Offset of field: NtkvNtkPresumParams::n_out"][::core::mem::offset_of!(NtkvNtkPresumParams, n_out) - 8usize];
+    ["Offset of field: NtkvNtkPresumParams::n"][::core::mem::offset_of!(NtkvNtkPresumParams, n) - 16usize];
+    ["Offset of field: NtkvNtkPresumParams::o"][::core::mem::offset_of!(NtkvNtkPresumParams, o) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvNtkCombineParams {
+    pub n_out: u64,
+    pub n1: u32,
+    pub n2: u32,
+    pub t: u32,
+    pub e: u32,
+    pub kind: u32,
+    pub accumulate: u32,
+    pub beta: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkCombineParams"][::core::mem::size_of::<NtkvNtkCombineParams>() - 40usize];
+    ["Alignment of NtkvNtkCombineParams"][::core::mem::align_of::<NtkvNtkCombineParams>() - 8usize];
+    ["Offset of field: NtkvNtkCombineParams::n_out"][::core::mem::offset_of!(NtkvNtkCombineParams, n_out) - 0usize];
+    ["Offset of field: NtkvNtkCombineParams::n1"][::core::mem::offset_of!(NtkvNtkCombineParams, n1) - 8usize];
+    ["Offset of field: NtkvNtkCombineParams::n2"][::core::mem::offset_of!(NtkvNtkCombineParams, n2) - 12usize];
+    ["Offset of field: NtkvNtkCombineParams::t"][::core::mem::offset_of!(NtkvNtkCombineParams, t) - 16usize];
+    ["Offset of field: NtkvNtkCombineParams::e"][::core::mem::offset_of!(NtkvNtkCombineParams, e) - 20usize];
+    ["Offset of field: NtkvNtkCombineParams::kind"][::core::mem::offset_of!(NtkvNtkCombineParams, kind) - 24usize];
+    ["Offset of field: NtkvNtkCombineParams::accumulate"]
+        [::core::mem::offset_of!(NtkvNtkCombineParams, accumulate) - 28usize];
+    ["Offset of field: NtkvNtkCombineParams::beta"][::core::mem::offset_of!(NtkvNtkCombineParams, beta) - 32usize];
+    ["Offset of field: NtkvNtkCombineParams::scale"][::core::mem::offset_of!(NtkvNtkCombineParams, scale) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkBiasActParams {
+    pub total: u64,
+    pub cols: u32,
+    pub has_bias: u32,
+    pub apply_act: u32,
+    pub act: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkBiasActParams"][::core::mem::size_of::<NtkvNtkBiasActParams>() - 24usize];
+    ["Alignment of NtkvNtkBiasActParams"][::core::mem::align_of::<NtkvNtkBiasActParams>() - 8usize];
+    ["Offset of field: NtkvNtkBiasActParams::total"][::core::mem::offset_of!(NtkvNtkBiasActParams, total) - 0usize];
+    ["Offset of field: NtkvNtkBiasActParams::cols"][::core::mem::offset_of!(NtkvNtkBiasActParams, cols) - 8usize];
+    ["Offset of field: NtkvNtkBiasActParams::has_bias"]
+        [::core::mem::offset_of!(NtkvNtkBiasActParams, has_bias) - 12usize];
+    ["Offset of field: NtkvNtkBiasActParams::apply_act"]
+        [::core::mem::offset_of!(NtkvNtkBiasActParams, apply_act) - 16usize];
+    ["Offset of field: NtkvNtkBiasActParams::act"][::core::mem::offset_of!(NtkvNtkBiasActParams, act) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkCotangentParams {
+    pub total: u64,
+    pub o: u32,
+    pub cols: u32,
+    pub mode: u32,
+    pub act: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkCotangentParams"][::core::mem::size_of::<NtkvNtkCotangentParams>() - 24usize];
+    ["Alignment of NtkvNtkCotangentParams"][::core::mem::align_of::<NtkvNtkCotangentParams>() - 8usize];
+    ["Offset of field: NtkvNtkCotangentParams::total"][::core::mem::offset_of!(NtkvNtkCotangentParams, total) - 0usize];
+    ["Offset of field: NtkvNtkCotangentParams::o"][::core::mem::offset_of!(NtkvNtkCotangentParams, o) - 8usize];
+    ["Offset of field: NtkvNtkCotangentParams::cols"][::core::mem::offset_of!(NtkvNtkCotangentParams, cols) - 12usize];
+    ["Offset of field: NtkvNtkCotangentParams::mode"][::core::mem::offset_of!(NtkvNtkCotangentParams, mode) - 16usize];
+    ["Offset of field: NtkvNtkCotangentParams::act"][::core::mem::offset_of!(NtkvNtkCotangentParams, act) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkJvpParams {
+    pub total: u64,
+    pub cols: u32,
+    pub has_bias: u32,
+    pub has_t2: u32,
+    pub is_last: u32,
+    pub act: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkJvpParams"][::core::mem::size_of::<NtkvNtkJvpParams>() - 32usize];
+    ["Alignment of NtkvNtkJvpParams"][::core::mem::align_of::<NtkvNtkJvpParams>() - 8usize];
+    ["Offset of field: NtkvNtkJvpParams::total"][::core::mem::offset_of!(NtkvNtkJvpParams, total) - 0usize];
+    ["Offset of field: NtkvNtkJvpParams::cols"][::core::mem::offset_of!(NtkvNtkJvpParams, cols) - 8usize];
+    ["Offset of field: NtkvNtkJvpParams::has_bias"][::core::mem::offset_of!(NtkvNtkJvpParams, has_bias) - 12usize];
+    ["Offset of field: NtkvNtkJvpParams::has_t2"][::core::mem::offset_of!(NtkvNtkJvpParams, has_t2) - 16usize];
+    ["Offset of field: NtkvNtkJvpParams::is_last"][::core::mem::offset_of!(NtkvNtkJvpParams, is_last) - 20usize];
+    ["Offset of field: NtkvNtkJvpParams::act"][::core::mem::offset_of!(NtkvNtkJvpParams, act) - 24usize];
+    ["Offset of field: NtkvNtkJvpParams::_pad0"][::core::mem::offset_of!(NtkvNtkJvpParams, _pad0) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkStatsParams {
+    pub total: u64,
+    pub n: u32,
+    pub m_kind: u32,
+    pub center: u32,
+    pub blocks: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkStatsParams"][::core::mem::size_of::<NtkvNtkStatsParams>() - 24usize];
+    ["Alignment of NtkvNtkStatsParams"][::core::mem::align_of::<NtkvNtkStatsParams>() - 8usize];
+    ["Offset of field: NtkvNtkStatsParams::total"][::core::mem::offset_of!(NtkvNtkStatsParams, total) - 0usize];
+    ["Offset of field: NtkvNtkStatsParams::n"][::core::mem::offset_of!(NtkvNtkStatsParams, n) - 8usize];
+    ["Offset of field: NtkvNtkStatsParams::m_kind"][::core::mem::offset_of!(NtkvNtkStatsParams, m_kind) - 12usize];
+    ["Offset of field: NtkvNtkStatsParams::center"][::core::mem::offset_of!(NtkvNtkStatsParams, center) - 16usize];
+    ["Offset of field: NtkvNtkStatsParams::blocks"][::core::mem::offset_of!(NtkvNtkStatsParams, blocks) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvNtkMeansParams {
+    pub n: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvNtkMeansParams"][::core::mem::size_of::<NtkvNtkMeansParams>() - 8usize];
+    ["Alignment of NtkvNtkMeansParams"][::core::mem::align_of::<NtkvNtkMeansParams>() - 4usize];
+    ["Offset of field: NtkvNtkMeansParams::n"][::core::mem::offset_of!(NtkvNtkMeansParams, n) - 0usize];
+    ["Offset of field: NtkvNtkMeansParams::_pad0"][::core::mem::offset_of!(NtkvNtkMeansParams, _pad0) - 4usize];
+};

@@ -15,3 +15,12 @@ unsafe impl DeviceRepr for NtkvAttnPrefillParams {}
 unsafe impl DeviceRepr for NtkvQuantParams {}
 unsafe impl DeviceRepr for NtkvQuantScanParams {}
 unsafe impl DeviceRepr for NtkvMikvRowsParams {}
+unsafe impl DeviceRepr for NtkvNtkGemmParams {}
+unsafe impl DeviceRepr for NtkvNtkReduceParams {}
+unsafe impl DeviceRepr for NtkvNtkPresumParams {}
+unsafe impl DeviceRepr for NtkvNtkCombineParams {}
+unsafe impl DeviceRepr for NtkvNtkBiasActParams {}
+unsafe impl DeviceRepr for NtkvNtkCotangentParams {}
+unsafe impl DeviceRepr for NtkvNtkJvpParams {}
+unsafe impl DeviceRepr for NtkvNtkStatsParams {}
+unsafe impl DeviceRepr for NtkvNtkMeansParams {}

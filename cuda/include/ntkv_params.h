@@ -162,4 +162,121 @@ typedef struct NtkvDecodeValidateParams {
 
 /* ---- ntk: Jacobian contractions (SPEC §6) ------------------------------ */
 
+/* Split-K GEMM C_z = A_z · B_zᵀ into partials [batch][splits][m1][m2] (f32).
+ * A_z row r, column q lives at a[z*a_batch_stride + r*a_row_stride + q] (elements); B
+ * likewise. Split s covers q in [s*k_chunk, min((s+1)*k_chunk, k)); k_chunk is a multiple
+ * of the kernels' 32-deep k tile. symmetric = 1: A == B, m1 == m2 and grid.x enumerates only
+ * the 128x128 tiles with row tile <= column tile. vec_ok = 1: both row and batch strides
+ * are multiples of 4 elements, so 4-element vector loads are aligned. */
+typedef struct NtkvNtkGemmParams {
+    uint64_t a_batch_stride;
+    uint64_t b_batch_stride;
+    uint64_t a_row_stride;
+    uint64_t b_row_stride;
+    uint64_t k;
+    uint64_t k_chunk;
+    uint32_t m1;
+    uint32_t m2;
+    uint32_t batch;
+    uint32_t splits;
+    uint32_t col_tiles;
+    uint32_t symmetric;
+    uint32_t vec_ok;
+    uint32_t _pad0;
+} NtkvNtkGemmParams;
+
+/* Sums the split-K partials in split order and writes the contraction's layout.
+ * kind 0: out [batch, m1, m2]; kind 1 (Full): out [n1, n2, o, o] from C [(n1*o), (n2*o)];
+ * kind 2 (Diagonal): out [n1, n2, o] from batch o of C [n1, n2]. symmetric = 1: element
+ * (r, c) with r's 128-tile after c's is read at (c, r). Every output is multiplied by scale. */
+typedef struct NtkvNtkReduceParams {
+    uint64_t n_out;
+    uint64_t plane;
+    uint32_t m1;
+    uint32_t m2;
+    uint32_t splits;
+    uint32_t batch;
+    uint32_t kind;
+    uint32_t n2;
+    uint32_t o;
+    uint32_t symmetric;
+    float scale;
+    uint32_t _pad0;
+} NtkvNtkReduceParams;
+
+/* Pseudo-NTK pre-sum: out[i, q] = sum over a (in order) of j[i, a, q], f32. */
+typedef struct NtkvNtkPresumParams {
+    uint64_t p;
+    uint64_t n_out;
+    uint32_t n;
+    uint32_t o;
+} NtkvNtkPresumParams;
+
+/* Factored NTK combine for one layer:
+ * out[i,j,a,b] (= or +=) scale * sum_{t,s} (aa[(i t),(j s)] + beta) * gg[((i t) e + a), ((j s) e + b)]
+ * with aa [n1 t, n2 t] and gg [n1 t e, n2 t e]. kind 0: out [n1, n2, e, e]; kind 1: out
+ * [n1, n2, e] with b = a. accumulate = 1 adds to out. */
+typedef struct NtkvNtkCombineParams {
+    uint64_t n_out;
+    uint32_t n1;
+    uint32_t n2;
+    uint32_t t;
+    uint32_t e;
+    uint32_t kind;
+    uint32_t accumulate;
+    float beta;
+    float scale;
+} NtkvNtkCombineParams;
+
+/* MLP elementwise steps. act: 0 ReLU, 1 tanh, 2 GELU (erf).
+ * Forward epilogue: z = pre + bias[c]; a = apply_act ? act(z) : z. */
+typedef struct NtkvNtkBiasActParams {
+    uint64_t total;
+    uint32_t cols;
+    uint32_t has_bias;
+    uint32_t apply_act;
+    uint32_t act;
+} NtkvNtkBiasActParams;
+
+/* Cotangent step. mode 0: g[(n,a), c] = (a == c) for the last layer ([n, o, o]);
+ * mode 1: g[(n,a), c] = pre[(n,a), c] * act'(z[n, c]) with o rows per sample. */
+typedef struct NtkvNtkCotangentParams {
+    uint64_t total;
+    uint32_t o;
+    uint32_t cols;
+    uint32_t mode;
+    uint32_t act;
+} NtkvNtkCotangentParams;
+
+/* Fused JVP step of the linearized MLP: z = pre + b; dz = t1 (+ t2) (+ db);
+ * hidden layers: a = act(z), da = act'(z) * dz; last layer: a = z + dz (f_lin). */
+typedef struct NtkvNtkJvpParams {
+    uint64_t total;
+    uint32_t cols;
+    uint32_t has_bias;
+    uint32_t has_t2;
+    uint32_t is_last;
+    uint32_t act;
+    uint32_t _pad0;
+} NtkvNtkJvpParams;
+
+/* Kernel statistics over an [n, n] kernel k, per-block f64 partial sums of
+ * [sum k', sum k'^2, sum diag k', sum m', sum m'^2, sum k' m'] where k' (and m') are centred
+ * when center = 1 using cent = [k_row n][k_col n][k_all][m_row n][m_col n][m_all].
+ * m_kind 0: no m; 1: m_ij = labels[i] == labels[j] ? 1 : -1; 2: m dense [n, n]. */
+typedef struct NtkvNtkStatsParams {
+    uint64_t total;
+    uint32_t n;
+    uint32_t m_kind;
+    uint32_t center;
+    uint32_t blocks;
+} NtkvNtkStatsParams;
+
+/* Row sums, column sums and grand mean of an [n, n] f32 matrix, in f64, fixed order:
+ * out = [row means n][col means n][grand mean]. */
+typedef struct NtkvNtkMeansParams {
+    uint32_t n;
+    uint32_t _pad0;
+} NtkvNtkMeansParams;
+
 #endif /* NTKV_PARAMS_H */

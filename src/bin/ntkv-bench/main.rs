@@ -11,6 +11,7 @@
 mod attention;
 mod decode;
 mod harness;
+mod ntk;
 mod quant;
 
 use std::process::ExitCode;
@@ -43,7 +44,8 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("attention", attention::run), ("decode", decode::run)];
+const FAMILIES: &[(&str, Family)] =
+    &[("quant", quant::run), ("attention", attention::run), ("decode", decode::run), ("ntk", ntk::run)];
 
 fn main() -> ExitCode {
     let args = Args::parse();
