@@ -21,17 +21,20 @@ pub enum Module {
     Common,
     /// `cuda/quant.cu`: group-wise quantization and the MiKV cache.
     Quant,
+    /// `cuda/topk.cu`: radix top-k, H2O accumulation and eviction, SnapKV selection.
+    Topk,
 }
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant];
+    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Topk];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
         match self {
             Module::Common => "common",
             Module::Quant => "quant",
+            Module::Topk => "topk",
         }
     }
 
@@ -40,6 +43,7 @@ impl Module {
         match self {
             Module::Common => kernels::COMMON,
             Module::Quant => kernels::QUANT,
+            Module::Topk => kernels::TOPK,
         }
     }
 }

@@ -9,3 +9,9 @@ use crate::params::*;
 // its size and field offsets are checked at compile time by the generated layout assertions.
 unsafe impl DeviceRepr for NtkvCopyParams {}
 unsafe impl DeviceRepr for NtkvFiniteCheckParams {}
+unsafe impl DeviceRepr for NtkvTopkParams {}
+unsafe impl DeviceRepr for NtkvFillRecentParams {}
+unsafe impl DeviceRepr for NtkvH2oParams {}
+unsafe impl DeviceRepr for NtkvPoolParams {}
+unsafe impl DeviceRepr for NtkvKeepCheckParams {}
+unsafe impl DeviceRepr for NtkvCompactParams {}

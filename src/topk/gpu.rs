@@ -1,0 +1,492 @@
+//! Launch code for `cuda/topk.cu`. Every public entry point validated its arguments before
+//! calling in here; the functions below still check what their launches rely on.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{validate_topk, AttnShape, GqaReduce, TopkLayout};
+use crate::device::{Device, Module};
+use crate::error::{check_shape, to_u32, Error, Result};
+use crate::params::{
+    NtkvCompactParams, NtkvFillRecentParams, NtkvH2oParams, NtkvKeepCheckParams, NtkvPoolParams, NtkvTopkParams,
+};
+use crate::tensor::{DType, DeviceTensor, Float};
+
+const HIST_BINS: usize = 4096;
+const STATE_WORDS: usize = 8;
+const HIST_THREADS: u32 = 512;
+const FINAL_THREADS: u32 = 1024;
+const KEY_TILE: usize = 64;
+const H2O_THREADS: u32 = 128;
+/// u32 words of one staged chunk per tensor in the compaction kernel.
+const COMPACT_STAGE_WORDS: usize = 8192;
+
+fn topk_kernel_names(dtype: DType) -> (&'static str, &'static str, &'static str) {
+    match dtype {
+        DType::F32 => ("ntkv_topk_hist_f32", "ntkv_topk_filter_f32", "ntkv_topk_finalize_f32"),
+        DType::F16 => ("ntkv_topk_hist_f16", "ntkv_topk_filter_f16", "ntkv_topk_finalize_f16"),
+        DType::BF16 => ("ntkv_topk_hist_bf16", "ntkv_topk_filter_bf16", "ntkv_topk_finalize_bf16"),
+    }
+}
+
+/// What one top-k launch writes, beyond the plain `[rows, k]` by-value output.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TopkOutput {
+    /// Row length used when there are no per-row lengths (`≤ n`).
+    pub uniform_len: usize,
+    /// Whether per-row lengths were uploaded.
+    pub has_lengths: bool,
+    /// Write the selected indices ascending instead of by value.
+    pub order_by_index: bool,
+    /// Elements between output rows (`≥ k`).
+    pub out_stride: usize,
+}
+
+/// A validated top-k shape with its device scratch, reusable across calls of the same shape
+/// (the FlashInfer-style plan: validate and choose the layout once, then run many times).
+///
+/// The scratch (histograms, row states, selected and candidate lists) is left zeroed by
+/// every completed run, so a run needs no memset.
+pub struct TopkPlan {
+    rows: usize,
+    n: usize,
+    k: usize,
+    layout: TopkLayout,
+    hist: CudaSlice<u32>,
+    state: CudaSlice<u32>,
+    sel: CudaSlice<u32>,
+    cand: CudaSlice<u32>,
+    lengths: CudaSlice<u32>,
+    /// Passed as the values buffer when values are not written.
+    dummy_values: CudaSlice<f32>,
+    /// Set while launches are being enqueued; a run that finds it set re-zeroes the scratch.
+    dirty: bool,
+}
+
+impl std::fmt::Debug for TopkPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopkPlan")
+            .field("rows", &self.rows)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("layout", &self.layout)
+            .finish()
+    }
+}
+
+impl TopkPlan {
+    /// Validates the shape `[rows, n]`, top-`k`, chooses the layout for this device and
+    /// allocates its scratch (at most [`super::TOPK_WORKSPACE_BYTES`] plus `4·rows` bytes).
+    ///
+    /// # Errors
+    /// As [`validate_topk`]; driver errors from the allocation.
+    pub fn new(device: &Device, rows: usize, n: usize, k: usize) -> Result<Self> {
+        validate_topk(rows, n, k, None)?;
+        let layout = TopkLayout::choose(rows, n, k, device.props().sm_count as usize);
+        let b = layout.rows_per_batch;
+        let stream = device.stream();
+        Ok(TopkPlan {
+            rows,
+            n,
+            k,
+            layout,
+            hist: stream.alloc_zeros::<u32>(b * HIST_BINS)?,
+            state: stream.alloc_zeros::<u32>(b * STATE_WORDS)?,
+            sel: stream.alloc_zeros::<u32>(b * k)?,
+            cand: stream.alloc_zeros::<u32>(b * n)?,
+            lengths: stream.alloc_zeros::<u32>(rows)?,
+            dummy_values: stream.alloc_zeros::<f32>(1)?,
+            dirty: false,
+        })
+    }
+
+    /// The layout chosen for this shape.
+    pub fn layout(&self) -> TopkLayout {
+        self.layout
+    }
+
+    /// Runs the top-k of `scores [rows, n]` into `values [rows, k]` and `indices [rows, k]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a buffer of another shape; as [`validate_topk`] for `lengths`.
+    pub fn run<T: Float>(
+        &mut self,
+        device: &Device,
+        scores: &DeviceTensor<T>,
+        lengths: Option<&[u32]>,
+        values: &mut DeviceTensor<T>,
+        indices: &mut DeviceTensor<u32>,
+    ) -> Result<()> {
+        check_shape("scores", &[self.rows, self.n], scores.shape())?;
+        check_shape("values", &[self.rows, self.k], values.shape())?;
+        check_shape("indices", &[self.rows, self.k], indices.shape())?;
+        validate_topk(self.rows, self.n, self.k, lengths)?;
+        if let Some(l) = lengths {
+            device.stream().memcpy_htod(l, &mut self.lengths)?;
+        }
+        let out = TopkOutput { uniform_len: self.n, has_lengths: lengths.is_some(), order_by_index: false, out_stride: self.k };
+        self.launch(device, scores.slice(), out, Some(values.slice_mut()), indices.slice_mut())
+    }
+
+    /// Enqueues the three kernels for every row batch. `values` of `None` writes indices only.
+    pub(super) fn launch<T: Float>(
+        &mut self,
+        device: &Device,
+        scores: &CudaSlice<T>,
+        out: TopkOutput,
+        mut values: Option<&mut CudaSlice<T>>,
+        indices: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let (rows, n, k) = (self.rows, self.n, self.k);
+        // What the kernels index: scores rows*n, outputs rows*out_stride, row lengths <= n.
+        let out_len = (rows - 1) * out.out_stride + k;
+        if scores.len() < rows * n
+            || indices.len() < out_len
+            || out.out_stride < k
+            || out.uniform_len > n
+            || values.as_ref().is_some_and(|v| v.len() < out_len)
+        {
+            return Err(Error::invalid("scores", "internal: buffers do not match the top-k plan"));
+        }
+        let stream = device.stream().clone();
+        if self.dirty {
+            stream.memset_zeros(&mut self.hist)?;
+            stream.memset_zeros(&mut self.state)?;
+        }
+        self.dirty = true;
+        let (hist_name, filter_name, final_name) = topk_kernel_names(T::DTYPE);
+        let f_hist = device.function(Module::Topk, hist_name)?;
+        let f_filter = device.function(Module::Topk, filter_name)?;
+        let f_final = device.function(Module::Topk, final_name)?;
+        let smem = device.prepare_shared_mem(&f_final, self.layout.kpad * 8)?;
+        let write_values = values.is_some();
+        let lay = self.layout;
+        let mut row_base = 0usize;
+        while row_base < rows {
+            let batch = lay.rows_per_batch.min(rows - row_base);
+            let params = NtkvTopkParams {
+                row_stride: n as u64,
+                cand_stride: n as u64,
+                out_stride: out.out_stride as u64,
+                row_base: to_u32("rows", row_base)?,
+                rows: to_u32("rows", batch)?,
+                n: to_u32("n", n)?,
+                k: to_u32("k", k)?,
+                uniform_len: to_u32("lengths", out.uniform_len)?,
+                has_lengths: u32::from(out.has_lengths),
+                blocks_per_row: to_u32("blocks_per_row", lay.blocks_per_row)?,
+                chunk: to_u32("chunk", lay.chunk)?,
+                kpad: to_u32("k", lay.kpad)?,
+                order_by_index: u32::from(out.order_by_index),
+                write_values: u32::from(write_values),
+                reverse_filter: 1,
+            };
+            let grid_rows = to_u32("rows", batch)?;
+            let split = LaunchConfig {
+                grid_dim: (to_u32("blocks_per_row", lay.blocks_per_row)?, grid_rows, 1),
+                block_dim: (HIST_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f_hist);
+            b.arg(&params).arg(scores).arg(&self.lengths).arg(&mut self.hist).arg(&mut self.state);
+            // SAFETY: ntkv_topk_hist_<T>(NtkvTopkParams, const T* x, const u32* lengths, u32* hist,
+            // u32* state). Block (x, y) reads x[(row_base + y) * n + i] for i < min(len, n) with
+            // len = lengths[row_base + y] (lengths holds `rows` entries) or uniform_len <= n;
+            // scores holds rows * n elements. It writes hist[y * 4096 .. +4096] and
+            // state[y * 8 .. +8] for y < batch <= rows_per_batch, the sizes of both buffers.
+            unsafe { b.launch(split) }?;
+
+            let mut b = stream.launch_builder(&f_filter);
+            b.arg(&params).arg(scores).arg(&self.lengths).arg(&mut self.state).arg(&mut self.sel).arg(&mut self.cand);
+            // SAFETY: ntkv_topk_filter_<T>(NtkvTopkParams, const T* x, const u32* lengths,
+            // u32* state, u32* sel, u32* cand). Reads x as the histogram kernel does; appends to
+            // sel[y * k + pos] only for pos < k and to cand[y * n + pos] only for pos < n
+            // (cand_stride = n), inside buffers of rows_per_batch * k and rows_per_batch * n.
+            unsafe { b.launch(split) }?;
+
+            let fin = LaunchConfig { grid_dim: (grid_rows, 1, 1), block_dim: (FINAL_THREADS, 1, 1), shared_mem_bytes: smem };
+            let mut b = stream.launch_builder(&f_final);
+            b.arg(&params).arg(scores).arg(&mut self.hist).arg(&mut self.state).arg(&self.sel).arg(&self.cand);
+            match values.as_deref_mut() {
+                Some(v) => b.arg(v),
+                None => b.arg(&mut self.dummy_values),
+            };
+            b.arg(&mut *indices);
+            // SAFETY: ntkv_topk_finalize_<T>(NtkvTopkParams, const T* x, u32* hist, u32* state,
+            // const u32* sel, const u32* cand, T* out_val, u32* out_idx). Block y reads
+            // sel[y * k ..] below min(count, k), cand[y * n ..] below min(count, n), and x at
+            // indices taken from them (< n, checked again before the value gather); it writes
+            // out_idx (and out_val when write_values, else never touched: the dummy is never
+            // dereferenced) at (row_base + y) * out_stride + s for s < k, inside out_len; it
+            // uses kpad * 8 bytes of dynamic shared memory, the size prepared above.
+            unsafe { b.launch(fin) }?;
+            row_base += batch;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// Writes `count` consecutive indices `first_index ..` into columns `col_start ..` of each of
+/// the `rows` rows (stride `out_stride`) of `out`.
+pub(super) fn fill_recent(
+    device: &Device,
+    out: &mut CudaSlice<u32>,
+    rows: usize,
+    out_stride: usize,
+    col_start: usize,
+    count: usize,
+    first_index: usize,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    if col_start + count > out_stride || out.len() < rows * out_stride || first_index + count > u32::MAX as usize {
+        return Err(Error::invalid("recent", "internal: recent window does not fit the keep list"));
+    }
+    let params = NtkvFillRecentParams {
+        rows: to_u32("rows", rows)?,
+        out_stride: to_u32("budget", out_stride)?,
+        col_start: to_u32("budget", col_start)?,
+        count: to_u32("recent", count)?,
+        first_index: to_u32("recent", first_index)?,
+        _pad0: 0,
+    };
+    let f = device.function(Module::Topk, "ntkv_topk_fill_recent")?;
+    let blocks = (rows * count).div_ceil(256).clamp(1, 4096);
+    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(out);
+    // SAFETY: ntkv_topk_fill_recent(NtkvFillRecentParams, u32* out) writes
+    // out[r * out_stride + col_start + i] for r < rows, i < count; col_start + count <=
+    // out_stride and out holds rows * out_stride entries (checked above).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// The keep lists `[rows, budget]` of `scores [rows, stride]`: the top-`(budget − recent)` of
+/// the first `older` columns of each row, ascending, then `older .. older + recent`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn select_into(
+    device: &Device,
+    scores: &CudaSlice<f32>,
+    rows: usize,
+    stride: usize,
+    older: usize,
+    budget: usize,
+    recent: usize,
+    keep: &mut CudaSlice<u32>,
+) -> Result<()> {
+    let k_sel = budget - recent;
+    if k_sel > 0 {
+        let mut plan = TopkPlan::new(device, rows, stride, k_sel)?;
+        let out = TopkOutput { uniform_len: older, has_lengths: false, order_by_index: true, out_stride: budget };
+        plan.launch::<f32>(device, scores, out, None, keep)?;
+    }
+    fill_recent(device, keep, rows, budget, k_sel, recent, older)
+}
+
+/// Whether the accumulation kernels support this shape and dtype.
+pub(super) fn check_attn_support(shape: AttnShape, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        return Err(Error::invalid("q", "f32 queries and keys are not supported; use f16 or bf16 (tensor cores)"));
+    }
+    if !matches!(shape.d, 64 | 128 | 256) {
+        return Err(Error::invalid("q", format!("head dimension {} is not supported; use 64, 128 or 256", shape.d)));
+    }
+    Ok(())
+}
+
+fn h2o_kernel_names(dtype: DType, d: usize) -> Result<(&'static str, &'static str)> {
+    Ok(match (dtype, d) {
+        (DType::F16, 64) => ("ntkv_h2o_pass1_f16_d64", "ntkv_h2o_pass2_f16_d64"),
+        (DType::F16, 128) => ("ntkv_h2o_pass1_f16_d128", "ntkv_h2o_pass2_f16_d128"),
+        (DType::F16, 256) => ("ntkv_h2o_pass1_f16_d256", "ntkv_h2o_pass2_f16_d256"),
+        (DType::BF16, 64) => ("ntkv_h2o_pass1_bf16_d64", "ntkv_h2o_pass2_bf16_d64"),
+        (DType::BF16, 128) => ("ntkv_h2o_pass1_bf16_d128", "ntkv_h2o_pass2_bf16_d128"),
+        (DType::BF16, 256) => ("ntkv_h2o_pass1_bf16_d256", "ntkv_h2o_pass2_bf16_d256"),
+        _ => return Err(Error::invalid("q", format!("no accumulation kernel for {dtype} with head dimension {d}"))),
+    })
+}
+
+/// Enqueues pass 1, the merge and pass 2 of the accumulation into `acc [hkv, t]`.
+pub(super) fn accumulate<T: Float>(
+    device: &Device,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    acc: &mut CudaSlice<f32>,
+    shape: AttnShape,
+    reduce: GqaReduce,
+) -> Result<()> {
+    check_attn_support(shape, T::DTYPE)?;
+    let AttnShape { hq, hkv, tq, t, d } = shape;
+    if q.len() != hq * tq * d || k.len() != hkv * t * d || acc.len() != hkv * t {
+        return Err(Error::invalid("q", "internal: buffers do not match the attention shape"));
+    }
+    let (pass1, pass2) = h2o_kernel_names(T::DTYPE, d)?;
+    let n_tiles = t.div_ceil(KEY_TILE);
+    let params = NtkvH2oParams {
+        hq: to_u32("q", hq)?,
+        hkv: to_u32("k", hkv)?,
+        tq: to_u32("q", tq)?,
+        t: to_u32("k", t)?,
+        d: to_u32("q", d)?,
+        n_tiles: to_u32("k", n_tiles)?,
+        reduce_max: u32::from(reduce == GqaReduce::Max),
+        scale: (d as f32).sqrt().recip(),
+    };
+    let stream = device.stream();
+    let mut partial = stream.alloc_zeros::<f32>(hq * tq * n_tiles * 2)?;
+    let mut stats = stream.alloc_zeros::<f32>(hq * tq * 2)?;
+    let tiles = LaunchConfig {
+        grid_dim: (to_u32("k", n_tiles)?, to_u32("k", hkv)?, 1),
+        block_dim: (H2O_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+
+    let f1 = device.function(Module::Topk, pass1)?;
+    let mut b = stream.launch_builder(&f1);
+    b.arg(&params).arg(q).arg(k).arg(&mut partial);
+    // SAFETY: ntkv_h2o_pass1_<T>_d<D>(NtkvH2oParams, const T* q, const T* k, float* partial).
+    // Block (tile, hk) reads q rows (h, r) for h < hq, r < tq and k rows (hk, j) for j < t (all
+    // other rows are masked to zero without a load), D elements each: within hq*tq*d and
+    // hkv*t*d. It writes partial[((h * tq + r) * n_tiles + tile) * 2 + {0,1}] for r < tq,
+    // inside hq*tq*n_tiles*2.
+    unsafe { b.launch(tiles) }?;
+
+    let merge_rows = hq * tq;
+    let merge = LaunchConfig {
+        grid_dim: (to_u32("q", merge_rows.div_ceil(8))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let fm = device.function(Module::Topk, "ntkv_h2o_merge")?;
+    let mut b = stream.launch_builder(&fm);
+    b.arg(&params).arg(&partial).arg(&mut stats);
+    // SAFETY: ntkv_h2o_merge(NtkvH2oParams, const float* partial, float* stats): warp `row`
+    // (< hq*tq, checked) reads partial[(row * n_tiles + t) * 2 + {0,1}] for t < n_tiles and
+    // writes stats[row * 2 + {0,1}], inside both allocations.
+    unsafe { b.launch(merge) }?;
+
+    let f2 = device.function(Module::Topk, pass2)?;
+    let mut b = stream.launch_builder(&f2);
+    b.arg(&params).arg(q).arg(k).arg(&stats).arg(acc);
+    // SAFETY: ntkv_h2o_pass2_<T>_d<D>(NtkvH2oParams, const T* q, const T* k, const float*
+    // stats, float* acc). Reads q and k as pass 1 and stats[(h * tq + r) * 2 + {0,1}] for
+    // r < tq; writes acc[hk * t + j] for j < t only, each element from exactly one thread.
+    unsafe { b.launch(tiles) }?;
+    Ok(())
+}
+
+/// SnapKV pooled votes `[hkv, t − w]` (requires `t > w`).
+pub(super) fn snapkv_pooled<T: Float>(
+    device: &Device,
+    q_window: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    shape: AttnShape,
+    reduce: GqaReduce,
+) -> Result<DeviceTensor<f32>> {
+    let older = shape.t - shape.tq;
+    if older == 0 {
+        return Err(Error::invalid("q_window", "the window covers the whole cache"));
+    }
+    let mut votes = device.stream().alloc_zeros::<f32>(shape.hkv * shape.t)?;
+    accumulate(device, q_window, k, &mut votes, shape, reduce)?;
+    let mut pooled = DeviceTensor::<f32>::zeros(device, &[shape.hkv, older])?;
+    let params = NtkvPoolParams {
+        rows: to_u32("k", shape.hkv)?,
+        in_stride: to_u32("k", shape.t)?,
+        n_out: to_u32("k", older)?,
+        _pad0: 0,
+    };
+    let f = device.function(Module::Topk, "ntkv_snapkv_pool")?;
+    let blocks = (shape.hkv * older).div_ceil(256).clamp(1, 8192);
+    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = device.stream().launch_builder(&f);
+    b.arg(&params).arg(&votes).arg(pooled.slice_mut());
+    // SAFETY: ntkv_snapkv_pool(NtkvPoolParams, const float* in, float* out): for e < rows *
+    // n_out it reads in[r * t + i] with 0 <= i < n_out < t (votes holds rows * t) and writes
+    // out[e] (pooled holds rows * n_out).
+    unsafe { b.launch(cfg) }?;
+    Ok(pooled)
+}
+
+/// Checks the keep list on the device, then compacts in place.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compact<T: Float>(
+    device: &Device,
+    keep: &DeviceTensor<u32>,
+    k_cache: &mut DeviceTensor<T>,
+    v_cache: &mut DeviceTensor<T>,
+    acc: Option<&mut DeviceTensor<f32>>,
+    hkv: usize,
+    t: usize,
+    d: usize,
+    budget: usize,
+) -> Result<()> {
+    let row_bytes = d * T::DTYPE.size();
+    if row_bytes % 4 != 0 || row_bytes / 4 > COMPACT_STAGE_WORDS {
+        return Err(Error::invalid(
+            "k_cache",
+            format!("rows of {row_bytes} bytes are not supported (need a multiple of 4, at most 32 KiB)"),
+        ));
+    }
+    if budget == 0 {
+        return Ok(());
+    }
+    let row_words = row_bytes / 4;
+    let stream = device.stream();
+
+    // 1. Validate the keep list before anything is written.
+    let check = NtkvKeepCheckParams { rows: to_u32("keep", hkv)?, budget: to_u32("keep", budget)?, t: to_u32("k_cache", t)?, _pad0: 0 };
+    let mut flag = stream.clone_htod(&[u32::MAX])?;
+    let fc = device.function(Module::Topk, "ntkv_h2o_check_keep")?;
+    let blocks = (hkv * budget).div_ceil(256).clamp(1, 4096);
+    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&fc);
+    b.arg(&check).arg(keep.slice()).arg(&mut flag);
+    // SAFETY: ntkv_h2o_check_keep(NtkvKeepCheckParams, const u32* keep, u32* first_bad) reads
+    // keep[e] and keep[e - 1] (same row) for e < rows * budget = keep.len(), and atomically
+    // lowers the single u32 in flag.
+    unsafe { b.launch(cfg) }?;
+    let bad = stream.clone_dtoh(&flag)?.first().copied().unwrap_or(u32::MAX);
+    if bad != u32::MAX {
+        let (h, i) = (bad as usize / budget, bad as usize % budget);
+        return Err(Error::invalid(
+            "keep",
+            format!("entry {i} of head {h} is out of range (>= {t}) or not strictly ascending"),
+        ));
+    }
+
+    // 2. Compact, one block per kv head.
+    let chunk_rows = (COMPACT_STAGE_WORDS / row_words).max(1);
+    let smem_bytes = (2 * chunk_rows * row_words + chunk_rows) * 4;
+    let f = device.function(Module::Topk, "ntkv_h2o_compact")?;
+    let smem = device.prepare_shared_mem(&f, smem_bytes)?;
+    let params = NtkvCompactParams {
+        hkv: to_u32("k_cache", hkv)?,
+        t: to_u32("k_cache", t)?,
+        budget: to_u32("keep", budget)?,
+        row_words: to_u32("k_cache", row_words)?,
+        has_acc: u32::from(acc.is_some()),
+        _pad0: 0,
+    };
+    let mut dummy_acc;
+    let acc_slice = match acc {
+        Some(a) => a.slice_mut(),
+        None => {
+            dummy_acc = stream.alloc_zeros::<f32>(1)?;
+            &mut dummy_acc
+        }
+    };
+    let cfg = LaunchConfig { grid_dim: (to_u32("k_cache", hkv)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&params).arg(keep.slice()).arg(k_cache.slice_mut()).arg(v_cache.slice_mut()).arg(acc_slice);
+    // SAFETY: ntkv_h2o_compact(NtkvCompactParams, const u32* keep, u32* kc, u32* vc, float* acc).
+    // The caches are [hkv, t, d] of T, read and written as u32 words (row_words = d * size / 4,
+    // exact). Block h reads keep[h * budget + i] (i < budget) and, since every entry was just
+    // checked to be < t, cache words (h * t + keep) * row_words + w < hkv * t * row_words; it
+    // writes rows h * t + i, i < budget <= t. acc is touched only when has_acc (then [hkv, t]).
+    // Dynamic shared memory is the (2 * chunk_rows * row_words + chunk_rows) words prepared.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! Exact top-k selection and heavy-hitter eviction (H2O, SnapKV) on the GPU (SPEC §2).
+//!
+//! # Top-k
+//! [`topk`] (or a reusable [`TopkPlan`]) takes the largest `k` of every row of `scores [R, N]`
+//! (`f32`, `f16` or `bf16`), optionally limited to `lengths[r] ≤ N` elements per row, and
+//! returns `values [R, k]` (the scores' dtype) and `indices [R, k]` (`u32`):
+//! - descending by value, ties by ascending index (the lower index wins);
+//! - NaN ranks below every number, `-inf` included; `-0.0` and `+0.0` tie;
+//! - when `k` exceeds a row's length, the extra slots hold index `u32::MAX` and value `-inf`;
+//! - `1 ≤ k ≤ 16384` ([`MAX_K`]), `1 ≤ N ≤ 2^24` ([`MAX_N`]), any number of rows.
+//!
+//! The GPU path is a radix select on the 32-bit order-preserving key (a 12-bit histogram
+//! pass over the row, then 8-bit passes over the few candidates left in the threshold bucket,
+//! on the composite `key · 2^24 + (2^24 − 1 − index)` so that ties resolve by index), followed by
+//! a bitonic sort of the `k` selected elements in shared memory. No row is ever sorted whole.
+//! Rows are split across several blocks when there are few of them ([`TopkLayout::choose`]),
+//! and every row of a batch is handled in the same three launches. The selected set and the
+//! output order are exact: the indices equal the CPU reference's ([`cpu::topk`]) bit for bit.
+//!
+//! # H2O
+//! - [`h2o_accumulate`]: `acc[hkv, j] += reduce_group(Σ_i softmax_j(q_i · k_j / √D))` for a
+//!   block of `Tq` new queries `q [Hq, Tq, D]` at global positions `T − Tq .. T` (causal) over
+//!   the keys `k [Hkv, T, D]`; `q` and `k` are `f16` or `bf16` (the same), `D ∈ {64, 128, 256}`,
+//!   `acc [Hkv, T]` is `f32`. Two passes with tensor-core MMAs; the `Tq × T` probabilities
+//!   never reach memory, and each `acc` element has one writer (deterministic).
+//! - [`h2o_select`]: the keep list `[Hkv, budget]`, ascending: the top-`(budget − recent)` of
+//!   `acc` over the older tokens `0 .. T − recent`, then the last `recent` tokens.
+//! - [`h2o_compact`]: gathers `K`, `V` and `acc` rows by the keep list, in place.
+//!
+//! # SnapKV
+//! [`snapkv_scores`] and [`snapkv_select`]: the observation window's attention votes for the
+//! older tokens, average-pooled (kernel 5, zero padding 2, padding counted), then the
+//! top-`(capacity − W)` older tokens plus the window, ascending.
+//!
+//! # Errors
+//! Every argument is checked before any launch (see the `validate_*` functions); a bad one
+//! returns an error naming it and nothing is written.
+
+pub mod cpu;
+mod gpu;
+
+use crate::device::Device;
+use crate::error::{check_shape, Error, Result};
+use crate::tensor::{DeviceTensor, Float};
+
+pub use gpu::TopkPlan;
+
+/// The largest `k` the top-k accepts.
+pub const MAX_K: usize = 16384;
+/// The longest row the top-k accepts (indices use 24 bits inside the kernels).
+pub const MAX_N: usize = 1 << 24;
+/// The most scratch memory a [`TopkPlan`] allocates; larger problems run in row batches.
+pub const TOPK_WORKSPACE_BYTES: usize = 256 << 20;
+
+/// How the attention mass of a GQA group's query heads is reduced to their kv head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GqaReduce {
+    /// Sum over the group's query heads.
+    Sum,
+    /// Maximum over the group's query heads.
+    Max,
+}
+
+/// The shape of an attention-score accumulation: `q [hq, tq, d]` over `k [hkv, t, d]`.
+///
+/// The `tq` queries sit at global positions `t − tq .. t`; query `i` sees keys `j ≤ t − tq + i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttnShape {
+    /// Query heads (a multiple of `hkv`).
+    pub hq: usize,
+    /// Key/value heads.
+    pub hkv: usize,
+    /// Queries per head (the H2O block of new queries, or the SnapKV window `W`).
+    pub tq: usize,
+    /// Keys per head (the cache length).
+    pub t: usize,
+    /// Head dimension.
+    pub d: usize,
+}
+
+impl AttnShape {
+    /// Reads the shape from `q [hq, tq, d]` and `k [hkv, t, d]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when either is not 3-D or their `d` differ, then as [`Self::validate`].
+    pub fn from_shapes(q: &[usize], k: &[usize]) -> Result<Self> {
+        let &[hq, tq, d] = q else { return Err(Error::shape("q", &[0, 0, 0], q)) };
+        let &[hkv, t, dk] = k else { return Err(Error::shape("k", &[0, 0, d], k)) };
+        if dk != d {
+            return Err(Error::shape("k", &[hkv, t, d], k));
+        }
+        let s = AttnShape { hq, hkv, tq, t, d };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the shape: every size positive, `hq % hkv == 0`, `tq ≤ t`, and every size fits
+    /// the kernels' 32-bit indices.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `q` or `k`; [`Error::TooLarge`] for huge sizes.
+    pub fn validate(&self) -> Result<()> {
+        let AttnShape { hq, hkv, tq, t, d } = *self;
+        if hq == 0 || tq == 0 || d == 0 {
+            return Err(Error::invalid("q", format!("every dimension must be positive, got [{hq}, {tq}, {d}]")));
+        }
+        if hkv == 0 || t == 0 {
+            return Err(Error::invalid("k", format!("every dimension must be positive, got [{hkv}, {t}, {d}]")));
+        }
+        if hq % hkv != 0 {
+            return Err(Error::invalid("q", format!("{hq} query heads are not a multiple of {hkv} kv heads")));
+        }
+        if tq > t {
+            return Err(Error::invalid("q", format!("{tq} queries but only {t} keys (queries sit at the last positions)")));
+        }
+        if t > MAX_N {
+            return Err(Error::too_large("k", format!("{t} keys; at most {MAX_N}")));
+        }
+        if hkv > 65535 || hq > (1 << 20) || tq > (1 << 20) || d > 4096 {
+            return Err(Error::too_large("q", format!("shape {self:?} exceeds the kernels' limits")));
+        }
+        Ok(())
+    }
+}
+
+/// Checks top-k arguments: `rows ≥ 1`, `1 ≤ n ≤ 2^24`, `1 ≤ k ≤ 16384`, and `lengths`, when
+/// given, holds `rows` values each `≤ n`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `scores`, `k` or `lengths`; [`Error::Shape`] for
+/// `lengths` of the wrong length; [`Error::TooLarge`] for `n > 2^24`.
+pub fn validate_topk(rows: usize, n: usize, k: usize, lengths: Option<&[u32]>) -> Result<()> {
+    if rows == 0 || n == 0 {
+        return Err(Error::invalid("scores", format!("shape [{rows}, {n}] is empty")));
+    }
+    if n > MAX_N {
+        return Err(Error::too_large("scores", format!("rows of {n} elements; at most {MAX_N}")));
+    }
+    if k == 0 {
+        return Err(Error::invalid("k", "k must be at least 1"));
+    }
+    if k > MAX_K {
+        return Err(Error::invalid("k", format!("k = {k} exceeds the maximum {MAX_K}")));
+    }
+    if let Some(l) = lengths {
+        if l.len() != rows {
+            return Err(Error::shape("lengths", &[rows], &[l.len()]));
+        }
+        if let Some((r, &v)) = l.iter().enumerate().find(|&(_, &v)| v as usize > n) {
+            return Err(Error::invalid("lengths", format!("lengths[{r}] = {v} exceeds the row length {n}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an eviction budget: `rows ≥ 1`, `1 ≤ t ≤ 2^24`, `recent ≤ budget ≤ t`, `budget ≥ 1`
+/// and `budget − recent ≤ 16384`. `recent_name` is the argument's name (`recent` for H2O,
+/// `window` for SnapKV).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `budget` (or `capacity`), `recent_name` or the cache.
+pub fn validate_select(rows: usize, t: usize, budget: usize, recent: usize, recent_name: &'static str) -> Result<()> {
+    let budget_name = if recent_name == "window" { "capacity" } else { "budget" };
+    if rows == 0 || t == 0 {
+        return Err(Error::invalid("acc", format!("shape [{rows}, {t}] is empty")));
+    }
+    if t > MAX_N {
+        return Err(Error::too_large("acc", format!("{t} tokens; at most {MAX_N}")));
+    }
+    if recent > t {
+        return Err(Error::invalid(recent_name, format!("{recent} exceeds the cache length {t}")));
+    }
+    if budget < recent {
+        return Err(Error::invalid(budget_name, format!("{budget} is below {recent_name} = {recent}")));
+    }
+    if budget == 0 {
+        return Err(Error::invalid(budget_name, "must keep at least one token"));
+    }
+    if budget > t {
+        return Err(Error::invalid(budget_name, format!("{budget} exceeds the cache length {t}")));
+    }
+    if budget - recent > MAX_K {
+        return Err(Error::invalid(
+            budget_name,
+            format!("{budget} − {recent_name} = {} selected tokens exceed the top-k maximum {MAX_K}", budget - recent),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the buffers of a compaction and returns `budget` (keep entries per head):
+/// `keep [hkv, budget]` with `budget ≤ t`, `k_cache` and `v_cache` `[hkv, t, d]`, `acc [hkv, t]`.
+/// The keep entries themselves (below `t`, strictly ascending) are checked by the caller.
+///
+/// # Errors
+/// [`Error::Shape`] or [`Error::InvalidArgument`] naming the buffer.
+pub fn validate_compact(
+    keep_len: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+    k_len: usize,
+    v_len: usize,
+    acc_len: Option<usize>,
+) -> Result<usize> {
+    if hkv == 0 || t == 0 || d == 0 {
+        return Err(Error::invalid("k_cache", format!("shape [{hkv}, {t}, {d}] is empty")));
+    }
+    if keep_len % hkv != 0 {
+        return Err(Error::shape("keep", &[hkv, keep_len / hkv], &[keep_len]));
+    }
+    let budget = keep_len / hkv;
+    if budget > t {
+        return Err(Error::invalid("keep", format!("{budget} entries per head exceed the cache length {t}")));
+    }
+    if k_len != hkv * t * d {
+        return Err(Error::shape("k_cache", &[hkv, t, d], &[k_len]));
+    }
+    if v_len != hkv * t * d {
+        return Err(Error::shape("v_cache", &[hkv, t, d], &[v_len]));
+    }
+    if let Some(a) = acc_len {
+        if a != hkv * t {
+            return Err(Error::shape("acc", &[hkv, t], &[a]));
+        }
+    }
+    Ok(budget)
+}
+
+/// How the GPU top-k splits its work; chosen once per shape by [`TopkLayout::choose`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TopkLayout {
+    /// Blocks that share one row in the histogram and filter passes (1: one block per row).
+    pub blocks_per_row: usize,
+    /// Elements of a row per block (a multiple of 2048).
+    pub chunk: usize,
+    /// Rows per launch batch (bounded by [`TOPK_WORKSPACE_BYTES`] and the grid's y limit).
+    pub rows_per_batch: usize,
+    /// The shared-memory sort size: the power of two `≥ k`.
+    pub kpad: usize,
+}
+
+impl TopkLayout {
+    /// Chooses the split for `rows × n`, top-`k`, on a device with `sm_count` SMs: enough
+    /// blocks to fill the device about four times over, never fewer than 4096 elements a block.
+    /// Many short rows get one block each; a few long rows get many blocks each.
+    pub fn choose(rows: usize, n: usize, k: usize, sm_count: usize) -> Self {
+        let kpad = k.max(1).next_power_of_two();
+        let per_row_bytes = (n + k + 4096 + 8) * 4;
+        let rows_per_batch = (TOPK_WORKSPACE_BYTES / per_row_bytes).clamp(1, rows.clamp(1, 65535));
+        let target_blocks = 4 * sm_count.max(1);
+        let max_bpr = n.div_ceil(4096).max(1);
+        let bpr = target_blocks.div_ceil(rows_per_batch).clamp(1, max_bpr);
+        let chunk = n.div_ceil(bpr).div_ceil(2048).max(1) * 2048;
+        let blocks_per_row = n.div_ceil(chunk).max(1);
+        TopkLayout { blocks_per_row, chunk, rows_per_batch, kpad }
+    }
+
+    /// Bytes of device scratch the layout needs for rows of `n` and top-`k`.
+    pub fn workspace_bytes(&self, n: usize, k: usize) -> usize {
+        self.rows_per_batch * (n + k + 4096 + 8) * 4
+    }
+}
+
+/// Top-`k` of every row of `scores [R, N]` on the GPU; returns `(values [R, k], indices [R, k])`.
+///
+/// `lengths` (host, `[R]`, each `≤ N`) limits each row; it is validated on the host, which is
+/// why it is a host slice. See the module docs for the order, ties and NaN. This allocates a
+/// [`TopkPlan`] and the outputs; reuse a plan to avoid that.
+///
+/// # Errors
+/// As [`validate_topk`]; [`Error::Shape`] when `scores` is not 2-D; driver errors.
+pub fn topk<T: Float>(
+    device: &Device,
+    scores: &DeviceTensor<T>,
+    k: usize,
+    lengths: Option<&[u32]>,
+) -> Result<(DeviceTensor<T>, DeviceTensor<u32>)> {
+    let &[rows, n] = scores.shape() else { return Err(Error::shape("scores", &[0, 0], scores.shape())) };
+    validate_topk(rows, n, k, lengths)?;
+    let mut plan = TopkPlan::new(device, rows, n, k)?;
+    let mut values = DeviceTensor::<T>::zeros(device, &[rows, k])?;
+    let mut indices = DeviceTensor::<u32>::zeros(device, &[rows, k])?;
+    plan.run(device, scores, lengths, &mut values, &mut indices)?;
+    Ok((values, indices))
+}
+
+/// H2O score accumulation on the GPU: `acc[hkv, j] += reduce(Σ_i softmax_j(q_i·k_j/√D))`.
+///
+/// - `q [Hq, Tq, D]`: the new queries of every query head, at positions `T − Tq .. T`.
+/// - `k [Hkv, T, D]`: the key cache; same dtype as `q`, which must be `f16` or `bf16`.
+/// - `acc [Hkv, T]` `f32`: the running heavy-hitter scores, updated in place.
+/// - `D ∈ {64, 128, 256}`; `Hq % Hkv == 0`; `Tq ≤ T`.
+///
+/// Scores are computed in `f32` from the 16-bit inputs (tensor cores), the softmax in `f32`.
+///
+/// # Errors
+/// As [`AttnShape::validate`]; [`Error::InvalidArgument`] for an `f32` dtype or another `D`;
+/// [`Error::Shape`] for `acc`.
+pub fn h2o_accumulate<T: Float>(
+    device: &Device,
+    q: &DeviceTensor<T>,
+    k: &DeviceTensor<T>,
+    acc: &mut DeviceTensor<f32>,
+    reduce: GqaReduce,
+) -> Result<()> {
+    let shape = AttnShape::from_shapes(q.shape(), k.shape())?;
+    check_shape("acc", &[shape.hkv, shape.t], acc.shape())?;
+    gpu::check_attn_support(shape, T::DTYPE)?;
+    gpu::accumulate(device, q.slice(), k.slice(), acc.slice_mut(), shape, reduce)
+}
+
+/// H2O eviction list on the GPU: per kv head, the top-`(budget − recent)` of `acc [Hkv, T]`
+/// over the older tokens `0 .. T − recent` (ties by lower index), ascending, followed by the
+/// last `recent` tokens. Returns `keep [Hkv, budget]` (`u32`, each row strictly ascending).
+///
+/// # Errors
+/// As [`validate_select`]; [`Error::Shape`] when `acc` is not 2-D.
+pub fn h2o_select(device: &Device, acc: &DeviceTensor<f32>, budget: usize, recent: usize) -> Result<DeviceTensor<u32>> {
+    let &[hkv, t] = acc.shape() else { return Err(Error::shape("acc", &[0, 0], acc.shape())) };
+    validate_select(hkv, t, budget, recent, "recent")?;
+    let mut keep = DeviceTensor::<u32>::zeros(device, &[hkv, budget])?;
+    gpu::select_into(device, acc.slice(), hkv, t, t - recent, budget, recent, keep.slice_mut())?;
+    Ok(keep)
+}
+
+/// In-place H2O compaction on the GPU: for every kv head `h` and `i < budget`, row `i` of
+/// `k_cache`, `v_cache` (`[Hkv, T, D]`, any dtype, `D · size` a multiple of 4 bytes and at
+/// most 32 KiB) and of `acc` (`[Hkv, T]`, optional) takes row `keep[h, i]`. The layout and
+/// capacity stay `[Hkv, T, D]`: the kept tokens end up contiguous at the front of each head,
+/// in order, and rows `budget .. T` keep their old contents.
+///
+/// `keep [Hkv, budget]` must hold strictly ascending entries below `T` in each row (what
+/// [`h2o_select`] returns); this is checked on the device before anything is written.
+///
+/// # Errors
+/// As [`validate_compact`]; [`Error::InvalidArgument`] naming `keep` for an unsorted or
+/// out-of-range entry, or `k_cache` for an unsupported row size.
+pub fn h2o_compact<T: Float>(
+    device: &Device,
+    keep: &DeviceTensor<u32>,
+    k_cache: &mut DeviceTensor<T>,
+    v_cache: &mut DeviceTensor<T>,
+    acc: Option<&mut DeviceTensor<f32>>,
+) -> Result<()> {
+    let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
+    check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
+    let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc.as_ref().map(|a| a.len()))?;
+    check_shape("keep", &[hkv, budget], keep.shape())?;
+    if let Some(a) = acc.as_ref() {
+        check_shape("acc", &[hkv, t], a.shape())?;
+    }
+    gpu::compact(device, keep, k_cache, v_cache, acc, hkv, t, d, budget)
+}
+
+/// SnapKV pooled votes on the GPU: `[Hkv, T − W]` `f32`.
+///
+/// `q_window [Hq, W, D]` are the last `W` queries (positions `T − W .. T`, causal within the
+/// window), `k [Hkv, T, D]` the keys (same dtype, `f16` or `bf16`, `D ∈ {64, 128, 256}`). The
+/// votes `s_j = reduce(Σ_window softmax_j(q·k_j/√D))` for `j < T − W` are average-pooled with
+/// kernel 5, stride 1, zero padding 2, padding counted.
+///
+/// # Errors
+/// As [`h2o_accumulate`]; [`Error::InvalidArgument`] naming `q_window` when `W = T`.
+pub fn snapkv_scores<T: Float>(
+    device: &Device,
+    q_window: &DeviceTensor<T>,
+    k: &DeviceTensor<T>,
+    reduce: GqaReduce,
+) -> Result<DeviceTensor<f32>> {
+    let shape = AttnShape::from_shapes(q_window.shape(), k.shape())?;
+    gpu::check_attn_support(shape, T::DTYPE)?;
+    if shape.tq >= shape.t {
+        return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", shape.tq, shape.t)));
+    }
+    gpu::snapkv_pooled(device, q_window.slice(), k.slice(), shape, reduce)
+}
+
+/// SnapKV selection on the GPU: `keep [Hkv, capacity]`, ascending: the top-`(capacity − W)`
+/// older tokens by [`snapkv_scores`] (ties by lower index), then the window `T − W .. T`.
+///
+/// # Errors
+/// As [`snapkv_scores`] and [`validate_select`] (naming `capacity` or `window`).
+pub fn snapkv_select<T: Float>(
+    device: &Device,
+    q_window: &DeviceTensor<T>,
+    k: &DeviceTensor<T>,
+    capacity: usize,
+    reduce: GqaReduce,
+) -> Result<DeviceTensor<u32>> {
+    let shape = AttnShape::from_shapes(q_window.shape(), k.shape())?;
+    gpu::check_attn_support(shape, T::DTYPE)?;
+    validate_select(shape.hkv, shape.t, capacity, shape.tq, "window")?;
+    let older = shape.t - shape.tq;
+    let mut keep = DeviceTensor::<u32>::zeros(device, &[shape.hkv, capacity])?;
+    if capacity > shape.tq {
+        let pooled = gpu::snapkv_pooled(device, q_window.slice(), k.slice(), shape, reduce)?;
+        gpu::select_into(device, pooled.slice(), shape.hkv, older, older, capacity, shape.tq, keep.slice_mut())?;
+    } else {
+        gpu::fill_recent(device, keep.slice_mut(), shape.hkv, capacity, 0, shape.tq, older)?;
+    }
+    Ok(keep)
+}
