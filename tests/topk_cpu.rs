@@ -366,3 +366,107 @@ proptest! {
         prop_assert_eq!(cpu::topk(&row, 1, n, k, None).unwrap().1, cpu::topk(&wide, 1, n, k, None).unwrap().1);
     }
 }
+
+/// A step-by-step model of the GPU algorithm in cuda/topk.cu (12-bit bucket histogram, then
+/// 8-bit radix refinement of the bucket's candidates on the 44-bit rest of the composite
+/// key·2^24 + (2^24 − 1 − index), then a descending sort of the selected words), so that its
+/// threshold logic is checked here even without a GPU.
+fn gpu_model_topk(row: &[f32], k: usize, by_index: bool) -> Vec<u32> {
+    const REST: u32 = 44;
+    let len = row.len();
+    let kk = k.min(len);
+    let mut out = vec![u32::MAX; k];
+    if kk == 0 {
+        return out;
+    }
+    let keys: Vec<u32> = row.iter().map(|&x| cpu::rank_key(x)).collect();
+    let mut hist = vec![0usize; 4096];
+    for &key in &keys {
+        hist[(key >> 20) as usize] += 1;
+    }
+    // The last block's bucket search: running count from the top.
+    let (mut running, mut bucket, mut above) = (0usize, usize::MAX, 0usize);
+    for bin in (0..4096).rev() {
+        if running < kk && running + hist[bin] >= kk {
+            bucket = bin;
+            above = running;
+        }
+        running += hist[bin];
+    }
+    assert_ne!(bucket, usize::MAX);
+    let sel: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize > bucket).collect();
+    let cand: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize == bucket).collect();
+    assert_eq!(sel.len(), above);
+    let rest = |i: u32| -> u64 { (u64::from(keys[i as usize] & 0xF_FFFF) << 24) | u64::from(0xFF_FFFF - i) };
+    let (mut need, mut matching, mut prefix, mut bits) = (kk - above, cand.len(), 0u64, 0u32);
+    assert!(need >= 1 && need <= matching);
+    while need < matching && bits < REST {
+        let width = (REST - bits).min(8);
+        let shift = REST - bits - width;
+        let mut dh = [0usize; 256];
+        for &c in &cand {
+            let r = rest(c);
+            if bits == 0 || (r >> (REST - bits)) == prefix {
+                dh[((r >> shift) & ((1 << width) - 1)) as usize] += 1;
+            }
+        }
+        let mut above_d = 0usize;
+        let mut found = false;
+        for d in (0..256).rev() {
+            if above_d < need && above_d + dh[d] >= need {
+                need -= above_d;
+                matching = dh[d];
+                prefix = (prefix << width) | d as u64;
+                bits += width;
+                found = true;
+                break;
+            }
+            above_d += dh[d];
+        }
+        assert!(found);
+    }
+    let threshold = prefix << (REST - bits);
+    let word = |i: u32| -> u64 {
+        let rev = u64::from(u32::MAX - i);
+        if by_index {
+            rev
+        } else {
+            (u64::from(keys[i as usize]) << 32) | rev
+        }
+    };
+    let mut words: Vec<u64> = sel.iter().map(|&i| word(i)).collect();
+    words.extend(cand.iter().filter(|&&c| rest(c) >= threshold).map(|&c| word(c)));
+    assert_eq!(words.len(), kk, "the refinement must select exactly k");
+    words.sort_unstable_by(|a, b| b.cmp(a));
+    for (s, w) in words.iter().enumerate() {
+        out[s] = u32::MAX - (*w & 0xFFFF_FFFF) as u32;
+    }
+    out
+}
+
+#[test]
+fn gpu_algorithm_model_matches_reference() {
+    let mut rng = Rng::new(7);
+    let mut rows: Vec<Vec<f32>> = vec![
+        vec![3.0; 5000],                                         // all ties
+        (0..4000).map(|i| (i % 3) as f32).collect(),             // few distinct values
+        (0..3000).map(|i| f32::from_bits(0x3f80_0000 + (i % 7))).collect(), // same 12-bit bucket
+        vec![f32::NAN; 100],
+    ];
+    for _ in 0..30 {
+        let n = 1 + rng.below(5000);
+        rows.push(spicy_row(&mut rng, n));
+        rows.push(rng.normal_vec(n));
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.len();
+        for k in [1, 2, n / 3 + 1, n.saturating_sub(1).max(1), n, n + 7, 16384.min(n + 100)] {
+            let want = cpu::topk(row, 1, n, k, None).unwrap().1;
+            assert_eq!(gpu_model_topk(row, k, false), want, "row {r} (n = {n}), k = {k}");
+            let mut by_index: Vec<u32> = want.iter().copied().filter(|&i| i != u32::MAX).collect();
+            by_index.sort_unstable();
+            by_index.resize(k, u32::MAX);
+            assert_eq!(gpu_model_topk(row, k, true), by_index, "row {r}, k = {k}, by index");
+        }
+    }
+}
