@@ -263,26 +263,83 @@ pub(super) fn fill_recent(
     Ok(())
 }
 
-/// The keep lists `[rows, budget]` of `scores [rows, stride]`: the top-`(budget − recent)` of
-/// the first `older` columns of each row, ascending, then `older .. older + recent`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn select_into(
-    device: &Device,
-    scores: &CudaSlice<f32>,
+/// A validated eviction selection: keep lists `[rows, budget]` from scores `[rows, stride]`,
+/// the top-`(budget − recent)` of the first `older` columns of each row (ties by lower index),
+/// ascending, then `older .. older + recent`. Holds the top-k plan it runs.
+pub struct EvictionPlan {
     rows: usize,
     stride: usize,
     older: usize,
     budget: usize,
     recent: usize,
-    keep: &mut CudaSlice<u32>,
-) -> Result<()> {
-    let k_sel = budget - recent;
-    if k_sel > 0 {
-        let mut plan = TopkPlan::new(device, rows, stride, k_sel)?;
-        let out = TopkOutput { uniform_len: older, has_lengths: false, order_by_index: true, out_stride: budget };
-        plan.launch::<f32>(device, scores, out, None, keep)?;
+    topk: Option<TopkPlan>,
+}
+
+impl std::fmt::Debug for EvictionPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvictionPlan")
+            .field("rows", &self.rows)
+            .field("stride", &self.stride)
+            .field("older", &self.older)
+            .field("budget", &self.budget)
+            .field("recent", &self.recent)
+            .finish()
     }
-    fill_recent(device, keep, rows, budget, k_sel, recent, older)
+}
+
+impl EvictionPlan {
+    /// The H2O selection over `acc [hkv, t]`: older tokens `0 .. t − recent`.
+    ///
+    /// # Errors
+    /// As [`super::validate_select`]; driver errors.
+    pub fn h2o(device: &Device, hkv: usize, t: usize, budget: usize, recent: usize) -> Result<Self> {
+        super::validate_select(hkv, t, budget, recent, "recent")?;
+        Self::new(device, hkv, t, t - recent, budget, recent)
+    }
+
+    /// The SnapKV selection over pooled scores `[hkv, t − window]` (every column is older).
+    ///
+    /// # Errors
+    /// As [`super::validate_select`] (naming `capacity` or `window`); driver errors.
+    pub fn snapkv(device: &Device, hkv: usize, t: usize, capacity: usize, window: usize) -> Result<Self> {
+        super::validate_select(hkv, t, capacity, window, "window")?;
+        Self::new(device, hkv, (t - window).max(1), t - window, capacity, window)
+    }
+
+    fn new(device: &Device, rows: usize, stride: usize, older: usize, budget: usize, recent: usize) -> Result<Self> {
+        let k_sel = budget - recent;
+        let topk = if k_sel > 0 { Some(TopkPlan::new(device, rows, stride, k_sel)?) } else { None };
+        Ok(EvictionPlan { rows, stride, older, budget, recent, topk })
+    }
+
+    /// Keep entries per row.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Writes the keep lists of `scores` (`[rows, stride]`) into `keep` (`[rows, budget]`).
+    pub(super) fn run(&mut self, device: &Device, scores: &CudaSlice<f32>, keep: &mut CudaSlice<u32>) -> Result<()> {
+        if keep.len() < self.rows * self.budget {
+            return Err(Error::invalid("keep", "internal: keep buffer too small"));
+        }
+        let k_sel = self.budget - self.recent;
+        if let Some(plan) = self.topk.as_mut() {
+            let out =
+                TopkOutput { uniform_len: self.older, has_lengths: false, order_by_index: true, out_stride: self.budget };
+            plan.launch::<f32>(device, scores, out, None, keep)?;
+        }
+        fill_recent(device, keep, self.rows, self.budget, k_sel, self.recent, self.older)
+    }
+
+    /// Runs the selection over `acc [rows, stride]` into `keep [rows, budget]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming `acc` or `keep`.
+    pub fn select(&mut self, device: &Device, acc: &DeviceTensor<f32>, keep: &mut DeviceTensor<u32>) -> Result<()> {
+        check_shape("acc", &[self.rows, self.stride], acc.shape())?;
+        check_shape("keep", &[self.rows, self.budget], keep.shape())?;
+        self.run(device, acc.slice(), keep.slice_mut())
+    }
 }
 
 /// Whether the accumulation kernels support this shape and dtype.
@@ -308,15 +365,53 @@ fn h2o_kernel_names(dtype: DType, d: usize) -> Result<(&'static str, &'static st
     })
 }
 
+/// Device scratch of the accumulation kernels for one [`AttnShape`]: the per-tile softmax
+/// partials and the merged row statistics. Every entry is rewritten by each call, so it is
+/// never cleared.
+pub struct AttnScratch {
+    shape: AttnShape,
+    partial: CudaSlice<f32>,
+    stats: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for AttnScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttnScratch").field("shape", &self.shape).finish()
+    }
+}
+
+impl AttnScratch {
+    /// Allocates the scratch for `shape` (`8 · hq · tq · (⌈t/64⌉ + 1)` bytes).
+    ///
+    /// # Errors
+    /// As [`AttnShape::validate`]; driver errors.
+    pub fn new(device: &Device, shape: AttnShape) -> Result<Self> {
+        shape.validate()?;
+        let n_tiles = shape.t.div_ceil(KEY_TILE);
+        let stream = device.stream();
+        Ok(AttnScratch {
+            shape,
+            partial: stream.alloc_zeros::<f32>(shape.hq * shape.tq * n_tiles * 2)?,
+            stats: stream.alloc_zeros::<f32>(shape.hq * shape.tq * 2)?,
+        })
+    }
+
+    /// The shape this scratch serves.
+    pub fn shape(&self) -> AttnShape {
+        self.shape
+    }
+}
+
 /// Enqueues pass 1, the merge and pass 2 of the accumulation into `acc [hkv, t]`.
 pub(super) fn accumulate<T: Float>(
     device: &Device,
+    scratch: &mut AttnScratch,
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     acc: &mut CudaSlice<f32>,
-    shape: AttnShape,
     reduce: GqaReduce,
 ) -> Result<()> {
+    let shape = scratch.shape;
     check_attn_support(shape, T::DTYPE)?;
     let AttnShape { hq, hkv, tq, t, d } = shape;
     if q.len() != hq * tq * d || k.len() != hkv * t * d || acc.len() != hkv * t {
@@ -335,8 +430,7 @@ pub(super) fn accumulate<T: Float>(
         scale: (d as f32).sqrt().recip(),
     };
     let stream = device.stream();
-    let mut partial = stream.alloc_zeros::<f32>(hq * tq * n_tiles * 2)?;
-    let mut stats = stream.alloc_zeros::<f32>(hq * tq * 2)?;
+    let (partial, stats) = (&mut scratch.partial, &mut scratch.stats);
     let tiles = LaunchConfig {
         grid_dim: (to_u32("k", n_tiles)?, to_u32("k", hkv)?, 1),
         block_dim: (H2O_THREADS, 1, 1),
@@ -345,12 +439,12 @@ pub(super) fn accumulate<T: Float>(
 
     let f1 = device.function(Module::Topk, pass1)?;
     let mut b = stream.launch_builder(&f1);
-    b.arg(&params).arg(q).arg(k).arg(&mut partial);
+    b.arg(&params).arg(q).arg(k).arg(&mut *partial);
     // SAFETY: ntkv_h2o_pass1_<T>_d<D>(NtkvH2oParams, const T* q, const T* k, float* partial).
     // Block (tile, hk) reads q rows (h, r) for h < hq, r < tq and k rows (hk, j) for j < t (all
     // other rows are masked to zero without a load), D elements each: within hq*tq*d and
     // hkv*t*d. It writes partial[((h * tq + r) * n_tiles + tile) * 2 + {0,1}] for r < tq,
-    // inside hq*tq*n_tiles*2.
+    // inside the scratch's hq*tq*n_tiles*2.
     unsafe { b.launch(tiles) }?;
 
     let merge_rows = hq * tq;
@@ -361,15 +455,15 @@ pub(super) fn accumulate<T: Float>(
     };
     let fm = device.function(Module::Topk, "ntkv_h2o_merge")?;
     let mut b = stream.launch_builder(&fm);
-    b.arg(&params).arg(&partial).arg(&mut stats);
+    b.arg(&params).arg(&*partial).arg(&mut *stats);
     // SAFETY: ntkv_h2o_merge(NtkvH2oParams, const float* partial, float* stats): warp `row`
     // (< hq*tq, checked) reads partial[(row * n_tiles + t) * 2 + {0,1}] for t < n_tiles and
-    // writes stats[row * 2 + {0,1}], inside both allocations.
+    // writes stats[row * 2 + {0,1}], inside both scratch buffers.
     unsafe { b.launch(merge) }?;
 
     let f2 = device.function(Module::Topk, pass2)?;
     let mut b = stream.launch_builder(&f2);
-    b.arg(&params).arg(q).arg(k).arg(&stats).arg(acc);
+    b.arg(&params).arg(q).arg(k).arg(&*stats).arg(acc);
     // SAFETY: ntkv_h2o_pass2_<T>_d<D>(NtkvH2oParams, const T* q, const T* k, const float*
     // stats, float* acc). Reads q and k as pass 1 and stats[(h * tq + r) * 2 + {0,1}] for
     // r < tq; writes acc[hk * t + j] for j < t only, each element from exactly one thread.
@@ -377,37 +471,34 @@ pub(super) fn accumulate<T: Float>(
     Ok(())
 }
 
-/// SnapKV pooled votes `[hkv, t − w]` (requires `t > w`).
-pub(super) fn snapkv_pooled<T: Float>(
+/// Pools SnapKV votes `[rows, stride]` (first `n_out` columns) into `pooled [rows, n_out]`.
+pub(super) fn pool5(
     device: &Device,
-    q_window: &CudaSlice<T>,
-    k: &CudaSlice<T>,
-    shape: AttnShape,
-    reduce: GqaReduce,
-) -> Result<DeviceTensor<f32>> {
-    let older = shape.t - shape.tq;
-    if older == 0 {
-        return Err(Error::invalid("q_window", "the window covers the whole cache"));
+    votes: &CudaSlice<f32>,
+    rows: usize,
+    stride: usize,
+    n_out: usize,
+    pooled: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if n_out == 0 || n_out > stride || votes.len() < rows * stride || pooled.len() < rows * n_out {
+        return Err(Error::invalid("q_window", "internal: pooling buffers do not match"));
     }
-    let mut votes = device.stream().alloc_zeros::<f32>(shape.hkv * shape.t)?;
-    accumulate(device, q_window, k, &mut votes, shape, reduce)?;
-    let mut pooled = DeviceTensor::<f32>::zeros(device, &[shape.hkv, older])?;
     let params = NtkvPoolParams {
-        rows: to_u32("k", shape.hkv)?,
-        in_stride: to_u32("k", shape.t)?,
-        n_out: to_u32("k", older)?,
+        rows: to_u32("k", rows)?,
+        in_stride: to_u32("k", stride)?,
+        n_out: to_u32("k", n_out)?,
         _pad0: 0,
     };
     let f = device.function(Module::Topk, "ntkv_snapkv_pool")?;
-    let blocks = (shape.hkv * older).div_ceil(256).clamp(1, 8192);
+    let blocks = (rows * n_out).div_ceil(256).clamp(1, 8192);
     let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut b = device.stream().launch_builder(&f);
-    b.arg(&params).arg(&votes).arg(pooled.slice_mut());
+    b.arg(&params).arg(votes).arg(pooled);
     // SAFETY: ntkv_snapkv_pool(NtkvPoolParams, const float* in, float* out): for e < rows *
-    // n_out it reads in[r * t + i] with 0 <= i < n_out < t (votes holds rows * t) and writes
-    // out[e] (pooled holds rows * n_out).
+    // n_out it reads in[r * stride + i] with 0 <= i < n_out <= stride (votes holds rows *
+    // stride) and writes out[e] (pooled holds at least rows * n_out); checked above.
     unsafe { b.launch(cfg) }?;
-    Ok(pooled)
+    Ok(())
 }
 
 /// Checks the keep list on the device, then compacts in place.

@@ -43,7 +43,7 @@ use crate::device::Device;
 use crate::error::{check_shape, Error, Result};
 use crate::tensor::{DeviceTensor, Float};
 
-pub use gpu::TopkPlan;
+pub use gpu::{AttnScratch, EvictionPlan, TopkPlan};
 
 /// The largest `k` the top-k accepts.
 pub const MAX_K: usize = 16384;
@@ -293,6 +293,7 @@ pub fn topk<T: Float>(
 /// - `D ∈ {64, 128, 256}`; `Hq % Hkv == 0`; `Tq ≤ T`.
 ///
 /// Scores are computed in `f32` from the 16-bit inputs (tensor cores), the softmax in `f32`.
+/// This allocates an [`AttnScratch`]; [`H2oPlan`] reuses one.
 ///
 /// # Errors
 /// As [`AttnShape::validate`]; [`Error::InvalidArgument`] for an `f32` dtype or another `D`;
@@ -307,7 +308,8 @@ pub fn h2o_accumulate<T: Float>(
     let shape = AttnShape::from_shapes(q.shape(), k.shape())?;
     check_shape("acc", &[shape.hkv, shape.t], acc.shape())?;
     gpu::check_attn_support(shape, T::DTYPE)?;
-    gpu::accumulate(device, q.slice(), k.slice(), acc.slice_mut(), shape, reduce)
+    let mut scratch = AttnScratch::new(device, shape)?;
+    gpu::accumulate(device, &mut scratch, q.slice(), k.slice(), acc.slice_mut(), reduce)
 }
 
 /// H2O eviction list on the GPU: per kv head, the top-`(budget − recent)` of `acc [Hkv, T]`
@@ -318,10 +320,59 @@ pub fn h2o_accumulate<T: Float>(
 /// As [`validate_select`]; [`Error::Shape`] when `acc` is not 2-D.
 pub fn h2o_select(device: &Device, acc: &DeviceTensor<f32>, budget: usize, recent: usize) -> Result<DeviceTensor<u32>> {
     let &[hkv, t] = acc.shape() else { return Err(Error::shape("acc", &[0, 0], acc.shape())) };
-    validate_select(hkv, t, budget, recent, "recent")?;
+    let mut plan = EvictionPlan::h2o(device, hkv, t, budget, recent)?;
     let mut keep = DeviceTensor::<u32>::zeros(device, &[hkv, budget])?;
-    gpu::select_into(device, acc.slice(), hkv, t, t - recent, budget, recent, keep.slice_mut())?;
+    plan.select(device, acc, &mut keep)?;
     Ok(keep)
+}
+
+/// A reusable H2O step for one shape: accumulation scratch plus the eviction selection.
+#[derive(Debug)]
+pub struct H2oPlan {
+    shape: AttnShape,
+    reduce: GqaReduce,
+    scratch: AttnScratch,
+    evict: EvictionPlan,
+}
+
+impl H2oPlan {
+    /// Validates `shape` (see [`h2o_accumulate`]) and the budget (see [`validate_select`]),
+    /// and allocates the scratch of both steps.
+    ///
+    /// # Errors
+    /// As [`AttnShape::validate`] and [`validate_select`]; driver errors.
+    pub fn new(device: &Device, shape: AttnShape, reduce: GqaReduce, budget: usize, recent: usize) -> Result<Self> {
+        shape.validate()?;
+        let evict = EvictionPlan::h2o(device, shape.hkv, shape.t, budget, recent)?;
+        Ok(H2oPlan { shape, reduce, scratch: AttnScratch::new(device, shape)?, evict })
+    }
+
+    /// [`h2o_accumulate`] with this plan's scratch.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for tensors of another shape; as [`h2o_accumulate`].
+    pub fn accumulate<T: Float>(
+        &mut self,
+        device: &Device,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        acc: &mut DeviceTensor<f32>,
+    ) -> Result<()> {
+        let s = self.shape;
+        check_shape("q", &[s.hq, s.tq, s.d], q.shape())?;
+        check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
+        check_shape("acc", &[s.hkv, s.t], acc.shape())?;
+        gpu::check_attn_support(s, T::DTYPE)?;
+        gpu::accumulate(device, &mut self.scratch, q.slice(), k.slice(), acc.slice_mut(), self.reduce)
+    }
+
+    /// [`h2o_select`] into `keep [Hkv, budget]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming `acc` or `keep`.
+    pub fn select(&mut self, device: &Device, acc: &DeviceTensor<f32>, keep: &mut DeviceTensor<u32>) -> Result<()> {
+        self.evict.select(device, acc, keep)
+    }
 }
 
 /// In-place H2O compaction on the GPU: for every kv head `h` and `i < budget`, row `i` of
@@ -331,7 +382,8 @@ pub fn h2o_select(device: &Device, acc: &DeviceTensor<f32>, budget: usize, recen
 /// in order, and rows `budget .. T` keep their old contents.
 ///
 /// `keep [Hkv, budget]` must hold strictly ascending entries below `T` in each row (what
-/// [`h2o_select`] returns); this is checked on the device before anything is written.
+/// [`h2o_select`] returns); this is checked on the device (one 4-byte read back, which
+/// synchronizes) before anything is written.
 ///
 /// # Errors
 /// As [`validate_compact`]; [`Error::InvalidArgument`] naming `keep` for an unsorted or
@@ -353,12 +405,100 @@ pub fn h2o_compact<T: Float>(
     gpu::compact(device, keep, k_cache, v_cache, acc, hkv, t, d, budget)
 }
 
-/// SnapKV pooled votes on the GPU: `[Hkv, T − W]` `f32`.
+/// A reusable SnapKV selection for one shape (`q_window [Hq, W, D]` over `k [Hkv, T, D]`,
+/// `f16` or `bf16`, `D ∈ {64, 128, 256}`) and capacity.
 ///
-/// `q_window [Hq, W, D]` are the last `W` queries (positions `T − W .. T`, causal within the
-/// window), `k [Hkv, T, D]` the keys (same dtype, `f16` or `bf16`, `D ∈ {64, 128, 256}`). The
-/// votes `s_j = reduce(Σ_window softmax_j(q·k_j/√D))` for `j < T − W` are average-pooled with
-/// kernel 5, stride 1, zero padding 2, padding counted.
+/// The votes `s_j = reduce(Σ_window softmax_j(q·k_j/√D))` (causal within the window) for the
+/// older tokens `j < T − W` are average-pooled with kernel 5, stride 1, zero padding 2, padding
+/// counted; the keep list is the top-`(capacity − W)` older tokens by pooled score (ties by
+/// lower index), ascending, then the window `T − W .. T`.
+#[derive(Debug)]
+pub struct SnapKvPlan {
+    shape: AttnShape,
+    reduce: GqaReduce,
+    capacity: usize,
+    scratch: AttnScratch,
+    votes: DeviceTensor<f32>,
+    pooled: Option<DeviceTensor<f32>>,
+    evict: EvictionPlan,
+}
+
+impl SnapKvPlan {
+    /// Validates the shape and capacity and allocates the scratch.
+    ///
+    /// # Errors
+    /// As [`AttnShape::validate`] and [`validate_select`] (naming `capacity` or `window`).
+    pub fn new(device: &Device, shape: AttnShape, capacity: usize, reduce: GqaReduce) -> Result<Self> {
+        shape.validate()?;
+        let evict = EvictionPlan::snapkv(device, shape.hkv, shape.t, capacity, shape.tq)?;
+        let older = shape.t - shape.tq;
+        let pooled = if older > 0 { Some(DeviceTensor::<f32>::zeros(device, &[shape.hkv, older])?) } else { None };
+        Ok(SnapKvPlan {
+            shape,
+            reduce,
+            capacity,
+            scratch: AttnScratch::new(device, shape)?,
+            votes: DeviceTensor::<f32>::zeros(device, &[shape.hkv, shape.t])?,
+            pooled,
+            evict,
+        })
+    }
+
+    fn check<T: Float>(&self, q_window: &DeviceTensor<T>, k: &DeviceTensor<T>) -> Result<()> {
+        let s = self.shape;
+        check_shape("q_window", &[s.hq, s.tq, s.d], q_window.shape())?;
+        check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
+        gpu::check_attn_support(s, T::DTYPE)
+    }
+
+    /// Computes the pooled votes `[Hkv, T − W]` and returns them.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for tensors of another shape; [`Error::InvalidArgument`] naming
+    /// `q_window` when `W = T` (no older tokens) or for an unsupported dtype or `D`.
+    pub fn scores<T: Float>(
+        &mut self,
+        device: &Device,
+        q_window: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+    ) -> Result<&DeviceTensor<f32>> {
+        self.check(q_window, k)?;
+        let s = self.shape;
+        let Some(pooled) = self.pooled.as_mut() else {
+            return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", s.tq, s.t)));
+        };
+        device.stream().memset_zeros(self.votes.slice_mut())?;
+        gpu::accumulate(device, &mut self.scratch, q_window.slice(), k.slice(), self.votes.slice_mut(), self.reduce)?;
+        gpu::pool5(device, self.votes.slice(), s.hkv, s.t, s.t - s.tq, pooled.slice_mut())?;
+        Ok(pooled)
+    }
+
+    /// Writes the keep lists into `keep [Hkv, capacity]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for tensors of another shape; as [`Self::scores`].
+    pub fn select<T: Float>(
+        &mut self,
+        device: &Device,
+        q_window: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        keep: &mut DeviceTensor<u32>,
+    ) -> Result<()> {
+        self.check(q_window, k)?;
+        check_shape("keep", &[self.shape.hkv, self.capacity], keep.shape())?;
+        if self.capacity > self.shape.tq {
+            self.scores(device, q_window, k)?;
+            let pooled = self.pooled.as_ref().ok_or_else(|| Error::invalid("q_window", "no older tokens"))?;
+            self.evict.run(device, pooled.slice(), keep.slice_mut())
+        } else {
+            // Only the window is kept: no scores needed.
+            let empty = DeviceTensor::<f32>::zeros(device, &[1])?;
+            self.evict.run(device, empty.slice(), keep.slice_mut())
+        }
+    }
+}
+
+/// SnapKV pooled votes on the GPU: `[Hkv, T − W]` `f32` (see [`SnapKvPlan`]).
 ///
 /// # Errors
 /// As [`h2o_accumulate`]; [`Error::InvalidArgument`] naming `q_window` when `W = T`.
@@ -373,11 +513,12 @@ pub fn snapkv_scores<T: Float>(
     if shape.tq >= shape.t {
         return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", shape.tq, shape.t)));
     }
-    gpu::snapkv_pooled(device, q_window.slice(), k.slice(), shape, reduce)
+    let mut plan = SnapKvPlan::new(device, shape, shape.tq, reduce)?;
+    plan.scores(device, q_window, k)?;
+    plan.pooled.ok_or_else(|| Error::invalid("q_window", "no older tokens"))
 }
 
-/// SnapKV selection on the GPU: `keep [Hkv, capacity]`, ascending: the top-`(capacity − W)`
-/// older tokens by [`snapkv_scores`] (ties by lower index), then the window `T − W .. T`.
+/// SnapKV selection on the GPU: `keep [Hkv, capacity]`, ascending (see [`SnapKvPlan`]).
 ///
 /// # Errors
 /// As [`snapkv_scores`] and [`validate_select`] (naming `capacity` or `window`).
@@ -390,14 +531,8 @@ pub fn snapkv_select<T: Float>(
 ) -> Result<DeviceTensor<u32>> {
     let shape = AttnShape::from_shapes(q_window.shape(), k.shape())?;
     gpu::check_attn_support(shape, T::DTYPE)?;
-    validate_select(shape.hkv, shape.t, capacity, shape.tq, "window")?;
-    let older = shape.t - shape.tq;
+    let mut plan = SnapKvPlan::new(device, shape, capacity, reduce)?;
     let mut keep = DeviceTensor::<u32>::zeros(device, &[shape.hkv, capacity])?;
-    if capacity > shape.tq {
-        let pooled = gpu::snapkv_pooled(device, q_window.slice(), k.slice(), shape, reduce)?;
-        gpu::select_into(device, pooled.slice(), shape.hkv, older, older, capacity, shape.tq, keep.slice_mut())?;
-    } else {
-        gpu::fill_recent(device, keep.slice_mut(), shape.hkv, capacity, 0, shape.tq, older)?;
-    }
+    plan.select(device, q_window, k, &mut keep)?;
     Ok(keep)
 }

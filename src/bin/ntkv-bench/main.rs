@@ -10,6 +10,7 @@
 
 mod harness;
 mod quant;
+mod topk;
 
 use std::process::ExitCode;
 
@@ -41,7 +42,7 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] = &[("quant", quant::run)];
+const FAMILIES: &[(&str, Family)] = &[("quant", quant::run), ("topk", topk::run)];
 
 fn main() -> ExitCode {
     let args = Args::parse();
