@@ -25,7 +25,7 @@ fn naive_topk(row: &[f32], k: usize) -> Vec<u32> {
     for _ in 0..k.min(row.len()) {
         let mut best: Option<usize> = None;
         for i in 0..row.len() {
-            if !taken[i] && best.is_none_or(|b| better((row[i], i), (row[b], b))) {
+            if !taken[i] && best.map_or(true, |b| better((row[i], i), (row[b], b))) {
                 best = Some(i);
             }
         }
@@ -80,8 +80,7 @@ fn topk_matches_naive_on_random_rows_with_specials() {
         let n = 1 + rng.below(300);
         let k = 1 + rng.below(n + 20);
         let scores: Vec<f32> = (0..rows).flat_map(|_| spicy_row(&mut rng, n)).collect();
-        let lengths: Option<Vec<u32>> =
-            (case % 2 == 0).then(|| (0..rows).map(|_| rng.below(n + 1) as u32).collect());
+        let lengths: Option<Vec<u32>> = (case % 2 == 0).then(|| (0..rows).map(|_| rng.below(n + 1) as u32).collect());
         let (values, indices) = cpu::topk(&scores, rows, n, k, lengths.as_deref()).unwrap();
         for r in 0..rows {
             let len = lengths.as_ref().map_or(n, |l| l[r] as usize);
@@ -147,8 +146,14 @@ fn topk_validation_names_the_argument() {
 
 #[test]
 fn layout_covers_every_row_and_fits_the_workspace() {
-    let shapes =
-        [(32, 131072, 2048), (256, 32768, 1024), (32, 1 << 20, 8192), (1, 1 << 20, 4096), (5000, 777, 1), (3, 5, 16384)];
+    let shapes = [
+        (32, 131072, 2048),
+        (256, 32768, 1024),
+        (32, 1 << 20, 8192),
+        (1, 1 << 20, 4096),
+        (5000, 777, 1),
+        (3, 5, 16384),
+    ];
     for &(rows, n, k) in &shapes {
         for sms in [1usize, 108, 132] {
             let l = TopkLayout::choose(rows, n, k, sms);
@@ -448,8 +453,8 @@ fn gpu_model_topk(row: &[f32], k: usize, by_index: bool) -> Vec<u32> {
 fn gpu_algorithm_model_matches_reference() {
     let mut rng = Rng::new(7);
     let mut rows: Vec<Vec<f32>> = vec![
-        vec![3.0; 5000],                                         // all ties
-        (0..4000).map(|i| (i % 3) as f32).collect(),             // few distinct values
+        vec![3.0; 5000],                                                    // all ties
+        (0..4000).map(|i| (i % 3) as f32).collect(),                        // few distinct values
         (0..3000).map(|i| f32::from_bits(0x3f80_0000 + (i % 7))).collect(), // same 12-bit bucket
         vec![f32::NAN; 100],
     ];

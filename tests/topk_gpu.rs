@@ -25,7 +25,15 @@ fn spicy_row(rng: &mut Rng, n: usize) -> Vec<f32> {
 }
 
 /// Runs the GPU top-k and the CPU reference and requires identical indices and value bits.
-fn check_topk<T: Float>(dev: &Device, host: &[f32], rows: usize, n: usize, k: usize, lengths: Option<&[u32]>, what: &str) {
+fn check_topk<T: Float>(
+    dev: &Device,
+    host: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    lengths: Option<&[u32]>,
+    what: &str,
+) {
     let scores: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
     let (want_v, want_i) = cpu::topk(&scores, rows, n, k, lengths).unwrap();
     let d = DeviceTensor::from_host(dev, &scores, &[rows, n]).unwrap();
@@ -43,10 +51,7 @@ fn check_topk<T: Float>(dev: &Device, host: &[f32], rows: usize, n: usize, k: us
     }
     for (s, (a, b)) in gv.iter().zip(&want_v).enumerate() {
         let (a, b) = (a.to_f32(), b.to_f32());
-        assert!(
-            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
-            "{what}: value slot {s} got {a} want {b}"
-        );
+        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}: value slot {s} got {a} want {b}");
     }
 }
 
@@ -124,9 +129,8 @@ fn topk_longest_rows_run_in_batches() {
     for r in 0..rows {
         let row = &host[r * n..(r + 1) * n];
         let mut idx: Vec<u32> = (0..n as u32).collect();
-        let cmp = |a: &u32, b: &u32| {
-            cpu::rank_key(row[*b as usize]).cmp(&cpu::rank_key(row[*a as usize])).then(a.cmp(b))
-        };
+        let cmp =
+            |a: &u32, b: &u32| cpu::rank_key(row[*b as usize]).cmp(&cpu::rank_key(row[*a as usize])).then(a.cmp(b));
         idx.select_nth_unstable_by(k - 1, cmp);
         let mut top = idx[..k].to_vec();
         top.sort_unstable_by(cmp);
@@ -169,7 +173,10 @@ fn topk_bad_arguments_write_nothing() {
     let scores = DeviceTensor::from_host(dev, &host, &[3, 100]).unwrap();
     assert!(matches!(topk::topk(dev, &scores, 0, None), Err(Error::InvalidArgument { arg: "k", .. })));
     assert!(matches!(topk::topk(dev, &scores, 16385, None), Err(Error::InvalidArgument { arg: "k", .. })));
-    assert!(matches!(topk::topk(dev, &scores, 5, Some(&[1, 101, 3])), Err(Error::InvalidArgument { arg: "lengths", .. })));
+    assert!(matches!(
+        topk::topk(dev, &scores, 5, Some(&[1, 101, 3])),
+        Err(Error::InvalidArgument { arg: "lengths", .. })
+    ));
     let mut plan = TopkPlan::new(dev, 3, 100, 5).unwrap();
     let sentinel_v = vec![42.0f32; 15];
     let sentinel_i = vec![7u32; 15];
@@ -251,7 +258,9 @@ fn h2o_accumulate_is_deterministic_and_validates() {
 fn h2o_select_and_compact_match_reference() {
     let dev = gpu_or_skip!("h2o_select_and_compact_match_reference");
     let mut rng = Rng::new(15);
-    for (hkv, t, d, budget, recent) in [(3, 5000, 128, 700, 64), (2, 33, 64, 33, 0), (4, 20_001, 128, 2048, 64), (1, 90, 8, 10, 10)] {
+    for (hkv, t, d, budget, recent) in
+        [(3, 5000, 128, 700, 64), (2, 33, 64, 33, 0), (4, 20_001, 128, 2048, 64), (1, 90, 8, 10, 10)]
+    {
         // Coarse scores so there are many ties.
         let acc: Vec<f32> = (0..hkv * t).map(|_| (rng.below(50) as f32) * 0.5).collect();
         let dacc = DeviceTensor::from_host(dev, &acc, &[hkv, t]).unwrap();

@@ -47,7 +47,8 @@ pub fn topk<T: Float>(
     for r in 0..rows {
         let len = lengths.map_or(n, |l| l[r] as usize);
         let row = &scores[r * n..r * n + len];
-        let mut order: Vec<(u32, u32)> = row.iter().enumerate().map(|(i, x)| (rank_key(x.to_f32()), i as u32)).collect();
+        let mut order: Vec<(u32, u32)> =
+            row.iter().enumerate().map(|(i, x)| (rank_key(x.to_f32()), i as u32)).collect();
         // Descending key, then ascending index.
         order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         for (slot, &(_, i)) in order.iter().take(k).enumerate() {
@@ -129,7 +130,14 @@ pub fn h2o_accumulate<T: Float>(q: &[T], k: &[T], acc: &mut [f32], shape: AttnSh
 
 /// The keep list of `rows` heads from `scores [rows, stride]`: the top-`(budget − recent)`
 /// of the first `older` columns, ascending, followed by `older .. older + recent`.
-fn keep_list(scores: &[f32], rows: usize, stride: usize, older: usize, budget: usize, recent: usize) -> Result<Vec<u32>> {
+fn keep_list(
+    scores: &[f32],
+    rows: usize,
+    stride: usize,
+    older: usize,
+    budget: usize,
+    recent: usize,
+) -> Result<Vec<u32>> {
     let k_sel = budget - recent;
     let mut keep = Vec::with_capacity(rows * budget);
     for r in 0..rows {

@@ -123,7 +123,12 @@ impl TopkPlan {
         if let Some(l) = lengths {
             device.stream().memcpy_htod(l, &mut self.lengths)?;
         }
-        let out = TopkOutput { uniform_len: self.n, has_lengths: lengths.is_some(), order_by_index: false, out_stride: self.k };
+        let out = TopkOutput {
+            uniform_len: self.n,
+            has_lengths: lengths.is_some(),
+            order_by_index: false,
+            out_stride: self.k,
+        };
         self.launch(device, scores.slice(), out, Some(values.slice_mut()), indices.slice_mut())
     }
 
@@ -203,7 +208,8 @@ impl TopkPlan {
             // (cand_stride = n), inside buffers of rows_per_batch * k and rows_per_batch * n.
             unsafe { b.launch(split) }?;
 
-            let fin = LaunchConfig { grid_dim: (grid_rows, 1, 1), block_dim: (FINAL_THREADS, 1, 1), shared_mem_bytes: smem };
+            let fin =
+                LaunchConfig { grid_dim: (grid_rows, 1, 1), block_dim: (FINAL_THREADS, 1, 1), shared_mem_bytes: smem };
             let mut b = stream.launch_builder(&f_final);
             b.arg(&params).arg(scores).arg(&mut self.hist).arg(&mut self.state).arg(&self.sel).arg(&self.cand);
             match values.as_deref_mut() {
@@ -324,8 +330,12 @@ impl EvictionPlan {
         }
         let k_sel = self.budget - self.recent;
         if let Some(plan) = self.topk.as_mut() {
-            let out =
-                TopkOutput { uniform_len: self.older, has_lengths: false, order_by_index: true, out_stride: self.budget };
+            let out = TopkOutput {
+                uniform_len: self.older,
+                has_lengths: false,
+                order_by_index: true,
+                out_stride: self.budget,
+            };
             plan.launch::<f32>(device, scores, out, None, keep)?;
         }
         fill_recent(device, keep, self.rows, self.budget, k_sel, self.recent, self.older)
@@ -528,7 +538,12 @@ pub(super) fn compact<T: Float>(
     let stream = device.stream();
 
     // 1. Validate the keep list before anything is written.
-    let check = NtkvKeepCheckParams { rows: to_u32("keep", hkv)?, budget: to_u32("keep", budget)?, t: to_u32("k_cache", t)?, _pad0: 0 };
+    let check = NtkvKeepCheckParams {
+        rows: to_u32("keep", hkv)?,
+        budget: to_u32("keep", budget)?,
+        t: to_u32("k_cache", t)?,
+        _pad0: 0,
+    };
     let mut flag = stream.clone_htod(&[u32::MAX])?;
     let fc = device.function(Module::Topk, "ntkv_h2o_check_keep")?;
     let blocks = (hkv * budget).div_ceil(256).clamp(1, 4096);
@@ -569,7 +584,8 @@ pub(super) fn compact<T: Float>(
             &mut dummy_acc
         }
     };
-    let cfg = LaunchConfig { grid_dim: (to_u32("k_cache", hkv)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+    let cfg =
+        LaunchConfig { grid_dim: (to_u32("k_cache", hkv)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
     let mut b = stream.launch_builder(&f);
     b.arg(&params).arg(keep.slice()).arg(k_cache.slice_mut()).arg(v_cache.slice_mut()).arg(acc_slice);
     // SAFETY: ntkv_h2o_compact(NtkvCompactParams, const u32* keep, u32* kc, u32* vc, float* acc).

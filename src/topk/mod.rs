@@ -111,7 +111,10 @@ impl AttnShape {
             return Err(Error::invalid("q", format!("{hq} query heads are not a multiple of {hkv} kv heads")));
         }
         if tq > t {
-            return Err(Error::invalid("q", format!("{tq} queries but only {t} keys (queries sit at the last positions)")));
+            return Err(Error::invalid(
+                "q",
+                format!("{tq} queries but only {t} keys (queries sit at the last positions)"),
+            ));
         }
         if t > MAX_N {
             return Err(Error::too_large("k", format!("{t} keys; at most {MAX_N}")));

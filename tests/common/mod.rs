@@ -70,7 +70,7 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64)
         let same_nonfinite = (g.is_nan() && w.is_nan()) || (g.is_infinite() && g == w);
         let err = if same_nonfinite { 0.0 } else { (g - w).abs() / (atol + rtol * w.abs()) };
         let err = if err.is_nan() { f64::INFINITY } else { err };
-        if worst.is_none_or(|x| err > x.err) {
+        if worst.map_or(true, |x| err > x.err) {
             worst = Some(Worst { index: i, got: g, want: w, err });
         }
     }
@@ -102,7 +102,7 @@ pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
 pub fn assert_rel_l2(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length mismatch");
     let e = rel_l2(got, want);
-    if !(e <= tol) {
+    if e.is_nan() || e > tol {
         let (i, g, w) = got
             .iter()
             .zip(want)

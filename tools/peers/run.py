@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from common import Peers  # noqa: E402
 
-FAMILIES = ["quant"]
+FAMILIES = ["quant", "topk"]
 
 
 def ceilings(p):

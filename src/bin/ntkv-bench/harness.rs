@@ -145,6 +145,7 @@ impl Bench {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         family: &'static str,
