@@ -258,7 +258,7 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
                               uint32_t* __restrict__ g_state, const uint32_t* __restrict__ g_sel,
                               const uint32_t* __restrict__ g_cand, T* __restrict__ out_val,
                               uint32_t* __restrict__ out_idx) {
-    extern __shared__ unsigned long long sort_buf[];  // kpad words
+    extern __shared__ unsigned long long sort_buf[];  // kpad sort words, then cand_stage candidates
     __shared__ uint32_t dhist[256];
     __shared__ uint32_t scratch[32];
     __shared__ uint32_t s_need, s_match, s_fill;
@@ -278,6 +278,26 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
     const uint32_t* sel = g_sel + (uint64_t)b * p.k;
     const bool by_index = p.order_by_index != 0u;
 
+    // Stage the candidates as (key << 32 | index) when they fit, so the refinement passes read
+    // shared memory instead of gathering from the row again.
+    unsigned long long* cbuf = sort_buf + p.kpad;
+    const bool staged = ncand <= p.cand_stage;
+    if (kk > 0u && staged) {
+        for (uint32_t c = threadIdx.x; c < ncand; c += blockDim.x) {
+            const uint32_t idx = cand[c] < p.n ? cand[c] : 0u;
+            cbuf[c] = ((unsigned long long)rank_key(xr[idx]) << 32) | idx;
+        }
+    }
+    auto load_cand = [&](uint32_t c, uint32_t& key, uint32_t& idx) {
+        if (staged) {
+            const unsigned long long w = cbuf[c];
+            key = (uint32_t)(w >> 32);
+            idx = (uint32_t)w;
+        } else {
+            idx = cand[c] < p.n ? cand[c] : 0u;
+            key = rank_key(xr[idx]);
+        }
+    };
     if (threadIdx.x == 0) {
         s_need = want;
         s_match = ncand;
@@ -301,8 +321,9 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
             for (int i = threadIdx.x; i < 256; i += blockDim.x) dhist[i] = 0u;
             __syncthreads();
             for (uint32_t c = threadIdx.x; c < ncand; c += blockDim.x) {
-                const uint32_t idx = cand[c];
-                const uint64_t r = rest_bits(rank_key(xr[idx]), idx);
+                uint32_t key, idx;
+                load_cand(c, key, idx);
+                const uint64_t r = rest_bits(key, idx);
                 if (bits == 0 || (r >> (kRestBits - bits)) == prefix) {
                     atomicAdd(&dhist[(uint32_t)(r >> shift) & ((1u << width) - 1u)], 1u);
                 }
@@ -329,7 +350,7 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
     for (uint32_t i = threadIdx.x; i < kpad; i += blockDim.x) {
         uint64_t w = 0ull;
         if (kk > 0u && i < above && i < p.k) {
-            const uint32_t idx = sel[i];
+            const uint32_t idx = sel[i] < p.n ? sel[i] : 0u;
             w = sort_word(rank_key(xr[idx]), idx, by_index);
         }
         sort_buf[i] = w;
@@ -337,8 +358,8 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
     __syncthreads();
     if (kk > 0u) {
         for (uint32_t c = threadIdx.x; c < ncand; c += blockDim.x) {
-            const uint32_t idx = cand[c];
-            const uint32_t key = rank_key(xr[idx]);
+            uint32_t key, idx;
+            load_cand(c, key, idx);
             if (rest_bits(key, idx) >= threshold) {
                 const uint32_t pos = above + atomicAdd(&s_fill, 1u);
                 if (pos < kpad) sort_buf[pos] = sort_word(key, idx, by_index);

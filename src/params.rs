@@ -48,10 +48,12 @@ pub struct NtkvTopkParams {
     pub order_by_index: u32,
     pub write_values: u32,
     pub reverse_filter: u32,
+    pub cand_stage: u32,
+    pub _pad0: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NtkvTopkParams"][::core::mem::size_of::<NtkvTopkParams>() - 72usize];
+    ["Size of NtkvTopkParams"][::core::mem::size_of::<NtkvTopkParams>() - 80usize];
     ["Alignment of NtkvTopkParams"][::core::mem::align_of::<NtkvTopkParams>() - 8usize];
     ["Offset of field: NtkvTopkParams::row_stride"][::core::mem::offset_of!(NtkvTopkParams, row_stride) - 0usize];
     ["Offset of field: NtkvTopkParams::cand_stride"][::core::mem::offset_of!(NtkvTopkParams, cand_stride) - 8usize];
@@ -71,6 +73,8 @@ const _: () = {
     ["Offset of field: NtkvTopkParams::write_values"][::core::mem::offset_of!(NtkvTopkParams, write_values) - 64usize];
     ["Offset of field: NtkvTopkParams::reverse_filter"]
         [::core::mem::offset_of!(NtkvTopkParams, reverse_filter) - 68usize];
+    ["Offset of field: NtkvTopkParams::cand_stage"][::core::mem::offset_of!(NtkvTopkParams, cand_stage) - 72usize];
+    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 76usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

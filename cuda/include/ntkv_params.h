@@ -54,6 +54,8 @@ typedef struct NtkvTopkParams {
     uint32_t order_by_index; /* 1: write the selected indices ascending instead of by value */
     uint32_t write_values;   /* 1: write values as well as indices */
     uint32_t reverse_filter; /* 1: the filter kernel walks blocks in reverse order (L2 reuse) */
+    uint32_t cand_stage;     /* candidates the finalize kernel stages in shared memory (after kpad) */
+    uint32_t _pad0;
 } NtkvTopkParams;
 
 /* Writes `count` consecutive indices first_index.. into columns col_start.. of each of

@@ -15,6 +15,10 @@ const HIST_BINS: usize = 4096;
 const STATE_WORDS: usize = 8;
 const HIST_THREADS: u32 = 512;
 const FINAL_THREADS: u32 = 1024;
+/// Most candidates the finalize kernel stages in shared memory.
+const CAND_STAGE_MAX: usize = 8192;
+/// Static shared memory of the finalize kernel, rounded up (ptxas reports 1184 bytes).
+const FINAL_STATIC_SMEM: usize = 2048;
 const KEY_TILE: usize = 64;
 const H2O_THREADS: u32 = 128;
 /// u32 words of one staged chunk per tensor in the compaction kernel.
@@ -162,7 +166,12 @@ impl TopkPlan {
         let f_hist = device.function(Module::Topk, hist_name)?;
         let f_filter = device.function(Module::Topk, filter_name)?;
         let f_final = device.function(Module::Topk, final_name)?;
-        let smem = device.prepare_shared_mem(&f_final, self.layout.kpad * 8)?;
+        // Shared memory of the finalize kernel: the kpad sort words, then as many staged
+        // candidates (8 bytes each, at most CAND_STAGE_MAX) as the device's opt-in limit allows
+        // next to the kernel's static 1.2 KiB.
+        let limit = device.props().max_shared_mem_per_block_optin as usize;
+        let cand_stage = (limit.saturating_sub(FINAL_STATIC_SMEM + self.layout.kpad * 8) / 8).min(CAND_STAGE_MAX);
+        let smem = device.prepare_shared_mem(&f_final, (self.layout.kpad + cand_stage) * 8)?;
         let write_values = values.is_some();
         let lay = self.layout;
         let mut row_base = 0usize;
@@ -184,6 +193,8 @@ impl TopkPlan {
                 order_by_index: u32::from(out.order_by_index),
                 write_values: u32::from(write_values),
                 reverse_filter: 1,
+                cand_stage: to_u32("cand_stage", cand_stage)?,
+                _pad0: 0,
             };
             let grid_rows = to_u32("rows", batch)?;
             let split = LaunchConfig {
@@ -220,10 +231,11 @@ impl TopkPlan {
             // SAFETY: ntkv_topk_finalize_<T>(NtkvTopkParams, const T* x, u32* hist, u32* state,
             // const u32* sel, const u32* cand, T* out_val, u32* out_idx). Block y reads
             // sel[y * k ..] below min(count, k), cand[y * n ..] below min(count, n), and x at
-            // indices taken from them (< n, checked again before the value gather); it writes
-            // out_idx (and out_val when write_values, else never touched: the dummy is never
-            // dereferenced) at (row_base + y) * out_stride + s for s < k, inside out_len; it
-            // uses kpad * 8 bytes of dynamic shared memory, the size prepared above.
+            // indices taken from them (clamped to < n before every gather); it writes out_idx
+            // (and out_val when write_values, else never touched: the dummy is never
+            // dereferenced) at (row_base + y) * out_stride + s for s < k, inside out_len. It
+            // uses (kpad + cand_stage) * 8 bytes of dynamic shared memory, the size prepared
+            // above, staging candidates there only when the row has at most cand_stage.
             unsafe { b.launch(fin) }?;
             row_base += batch;
         }
