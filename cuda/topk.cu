@@ -253,29 +253,19 @@ __device__ __forceinline__ uint64_t sort_word(uint32_t key, uint32_t idx, bool b
     return by_index ? rev : (((uint64_t)key << 32) | rev);
 }
 
+// Refines the candidates, sorts the kk selected and writes output row `row`. `above` entries
+// of sel and `ncand` of cand are valid; `want` (>= 1 when kk > 0) candidates are taken.
+// sel and cand are not __restrict__: the fused kernel wrote them earlier in the same launch.
 template <typename T>
-__device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, uint32_t* __restrict__ g_hist,
-                              uint32_t* __restrict__ g_state, const uint32_t* __restrict__ g_sel,
-                              const uint32_t* __restrict__ g_cand, T* __restrict__ out_val,
-                              uint32_t* __restrict__ out_idx) {
+__device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, uint32_t row, uint32_t kk,
+                             uint32_t above, uint32_t want, uint32_t ncand, const uint32_t* sel, const uint32_t* cand,
+                             T* __restrict__ out_val, uint32_t* __restrict__ out_idx) {
     extern __shared__ unsigned long long sort_buf[];  // kpad sort words, then cand_stage candidates
     __shared__ uint32_t dhist[256];
     __shared__ uint32_t scratch[32];
     __shared__ uint32_t s_need, s_match, s_fill;
     __shared__ unsigned long long s_prefix;
     __shared__ int s_bits;
-
-    const uint32_t b = blockIdx.x;
-    if (b >= p.rows) return;
-    const uint32_t row = p.row_base + b;
-    const T* xr = x + (uint64_t)row * p.row_stride;
-    uint32_t* st = g_state + (uint64_t)b * kStateWords;
-    const uint32_t kk = st[kKk];
-    const uint32_t above = st[kAbove];
-    const uint32_t want = st[kWant];
-    const uint32_t ncand = st[kCandCount] < (uint32_t)p.cand_stride ? st[kCandCount] : (uint32_t)p.cand_stride;
-    const uint32_t* cand = g_cand + (uint64_t)b * p.cand_stride;
-    const uint32_t* sel = g_sel + (uint64_t)b * p.k;
     const bool by_index = p.order_by_index != 0u;
 
     // Stage the candidates as (key << 32 | index) when they fit, so the refinement passes read
@@ -403,11 +393,122 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
         if (p.write_values) out_val[obase + s] = val;
     }
 
+}
+
+template <typename T>
+__device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, uint32_t* __restrict__ g_hist,
+                              uint32_t* __restrict__ g_state, const uint32_t* __restrict__ g_sel,
+                              const uint32_t* __restrict__ g_cand, T* __restrict__ out_val,
+                              uint32_t* __restrict__ out_idx) {
+    const uint32_t b = blockIdx.x;
+    if (b >= p.rows) return;
+    const uint32_t row = p.row_base + b;
+    const T* xr = x + (uint64_t)row * p.row_stride;
+    uint32_t* st = g_state + (uint64_t)b * kStateWords;
+    const uint32_t kk = st[kKk];
+    const uint32_t above = st[kAbove];
+    const uint32_t want = st[kWant];
+    const uint32_t ncand = st[kCandCount] < (uint32_t)p.cand_stride ? st[kCandCount] : (uint32_t)p.cand_stride;
+    finalize_row<T>(p, xr, row, kk, above, want, ncand, g_sel + (uint64_t)b * p.k, g_cand + (uint64_t)b * p.cand_stride,
+                    out_val, out_idx);
+
     // Leave the workspace zeroed for the next call.
     uint32_t* gh = g_hist + (uint64_t)b * kHistBins;
     for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) gh[i] = 0u;
     __syncthreads();
     if (threadIdx.x < kStateWords) st[threadIdx.x] = 0u;
+}
+
+
+// One block (kFinalThreads) per row, everything in one launch: the histogram lives in shared
+// memory, the bucket search, filter, refinement and sort follow after block barriers. Used
+// when there are enough rows to fill the device one block per row.
+template <typename T>
+__device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, const uint32_t* __restrict__ lengths,
+                           uint32_t* g_sel, uint32_t* g_cand, T* __restrict__ out_val, uint32_t* __restrict__ out_idx) {
+    __shared__ uint32_t fhist[kHistBins];
+    __shared__ uint32_t fscratch[32];
+    __shared__ uint32_t s_bucket, s_above, s_want, s_ncand, s_sel_cursor, s_cand_cursor;
+    const uint32_t b = blockIdx.x;
+    if (b >= p.rows) return;
+    const uint32_t row = p.row_base + b;
+    const uint32_t len = row_length(p, lengths, row);
+    const uint32_t kk = p.k < len ? p.k : len;
+    const T* xr = x + (uint64_t)row * p.row_stride;
+    uint32_t* sel = g_sel + (uint64_t)b * p.k;
+    uint32_t* cand = g_cand + (uint64_t)b * p.cand_stride;
+    for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) fhist[i] = 0u;
+    if (threadIdx.x == 0) {
+        s_bucket = 0xffffffffu;
+        s_above = 0u;
+        s_want = 0u;
+        s_ncand = 0u;
+        s_sel_cursor = 0u;
+        s_cand_cursor = 0u;
+    }
+    __syncthreads();
+    const uint32_t step = blockDim.x;
+    for (uint32_t base = threadIdx.x; base < len; base += 4u * step) {
+        uint32_t kv[4];
+        bool ok[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const uint32_t i = base + (uint32_t)u * step;
+            ok[u] = i < len;
+            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (ok[u]) atomicAdd(&fhist[kv[u] >> kKeyLowBits], 1u);
+    }
+    __syncthreads();
+    if (kk > 0u) {
+        // Thread t owns bins [t*per, (t+1)*per) (the kernel runs with kFinalThreads threads).
+        constexpr int per = kHistBins / kFinalThreads;
+        uint32_t mine[per];
+        uint32_t total = 0;
+#pragma unroll
+        for (int j = 0; j < per; ++j) {
+            mine[j] = fhist[threadIdx.x * per + j];
+            total += mine[j];
+        }
+        uint32_t running = block_exclusive_suffix_sum(total, fscratch);
+#pragma unroll
+        for (int j = per - 1; j >= 0; --j) {
+            const uint32_t c = mine[j];
+            if (running < kk && running + c >= kk) {
+                s_bucket = threadIdx.x * per + j;
+                s_above = running;
+                s_want = kk - running;
+                s_ncand = c;
+            }
+            running += c;
+        }
+    }
+    __syncthreads();
+    const uint32_t bucket = s_bucket;
+    if (kk > 0u) {
+        for (uint32_t base = threadIdx.x & ~31u; base < len; base += 4u * step) {
+            uint32_t kv[4];
+            bool ok[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const uint32_t i = base + (threadIdx.x & 31u) + (uint32_t)u * step;
+                ok[u] = i < len;
+                kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const uint32_t i = base + (threadIdx.x & 31u) + (uint32_t)u * step;
+                const uint32_t bin = kv[u] >> kKeyLowBits;
+                warp_append(ok[u] && bin > bucket, i, &s_sel_cursor, sel, p.k);
+                warp_append(ok[u] && bin == bucket, i, &s_cand_cursor, cand, (uint32_t)p.cand_stride);
+            }
+        }
+    }
+    __syncthreads();
+    const uint32_t ncand = s_ncand < (uint32_t)p.cand_stride ? s_ncand : (uint32_t)p.cand_stride;
+    finalize_row<T>(p, xr, row, kk, s_above, s_want, ncand, sel, cand, out_val, out_idx);
 }
 
 }  // namespace
@@ -428,6 +529,11 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
         const uint32_t* __restrict__ sel, const uint32_t* __restrict__ cand, T* __restrict__ out_val,                 \
         uint32_t* __restrict__ out_idx) {                                                                             \
         topk_finalize<T>(p, x, hist, state, sel, cand, out_val, out_idx);                                             \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(kFinalThreads) ntkv_topk_fused_##SUFFIX(                             \
+        const NtkvTopkParams p, const T* __restrict__ x, const uint32_t* __restrict__ lengths, uint32_t* sel,         \
+        uint32_t* cand, T* __restrict__ out_val, uint32_t* __restrict__ out_idx) {                                    \
+        topk_fused<T>(p, x, lengths, sel, cand, out_val, out_idx);                                                    \
     }
 
 NTKV_TOPK_KERNELS(f32, float)

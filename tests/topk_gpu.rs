@@ -95,6 +95,32 @@ fn topk_special_rows() {
         check_topk::<bf16>(dev, &host, rows, n, k, None, "special rows");
     }
     check_topk::<f32>(dev, &host, rows, n, 777, Some(&[0, 1, 776, 778, n as u32]), "special rows, lengths");
+
+    // The same patterns on enough rows for the fused one-block-per-row path (more candidates
+    // than the shared-memory stage holds in the all-ties rows).
+    let (rows, n) = (160, 9001);
+    assert_eq!(TopkPlan::new(dev, rows, n, 100).unwrap().layout().blocks_per_row, 1);
+    let pattern = |r: usize, i: usize| -> f32 {
+        match r % 5 {
+            0 => 1.25,
+            1 => f32::NAN,
+            2 => [f32::INFINITY, f32::NAN, f32::NEG_INFINITY, 2.0][i % 4],
+            3 => {
+                if i % 2 == 0 {
+                    0.0
+                } else {
+                    -0.0
+                }
+            }
+            _ => (i % 5) as f32,
+        }
+    };
+    let host: Vec<f32> = (0..rows * n).map(|e| pattern(e / n, e % n)).collect();
+    let lengths: Vec<u32> = (0..rows).map(|r| ((r * 37) % (n + 1)) as u32).collect();
+    for k in [1, 100, 9000, 9001, 12000] {
+        check_topk::<f32>(dev, &host, rows, n, k, None, "fused special rows");
+        check_topk::<f16>(dev, &host, rows, n, k, Some(&lengths), "fused special rows, lengths");
+    }
 }
 
 #[test]

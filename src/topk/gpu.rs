@@ -19,16 +19,21 @@ const FINAL_THREADS: u32 = 1024;
 const CAND_STAGE_MAX: usize = 8192;
 /// Static shared memory of the finalize kernel, rounded up (ptxas reports 1184 bytes).
 const FINAL_STATIC_SMEM: usize = 2048;
+/// Static shared memory of the fused kernel, rounded up (ptxas reports 17728 bytes).
+const FUSED_STATIC_SMEM: usize = 18432;
 const KEY_TILE: usize = 64;
 const H2O_THREADS: u32 = 128;
 /// u32 words of one staged chunk per tensor in the compaction kernel.
 const COMPACT_STAGE_WORDS: usize = 8192;
 
-fn topk_kernel_names(dtype: DType) -> (&'static str, &'static str, &'static str) {
+/// (histogram, filter, finalize, fused) kernels of a dtype.
+fn topk_kernel_names(dtype: DType) -> [&'static str; 4] {
     match dtype {
-        DType::F32 => ("ntkv_topk_hist_f32", "ntkv_topk_filter_f32", "ntkv_topk_finalize_f32"),
-        DType::F16 => ("ntkv_topk_hist_f16", "ntkv_topk_filter_f16", "ntkv_topk_finalize_f16"),
-        DType::BF16 => ("ntkv_topk_hist_bf16", "ntkv_topk_filter_bf16", "ntkv_topk_finalize_bf16"),
+        DType::F32 => ["ntkv_topk_hist_f32", "ntkv_topk_filter_f32", "ntkv_topk_finalize_f32", "ntkv_topk_fused_f32"],
+        DType::F16 => ["ntkv_topk_hist_f16", "ntkv_topk_filter_f16", "ntkv_topk_finalize_f16", "ntkv_topk_fused_f16"],
+        DType::BF16 => {
+            ["ntkv_topk_hist_bf16", "ntkv_topk_filter_bf16", "ntkv_topk_finalize_bf16", "ntkv_topk_fused_bf16"]
+        }
     }
 }
 
@@ -162,15 +167,15 @@ impl TopkPlan {
             stream.memset_zeros(&mut self.state)?;
         }
         self.dirty = true;
-        let (hist_name, filter_name, final_name) = topk_kernel_names(T::DTYPE);
-        let f_hist = device.function(Module::Topk, hist_name)?;
-        let f_filter = device.function(Module::Topk, filter_name)?;
-        let f_final = device.function(Module::Topk, final_name)?;
-        // Shared memory of the finalize kernel: the kpad sort words, then as many staged
-        // candidates (8 bytes each, at most CAND_STAGE_MAX) as the device's opt-in limit allows
-        // next to the kernel's static 1.2 KiB.
+        let [hist_name, filter_name, final_name, fused_name] = topk_kernel_names(T::DTYPE);
+        let fused = self.layout.blocks_per_row == 1;
+        let f_final = device.function(Module::Topk, if fused { fused_name } else { final_name })?;
+        // Shared memory of the finalize (or fused) kernel: the kpad sort words, then as many
+        // staged candidates (8 bytes each, at most CAND_STAGE_MAX) as the device's opt-in limit
+        // allows next to the kernel's static shared memory.
         let limit = device.props().max_shared_mem_per_block_optin as usize;
-        let cand_stage = (limit.saturating_sub(FINAL_STATIC_SMEM + self.layout.kpad * 8) / 8).min(CAND_STAGE_MAX);
+        let static_smem = if fused { FUSED_STATIC_SMEM } else { FINAL_STATIC_SMEM };
+        let cand_stage = (limit.saturating_sub(static_smem + self.layout.kpad * 8) / 8).min(CAND_STAGE_MAX);
         let smem = device.prepare_shared_mem(&f_final, (self.layout.kpad + cand_stage) * 8)?;
         let write_values = values.is_some();
         let lay = self.layout;
@@ -197,6 +202,31 @@ impl TopkPlan {
                 _pad0: 0,
             };
             let grid_rows = to_u32("rows", batch)?;
+            let fin =
+                LaunchConfig { grid_dim: (grid_rows, 1, 1), block_dim: (FINAL_THREADS, 1, 1), shared_mem_bytes: smem };
+            if fused {
+                let mut b = stream.launch_builder(&f_final);
+                b.arg(&params).arg(scores).arg(&self.lengths).arg(&mut self.sel).arg(&mut self.cand);
+                match values.as_deref_mut() {
+                    Some(v) => b.arg(v),
+                    None => b.arg(&mut self.dummy_values),
+                };
+                b.arg(&mut *indices);
+                // SAFETY: ntkv_topk_fused_<T>(NtkvTopkParams, const T* x, const u32* lengths,
+                // u32* sel, u32* cand, T* out_val, u32* out_idx). Block y reads x[(row_base + y)
+                // * n + i] for i < min(len, n) (lengths holds `rows` entries; uniform_len <= n;
+                // scores holds rows * n); appends to sel[y * k + pos] only for pos < k and to
+                // cand[y * n + pos] only for pos < n (buffers of rows_per_batch * k and
+                // rows_per_batch * n); gathers x only at indices clamped to < n; writes out_idx
+                // (and out_val when write_values, else the dummy is never dereferenced) at
+                // (row_base + y) * out_stride + s for s < k, inside out_len. It uses (kpad +
+                // cand_stage) * 8 bytes of dynamic shared memory, the size prepared above.
+                unsafe { b.launch(fin) }?;
+                row_base += batch;
+                continue;
+            }
+            let f_hist = device.function(Module::Topk, hist_name)?;
+            let f_filter = device.function(Module::Topk, filter_name)?;
             let split = LaunchConfig {
                 grid_dim: (to_u32("blocks_per_row", lay.blocks_per_row)?, grid_rows, 1),
                 block_dim: (HIST_THREADS, 1, 1),
@@ -219,8 +249,6 @@ impl TopkPlan {
             // (cand_stride = n), inside buffers of rows_per_batch * k and rows_per_batch * n.
             unsafe { b.launch(split) }?;
 
-            let fin =
-                LaunchConfig { grid_dim: (grid_rows, 1, 1), block_dim: (FINAL_THREADS, 1, 1), shared_mem_bytes: smem };
             let mut b = stream.launch_builder(&f_final);
             b.arg(&params).arg(scores).arg(&mut self.hist).arg(&mut self.state).arg(&self.sel).arg(&self.cand);
             match values.as_deref_mut() {

@@ -13,8 +13,9 @@
 //! pass over the row, then 8-bit passes over the few candidates left in the threshold bucket,
 //! on the composite `key · 2^24 + (2^24 − 1 − index)` so that ties resolve by index), followed by
 //! a bitonic sort of the `k` selected elements in shared memory. No row is ever sorted whole.
-//! Rows are split across several blocks when there are few of them ([`TopkLayout::choose`]),
-//! and every row of a batch is handled in the same three launches. The selected set and the
+//! With at least one row per SM, one block per row does the whole selection in one launch;
+//! with fewer, longer rows, many blocks share each row's histogram and filter passes and a
+//! third launch finishes each row ([`TopkLayout::choose`]). The selected set and the
 //! output order are exact: the indices equal the CPU reference's ([`cpu::topk`]) bit for bit.
 //!
 //! # H2O
@@ -233,7 +234,8 @@ pub fn validate_compact(
 /// How the GPU top-k splits its work; chosen once per shape by [`TopkLayout::choose`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TopkLayout {
-    /// Blocks that share one row in the histogram and filter passes (1: one block per row).
+    /// Blocks that share one row in the histogram and filter passes. 1 selects the fused
+    /// path: one block per row does the whole selection in a single launch.
     pub blocks_per_row: usize,
     /// Elements of a row per block (a multiple of 2048).
     pub chunk: usize,
@@ -244,16 +246,23 @@ pub struct TopkLayout {
 }
 
 impl TopkLayout {
-    /// Chooses the split for `rows × n`, top-`k`, on a device with `sm_count` SMs: enough
-    /// blocks to fill the device about four times over, never fewer than 4096 elements a block.
-    /// Many short rows get one block each; a few long rows get many blocks each.
+    /// Chooses the split for `rows × n`, top-`k`, on a device with `sm_count` SMs. With at
+    /// least one row per SM (or rows of at most 4096), each row gets one block that does
+    /// everything in one launch. Otherwise rows are split so that about four blocks per SM
+    /// share the histogram and filter passes (never fewer than 4096 elements a block), and a
+    /// third launch finishes each row.
     pub fn choose(rows: usize, n: usize, k: usize, sm_count: usize) -> Self {
         let kpad = k.max(1).next_power_of_two();
         let per_row_bytes = (n + k + 4096 + 8) * 4;
         let rows_per_batch = (TOPK_WORKSPACE_BYTES / per_row_bytes).clamp(1, rows.clamp(1, 65535));
         let target_blocks = 4 * sm_count.max(1);
         let max_bpr = n.div_ceil(4096).max(1);
-        let bpr = target_blocks.div_ceil(rows_per_batch).clamp(1, max_bpr);
+        // With at least one row per SM, one (fused) block per row fills the device.
+        let bpr = if rows_per_batch >= sm_count.max(1) {
+            1
+        } else {
+            target_blocks.div_ceil(rows_per_batch).clamp(1, max_bpr)
+        };
         let chunk = n.div_ceil(bpr).div_ceil(2048).max(1) * 2048;
         let blocks_per_row = n.div_ceil(chunk).max(1);
         TopkLayout { blocks_per_row, chunk, rows_per_batch, kpad }
