@@ -33,9 +33,43 @@
 //! older tokens, average-pooled (kernel 5, zero padding 2, padding counted), then the
 //! top-`(capacity − W)` older tokens plus the window, ascending.
 //!
+//! # Plans
+//! [`TopkPlan`], [`H2oPlan`], [`SnapKvPlan`] and [`EvictionPlan`] validate a shape once,
+//! choose the kernel layout and own the device scratch, so a decode loop pays for neither
+//! again; the free functions build a plan per call.
+//!
 //! # Errors
 //! Every argument is checked before any launch (see the `validate_*` functions); a bad one
 //! returns an error naming it and nothing is written.
+//!
+//! # Example
+//! ```no_run
+//! use half::f16;
+//! use ntkv::topk::{self, AttnShape, GqaReduce, H2oPlan};
+//! use ntkv::{Device, DeviceTensor};
+//!
+//! # fn main() -> ntkv::Result<()> {
+//! let dev = Device::new(0)?;
+//! // Top-16 of each of 4 rows of 1000 scores.
+//! let scores = DeviceTensor::from_host(&dev, &vec![0.5f32; 4 * 1000], &[4, 1000])?;
+//! let (values, indices) = topk::topk(&dev, &scores, 16, None)?;
+//! assert_eq!(indices.to_host()?[..3], [0, 1, 2]); // all tied: the lowest indices win
+//! # let _ = values;
+//!
+//! // One H2O step: 16 new queries of 32 heads over an 8-kv-head cache of 4096 tokens.
+//! let shape = AttnShape { hq: 32, hkv: 8, tq: 16, t: 4096, d: 128 };
+//! let q = DeviceTensor::<f16>::zeros(&dev, &[32, 16, 128])?;
+//! let mut k = DeviceTensor::<f16>::zeros(&dev, &[8, 4096, 128])?;
+//! let mut v = DeviceTensor::<f16>::zeros(&dev, &[8, 4096, 128])?;
+//! let mut acc = DeviceTensor::<f32>::zeros(&dev, &[8, 4096])?;
+//! let mut plan = H2oPlan::new(&dev, shape, GqaReduce::Sum, 1024, 64)?;
+//! let mut keep = DeviceTensor::<u32>::zeros(&dev, &[8, 1024])?;
+//! plan.accumulate(&dev, &q, &k, &mut acc)?;
+//! plan.select(&dev, &acc, &mut keep)?;
+//! topk::h2o_compact(&dev, &keep, &mut k, &mut v, Some(&mut acc))?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod cpu;
 mod gpu;
