@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use ntkv::rng::Rng;
 use ntkv::topk::{
-    cpu, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
+    cpu, queue_order, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
     TOPK_WORKSPACE_BYTES,
 };
 use ntkv::Error;
@@ -472,6 +472,24 @@ fn gpu_algorithm_model_matches_reference() {
             by_index.sort_unstable();
             by_index.resize(k, u32::MAX);
             assert_eq!(gpu_model_topk(row, k, true), by_index, "row {r}, k = {k}, by index");
+        }
+    }
+}
+
+#[test]
+fn queue_order_puts_each_pass_one_before_its_pass_two() {
+    for hkv in 1..12usize {
+        for lag in 1..=hkv.min(3) {
+            let order = queue_order(hkv, lag);
+            assert_eq!(order.len(), 2 * hkv);
+            for h in 0..hkv as u32 {
+                let p1 = order.iter().position(|&e| e == h).expect("pass 1 listed");
+                let p2 = order.iter().position(|&e| e == h | 1 << 31).expect("pass 2 listed");
+                assert!(p1 < p2, "hkv {hkv} lag {lag}: head {h}");
+                // Pass 1 of the next `lag` heads (those that exist) comes in between.
+                let between = order[p1 + 1..p2].iter().filter(|&&e| e >> 31 == 0).count();
+                assert_eq!(between, lag.min(hkv - 1 - h as usize));
+            }
         }
     }
 }

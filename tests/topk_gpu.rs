@@ -6,7 +6,7 @@ mod common;
 
 use half::{bf16, f16};
 use ntkv::rng::Rng;
-use ntkv::topk::{self, cpu, AttnShape, GqaReduce, TopkPlan};
+use ntkv::topk::{self, cpu, AccumulatePath, AttnScratch, AttnShape, GqaReduce, TopkPlan};
 use ntkv::{Device, DeviceTensor, Error, Float};
 
 /// Random scores with ties, NaN, ±inf and ±0 mixed in.
@@ -220,8 +220,14 @@ fn rand_half<T: Float>(rng: &mut Rng, n: usize) -> Vec<T> {
     (0..n).map(|_| T::from_f32(rng.normal())).collect()
 }
 
-/// GPU accumulation against the f64 reference, both starting from the same `acc`.
-fn check_accumulate<T: Float>(dev: &Device, shape: AttnShape, reduce: GqaReduce, seed: u64) -> Vec<f32> {
+/// GPU accumulation (on `path`) against the f64 reference, both starting from the same `acc`.
+fn check_accumulate<T: Float>(
+    dev: &Device,
+    shape: AttnShape,
+    reduce: GqaReduce,
+    seed: u64,
+    path: AccumulatePath,
+) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let q: Vec<T> = rand_half(&mut rng, shape.hq * shape.tq * shape.d);
     let k: Vec<T> = rand_half(&mut rng, shape.hkv * shape.t * shape.d);
@@ -231,11 +237,18 @@ fn check_accumulate<T: Float>(dev: &Device, shape: AttnShape, reduce: GqaReduce,
     let dq = DeviceTensor::from_host(dev, &q, &[shape.hq, shape.tq, shape.d]).unwrap();
     let dk = DeviceTensor::from_host(dev, &k, &[shape.hkv, shape.t, shape.d]).unwrap();
     let mut dacc = DeviceTensor::from_host(dev, &acc0, &[shape.hkv, shape.t]).unwrap();
-    topk::h2o_accumulate(dev, &dq, &dk, &mut dacc, reduce).unwrap();
+    let mut scratch = AttnScratch::with_path(dev, shape, path).unwrap();
+    topk::h2o_accumulate_with(dev, &mut scratch, &dq, &dk, &mut dacc, reduce).unwrap();
+    // A second call on the same scratch (the queued path's epochs and tickets move on).
+    let mut again = DeviceTensor::from_host(dev, &acc0, &[shape.hkv, shape.t]).unwrap();
+    topk::h2o_accumulate_with(dev, &mut scratch, &dq, &dk, &mut again, reduce).unwrap();
+    assert!(!scratch.timed_out(dev).unwrap(), "{path:?}: a wait for head statistics timed out");
     let got = dacc.to_host().unwrap();
+    let got2 = again.to_host().unwrap();
+    assert!(got.iter().zip(&got2).all(|(a, b)| a.to_bits() == b.to_bits()), "{path:?}: a rerun differs");
     let g: Vec<f64> = got.iter().map(|&x| f64::from(x)).collect();
     let w: Vec<f64> = want.iter().map(|&x| f64::from(x)).collect();
-    common::assert_close(&format!("h2o accumulate {shape:?} {reduce:?} {}", T::DTYPE), &g, &w, 1e-4, 1e-6);
+    common::assert_close(&format!("h2o accumulate {shape:?} {reduce:?} {} {path:?}", T::DTYPE), &g, &w, 1e-4, 1e-6);
     got
 }
 
@@ -244,6 +257,7 @@ fn h2o_accumulate_matches_reference() {
     let dev = gpu_or_skip!("h2o_accumulate_matches_reference");
     let shapes = [
         AttnShape { hq: 2, hkv: 2, tq: 1, t: 1, d: 64 },
+        AttnShape { hq: 12, hkv: 6, tq: 2, t: 2049, d: 64 },
         AttnShape { hq: 4, hkv: 2, tq: 5, t: 100, d: 64 },
         AttnShape { hq: 8, hkv: 1, tq: 16, t: 257, d: 128 },
         AttnShape { hq: 4, hkv: 4, tq: 17, t: 17, d: 128 },
@@ -252,8 +266,11 @@ fn h2o_accumulate_matches_reference() {
     ];
     for (i, &shape) in shapes.iter().enumerate() {
         for reduce in [GqaReduce::Sum, GqaReduce::Max] {
-            check_accumulate::<f16>(dev, shape, reduce, 100 + i as u64);
-            check_accumulate::<bf16>(dev, shape, reduce, 200 + i as u64);
+            let seed = 100 + i as u64;
+            let a = check_accumulate::<f16>(dev, shape, reduce, seed, AccumulatePath::Queued);
+            let b = check_accumulate::<f16>(dev, shape, reduce, seed, AccumulatePath::ThreeLaunch);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "the two paths differ: {shape:?}");
+            check_accumulate::<bf16>(dev, shape, reduce, 200 + i as u64, AccumulatePath::Queued);
         }
     }
 }
@@ -262,8 +279,8 @@ fn h2o_accumulate_matches_reference() {
 fn h2o_accumulate_is_deterministic_and_validates() {
     let dev = gpu_or_skip!("h2o_accumulate_is_deterministic_and_validates");
     let shape = AttnShape { hq: 8, hkv: 2, tq: 16, t: 3000, d: 128 };
-    let a = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7);
-    let b = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7);
+    let a = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7, AccumulatePath::Queued);
+    let b = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7, AccumulatePath::Queued);
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "two runs differ");
     // Bad arguments: f32 inputs, unsupported D, wrong acc shape; acc stays untouched.
     let q = DeviceTensor::<f16>::zeros(dev, &[2, 1, 32]).unwrap();

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{validate_topk, AttnShape, GqaReduce, TopkLayout};
+use super::{validate_topk, AccumulatePath, AttnShape, GqaReduce, TopkLayout};
 use crate::device::{Device, Module};
 use crate::error::{check_shape, to_u32, Error, Result};
 use crate::params::{
@@ -403,46 +403,79 @@ pub(super) fn check_attn_support(shape: AttnShape, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-fn h2o_kernel_names(dtype: DType, d: usize) -> Result<(&'static str, &'static str)> {
+fn h2o_kernel_names(dtype: DType, d: usize) -> Result<[&'static str; 3]> {
     Ok(match (dtype, d) {
-        (DType::F16, 64) => ("ntkv_h2o_pass1_f16_d64", "ntkv_h2o_pass2_f16_d64"),
-        (DType::F16, 128) => ("ntkv_h2o_pass1_f16_d128", "ntkv_h2o_pass2_f16_d128"),
-        (DType::F16, 256) => ("ntkv_h2o_pass1_f16_d256", "ntkv_h2o_pass2_f16_d256"),
-        (DType::BF16, 64) => ("ntkv_h2o_pass1_bf16_d64", "ntkv_h2o_pass2_bf16_d64"),
-        (DType::BF16, 128) => ("ntkv_h2o_pass1_bf16_d128", "ntkv_h2o_pass2_bf16_d128"),
-        (DType::BF16, 256) => ("ntkv_h2o_pass1_bf16_d256", "ntkv_h2o_pass2_bf16_d256"),
+        (DType::F16, 64) => ["ntkv_h2o_pass1_f16_d64", "ntkv_h2o_pass2_f16_d64", "ntkv_h2o_queue_f16_d64"],
+        (DType::F16, 128) => ["ntkv_h2o_pass1_f16_d128", "ntkv_h2o_pass2_f16_d128", "ntkv_h2o_queue_f16_d128"],
+        (DType::F16, 256) => ["ntkv_h2o_pass1_f16_d256", "ntkv_h2o_pass2_f16_d256", "ntkv_h2o_queue_f16_d256"],
+        (DType::BF16, 64) => ["ntkv_h2o_pass1_bf16_d64", "ntkv_h2o_pass2_bf16_d64", "ntkv_h2o_queue_bf16_d64"],
+        (DType::BF16, 128) => ["ntkv_h2o_pass1_bf16_d128", "ntkv_h2o_pass2_bf16_d128", "ntkv_h2o_queue_bf16_d128"],
+        (DType::BF16, 256) => ["ntkv_h2o_pass1_bf16_d256", "ntkv_h2o_pass2_bf16_d256", "ntkv_h2o_queue_bf16_d256"],
         _ => return Err(Error::invalid("q", format!("no accumulation kernel for {dtype} with head dimension {d}"))),
     })
 }
 
 /// Device scratch of the accumulation kernels for one [`AttnShape`]: the per-tile softmax
-/// partials and the merged row statistics. Every entry is rewritten by each call, so it is
-/// never cleared.
+/// partials, the merged row statistics and, for the queued path, the work queue and the
+/// per-head completion flags. The partials and statistics are rewritten by every call, and
+/// the queue state is left consistent by every completed call, so nothing is cleared per call.
 pub struct AttnScratch {
     shape: AttnShape,
+    path: AccumulatePath,
     partial: CudaSlice<f32>,
     stats: CudaSlice<f32>,
+    order: CudaSlice<u32>,
+    queue: CudaSlice<u64>,
+    done: CudaSlice<u32>,
+    ready: CudaSlice<u32>,
+    error: CudaSlice<u32>,
+    epoch: u32,
+    tickets_used: u64,
+    dirty: bool,
 }
 
 impl std::fmt::Debug for AttnScratch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttnScratch").field("shape", &self.shape).finish()
+        f.debug_struct("AttnScratch").field("shape", &self.shape).field("path", &self.path).finish()
     }
 }
 
 impl AttnScratch {
-    /// Allocates the scratch for `shape` (`8 · hq · tq · (⌈t/64⌉ + 1)` bytes).
+    /// Allocates the scratch for `shape` on the default ([`AccumulatePath::Queued`]) path
+    /// (about `8 · hq · tq · (⌈t/64⌉ + 1)` bytes).
     ///
     /// # Errors
     /// As [`AttnShape::validate`]; driver errors.
     pub fn new(device: &Device, shape: AttnShape) -> Result<Self> {
+        Self::with_path(device, shape, AccumulatePath::Queued)
+    }
+
+    /// Allocates the scratch for `shape` on the given path.
+    ///
+    /// # Errors
+    /// As [`AttnShape::validate`]; [`Error::TooLarge`] when the work items overflow a grid;
+    /// driver errors.
+    pub fn with_path(device: &Device, shape: AttnShape, path: AccumulatePath) -> Result<Self> {
         shape.validate()?;
         let n_tiles = shape.t.div_ceil(KEY_TILE);
+        if 2 * shape.hkv * n_tiles > i32::MAX as usize {
+            return Err(Error::too_large("k", format!("{} key tiles overflow a launch grid", shape.hkv * n_tiles)));
+        }
+        let lag = queue_lag(shape);
         let stream = device.stream();
         Ok(AttnScratch {
             shape,
+            path,
             partial: stream.alloc_zeros::<f32>(shape.hq * shape.tq * n_tiles * 2)?,
             stats: stream.alloc_zeros::<f32>(shape.hq * shape.tq * 2)?,
+            order: stream.clone_htod(&super::queue_order(shape.hkv, lag))?,
+            queue: stream.alloc_zeros::<u64>(1)?,
+            done: stream.alloc_zeros::<u32>(shape.hkv)?,
+            ready: stream.alloc_zeros::<u32>(shape.hkv)?,
+            error: stream.alloc_zeros::<u32>(1)?,
+            epoch: 0,
+            tickets_used: 0,
+            dirty: false,
         })
     }
 
@@ -450,9 +483,28 @@ impl AttnScratch {
     pub fn shape(&self) -> AttnShape {
         self.shape
     }
+
+    /// The accumulation path this scratch runs.
+    pub fn path(&self) -> AccumulatePath {
+        self.path
+    }
+
+    /// Whether a queued launch ever gave up waiting for a head's statistics (a safeguard that
+    /// should never trigger; its results would be wrong). Synchronizes with the stream.
+    pub fn timed_out(&self, device: &Device) -> Result<bool> {
+        Ok(device.stream().clone_dtoh(&self.error)?.first().is_some_and(|&e| e != 0))
+    }
 }
 
-/// Enqueues pass 1, the merge and pass 2 of the accumulation into `acc [hkv, t]`.
+/// Kv heads between pass 1 and pass 2 of a head in the queued order: two when three heads'
+/// keys fit in about 40 MB of L2, else one.
+fn queue_lag(shape: AttnShape) -> usize {
+    let per_head = shape.t * shape.d * 2;
+    let lag = if 3 * per_head <= 40 << 20 { 2 } else { 1 };
+    lag.min(shape.hkv)
+}
+
+/// Enqueues the accumulation into `acc [hkv, t]` on the scratch's path.
 pub(super) fn accumulate<T: Float>(
     device: &Device,
     scratch: &mut AttnScratch,
@@ -467,9 +519,10 @@ pub(super) fn accumulate<T: Float>(
     if q.len() != hq * tq * d || k.len() != hkv * t * d || acc.len() != hkv * t {
         return Err(Error::invalid("q", "internal: buffers do not match the attention shape"));
     }
-    let (pass1, pass2) = h2o_kernel_names(T::DTYPE, d)?;
+    let [pass1, pass2, queued] = h2o_kernel_names(T::DTYPE, d)?;
     let n_tiles = t.div_ceil(KEY_TILE);
-    let params = NtkvH2oParams {
+    let mut params = NtkvH2oParams {
+        ticket_base: 0,
         hq: to_u32("q", hq)?,
         hkv: to_u32("k", hkv)?,
         tq: to_u32("q", tq)?,
@@ -478,7 +531,12 @@ pub(super) fn accumulate<T: Float>(
         n_tiles: to_u32("k", n_tiles)?,
         reduce_max: u32::from(reduce == GqaReduce::Max),
         scale: (d as f32).sqrt().recip(),
+        epoch: 0,
+        _pad0: 0,
     };
+    if scratch.path == AccumulatePath::Queued {
+        return accumulate_queued(device, scratch, queued, &mut params, q, k, acc);
+    }
     let stream = device.stream();
     let (partial, stats) = (&mut scratch.partial, &mut scratch.stats);
     let tiles = LaunchConfig {
@@ -518,6 +576,59 @@ pub(super) fn accumulate<T: Float>(
     // stats, float* acc). Reads q and k as pass 1 and stats[(h * tq + r) * 2 + {0,1}] for
     // r < tq; writes acc[hk * t + j] for j < t only, each element from exactly one thread.
     unsafe { b.launch(tiles) }?;
+    Ok(())
+}
+
+/// The single-launch queued accumulation (see `h2o_queue` in cuda/topk.cu).
+fn accumulate_queued<T: Float>(
+    device: &Device,
+    scratch: &mut AttnScratch,
+    kernel: &'static str,
+    params: &mut NtkvH2oParams,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    acc: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let stream = device.stream();
+    let f = device.function(Module::Topk, kernel)?;
+    // A call that failed half way (or an epoch about to wrap) leaves the queue state unknown:
+    // start it afresh.
+    if scratch.dirty || scratch.epoch == u32::MAX {
+        stream.memset_zeros(&mut scratch.queue)?;
+        stream.memset_zeros(&mut scratch.done)?;
+        stream.memset_zeros(&mut scratch.ready)?;
+        scratch.epoch = 0;
+        scratch.tickets_used = 0;
+    }
+    scratch.dirty = true;
+    let items = 2 * scratch.shape.hkv * scratch.shape.t.div_ceil(KEY_TILE);
+    params.epoch = scratch.epoch + 1;
+    params.ticket_base = scratch.tickets_used;
+    let cfg =
+        LaunchConfig { grid_dim: (to_u32("k", items)?, 1, 1), block_dim: (H2O_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&*params)
+        .arg(q)
+        .arg(k)
+        .arg(&scratch.order)
+        .arg(&mut scratch.partial)
+        .arg(&mut scratch.stats)
+        .arg(acc)
+        .arg(&mut scratch.queue)
+        .arg(&mut scratch.done)
+        .arg(&mut scratch.ready)
+        .arg(&mut scratch.error);
+    // SAFETY: ntkv_h2o_queue_<T>_d<D>(NtkvH2oParams, const T* q, const T* k, const u32* order,
+    // float* partial, float* stats, float* acc, u64* queue, u32* done, u32* ready, u32* error).
+    // One block per work item: the ticket minus ticket_base is < items = 2 * hkv * n_tiles
+    // (the queue counter equals ticket_base at launch: every earlier call took exactly its
+    // items, or the counter was reset), and items past it return. order holds 2 * hkv entries,
+    // each naming a head < hkv; q, k, partial, stats and acc are read and written as by the
+    // pass-1, merge and pass-2 kernels; done and ready hold hkv words, queue and error one.
+    unsafe { b.launch(cfg) }?;
+    scratch.epoch += 1;
+    scratch.tickets_used += items as u64;
+    scratch.dirty = false;
     Ok(())
 }
 

@@ -80,6 +80,26 @@ use crate::tensor::{DeviceTensor, Float};
 
 pub use gpu::{AttnScratch, EvictionPlan, TopkPlan};
 
+/// [`h2o_accumulate`] with a caller's [`AttnScratch`] (which also selects the kernel path).
+///
+/// # Errors
+/// [`Error::Shape`] for tensors that do not match the scratch's shape; as [`h2o_accumulate`].
+pub fn h2o_accumulate_with<T: Float>(
+    device: &Device,
+    scratch: &mut AttnScratch,
+    q: &DeviceTensor<T>,
+    k: &DeviceTensor<T>,
+    acc: &mut DeviceTensor<f32>,
+    reduce: GqaReduce,
+) -> Result<()> {
+    let s = scratch.shape();
+    check_shape("q", &[s.hq, s.tq, s.d], q.shape())?;
+    check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
+    check_shape("acc", &[s.hkv, s.t], acc.shape())?;
+    gpu::check_attn_support(s, T::DTYPE)?;
+    gpu::accumulate(device, scratch, q.slice(), k.slice(), acc.slice_mut(), reduce)
+}
+
 /// The largest `k` the top-k accepts.
 pub const MAX_K: usize = 16384;
 /// The longest row the top-k accepts (indices use 24 bits inside the kernels).
@@ -94,6 +114,35 @@ pub enum GqaReduce {
     Sum,
     /// Maximum over the group's query heads.
     Max,
+}
+
+/// Which kernels run the H2O / SnapKV accumulation. Both compute the same f32 operations in
+/// the same order, so they give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccumulatePath {
+    /// One launch (the default): work items are ordered so that pass 2 of a kv head follows
+    /// pass 1 closely and re-reads its keys from L2, not DRAM. A kv head's pass-2 blocks wait
+    /// (spin) for its statistics, which only earlier-started blocks produce.
+    Queued,
+    /// Three launches: pass 1 over all heads, the statistics merge, pass 2 over all heads.
+    /// Simpler, with no inter-block waiting; reads the keys from DRAM twice for long caches.
+    ThreeLaunch,
+}
+
+/// The order of the queued accumulation's segments for `hkv` kv heads: entry `h` is pass 1 of
+/// head `h`, entry `h | 1 << 31` its pass 2; pass 2 of head `h` comes after pass 1 of head
+/// `h + lag` (or of the last head). Every pass 1 precedes its own pass 2.
+pub fn queue_order(hkv: usize, lag: usize) -> Vec<u32> {
+    let mut order = Vec::with_capacity(2 * hkv);
+    for s in 0..hkv + lag {
+        if s < hkv {
+            order.push(s as u32);
+        }
+        if s >= lag && s - lag < hkv {
+            order.push((s - lag) as u32 | 1 << 31);
+        }
+    }
+    order
 }
 
 /// The shape of an attention-score accumulation: `q [hq, tq, d]` over `k [hkv, t, d]`.
