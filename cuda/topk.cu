@@ -392,6 +392,8 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
         out_idx[obase + s] = idx;
         if (p.write_values) out_val[obase + s] = val;
     }
+    // The recent window of an eviction keep list, after the selected indices.
+    for (uint32_t i = threadIdx.x; i < p.tail_count; i += blockDim.x) out_idx[obase + p.k + i] = p.tail_first + i;
 
 }
 
@@ -783,7 +785,10 @@ __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, 
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const uint32_t j = kf.key_base + nt * 8 + (lane & 3) * 2 + e;
-                if (j < p.t) acc[(uint64_t)hk * p.t + j] += red[nt][e];
+                if (j < p.t) {
+                    float* a = &acc[(uint64_t)hk * p.t + j];
+                    *a = p.overwrite ? red[nt][e] : *a + red[nt][e];
+                }
             }
     }
 }

@@ -49,11 +49,13 @@ pub struct NtkvTopkParams {
     pub write_values: u32,
     pub reverse_filter: u32,
     pub cand_stage: u32,
+    pub tail_count: u32,
+    pub tail_first: u32,
     pub _pad0: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NtkvTopkParams"][::core::mem::size_of::<NtkvTopkParams>() - 80usize];
+    ["Size of NtkvTopkParams"][::core::mem::size_of::<NtkvTopkParams>() - 88usize];
     ["Alignment of NtkvTopkParams"][::core::mem::align_of::<NtkvTopkParams>() - 8usize];
     ["Offset of field: NtkvTopkParams::row_stride"][::core::mem::offset_of!(NtkvTopkParams, row_stride) - 0usize];
     ["Offset of field: NtkvTopkParams::cand_stride"][::core::mem::offset_of!(NtkvTopkParams, cand_stride) - 8usize];
@@ -74,7 +76,9 @@ const _: () = {
     ["Offset of field: NtkvTopkParams::reverse_filter"]
         [::core::mem::offset_of!(NtkvTopkParams, reverse_filter) - 68usize];
     ["Offset of field: NtkvTopkParams::cand_stage"][::core::mem::offset_of!(NtkvTopkParams, cand_stage) - 72usize];
-    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 76usize];
+    ["Offset of field: NtkvTopkParams::tail_count"][::core::mem::offset_of!(NtkvTopkParams, tail_count) - 76usize];
+    ["Offset of field: NtkvTopkParams::tail_first"][::core::mem::offset_of!(NtkvTopkParams, tail_first) - 80usize];
+    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -113,7 +117,7 @@ pub struct NtkvH2oParams {
     pub reduce_max: u32,
     pub scale: f32,
     pub epoch: u32,
-    pub _pad0: u32,
+    pub overwrite: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -129,7 +133,7 @@ const _: () = {
     ["Offset of field: NtkvH2oParams::reduce_max"][::core::mem::offset_of!(NtkvH2oParams, reduce_max) - 32usize];
     ["Offset of field: NtkvH2oParams::scale"][::core::mem::offset_of!(NtkvH2oParams, scale) - 36usize];
     ["Offset of field: NtkvH2oParams::epoch"][::core::mem::offset_of!(NtkvH2oParams, epoch) - 40usize];
-    ["Offset of field: NtkvH2oParams::_pad0"][::core::mem::offset_of!(NtkvH2oParams, _pad0) - 44usize];
+    ["Offset of field: NtkvH2oParams::overwrite"][::core::mem::offset_of!(NtkvH2oParams, overwrite) - 44usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

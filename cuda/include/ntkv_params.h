@@ -55,6 +55,8 @@ typedef struct NtkvTopkParams {
     uint32_t write_values;   /* 1: write values as well as indices */
     uint32_t reverse_filter; /* 1: the filter kernel walks blocks in reverse order (L2 reuse) */
     uint32_t cand_stage;     /* candidates the finalize kernel stages in shared memory (after kpad) */
+    uint32_t tail_count;     /* also write indices tail_first.. into columns k.. of each row */
+    uint32_t tail_first;
     uint32_t _pad0;
 } NtkvTopkParams;
 
@@ -83,7 +85,7 @@ typedef struct NtkvH2oParams {
     uint32_t reduce_max;
     float scale;
     uint32_t epoch;       /* queued kernel: ready[h] == epoch once head h's statistics are merged */
-    uint32_t _pad0;
+    uint32_t overwrite;   /* 1: acc = mass instead of acc += mass */
 } NtkvH2oParams;
 
 /* SnapKV pooling: out[r, j] = (in[r, j-2] + ... + in[r, j+2]) / 5 over j < n_out, with

@@ -46,8 +46,12 @@ pub(super) struct TopkOutput {
     pub has_lengths: bool,
     /// Write the selected indices ascending instead of by value.
     pub order_by_index: bool,
-    /// Elements between output rows (`≥ k`).
+    /// Elements between output rows (`≥ k + tail_count`).
     pub out_stride: usize,
+    /// Also write `tail_first ..` into the `tail_count` columns after the `k` selected.
+    pub tail_count: usize,
+    /// The first index of that tail.
+    pub tail_first: usize,
 }
 
 /// A validated top-k shape with its device scratch, reusable across calls of the same shape
@@ -137,6 +141,8 @@ impl TopkPlan {
             has_lengths: lengths.is_some(),
             order_by_index: false,
             out_stride: self.k,
+            tail_count: 0,
+            tail_first: 0,
         };
         self.launch(device, scores.slice(), out, Some(values.slice_mut()), indices.slice_mut())
     }
@@ -152,10 +158,11 @@ impl TopkPlan {
     ) -> Result<()> {
         let (rows, n, k) = (self.rows, self.n, self.k);
         // What the kernels index: scores rows*n, outputs rows*out_stride, row lengths <= n.
-        let out_len = (rows - 1) * out.out_stride + k;
+        let out_len = (rows - 1) * out.out_stride + k + out.tail_count;
         if scores.len() < rows * n
             || indices.len() < out_len
-            || out.out_stride < k
+            || out.out_stride < k + out.tail_count
+            || out.tail_first + out.tail_count > u32::MAX as usize
             || out.uniform_len > n
             || values.as_ref().is_some_and(|v| v.len() < out_len)
         {
@@ -199,6 +206,8 @@ impl TopkPlan {
                 write_values: u32::from(write_values),
                 reverse_filter: 1,
                 cand_stage: to_u32("cand_stage", cand_stage)?,
+                tail_count: to_u32("recent", out.tail_count)?,
+                tail_first: to_u32("recent", out.tail_first)?,
                 _pad0: 0,
             };
             let grid_rows = to_u32("rows", batch)?;
@@ -219,7 +228,7 @@ impl TopkPlan {
                 // cand[y * n + pos] only for pos < n (buffers of rows_per_batch * k and
                 // rows_per_batch * n); gathers x only at indices clamped to < n; writes out_idx
                 // (and out_val when write_values, else the dummy is never dereferenced) at
-                // (row_base + y) * out_stride + s for s < k, inside out_len. It uses (kpad +
+                // (row_base + y) * out_stride + s for s < k + tail_count, inside out_len. It uses (kpad +
                 // cand_stage) * 8 bytes of dynamic shared memory, the size prepared above.
                 unsafe { b.launch(fin) }?;
                 row_base += batch;
@@ -261,7 +270,8 @@ impl TopkPlan {
             // sel[y * k ..] below min(count, k), cand[y * n ..] below min(count, n), and x at
             // indices taken from them (clamped to < n before every gather); it writes out_idx
             // (and out_val when write_values, else never touched: the dummy is never
-            // dereferenced) at (row_base + y) * out_stride + s for s < k, inside out_len. It
+            // dereferenced) at (row_base + y) * out_stride + s for s < k + tail_count, inside
+            // out_len. It
             // uses (kpad + cand_stage) * 8 bytes of dynamic shared memory, the size prepared
             // above, staging candidates there only when the row has at most cand_stage.
             unsafe { b.launch(fin) }?;
@@ -368,17 +378,21 @@ impl EvictionPlan {
         if keep.len() < self.rows * self.budget {
             return Err(Error::invalid("keep", "internal: keep buffer too small"));
         }
-        let k_sel = self.budget - self.recent;
-        if let Some(plan) = self.topk.as_mut() {
-            let out = TopkOutput {
-                uniform_len: self.older,
-                has_lengths: false,
-                order_by_index: true,
-                out_stride: self.budget,
-            };
-            plan.launch::<f32>(device, scores, out, None, keep)?;
+        match self.topk.as_mut() {
+            Some(plan) => {
+                // The top-k's last kernel writes the recent window after the selected indices.
+                let out = TopkOutput {
+                    uniform_len: self.older,
+                    has_lengths: false,
+                    order_by_index: true,
+                    out_stride: self.budget,
+                    tail_count: self.recent,
+                    tail_first: self.older,
+                };
+                plan.launch::<f32>(device, scores, out, None, keep)
+            }
+            None => fill_recent(device, keep, self.rows, self.budget, 0, self.recent, self.older),
         }
-        fill_recent(device, keep, self.rows, self.budget, k_sel, self.recent, self.older)
     }
 
     /// Runs the selection over `acc [rows, stride]` into `keep [rows, budget]`.
@@ -512,6 +526,7 @@ pub(super) fn accumulate<T: Float>(
     k: &CudaSlice<T>,
     acc: &mut CudaSlice<f32>,
     reduce: GqaReduce,
+    overwrite: bool,
 ) -> Result<()> {
     let shape = scratch.shape;
     check_attn_support(shape, T::DTYPE)?;
@@ -532,7 +547,7 @@ pub(super) fn accumulate<T: Float>(
         reduce_max: u32::from(reduce == GqaReduce::Max),
         scale: (d as f32).sqrt().recip(),
         epoch: 0,
-        _pad0: 0,
+        overwrite: u32::from(overwrite),
     };
     if scratch.path == AccumulatePath::Queued {
         return accumulate_queued(device, scratch, queued, &mut params, q, k, acc);

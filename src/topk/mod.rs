@@ -97,7 +97,7 @@ pub fn h2o_accumulate_with<T: Float>(
     check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
     check_shape("acc", &[s.hkv, s.t], acc.shape())?;
     gpu::check_attn_support(s, T::DTYPE)?;
-    gpu::accumulate(device, scratch, q.slice(), k.slice(), acc.slice_mut(), reduce)
+    gpu::accumulate(device, scratch, q.slice(), k.slice(), acc.slice_mut(), reduce, false)
 }
 
 /// The largest `k` the top-k accepts.
@@ -404,7 +404,7 @@ pub fn h2o_accumulate<T: Float>(
     check_shape("acc", &[shape.hkv, shape.t], acc.shape())?;
     gpu::check_attn_support(shape, T::DTYPE)?;
     let mut scratch = AttnScratch::new(device, shape)?;
-    gpu::accumulate(device, &mut scratch, q.slice(), k.slice(), acc.slice_mut(), reduce)
+    gpu::accumulate(device, &mut scratch, q.slice(), k.slice(), acc.slice_mut(), reduce, false)
 }
 
 /// H2O eviction list on the GPU: per kv head, the top-`(budget − recent)` of `acc [Hkv, T]`
@@ -458,7 +458,7 @@ impl H2oPlan {
         check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
         check_shape("acc", &[s.hkv, s.t], acc.shape())?;
         gpu::check_attn_support(s, T::DTYPE)?;
-        gpu::accumulate(device, &mut self.scratch, q.slice(), k.slice(), acc.slice_mut(), self.reduce)
+        gpu::accumulate(device, &mut self.scratch, q.slice(), k.slice(), acc.slice_mut(), self.reduce, false)
     }
 
     /// [`h2o_select`] into `keep [Hkv, budget]`.
@@ -562,8 +562,16 @@ impl SnapKvPlan {
         let Some(pooled) = self.pooled.as_mut() else {
             return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", s.tq, s.t)));
         };
-        device.stream().memset_zeros(self.votes.slice_mut())?;
-        gpu::accumulate(device, &mut self.scratch, q_window.slice(), k.slice(), self.votes.slice_mut(), self.reduce)?;
+        // The accumulation overwrites the votes (no clearing launch needed).
+        gpu::accumulate(
+            device,
+            &mut self.scratch,
+            q_window.slice(),
+            k.slice(),
+            self.votes.slice_mut(),
+            self.reduce,
+            true,
+        )?;
         gpu::pool5(device, self.votes.slice(), s.hkv, s.t, s.t - s.tq, pooled.slice_mut())?;
         Ok(pooled)
     }
