@@ -830,7 +830,7 @@ __device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const fl
 // ready[h] = epoch; pass-2 blocks of the head wait for that. A block only ever waits for items
 // with lower tickets, which blocks that are already running hold and which never wait, so
 // the wait always ends (whatever order the hardware schedules blocks in). As a safeguard the
-// wait gives up after about a second and raises *error.
+// wait gives up after 2^26 polls (tens of seconds) and raises *error.
 template <typename T, int D>
 __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
                           const uint32_t* __restrict__ order, float* partial, float* stats, float* __restrict__ acc,
@@ -870,7 +870,7 @@ __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const
             uint32_t spins = 0;
             while (atomicAdd(&ready[hk], 0u) != p.epoch) {
                 __nanosleep(64);
-                if (++spins > (1u << 24)) {
+                if (++spins > (1u << 26)) {
                     atomicExch(error, 1u);
                     break;
                 }
