@@ -394,7 +394,6 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
     }
     // The recent window of an eviction keep list, after the selected indices.
     for (uint32_t i = threadIdx.x; i < p.tail_count; i += blockDim.x) out_idx[obase + p.k + i] = p.tail_first + i;
-
 }
 
 template <typename T>
@@ -420,7 +419,6 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
     __syncthreads();
     if (threadIdx.x < kStateWords) st[threadIdx.x] = 0u;
 }
-
 
 // One block (kFinalThreads) per row, everything in one launch: the histogram lives in shared
 // memory, the bucket search, filter, refinement and sort follow after block barriers. Used
