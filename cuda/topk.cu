@@ -90,6 +90,136 @@ __device__ __forceinline__ uint32_t block_exclusive_suffix_sum(uint32_t v, uint3
     return r;
 }
 
+// Appends index i to list[...] when `take`; one global atomic per warp.
+__device__ __forceinline__ void warp_append(bool take, uint32_t i, uint32_t* cursor, uint32_t* list, uint32_t cap) {
+    const unsigned mask = __ballot_sync(0xffffffffu, take);
+    if (mask == 0u) return;
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(mask) - 1;
+    uint32_t base = 0;
+    if (lane == leader) base = atomicAdd(cursor, (uint32_t)__popc(mask));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    if (take) {
+        const uint32_t pos = base + (uint32_t)__popc(mask & ((1u << lane) - 1u));
+        if (pos < cap) list[pos] = i;
+    }
+}
+
+// Keys of the four consecutive elements at ptr, which is aligned to 4 elements (one 16-byte
+// load for f32, one 8-byte load for f16/bf16).
+template <typename T>
+__device__ __forceinline__ void load_quad_keys(const T* ptr, uint32_t (&k)[4]) {
+    if constexpr (sizeof(T) == 4) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(ptr));
+        k[0] = rank_key(v.x);
+        k[1] = rank_key(v.y);
+        k[2] = rank_key(v.z);
+        k[3] = rank_key(v.w);
+    } else {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(ptr));
+        T e[4];
+        memcpy(e, &v, sizeof(v));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) k[u] = rank_key(e[u]);
+    }
+}
+
+// Adds the top-12-bit bins of the keys of xr[start .. end) into the shared histogram.
+// `vec`: xr + start is aligned to 4 elements, so whole quads are loaded as vectors.
+template <typename T>
+__device__ __forceinline__ void hist_range(const T* __restrict__ xr, uint32_t start, uint32_t end, bool vec,
+                                           uint32_t* hist) {
+    if (end <= start) return;
+    const uint32_t step = blockDim.x;
+    if (vec) {
+        const uint32_t nq = (end - start) / 4;
+        // Two quads (eight elements) in flight per thread before the shared atomics.
+        for (uint32_t qi = threadIdx.x; qi < nq; qi += 2u * step) {
+            uint32_t ka[4], kb[4] = {0u, 0u, 0u, 0u};
+            const bool okb = qi + step < nq;
+            load_quad_keys(xr + start + 4u * qi, ka);
+            if (okb) load_quad_keys(xr + start + 4u * (qi + step), kb);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) atomicAdd(&hist[ka[u] >> kKeyLowBits], 1u);
+            if (okb) {
+#pragma unroll
+                for (int u = 0; u < 4; ++u) atomicAdd(&hist[kb[u] >> kKeyLowBits], 1u);
+            }
+        }
+        const uint32_t i = start + 4u * nq + threadIdx.x;
+        if (i < end) atomicAdd(&hist[rank_key(xr[i]) >> kKeyLowBits], 1u);
+        return;
+    }
+    // Four loads in flight per thread before the shared atomics.
+    for (uint32_t base = start + threadIdx.x; base < end; base += 4u * step) {
+        uint32_t kv[4];
+        bool ok[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const uint32_t i = base + (uint32_t)u * step;
+            ok[u] = i < end;
+            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (ok[u]) atomicAdd(&hist[kv[u] >> kKeyLowBits], 1u);
+    }
+}
+
+// Appends the indices of xr[start .. end) whose bin is above `bucket` to sel and those in it
+// to cand. Every loop bound is uniform per warp, so all lanes reach the ballots.
+template <typename T>
+__device__ __forceinline__ void filter_range(const T* __restrict__ xr, uint32_t start, uint32_t end, bool vec,
+                                             uint32_t bucket, uint32_t* sel_cursor, uint32_t* sel, uint32_t sel_cap,
+                                             uint32_t* cand_cursor, uint32_t* cand, uint32_t cand_cap) {
+    if (end <= start) return;
+    const uint32_t step = blockDim.x;
+    const uint32_t lane = threadIdx.x & 31u;
+    if (vec) {
+        const uint32_t nq = (end - start) / 4;
+        for (uint32_t qb = threadIdx.x & ~31u; qb < nq; qb += step) {
+            const uint32_t qi = qb + lane;
+            const bool ok = qi < nq;
+            // Lanes past the end load quad 0 again (in bounds) and take nothing: no divergent
+            // branch ahead of the ballots.
+            uint32_t kq[4];
+            load_quad_keys(xr + start + 4u * (ok ? qi : 0u), kq);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const uint32_t i = start + 4u * qi + (uint32_t)u;
+                const uint32_t bin = kq[u] >> kKeyLowBits;
+                warp_append(ok && bin > bucket, i, sel_cursor, sel, sel_cap);
+                warp_append(ok && bin == bucket, i, cand_cursor, cand, cand_cap);
+            }
+        }
+        // The last (end - start) % 4 elements, by warp 0 (every warp runs the ballots, with
+        // nothing to take outside warp 0, so no shuffle sits in a divergent branch).
+        const uint32_t i = start + 4u * nq + lane;
+        const bool ok = threadIdx.x < 32u && i < end;
+        const uint32_t bin = ok ? (rank_key(xr[i]) >> kKeyLowBits) : 0u;
+        warp_append(ok && bin > bucket, i, sel_cursor, sel, sel_cap);
+        warp_append(ok && bin == bucket, i, cand_cursor, cand, cand_cap);
+        return;
+    }
+    for (uint32_t base = start + (threadIdx.x & ~31u); base < end; base += 4u * step) {
+        uint32_t kv[4];
+        bool ok[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const uint32_t i = base + lane + (uint32_t)u * step;
+            ok[u] = i < end;
+            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const uint32_t i = base + lane + (uint32_t)u * step;
+            const uint32_t bin = kv[u] >> kKeyLowBits;
+            warp_append(ok[u] && bin > bucket, i, sel_cursor, sel, sel_cap);
+            warp_append(ok[u] && bin == bucket, i, cand_cursor, cand, cand_cap);
+        }
+    }
+}
+
 // ---- 1. histogram -----------------------------------------------------------------------
 
 template <typename T>
@@ -108,23 +238,8 @@ __device__ void topk_hist(const NtkvTopkParams& p, const T* __restrict__ x, cons
 
     const T* xr = x + (uint64_t)row * p.row_stride;
     const uint64_t start = (uint64_t)blockIdx.x * p.chunk;
-    const uint64_t end64 = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
-    const uint32_t end = (uint32_t)end64;
-    const uint32_t step = blockDim.x;
-    // Four loads in flight per thread before the shared atomics.
-    for (uint64_t base = start + threadIdx.x; base < end; base += 4ull * step) {
-        uint32_t kv[4];
-        bool ok[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const uint64_t i = base + (uint64_t)u * step;
-            ok[u] = i < end;
-            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-            if (ok[u]) atomicAdd(&hist[kv[u] >> kKeyLowBits], 1u);
-    }
+    const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
+    if (start < end) hist_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, hist);
     __syncthreads();
     uint32_t* gh = g_hist + (uint64_t)b * kHistBins;
     for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
@@ -183,21 +298,6 @@ __device__ void topk_hist(const NtkvTopkParams& p, const T* __restrict__ x, cons
 
 // ---- 2. filter --------------------------------------------------------------------------
 
-// Appends index i to list[...] when `take`; one global atomic per warp.
-__device__ __forceinline__ void warp_append(bool take, uint32_t i, uint32_t* cursor, uint32_t* list, uint32_t cap) {
-    const unsigned mask = __ballot_sync(0xffffffffu, take);
-    if (mask == 0u) return;
-    const int lane = threadIdx.x & 31;
-    const int leader = __ffs(mask) - 1;
-    uint32_t base = 0;
-    if (lane == leader) base = atomicAdd(cursor, (uint32_t)__popc(mask));
-    base = __shfl_sync(0xffffffffu, base, leader);
-    if (take) {
-        const uint32_t pos = base + (uint32_t)__popc(mask & ((1u << lane) - 1u));
-        if (pos < cap) list[pos] = i;
-    }
-}
-
 template <typename T>
 __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, const uint32_t* __restrict__ lengths,
                             uint32_t* __restrict__ g_state, uint32_t* __restrict__ g_sel,
@@ -215,27 +315,10 @@ __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, co
     uint32_t* sel = g_sel + (uint64_t)b * p.k;
     uint32_t* cand = g_cand + (uint64_t)b * p.cand_stride;
     const uint64_t start = (uint64_t)bx * p.chunk;
-    const uint64_t end64 = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
-    const uint32_t end = (uint32_t)end64;
-    const uint32_t step = blockDim.x;
-    // The loop bound is uniform per warp-iteration (base advances by whole blocks), so every
-    // lane reaches the ballots.
-    for (uint64_t base = start + (threadIdx.x & ~31u); base < end; base += 4ull * step) {
-        uint32_t kv[4];
-        bool ok[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const uint64_t i = base + (threadIdx.x & 31u) + (uint64_t)u * step;
-            ok[u] = i < end;
-            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const uint32_t i = (uint32_t)(base + (threadIdx.x & 31u) + (uint64_t)u * step);
-            const uint32_t bin = kv[u] >> kKeyLowBits;
-            warp_append(ok[u] && bin > bucket, i, &st[kSelCursor], sel, p.k);
-            warp_append(ok[u] && bin == bucket, i, &st[kCandCursor], cand, (uint32_t)p.cand_stride);
-        }
+    const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
+    if (start < end) {
+        filter_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, bucket, &st[kSelCursor], sel, p.k,
+                     &st[kCandCursor], cand, (uint32_t)p.cand_stride);
     }
 }
 
@@ -447,20 +530,8 @@ __device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, con
         s_cand_cursor = 0u;
     }
     __syncthreads();
-    const uint32_t step = blockDim.x;
-    for (uint32_t base = threadIdx.x; base < len; base += 4u * step) {
-        uint32_t kv[4];
-        bool ok[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const uint32_t i = base + (uint32_t)u * step;
-            ok[u] = i < len;
-            kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-            if (ok[u]) atomicAdd(&fhist[kv[u] >> kKeyLowBits], 1u);
-    }
+    const bool vec = p.row_stride % 4 == 0;
+    hist_range(xr, 0u, len, vec, fhist);
     __syncthreads();
     if (kk > 0u) {
         // Thread t owns bins [t*per, (t+1)*per) (the kernel runs with kFinalThreads threads).
@@ -488,23 +559,7 @@ __device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, con
     __syncthreads();
     const uint32_t bucket = s_bucket;
     if (kk > 0u) {
-        for (uint32_t base = threadIdx.x & ~31u; base < len; base += 4u * step) {
-            uint32_t kv[4];
-            bool ok[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const uint32_t i = base + (threadIdx.x & 31u) + (uint32_t)u * step;
-                ok[u] = i < len;
-                kv[u] = ok[u] ? rank_key(xr[i]) : 0u;
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const uint32_t i = base + (threadIdx.x & 31u) + (uint32_t)u * step;
-                const uint32_t bin = kv[u] >> kKeyLowBits;
-                warp_append(ok[u] && bin > bucket, i, &s_sel_cursor, sel, p.k);
-                warp_append(ok[u] && bin == bucket, i, &s_cand_cursor, cand, (uint32_t)p.cand_stride);
-            }
-        }
+        filter_range(xr, 0u, len, vec, bucket, &s_sel_cursor, sel, p.k, &s_cand_cursor, cand, (uint32_t)p.cand_stride);
     }
     __syncthreads();
     const uint32_t ncand = s_ncand < (uint32_t)p.cand_stride ? s_ncand : (uint32_t)p.cand_stride;

@@ -138,6 +138,18 @@ fn topk_one_block_and_many_block_paths() {
     let host: Vec<f32> = (0..rows * n).map(|_| rng.normal()).collect();
     check_topk::<f32>(dev, &host, rows, n, 8192, None, "many blocks per row");
     check_topk::<f16>(dev, &host, rows, n, 3000, None, "many blocks per row");
+    // Row lengths that are multiples of 4 take the vector-load path; lengths that are not
+    // leave a tail of 1-3 elements after the last whole quad.
+    let (rows, n) = (3, 262_144);
+    let host: Vec<f32> = (0..rows).flat_map(|_| spicy_row(&mut rng, n)).collect();
+    let lengths = [262_143u32, 200_001, 262_144];
+    check_topk::<f32>(dev, &host, rows, n, 5000, Some(&lengths), "vector loads, many blocks");
+    check_topk::<bf16>(dev, &host, rows, n, 77, Some(&lengths), "vector loads, many blocks");
+    let (rows, n) = (300, 4096);
+    let host: Vec<f32> = (0..rows).flat_map(|_| spicy_row(&mut rng, n)).collect();
+    let lengths: Vec<u32> = (0..rows).map(|r| (n - r % 7) as u32).collect();
+    check_topk::<f32>(dev, &host, rows, n, 1000, Some(&lengths), "vector loads, fused");
+    check_topk::<f16>(dev, &host, rows, n, 4096, None, "vector loads, fused");
 }
 
 #[test]
