@@ -1041,3 +1041,21 @@ extern "C" __global__ void ntkv_h2o_compact(const NtkvCompactParams p, const uin
         __syncthreads();
     }
 }
+
+// Out-of-place gather into packed caches: out[h, i] = in[h, keep[h, i]] for i < budget, with
+// the outputs [hkv, budget, row_words] (and acc_out [hkv, budget]). keep was checked before.
+extern "C" __global__ void ntkv_h2o_gather(const NtkvCompactParams p, const uint32_t* __restrict__ keep,
+                                           const uint32_t* __restrict__ kc, const uint32_t* __restrict__ vc,
+                                           const float* __restrict__ acc, uint32_t* __restrict__ k_out,
+                                           uint32_t* __restrict__ v_out, float* __restrict__ acc_out) {
+    const uint64_t total = (uint64_t)p.hkv * p.budget * p.row_words;
+    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t row = e / p.row_words;  // h * budget + i
+        const uint32_t w = (uint32_t)(e % p.row_words);
+        const uint32_t h = (uint32_t)(row / p.budget);
+        const uint64_t src = ((uint64_t)h * p.t + keep[row]) * p.row_words + w;
+        k_out[e] = kc[src];
+        v_out[e] = vc[src];
+        if (p.has_acc && w == 0u) acc_out[row] = acc[(uint64_t)h * p.t + keep[row]];
+    }
+}

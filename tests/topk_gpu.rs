@@ -330,8 +330,20 @@ fn h2o_select_and_compact_match_reference() {
         let mut dk = DeviceTensor::from_host(dev, &kc, &[hkv, t, d]).unwrap();
         let mut dv = DeviceTensor::from_host(dev, &vc, &[hkv, t, d]).unwrap();
         let mut da = DeviceTensor::from_host(dev, &acc, &[hkv, t]).unwrap();
-        topk::h2o_compact(dev, &keep, &mut dk, &mut dv, Some(&mut da)).unwrap();
         let bits = |v: Vec<f16>| v.into_iter().map(f16::to_bits).collect::<Vec<_>>();
+        // Out of place into packed caches: the first `budget` rows of each compacted head.
+        let mut gk = DeviceTensor::<f16>::zeros(dev, &[hkv, budget, d]).unwrap();
+        let mut gv = DeviceTensor::<f16>::zeros(dev, &[hkv, budget, d]).unwrap();
+        let mut ga = DeviceTensor::<f32>::zeros(dev, &[hkv, budget]).unwrap();
+        topk::h2o_gather(dev, &keep, &dk, &dv, Some((&da, &mut ga)), &mut gk, &mut gv).unwrap();
+        let packed = |v: &[f16]| -> Vec<u16> {
+            (0..hkv).flat_map(|h| v[h * t * d..(h * t + budget) * d].iter().map(|x| x.to_bits())).collect()
+        };
+        assert!(bits(gk.to_host().unwrap()) == packed(&wk), "gathered K differs");
+        assert!(bits(gv.to_host().unwrap()) == packed(&wv), "gathered V differs");
+        let packed_acc: Vec<f32> = (0..hkv).flat_map(|h| wa[h * t..h * t + budget].to_vec()).collect();
+        assert_eq!(ga.to_host().unwrap(), packed_acc, "gathered acc differs");
+        topk::h2o_compact(dev, &keep, &mut dk, &mut dv, Some(&mut da)).unwrap();
         assert!(bits(dk.to_host().unwrap()) == bits(wk), "compacted K differs");
         assert!(bits(dv.to_host().unwrap()) == bits(wv), "compacted V differs");
         assert_eq!(da.to_host().unwrap(), wa, "compacted acc differs");
@@ -352,6 +364,12 @@ fn h2o_bad_arguments_write_nothing() {
         let keep = DeviceTensor::from_host(dev, &bad, &[2, 3]).unwrap();
         let r = topk::h2o_compact(dev, &keep, &mut dk, &mut dv, None);
         assert!(matches!(r, Err(Error::InvalidArgument { arg: "keep", .. })), "{bad:?}: {r:?}");
+        let sentinel = vec![9.0f32; hkv * 3 * d];
+        let mut gk = DeviceTensor::from_host(dev, &sentinel, &[hkv, 3, d]).unwrap();
+        let mut gv = DeviceTensor::from_host(dev, &sentinel, &[hkv, 3, d]).unwrap();
+        let r = topk::h2o_gather(dev, &keep, &dk, &dv, None, &mut gk, &mut gv);
+        assert!(matches!(r, Err(Error::InvalidArgument { arg: "keep", .. })), "{bad:?}: {r:?}");
+        assert_eq!(gk.to_host().unwrap(), sentinel);
     }
     assert_eq!(dk.to_host().unwrap(), kc);
     assert_eq!(dv.to_host().unwrap(), kc);

@@ -677,6 +677,37 @@ pub(super) fn pool5(
     Ok(())
 }
 
+/// Checks on the device that every row of `keep [hkv, budget]` is strictly ascending and
+/// below `t` (one 4-byte read back, which synchronizes).
+fn check_keep(device: &Device, keep: &DeviceTensor<u32>, hkv: usize, t: usize, budget: usize) -> Result<()> {
+    let stream = device.stream();
+    let check = NtkvKeepCheckParams {
+        rows: to_u32("keep", hkv)?,
+        budget: to_u32("keep", budget)?,
+        t: to_u32("k_cache", t)?,
+        _pad0: 0,
+    };
+    let mut flag = stream.clone_htod(&[u32::MAX])?;
+    let fc = device.function(Module::Topk, "ntkv_h2o_check_keep")?;
+    let blocks = (hkv * budget).div_ceil(256).clamp(1, 4096);
+    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&fc);
+    b.arg(&check).arg(keep.slice()).arg(&mut flag);
+    // SAFETY: ntkv_h2o_check_keep(NtkvKeepCheckParams, const u32* keep, u32* first_bad) reads
+    // keep[e] and keep[e - 1] (same row) for e < rows * budget = keep.len(), and atomically
+    // lowers the single u32 in flag.
+    unsafe { b.launch(cfg) }?;
+    let bad = stream.clone_dtoh(&flag)?.first().copied().unwrap_or(u32::MAX);
+    if bad != u32::MAX {
+        let (h, i) = (bad as usize / budget, bad as usize % budget);
+        return Err(Error::invalid(
+            "keep",
+            format!("entry {i} of head {h} is out of range (>= {t}) or not strictly ascending"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the keep list on the device, then compacts in place.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn compact<T: Float>(
@@ -704,30 +735,7 @@ pub(super) fn compact<T: Float>(
     let stream = device.stream();
 
     // 1. Validate the keep list before anything is written.
-    let check = NtkvKeepCheckParams {
-        rows: to_u32("keep", hkv)?,
-        budget: to_u32("keep", budget)?,
-        t: to_u32("k_cache", t)?,
-        _pad0: 0,
-    };
-    let mut flag = stream.clone_htod(&[u32::MAX])?;
-    let fc = device.function(Module::Topk, "ntkv_h2o_check_keep")?;
-    let blocks = (hkv * budget).div_ceil(256).clamp(1, 4096);
-    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut b = stream.launch_builder(&fc);
-    b.arg(&check).arg(keep.slice()).arg(&mut flag);
-    // SAFETY: ntkv_h2o_check_keep(NtkvKeepCheckParams, const u32* keep, u32* first_bad) reads
-    // keep[e] and keep[e - 1] (same row) for e < rows * budget = keep.len(), and atomically
-    // lowers the single u32 in flag.
-    unsafe { b.launch(cfg) }?;
-    let bad = stream.clone_dtoh(&flag)?.first().copied().unwrap_or(u32::MAX);
-    if bad != u32::MAX {
-        let (h, i) = (bad as usize / budget, bad as usize % budget);
-        return Err(Error::invalid(
-            "keep",
-            format!("entry {i} of head {h} is out of range (>= {t}) or not strictly ascending"),
-        ));
-    }
+    check_keep(device, keep, hkv, t, budget)?;
 
     // 2. Compact, one block per kv head.
     let chunk_rows = (COMPACT_STAGE_WORDS / row_words).max(1);
@@ -760,6 +768,68 @@ pub(super) fn compact<T: Float>(
     // checked to be < t, cache words (h * t + keep) * row_words + w < hkv * t * row_words; it
     // writes rows h * t + i, i < budget <= t. acc is touched only when has_acc (then [hkv, t]).
     // Dynamic shared memory is the (2 * chunk_rows * row_words + chunk_rows) words prepared.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Checks the keep list on the device, then gathers into packed outputs.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gather<T: Float>(
+    device: &Device,
+    keep: &DeviceTensor<u32>,
+    k_cache: &DeviceTensor<T>,
+    v_cache: &DeviceTensor<T>,
+    acc: Option<(&DeviceTensor<f32>, &mut DeviceTensor<f32>)>,
+    k_out: &mut DeviceTensor<T>,
+    v_out: &mut DeviceTensor<T>,
+    (hkv, t, d, budget): (usize, usize, usize, usize),
+) -> Result<()> {
+    let row_bytes = d * T::DTYPE.size();
+    if row_bytes % 4 != 0 {
+        return Err(Error::invalid("k_cache", format!("rows of {row_bytes} bytes are not a multiple of 4")));
+    }
+    if budget == 0 {
+        return Ok(());
+    }
+    check_keep(device, keep, hkv, t, budget)?;
+    let row_words = row_bytes / 4;
+    let params = NtkvCompactParams {
+        hkv: to_u32("k_cache", hkv)?,
+        t: to_u32("k_cache", t)?,
+        budget: to_u32("keep", budget)?,
+        row_words: to_u32("k_cache", row_words)?,
+        has_acc: u32::from(acc.is_some()),
+        _pad0: 0,
+    };
+    let stream = device.stream();
+    let f = device.function(Module::Topk, "ntkv_h2o_gather")?;
+    let blocks = (hkv * budget * row_words).div_ceil(256).clamp(1, 65535);
+    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let dummy_in;
+    let mut dummy_out;
+    let (acc_in, acc_out) = match acc {
+        Some((a, o)) => (a.slice(), o.slice_mut()),
+        None => {
+            dummy_in = stream.alloc_zeros::<f32>(1)?;
+            dummy_out = stream.alloc_zeros::<f32>(1)?;
+            (&dummy_in, &mut dummy_out)
+        }
+    };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&params)
+        .arg(keep.slice())
+        .arg(k_cache.slice())
+        .arg(v_cache.slice())
+        .arg(acc_in)
+        .arg(k_out.slice_mut())
+        .arg(v_out.slice_mut())
+        .arg(acc_out);
+    // SAFETY: ntkv_h2o_gather(NtkvCompactParams, const u32* keep, const u32* kc, const u32* vc,
+    // const float* acc, u32* k_out, u32* v_out, float* acc_out). For e < hkv * budget *
+    // row_words it reads keep[e / row_words] (keep is [hkv, budget]; every entry was just
+    // checked to be < t), cache words (h * t + keep) * row_words + w < hkv * t * row_words
+    // (the caches are [hkv, t, d] of T, d * size = 4 * row_words bytes), and writes word e of
+    // the [hkv, budget, d] outputs; acc ([hkv, t]) and acc_out ([hkv, budget]) only when has_acc.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

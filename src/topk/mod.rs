@@ -26,7 +26,9 @@
 //!   never reach memory, and each `acc` element has one writer (deterministic).
 //! - [`h2o_select`]: the keep list `[Hkv, budget]`, ascending: the top-`(budget − recent)` of
 //!   `acc` over the older tokens `0 .. T − recent`, then the last `recent` tokens.
-//! - [`h2o_compact`]: gathers `K`, `V` and `acc` rows by the keep list, in place.
+//! - [`h2o_compact`]: gathers `K`, `V` and `acc` rows by the keep list, in place (each head's
+//!   kept rows move to its front); [`h2o_gather`] gathers them into packed `[Hkv, budget, D]`
+//!   caches instead.
 //!
 //! # SnapKV
 //! [`snapkv_scores`] and [`snapkv_select`]: the observation window's attention votes for the
@@ -498,6 +500,38 @@ pub fn h2o_compact<T: Float>(
         check_shape("acc", &[hkv, t], a.shape())?;
     }
     gpu::compact(device, keep, k_cache, v_cache, acc, hkv, t, d, budget)
+}
+
+/// Out-of-place H2O gather on the GPU into packed caches: `k_out[h, i] = k_cache[h, keep[h, i]]`
+/// (likewise `v` and, when given, `acc`), with `k_cache`, `v_cache` `[Hkv, T, D]` (any dtype,
+/// `D · size` a multiple of 4 bytes), `keep [Hkv, budget]`, `k_out`, `v_out`
+/// `[Hkv, budget, D]`, and `acc` `[Hkv, T]` → `acc_out` `[Hkv, budget]`. The keep list is
+/// checked on the device (strictly ascending rows, entries below `T`) before anything is
+/// written. Use [`h2o_compact`] to compact in place instead.
+///
+/// # Errors
+/// As [`h2o_compact`]; [`Error::Shape`] for outputs of the wrong shape.
+pub fn h2o_gather<T: Float>(
+    device: &Device,
+    keep: &DeviceTensor<u32>,
+    k_cache: &DeviceTensor<T>,
+    v_cache: &DeviceTensor<T>,
+    acc: Option<(&DeviceTensor<f32>, &mut DeviceTensor<f32>)>,
+    k_out: &mut DeviceTensor<T>,
+    v_out: &mut DeviceTensor<T>,
+) -> Result<()> {
+    let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
+    check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
+    let acc_len = acc.as_ref().map(|(a, _)| a.len());
+    let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc_len)?;
+    check_shape("keep", &[hkv, budget], keep.shape())?;
+    check_shape("k_out", &[hkv, budget, d], k_out.shape())?;
+    check_shape("v_out", &[hkv, budget, d], v_out.shape())?;
+    if let Some((a, o)) = acc.as_ref() {
+        check_shape("acc", &[hkv, t], a.shape())?;
+        check_shape("acc_out", &[hkv, budget], o.shape())?;
+    }
+    gpu::gather(device, keep, k_cache, v_cache, acc, k_out, v_out, (hkv, t, d, budget))
 }
 
 /// A reusable SnapKV selection for one shape (`q_window [Hq, W, D]` over `k [Hkv, T, D]`,
