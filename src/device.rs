@@ -27,11 +27,14 @@ pub enum Module {
     Attention,
     /// `cuda/ntk.cu`: NTK Jacobian contractions, the factored MLP NTK and kernel metrics.
     Ntk,
+    /// `cuda/topk.cu`: radix top-k, H2O accumulation and eviction, SnapKV selection.
+    Topk,
 }
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] = &[Module::Common, Module::Quant, Module::Attention, Module::Decode, Module::Ntk];
+    pub const ALL: &'static [Module] =
+        &[Module::Common, Module::Quant, Module::Topk, Module::Attention, Module::Decode, Module::Ntk];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Module {
             Module::Decode => "decode",
             Module::Attention => "attention",
             Module::Ntk => "ntk",
+            Module::Topk => "topk",
         }
     }
 
@@ -52,6 +56,7 @@ impl Module {
             Module::Decode => kernels::DECODE,
             Module::Attention => kernels::ATTENTION,
             Module::Ntk => kernels::NTK,
+            Module::Topk => kernels::TOPK,
         }
     }
 }

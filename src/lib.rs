@@ -34,6 +34,7 @@ pub mod quant;
 pub mod rng;
 pub mod tensor;
 pub mod timing;
+pub mod topk;
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

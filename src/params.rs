@@ -115,6 +115,166 @@ const _: () = {
     ["Offset of field: NtkvMikvRowsParams::_pad0"][::core::mem::offset_of!(NtkvMikvRowsParams, _pad0) - 52usize];
 };
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvTopkParams {
+    pub row_stride: u64,
+    pub cand_stride: u64,
+    pub out_stride: u64,
+    pub row_base: u32,
+    pub rows: u32,
+    pub n: u32,
+    pub k: u32,
+    pub uniform_len: u32,
+    pub has_lengths: u32,
+    pub blocks_per_row: u32,
+    pub chunk: u32,
+    pub kpad: u32,
+    pub order_by_index: u32,
+    pub write_values: u32,
+    pub reverse_filter: u32,
+    pub cand_stage: u32,
+    pub tail_count: u32,
+    pub tail_first: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvTopkParams"][::core::mem::size_of::<NtkvTopkParams>() - 88usize];
+    ["Alignment of NtkvTopkParams"][::core::mem::align_of::<NtkvTopkParams>() - 8usize];
+    ["Offset of field: NtkvTopkParams::row_stride"][::core::mem::offset_of!(NtkvTopkParams, row_stride) - 0usize];
+    ["Offset of field: NtkvTopkParams::cand_stride"][::core::mem::offset_of!(NtkvTopkParams, cand_stride) - 8usize];
+    ["Offset of field: NtkvTopkParams::out_stride"][::core::mem::offset_of!(NtkvTopkParams, out_stride) - 16usize];
+    ["Offset of field: NtkvTopkParams::row_base"][::core::mem::offset_of!(NtkvTopkParams, row_base) - 24usize];
+    ["Offset of field: NtkvTopkParams::rows"][::core::mem::offset_of!(NtkvTopkParams, rows) - 28usize];
+    ["Offset of field: NtkvTopkParams::n"][::core::mem::offset_of!(NtkvTopkParams, n) - 32usize];
+    ["Offset of field: NtkvTopkParams::k"][::core::mem::offset_of!(NtkvTopkParams, k) - 36usize];
+    ["Offset of field: NtkvTopkParams::uniform_len"][::core::mem::offset_of!(NtkvTopkParams, uniform_len) - 40usize];
+    ["Offset of field: NtkvTopkParams::has_lengths"][::core::mem::offset_of!(NtkvTopkParams, has_lengths) - 44usize];
+    ["Offset of field: NtkvTopkParams::blocks_per_row"]
+        [::core::mem::offset_of!(NtkvTopkParams, blocks_per_row) - 48usize];
+    ["Offset of field: NtkvTopkParams::chunk"][::core::mem::offset_of!(NtkvTopkParams, chunk) - 52usize];
+    ["Offset of field: NtkvTopkParams::kpad"][::core::mem::offset_of!(NtkvTopkParams, kpad) - 56usize];
+    ["Offset of field: NtkvTopkParams::order_by_index"]
+        [::core::mem::offset_of!(NtkvTopkParams, order_by_index) - 60usize];
+    ["Offset of field: NtkvTopkParams::write_values"][::core::mem::offset_of!(NtkvTopkParams, write_values) - 64usize];
+    ["Offset of field: NtkvTopkParams::reverse_filter"]
+        [::core::mem::offset_of!(NtkvTopkParams, reverse_filter) - 68usize];
+    ["Offset of field: NtkvTopkParams::cand_stage"][::core::mem::offset_of!(NtkvTopkParams, cand_stage) - 72usize];
+    ["Offset of field: NtkvTopkParams::tail_count"][::core::mem::offset_of!(NtkvTopkParams, tail_count) - 76usize];
+    ["Offset of field: NtkvTopkParams::tail_first"][::core::mem::offset_of!(NtkvTopkParams, tail_first) - 80usize];
+    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 84usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvFillRecentParams {
+    pub rows: u32,
+    pub out_stride: u32,
+    pub col_start: u32,
+    pub count: u32,
+    pub first_index: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvFillRecentParams"][::core::mem::size_of::<NtkvFillRecentParams>() - 24usize];
+    ["Alignment of NtkvFillRecentParams"][::core::mem::align_of::<NtkvFillRecentParams>() - 4usize];
+    ["Offset of field: NtkvFillRecentParams::rows"][::core::mem::offset_of!(NtkvFillRecentParams, rows) - 0usize];
+    ["Offset of field: NtkvFillRecentParams::out_stride"]
+        [::core::mem::offset_of!(NtkvFillRecentParams, out_stride) - 4usize];
+    ["Offset of field: NtkvFillRecentParams::col_start"]
+        [::core::mem::offset_of!(NtkvFillRecentParams, col_start) - 8usize];
+    ["Offset of field: NtkvFillRecentParams::count"][::core::mem::offset_of!(NtkvFillRecentParams, count) - 12usize];
+    ["Offset of field: NtkvFillRecentParams::first_index"]
+        [::core::mem::offset_of!(NtkvFillRecentParams, first_index) - 16usize];
+    ["Offset of field: NtkvFillRecentParams::_pad0"][::core::mem::offset_of!(NtkvFillRecentParams, _pad0) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvH2oParams {
+    pub ticket_base: u64,
+    pub hq: u32,
+    pub hkv: u32,
+    pub tq: u32,
+    pub t: u32,
+    pub d: u32,
+    pub n_tiles: u32,
+    pub reduce_max: u32,
+    pub scale: f32,
+    pub epoch: u32,
+    pub overwrite: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvH2oParams"][::core::mem::size_of::<NtkvH2oParams>() - 48usize];
+    ["Alignment of NtkvH2oParams"][::core::mem::align_of::<NtkvH2oParams>() - 8usize];
+    ["Offset of field: NtkvH2oParams::ticket_base"][::core::mem::offset_of!(NtkvH2oParams, ticket_base) - 0usize];
+    ["Offset of field: NtkvH2oParams::hq"][::core::mem::offset_of!(NtkvH2oParams, hq) - 8usize];
+    ["Offset of field: NtkvH2oParams::hkv"][::core::mem::offset_of!(NtkvH2oParams, hkv) - 12usize];
+    ["Offset of field: NtkvH2oParams::tq"][::core::mem::offset_of!(NtkvH2oParams, tq) - 16usize];
+    ["Offset of field: NtkvH2oParams::t"][::core::mem::offset_of!(NtkvH2oParams, t) - 20usize];
+    ["Offset of field: NtkvH2oParams::d"][::core::mem::offset_of!(NtkvH2oParams, d) - 24usize];
+    ["Offset of field: NtkvH2oParams::n_tiles"][::core::mem::offset_of!(NtkvH2oParams, n_tiles) - 28usize];
+    ["Offset of field: NtkvH2oParams::reduce_max"][::core::mem::offset_of!(NtkvH2oParams, reduce_max) - 32usize];
+    ["Offset of field: NtkvH2oParams::scale"][::core::mem::offset_of!(NtkvH2oParams, scale) - 36usize];
+    ["Offset of field: NtkvH2oParams::epoch"][::core::mem::offset_of!(NtkvH2oParams, epoch) - 40usize];
+    ["Offset of field: NtkvH2oParams::overwrite"][::core::mem::offset_of!(NtkvH2oParams, overwrite) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvPoolParams {
+    pub rows: u32,
+    pub in_stride: u32,
+    pub n_out: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPoolParams"][::core::mem::size_of::<NtkvPoolParams>() - 16usize];
+    ["Alignment of NtkvPoolParams"][::core::mem::align_of::<NtkvPoolParams>() - 4usize];
+    ["Offset of field: NtkvPoolParams::rows"][::core::mem::offset_of!(NtkvPoolParams, rows) - 0usize];
+    ["Offset of field: NtkvPoolParams::in_stride"][::core::mem::offset_of!(NtkvPoolParams, in_stride) - 4usize];
+    ["Offset of field: NtkvPoolParams::n_out"][::core::mem::offset_of!(NtkvPoolParams, n_out) - 8usize];
+    ["Offset of field: NtkvPoolParams::_pad0"][::core::mem::offset_of!(NtkvPoolParams, _pad0) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvKeepCheckParams {
+    pub rows: u32,
+    pub budget: u32,
+    pub t: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvKeepCheckParams"][::core::mem::size_of::<NtkvKeepCheckParams>() - 16usize];
+    ["Alignment of NtkvKeepCheckParams"][::core::mem::align_of::<NtkvKeepCheckParams>() - 4usize];
+    ["Offset of field: NtkvKeepCheckParams::rows"][::core::mem::offset_of!(NtkvKeepCheckParams, rows) - 0usize];
+    ["Offset of field: NtkvKeepCheckParams::budget"][::core::mem::offset_of!(NtkvKeepCheckParams, budget) - 4usize];
+    ["Offset of field: NtkvKeepCheckParams::t"][::core::mem::offset_of!(NtkvKeepCheckParams, t) - 8usize];
+    ["Offset of field: NtkvKeepCheckParams::_pad0"][::core::mem::offset_of!(NtkvKeepCheckParams, _pad0) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvCompactParams {
+    pub hkv: u32,
+    pub t: u32,
+    pub budget: u32,
+    pub row_words: u32,
+    pub has_acc: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvCompactParams"][::core::mem::size_of::<NtkvCompactParams>() - 24usize];
+    ["Alignment of NtkvCompactParams"][::core::mem::align_of::<NtkvCompactParams>() - 4usize];
+    ["Offset of field: NtkvCompactParams::hkv"][::core::mem::offset_of!(NtkvCompactParams, hkv) - 0usize];
+    ["Offset of field: NtkvCompactParams::t"][::core::mem::offset_of!(NtkvCompactParams, t) - 4usize];
+    ["Offset of field: NtkvCompactParams::budget"][::core::mem::offset_of!(NtkvCompactParams, budget) - 8usize];
+    ["Offset of field: NtkvCompactParams::row_words"][::core::mem::offset_of!(NtkvCompactParams, row_words) - 12usize];
+    ["Offset of field: NtkvCompactParams::has_acc"][::core::mem::offset_of!(NtkvCompactParams, has_acc) - 16usize];
+    ["Offset of field: NtkvCompactParams::_pad0"][::core::mem::offset_of!(NtkvCompactParams, _pad0) - 20usize];
+};
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct NtkvAttnPrefillParams {
     pub n_items: u32,

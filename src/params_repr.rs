@@ -24,3 +24,9 @@ unsafe impl DeviceRepr for NtkvNtkCotangentParams {}
 unsafe impl DeviceRepr for NtkvNtkJvpParams {}
 unsafe impl DeviceRepr for NtkvNtkStatsParams {}
 unsafe impl DeviceRepr for NtkvNtkMeansParams {}
+unsafe impl DeviceRepr for NtkvTopkParams {}
+unsafe impl DeviceRepr for NtkvFillRecentParams {}
+unsafe impl DeviceRepr for NtkvH2oParams {}
+unsafe impl DeviceRepr for NtkvPoolParams {}
+unsafe impl DeviceRepr for NtkvKeepCheckParams {}
+unsafe impl DeviceRepr for NtkvCompactParams {}

@@ -83,6 +83,86 @@ typedef struct NtkvMikvRowsParams {
 
 /* ---- topk: top-k selection, H2O, SnapKV (SPEC §2) ---------------------- */
 
+/* Radix top-k over rows of scores (see cuda/topk.cu). One struct serves the histogram,
+ * filter and finalize kernels of one launch batch of rows. */
+typedef struct NtkvTopkParams {
+    uint64_t row_stride;     /* elements between consecutive score rows (N) */
+    uint64_t cand_stride;    /* capacity of each row's candidate list in the workspace */
+    uint64_t out_stride;     /* elements between consecutive output rows (>= k) */
+    uint32_t row_base;       /* first row of this launch batch */
+    uint32_t rows;           /* rows in this launch batch */
+    uint32_t n;              /* row length N */
+    uint32_t k;              /* selected slots per row */
+    uint32_t uniform_len;    /* row length when has_lengths == 0 (<= n) */
+    uint32_t has_lengths;    /* 1: lengths[row] (<= n) bounds row `row` */
+    uint32_t blocks_per_row; /* blocks sharing one row in the histogram and filter kernels */
+    uint32_t chunk;          /* elements of a row per block */
+    uint32_t kpad;           /* power of two >= k: the in-shared-memory sort size */
+    uint32_t order_by_index; /* 1: write the selected indices ascending instead of by value */
+    uint32_t write_values;   /* 1: write values as well as indices */
+    uint32_t reverse_filter; /* 1: the filter kernel walks blocks in reverse order (L2 reuse) */
+    uint32_t cand_stage;     /* candidates the finalize kernel stages in shared memory (after kpad) */
+    uint32_t tail_count;     /* also write indices tail_first.. into columns k.. of each row */
+    uint32_t tail_first;
+    uint32_t _pad0;
+} NtkvTopkParams;
+
+/* Writes `count` consecutive indices first_index.. into columns col_start.. of each of
+ * `rows` rows of a u32 matrix with row stride out_stride (the recent window of H2O/SnapKV). */
+typedef struct NtkvFillRecentParams {
+    uint32_t rows;
+    uint32_t out_stride;
+    uint32_t col_start;
+    uint32_t count;
+    uint32_t first_index;
+    uint32_t _pad0;
+} NtkvFillRecentParams;
+
+/* H2O / SnapKV score accumulation: q [hq, tq, d], k [hkv, t, d] (f16 or bf16), acc [hkv, t]
+ * f32. Keys are split in tiles of 64 (n_tiles per kv head). reduce_max: 0 = sum over the GQA
+ * group, 1 = max. The queued single-launch kernel also uses ticket_base and epoch. */
+typedef struct NtkvH2oParams {
+    uint64_t ticket_base; /* queued kernel: the queue counter's value at the start of this call */
+    uint32_t hq;
+    uint32_t hkv;
+    uint32_t tq;
+    uint32_t t;
+    uint32_t d;
+    uint32_t n_tiles;
+    uint32_t reduce_max;
+    float scale;
+    uint32_t epoch;       /* queued kernel: ready[h] == epoch once head h's statistics are merged */
+    uint32_t overwrite;   /* 1: acc = mass instead of acc += mass */
+} NtkvH2oParams;
+
+/* SnapKV pooling: out[r, j] = (in[r, j-2] + ... + in[r, j+2]) / 5 over j < n_out, with
+ * in[r, i] = 0 outside [0, n_out); in has row stride in_stride. */
+typedef struct NtkvPoolParams {
+    uint32_t rows;
+    uint32_t in_stride;
+    uint32_t n_out;
+    uint32_t _pad0;
+} NtkvPoolParams;
+
+/* Checks keep [rows, budget]: every entry < t and each row strictly ascending. */
+typedef struct NtkvKeepCheckParams {
+    uint32_t rows;
+    uint32_t budget;
+    uint32_t t;
+    uint32_t _pad0;
+} NtkvKeepCheckParams;
+
+/* In-place compaction of a cache [hkv, t, row_words u32 words] (and acc [hkv, t] f32 when
+ * has_acc) to rows 0..budget of each head, by keep [hkv, budget]. */
+typedef struct NtkvCompactParams {
+    uint32_t hkv;
+    uint32_t t;
+    uint32_t budget;
+    uint32_t row_words;
+    uint32_t has_acc;
+    uint32_t _pad0;
+} NtkvCompactParams;
+
 /* ---- attention: block-sparse prefill (SPEC §3) ------------------------- */
 
 /* Block-sparse flash prefill. One CTA per work item; the plan (src/attention/plan.rs) writes

@@ -13,6 +13,7 @@ mod decode;
 mod harness;
 mod ntk;
 mod quant;
+mod topk;
 
 use std::process::ExitCode;
 
@@ -44,8 +45,13 @@ struct Args {
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
 
-const FAMILIES: &[(&str, Family)] =
-    &[("quant", quant::run), ("attention", attention::run), ("decode", decode::run), ("ntk", ntk::run)];
+const FAMILIES: &[(&str, Family)] = &[
+    ("quant", quant::run),
+    ("topk", topk::run),
+    ("attention", attention::run),
+    ("decode", decode::run),
+    ("ntk", ntk::run),
+];
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -1,0 +1,495 @@
+//! CPU reference, validation and planning of the top-k family (SPEC §2). Runs anywhere.
+
+use half::{bf16, f16};
+use ntkv::rng::Rng;
+use ntkv::topk::{
+    cpu, queue_order, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
+    TOPK_WORKSPACE_BYTES,
+};
+use ntkv::Error;
+use proptest::prelude::*;
+
+/// An independent top-k: repeated selection of the best remaining element, where "better"
+/// is spelled out with float comparisons (NaN worst, zeros equal, lower index on ties).
+fn naive_topk(row: &[f32], k: usize) -> Vec<u32> {
+    let better = |a: (f32, usize), b: (f32, usize)| -> bool {
+        match (a.0.is_nan(), b.0.is_nan()) {
+            (true, true) => a.1 < b.1,
+            (true, false) => false,
+            (false, true) => true,
+            (false, false) => a.0 > b.0 || (a.0 == b.0 && a.1 < b.1),
+        }
+    };
+    let mut taken = vec![false; row.len()];
+    let mut out = Vec::new();
+    for _ in 0..k.min(row.len()) {
+        let mut best: Option<usize> = None;
+        for i in 0..row.len() {
+            if !taken[i] && best.map_or(true, |b| better((row[i], i), (row[b], b))) {
+                best = Some(i);
+            }
+        }
+        let b = best.expect("a remaining element");
+        taken[b] = true;
+        out.push(b as u32);
+    }
+    out
+}
+
+/// Random scores with ties, NaN, ±inf and ±0 mixed in.
+fn spicy_row(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.below(20) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => 0.0,
+            4 => -0.0,
+            5..=9 => (rng.below(4) as f32) - 1.5,
+            _ => rng.normal(),
+        })
+        .collect()
+}
+
+#[test]
+fn rank_key_orders_numbers_and_puts_nan_last() {
+    let vals = [f32::NEG_INFINITY, -3.5, -1e-30, -0.0, 0.0, 1e-40, 2.0, f32::MAX, f32::INFINITY];
+    for w in vals.windows(2) {
+        let (a, b) = (cpu::rank_key(w[0]), cpu::rank_key(w[1]));
+        if w[0] == w[1] {
+            assert_eq!(a, b, "{} and {} must tie", w[0], w[1]);
+        } else {
+            assert!(a < b, "{} must rank below {}", w[0], w[1]);
+        }
+    }
+    assert_eq!(cpu::rank_key(f32::NAN), 0);
+    assert_eq!(cpu::rank_key(-f32::NAN), 0);
+    assert!(cpu::rank_key(f32::NEG_INFINITY) > 0);
+    let mut rng = Rng::new(1);
+    for _ in 0..10_000 {
+        let (a, b) = (rng.normal() * 100.0, rng.normal() * 100.0);
+        assert_eq!(a < b, cpu::rank_key(a) < cpu::rank_key(b), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn topk_matches_naive_on_random_rows_with_specials() {
+    let mut rng = Rng::new(2);
+    for case in 0..200 {
+        let rows = 1 + rng.below(3);
+        let n = 1 + rng.below(300);
+        let k = 1 + rng.below(n + 20);
+        let scores: Vec<f32> = (0..rows).flat_map(|_| spicy_row(&mut rng, n)).collect();
+        let lengths: Option<Vec<u32>> = (case % 2 == 0).then(|| (0..rows).map(|_| rng.below(n + 1) as u32).collect());
+        let (values, indices) = cpu::topk(&scores, rows, n, k, lengths.as_deref()).unwrap();
+        for r in 0..rows {
+            let len = lengths.as_ref().map_or(n, |l| l[r] as usize);
+            let row = &scores[r * n..r * n + len];
+            let want = naive_topk(row, k);
+            let got = &indices[r * k..(r + 1) * k];
+            assert_eq!(&got[..want.len()], &want[..], "case {case} row {r}");
+            for s in 0..k {
+                if s < want.len() {
+                    assert_eq!(values[r * k + s].to_bits(), row[got[s] as usize].to_bits());
+                } else {
+                    assert_eq!(got[s], u32::MAX, "case {case}: slot {s} past the row must be empty");
+                    assert_eq!(values[r * k + s], f32::NEG_INFINITY);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_edge_cases() {
+    // k = 1 and k = N on a row of ties: the lowest indices win, in index order.
+    let ties = vec![7.0f32; 10];
+    assert_eq!(cpu::topk(&ties, 1, 10, 1, None).unwrap().1, vec![0]);
+    assert_eq!(cpu::topk(&ties, 1, 10, 10, None).unwrap().1, (0..10).collect::<Vec<u32>>());
+    // NaN below -inf; -0 ties +0.
+    let row = [f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, f32::NAN, 1.0];
+    let (v, i) = cpu::topk(&row, 1, 6, 6, None).unwrap();
+    assert_eq!(i, vec![5, 2, 3, 1, 0, 4]);
+    assert!(v[4].is_nan() && v[5].is_nan());
+    assert_eq!(v[1].to_bits(), (-0.0f32).to_bits(), "values keep their sign bits");
+    // k > N and lengths: empty slots.
+    let (v, i) = cpu::topk(&[1.0f32, 2.0, 3.0, 4.0], 2, 2, 3, Some(&[2, 0])).unwrap();
+    assert_eq!(i, vec![1, 0, u32::MAX, u32::MAX, u32::MAX, u32::MAX]);
+    assert_eq!(v[2], f32::NEG_INFINITY);
+    assert!(v[3..].iter().all(|&x| x == f32::NEG_INFINITY));
+    // Half types rank through f32.
+    let h: Vec<f16> = [1.0f32, 3.0, 3.0, -2.0].iter().map(|&x| f16::from_f32(x)).collect();
+    assert_eq!(cpu::topk(&h, 1, 4, 2, None).unwrap().1, vec![1, 2]);
+    let b: Vec<bf16> = [f32::NAN, -1.0, 0.5].iter().map(|&x| bf16::from_f32(x)).collect();
+    assert_eq!(cpu::topk(&b, 1, 3, 3, None).unwrap().1, vec![2, 1, 0]);
+}
+
+#[test]
+fn topk_validation_names_the_argument() {
+    let is_invalid = |r: ntkv::Result<()>, name: &str| match r {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, name),
+        other => panic!("expected InvalidArgument({name}), got {other:?}"),
+    };
+    is_invalid(validate_topk(2, 10, 0, None), "k");
+    is_invalid(validate_topk(2, 100_000, MAX_K + 1, None), "k");
+    is_invalid(validate_topk(2, 10, 3, Some(&[5, 11])), "lengths");
+    is_invalid(validate_topk(0, 10, 3, None), "scores");
+    is_invalid(validate_topk(2, 0, 3, None), "scores");
+    assert!(matches!(validate_topk(2, 10, 3, Some(&[5])), Err(Error::Shape { arg: "lengths", .. })));
+    assert!(matches!(validate_topk(1, MAX_N + 1, 3, None), Err(Error::TooLarge { arg: "scores", .. })));
+    assert!(validate_topk(1, MAX_N, MAX_K, Some(&[MAX_N as u32])).is_ok());
+    assert!(validate_topk(3, 10, 20, None).is_ok(), "k > N fills the extra slots");
+    // The reference validates the same way and writes nothing.
+    assert!(cpu::topk(&[1.0f32; 10], 1, 10, 0, None).is_err());
+    assert!(cpu::topk(&[1.0f32; 10], 2, 5, 1, Some(&[6, 1])).is_err());
+}
+
+#[test]
+fn layout_covers_every_row_and_fits_the_workspace() {
+    let shapes = [
+        (32, 131072, 2048),
+        (256, 32768, 1024),
+        (32, 1 << 20, 8192),
+        (1, 1 << 20, 4096),
+        (5000, 777, 1),
+        (3, 5, 16384),
+    ];
+    for &(rows, n, k) in &shapes {
+        for sms in [1usize, 108, 132] {
+            let l = TopkLayout::choose(rows, n, k, sms);
+            assert!(l.blocks_per_row >= 1 && l.chunk % 2048 == 0 && l.chunk > 0, "{l:?}");
+            assert!(l.blocks_per_row * l.chunk >= n, "{l:?} does not cover {n}");
+            assert!((l.blocks_per_row - 1) * l.chunk < n, "{l:?} has an empty block");
+            assert!(l.kpad.is_power_of_two() && l.kpad >= k && l.kpad < 2 * k.max(1));
+            assert!(l.rows_per_batch >= 1 && l.rows_per_batch <= rows.min(65535));
+            assert!(l.rows_per_batch == 1 || l.workspace_bytes(n, k) <= TOPK_WORKSPACE_BYTES);
+        }
+    }
+    // Few long rows: many blocks per row; many short rows: one block per row.
+    assert!(TopkLayout::choose(32, 131072, 2048, 132).blocks_per_row > 1);
+    assert_eq!(TopkLayout::choose(4096, 4096, 64, 132).blocks_per_row, 1);
+    // The largest rows run in batches.
+    assert!(TopkLayout::choose(64, MAX_N, 16, 132).rows_per_batch < 64);
+}
+
+fn half_vec(rng: &mut Rng, n: usize) -> Vec<f16> {
+    (0..n).map(|_| f16::from_f32(rng.normal())).collect()
+}
+
+#[test]
+fn attention_mass_sums_to_the_number_of_queries() {
+    let mut rng = Rng::new(3);
+    let shape = AttnShape { hq: 4, hkv: 2, tq: 5, t: 37, d: 16 };
+    let q = half_vec(&mut rng, shape.hq * shape.tq * shape.d);
+    let k = half_vec(&mut rng, shape.hkv * shape.t * shape.d);
+    let sum = cpu::attention_mass(&q, &k, shape, GqaReduce::Sum).unwrap();
+    let max = cpu::attention_mass(&q, &k, shape, GqaReduce::Max).unwrap();
+    for h in 0..shape.hkv {
+        let total: f64 = sum[h * shape.t..(h + 1) * shape.t].iter().sum();
+        // Every query distributes mass 1; the group has 2 heads of 5 queries.
+        assert!((total - 10.0).abs() < 1e-9, "head {h}: {total}");
+    }
+    for (s, m) in sum.iter().zip(&max) {
+        assert!(*m <= *s + 1e-12 && *m >= 0.0);
+    }
+}
+
+#[test]
+fn attention_mass_of_equal_keys_is_causal_uniform() {
+    // All-zero keys give uniform softmax over the visible prefix: query i (position t-tq+i)
+    // gives 1/(pos+1) to each key j <= pos.
+    let shape = AttnShape { hq: 1, hkv: 1, tq: 3, t: 6, d: 8 };
+    let q: Vec<f32> = (0..24).map(|i| i as f32 * 0.1).collect();
+    let k = vec![0.0f32; 48];
+    let mass = cpu::attention_mass(&q, &k, shape, GqaReduce::Sum).unwrap();
+    for (j, &m) in mass.iter().enumerate() {
+        let want: f64 = (3..6).filter(|&pos| j <= pos).map(|pos| 1.0 / (pos as f64 + 1.0)).sum();
+        assert!((m - want).abs() < 1e-12, "key {j}: {m} vs {want}");
+    }
+    let mut acc = vec![1.0f32; 6];
+    cpu::h2o_accumulate(&q, &k, &mut acc, shape, GqaReduce::Sum).unwrap();
+    assert!((acc[5] - (1.0 + 1.0 / 6.0) as f32).abs() < 1e-6);
+}
+
+#[test]
+fn attn_shape_validation() {
+    let ok = AttnShape { hq: 8, hkv: 2, tq: 4, t: 10, d: 64 };
+    assert!(ok.validate().is_ok());
+    assert!(matches!(AttnShape { hq: 6, hkv: 4, ..ok }.validate(), Err(Error::InvalidArgument { arg: "q", .. })));
+    assert!(matches!(AttnShape { tq: 11, ..ok }.validate(), Err(Error::InvalidArgument { arg: "q", .. })));
+    assert!(matches!(AttnShape { hkv: 0, ..ok }.validate(), Err(Error::InvalidArgument { arg: "k", .. })));
+    assert!(matches!(AttnShape::from_shapes(&[8, 4, 64], &[2, 10, 32]), Err(Error::Shape { arg: "k", .. })));
+    assert_eq!(AttnShape::from_shapes(&[8, 4, 64], &[2, 10, 64]).unwrap(), ok);
+}
+
+/// Brute-force keep list: sort the older tokens by (score desc, index asc), take, sort.
+fn brute_keep(scores: &[f32], older: usize, k_sel: usize, recent: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..older as u32).collect();
+    idx.sort_by(|&a, &b| {
+        let (x, y) = (scores[a as usize], scores[b as usize]);
+        y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+    });
+    let mut keep: Vec<u32> = idx[..k_sel].to_vec();
+    keep.sort_unstable();
+    keep.extend(older as u32..(older + recent) as u32);
+    keep
+}
+
+#[test]
+fn h2o_select_keeps_recent_and_heavy_hitters() {
+    let mut rng = Rng::new(4);
+    for _ in 0..50 {
+        let hkv = 1 + rng.below(3);
+        let t = 1 + rng.below(200);
+        let recent = rng.below(t + 1);
+        let budget = recent.max(1) + rng.below(t - recent.max(1) + 1);
+        // Coarse values so there are ties.
+        let acc: Vec<f32> = (0..hkv * t).map(|_| (rng.below(10) as f32) * 0.25).collect();
+        let keep = cpu::h2o_select(&acc, hkv, t, budget, recent).unwrap();
+        assert_eq!(keep.len(), hkv * budget);
+        for h in 0..hkv {
+            let row = &keep[h * budget..(h + 1) * budget];
+            assert!(row.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
+            let want = brute_keep(&acc[h * t..(h + 1) * t], t - recent, budget - recent, recent);
+            assert_eq!(row, &want[..]);
+        }
+    }
+}
+
+#[test]
+fn select_validation() {
+    let name = |r: ntkv::Result<()>| match r {
+        Err(Error::InvalidArgument { arg, .. }) => arg,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    };
+    assert_eq!(name(validate_select(2, 100, 10, 20, "recent")), "budget");
+    assert_eq!(name(validate_select(2, 100, 101, 20, "recent")), "budget");
+    assert_eq!(name(validate_select(2, 100, 50, 101, "recent")), "recent");
+    assert_eq!(name(validate_select(2, 100, 0, 0, "recent")), "budget");
+    assert_eq!(name(validate_select(2, 100_000, MAX_K + 65, 64, "recent")), "budget");
+    assert_eq!(name(validate_select(2, 100, 10, 20, "window")), "capacity");
+    assert!(validate_select(2, 100, 20, 20, "recent").is_ok());
+    assert!(validate_select(2, 100_000, MAX_K + 64, 64, "recent").is_ok());
+    assert!(cpu::h2o_select(&[0.0; 10], 1, 10, 3, 4).is_err());
+}
+
+#[test]
+fn compaction_in_place_equals_gather() {
+    let mut rng = Rng::new(5);
+    let (hkv, t, d) = (3, 40, 6);
+    let k0: Vec<f32> = rng.normal_vec(hkv * t * d);
+    let v0: Vec<f32> = rng.normal_vec(hkv * t * d);
+    let a0: Vec<f32> = rng.normal_vec(hkv * t);
+    let keep = cpu::h2o_select(&a0, hkv, t, 17, 5).unwrap();
+    let (mut k, mut v, mut a) = (k0.clone(), v0.clone(), a0.clone());
+    cpu::h2o_compact(&keep, hkv, t, d, &mut k, &mut v, Some(&mut a)).unwrap();
+    for h in 0..hkv {
+        for i in 0..17 {
+            let s = keep[h * 17 + i] as usize;
+            assert_eq!(k[(h * t + i) * d..(h * t + i + 1) * d], k0[(h * t + s) * d..(h * t + s + 1) * d]);
+            assert_eq!(v[(h * t + i) * d..(h * t + i + 1) * d], v0[(h * t + s) * d..(h * t + s + 1) * d]);
+            assert_eq!(a[h * t + i], a0[h * t + s]);
+        }
+        // Rows past the budget are unchanged.
+        assert_eq!(k[(h * t + 17) * d..(h + 1) * t * d], k0[(h * t + 17) * d..(h + 1) * t * d]);
+    }
+}
+
+#[test]
+fn compaction_rejects_bad_keep_and_writes_nothing() {
+    let (hkv, t, d) = (2, 10, 4);
+    let k0: Vec<f32> = (0..hkv * t * d).map(|i| i as f32).collect();
+    let mut k = k0.clone();
+    let mut v = k0.clone();
+    for bad in [vec![0u32, 2, 2, 0, 1, 2], vec![0, 1, 10, 0, 1, 2], vec![3, 1, 2, 0, 1, 2]] {
+        let r = cpu::h2o_compact(&bad, hkv, t, d, &mut k, &mut v, None);
+        assert!(matches!(r, Err(Error::InvalidArgument { arg: "keep", .. })), "{bad:?}: {r:?}");
+        assert_eq!(k, k0);
+    }
+    assert!(matches!(validate_compact(7, 2, 10, 4, 80, 80, None), Err(Error::Shape { arg: "keep", .. })));
+    assert!(matches!(validate_compact(22, 2, 10, 4, 80, 80, None), Err(Error::InvalidArgument { arg: "keep", .. })));
+    assert!(matches!(validate_compact(6, 2, 10, 4, 80, 79, None), Err(Error::Shape { arg: "v_cache", .. })));
+    assert!(matches!(validate_compact(6, 2, 10, 4, 80, 80, Some(19)), Err(Error::Shape { arg: "acc", .. })));
+    assert_eq!(validate_compact(6, 2, 10, 4, 80, 80, Some(20)).unwrap(), 3);
+}
+
+#[test]
+fn pool5_counts_padding() {
+    let x = [5.0, 10.0, 0.0, 0.0, 5.0, 0.0, 10.0];
+    let p = cpu::pool5(&x, 1, 7);
+    let want = [3.0, 3.0, 4.0, 3.0, 3.0, 3.0, 3.0];
+    for (a, b) in p.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{p:?}");
+    }
+    assert_eq!(cpu::pool5(&[5.0], 1, 1), vec![1.0]);
+}
+
+#[test]
+fn snapkv_select_keeps_window_and_top_pooled() {
+    let mut rng = Rng::new(6);
+    let shape = AttnShape { hq: 4, hkv: 2, tq: 4, t: 50, d: 16 };
+    let q = half_vec(&mut rng, shape.hq * shape.tq * shape.d);
+    let k = half_vec(&mut rng, shape.hkv * shape.t * shape.d);
+    let pooled = cpu::snapkv_scores(&q, &k, shape, GqaReduce::Max).unwrap();
+    assert_eq!(pooled.len(), 2 * 46);
+    let keep = cpu::snapkv_select(&q, &k, shape, 12, GqaReduce::Max).unwrap();
+    for h in 0..2 {
+        let row = &keep[h * 12..(h + 1) * 12];
+        assert_eq!(row, &brute_keep(&pooled[h * 46..(h + 1) * 46], 46, 8, 4)[..]);
+    }
+    // capacity == window keeps only the window; capacity < window is an error.
+    assert_eq!(cpu::snapkv_select_from_scores(&pooled, 2, 50, 4, 4).unwrap(), vec![46, 47, 48, 49, 46, 47, 48, 49]);
+    assert!(matches!(
+        cpu::snapkv_select(&q, &k, shape, 3, GqaReduce::Sum),
+        Err(Error::InvalidArgument { arg: "capacity", .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn topk_is_sorted_and_exact(seed in any::<u64>(), n in 1usize..120, k in 1usize..130) {
+        let mut rng = Rng::new(seed);
+        let row = spicy_row(&mut rng, n);
+        let (values, idx) = cpu::topk(&row, 1, n, k, None).unwrap();
+        let want = naive_topk(&row, k);
+        prop_assert_eq!(&idx[..want.len()], &want[..]);
+        // Descending by rank key, ties ascending by index.
+        for w in idx[..want.len()].windows(2) {
+            let (a, b) = (cpu::rank_key(row[w[0] as usize]), cpu::rank_key(row[w[1] as usize]));
+            prop_assert!(a > b || (a == b && w[0] < w[1]));
+        }
+        prop_assert!(values[want.len()..].iter().all(|&v| v == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn topk_half_agrees_with_f32_of_the_same_values(seed in any::<u64>(), n in 1usize..100, k in 1usize..100) {
+        let mut rng = Rng::new(seed);
+        let row: Vec<bf16> = spicy_row(&mut rng, n).into_iter().map(bf16::from_f32).collect();
+        let wide: Vec<f32> = row.iter().map(|x| x.to_f32()).collect();
+        prop_assert_eq!(cpu::topk(&row, 1, n, k, None).unwrap().1, cpu::topk(&wide, 1, n, k, None).unwrap().1);
+    }
+}
+
+/// A step-by-step model of the GPU algorithm in cuda/topk.cu (12-bit bucket histogram, then
+/// 8-bit radix refinement of the bucket's candidates on the 44-bit rest of the composite
+/// key·2^24 + (2^24 − 1 − index), then a descending sort of the selected words), so that its
+/// threshold logic is checked here even without a GPU.
+fn gpu_model_topk(row: &[f32], k: usize, by_index: bool) -> Vec<u32> {
+    const REST: u32 = 44;
+    let len = row.len();
+    let kk = k.min(len);
+    let mut out = vec![u32::MAX; k];
+    if kk == 0 {
+        return out;
+    }
+    let keys: Vec<u32> = row.iter().map(|&x| cpu::rank_key(x)).collect();
+    let mut hist = vec![0usize; 4096];
+    for &key in &keys {
+        hist[(key >> 20) as usize] += 1;
+    }
+    // The last block's bucket search: running count from the top.
+    let (mut running, mut bucket, mut above) = (0usize, usize::MAX, 0usize);
+    for bin in (0..4096).rev() {
+        if running < kk && running + hist[bin] >= kk {
+            bucket = bin;
+            above = running;
+        }
+        running += hist[bin];
+    }
+    assert_ne!(bucket, usize::MAX);
+    let sel: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize > bucket).collect();
+    let cand: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize == bucket).collect();
+    assert_eq!(sel.len(), above);
+    let rest = |i: u32| -> u64 { (u64::from(keys[i as usize] & 0xF_FFFF) << 24) | u64::from(0xFF_FFFF - i) };
+    let (mut need, mut matching, mut prefix, mut bits) = (kk - above, cand.len(), 0u64, 0u32);
+    assert!(need >= 1 && need <= matching);
+    while need < matching && bits < REST {
+        let width = (REST - bits).min(8);
+        let shift = REST - bits - width;
+        let mut dh = [0usize; 256];
+        for &c in &cand {
+            let r = rest(c);
+            if bits == 0 || (r >> (REST - bits)) == prefix {
+                dh[((r >> shift) & ((1 << width) - 1)) as usize] += 1;
+            }
+        }
+        let mut above_d = 0usize;
+        let mut found = false;
+        for d in (0..256).rev() {
+            if above_d < need && above_d + dh[d] >= need {
+                need -= above_d;
+                matching = dh[d];
+                prefix = (prefix << width) | d as u64;
+                bits += width;
+                found = true;
+                break;
+            }
+            above_d += dh[d];
+        }
+        assert!(found);
+    }
+    let threshold = prefix << (REST - bits);
+    let word = |i: u32| -> u64 {
+        let rev = u64::from(u32::MAX - i);
+        if by_index {
+            rev
+        } else {
+            (u64::from(keys[i as usize]) << 32) | rev
+        }
+    };
+    let mut words: Vec<u64> = sel.iter().map(|&i| word(i)).collect();
+    words.extend(cand.iter().filter(|&&c| rest(c) >= threshold).map(|&c| word(c)));
+    assert_eq!(words.len(), kk, "the refinement must select exactly k");
+    words.sort_unstable_by(|a, b| b.cmp(a));
+    for (s, w) in words.iter().enumerate() {
+        out[s] = u32::MAX - (*w & 0xFFFF_FFFF) as u32;
+    }
+    out
+}
+
+#[test]
+fn gpu_algorithm_model_matches_reference() {
+    let mut rng = Rng::new(7);
+    let mut rows: Vec<Vec<f32>> = vec![
+        vec![3.0; 5000],                                                    // all ties
+        (0..4000).map(|i| (i % 3) as f32).collect(),                        // few distinct values
+        (0..3000).map(|i| f32::from_bits(0x3f80_0000 + (i % 7))).collect(), // same 12-bit bucket
+        vec![f32::NAN; 100],
+    ];
+    for _ in 0..30 {
+        let n = 1 + rng.below(5000);
+        rows.push(spicy_row(&mut rng, n));
+        rows.push(rng.normal_vec(n));
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.len();
+        for k in [1, 2, n / 3 + 1, n.saturating_sub(1).max(1), n, n + 7, 16384.min(n + 100)] {
+            let want = cpu::topk(row, 1, n, k, None).unwrap().1;
+            assert_eq!(gpu_model_topk(row, k, false), want, "row {r} (n = {n}), k = {k}");
+            let mut by_index: Vec<u32> = want.iter().copied().filter(|&i| i != u32::MAX).collect();
+            by_index.sort_unstable();
+            by_index.resize(k, u32::MAX);
+            assert_eq!(gpu_model_topk(row, k, true), by_index, "row {r}, k = {k}, by index");
+        }
+    }
+}
+
+#[test]
+fn queue_order_puts_each_pass_one_before_its_pass_two() {
+    for hkv in 1..12usize {
+        for lag in 1..=hkv.min(3) {
+            let order = queue_order(hkv, lag);
+            assert_eq!(order.len(), 2 * hkv);
+            for h in 0..hkv as u32 {
+                let p1 = order.iter().position(|&e| e == h).expect("pass 1 listed");
+                let p2 = order.iter().position(|&e| e == h | 1 << 31).expect("pass 2 listed");
+                assert!(p1 < p2, "hkv {hkv} lag {lag}: head {h}");
+                // Pass 1 of the next `lag` heads (those that exist) comes in between.
+                let between = order[p1 + 1..p2].iter().filter(|&&e| e >> 31 == 0).count();
+                assert_eq!(between, lag.min(hkv - 1 - h as usize));
+            }
+        }
+    }
+}
