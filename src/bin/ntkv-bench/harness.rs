@@ -27,6 +27,30 @@ pub struct Record {
 }
 
 impl Record {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        family: &'static str,
+        op: &str,
+        shape: &str,
+        dtype: &str,
+        backend: &'static str,
+        median_ms: f64,
+        reps: usize,
+        work: Work,
+    ) -> Self {
+        Record {
+            family,
+            op: op.to_owned(),
+            shape: shape.to_owned(),
+            dtype: dtype.to_owned(),
+            backend,
+            median_ms,
+            reps,
+            bytes: work.bytes,
+            flops: work.flops,
+        }
+    }
+
     pub fn gbps(&self) -> f64 {
         if self.median_ms > 0.0 {
             self.bytes / (self.median_ms * 1e-3) / 1e9
@@ -113,17 +137,7 @@ impl Bench {
         let Some(dev) = &self.device else { return Ok(()) };
         let ms = timing::median_gpu_ms(dev, self.warmup, self.reps, f)?;
         let reps = self.reps;
-        self.records.push(Record {
-            family,
-            op: op.to_owned(),
-            shape: shape.to_owned(),
-            dtype: dtype.to_owned(),
-            backend: "gpu",
-            median_ms: ms,
-            reps,
-            bytes: work.bytes,
-            flops: work.flops,
-        });
+        self.records.push(Record::new(family, op, shape, dtype, "gpu", ms, reps, work));
         Ok(())
     }
 
@@ -142,23 +156,13 @@ impl Bench {
     {
         let reps = self.reps.clamp(1, 5);
         let ms = timing::median_cpu_ms(1, reps, f)?;
-        self.records.push(Record {
-            family,
-            op: op.to_owned(),
-            shape: shape.to_owned(),
-            dtype: dtype.to_owned(),
-            backend: "cpu",
-            median_ms: ms,
-            reps,
-            bytes: work.bytes,
-            flops: work.flops,
-        });
+        self.records.push(Record::new(family, op, shape, dtype, "cpu", ms, reps, work));
         Ok(())
     }
 
     pub fn print_table(&self) {
         let header = format!(
-            "{:<28} {:<34} {:<6} {:<4} {:>11} {:>9} {:>9} {:>8}",
+            "{:<24} {:<46} {:<5} {:<4} {:>11} {:>9} {:>9} {:>8}",
             "op", "shape", "dtype", "on", "median", "GB/s", "TFLOP/s", "%copy"
         );
         println!("{header}");
@@ -171,7 +175,7 @@ impl Bench {
             let gbps = if r.bytes > 0.0 { format!("{:.1}", r.gbps()) } else { "-".to_owned() };
             let tflops = if r.flops > 0.0 { format!("{:.2}", r.tflops()) } else { "-".to_owned() };
             println!(
-                "{:<28} {:<34} {:<6} {:<4} {:>11} {:>9} {:>9} {:>8}",
+                "{:<24} {:<46} {:<5} {:<4} {:>11} {:>9} {:>9} {:>8}",
                 r.op,
                 r.shape,
                 r.dtype,
