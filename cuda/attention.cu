@@ -30,6 +30,23 @@
 
 namespace {
 
+#if defined(NTKV_EMULATE)
+// tools/emu: the same helpers, run on the CPU as warp-collective emulations written from the
+// PTX ISA (tools/emu/include/ntkv_common.cuh), not from this file's layout comments.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return ntkv_emu::shared_offset(p); }
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+    ntkv_emu::cp_async_16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { ntkv_emu::cp_async_wait(0); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ntkv_emu::ldmatrix_x4(r, addr, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    ntkv_emu::ldmatrix_x4(r, addr, true);
+}
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ntkv_emu::mma_m16n8k16<T>(c, a, b0, b1);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -75,6 +92,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // NTKV_EMULATE
 
 // Rounds two f32 to the storage dtype and packs them, `lo` in the lower half.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
