@@ -42,6 +42,7 @@ struct Cfg {
     double density;      // probability a column block is listed
     double tmask_frac;   // probability a listed block gets a token mask
     bool empty_rb;       // force some row blocks to list nothing
+    float scale_mul = 1;  // softmax scale = scale_mul / sqrt(D) (large: exercises the rescaling)
 };
 
 // The BlockMask of src/attention/mod.rs.
@@ -220,7 +221,7 @@ bool run_case(const Cfg& c, bool split) {
     for (auto& x : q) x = ntkv::from_f32<T>(nd(rng));
     for (auto& x : k) x = ntkv::from_f32<T>(nd(rng));
     for (auto& x : v) x = ntkv::from_f32<T>(nd(rng));
-    const float scale = 1.0f / std::sqrt((float)D);
+    const float scale = c.scale_mul / std::sqrt((float)D);
 
     // f64 reference (src/attention/cpu.rs).
     std::vector<double> ro((size_t)tq * c.Hq * D, 0.0), rl((size_t)c.Hq * tq, -INFINITY);
@@ -331,6 +332,10 @@ int main(int argc, char** argv) {
         {"D128 br128 bc64 causal tmask", {140, 60}, {200, 61}, 2, 1, 128, 128, 64, true, false, 0.8, 0.3, false},
         {"D128 br64 bc128 sparse GQA2", {90}, {256}, 4, 2, 128, 64, 128, false, true, 0.7, 0.3, true},
         {"D64 br128 bc128 causal", {200}, {250}, 2, 2, 64, 128, 128, true, false, 1.0, 0.2, false},
+        {"D64 br64 bc128 long rows scale x4", {40}, {256}, 2, 1, 64, 64, 128, false, false, 1.0, 0.0, false, 4.0f},
+        {"D64 br128 bc64 4 tiles, tmask, x3", {128}, {256}, 2, 2, 64, 128, 64, false, true, 1.0, 0.3, false, 3.0f},
+        {"D128 br64 bc64 causal ragged x2", {70, 64}, {250, 64}, 2, 1, 128, 64, 64, true, false, 1.0, 0.2, false, 2.0f},
+        {"D128 br128 bc128 batch2 (max smem)", {129, 30}, {255, 200}, 2, 1, 128, 128, 128, false, false, 0.9, 0.3, true},
     };
     bool ok = true;
     for (const Cfg& c : cases) {

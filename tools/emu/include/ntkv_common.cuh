@@ -179,9 +179,11 @@ inline float warp_max(float v) {
 //    l >> 2, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix m (lower element in the lower half);
 //    with .trans it holds element (row 2 (l % 4), col l >> 2) and (row 2 (l % 4) + 1, col l >> 2).
 //  * cp.async.cg.shared.global 16 bytes with src-size: copies src-size bytes, zero-fills the
-//    rest, reads nothing when src-size is 0. Modelled as deferred: a copy lands in shared memory
-//    only when the issuing thread waits for its group (cp.async.wait_group), so a tile read
-//    before its wait, or overwritten while other threads still read it, shows up as wrong data.
+//    rest, reads nothing when src-size is 0. The two extremes of when a copy may land are
+//    modelled: deferred (the default: a copy lands only when the issuing thread waits for its
+//    group, so a tile read before its wait shows up as NaN or stale data) and eager
+//    (NTKV_EMU_CP_ASYNC=eager: it lands at issue, so a buffer overwritten while other threads
+//    may still read it shows up as wrong data).
 //
 // Every collective deposits its operands in a per-warp slot, meets the warp at a barrier,
 // checks that all 32 lanes execute the same collective (the .sync.aligned requirement; a
@@ -240,7 +242,16 @@ inline void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
     if (dst % 16 != 0) die("cp.async 16: shared address not 16-byte aligned");
     if (src_bytes > 16) die("cp.async 16: src-size > 16");
     if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) die("cp.async 16: global address not 16-byte aligned");
-    shared_at(dst, 16);
+    unsigned char* d = shared_at(dst, 16);
+    static const bool eager = [] {
+        const char* e = std::getenv("NTKV_EMU_CP_ASYNC");
+        return e != nullptr && std::strcmp(e, "eager") == 0;
+    }();
+    if (eager) {
+        if (src_bytes > 0) std::memcpy(d, src, src_bytes);
+        std::memset(d + src_bytes, 0, 16 - src_bytes);
+        return;
+    }
     cp_pending.push_back(PendingCopy{dst, src, src_bytes, cp_group});
 }
 inline void cp_async_commit() { ++cp_group; }
