@@ -335,6 +335,7 @@ int main(int argc, char** argv) {
         {"D64 br64 bc128 long rows scale x4", {40}, {256}, 2, 1, 64, 64, 128, false, false, 1.0, 0.0, false, 4.0f},
         {"D64 br128 bc64 4 tiles, tmask, x3", {128}, {256}, 2, 2, 64, 128, 64, false, true, 1.0, 0.3, false, 3.0f},
         {"D128 br64 bc64 causal ragged x2", {70, 64}, {250, 64}, 2, 1, 128, 64, 64, true, false, 1.0, 0.2, false, 2.0f},
+        {"zero-length entries (Tq 0, Tk 0)", {0, 50, 20, 33}, {30, 0, 40, 33}, 2, 1, 64, 64, 64, true, false, 1.0, 0.3, false},
         {"D128 br128 bc128 batch2 (max smem)", {129, 30}, {255, 200}, 2, 1, 128, 128, 128, false, false, 0.9, 0.3, true},
     };
     bool ok = true;
