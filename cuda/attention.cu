@@ -372,20 +372,23 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    // l == 0 exactly when the row saw no visible key (otherwise its max term adds exp2(0) = 1).
+    // A NaN l (a NaN in q, or in k or v of a visible key) must stay NaN in o and lse like the
+    // reference, not pass for an empty row: hence == 0, not > 0.
+    const float inv0 = l0 == 0.f ? 0.f : 1.f / l0;
+    const float inv1 = l1 == 0.f ? 0.f : 1.f / l1;
     constexpr float kLn2 = 0.69314718055994530942f;
     if (ok0) {
         uint32_t* orow = reinterpret_cast<uint32_t*>(o + (size_t)(q_row0 + row0) * q_stride + (size_t)q_head * D);
 #pragma unroll
         for (int dn = 0; dn < C::kOTiles; ++dn) orow[dn * 4 + t] = pack2<T>(o_acc[dn][0] * inv0, o_acc[dn][1] * inv0);
-        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY;
+        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row0] = l0 == 0.f ? -INFINITY : (m0 + log2f(l0)) * kLn2;
     }
     if (ok1) {
         uint32_t* orow = reinterpret_cast<uint32_t*>(o + (size_t)(q_row0 + row1) * q_stride + (size_t)q_head * D);
 #pragma unroll
         for (int dn = 0; dn < C::kOTiles; ++dn) orow[dn * 4 + t] = pack2<T>(o_acc[dn][2] * inv1, o_acc[dn][3] * inv1);
-        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY;
+        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row1] = l1 == 0.f ? -INFINITY : (m1 + log2f(l1)) * kLn2;
     }
 }
 

@@ -43,6 +43,7 @@ struct Cfg {
     double tmask_frac;   // probability a listed block gets a token mask
     bool empty_rb;       // force some row blocks to list nothing
     float scale_mul = 1;  // softmax scale = scale_mul / sqrt(D) (large: exercises the rescaling)
+    bool inject_nan = false;  // a NaN in one q row and one k row: the rows that see it are NaN
 };
 
 // The BlockMask of src/attention/mod.rs.
@@ -221,6 +222,10 @@ bool run_case(const Cfg& c, bool split) {
     for (auto& x : q) x = ntkv::from_f32<T>(nd(rng));
     for (auto& x : k) x = ntkv::from_f32<T>(nd(rng));
     for (auto& x : v) x = ntkv::from_f32<T>(nd(rng));
+    if (c.inject_nan) {
+        q[((size_t)5 * c.Hq + 0) * D + 3] = ntkv::from_f32<T>(NAN);    // token 5, head 0
+        k[((size_t)7 * c.Hkv + 0) * D + D - 1] = ntkv::from_f32<T>(NAN);  // key token 7, kv head 0
+    }
     const float scale = c.scale_mul / std::sqrt((float)D);
 
     // f64 reference (src/attention/cpu.rs).
@@ -275,8 +280,17 @@ bool run_case(const Cfg& c, bool split) {
     double num = 0, den = 0, lse_err = 0;
     bool ok = true;
     size_t empty_rows = 0, bad_printed = 0;
+    size_t nan_rows = 0;
     for (size_t i = 0; i < q.size(); ++i) {
         const double g = ntkv::to_f32(od[i]);
+        if (std::isnan(ro[i])) {  // the reference is NaN (a NaN input reaches this row): so must o be
+            nan_rows += i % D == 0;
+            if (!std::isnan(g)) {
+                if (bad_printed++ < 6) std::printf("  o[%zu] = %g, want NaN\n", i, g);
+                ok = false;
+            }
+            continue;
+        }
         if (std::isnan(g)) {
             if (bad_printed++ < 3) std::printf("  o[%zu] (token %zu head %zu d %zu) NaN\n", i, i / D / c.Hq, i / D % c.Hq, i % D);
             ok = false;
@@ -288,6 +302,13 @@ bool run_case(const Cfg& c, bool split) {
     for (size_t i = 0; i < rl.size(); ++i) {
         const double g = lsed[i];
         const size_t h = i / tq, tok = i % tq;
+        if (std::isnan(rl[i]) || std::isnan(g)) {
+            if (!(std::isnan(rl[i]) && std::isnan(g))) {
+                if (bad_printed++ < 6) std::printf("  lse (head %zu token %zu) = %g, want %g\n", h, tok, g, rl[i]);
+                ok = false;
+            }
+            continue;
+        }
         if (std::isinf(rl[i])) {
             ++empty_rows;
             bool zero = g == rl[i];
@@ -310,10 +331,10 @@ bool run_case(const Cfg& c, bool split) {
     // documented to miss 2e-3 (about 2.2e-3 on N(0, 1) data); it is held to 3e-3 here.
     const double tol = std::is_same<T, __half>::value ? 5e-4 : split ? 2e-3 : 3e-3;
     if (!(rel <= tol)) ok = false;
-    std::printf("%-4s %-5s%-6s %-34s D%-3u BR%-3u BC%-3u Hq%u Hkv%u items %-3u blocks %-3zu empty rows %-4zu: rel L2 %.2e "
+    std::printf("%-4s %-5s%-6s %-34s D%-3u BR%-3u BC%-3u Hq%u Hkv%u items %-3u blocks %-3zu empty rows %-4zu NaN rows %-3zu: rel L2 %.2e "
                 "(tol %.0e), max |dlse| %.2e\n",
                 ok ? "ok" : "FAIL", std::is_same<T, __half>::value ? "f16" : "bf16", split ? "split" : "", c.name, D, c.BR,
-                c.BC, c.Hq, c.Hkv, n_items, plan.blocks.size() / BLOCK_WORDS, empty_rows, rel, tol, lse_err);
+                c.BC, c.Hq, c.Hkv, n_items, plan.blocks.size() / BLOCK_WORDS, empty_rows, nan_rows, rel, tol, lse_err);
     std::fflush(stdout);
     return ok;
 }
@@ -336,6 +357,7 @@ int main(int argc, char** argv) {
         {"D64 br128 bc64 4 tiles, tmask, x3", {128}, {256}, 2, 2, 64, 128, 64, false, true, 1.0, 0.3, false, 3.0f},
         {"D128 br64 bc64 causal ragged x2", {70, 64}, {250, 64}, 2, 1, 128, 64, 64, true, false, 1.0, 0.2, false, 2.0f},
         {"zero-length entries (Tq 0, Tk 0)", {0, 50, 20, 33}, {30, 0, 40, 33}, 2, 1, 64, 64, 64, true, false, 1.0, 0.3, false},
+        {"NaN in q and k", {90, 40}, {100, 60}, 2, 1, 64, 64, 64, true, false, 0.8, 0.3, false, 1.0f, true},
         {"D128 br128 bc128 batch2 (max smem)", {129, 30}, {255, 200}, 2, 1, 128, 128, 128, false, false, 0.9, 0.3, true},
     };
     bool ok = true;
