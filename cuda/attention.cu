@@ -242,7 +242,9 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
         const bool has_tmask = tmask_id != NTKV_ATTN_NO_TOKEN_MASK;
         const T* tile_k = s_k + buf * C::kTileElems;
         const T* tile_v = s_v + buf * C::kTileElems;
-#pragma unroll
+        // Not unrolled: the two 64-key halves of a BC = 128 tile share nothing, and unrolling
+        // them pushed the D = 128, BC = 128 kernels to 255 registers with spills.
+#pragma unroll 1
         for (int sub = 0; sub < C::kSubTiles; ++sub) {
             // ---- S = Q K^T (16 rows x 64 keys per warp) ----
             float s[C::kSTiles][4];
