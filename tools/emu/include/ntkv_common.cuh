@@ -4,8 +4,13 @@
 // What it models: __syncthreads as a barrier of the CTA's threads (an exited thread drops
 // out, as on sm_70+), warp shuffles as a 32-thread exchange, shared memory as one global
 // buffer filled with 0xFF (NaN) before every CTA so reads of unwritten shared memory show
-// up, cp.async as a plain copy (the fallback path of the source), atomicMin under a mutex.
-// What it does not model: the memory model beyond barriers, or timing.
+// up, atomicMin under a mutex, and (for NTKV_EMULATE builds of kernels that wrap their inline
+// PTX in small helpers, like cuda/attention.cu) mma.sync m16n8k16, ldmatrix.x4[.trans] and
+// cp.async with commit/wait groups, from the PTX ISA (see the section at the end).
+// cuda/decode.cu takes its own non-PTX fallback path for cp.async.
+// What it does not model: the memory model beyond barriers and cp.async groups, timing, bank
+// conflicts, register limits, or the tensor core's internal summation order (the emulated mma
+// rounds the exact sum once).
 #pragma once
 
 #include <algorithm>
