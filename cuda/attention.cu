@@ -30,6 +30,23 @@
 
 namespace {
 
+#if defined(NTKV_EMULATE)
+// tools/emu: the same helpers, run on the CPU as warp-collective emulations written from the
+// PTX ISA (tools/emu/include/ntkv_common.cuh), not from this file's layout comments.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return ntkv_emu::shared_offset(p); }
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+    ntkv_emu::cp_async_16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { ntkv_emu::cp_async_wait(0); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ntkv_emu::ldmatrix_x4(r, addr, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    ntkv_emu::ldmatrix_x4(r, addr, true);
+}
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ntkv_emu::mma_m16n8k16<T>(c, a, b0, b1);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -75,6 +92,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // NTKV_EMULATE
 
 // Rounds two f32 to the storage dtype and packs them, `lo` in the lower half.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -224,7 +242,9 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
         const bool has_tmask = tmask_id != NTKV_ATTN_NO_TOKEN_MASK;
         const T* tile_k = s_k + buf * C::kTileElems;
         const T* tile_v = s_v + buf * C::kTileElems;
-#pragma unroll
+        // Not unrolled: the two 64-key halves of a BC = 128 tile share nothing, and unrolling
+        // them pushed the D = 128, BC = 128 kernels to 255 registers with spills.
+#pragma unroll 1
         for (int sub = 0; sub < C::kSubTiles; ++sub) {
             // ---- S = Q K^T (16 rows x 64 keys per warp) ----
             float s[C::kSTiles][4];
@@ -354,20 +374,23 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    // l == 0 exactly when the row saw no visible key (otherwise its max term adds exp2(0) = 1).
+    // A NaN l (a NaN in q, or in k or v of a visible key) must stay NaN in o and lse like the
+    // reference, not pass for an empty row: hence == 0, not > 0.
+    const float inv0 = l0 == 0.f ? 0.f : 1.f / l0;
+    const float inv1 = l1 == 0.f ? 0.f : 1.f / l1;
     constexpr float kLn2 = 0.69314718055994530942f;
     if (ok0) {
         uint32_t* orow = reinterpret_cast<uint32_t*>(o + (size_t)(q_row0 + row0) * q_stride + (size_t)q_head * D);
 #pragma unroll
         for (int dn = 0; dn < C::kOTiles; ++dn) orow[dn * 4 + t] = pack2<T>(o_acc[dn][0] * inv0, o_acc[dn][1] * inv0);
-        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY;
+        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row0] = l0 == 0.f ? -INFINITY : (m0 + log2f(l0)) * kLn2;
     }
     if (ok1) {
         uint32_t* orow = reinterpret_cast<uint32_t*>(o + (size_t)(q_row0 + row1) * q_stride + (size_t)q_head * D);
 #pragma unroll
         for (int dn = 0; dn < C::kOTiles; ++dn) orow[dn * 4 + t] = pack2<T>(o_acc[dn][2] * inv1, o_acc[dn][3] * inv1);
-        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY;
+        if (t == 0) lse[(size_t)q_head * p.tq_total + q_row0 + row1] = l1 == 0.f ? -INFINITY : (m1 + log2f(l1)) * kLn2;
     }
 }
 

@@ -540,3 +540,30 @@ fn gpu_suite_f16_cases_pass_in_emulation() {
 fn gpu_suite_bf16_cases_pass_in_emulation() {
     gpu_cases_in_emulation::<bf16>(2, 102, 16, 2e-3);
 }
+
+/// A NaN in q, or in k of a visible key, makes exactly the rows that read it NaN (o and lse),
+/// in the reference and in the kernel's algorithm; it never passes for an empty row (-inf).
+#[test]
+fn nan_inputs_make_their_rows_nan_not_empty() {
+    let shape = shape1(100, 80, 2, 1, 64);
+    let mask = BlockMask::dense(64, 64, MaskHeads::Shared, &shape).unwrap();
+    let opts = PrefillOptions { causal: true, ..Default::default() };
+    let mut rng = Rng::new(7);
+    let mut q: Vec<f16> = random_vec(&mut rng, 100 * 2 * 64, 1.0);
+    let mut k: Vec<f16> = random_vec(&mut rng, 80 * 64, 1.0);
+    let v: Vec<f16> = random_vec(&mut rng, 80 * 64, 1.0);
+    q[(50 * 2) * 64 + 3] = f16::NAN; // query token 50 (sees keys 0..=30), head 0
+    k[70 * 64 + 9] = f16::NAN; // key 70: visible (causally) from query 90 on
+    let want = cpu::prefill(&shape, opts, &mask, &q, &k, &v).unwrap();
+    let plan = HostPlan::new(&shape, opts, &mask).unwrap();
+    let (o, lse) = emulate_kernel(&plan, &q, &k, &v);
+    for h in 0..2 {
+        for i in 0..100 {
+            let nan = (h == 0 && i == 50) || i >= 90;
+            for (what, out_lse, out_o) in [("reference", &want.lse, &want.o), ("emulation", &lse, &o)] {
+                assert_eq!(out_lse[h * 100 + i].is_nan(), nan, "{what} lse h={h} i={i}");
+                assert!(out_o[(i * 2 + h) * 64..][..64].iter().all(|x| x.is_nan() == nan), "{what} o h={h} i={i}");
+            }
+        }
+    }
+}

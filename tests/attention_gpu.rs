@@ -167,3 +167,33 @@ fn bad_inputs_fail_before_launch_and_write_nothing() {
     assert!(o.to_host().unwrap().iter().all(|&x| x == sentinel));
     assert!(lse.to_host().unwrap().iter().all(|&x| x == 7.0));
 }
+
+#[test]
+fn prefill_nan_inputs_make_their_rows_nan_not_empty() {
+    let dev = gpu_or_skip!("prefill_nan_inputs_make_their_rows_nan_not_empty");
+    let mut rng = Rng::new(106);
+    let shape = PrefillShape::new(2, 1, 64, vec![0, 100], vec![0, 80]).unwrap();
+    let mask = BlockMask::dense(64, 64, MaskHeads::Shared, &shape).unwrap();
+    let opts = PrefillOptions { causal: true, ..Default::default() };
+    let (mut q, mut k, v) = normal_inputs::<f16>(&mut rng, &shape);
+    q[(50 * 2) * 64 + 3] = f16::NAN; // query token 50 (sees keys 0..=30), head 0
+    k[70 * 64 + 9] = f16::NAN; // key 70: visible (causally) from query 90 on
+    let want = cpu::prefill(&shape, opts, &mask, &q, &k, &v).unwrap();
+    let plan = PrefillPlan::new(dev, &shape, opts, &mask).unwrap();
+    let qd = DeviceTensor::from_host(dev, &q, &[100, 2, 64]).unwrap();
+    let kd = DeviceTensor::from_host(dev, &k, &[80, 1, 64]).unwrap();
+    let vd = DeviceTensor::from_host(dev, &v, &[80, 1, 64]).unwrap();
+    let mut od = DeviceTensor::<f16>::zeros(dev, &[100, 2, 64]).unwrap();
+    let mut lsed = DeviceTensor::<f32>::zeros(dev, &[2, 100]).unwrap();
+    plan.run(&qd, &kd, &vd, &mut od, &mut lsed).unwrap();
+    let o = to_f64(&od.to_host().unwrap());
+    let lse = lsed.to_host().unwrap();
+    for h in 0..2 {
+        for i in 0..100 {
+            let nan = (h == 0 && i == 50) || i >= 90;
+            assert_eq!(want.lse[h * 100 + i].is_nan(), nan, "reference lse h={h} i={i}");
+            assert_eq!(lse[h * 100 + i].is_nan(), nan, "lse h={h} i={i}");
+            assert!(o[(i * 2 + h) * 64..][..64].iter().all(|x| x.is_nan() == nan), "o h={h} i={i}");
+        }
+    }
+}

@@ -22,6 +22,12 @@
 //! unless overridden, and `lse[h, i] = ln Σ_j exp(scale · q_i·k_j)`. A row with no visible key
 //! gives `o = 0` and `lse = −inf` (never NaN).
 //!
+//! Non-finite inputs: a NaN in `q_i`, or in `k_j` or `v_j` of a key visible to row `i`, makes
+//! that row's `o` and `lse` NaN (it never passes for an empty row). On the GPU a NaN or inf in
+//! `v_j` of a key that is *hidden* from row `i` but lies in a block the row's CTA visits also
+//! reaches `o[i]` (its weight is exactly 0, but `0 · NaN` is NaN in the tensor-core product, as
+//! in FlashAttention); the reference skips hidden keys entirely.
+//!
 //! # Using it
 //! [`PrefillPlan::new`] validates the mask against the shapes (sorted, unique, in range) and
 //! uploads the per-CTA work list; [`PrefillPlan::run`] launches on the device's stream. A plan

@@ -143,13 +143,14 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
                     }
                 }
             }
-            let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+            // As the kernel: l == 0 only for a row with no visible key; a NaN l stays NaN.
+            let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
             let out = &mut o[((q_row0 + r) * hq + h) * d..][..d];
             for (y, a) in out.iter_mut().zip(&acc) {
                 *y = f64::from(T::from_f32(a * inv).to_f32());
             }
             lse[h * tq + q_row0 + r] =
-                if l > 0.0 { f64::from((m + l.log2()) * std::f32::consts::LN_2) } else { f64::NEG_INFINITY };
+                if l == 0.0 { f64::NEG_INFINITY } else { f64::from((m + l.log2()) * std::f32::consts::LN_2) };
         }
     }
     (o, lse)
