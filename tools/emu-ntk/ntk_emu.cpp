@@ -1,0 +1,242 @@
+// Runs the real kernel source cuda/ntk.cu on the CPU (one std::thread per CUDA thread, see
+// include/ntkv_common.cuh) against f64 references: the split-K GEMM in every arithmetic
+// flavour and loader (register-staged with and without vector loads, cp.async pipelines),
+// cross and symmetric, the split reduction with every output layout, the mode pipelines
+// (Full / Trace / Diagonal / Pseudo with the pre-sum) and the factored combine. Build and run
+// with tools/emu-ntk/run.sh (AddressSanitizer + UBSan: any out-of-bounds global or shared
+// access aborts the run). Shapes are deliberately not tile multiples.
+#define NTKV_EMULATE 1
+#include "../../cuda/ntk.cu"
+
+#include <sanitizer/asan_interface.h>
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+namespace {
+alignas(128) unsigned char smem_raw[ntkv_emu::SMEM_CAP];
+}
+
+namespace {
+
+std::mt19937_64 rng(20261128);
+float uniform() { return std::uniform_real_distribution<float>(-1.f, 1.f)(rng); }
+
+enum class Prec { F32, Tf32, Bf16 };
+const char* prec_name(Prec p) { return p == Prec::F32 ? "f32" : p == Prec::Tf32 ? "tf32" : "bf16"; }
+
+// The value the arithmetic uses for input x.
+double rounded(float x, Prec p) {
+    if (p == Prec::F32) return x;
+    if (p == Prec::Tf32) {
+        const uint32_t u = __float_as_uint(x);
+        return __uint_as_float((u + 0x1000u) & 0xffffe000u);
+    }
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+// Operand storage: f32 or bf16 elements; `vals` keeps them as f32.
+struct Operand {
+    bool bf16;
+    std::vector<float> f;
+    std::vector<__nv_bfloat16> h;
+    std::vector<float> vals;
+    const void* ptr() const { return bf16 ? (const void*)h.data() : (const void*)f.data(); }
+    float at(size_t i) const { return vals[i]; }
+};
+Operand make_operand(size_t n, bool bf16) {
+    Operand o;
+    o.bf16 = bf16;
+    for (size_t i = 0; i < n; ++i) {
+        float v = uniform();
+        if (bf16) {
+            o.h.push_back(__float2bfloat16_rn(v));
+            v = __bfloat162float(o.h.back());
+        } else {
+            o.f.push_back(v);
+        }
+        o.vals.push_back(v);
+    }
+    return o;
+}
+
+struct GemmShape {
+    uint32_t m1, m2, batch;
+    uint64_t k, row_stride, batch_stride;
+    bool symmetric;
+    uint64_t k_chunk;  // multiple of 32
+};
+
+uint32_t smem_for(const std::string& name) {
+    if (name.find("_async") != std::string::npos) return name.find("tf32") != std::string::npos ? (uint32_t)kTf32AsyncSmem : (uint32_t)kBf16AsyncSmem;
+    if (name.find("ffma") != std::string::npos) return (uint32_t)kFfmaSmem;
+    if (name.find("_tf32") != std::string::npos) return (uint32_t)kTf32Smem;
+    return (uint32_t)kBf16Smem;
+}
+
+// Chooses the kernel as src/ntk/gpu.rs does (gemm_kernel + the vec_ok / async_ok rules) and
+// runs it; returns the partials [batch][splits][m1][m2] (NaN where no block wrote).
+std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand* b, Prec prec, bool allow_async,
+                            std::string& kernel, uint32_t& splits_out) {
+    const bool bf16 = a.bf16;
+    const uint64_t elem = bf16 ? 2 : 4, chunk = 16 / elem;
+    const bool vec_ok = s.row_stride % 4 == 0 && s.batch_stride % 4 == 0;
+    const bool async_ok = allow_async && s.k % chunk == 0 && s.row_stride % chunk == 0 && s.batch_stride % chunk == 0;
+    const uint32_t splits = (uint32_t)std::max<uint64_t>(1, (s.k + s.k_chunk - 1) / s.k_chunk);
+    splits_out = splits;
+    const uint32_t col_tiles = (s.m2 + kTile - 1) / kTile, row_tiles = (s.m1 + kTile - 1) / kTile;
+    const uint32_t tiles = s.symmetric ? col_tiles * (col_tiles + 1) / 2 : row_tiles * col_tiles;
+    NtkvNtkGemmParams p{};
+    p.a_batch_stride = p.b_batch_stride = s.batch_stride;
+    p.a_row_stride = p.b_row_stride = s.row_stride;
+    p.k = s.k;
+    p.k_chunk = s.k_chunk;
+    p.m1 = s.m1;
+    p.m2 = s.m2;
+    p.batch = s.batch;
+    p.splits = splits;
+    p.col_tiles = col_tiles;
+    p.symmetric = s.symmetric;
+    p.vec_ok = vec_ok;
+    std::vector<float> part((size_t)s.batch * splits * s.m1 * s.m2, NAN);
+    const void* bp = b ? b->ptr() : a.ptr();
+    std::function<void()> body;
+    uint32_t threads = kThreads;
+    if (!bf16) {
+        const float *fa = (const float*)a.ptr(), *fb = (const float*)bp;
+        if (prec == Prec::Tf32 && async_ok) {
+            kernel = "ntkv_ntk_gemm_f32_tf32_async", threads = kAsyncThreads;
+            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32_async(p, fa, fb, part.data()); };
+        } else if (prec == Prec::F32) {
+            kernel = "ntkv_ntk_gemm_f32_ffma";
+            body = [&, fa, fb] { ntkv_ntk_gemm_f32_ffma(p, fa, fb, part.data()); };
+        } else if (prec == Prec::Tf32) {
+            kernel = "ntkv_ntk_gemm_f32_tf32";
+            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32(p, fa, fb, part.data()); };
+        } else {
+            kernel = "ntkv_ntk_gemm_f32_bf16";
+            body = [&, fa, fb] { ntkv_ntk_gemm_f32_bf16(p, fa, fb, part.data()); };
+        }
+    } else {
+        const __nv_bfloat16 *ha = (const __nv_bfloat16*)a.ptr(), *hb = (const __nv_bfloat16*)bp;
+        if (prec == Prec::Bf16 && async_ok) {
+            kernel = "ntkv_ntk_gemm_bf16_bf16_async", threads = kAsyncThreads;
+            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16_async(p, ha, hb, part.data()); };
+        } else if (prec == Prec::F32) {
+            kernel = "ntkv_ntk_gemm_bf16_ffma";
+            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_ffma(p, ha, hb, part.data()); };
+        } else if (prec == Prec::Tf32) {
+            kernel = "ntkv_ntk_gemm_bf16_tf32";
+            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_tf32(p, ha, hb, part.data()); };
+        } else {
+            kernel = "ntkv_ntk_gemm_bf16_bf16";
+            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16(p, ha, hb, part.data()); };
+        }
+    }
+    const uint32_t smem = smem_for(kernel);
+    ASAN_UNPOISON_MEMORY_REGION(smem_raw, ntkv_emu::SMEM_CAP);
+    ASAN_POISON_MEMORY_REGION(smem_raw + smem, ntkv_emu::SMEM_CAP - smem);
+    ntkv_emu::launch(dim3_{tiles, splits, s.batch}, dim3_{threads, 1, 1}, smem, body);
+    ASAN_UNPOISON_MEMORY_REGION(smem_raw, ntkv_emu::SMEM_CAP);
+    return part;
+}
+
+// Launches the reduction (kind 0/1/2) with a small grid so the grid-stride loop wraps.
+std::vector<float> run_reduce(const std::vector<float>& part, uint32_t m1, uint32_t m2, uint32_t batch, uint32_t splits,
+                              uint32_t kind, uint32_t n2, uint32_t o, bool symmetric, float scale, uint64_t n_out) {
+    NtkvNtkReduceParams r{};
+    r.n_out = n_out;
+    r.plane = (uint64_t)m1 * m2;
+    r.m1 = m1;
+    r.m2 = m2;
+    r.splits = splits;
+    r.batch = batch;
+    r.kind = kind;
+    r.n2 = n2;
+    r.o = o;
+    r.symmetric = symmetric;
+    r.scale = scale;
+    std::vector<float> out(n_out, NAN);
+    ntkv_emu::launch(dim3_{3, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_reduce(r, part.data(), out.data()); });
+    return out;
+}
+
+double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double d = (double)got[i] - want[i];
+        num += d * d;
+        den += want[i] * want[i];
+    }
+    if (!(num == num)) return INFINITY;
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+double bound(Prec p) { return p == Prec::F32 ? 1e-5 : 2e-3; }
+
+bool check(const char* what, const std::string& kernel, Prec prec, const std::vector<float>& got,
+           const std::vector<double>& want, const std::string& detail) {
+    const double e = rel_l2(got, want);
+    const uint64_t unr = ntkv_emu::unrounded_tf32.exchange(0), left = ntkv_emu::cp_async_leftover.exchange(0);
+    const bool ok = e <= bound(prec) && unr == 0 && left == 0 && got.size() == want.size();
+    std::printf("%-4s %-9s %-30s %-5s %s: rel L2 %.2e (bound %.0e)%s%s\n", ok ? "ok" : "FAIL", what, kernel.c_str(),
+                prec_name(prec), detail.c_str(), e, bound(prec), unr ? " UNROUNDED-TF32" : "",
+                left ? " CP.ASYNC-LEFT-PENDING" : "");
+    return ok;
+}
+
+// Plain GEMM: C_z = A_z·B_zᵀ, checked on the partial sums through the kind-0 reduction.
+bool gemm_case(Prec prec, bool bf16_in, uint32_t m1, uint32_t m2, uint64_t k, uint64_t pad, uint32_t batch, bool symmetric,
+               uint64_t k_chunk, bool allow_async) {
+    GemmShape s{m1, symmetric ? m1 : m2, batch, k, k + pad, 0, symmetric, k_chunk};
+    s.batch_stride = batch > 1 ? s.row_stride * std::max(m1, s.m2) + pad : 0;
+    const size_t na = (size_t)(batch - 1) * s.batch_stride + (size_t)(m1 - 1) * s.row_stride + k;
+    const size_t nb = (size_t)(batch - 1) * s.batch_stride + (size_t)(s.m2 - 1) * s.row_stride + k;
+    const Operand a = make_operand(na, bf16_in);
+    const Operand b = make_operand(nb, bf16_in);
+    const Operand* bp = symmetric ? nullptr : &b;
+    const Operand& bo = symmetric ? a : b;
+    std::string kernel;
+    uint32_t splits = 0;
+    const auto part = run_gemm(s, a, bp, prec, allow_async, kernel, splits);
+    const auto out = run_reduce(part, s.m1, s.m2, batch, splits, 0, 0, 0, symmetric, 1.f, (uint64_t)batch * s.m1 * s.m2);
+    std::vector<double> want((size_t)batch * s.m1 * s.m2);
+    for (uint32_t z = 0; z < batch; ++z)
+        for (uint32_t r = 0; r < s.m1; ++r)
+            for (uint32_t c = 0; c < s.m2; ++c) {
+                double acc = 0;
+                for (uint64_t kk = 0; kk < k; ++kk)
+                    acc += rounded(a.at(z * s.batch_stride + r * s.row_stride + kk), prec) *
+                           rounded(bo.at(z * s.batch_stride + c * s.row_stride + kk), prec);
+                want[((size_t)z * s.m1 + r) * s.m2 + c] = acc;
+            }
+    char d[200];
+    std::snprintf(d, sizeof d, "%s %s %ux%u k=%llu ld=%llu batch=%u splits=%u", bf16_in ? "bf16-in" : "f32-in ",
+                  symmetric ? "sym  " : "cross", m1, s.m2, (unsigned long long)k, (unsigned long long)s.row_stride, batch,
+                  splits);
+    return check("gemm", kernel, prec, out, want, d);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    ntkv_emu::smem_ptr = smem_raw;
+    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    bool ok = true;
+    for (Prec prec : {Prec::F32, Prec::Tf32, Prec::Bf16})
+        for (bool bf16_in : {false, true}) {
+            // aligned rows (vector loads; cp.async when the dtype matches), cross, 3 splits
+            ok &= gemm_case(prec, bf16_in, 150, 70, 200, 8, 1, false, 96, true);
+            // unaligned rows: scalar loads, register-staged
+            ok &= gemm_case(prec, bf16_in, 37, 131, 203, 0, 1, false, 64, true);
+            // symmetric, 2x2 tiles -> 3 blocks, 2 splits, batch 2
+            ok &= gemm_case(prec, bf16_in, 133, 0, 120, 8, 2, true, 64, true);
+            if (quick) continue;
+            // aligned but forced register-staged (the vec_ok loader)
+            ok &= gemm_case(prec, bf16_in, 129, 33, 136, 0, 1, false, 64, false);
+        }
+    std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::mma_count.load());
+    std::printf(ok ? "ALL OK\n" : "FAILURES\n");
+    return ok ? 0 : 1;
+}
