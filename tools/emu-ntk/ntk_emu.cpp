@@ -218,6 +218,150 @@ bool gemm_case(Prec prec, bool bf16_in, uint32_t m1, uint32_t m2, uint64_t k, ui
     return check("gemm", kernel, prec, out, want, d);
 }
 
+
+enum class Mode { Full, Trace, Diagonal, Pseudo };
+const char* mode_name(Mode m) {
+    return m == Mode::Full ? "full" : m == Mode::Trace ? "trace/O" : m == Mode::Diagonal ? "diagonal" : "pseudo";
+}
+
+// A mode pipeline as src/ntk/mod.rs runs it (mode_geometry, pre-sum, GEMM, reduce layout),
+// against the SPEC §6 definition evaluated in f64 on J directly (on the values the GEMM reads:
+// inputs rounded to the precision; for Pseudo the f32 in-order pre-sums, rounded).
+bool mode_case(Mode mode, Prec prec, bool bf16_in, uint32_t n1, uint32_t n2_or_0, uint32_t o, uint64_t p, uint64_t k_chunk) {
+    const bool sym = n2_or_0 == 0;
+    const uint32_t n2 = sym ? n1 : n2_or_0;
+    const Operand j1 = make_operand((size_t)n1 * o * p, bf16_in);
+    const Operand j2 = sym ? j1 : make_operand((size_t)n2 * o * p, bf16_in);
+    GemmShape s{};
+    s.symmetric = sym;
+    s.k_chunk = k_chunk;
+    uint32_t kind = 0;
+    float scale = 1.f;
+    uint64_t n_out = (uint64_t)n1 * n2;
+    switch (mode) {
+        case Mode::Full: s = {n1 * o, n2 * o, 1, p, p, 0, sym, k_chunk}; kind = 1; n_out *= (uint64_t)o * o; break;
+        case Mode::Trace: s = {n1, n2, 1, o * p, o * p, 0, sym, k_chunk}; scale = 1.f / (float)o; break;
+        case Mode::Diagonal: s = {n1, n2, o, p, o * p, p, sym, k_chunk}; kind = 2; n_out *= o; break;
+        case Mode::Pseudo: s = {n1, n2, 1, p, p, 0, sym, k_chunk}; break;
+    }
+    // Pseudo: the pre-sum kernel first; the GEMM then reads f32 sums [n, p].
+    auto presum_of = [&](const Operand& j, uint32_t n) {
+        NtkvNtkPresumParams pp{};
+        pp.p = p;
+        pp.n_out = (uint64_t)n * p;
+        pp.n = n;
+        pp.o = o;
+        Operand out;
+        out.bf16 = false;
+        out.f.assign(pp.n_out, NAN);
+        float* dst = out.f.data();
+        ntkv_emu::launch(dim3_{5, 1, 1}, dim3_{64, 1, 1}, 0, [&] {
+            if (j.bf16) ntkv_ntk_presum_bf16(pp, j.h.data(), dst);
+            else ntkv_ntk_presum_f32(pp, j.f.data(), dst);
+        });
+        out.vals = out.f;
+        // The in-order f32 sum the kernel must produce, checked exactly.
+        bool exact = true;
+        for (uint32_t i = 0; i < n; ++i)
+            for (uint64_t q = 0; q < p; ++q) {
+                float acc = 0.f;
+                for (uint32_t a = 0; a < o; ++a) acc += j.at(((size_t)i * o + a) * p + q);
+                exact &= acc == out.f[(size_t)i * p + q];
+            }
+        if (!exact) std::printf("FAIL presum not the in-order f32 sum\n");
+        return std::make_pair(out, exact);
+    };
+    std::string kernel;
+    uint32_t splits = 0;
+    std::vector<float> part;
+    Operand s1, s2;
+    bool ok = true;
+    if (mode == Mode::Pseudo) {
+        auto r1 = presum_of(j1, n1);
+        s1 = std::move(r1.first);
+        ok &= r1.second;
+        if (!sym) {
+            auto r2 = presum_of(j2, n2);
+            s2 = std::move(r2.first);
+            ok &= r2.second;
+        }
+        part = run_gemm(s, s1, sym ? nullptr : &s2, prec, true, kernel, splits);
+    } else {
+        part = run_gemm(s, j1, sym ? nullptr : &j2, prec, true, kernel, splits);
+    }
+    const auto out = run_reduce(part, s.m1, s.m2, s.batch, splits, kind, n2, o, sym, scale, n_out);
+    std::vector<double> want(n_out);
+    auto J1 = [&](uint32_t i, uint32_t a, uint64_t q) { return rounded(j1.at(((size_t)i * o + a) * p + q), prec); };
+    auto J2 = [&](uint32_t i, uint32_t a, uint64_t q) { return rounded(j2.at(((size_t)i * o + a) * p + q), prec); };
+    auto dot = [&](uint32_t i, uint32_t a, uint32_t j, uint32_t b) {
+        double acc = 0;
+        for (uint64_t q = 0; q < p; ++q) acc += J1(i, a, q) * J2(j, b, q);
+        return acc;
+    };
+    for (uint32_t i = 0; i < n1; ++i)
+        for (uint32_t j = 0; j < n2; ++j) {
+            const size_t ij = (size_t)i * n2 + j;
+            if (mode == Mode::Full) {
+                for (uint32_t a = 0; a < o; ++a)
+                    for (uint32_t b = 0; b < o; ++b) want[(ij * o + a) * o + b] = dot(i, a, j, b);
+            } else if (mode == Mode::Diagonal) {
+                for (uint32_t a = 0; a < o; ++a) want[ij * o + a] = dot(i, a, j, a);
+            } else if (mode == Mode::Trace) {
+                double acc = 0;
+                for (uint32_t a = 0; a < o; ++a) acc += dot(i, a, j, a);
+                want[ij] = acc / o;
+            } else {
+                const Operand& t2 = sym ? s1 : s2;
+                double acc = 0;
+                for (uint64_t q = 0; q < p; ++q) acc += rounded(s1.at((size_t)i * p + q), prec) * rounded(t2.at((size_t)j * p + q), prec);
+                want[ij] = acc;
+            }
+        }
+    char d[200];
+    std::snprintf(d, sizeof d, "%s %s n1=%u n2=%u o=%u p=%llu splits=%u", bf16_in ? "bf16-in" : "f32-in ", sym ? "sym  " : "cross",
+                  n1, n2, o, (unsigned long long)p, splits);
+    return check(mode_name(mode), kernel, prec, out, want, d) && ok;
+}
+
+// ntkv_ntk_combine against its documented formula (f64), kind 0 and 1, = and +=.
+bool combine_case(uint32_t kind, bool accumulate, uint32_t n1, uint32_t n2, uint32_t t, uint32_t e, float beta) {
+    std::vector<float> aa((size_t)n1 * t * n2 * t), gg((size_t)n1 * t * e * n2 * t * e);
+    for (auto& v : aa) v = uniform();
+    for (auto& v : gg) v = uniform();
+    NtkvNtkCombineParams c{};
+    c.n_out = (uint64_t)n1 * n2 * e * (kind == 0 ? e : 1);
+    c.n1 = n1;
+    c.n2 = n2;
+    c.t = t;
+    c.e = e;
+    c.kind = kind;
+    c.accumulate = accumulate;
+    c.beta = beta;
+    c.scale = 0.5f;
+    std::vector<float> out(c.n_out);
+    for (auto& v : out) v = uniform();
+    const std::vector<float> before = out;
+    ntkv_emu::launch(dim3_{3, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_combine(c, aa.data(), gg.data(), out.data()); });
+    std::vector<double> want(c.n_out);
+    const size_t ac = (size_t)n2 * t, gc = ac * e;
+    for (uint32_t i = 0; i < n1; ++i)
+        for (uint32_t j = 0; j < n2; ++j)
+            for (uint32_t a = 0; a < e; ++a)
+                for (uint32_t b = 0; b < e; ++b) {
+                    if (kind == 1 && b != a) continue;
+                    double s = 0;
+                    for (uint32_t ti = 0; ti < t; ++ti)
+                        for (uint32_t si = 0; si < t; ++si)
+                            s += ((double)aa[((size_t)i * t + ti) * ac + (size_t)j * t + si] + beta) *
+                                 gg[(((size_t)i * t + ti) * e + a) * gc + ((size_t)j * t + si) * e + b];
+                    const size_t idx = kind == 0 ? (((size_t)i * n2 + j) * e + a) * e + b : ((size_t)i * n2 + j) * e + a;
+                    want[idx] = 0.5 * s + (accumulate ? before[idx] : 0.0);
+                }
+    char d[120];
+    std::snprintf(d, sizeof d, "kind=%u acc=%d n1=%u n2=%u t=%u e=%u beta=%g", kind, (int)accumulate, n1, n2, t, e, beta);
+    return check("combine", "ntkv_ntk_combine", Prec::F32, out, want, d);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -236,6 +380,20 @@ int main(int argc, char** argv) {
             // aligned but forced register-staged (the vec_ok loader)
             ok &= gemm_case(prec, bf16_in, 129, 33, 136, 0, 1, false, 64, false);
         }
+    for (Prec prec : {Prec::F32, Prec::Tf32, Prec::Bf16})
+        for (bool bf16_in : {false, true}) {
+            ok &= mode_case(Mode::Full, prec, bf16_in, 13, 11, 10, 300, 128);
+            ok &= mode_case(Mode::Diagonal, prec, bf16_in, 40, 0, 3, 181, 64);
+            if (quick) continue;
+            ok &= mode_case(Mode::Full, prec, bf16_in, 9, 0, 15, 301, 128);
+            ok &= mode_case(Mode::Trace, prec, bf16_in, 50, 29, 3, 250, 256);
+            ok &= mode_case(Mode::Diagonal, prec, bf16_in, 21, 35, 4, 64, 32);
+            ok &= mode_case(Mode::Pseudo, prec, bf16_in, 60, 45, 4, 333, 128);
+            ok &= mode_case(Mode::Pseudo, prec, bf16_in, 70, 0, 3, 96, 32);
+        }
+    ok &= combine_case(0, false, 5, 4, 3, 6, 1.f);
+    ok &= combine_case(1, true, 3, 7, 2, 5, 0.f);
+    ok &= combine_case(0, true, 4, 4, 1, 3, 1.f);
     std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::mma_count.load());
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
