@@ -15,6 +15,9 @@
 //    unspecified order; the difference is far below the tf32/bf16 tolerances). tf32 operands
 //    whose low 13 bits are not zero (not rounded by the kernel) are counted in
 //    ntkv_emu::unrounded_tf32 and their low bits dropped;
+//  - ldmatrix.sync.aligned.m8n8.x4.shared.b16 from the ISA's description (row addresses from
+//    lanes 8i..8i+7 for matrix i; lane l gets bytes 4(l%4).. of row l/4), alignment and bounds
+//    checked;
 //  - cp.async.cg 16 bytes with src-size 0 or 16 (zero-fill), commit_group and wait_group N as
 //    a per-thread queue of committed groups: in "lazy" mode (default) a copy lands only when
 //    a wait_group retires its group, so reading a stage before waiting for it reads the 0xFF
@@ -170,6 +173,24 @@ inline void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     if (lane == 0) mma_count.fetch_add(1, std::memory_order_relaxed);
     warp_sync();  // nobody overwrites the slot before every lane has read it
     for (int i = 0; i < 4; ++i) c[i] = d[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (PTX ISA 9.7.14.5.15): lanes 8i..8i+7 give the
+// row addresses of matrix i (16-byte aligned, inside shared memory); lane l receives in
+// register i the 32 bits at byte 4·(l % 4) of row l / 4 of matrix i.
+struct LdmSlot {
+    const unsigned char* addr[32];
+};
+inline LdmSlot ldm_slots[64];
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+    const unsigned lane = lane_id(), warp = threadIdx.x >> 5;
+    const unsigned char* a = static_cast<const unsigned char*>(row_addr);
+    if ((reinterpret_cast<uintptr_t>(a) & 15u) != 0) throw std::runtime_error("ldmatrix: row address not 16-byte aligned");
+    if (a < smem_ptr || a + 16 > smem_ptr + dynamic_smem_bytes) throw std::runtime_error("ldmatrix: row outside dynamic shared memory");
+    ldm_slots[warp].addr[lane] = a;
+    warp_sync();
+    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], ldm_slots[warp].addr[8 * i + lane / 4] + 4 * (lane % 4), 4);
+    warp_sync();
 }
 
 // cp.async: per-thread queue of committed groups.
