@@ -759,7 +759,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
                                                                  const uint32_t* __restrict__ labels,
                                                                  const double* __restrict__ cent,
                                                                  double* __restrict__ partials) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     double s[kStats] = {0, 0, 0, 0, 0, 0};
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     const uint32_t n = p.n;
@@ -793,7 +793,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const NtkvNtkStatsParams p,
                                                                         const double* __restrict__ partials,
                                                                         double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     for (int q = 0; q < kStats; ++q) {
         double s = 0;
         for (uint32_t b = threadIdx.x; b < p.blocks; b += blockDim.x) s += partials[(uint64_t)b * kStats + q];
@@ -806,7 +806,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const Nt
 // blocks n..), written to out = [row n][col n]; the grand mean is ntkv_ntk_grand_mean's.
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMeansParams p, const float* __restrict__ x,
                                                                  double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     const uint32_t n = p.n;
     if (blockIdx.x < n) {
         const uint32_t i = blockIdx.x;
@@ -826,7 +826,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMe
 
 // One block: out[2n] = mean of the row means out[0..n).
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_grand_mean(const NtkvNtkMeansParams p, double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     double s = 0;
     for (uint32_t i = threadIdx.x; i < p.n; i += blockDim.x) s += out[i];
     const double t = block_sum(s, red);
