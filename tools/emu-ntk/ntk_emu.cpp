@@ -362,12 +362,139 @@ bool combine_case(uint32_t kind, bool accumulate, uint32_t n1, uint32_t n2, uint
     return check("combine", "ntkv_ntk_combine", Prec::F32, out, want, d);
 }
 
+// Metric reductions: ntkv_ntk_means + ntkv_ntk_grand_mean, then ntkv_ntk_stats (m_kind 0/1/2,
+// centred or not, blocks < total/256 so the grid-stride loop wraps) + ntkv_ntk_stats_finish,
+// against f64 sums (relative 1e-12: everything is f64 but the order).
+bool metrics_case(uint32_t n, uint32_t m_kind, bool center, uint32_t blocks) {
+    std::vector<float> k((size_t)n * n), m((size_t)n * n);
+    for (auto& v : k) v = uniform();
+    for (auto& v : m) v = uniform();
+    std::vector<uint32_t> labels(n);
+    for (auto& l : labels) l = (uint32_t)(rng() % 3);
+    auto means = [&](const std::vector<float>& x) {
+        NtkvNtkMeansParams mp{};
+        mp.n = n;
+        std::vector<double> out(2 * n + 1, NAN);
+        ntkv_emu::launch(dim3_{n + (n + 255) / 256, 1, 1}, dim3_{256, 1, 1}, 0, [&] { ntkv_ntk_means(mp, x.data(), out.data()); });
+        ntkv_emu::launch(dim3_{1, 1, 1}, dim3_{256, 1, 1}, 0, [&] { ntkv_ntk_grand_mean(mp, out.data()); });
+        return out;
+    };
+    auto means_ref = [&](const std::vector<float>& x) {
+        std::vector<double> r(2 * n + 1, 0.0);
+        for (uint32_t i = 0; i < n; ++i)
+            for (uint32_t j = 0; j < n; ++j) {
+                r[i] += x[(size_t)i * n + j] / (double)n;
+                r[n + j] += x[(size_t)i * n + j] / (double)n;
+            }
+        for (uint32_t i = 0; i < n; ++i) r[2 * n] += r[i] / n;
+        return r;
+    };
+    bool ok = true;
+    auto close = [](double a, double b) { return std::fabs(a - b) <= 1e-12 * std::max(1.0, std::fabs(b)); };
+    std::vector<double> cent;
+    if (center) {
+        const auto ck = means(k), cm = means(m), rk = means_ref(k), rm = means_ref(m);
+        for (size_t i = 0; i < ck.size(); ++i) ok &= close(ck[i], rk[i]) && close(cm[i], rm[i]);
+        cent = ck;
+        cent.insert(cent.end(), cm.begin(), cm.end());
+    }
+    NtkvNtkStatsParams sp{};
+    sp.total = (uint64_t)n * n;
+    sp.n = n;
+    sp.m_kind = m_kind;
+    sp.center = center;
+    sp.blocks = blocks;
+    std::vector<double> partials((size_t)blocks * kStats, NAN), out(kStats, NAN);
+    const double* cp = center ? cent.data() : nullptr;
+    ntkv_emu::launch(dim3_{blocks, 1, 1}, dim3_{256, 1, 1}, 0,
+                     [&] { ntkv_ntk_stats(sp, k.data(), m.data(), labels.data(), cp, partials.data()); });
+    ntkv_emu::launch(dim3_{1, 1, 1}, dim3_{256, 1, 1}, 0, [&] { ntkv_ntk_stats_finish(sp, partials.data(), out.data()); });
+    double want[kStats] = {0, 0, 0, 0, 0, 0};
+    for (uint32_t i = 0; i < n; ++i)
+        for (uint32_t j = 0; j < n; ++j) {
+            double kv = k[(size_t)i * n + j];
+            if (center) kv = kv - cent[i] - cent[n + j] + cent[2 * n];
+            want[0] += kv;
+            want[1] += kv * kv;
+            if (i == j) want[2] += kv;
+            if (m_kind) {
+                double mv = m_kind == 1 ? (labels[i] == labels[j] ? 1.0 : -1.0) : (double)m[(size_t)i * n + j];
+                if (m_kind == 2 && center) mv = mv - cent[2 * n + 1 + i] - cent[3 * n + 1 + j] + cent[4 * n + 1];
+                want[3] += mv;
+                want[4] += mv * mv;
+                want[5] += kv * mv;
+            }
+        }
+    for (int q = 0; q < kStats; ++q) ok &= std::fabs(out[q] - want[q]) <= 1e-9 * std::max(1.0, std::fabs(want[q]));
+    std::printf("%-4s metrics   ntkv_ntk_stats/means           n=%u m_kind=%u center=%d blocks=%u: sum %.6g (want %.6g), "
+                "k.m %.6g (want %.6g)\n",
+                ok ? "ok" : "FAIL", n, m_kind, (int)center, blocks, out[0], want[0], out[5], want[5]);
+    return ok;
+}
+
+// MLP elementwise kernels against their documented formulas (ReLU / tanh / GELU).
+bool mlp_case(uint32_t act) {
+    const uint32_t n = 3, o = 4, cols = 37;
+    const uint64_t rows = (uint64_t)n * o, total = rows * cols;
+    std::vector<float> pre(total), z(n * cols), bias(cols), t1(total), t2(total), dbias(cols);
+    for (auto* v : {&pre, &z, &bias, &t1, &t2, &dbias})
+        for (auto& x : *v) x = 2.f * uniform();
+    auto f = [&](double x) { return act == 0 ? (x > 0 ? x : 0) : act == 1 ? std::tanh(x) : 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); };
+    auto df = [&](double x) {
+        if (act == 0) return x > 0 ? 1.0 : 0.0;
+        if (act == 1) return 1 - std::tanh(x) * std::tanh(x);
+        return 0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
+    };
+    double err = 0;
+    // bias_act
+    NtkvNtkBiasActParams bp{total, cols, 1, 1, act};
+    std::vector<float> zo(total, NAN), ao(total, NAN);
+    ntkv_emu::launch(dim3_{2, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_bias_act(bp, pre.data(), bias.data(), zo.data(), ao.data()); });
+    for (uint64_t i = 0; i < total; ++i) {
+        const double zz = (double)pre[i] + bias[i % cols];
+        err = std::max({err, std::fabs(zo[i] - zz), std::fabs(ao[i] - f((float)zz))});
+    }
+    // cotangent mode 1 ([n, o, cols] with z [n, cols]) and mode 0 (identity)
+    NtkvNtkCotangentParams cp{total, o, cols, 1, act};
+    std::vector<float> g(total, NAN);
+    ntkv_emu::launch(dim3_{2, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_cotangent(cp, pre.data(), z.data(), g.data()); });
+    for (uint64_t i = 0; i < total; ++i) err = std::max(err, std::fabs(g[i] - pre[i] * df(z[(i / cols / o) * cols + i % cols])));
+    NtkvNtkCotangentParams cp0{(uint64_t)n * o * o, o, o, 0, act};
+    std::vector<float> g0(n * o * o, NAN);
+    ntkv_emu::launch(dim3_{1, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_cotangent(cp0, nullptr, nullptr, g0.data()); });
+    for (uint64_t i = 0; i < g0.size(); ++i) err = std::max(err, std::fabs(g0[i] - ((i / o) % o == i % o ? 1.0 : 0.0)));
+    // jvp, hidden and last
+    for (uint32_t last : {0u, 1u}) {
+        NtkvNtkJvpParams jp{};
+        jp.total = total;
+        jp.cols = cols;
+        jp.has_bias = 1;
+        jp.has_t2 = 1;
+        jp.is_last = last;
+        jp.act = act;
+        std::vector<float> a(total, NAN), da(total, NAN);
+        ntkv_emu::launch(dim3_{2, 1, 1}, dim3_{64, 1, 1}, 0,
+                         [&] { ntkv_ntk_jvp(jp, pre.data(), t1.data(), t2.data(), bias.data(), dbias.data(), a.data(), da.data()); });
+        for (uint64_t i = 0; i < total; ++i) {
+            const double zz = (double)pre[i] + bias[i % cols], dz = (double)t1[i] + t2[i] + dbias[i % cols];
+            if (last) err = std::max(err, std::fabs(a[i] - (zz + dz)));
+            else err = std::max({err, std::fabs(a[i] - f(zz)), std::fabs(da[i] - df(zz) * dz)});
+        }
+    }
+    const bool ok = err < 1e-5;
+    std::printf("%-4s mlp       bias_act/cotangent/jvp         act=%u: max abs err %.2e\n", ok ? "ok" : "FAIL", act, err);
+    return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     ntkv_emu::smem_ptr = smem_raw;
-    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    // "quick": fewer GEMM/mode cases; "misc": only combine, metrics and MLP kernels.
+    const std::string arg = argc > 1 ? argv[1] : "";
+    const bool quick = arg == "quick", misc_only = arg == "misc";
     bool ok = true;
+    if (!misc_only) {
     for (Prec prec : {Prec::F32, Prec::Tf32, Prec::Bf16})
         for (bool bf16_in : {false, true}) {
             // aligned rows (vector loads; cp.async when the dtype matches), cross, 3 splits
@@ -391,9 +518,15 @@ int main(int argc, char** argv) {
             ok &= mode_case(Mode::Pseudo, prec, bf16_in, 60, 45, 4, 333, 128);
             ok &= mode_case(Mode::Pseudo, prec, bf16_in, 70, 0, 3, 96, 32);
         }
+    }
     ok &= combine_case(0, false, 5, 4, 3, 6, 1.f);
     ok &= combine_case(1, true, 3, 7, 2, 5, 0.f);
     ok &= combine_case(0, true, 4, 4, 1, 3, 1.f);
+    ok &= metrics_case(37, 0, false, 2);
+    ok &= metrics_case(41, 1, false, 3);
+    ok &= metrics_case(29, 2, true, 2);
+    ok &= metrics_case(300, 2, true, 5);
+    for (uint32_t act : {0u, 1u, 2u}) ok &= mlp_case(act);
     std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::mma_count.load());
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
