@@ -106,19 +106,27 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 __device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(NTKV_EMULATE)
+    ntkv_emu::mma<false>(c, a, b);  // tools/emu-ntk: the PTX ISA's fragment layouts on the CPU
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(NTKV_EMULATE)
+    ntkv_emu::mma<true>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 struct GemmCtx {
@@ -236,36 +244,66 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 }
 
 
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l supplies the 16-byte row address of row
+// (l % 8) of matrix l / 8; register i of lane l receives the 4 bytes at byte 4·(l % 4) of
+// row l / 4 of matrix i. For 32-bit elements (tf32) that is word l % 4 of the row, so the
+// same load serves both tensor-core flavours. Rows must be 16-byte aligned.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint32_t* row_addr) {
+#if defined(NTKV_EMULATE)
+    ntkv_emu::ldmatrix_x4(r, row_addr);  // tools/emu-ntk: the PTX ISA's ldmatrix semantics
+#else
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(row_addr);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#endif
+}
+
 // One 32-deep k tile of a warp's 64 x (8·NI) block of C, whose top-left is (wr, wc) within the
-// block tile, from shared memory rows of `ld` u32 words (k contiguous). One mma step covers
-// 8 k (tf32) or 16 k (bf16): 8 words per row either way. kCvt: the words are f32 values still
-// to be rounded to tf32.
+// block tile, from shared memory rows of `ld` u32 words (k contiguous; ld·4 bytes is a
+// multiple of 16 and rows land on distinct banks for 8 consecutive rows, so every ldmatrix
+// phase is conflict-free). One mma step covers 8 k (tf32) or 16 k (bf16): 8 words per row
+// either way. Fragments come from ldmatrix.x4: per step 4 loads for A (one per 16-row tile)
+// and NI/2 for B (two 8-column tiles each), i.e. 4·NI mma per 4 + NI/2 loads. kCvt: the
+// words are f32 values still to be rounded to tf32.
 template <bool kBf16, bool kCvt, int NI>
 __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t* __restrict__ ca,
                                           const uint32_t* __restrict__ cb, int ld, int wr, int wc, int g,
                                           int t) {
-    auto word = [](uint32_t w) -> uint32_t { return kCvt ? to_tf32(__uint_as_float(w)) : w; };
+    static_assert(NI % 2 == 0, "B fragments load two 8-column tiles at a time");
+    const int lane = g * 4 + t;
+    // A (16 x 8 words): matrices (rows 0-7, words 0-3), (rows 8-15, words 0-3), (rows 0-7,
+    // words 4-7), (rows 8-15, words 4-7) are the fragment registers a0..a3 of both
+    // m16n8k8.tf32 (a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)) and m16n8k16.bf16
+    // (a0 (g, 2t..), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)).
+    const uint32_t* a_lane = ca + (wr + (lane & 15)) * ld + (lane >> 4) * 4;
+    // B (Bs[n][k] = B[k][n], n rows): matrices (n 0-7, words 0-3), (n 0-7, words 4-7),
+    // (n 8-15, words 0-3), (n 8-15, words 4-7) are b0, b1 of column tile ni, then of ni + 1.
+    const uint32_t* b_lane = cb + (wc + (lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 4;
 #pragma unroll
     for (int ks = 0; ks < (kBf16 ? 2 : 4); ++ks) {
         const int w0 = ks * 8;
         uint32_t af[4][4], bfr[NI][2];
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-            const int r = wr + mi * 16 + g;
-            // tf32: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
-            // bf16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
-            // in words both are (row, w0 + t) and (row, w0 + t + 4).
-            af[mi][0] = word(ca[r * ld + w0 + t]);
-            af[mi][1] = word(ca[(r + 8) * ld + w0 + t]);
-            af[mi][2] = word(ca[r * ld + w0 + t + 4]);
-            af[mi][3] = word(ca[(r + 8) * ld + w0 + t + 4]);
-        }
+        for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], a_lane + mi * 16 * ld + w0);
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-            const int n = wc + ni * 8 + g;
-            // B[k][n] = Bs[n][k]: b0 (k = t | 2t..2t+1), b1 (k = t+4 | 2t+8..).
-            bfr[ni][0] = word(cb[n * ld + w0 + t]);
-            bfr[ni][1] = word(cb[n * ld + w0 + t + 4]);
+        for (int ni = 0; ni < NI; ni += 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, b_lane + ni * 8 * ld + w0);
+            bfr[ni][0] = r[0];
+            bfr[ni][1] = r[1];
+            bfr[ni + 1][0] = r[2];
+            bfr[ni + 1][1] = r[3];
+        }
+        if (kCvt) {
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) af[mi][e] = to_tf32(__uint_as_float(af[mi][e]));
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) bfr[ni][e] = to_tf32(__uint_as_float(bfr[ni][e]));
         }
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
@@ -402,16 +440,28 @@ constexpr size_t kBf16AsyncSmem = (size_t)kAsyncStagesBf16 * 2 * kTile * kBf16Ld
 static_assert(kTf32AsyncSmem == 110592, "must match SMEM_TF32_ASYNC in gpu.rs");
 static_assert(kBf16AsyncSmem == 81920, "must match SMEM_BF16_ASYNC in gpu.rs");
 
+#if defined(NTKV_EMULATE)
+// tools/emu-ntk: cp.async as per-thread queues of committed groups (see its header).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    ntkv_emu::cp_async16(smem, gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    ntkv_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
     const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
     const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 template <bool kBf16>
 __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restrict__ a_raw,
@@ -709,7 +759,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
                                                                  const uint32_t* __restrict__ labels,
                                                                  const double* __restrict__ cent,
                                                                  double* __restrict__ partials) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     double s[kStats] = {0, 0, 0, 0, 0, 0};
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     const uint32_t n = p.n;
@@ -743,7 +793,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const NtkvNtkStatsParams p,
                                                                         const double* __restrict__ partials,
                                                                         double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     for (int q = 0; q < kStats; ++q) {
         double s = 0;
         for (uint32_t b = threadIdx.x; b < p.blocks; b += blockDim.x) s += partials[(uint64_t)b * kStats + q];
@@ -756,7 +806,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const Nt
 // blocks n..), written to out = [row n][col n]; the grand mean is ntkv_ntk_grand_mean's.
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMeansParams p, const float* __restrict__ x,
                                                                  double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     const uint32_t n = p.n;
     if (blockIdx.x < n) {
         const uint32_t i = blockIdx.x;
@@ -776,7 +826,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMe
 
 // One block: out[2n] = mean of the row means out[0..n).
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_grand_mean(const NtkvNtkMeansParams p, double* __restrict__ out) {
-    __shared__ double red[256];
+    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
     double s = 0;
     for (uint32_t i = threadIdx.x; i < p.n; i += blockDim.x) s += out[i];
     const double t = block_sum(s, red);

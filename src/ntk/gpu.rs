@@ -895,7 +895,7 @@ mod tests {
 
 /// A lane-level transliteration of one 128 × 128 × 32 tile of the tensor-core kernels:
 /// the shared-memory fill of each loader (register-staged 256 threads, cp.async 128 threads),
-/// `mma_stage`'s fragment reads, the mma instruction's register layout from the PTX ISA
+/// `mma_stage`'s ldmatrix fragment loads, the mma instruction's register layout from the PTX ISA
 /// (m16n8k8 tf32, m16n8k16 bf16), and `store_mma_acc`'s epilogue. It checks that the indices
 /// fit together: every C entry written once and equal to the tile's product.
 #[cfg(test)]
@@ -964,6 +964,21 @@ mod fragment_tests {
         (s, ld_words)
     }
 
+    /// ldmatrix.sync.aligned.m8n8.x4.shared.b16 from the PTX ISA: lanes 8i..8i+7 give the row
+    /// addresses (here word indices, 16-byte aligned) of matrix i; register i of lane l is the
+    /// word l % 4 of row l / 4 of matrix i.
+    fn ldmatrix_x4(s: &[u32], row_word: impl Fn(usize) -> usize) -> [[u32; 4]; 32] {
+        let mut out = [[0u32; 4]; 32];
+        for (lane, regs) in out.iter_mut().enumerate() {
+            for (i, r) in regs.iter_mut().enumerate() {
+                let row = row_word(8 * i + lane / 4);
+                assert_eq!(row % 4, 0, "ldmatrix row address not 16-byte aligned");
+                *r = s[row + lane % 4];
+            }
+        }
+        out
+    }
+
     fn operand_value(word: u32, half: usize, is_bf16: bool) -> f64 {
         if is_bf16 {
             f64::from(bf16::from_bits((word >> (16 * half)) as u16).to_f32())
@@ -990,20 +1005,19 @@ mod fragment_tests {
                 let w0 = ks * 8;
                 let mut af = [[[0u32; 4]; 4]; 32];
                 let mut bfr = [[[0u32; 2]; 8]; 32];
-                for lane in 0..32 {
-                    let (g, t) = (lane >> 2, lane & 3);
-                    for mi in 0..4 {
-                        let r = wr + mi * 16 + g;
-                        af[lane][mi] = [
-                            word(sa[r * ld + w0 + t]),
-                            word(sa[(r + 8) * ld + w0 + t]),
-                            word(sa[r * ld + w0 + t + 4]),
-                            word(sa[(r + 8) * ld + w0 + t + 4]),
-                        ];
+                // `mma_stage`'s ldmatrix.x4 row addresses (in words) per lane.
+                for mi in 0..4 {
+                    let regs = ldmatrix_x4(&sa, |l| (wr + mi * 16 + (l & 15)) * ld + w0 + (l >> 4) * 4);
+                    for lane in 0..32 {
+                        af[lane][mi] = regs[lane].map(word);
                     }
-                    for ni in 0..ni_count {
-                        let n = wc + ni * 8 + g;
-                        bfr[lane][ni] = [word(sb[n * ld + w0 + t]), word(sb[n * ld + w0 + t + 4])];
+                }
+                for ni in (0..ni_count).step_by(2) {
+                    let regs =
+                        ldmatrix_x4(&sb, |l| (wc + ni * 8 + (l & 7) + ((l >> 4) << 3)) * ld + w0 + ((l >> 3) & 1) * 4);
+                    for lane in 0..32 {
+                        bfr[lane][ni] = [word(regs[lane][0]), word(regs[lane][1])];
+                        bfr[lane][ni + 1] = [word(regs[lane][2]), word(regs[lane][3])];
                     }
                 }
                 // The mma, from the PTX ISA's fragment layouts.
