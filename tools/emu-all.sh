@@ -10,6 +10,7 @@ runners=(
   "$root/tools/emu/run.sh"
   "$root/tools/emu/run-attention.sh"
   "$root/tools/emu-quant/run.sh"
+  "$root/tools/emu-ntk/run.sh"
 )
 for r in "${runners[@]}"; do
   echo "== $(realpath --relative-to="$root" "$r")"
