@@ -33,6 +33,7 @@ float unif() { return (float)((rng() >> 11) * (1.0 / 9007199254740992.0)); }
             std::printf("  FAIL: " __VA_ARGS__);           \
             std::printf("\n");                             \
             ++g_fail;                                      \
+            if (std::getenv("NTKV_EMU_STOP")) std::exit(1); \
             return false;                                  \
         }                                                  \
     } while (0)
@@ -319,6 +320,8 @@ H2O_K(__half, f16, 64)
 H2O_K(__half, f16, 128)
 H2O_K(__nv_bfloat16, bf16, 64)
 H2O_K(__nv_bfloat16, bf16, 128)
+H2O_K(__half, f16, 256)
+H2O_K(__nv_bfloat16, bf16, 256)
 
 std::vector<uint32_t> queue_order(size_t hkv, size_t lag) {
     std::vector<uint32_t> o;
@@ -369,6 +372,8 @@ struct H2oState {
     uint64_t tickets = 0;
 };
 
+double g_h2o_timeout = 90.0;
+
 template <typename T, int D>
 bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, const T* q, const T* k, float* acc,
                 H2oState& st, unsigned conc, unsigned seed) {
@@ -383,7 +388,7 @@ bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, co
     p.reduce_max = max_reduce;
     p.scale = 1.0f / std::sqrt((float)s.d);
     p.overwrite = overwrite;
-    LaunchOpts o{conc, true, seed, 90.0};
+    LaunchOpts o{conc, true, seed, g_h2o_timeout};
     if (queued) {
         const size_t items = 2 * s.hkv * n_tiles;
         p.epoch = st.epoch + 1;
@@ -585,6 +590,118 @@ bool pool_case(size_t rows, size_t stride, size_t n_out) {
     return true;
 }
 
+// SnapKV as src/topk/mod.rs runs it: votes = accumulate(overwrite) into [hkv, t], pool the
+// first t - w columns (row stride t), select capacity - w of them plus the window. The pooling
+// is compared with the f64 reference at 1e-5 relative, the selection exactly against the
+// reference selection of the kernel's own pooled scores.
+template <typename T>
+bool snapkv_case(const char* name, Shape s, size_t capacity, bool max_reduce) {
+    ++g_cases;
+    ntkv_emu::arena_reset();
+    s.d = 64;
+    std::printf("snapkv %-21s %-4s hq=%zu hkv=%zu w=%zu t=%zu capacity=%zu\n", name, dname<T>(), s.hq, s.hkv, s.tq, s.t,
+                capacity);
+    std::fflush(stdout);
+    std::vector<T> hq(s.hq * s.tq * s.d), hk(s.hkv * s.t * s.d);
+    for (auto& v : hq) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
+    for (auto& v : hk) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
+    const std::vector<double> mass = attention_mass(hq, hk, s, max_reduce);
+    T* q = dev_alloc<T>(hq.size());
+    T* k = dev_alloc<T>(hk.size());
+    std::memcpy(q, hq.data(), hq.size() * sizeof(T));
+    std::memcpy(k, hk.data(), hk.size() * sizeof(T));
+    float* votes = dev_alloc<float>(s.hkv * s.t);
+    for (size_t e = 0; e < s.hkv * s.t; ++e) votes[e] = NAN;  // overwritten, never read
+    const size_t n_tiles = (s.t + 63) / 64;
+    H2oState st;
+    st.partial = dev_alloc<float>(s.hq * s.tq * n_tiles * 2);
+    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
+    const std::vector<uint32_t> order = queue_order(s.hkv, std::min<size_t>(2, s.hkv));
+    st.order = dev_alloc<uint32_t>(order.size());
+    std::memcpy(st.order, order.data(), order.size() * 4);
+    st.queue = dev_alloc<unsigned long long>(1);
+    st.done = dev_alloc<uint32_t>(s.hkv);
+    st.ready = dev_alloc<uint32_t>(s.hkv);
+    st.error = dev_alloc<uint32_t>(1);
+    CHECK((h2o_launch<T, 64>(s, true, max_reduce, true, q, k, votes, st, 4, 11)), "accumulate failed");
+    const size_t older = s.t - s.tq, w = s.tq;
+    float* pooled = dev_alloc<float>(s.hkv * older);
+    NtkvPoolParams pp{(uint32_t)s.hkv, (uint32_t)s.t, (uint32_t)older, 0};
+    CHECK(ntkv_emu::launch(dim3_{(unsigned)std::clamp<size_t>((s.hkv * older + 255) / 256, 1, 8192), 1, 1},
+                           dim3_{256, 1, 1}, 0, [&] { ntkv_snapkv_pool(pp, votes, pooled); }, LaunchOpts{2, false, 1, 60}),
+          "pool failed");
+    for (size_t h = 0; h < s.hkv; ++h)
+        for (size_t j = 0; j < older; ++j) {
+            double sum = 0;
+            for (long i = (long)j - 2; i <= (long)j + 2; ++i)
+                if (i >= 0 && i < (long)older) sum += mass[h * s.t + i];
+            const double want = sum / 5.0;
+            CHECK(std::fabs(pooled[h * older + j] - want) <= 1e-4 * want + 1e-6, "pooled h%zu j%zu: %g vs %g", h, j,
+                  (double)pooled[h * older + j], want);
+        }
+    // The selection over the kernel's own pooled scores (EvictionPlan::snapkv).
+    const size_t k_sel = capacity - w;
+    uint32_t* keep = dev_alloc<uint32_t>(s.hkv * capacity);
+    std::vector<float> hp(pooled, pooled + s.hkv * older);
+    std::vector<uint32_t> ref;
+    for (size_t h = 0; h < s.hkv; ++h) {
+        std::vector<float> row(hp.begin() + h * older, hp.begin() + (h + 1) * older);
+        std::vector<uint32_t> chosen;
+        if (k_sel > 0) topk_ref(row, 1, older, k_sel, nullptr, chosen);
+        std::sort(chosen.begin(), chosen.end());
+        ref.insert(ref.end(), chosen.begin(), chosen.end());
+        for (size_t i = 0; i < w; ++i) ref.push_back((uint32_t)(older + i));
+    }
+    if (k_sel > 0) {
+        Layout lay = choose(s.hkv, older, k_sel, 132);
+        const size_t b = lay.rows_per_batch;
+        const TopkOut out{older, false, true, false, capacity, w, older};
+        CHECK((topk_launch<float>(lay, s.hkv, older, k_sel, pooled, dev_alloc<uint32_t>(s.hkv), out, dev_alloc<float>(1),
+                                  keep, dev_alloc<uint32_t>(b * 4096), dev_alloc<uint32_t>(b * 8),
+                                  dev_alloc<uint32_t>(b * k_sel), dev_alloc<uint32_t>(b * older), TopkRun{})),
+              "select failed");
+    } else {
+        NtkvFillRecentParams fp{(uint32_t)s.hkv, (uint32_t)capacity, 0, (uint32_t)w, (uint32_t)older, 0};
+        CHECK(ntkv_emu::launch(dim3_{(unsigned)std::clamp<size_t>((s.hkv * w + 255) / 256, 1, 4096), 1, 1},
+                               dim3_{256, 1, 1}, 0, [&] { ntkv_topk_fill_recent(fp, keep); }, LaunchOpts{2, false, 1, 60}),
+              "fill_recent failed");
+    }
+    for (size_t e = 0; e < ref.size(); ++e) CHECK(keep[e] == ref[e], "keep %zu: %u vs %u", e, keep[e], ref[e]);
+    return true;
+}
+
+// Negative control: a queue order with pass 2 of a head BEFORE its pass 1 must deadlock with
+// one resident CTA, and the launcher must report it (shows the deadlock check can fire).
+bool deadlock_control() {
+    ++g_cases;
+    ntkv_emu::arena_reset();
+    std::printf("h2o negative control: pass 2 queued before pass 1, 1 resident CTA (expect a timeout)\n");
+    std::fflush(stdout);
+    const Shape s{2, 1, 4, 70, 64};
+    std::vector<__half> hq(s.hq * s.tq * s.d, ntkv::from_f32<__half>(0.5f)), hk(s.hkv * s.t * s.d, ntkv::from_f32<__half>(0.25f));
+    __half* q = dev_alloc<__half>(hq.size());
+    __half* k = dev_alloc<__half>(hk.size());
+    std::memcpy(q, hq.data(), hq.size() * 2);
+    std::memcpy(k, hk.data(), hk.size() * 2);
+    float* acc = dev_alloc<float>(s.hkv * s.t);
+    H2oState st;
+    st.partial = dev_alloc<float>(s.hq * s.tq * 2 * 2);
+    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
+    const uint32_t bad[2] = {1u << 31, 0u};
+    st.order = dev_alloc<uint32_t>(2);
+    std::memcpy(st.order, bad, 8);
+    st.queue = dev_alloc<unsigned long long>(1);
+    st.done = dev_alloc<uint32_t>(1);
+    st.ready = dev_alloc<uint32_t>(1);
+    st.error = dev_alloc<uint32_t>(1);
+    g_h2o_timeout = 4.0;
+    const bool ok = h2o_launch<__half, 64>(s, true, false, true, q, k, acc, st, 1, 1);
+    g_h2o_timeout = 90.0;
+    CHECK(!ok, "the bad order did not deadlock: the deadlock check cannot be trusted");
+    std::printf("  deadlock detected as expected\n");
+    return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -654,6 +771,17 @@ int main(int argc, char** argv) {
         h2o_case<__nv_bfloat16, 64>("d-lag2-conc-all", d, true, false, 2, 64);
         h2o_case<__half, 128>("e", e, true, false, 2, 6);
         h2o_case<__nv_bfloat16, 128>("e-3launch", e, false, true, 2, 6);
+        const Shape g{3, 3, 40, 40, 64};    // t < 64: one partial tile, tq == t
+        h2o_case<__half, 64>("g-short", g, true, false, 2, 3);
+        h2o_case<__nv_bfloat16, 64>("g-short-3launch", g, false, false, 2, 3);
+        const Shape h{6, 6, 3, 100, 64};    // 6 heads: longer wait chains through the queue
+        h2o_case<__half, 64>("h-6heads-conc1", h, true, true, 2, 1);
+        h2o_case<__half, 64>("h-6heads-conc3", h, true, false, 1, 3);
+        h2o_case<__half, 64>("h-6heads-conc-all", h, true, false, 2, 64);
+        const Shape i{2, 1, 17, 70, 256};   // d = 256
+        h2o_case<__nv_bfloat16, 256>("i-d256", i, true, false, 2, 4);
+        h2o_case<__half, 256>("i-d256-3launch", i, false, true, 2, 4);
+        deadlock_control();
     }
     if (want("evict")) {
         check_keep_case("ok", 3, 100, 20, random_keep(3, 100, 20, 0), 0xffffffffu);
@@ -680,6 +808,11 @@ int main(int argc, char** argv) {
         pool_case(2, 300, 269);
         pool_case(4, 5, 1);
         pool_case(1, 10, 3);
+    }
+    if (want("snapkv")) {
+        snapkv_case<__half>("gqa-sum", Shape{4, 2, 8, 150, 64}, 60, false);
+        snapkv_case<__nv_bfloat16>("gqa-max", Shape{6, 3, 20, 130, 64}, 20, true);  // capacity == window
+        snapkv_case<__half>("mha", Shape{2, 2, 5, 300, 64}, 295, false);            // keep all older
     }
     std::printf("\n%d cases, %d failed\n", g_cases, g_fail);
     return g_fail == 0 ? 0 : 1;
