@@ -4,6 +4,7 @@
 # AddressSanitizer and UBSan, against scalar references. Needs g++ >= 12 (C++20 <barrier>,
 # std::atomic_ref, _Float16); no GPU, no CUDA toolkit.
 # Usage: tools/emu-topk/run.sh [topk|select|h2o|evict|snapkv]   (default: all)
+#        tools/emu-topk/run.sh sweep [count] [seed]            (random top-k shapes)
 # NTKV_TOPK_SRC=path runs another copy of the source (mutation checks); NTKV_EMU_STOP=1 stops
 # at the first failure.
 set -euo pipefail

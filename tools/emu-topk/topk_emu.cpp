@@ -709,6 +709,7 @@ int main(int argc, char** argv) {
     ntkv_emu::dyn_smem = {reinterpret_cast<unsigned char*>(sort_buf), reinterpret_cast<unsigned char*>(stage)};
     const std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* group) { return only.empty() || only == group; };
+    if (only == "sweep") rng.seed(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 99);
 
     if (want("topk")) {
         // Fused path (blocks_per_row == 1: sm_count 1).
@@ -813,6 +814,24 @@ int main(int argc, char** argv) {
         snapkv_case<__half>("gqa-sum", Shape{4, 2, 8, 150, 64}, 60, false);
         snapkv_case<__nv_bfloat16>("gqa-max", Shape{6, 3, 20, 130, 64}, 20, true);  // capacity == window
         snapkv_case<__half>("mha", Shape{2, 2, 5, 300, 64}, 295, false);            // keep all older
+    }
+    if (only == "sweep") {  // optional: random top-k shapes (not in the default run)
+        const int count = argc > 2 ? std::atoi(argv[2]) : 20;
+        for (int c = 0; c < count; ++c) {
+            const bool split = below(2) == 1;
+            const size_t n = split ? 4097 + below(9000) : 1 + below(3000);
+            const size_t k = below(4) == 0 ? 1 + below(std::min<uint32_t>(2 * (uint32_t)n, 16384)) : 1 + below(std::min<uint32_t>((uint32_t)n, 300));
+            const size_t rows = 1 + below(4);
+            const Fill fill = (Fill)below(6);
+            const bool lengths = below(2) == 1;
+            const TopkRun run{below(3) == 0 ? (size_t)below(64) : 8192, 1 + below(4), (unsigned)c};
+            const size_t forced = below(3) == 0 ? 1 + below((uint32_t)rows) : 0;
+            switch (below(3)) {
+                case 0: topk_case<float>("sweep", rows, n, k, fill, lengths, split ? 132 : 1, run, forced); break;
+                case 1: topk_case<__half>("sweep", rows, n, k, fill, lengths, split ? 132 : 1, run, forced); break;
+                default: topk_case<__nv_bfloat16>("sweep", rows, n, k, fill, lengths, split ? 132 : 1, run, forced); break;
+            }
+        }
     }
     std::printf("\n%d cases, %d failed\n", g_cases, g_fail);
     return g_fail == 0 ? 0 : 1;
