@@ -11,6 +11,7 @@ runners=(
   "$root/tools/emu/run-attention.sh"
   "$root/tools/emu-quant/run.sh"
   "$root/tools/emu-ntk/run.sh"
+  "$root/tools/emu-topk/run.sh"
 )
 for r in "${runners[@]}"; do
   echo "== $(realpath --relative-to="$root" "$r")"
