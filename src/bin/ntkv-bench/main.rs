@@ -76,6 +76,13 @@ fn main() -> ExitCode {
             d.props().sm_count,
             ntkv::built_archs()
         ),
+        (None, reason) if std::env::var("NTKV_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            eprintln!(
+                "error: NTKV_REQUIRE_GPU=1 but there is no usable GPU: {}",
+                reason.as_deref().unwrap_or("unknown")
+            );
+            return ExitCode::FAILURE;
+        }
         (None, reason) => println!(
             "ntkv-bench: no GPU ({}). Timing the CPU reference at small sizes instead; \
              these are not GPU figures.",
