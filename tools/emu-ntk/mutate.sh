@@ -17,7 +17,7 @@ s = open(p).read()
 assert old in s, old
 open(p, "w").write(s.replace(old, new, 1))
 PY
-    g++ -std=c++20 -O1 -pthread -ffp-contract=off -I"$work/tools/emu-ntk/include" -I"$root/cuda/include" \
+    g++ -std=c++20 -O1 -pthread -ffp-contract=off -I"$root/tools/emu/include" -I"$root/cuda/include" \
         -o "$work/emu" "$work/tools/emu-ntk/ntk_emu.cpp"
     local fails
     fails=$(NTKV_EMU_CP_ASYNC=$2 "$work/emu" quick 2>&1 | grep -c FAIL || true)

@@ -7,7 +7,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${TMPDIR:-/tmp}/ntkv-ntk-emu"
 g++ -std=c++20 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-  -ffp-contract=off -pthread -I"$root/tools/emu-ntk/include" -I"$root/cuda/include" \
+  -ffp-contract=off -pthread -I"$root/tools/emu/include" -I"$root/cuda/include" \
   -o "$out" "$root/tools/emu-ntk/ntk_emu.cpp"
 echo "== cp.async lazy (copies land at wait_group)"
 NTKV_EMU_CP_ASYNC=lazy "$out" "$@"

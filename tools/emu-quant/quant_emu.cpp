@@ -1,5 +1,5 @@
 // tools/emu-quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
-// include/ntkv_common.cuh) under AddressSanitizer and UBSan, and compares them bit for bit
+// tools/emu/include/ntkv_common.cuh) under AddressSanitizer and UBSan, and compares them bit for bit
 // with a plain scalar reference of SPEC §1 written here, plus the known-answer layouts of
 // tests/quant_cpu.rs. Catches indexing, bounds, alignment, shuffle-reduction and flag bugs
 // that cannot be run on the GPU from a machine without one.
@@ -8,6 +8,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+
+namespace emu {
+// A (gx, gy) grid of `threads`-thread blocks, no dynamic shared memory.
+inline void launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
+    ntkv_emu::launch(dim3_{gx, gy, 1}, dim3_{threads, 1, 1}, 0, kernel);
+}
+}  // namespace emu
 
 namespace {
 

@@ -8,6 +8,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${TMPDIR:-/tmp}/ntkv-quant-emu"
 g++ -std=c++20 -O1 -g -ffp-contract=off -fsanitize=address,undefined -fno-sanitize-recover=undefined \
   -fno-omit-frame-pointer -pthread \
-  -I"$root/tools/emu-quant/include" -I"$root/cuda/include" \
+  -I"$root/tools/emu/include" -I"$root/cuda/include" \
   -o "$out" "$root/tools/emu-quant/quant_emu.cpp"
 "$out" "$@"

@@ -10,8 +10,6 @@
 #define NTKV_EMULATE 1
 #include "../../cuda/attention.cu"
 
-#include <sanitizer/asan_interface.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdio>
@@ -270,12 +268,9 @@ bool run_case(const Cfg& c, bool split) {
     auto lsed = dup(std::vector<float>(rl.size(), NAN));
     const uint32_t smem_bytes = 4 * c.BC * (D + 8) * 2;  // HostPlan::shared_mem_bytes
     const Kernel<T> kern = pick<T>(D, c.BR, c.BC, split);
-    ASAN_UNPOISON_MEMORY_REGION(smem_raw, ntkv_emu::SMEM_CAP);
-    ASAN_POISON_MEMORY_REGION(smem_raw + smem_bytes, ntkv_emu::SMEM_CAP - smem_bytes);
     ntkv_emu::launch(dim3_{n_items, 1, 1}, dim3_{c.BR * 2, 1, 1}, smem_bytes, [&] {
         kern(p, itd.get(), bld.get(), tmd.get(), qd.get(), kd.get(), vd.get(), od.get(), lsed.get());
     });
-    ASAN_UNPOISON_MEMORY_REGION(smem_raw, ntkv_emu::SMEM_CAP);
 
     double num = 0, den = 0, lse_err = 0;
     bool ok = true;

@@ -9,8 +9,6 @@
 #define NTKV_EMULATE 1
 #include "../../cuda/decode.cu"
 
-#include <sanitizer/asan_interface.h>
-
 #include <cstdio>
 #include <random>
 
@@ -171,13 +169,10 @@ bool run_case(const Cfg& c, int mode, const char* name) {
     auto wa = dup(wa_init), wm = dup(wm_init);
 
     const uint32_t smem_bytes = attn_smem_bytes((int)c.D);
-    ASAN_UNPOISON_MEMORY_REGION(smem, ntkv_emu::SMEM_CAP);
-    ASAN_POISON_MEMORY_REGION(smem + smem_bytes, ntkv_emu::SMEM_CAP - smem_bytes);
     ntkv_emu::launch(dim3_{n_lists * max_chunks * row_tiles, 1, 1}, dim3_{THREADS, 1, 1}, smem_bytes, [&] {
         attn_kernel<T>(c.D, p, qd.get(), kd.get(), vd.get(), ip.get(), ix.get(), cl.get(), od.get(), lsed.get(),
                        wa.get(), wm.get());
     });
-    ASAN_UNPOISON_MEMORY_REGION(smem, ntkv_emu::SMEM_CAP);
     if (!p.direct) {
         ntkv_emu::launch(dim3_{n_lists * rows, 1, 1}, dim3_{c.D, 1, 1}, 0,
                          [&] { merge_kernel(p, ip.get(), wa.get(), wm.get(), od.get(), lsed.get()); });
