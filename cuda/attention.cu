@@ -32,7 +32,7 @@ namespace {
 
 #if defined(NTKV_EMULATE)
 // tools/emu: the same helpers, run on the CPU as warp-collective emulations written from the
-// PTX ISA (tools/emu/include/ntkv_common.cuh), not from this file's layout comments.
+// PTX ISA (tools/emu/include/emu_ptx.h), not from this file's layout comments.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return ntkv_emu::shared_offset(p); }
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
     ntkv_emu::cp_async_16(dst, src, src_bytes);
