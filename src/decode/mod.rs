@@ -77,8 +77,8 @@
 //! [`cpu::sparse_decode`] is the reference (dense attention with the explicit token mask, in
 //! f64); `tests/decode_gpu.rs` compares the GPU against it. `tools/emu/run.sh` runs the
 //! kernel source itself on the CPU (one thread per CUDA thread, AddressSanitizer on)
-//! against an f64 reference, and `tools/decode-sanitize.sh` runs `examples/decode_check`
-//! under compute-sanitizer memcheck and racecheck.
+//! against an f64 reference, and `tools/gpu-run.sh` runs `tests/decode_gpu.rs` under
+//! compute-sanitizer memcheck and racecheck on the GPU machine.
 
 pub mod cpu;
 mod gpu;
