@@ -40,3 +40,10 @@ pub fn ensure_finite<T: Float>(device: &Device, arg: &'static str, x: &CudaSlice
         None => Ok(()),
     }
 }
+
+/// Every kernel id this module's launchers can form (checked against the images by
+/// `tests/kernel_names.rs`).
+pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
+    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
+    Vec::new()
+}

@@ -4,6 +4,18 @@
 //! A [`Device`] is cheap to clone and can be shared across threads. Every ntkv call
 //! enqueues its work on the device's stream in order; results are ready when a host copy
 //! (for example [`crate::DeviceTensor::to_host`]) or [`Device::synchronize`] returns.
+//!
+//! ## Streams and ordering
+//! - [`Device::new`] creates its own context handle and one stream. ntkv issues everything on
+//!   that single stream, so cudarc's per-buffer event tracking (an event record and a stream
+//!   wait per buffer per launch, there to order work across streams) is turned off for it.
+//! - [`Device::from_stream`] runs ntkv on a stream that the caller already has (candle's or
+//!   burn's, for example). ntkv's work is then ordered with the caller's own work on that
+//!   stream, in call order, and ntkv never synchronizes it except where a function says so
+//!   (a host copy, or a validator that reads a flag back). Event tracking stays as the
+//!   caller's context has it. Memory that another stream writes must be ready before the
+//!   ntkv call is enqueued: record an event there and wait on it here, or let cudarc's event
+//!   tracking do so.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,9 +24,11 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::launch::KernelId;
+use crate::tensor::{DeviceKey, TensorRef};
 
 /// One kernel module: the fatbin compiled from `cuda/<name>.cu`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Module {
     /// `cuda/common.cu`: copy ceiling, finiteness scan.
@@ -29,6 +43,18 @@ pub enum Module {
     Ntk,
     /// `cuda/topk.cu`: radix top-k, H2O accumulation and eviction, SnapKV selection.
     Topk,
+}
+
+/// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
+impl std::str::FromStr for Module {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Module::ALL
+            .iter()
+            .copied()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::invalid("module", format!("no kernel module named {s:?}")))
+    }
 }
 
 impl Module {
@@ -97,7 +123,7 @@ struct Inner {
     stream: Arc<CudaStream>,
     props: DeviceProps,
     modules: RwLock<HashMap<Module, Arc<CudaModule>>>,
-    functions: RwLock<HashMap<(Module, &'static str), CudaFunction>>,
+    functions: RwLock<HashMap<KernelId, CudaFunction>>,
 }
 
 /// A CUDA device with its context, stream and kernel cache. Clone to share.
@@ -135,7 +161,29 @@ impl Device {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: this context handle is ntkv's own, and every buffer ntkv allocates through
+        // it is used on the one stream created below, where launches are ordered by the
+        // stream itself, so the per-buffer events cudarc would record add driver calls and
+        // order nothing. Buffers a caller brings from other streams arrive through
+        // `from_stream` or views, whose own context keeps its tracking setting.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
+        Self::with_stream(ordinal, ctx, stream)
+    }
+
+    /// Runs ntkv on a stream the caller already has: a candle or burn stream, or any cudarc
+    /// [`CudaStream`]. No new context or stream is created, and the caller's event-tracking
+    /// setting is left as it is. See the module docs for the ordering contract.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the device's properties cannot be read.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let ordinal = ctx.ordinal();
+        Self::with_stream(ordinal, ctx, stream)
+    }
+
+    fn with_stream(ordinal: usize, ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
         let attr = |a: sys::CUdevice_attribute| -> Result<u32> { Ok(u32::try_from(ctx.attribute(a)?).unwrap_or(0)) };
         use sys::CUdevice_attribute as A;
         let total_mem_bytes = ctx.mem_get_info()?.1 as u64;
@@ -180,28 +228,69 @@ impl Device {
         &self.inner.stream
     }
 
+    /// The identity of this device's context; tensors carry the same key.
+    pub fn key(&self) -> DeviceKey {
+        DeviceKey::of_stream(&self.inner.stream)
+    }
+
+    /// Checks that tensor `arg` lives on this device.
+    ///
+    /// # Errors
+    /// [`Error::DeviceMismatch`] naming `arg` otherwise.
+    pub fn check_tensor<T>(&self, arg: &'static str, t: &(impl TensorRef<T> + ?Sized)) -> Result<()> {
+        self.check_key(arg, t.device_key())
+    }
+
+    /// Checks that something made on the device with key `key` (a tensor, a plan) may be
+    /// used on this device.
+    ///
+    /// # Errors
+    /// [`Error::DeviceMismatch`] naming `arg` otherwise.
+    pub fn check_key(&self, arg: &'static str, key: DeviceKey) -> Result<()> {
+        let mine = self.key();
+        if key == mine {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch { arg, expected: mine.ordinal(), actual: key.ordinal() })
+        }
+    }
+
     /// Blocks until all work enqueued on the device's stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.inner.stream.synchronize()?;
         Ok(())
     }
 
-    /// Loads (once) and returns kernel `name` of `module`.
+    /// Transitional: the old by-string lookup, kept only until every launcher builds a
+    /// [`KernelId`]. Parses `name` as `ntkv_{op}` with no specialisation.
+    pub(crate) fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
+        let op =
+            name.strip_prefix("ntkv_").ok_or_else(|| Error::internal(format!("kernel name {name} lacks ntkv_")))?;
+        self.kernel(KernelId::new(module, op))
+    }
+
+    /// Loads (once) and returns the kernel `id`.
     ///
     /// The fast path takes a read lock; the module is loaded under the write lock the first
     /// time any of its functions is asked for, so a user of one family pays for no other.
-    pub fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.inner.functions.read().ok().and_then(|m| m.get(&(module, name)).cloned()) {
+    ///
+    /// # Errors
+    /// [`Error::KernelsNotBuilt`] in a build without nvcc; [`Error::ModuleLoad`] when the
+    /// image lacks the symbol (a test checks every id the launchers can form, so this means
+    /// a stale build).
+    pub fn kernel(&self, id: KernelId) -> Result<CudaFunction> {
+        if let Some(f) = self.inner.functions.read().ok().and_then(|m| m.get(&id).cloned()) {
             return Ok(f);
         }
-        let loaded = self.module(module)?;
-        let f = loaded.load_function(name).map_err(|source| Error::ModuleLoad {
-            module: module.name(),
-            what: name.to_owned(),
+        let loaded = self.module(id.module())?;
+        let symbol = id.symbol();
+        let f = loaded.load_function(&symbol).map_err(|source| Error::ModuleLoad {
+            module: id.module().name(),
+            what: symbol.clone(),
             source,
         })?;
         if let Ok(mut map) = self.inner.functions.write() {
-            map.insert((module, name), f.clone());
+            map.insert(id, f.clone());
         }
         Ok(f)
     }
@@ -214,7 +303,7 @@ impl Device {
             .inner
             .modules
             .write()
-            .map_err(|_| Error::invalid("module cache", "lock poisoned by a panic in another thread"))?;
+            .map_err(|_| Error::internal("module cache lock poisoned by a panic in another thread"))?;
         if let Some(m) = map.get(&module) {
             return Ok(m.clone());
         }

@@ -82,6 +82,32 @@ pub enum Error {
         reason: String,
     },
 
+    /// A tensor or plan made on one device was passed to an operation on another.
+    #[error("`{arg}` belongs to device {actual}, but the operation runs on device {expected}")]
+    DeviceMismatch {
+        /// The argument's name.
+        arg: &'static str,
+        /// The ordinal of the device the operation runs on.
+        expected: usize,
+        /// The ordinal of the device the argument was made on.
+        actual: usize,
+    },
+
+    /// A kernel protocol gave up (for example a cross-block wait that timed out), so the
+    /// output of the call that launched it is not valid and must not be used.
+    #[error("kernel `{kernel}` did not complete its protocol: {reason}; its output is invalid")]
+    KernelFault {
+        /// The kernel that reported the fault.
+        kernel: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A broken internal invariant: a bug in ntkv, never a consequence of an argument.
+    /// Please report it with the message.
+    #[error("internal error (a bug in ntkv): {0}")]
+    Internal(String),
+
     /// A CUDA driver call failed.
     #[error("CUDA driver error")]
     Driver(#[from] DriverError),
@@ -101,6 +127,11 @@ impl Error {
         Error::Shape { arg, expected: expected.to_vec(), actual: actual.to_vec() }
     }
 
+    /// Shorthand for [`Error::Internal`].
+    pub fn internal(reason: impl Into<String>) -> Self {
+        Error::Internal(reason.into())
+    }
+
     /// Shorthand for [`Error::TooLarge`].
     pub fn too_large(arg: &'static str, reason: impl Into<String>) -> Self {
         Error::TooLarge { arg, reason: reason.into() }
@@ -116,6 +147,17 @@ pub fn to_u32(arg: &'static str, v: usize) -> Result<u32> {
 /// Converts a size to `i32` for a kernel argument, naming the argument on overflow.
 pub fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::too_large(arg, format!("{v} does not fit in i32")))
+}
+
+/// Converts a size to `u64` for a kernel argument (infallible on every supported target,
+/// but checked so that no `as` cast can truncate).
+pub fn to_u64(arg: &'static str, v: usize) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::too_large(arg, format!("{v} does not fit in u64")))
+}
+
+/// `a · b`, or [`Error::TooLarge`] naming `arg` on overflow.
+pub fn checked_mul(arg: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::too_large(arg, format!("{a} x {b} overflows usize")))
 }
 
 /// Checks that `actual` equals `expected`, naming the argument otherwise.

@@ -26,6 +26,7 @@ pub mod checks;
 pub mod decode;
 pub mod device;
 pub mod error;
+pub mod launch;
 pub mod ntk;
 #[allow(missing_docs)]
 pub mod params;
@@ -42,7 +43,12 @@ mod kernels {
 
 pub use device::{built_archs, driver_present, kernels_built, Device, DeviceProps, Module};
 pub use error::{Error, Result};
-pub use tensor::{DType, DeviceTensor, Float};
+pub use launch::KernelId;
+pub use tensor::{DType, DeviceKey, DeviceTensor, Float, TensorMut, TensorRef, TensorView, TensorViewMut};
+
+/// The cudarc version ntkv is built on, re-exported so that interop code (wrapping a stream,
+/// allocating buffers, making views) uses exactly the same types.
+pub use cudarc;
 
 /// The README's examples compile as doc-tests, so the quick start stays true.
 #[cfg(doctest)]

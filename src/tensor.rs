@@ -1,13 +1,15 @@
 //! Storage dtypes and the typed device tensor.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, DeviceSlice, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 
 /// A storage dtype of a floating-point tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     /// IEEE binary32.
     F32,
@@ -60,7 +62,7 @@ mod sealed {
 
 /// A floating-point storage type: `f32`, `half::f16` or `half::bf16`.
 ///
-/// Conversions go through `f32`, the type all arithmetic happens in (SPEC §0).
+/// Conversions go through `f32`, the type all arithmetic happens in on the GPU.
 pub trait Float:
     sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + Default + PartialOrd + Send + Sync + std::fmt::Debug + 'static
 {
@@ -102,10 +104,17 @@ impl Float for bf16 {
     }
 }
 
-/// A contiguous row-major tensor in device memory: a `CudaSlice<T>` plus its shape
-/// (outermost first).
+/// A contiguous row-major tensor in device memory that ntkv owns: a `CudaSlice<T>` plus its
+/// shape (outermost first).
 ///
 /// `T` is any plain-data element the kernels use: `f32`, `f16`, `bf16`, `u32`, `u8`, …
+///
+/// The length always equals the product of the shape: no safe call can swap the buffer for
+/// one of another length. A tensor knows its device (the context of the stream it was
+/// allocated on), and an operation on another device rejects it with
+/// [`Error::DeviceMismatch`]. To run on memory that ntkv does not own (one layer of a larger
+/// cache, a candle or burn buffer), wrap a cudarc view in [`TensorView`] or [`TensorViewMut`]:
+/// every operation takes any [`TensorRef`] / [`TensorMut`].
 #[derive(Debug)]
 pub struct DeviceTensor<T> {
     data: CudaSlice<T>,
@@ -120,13 +129,77 @@ pub fn numel(arg: &'static str, shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| Error::too_large(arg, format!("shape {shape:?} overflows usize")))
 }
 
+/// The number of elements of a shape of `T`, checked so that the byte size `numel ·
+/// size_of::<T>()` also fits (`isize::MAX` bytes, the most any allocation may span).
+pub fn checked_numel<T>(arg: &'static str, shape: &[usize]) -> Result<usize> {
+    let n = numel(arg, shape)?;
+    let bytes = n.checked_mul(std::mem::size_of::<T>().max(1));
+    match bytes {
+        Some(b) if b <= isize::MAX as usize => Ok(n),
+        _ => Err(Error::too_large(
+            arg,
+            format!("shape {shape:?} of {}-byte elements overflows the address space", std::mem::size_of::<T>()),
+        )),
+    }
+}
+
+/// Identifies the device (CUDA context) a buffer lives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    ctx: usize,
+    ordinal: usize,
+}
+
+impl DeviceKey {
+    /// The key of the context that `stream` belongs to.
+    pub fn of_stream(stream: &Arc<CudaStream>) -> Self {
+        let ctx = stream.context();
+        DeviceKey { ctx: ctx.cu_ctx() as usize, ordinal: ctx.ordinal() }
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+}
+
+/// Read access to a device tensor: an owned [`DeviceTensor`], or a borrowed [`TensorView`] /
+/// [`TensorViewMut`] over memory that ntkv does not own. Every operation's inputs take this.
+pub trait TensorRef<T> {
+    /// The shape, outermost first. Its product equals [`len`](Self::len).
+    fn shape(&self) -> &[usize];
+    /// A cudarc view of exactly the tensor's elements (for launches: pass `&` for inputs).
+    fn cuda_view(&self) -> CudaView<'_, T>;
+    /// The stream the memory was allocated on (its context identifies the device).
+    fn alloc_stream(&self) -> &Arc<CudaStream>;
+    /// Number of elements.
+    fn len(&self) -> usize {
+        self.cuda_view().len()
+    }
+    /// Whether the tensor has no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The device the memory lives on.
+    fn device_key(&self) -> DeviceKey {
+        DeviceKey::of_stream(self.alloc_stream())
+    }
+}
+
+/// Write access to a device tensor. Every operation's outputs take this.
+pub trait TensorMut<T>: TensorRef<T> {
+    /// A mutable cudarc view of exactly the tensor's elements (for launches: pass `&mut`).
+    fn cuda_view_mut(&mut self) -> CudaViewMut<'_, T>;
+}
+
 impl<T: DeviceRepr + ValidAsZeroBits + Copy> DeviceTensor<T> {
     /// Copies `data` to the device with the given shape.
     ///
     /// # Errors
-    /// [`Error::Shape`] when `data.len()` is not the product of `shape`.
+    /// [`Error::Shape`] when `data.len()` is not the product of `shape`; [`Error::TooLarge`]
+    /// when the byte size overflows.
     pub fn from_host(device: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
-        let n = numel("data", shape)?;
+        let n = checked_numel::<T>("data", shape)?;
         if n != data.len() {
             return Err(Error::shape("data", &[n], &[data.len()]));
         }
@@ -135,15 +208,19 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> DeviceTensor<T> {
     }
 
     /// A zero-filled tensor.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when the element count or the byte size overflows; driver errors
+    /// (out of memory) from the allocation.
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
-        let n = numel("shape", shape)?;
+        let n = checked_numel::<T>("shape", shape)?;
         let slice = device.stream().alloc_zeros::<T>(n)?;
         Ok(DeviceTensor { data: slice, shape: shape.to_vec() })
     }
 
     /// Wraps an existing slice; its length must equal the product of `shape`.
     pub fn from_slice(data: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
-        let n = numel("shape", shape)?;
+        let n = checked_numel::<T>("shape", shape)?;
         if n != data.len() {
             return Err(Error::shape("data", &[n], &[data.len()]));
         }
@@ -197,13 +274,129 @@ impl<T> DeviceTensor<T> {
         &self.data
     }
 
-    /// The underlying device slice, mutably (for launches: pass `&mut` for outputs).
-    pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
+    /// The underlying slice, mutably, for ntkv's own launchers. Not public: a `&mut
+    /// CudaSlice` could be swapped for a slice of another length behind the shape.
+    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.data
+    }
+
+    /// A mutable view of the elements (for launches: pass `&mut` for outputs). A view can
+    /// be written through but not replaced, so the length stays that of the shape.
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.data.as_view_mut()
+    }
+
+    /// A borrowed view with the same shape.
+    pub fn as_view(&self) -> TensorView<'_, T> {
+        TensorView { view: self.data.as_view(), shape: self.shape.clone() }
+    }
+
+    /// A borrowed mutable view with the same shape.
+    pub fn as_view_mut(&mut self) -> TensorViewMut<'_, T> {
+        let shape = self.shape.clone();
+        TensorViewMut { view: self.data.as_view_mut(), shape }
+    }
+
+    /// The device the tensor lives on.
+    pub fn device_key(&self) -> DeviceKey {
+        DeviceKey::of_stream(self.data.stream())
     }
 
     /// Consumes the tensor, returning its slice.
     pub fn into_slice(self) -> CudaSlice<T> {
         self.data
+    }
+}
+
+impl<T> TensorRef<T> for DeviceTensor<T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn cuda_view(&self) -> CudaView<'_, T> {
+        self.data.as_view()
+    }
+    fn alloc_stream(&self) -> &Arc<CudaStream> {
+        self.data.stream()
+    }
+}
+
+impl<T> TensorMut<T> for DeviceTensor<T> {
+    fn cuda_view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.data.as_view_mut()
+    }
+}
+
+/// A borrowed, read-only tensor over device memory that ntkv does not own: a cudarc
+/// [`CudaView`] (for example `slice.slice(a..b)`, one layer of a larger cache) plus a shape.
+/// No copy is made.
+#[derive(Debug)]
+pub struct TensorView<'a, T> {
+    view: CudaView<'a, T>,
+    shape: Vec<usize>,
+}
+
+impl<'a, T> TensorView<'a, T> {
+    /// Wraps `view` with `shape`; the view's length must equal the product of the shape.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
+    pub fn new(view: CudaView<'a, T>, shape: &[usize]) -> Result<Self> {
+        let n = checked_numel::<T>("shape", shape)?;
+        if n != view.len() {
+            return Err(Error::shape("view", &[n], &[view.len()]));
+        }
+        Ok(TensorView { view, shape: shape.to_vec() })
+    }
+}
+
+impl<T> TensorRef<T> for TensorView<'_, T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn cuda_view(&self) -> CudaView<'_, T> {
+        self.view.slice(..)
+    }
+    fn alloc_stream(&self) -> &Arc<CudaStream> {
+        self.view.stream()
+    }
+}
+
+/// A borrowed, writable tensor over device memory that ntkv does not own: a cudarc
+/// [`CudaViewMut`] plus a shape. No copy is made.
+#[derive(Debug)]
+pub struct TensorViewMut<'a, T> {
+    view: CudaViewMut<'a, T>,
+    shape: Vec<usize>,
+}
+
+impl<'a, T> TensorViewMut<'a, T> {
+    /// Wraps `view` with `shape`; the view's length must equal the product of the shape.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
+    pub fn new(view: CudaViewMut<'a, T>, shape: &[usize]) -> Result<Self> {
+        let n = checked_numel::<T>("shape", shape)?;
+        if n != view.len() {
+            return Err(Error::shape("view", &[n], &[view.len()]));
+        }
+        Ok(TensorViewMut { view, shape: shape.to_vec() })
+    }
+}
+
+impl<T> TensorRef<T> for TensorViewMut<'_, T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn cuda_view(&self) -> CudaView<'_, T> {
+        self.view.as_view()
+    }
+    fn alloc_stream(&self) -> &Arc<CudaStream> {
+        self.view.stream()
+    }
+}
+
+impl<T> TensorMut<T> for TensorViewMut<'_, T> {
+    fn cuda_view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.view.slice_mut(..)
     }
 }

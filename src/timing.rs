@@ -99,3 +99,10 @@ pub fn copy_bandwidth_gbps(device: &Device, bytes: usize, reps: usize) -> Result
     let ms = median_gpu_ms(device, 3, reps, |_| copy_vec16(device, &src, &mut dst))?;
     Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
 }
+
+/// Every kernel id this module's launchers can form (checked against the images by
+/// `tests/kernel_names.rs`).
+pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
+    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
+    Vec::new()
+}

@@ -54,7 +54,7 @@
 
 pub mod cpu;
 pub mod graph;
-mod plan;
+pub(crate) mod plan;
 
 pub use plan::{HostPlan, PrefillPlan};
 

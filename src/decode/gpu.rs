@@ -338,3 +338,10 @@ fn validate_indices_on_device(
     let prev = if pos > list_begin { pair.first().copied() } else { None };
     Err(index_error(cfg, cache_lens, indptr_host, pos, value, prev, fault))
 }
+
+/// Every kernel id this module's launchers can form (checked against the images by
+/// `tests/kernel_names.rs`).
+pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
+    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
+    Vec::new()
+}

@@ -81,7 +81,7 @@
 //! compute-sanitizer memcheck and racecheck on the GPU machine.
 
 pub mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 
 pub use gpu::{attn_smem_bytes, DecodePlan};
 

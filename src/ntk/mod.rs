@@ -128,7 +128,7 @@ impl Activation {
     }
 }
 
-mod gpu;
+pub(crate) mod gpu;
 pub mod metrics;
 mod mlp;
 

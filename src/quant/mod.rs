@@ -78,7 +78,7 @@
 //! ```
 
 pub mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 mod mikv;
 
 pub use mikv::{HiPrecision, MikvCache, MikvConfig};

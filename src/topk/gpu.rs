@@ -833,3 +833,10 @@ pub(super) fn gather<T: Float>(
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
+
+/// Every kernel id this module's launchers can form (checked against the images by
+/// `tests/kernel_names.rs`).
+pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
+    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
+    Vec::new()
+}

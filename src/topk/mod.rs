@@ -74,7 +74,7 @@
 //! ```
 
 pub mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 
 use crate::device::Device;
 use crate::error::{check_shape, Error, Result};

@@ -9,8 +9,8 @@
 //!
 //! Without a GPU, the CPU references run at small sizes.
 
-use cudarc::driver::CudaSlice;
 use half::bf16;
+use ntkv::cudarc::driver::CudaSlice;
 use ntkv::ntk::{self, cpu, metrics, Activation, Gram, NtkMode, Precision};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
