@@ -10,6 +10,7 @@
 
 mod attention;
 mod decode;
+mod geometry;
 mod harness;
 mod ntk;
 mod quant;
@@ -41,6 +42,10 @@ struct Args {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Print the launch geometry the planners pick for every bench shape on 132 SMs (no GPU
+    /// needed; with `--json PATH`, also as JSON) and exit.
+    #[arg(long)]
+    geometry: bool,
 }
 
 type Family = fn(&mut Bench) -> ntkv::Result<()>;
@@ -55,6 +60,15 @@ const FAMILIES: &[(&str, Family)] = &[
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.geometry {
+        return geometry::run(args.json.as_deref()).map_or_else(
+            |e| {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            },
+            |()| ExitCode::SUCCESS,
+        );
+    }
     let device = if args.cpu {
         Err(ntkv::Error::invalid("--cpu", "the CPU reference was asked for"))
     } else {

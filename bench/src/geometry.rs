@@ -1,0 +1,392 @@
+//! `ntkv-bench --geometry [--json PATH]`: the launch geometry the planners pick for every GPU
+//! bench shape, on an H200 (132 SMs), computed with no GPU.
+//!
+//! Each family's planning calls sit in one small function (`topk`, `decode`, `attention`,
+//! `quant`, `ntk`), so an API change touches one place. Only the crate's public, pure planning
+//! functions are called (`TopkLayout::choose`, `decode::plan_chunks`,
+//! `attention::HostPlan::new`, ...). Where a family has no such function, the shape is listed
+//! as [`Unplanned`] with the reason, and no grid is invented.
+//!
+//! `tools/kernel-report` joins this with the ptxas resources and the static occupancy to
+//! print the waves per shape (docs/kernel-report.md).
+
+use std::path::Path;
+
+use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, PvPrecision};
+use ntkv::decode::{self, DecodeConfig};
+use ntkv::quant::{Axis, QuantSpec};
+use ntkv::topk::TopkLayout;
+use ntkv::DType;
+use serde_json::{json, Value};
+
+/// SMs of the H200 the predictions are for.
+pub const SM_COUNT: usize = 132;
+/// Opt-in shared memory per block on sm_90 (227 KiB), as `max_shared_mem_per_block_optin`.
+const SMEM_OPTIN: usize = 232_448;
+
+/// One launch of one bench shape.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub family: &'static str,
+    pub op: String,
+    pub shape: String,
+    pub dtype: &'static str,
+    pub kernel: String,
+    /// Threads per block, where the family exposes it (the report's table supplies it otherwise).
+    pub block: Option<u32>,
+    /// Dynamic shared memory in bytes, where the family exposes it.
+    pub dyn_smem: Option<usize>,
+    /// Blocks of the launch (x·y·z).
+    pub grid: Option<usize>,
+    /// For grid-stride launches sized by occupancy: the blocks the work could use; the grid is
+    /// `min(work_blocks, blocks_per_sm × SMs)`, resolved by the report (as `launch::grid_for`).
+    pub work_blocks: Option<usize>,
+    /// How many times the launch runs per call (row batches).
+    pub count: usize,
+    pub note: String,
+}
+
+/// A bench shape whose planner is not reachable without a device.
+#[derive(Clone, Debug)]
+pub struct Unplanned {
+    pub family: &'static str,
+    pub op: String,
+    pub shape: String,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Geometry {
+    launches: Vec<Launch>,
+    unplanned: Vec<Unplanned>,
+}
+
+impl Geometry {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        family: &'static str,
+        op: &str,
+        shape: &str,
+        dtype: &'static str,
+        kernel: String,
+        grid: usize,
+        count: usize,
+        note: &str,
+    ) -> &mut Launch {
+        self.launches.push(Launch {
+            family,
+            op: op.to_owned(),
+            shape: shape.to_owned(),
+            dtype,
+            kernel,
+            block: None,
+            dyn_smem: None,
+            grid: Some(grid),
+            work_blocks: None,
+            count,
+            note: note.to_owned(),
+        });
+        self.launches.last_mut().expect("just pushed")
+    }
+
+    fn unplanned(&mut self, family: &'static str, op: &str, shape: &str, reason: &str) {
+        self.unplanned.push(Unplanned {
+            family,
+            op: op.to_owned(),
+            shape: shape.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// top-k, H2O, SnapKV
+
+/// The top-k shapes of bench/src/topk.rs (`TOPK_CASES`).
+const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
+    (32, 131072, 2048, DType::F32),
+    (32, 131072, 2048, DType::F16),
+    (32, 131072, 2048, DType::BF16),
+    (256, 32768, 1024, DType::F32),
+    (32, 1048576, 8192, DType::F32),
+    (1, 1048576, 4096, DType::F32),
+];
+
+/// The launches of one `TopkPlan::run` of `rows × n`, top-`k`: the layout is
+/// `TopkLayout::choose`; the finalize's dynamic shared memory mirrors `TopkPlan::run`
+/// (kpad sort words plus up to 8192 staged candidates within the opt-in limit, next to the
+/// launcher's rounded static shared memory of 2048 (finalize) or 18432 (fused) bytes).
+fn topk_launches(g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize, k: usize, dt: &'static str) {
+    let lay = TopkLayout::choose(rows, n, k, SM_COUNT);
+    let batches = rows.div_ceil(lay.rows_per_batch.max(1));
+    let last = rows - (batches - 1) * lay.rows_per_batch;
+    let batch = lay.rows_per_batch.min(rows);
+    let note = if batches > 1 { format!("{batches} row batches (last {last} rows)") } else { String::new() };
+    let fused = lay.blocks_per_row == 1;
+    let static_smem = if fused { 18432 } else { 2048 };
+    let cand_stage = (SMEM_OPTIN.saturating_sub(static_smem + lay.kpad * 8) / 8).min(8192);
+    let fin_smem = (lay.kpad + cand_stage) * 8;
+    if fused {
+        g.push("topk", op, shape, dt, format!("ntkv_topk_fused_{dt}"), batch, batches, &note).dyn_smem = Some(fin_smem);
+        return;
+    }
+    let split = lay.blocks_per_row * batch;
+    let note = format!("{} blocks/row × {batch} rows; chunk {}; {note}", lay.blocks_per_row, lay.chunk);
+    let note = note.trim_end_matches("; ");
+    g.push("topk", op, shape, dt, format!("ntkv_topk_hist_{dt}"), split, batches, note).dyn_smem = Some(0);
+    g.push("topk", op, shape, dt, format!("ntkv_topk_filter_{dt}"), split, batches, note).dyn_smem = Some(0);
+    g.push("topk", op, shape, dt, format!("ntkv_topk_finalize_{dt}"), batch, batches, "").dyn_smem = Some(fin_smem);
+}
+
+fn topk(g: &mut Geometry) {
+    for &(rows, n, k, dtype) in TOPK_CASES {
+        let shape = crate::topk::topk_shape(rows, n, k);
+        topk_launches(g, "topk", &shape, rows, n, k, dtype.name());
+    }
+    // H2O: bench/src/topk.rs `H2O` (hq = hkv = 32, tq 16, t 32768, d 128, keep 2048, recent 64).
+    let (hkv, t, budget, recent) = (32, 32768, 2048, 64);
+    let shape = format!("hq32 hkv32 tq16 t{t} d128 keep{budget} recent{recent}");
+    g.unplanned(
+        "topk",
+        "h2o_accumulate_select",
+        &shape,
+        "accumulate (ntkv_h2o_queue_f16_d128): planner needs a device (the grid is formed inside \
+         the launcher; no public pure function gives it)",
+    );
+    topk_launches(g, "h2o_accumulate_select", &shape, hkv, t, budget - recent, "f32");
+    // SnapKV: `SNAPKV` (hq = hkv = 32, window 32, t 32768, d 128, keep 2048).
+    let (window, capacity) = (32, 2048);
+    let shape = format!("hq32 hkv32 w{window} t{t} d128 keep{capacity} pool5");
+    g.unplanned(
+        "topk",
+        "snapkv_select",
+        &shape,
+        "votes (ntkv_h2o_queue_f16_d128) and pooling (ntkv_snapkv_pool): planner needs a device \
+         (grids formed inside the launcher)",
+    );
+    topk_launches(g, "snapkv_select", &shape, hkv, t - window, capacity - window, "f32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode
+
+/// The cases of bench/src/decode.rs (`CASES`): (op, shape, batch, q_tokens, hq, hkv, cache,
+/// selected per list).
+const DECODE_CASES: &[(&str, &str, usize, usize, usize, usize, usize, Option<usize>)] = &[
+    ("decode_sparse", "B1 Hq32 Hkv32 T131072 D128 sel2048", 1, 1, 32, 32, 131072, Some(2048)),
+    ("decode_full", "B1 Hq32 Hkv32 T131072 D128 all", 1, 1, 32, 32, 131072, None),
+    ("decode_sparse_gqa", "B1 Tq4 Hq32 Hkv8 T131072 D128 sel2048", 1, 4, 32, 8, 131072, Some(2048)),
+];
+
+fn decode(g: &mut Geometry) {
+    for &(op, shape, batch, q_tokens, hq, hkv, cache, selected) in DECODE_CASES {
+        let cfg = DecodeConfig::new(batch, q_tokens, hq, hkv, 128, cache);
+        let lists = cfg.n_lists();
+        let lens = vec![selected.unwrap_or(cache); lists];
+        let split = decode::plan_chunks(&lens, cfg.rows(), SM_COUNT, cfg.chunk_tokens);
+        let row_tiles = cfg.rows().div_ceil(decode::ROWS_PER_CTA);
+        let attn = lists * split.max_chunks * row_tiles;
+        // The runner times the GQA case in bf16 and the others in f16.
+        let dt = if op == "decode_sparse_gqa" { "bf16" } else { "f16" };
+        {
+            let note = format!("chunk {} tokens, {} chunks, {row_tiles} row tiles", split.chunk_tokens, split.max_chunks);
+            g.push("decode", op, shape, dt, format!("ntkv_decode_attn_{dt}_d128"), attn, 1, &note).dyn_smem =
+                Some(decode::attn_smem_bytes(128));
+            if !split.direct() {
+                let m = g.push("decode", op, shape, dt, format!("ntkv_decode_merge_{dt}"), lists * cfg.rows(), 1, "");
+                m.block = Some(128);
+                m.dyn_smem = Some(0);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+/// Whether block (r, c) is listed: the bench runner's hash ([`crate::attention::listed`]).
+fn mask(pattern: u32, causal: bool, n_blocks: u32, bc: usize) -> Result<BlockMask, ntkv::Error> {
+    let rows: Vec<Vec<u32>> = (0..n_blocks)
+        .map(|r| {
+            (0..(n_blocks * 128).div_ceil(bc as u32))
+                .filter(|&c| match (pattern, causal) {
+                    (1000, _) => true,
+                    (pm, false) => crate::attention::listed(r, c, pm),
+                    (pm, true) => c == r || (c < r && crate::attention::listed(r, c, pm)),
+                })
+                .collect()
+        })
+        .collect();
+    BlockMask::from_lists(128, bc, MaskHeads::Shared, &[rows])
+}
+
+fn attention(g: &mut Geometry) {
+    // The cases of bench/src/attention.rs (`gpu_cases`): (op, shape, tokens, d, permille, causal, bc).
+    let mut cases: Vec<(&str, String, u32, usize, u32, bool, usize)> = vec![
+        ("prefill_dense", "1x32x8192x128".into(), 8192, 128, 1000, false, 128),
+        ("prefill_dense", "1x32x32768x128".into(), 32768, 128, 1000, false, 128),
+    ];
+    for d in [128usize, 64] {
+        for (pm, pct) in [(125u32, "12.5%"), (250, "25%"), (500, "50%")] {
+            cases.push(("prefill_bsr", format!("1x32x32768x{d} b128 {pct}"), 32768, d, pm, false, 128));
+        }
+        cases.push(("prefill_bsr_causal", format!("1x32x32768x{d} b128 25%tri+diag"), 32768, d, 250, true, 128));
+    }
+    cases.push(("prefill_dense_bc64", "1x32x8192x128".into(), 8192, 128, 1000, false, 64));
+    for (op, shape_key, tokens, d, pm, causal, bc) in cases {
+        let planned = (|| {
+            let shape = PrefillShape::new(32, 32, d, vec![0, tokens], vec![0, tokens])?;
+            let m = mask(pm, causal, tokens.div_ceil(128), bc)?;
+            let mut out = Vec::new();
+            // bf16 with both P precisions; f16 (Split) on the two bar shapes only.
+            let f16_too = (op == "prefill_dense" && tokens == 8192) || shape_key.ends_with("x128 b128 25%");
+            let runs = [
+                (PvPrecision::Split, "", DType::BF16),
+                (PvPrecision::Storage, "_fast", DType::BF16),
+                (PvPrecision::Split, "", DType::F16),
+            ];
+            for (precision, suffix, dt) in runs.into_iter().take(if f16_too { 3 } else { 2 }) {
+                let opts = PrefillOptions { causal, pv_precision: precision, ..Default::default() };
+                let plan = HostPlan::new(&shape, opts, &m)?;
+                let (block, smem, items) = (plan.block_rows * 2, plan.shared_mem_bytes(), plan.n_items());
+                out.push((suffix, dt.name(), plan.kernel_name(dt)?, block, smem, items));
+            }
+            Ok::<_, ntkv::Error>(out)
+        })();
+        match planned {
+            Ok(list) => {
+                for (suffix, dt, kernel, block, smem, items) in list {
+                    let l = g.push("attention", &format!("{op}{suffix}"), &shape_key, dt, kernel.to_owned(), items, 1, "");
+                    l.block = u32::try_from(block).ok();
+                    l.dyn_smem = Some(smem);
+                }
+            }
+            Err(e) => g.unplanned("attention", op, &shape_key, &format!("HostPlan::new failed: {e}")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// quant
+
+fn quant(g: &mut Geometry) {
+    // bench/src/quant.rs: 4M tokens × 128 channels, f16, one head, these specs.
+    let (tokens, dim) = (4_194_304usize, 128usize);
+    let specs = [(4, 32, Axis::PerToken), (2, 64, Axis::PerToken), (8, 128, Axis::PerToken), (4, 32, Axis::PerChannel)];
+    for (bits, group, axis) in specs {
+        let Ok(spec) = QuantSpec::new(bits, group, axis) else { continue };
+        let shape = format!("{tokens}x{dim} g{group} int{bits} {}", axis.name());
+        let n = tokens * dim;
+        let (quant_items, kind) = match axis {
+            Axis::PerToken => (n / spec.codes_per_word(), "token"),
+            Axis::PerChannel => (n / spec.group, "channel"),
+        };
+        let note = "grid = min(work, blocks/SM × SMs): the launcher asks the driver (planner needs a device)";
+        for (op, kernel, items) in [
+            ("dequant", format!("ntkv_quant_dequantize_{kind}_f16"), n / spec.codes_per_word()),
+            ("quant_single_pass", format!("ntkv_quant_quantize_{kind}_f16"), quant_items),
+        ] {
+            let l = g.push("quant", op, &shape, "f16", kernel, 0, 1, note);
+            l.grid = None;
+            l.work_blocks = Some(items.div_ceil(256));
+            l.dyn_smem = Some(0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ntk
+
+fn ntk(g: &mut Geometry) {
+    let reason = "planner needs a device: the split-K choice (ntk::gpu::GemmPlan::new with \
+                  gemm_slots) is crate-private and takes the device's SM count";
+    for shape in ["1024x1048576", "4096x262144"] {
+        g.unplanned("ntk", "gram", shape, reason);
+    }
+    g.unplanned("ntk", "mlp_entk_full / mlp_entk_trace", "256 784-1024-1024-10", reason);
+    g.unplanned("ntk", "ntk_metrics_*", "4096x4096", "planner needs a device: grids formed inside the launchers");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn collect() -> Geometry {
+    let mut g = Geometry::default();
+    topk(&mut g);
+    decode(&mut g);
+    attention(&mut g);
+    quant(&mut g);
+    ntk(&mut g);
+    g
+}
+
+fn to_json(g: &Geometry) -> Value {
+    let launches: Vec<Value> = g
+        .launches
+        .iter()
+        .map(|l| {
+            json!({
+                "family": l.family, "op": l.op, "shape": l.shape, "dtype": l.dtype, "kernel": l.kernel,
+                "block": l.block, "dyn_smem": l.dyn_smem, "grid": l.grid, "work_blocks": l.work_blocks,
+                "count": l.count, "note": l.note,
+            })
+        })
+        .collect();
+    let unplanned: Vec<Value> = g
+        .unplanned
+        .iter()
+        .map(|u| json!({"family": u.family, "op": u.op, "shape": u.shape, "reason": u.reason}))
+        .collect();
+    json!({"sm_count": SM_COUNT, "launches": launches, "unplanned": unplanned})
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Prints the geometry table (and writes it as JSON to `json`).
+///
+/// # Errors
+/// The message of a failed write.
+pub fn run(json: Option<&Path>) -> Result<(), String> {
+    let g = collect();
+    println!("Launch geometry on {SM_COUNT} SMs (static: no GPU; block '-' = from the kernel report's table)");
+    println!("{:<10} {:<26} {:<40} {:<6} {:<46} {:>6} {:>8} {:>9}", "family", "op", "shape", "dtype", "kernel", "block", "dyn", "grid");
+    for l in &g.launches {
+        let grid = match (l.grid, l.work_blocks) {
+            (Some(g), _) => g.to_string(),
+            (None, Some(w)) => format!("≤{w}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<10} {:<26} {:<40} {:<6} {:<46} {:>6} {:>8} {:>9}  {}",
+            l.family, l.op, l.shape, l.dtype, l.kernel, opt(l.block), opt(l.dyn_smem), grid, l.note
+        );
+    }
+    for u in &g.unplanned {
+        println!("{:<10} {:<26} {:<40} {}", u.family, u.op, u.shape, u.reason);
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&to_json(&g)).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bench_family_has_geometry_or_a_reason() {
+        let g = collect();
+        for fam in ["topk", "decode", "attention", "quant", "ntk"] {
+            assert!(
+                g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam),
+                "{fam}"
+            );
+        }
+        assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));
+    }
+}
