@@ -1,0 +1,1 @@
+"""Helpers of tools/kernel-report: the occupancy calculator and the launch table."""

@@ -1,0 +1,147 @@
+"""The launch table: the block size and dynamic shared memory each kernel is launched with.
+
+This is the one place the report keeps them. Every entry names where the launcher defines
+the value, and the report checks it there on every run, so the table cannot drift silently:
+
+- `Const(path, NAME)`: `const NAME: <ty> = <value>;` in that Rust file must equal the value;
+- `Text(path, text)`: the Rust file must contain that expression (for values computed from
+  the shape, such as attention's `block_rows * 2`);
+- `Lit(path, value)`: the Rust file launches some kernel with that literal block size.
+
+On top of that, a block size must equal the kernel's `__launch_bounds__` maximum when it has
+one (read from the cubin), every kernel in cuda/*.cu must match exactly one entry, and where
+`ntkv-bench --geometry` reports a block or dynamic shared memory for a launch, it must equal
+the table's. Any mismatch makes the report exit 2.
+
+`dyn` is the dynamic shared memory in bytes; `None` with a `dyn_note` means it depends on the
+shape (the per-shape rows then carry the planner's value; the per-kernel row assumes 0).
+"""
+
+import re
+from collections import namedtuple
+
+Const = namedtuple("Const", "path name")
+Text = namedtuple("Text", "path text")
+Lit = namedtuple("Lit", "path value")
+
+
+class Entry:
+    def __init__(self, pattern, block, dyn=0, checks=(), source="", dyn_note=None):
+        self.pattern = pattern
+        self._block = block
+        self._dyn = dyn
+        self.checks = checks
+        self.source = source
+        self.smem_note = dyn_note
+
+    def block_for(self, g):
+        return self._block(g) if callable(self._block) else self._block
+
+    def smem_for(self, g):
+        return self._dyn(g) if callable(self._dyn) else self._dyn
+
+    def rust_checks(self, g):
+        """(path, const name or None, wanted value or text) for the report to verify."""
+        out = []
+        for c in self.checks:
+            if isinstance(c, Const):
+                want = self.block_for(g) if c.name.endswith("THREADS") else None
+                out.append((c.path, c.name, want if want is not None else CONST_VALUES[c.name]))
+            elif isinstance(c, Text):
+                out.append((c.path, None, c.text))
+            elif isinstance(c, Lit):
+                out.append((c.path, None, f"block_dim: ({c.value}, 1, 1)"))
+        return out
+
+
+# Values of the non-thread constants the formulas below use (checked in the sources).
+CONST_VALUES = {
+    "ROWS_PER_CTA": 16,
+    "TILE_TOKENS": 64,
+    "SMEM_FFMA": 67584,
+    "SMEM_TF32": 73728,
+    "SMEM_BF16": 40960,
+    "SMEM_TF32_ASYNC": 110592,
+    "SMEM_BF16_ASYNC": 81920,
+}
+
+TOPK = "src/topk/gpu.rs"
+QUANT = "src/quant/gpu.rs"
+DECODE = "src/decode/gpu.rs"
+DECODE_MOD = "src/decode/mod.rs"
+ATTN = "src/attention/plan.rs"
+NTK = "src/ntk/gpu.rs"
+
+
+def _decode_smem(g):
+    """attn_smem_bytes(d) of src/decode/gpu.rs (also checked against the geometry's value)."""
+    r, tk, d = CONST_VALUES["ROWS_PER_CTA"], CONST_VALUES["TILE_TOKENS"], g["d"]
+    return r * d * 4 + r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * (d + 8) * 2
+
+
+def _gemm_smem(g):
+    key = {"ffma": "SMEM_FFMA", "tf32": "SMEM_TF32", "bf16": "SMEM_BF16"}[g["prec"]]
+    if g.get("async"):
+        key += "_ASYNC"
+    return CONST_VALUES[key]
+
+
+def _gemm_checks():
+    return [Const(NTK, n) for n in ("SMEM_FFMA", "SMEM_TF32", "SMEM_BF16", "SMEM_TF32_ASYNC", "SMEM_BF16_ASYNC")] + [
+        Text(NTK, '"ntkv_ntk_gemm_f32_tf32_async", SMEM_TF32_ASYNC, 128'),
+        Text(NTK, '"ntkv_ntk_gemm_f32_ffma", SMEM_FFMA, 256'),
+    ]
+
+
+DT = r"(?P<dt>f16|bf16|f32)"
+
+LAUNCHES = [
+    # common
+    Entry(r"ntkv_copy_vec16", 256, 0, [Lit("src/timing.rs", 256)], "timing::copy (copy ceiling)"),
+    Entry(r"ntkv_find_nonfinite", 256, 0, [Lit("src/checks.rs", 256)], "checks (NaN/Inf scan)"),
+    # quant: every launch goes through quant::gpu::grid with THREADS
+    Entry(rf"ntkv_quant_(?:quantize|dequantize)_(?:token|channel)_{DT}", 256, 0, [Const(QUANT, "THREADS")],
+          "quant::gpu::grid"),
+    Entry(rf"ntkv_quant_scan_{DT}", 256, 0, [Const(QUANT, "THREADS")], "quant::gpu::scan_range"),
+    Entry(r"ntkv_mikv_(?:gather|scatter|residual|append)", 256, 0, [Const(QUANT, "THREADS")], "quant::gpu (MiKV)"),
+    # top-k
+    Entry(rf"ntkv_topk_(?:hist|filter)_{DT}", 512, 0, [Const(TOPK, "HIST_THREADS")], "TopkPlan::run"),
+    Entry(rf"ntkv_topk_(?:finalize|fused)_{DT}", 1024, None, [Const(TOPK, "FINAL_THREADS")], "TopkPlan::run",
+          dyn_note="(kpad+stage)·8"),
+    Entry(r"ntkv_topk_fill_recent", 256, 0, [Lit(TOPK, 256)], "topk::gpu::fill_recent"),
+    Entry(r"ntkv_h2o_(?:pass1|pass2|queue)_(?P<dt>f16|bf16)_d(?P<d>\d+)", 128, 0, [Const(TOPK, "H2O_THREADS")],
+          "topk::gpu::accumulate"),
+    Entry(r"ntkv_h2o_merge", 256, 0, [Lit(TOPK, 256)], "topk::gpu::accumulate (three-launch path)"),
+    Entry(r"ntkv_snapkv_pool", 256, 0, [Lit(TOPK, 256)], "topk::gpu::pool5"),
+    Entry(r"ntkv_h2o_check_keep", 256, 0, [Lit(TOPK, 256)], "keep-list validator"),
+    Entry(r"ntkv_h2o_compact", 256, None, [Lit(TOPK, 256), Text(TOPK, "(2 * chunk_rows * row_words + chunk_rows) * 4")],
+          "topk::gpu::compact", dyn_note="≤64 KiB"),
+    Entry(r"ntkv_h2o_gather", 256, 0, [Lit(TOPK, 256)], "topk::gpu::gather"),
+    # attention: BR·2 threads, double-buffered K and V tiles of BC rows of D + 8 elements
+    Entry(r"ntkv_attention_prefill_(?P<dt>f16|bf16)_d(?P<d>\d+)_br(?P<br>\d+)_bc(?P<bc>\d+)(?:_split)?",
+          lambda g: 2 * g["br"], lambda g: 4 * g["bc"] * (g["d"] + 8) * 2,
+          [Text(ATTN, "self.host.block_rows * 2"), Text(ATTN, "4 * self.block_cols * (self.shape.head_dim + 8) * 2")],
+          "PrefillPlan::run"),
+    # decode
+    Entry(r"ntkv_decode_attn_(?P<dt>f16|bf16)_d(?P<d>\d+)", 128, _decode_smem,
+          [Const(DECODE, "ATTN_THREADS"), Const(DECODE_MOD, "ROWS_PER_CTA"), Const(DECODE_MOD, "TILE_TOKENS"),
+           Text(DECODE, "r * d * 4 + r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * (d + 8) * 2")],
+          "DecodePlan::run"),
+    # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
+    Entry(r"ntkv_decode_merge_(?P<dt>f16|bf16)", 128, 0,
+          [Text(DECODE, 'block_dim: (to_u32("config.head_dim", cfg.head_dim)?, 1, 1)')], "DecodePlan::run (D threads)"),
+    Entry(r"ntkv_decode_validate", 256, 0, [Const(DECODE, "VALIDATE_THREADS")], "decode index validator"),
+    # ntk
+    Entry(r"ntkv_ntk_gemm_(?:f32|bf16)_(?P<prec>ffma|tf32|bf16)", 256, _gemm_smem, _gemm_checks(), "ntk::gpu::gemm"),
+    Entry(r"ntkv_ntk_gemm_(?:f32|bf16)_(?P<prec>tf32|bf16)_(?P<async>async)", 128, _gemm_smem, _gemm_checks(),
+          "ntk::gpu::gemm (cp.async)"),
+    Entry(r"ntkv_ntk_(?:reduce|presum_f32|presum_bf16|combine|bias_act|cotangent|jvp|stats|stats_finish|means"
+          r"|grand_mean)", 256, 0, [Lit(NTK, 256)], "ntk::gpu"),
+]
+
+# Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
+# once per call on a tiny input (and say why here).
+COLD_KERNELS = set()
+
+for _e in LAUNCHES:
+    re.compile(_e.pattern)
