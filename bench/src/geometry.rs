@@ -171,16 +171,18 @@ fn topk(g: &mut Geometry) {
 // ---------------------------------------------------------------------------------------------
 // decode
 
-/// The cases of bench/src/decode.rs (`CASES`): (op, shape, batch, q_tokens, hq, hkv, cache,
-/// selected per list).
-const DECODE_CASES: &[(&str, &str, usize, usize, usize, usize, usize, Option<usize>)] = &[
-    ("decode_sparse", "B1 Hq32 Hkv32 T131072 D128 sel2048", 1, 1, 32, 32, 131072, Some(2048)),
-    ("decode_full", "B1 Hq32 Hkv32 T131072 D128 all", 1, 1, 32, 32, 131072, None),
-    ("decode_sparse_gqa", "B1 Tq4 Hq32 Hkv8 T131072 D128 sel2048", 1, 4, 32, 8, 131072, Some(2048)),
+/// The cases of bench/src/decode.rs (`CASES`): (op, shape, q_tokens, hq, hkv, selected per
+/// list); batch 1, a 128k-token cache, D = 128.
+type DecodeCase = (&'static str, &'static str, usize, usize, usize, Option<usize>);
+const DECODE_CASES: &[DecodeCase] = &[
+    ("decode_sparse", "B1 Hq32 Hkv32 T131072 D128 sel2048", 1, 32, 32, Some(2048)),
+    ("decode_full", "B1 Hq32 Hkv32 T131072 D128 all", 1, 32, 32, None),
+    ("decode_sparse_gqa", "B1 Tq4 Hq32 Hkv8 T131072 D128 sel2048", 4, 32, 8, Some(2048)),
 ];
 
 fn decode(g: &mut Geometry) {
-    for &(op, shape, batch, q_tokens, hq, hkv, cache, selected) in DECODE_CASES {
+    let (batch, cache) = (1, 131072);
+    for &(op, shape, q_tokens, hq, hkv, selected) in DECODE_CASES {
         let cfg = DecodeConfig::new(batch, q_tokens, hq, hkv, 128, cache);
         let lists = cfg.n_lists();
         let lens = vec![selected.unwrap_or(cache); lists];
@@ -189,15 +191,13 @@ fn decode(g: &mut Geometry) {
         let attn = lists * split.max_chunks * row_tiles;
         // The runner times the GQA case in bf16 and the others in f16.
         let dt = if op == "decode_sparse_gqa" { "bf16" } else { "f16" };
-        {
-            let note = format!("chunk {} tokens, {} chunks, {row_tiles} row tiles", split.chunk_tokens, split.max_chunks);
-            g.push("decode", op, shape, dt, format!("ntkv_decode_attn_{dt}_d128"), attn, 1, &note).dyn_smem =
-                Some(decode::attn_smem_bytes(128));
-            if !split.direct() {
-                let m = g.push("decode", op, shape, dt, format!("ntkv_decode_merge_{dt}"), lists * cfg.rows(), 1, "");
-                m.block = Some(128);
-                m.dyn_smem = Some(0);
-            }
+        let note = format!("chunk {} tokens, {} chunks, {row_tiles} row tiles", split.chunk_tokens, split.max_chunks);
+        g.push("decode", op, shape, dt, format!("ntkv_decode_attn_{dt}_d128"), attn, 1, &note).dyn_smem =
+            Some(decode::attn_smem_bytes(128));
+        if !split.direct() {
+            let m = g.push("decode", op, shape, dt, format!("ntkv_decode_merge_{dt}"), lists * cfg.rows(), 1, "");
+            m.block = Some(128);
+            m.dyn_smem = Some(0);
         }
     }
 }
@@ -205,7 +205,8 @@ fn decode(g: &mut Geometry) {
 // ---------------------------------------------------------------------------------------------
 // attention
 
-/// Whether block (r, c) is listed: the bench runner's hash ([`crate::attention::listed`]).
+/// The bench runner's block mask: every block (`pattern` 1000) or the blocks that
+/// [`crate::attention::listed`] picks (causal: plus the diagonal, below it only).
 fn mask(pattern: u32, causal: bool, n_blocks: u32, bc: usize) -> Result<BlockMask, ntkv::Error> {
     let rows: Vec<Vec<u32>> = (0..n_blocks)
         .map(|r| {
@@ -257,7 +258,8 @@ fn attention(g: &mut Geometry) {
         match planned {
             Ok(list) => {
                 for (suffix, dt, kernel, block, smem, items) in list {
-                    let l = g.push("attention", &format!("{op}{suffix}"), &shape_key, dt, kernel.to_owned(), items, 1, "");
+                    let l =
+                        g.push("attention", &format!("{op}{suffix}"), &shape_key, dt, kernel.to_owned(), items, 1, "");
                     l.block = u32::try_from(block).ok();
                     l.dyn_smem = Some(smem);
                 }
@@ -351,7 +353,10 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 pub fn run(json: Option<&Path>) -> Result<(), String> {
     let g = collect();
     println!("Launch geometry on {SM_COUNT} SMs (static: no GPU; block '-' = from the kernel report's table)");
-    println!("{:<10} {:<26} {:<40} {:<6} {:<46} {:>6} {:>8} {:>9}", "family", "op", "shape", "dtype", "kernel", "block", "dyn", "grid");
+    println!(
+        "{:<10} {:<26} {:<40} {:<6} {:<46} {:>6} {:>8} {:>9}",
+        "family", "op", "shape", "dtype", "kernel", "block", "dyn", "grid"
+    );
     for l in &g.launches {
         let grid = match (l.grid, l.work_blocks) {
             (Some(g), _) => g.to_string(),
@@ -360,7 +365,15 @@ pub fn run(json: Option<&Path>) -> Result<(), String> {
         };
         println!(
             "{:<10} {:<26} {:<40} {:<6} {:<46} {:>6} {:>8} {:>9}  {}",
-            l.family, l.op, l.shape, l.dtype, l.kernel, opt(l.block), opt(l.dyn_smem), grid, l.note
+            l.family,
+            l.op,
+            l.shape,
+            l.dtype,
+            l.kernel,
+            opt(l.block),
+            opt(l.dyn_smem),
+            grid,
+            l.note
         );
     }
     for u in &g.unplanned {
@@ -382,10 +395,7 @@ mod tests {
     fn every_bench_family_has_geometry_or_a_reason() {
         let g = collect();
         for fam in ["topk", "decode", "attention", "quant", "ntk"] {
-            assert!(
-                g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam),
-                "{fam}"
-            );
+            assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));
     }
