@@ -334,6 +334,15 @@ impl<T> TensorMut<T> for DeviceTensor<T> {
     }
 }
 
+/// The shape of a view of `len` elements, checked.
+fn view_shape<T>(len: usize, shape: &[usize]) -> Result<Vec<usize>> {
+    let n = checked_numel::<T>("shape", shape)?;
+    if n != len {
+        return Err(Error::shape("view", &[n], &[len]));
+    }
+    Ok(shape.to_vec())
+}
+
 /// A borrowed, read-only tensor over device memory that ntkv does not own: a cudarc
 /// [`CudaView`] (for example `slice.slice(a..b)`, one layer of a larger cache) plus a shape.
 /// No copy is made.
@@ -349,11 +358,8 @@ impl<'a, T> TensorView<'a, T> {
     /// # Errors
     /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
     pub fn new(view: CudaView<'a, T>, shape: &[usize]) -> Result<Self> {
-        let n = checked_numel::<T>("shape", shape)?;
-        if n != view.len() {
-            return Err(Error::shape("view", &[n], &[view.len()]));
-        }
-        Ok(TensorView { view, shape: shape.to_vec() })
+        let shape = view_shape::<T>(view.len(), shape)?;
+        Ok(TensorView { view, shape })
     }
 }
 
@@ -383,11 +389,8 @@ impl<'a, T> TensorViewMut<'a, T> {
     /// # Errors
     /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
     pub fn new(view: CudaViewMut<'a, T>, shape: &[usize]) -> Result<Self> {
-        let n = checked_numel::<T>("shape", shape)?;
-        if n != view.len() {
-            return Err(Error::shape("view", &[n], &[view.len()]));
-        }
-        Ok(TensorViewMut { view, shape: shape.to_vec() })
+        let shape = view_shape::<T>(view.len(), shape)?;
+        Ok(TensorViewMut { view, shape })
     }
 }
 
