@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
-use ntkv::quant::{cpu, Axis, QuantPlan, QuantSpec, QuantizedTensor};
+use ntkv::quant::{cpu, Axis, QuantPlan, QuantShape, QuantSpec, QuantizedTensor};
 use ntkv::rng::Rng;
 use ntkv::{timing, DType, Device, DeviceTensor};
 
@@ -17,21 +17,21 @@ fn input(n: usize) -> Vec<f16> {
 fn gpu_benches(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let shape = [1usize << 20, 128];
     let spec = QuantSpec::new(4, 32, Axis::PerToken)?;
-    let plan = QuantPlan::new(spec, &shape, DType::F16)?;
+    let plan = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: DType::F16 }, spec)?;
     let x = DeviceTensor::from_host(dev, &input(shape[0] * shape[1]), &shape)?;
     let mut q = QuantizedTensor::zeros(dev, plan.layout())?;
     let mut y = DeviceTensor::<f16>::zeros(dev, &shape)?;
-    plan.quantize(dev, &x, &mut q)?;
+    plan.quantize(&x, &mut q)?;
     let mut group = c.benchmark_group("quant_gpu");
     group.bench_function("dequant int4 g32 1Mx128 f16", |b| {
         b.iter_custom(|iters| {
-            let times = timing::time_gpu_ms(dev, 1, iters as usize, |_| plan.dequantize(dev, &q, &mut y));
+            let times = timing::time_gpu_ms(dev, 1, iters as usize, |_| plan.dequantize(&q, &mut y));
             Duration::from_secs_f64(times.expect("GPU timing failed").iter().sum::<f64>() * 1e-3)
         })
     });
     group.bench_function("quant int4 g32 1Mx128 f16 (checked)", |b| {
         b.iter_custom(|iters| {
-            let times = timing::time_gpu_ms(dev, 1, iters as usize, |_| plan.quantize(dev, &x, &mut q));
+            let times = timing::time_gpu_ms(dev, 1, iters as usize, |_| plan.quantize(&x, &mut q));
             Duration::from_secs_f64(times.expect("GPU timing failed").iter().sum::<f64>() * 1e-3)
         })
     });

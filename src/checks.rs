@@ -1,28 +1,30 @@
 //! Device-side input checks shared by the families.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, PushKernelArg};
 
 use crate::device::{Device, Module};
-use crate::error::{to_u32, Error, Result};
+use crate::error::{to_u64, Error, Result};
+use crate::launch::{self, KernelId};
 use crate::params::NtkvFiniteCheckParams;
 use crate::tensor::Float;
+
+const FIND_NONFINITE: KernelId = KernelId::new(Module::Common, "find_nonfinite");
+const THREADS: u32 = 256;
 
 /// Scans `x` on the device and returns the lowest flat index holding a NaN or infinity.
 ///
 /// This synchronizes with the stream (one 8-byte read back). Callers that must not write on
 /// non-finite input call this before launching the kernel that writes.
-pub fn first_nonfinite<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<Option<usize>> {
+pub fn first_nonfinite<T: Float>(device: &Device, x: &CudaView<'_, T>) -> Result<Option<usize>> {
     let n = x.len();
     if n == 0 {
         return Ok(None);
     }
     let stream = device.stream();
     let mut flag = stream.clone_htod(&[u64::MAX])?;
-    let params = NtkvFiniteCheckParams { n: n as u64, dtype: T::DTYPE.code(), _pad0: 0 };
-    let f = device.function(Module::Common, "ntkv_find_nonfinite")?;
-    let threads = 256usize;
-    let blocks = n.div_ceil(threads * 8).clamp(1, device.props().sm_count as usize * 16);
-    let cfg = LaunchConfig { grid_dim: (to_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let params = NtkvFiniteCheckParams { n: to_u64("x", n)?, dtype: T::DTYPE.code(), _pad0: 0 };
+    let f = device.kernel(FIND_NONFINITE)?;
+    let cfg = launch::grid_for(device, &f, THREADS, 0, n.div_ceil(THREADS as usize * 8), true)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&params).arg(x).arg(&mut flag);
     // SAFETY: ntkv_find_nonfinite(NtkvFiniteCheckParams, const void* x, u64* first_bad) reads
@@ -34,7 +36,7 @@ pub fn first_nonfinite<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<Op
 }
 
 /// Returns [`Error::NonFinite`] naming `arg` when `x` holds a NaN or infinity.
-pub fn ensure_finite<T: Float>(device: &Device, arg: &'static str, x: &CudaSlice<T>) -> Result<()> {
+pub fn ensure_finite<T: Float>(device: &Device, arg: &'static str, x: &CudaView<'_, T>) -> Result<()> {
     match first_nonfinite(device, x)? {
         Some(index) => Err(Error::NonFinite { arg, index }),
         None => Ok(()),
@@ -44,6 +46,5 @@ pub fn ensure_finite<T: Float>(device: &Device, arg: &'static str, x: &CudaSlice
 /// Every kernel id this module's launchers can form (checked against the images by
 /// `tests/kernel_names.rs`).
 pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
-    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
-    Vec::new()
+    vec![FIND_NONFINITE]
 }

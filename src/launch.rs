@@ -161,6 +161,28 @@ pub fn grid_for(
     Ok(LaunchConfig { grid_dim: (to_u32("grid", blocks)?, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem })
 }
 
+/// The grid-stride form of [`grid_for`] with a second axis: `y` rows of work (heads; at most
+/// 65535, the kernels stride over the rest) times `x_items` items per row at one item per
+/// thread. The whole grid is one resident wave: `x` is capped so that `x · y` blocks do not
+/// exceed occupancy × SMs (but at least one block per row).
+///
+/// # Errors
+/// As [`grid_for`].
+pub fn resident_grid_2d(
+    device: &Device,
+    f: &CudaFunction,
+    block: u32,
+    smem: u32,
+    x_items: usize,
+    y: usize,
+) -> Result<LaunchConfig> {
+    let per_sm = blocks_per_sm(f, block, smem)? as usize;
+    let gy = y.clamp(1, 65535);
+    let target = per_sm * (device.props().sm_count.max(1) as usize);
+    let gx = x_items.div_ceil(block.max(1) as usize).clamp(1, (target / gy).max(1));
+    grid_2d(gx, gy, block, smem)
+}
+
 /// A two-dimensional grid of `x × y` blocks (`y` at most 65535), checked.
 ///
 /// # Errors

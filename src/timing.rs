@@ -4,10 +4,10 @@
 //! (created with timing enabled: cudarc's default disables it) after warm-up, and each
 //! memory-bound figure is reported as a share of the copy bandwidth measured in the same run.
 
-use cudarc::driver::{sys, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaSlice, PushKernelArg};
 
 use crate::device::{Device, Module};
-use crate::error::{to_u32, Result};
+use crate::error::Result;
 use crate::params::NtkvCopyParams;
 
 /// Median of a non-empty sample (the mean of the middle two for even lengths); 0 when empty.
@@ -74,14 +74,17 @@ where
     Ok(median(&mut times))
 }
 
-/// Enqueues a device-to-device copy of `src` into `dst` (equal lengths, multiples of 16
-/// bytes) with ntkv's vectorized copy kernel.
+const COPY_VEC16: crate::launch::KernelId = crate::launch::KernelId::new(Module::Common, "copy_vec16");
+
+/// Copies `min(src.len(), dst.len())` rounded down to 16 bytes from `src` to `dst` with
+/// 16-byte vector loads and stores: the kernel whose bandwidth is the ceiling every
+/// memory-bound figure is a share of.
 pub fn copy_vec16(device: &Device, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
     let n = src.len().min(dst.len()) / 16;
-    let params = NtkvCopyParams { n_vec16: n as u64 };
-    let f = device.function(Module::Common, "ntkv_copy_vec16")?;
-    let blocks = to_u32("copy blocks", (device.props().sm_count as usize * 8).max(1))?;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let params = NtkvCopyParams { n_vec16: crate::error::to_u64("src", n)? };
+    let f = device.kernel(COPY_VEC16)?;
+    // Grid-stride: one resident wave of 256-thread blocks.
+    let cfg = crate::launch::grid_for(device, &f, 256, 0, n.div_ceil(256), true)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
     // SAFETY: ntkv_copy_vec16(NtkvCopyParams, const uint4*, uint4*) reads and writes
@@ -103,6 +106,5 @@ pub fn copy_bandwidth_gbps(device: &Device, bytes: usize, reps: usize) -> Result
 /// Every kernel id this module's launchers can form (checked against the images by
 /// `tests/kernel_names.rs`).
 pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
-    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
-    Vec::new()
+    vec![COPY_VEC16]
 }

@@ -62,7 +62,9 @@ fn check_bound<T: Float>(spec: QuantSpec, shape: &[usize], x: &[T]) {
                 let scale = q.scales[g].to_f32();
                 let mn = q.mins[g].to_f32();
                 let xv = x[i].to_f32();
-                let eps = 0.5 * ulp_f16(mn) + 255.0 * 2f32.powi(-24) + 1e-6 * xv.abs().max(mn.abs());
+                // The bound the module docs state: ½ ulp of the stored min, qmax · 2^-25 for a
+                // subnormal stored scale, and f32 rounding.
+                let eps = 0.5 * ulp_f16(mn) + spec.qmax() as f32 * 2f32.powi(-25) + 1e-6 * xv.abs().max(mn.abs());
                 let bound = 0.5 * scale * (1.0 + 1e-3) + eps;
                 assert!(
                     (xv - y[i]).abs() <= bound,
@@ -82,9 +84,9 @@ proptest! {
     fn pack_unpack_round_trip(bits_i in 0usize..3, codes in proptest::collection::vec(0u32..256, 0..200)) {
         let bits = BITS[bits_i];
         let codes: Vec<u32> = codes.into_iter().map(|c| c & ((1 << bits) - 1)).collect();
-        let words = cpu::pack_codes(bits, &codes);
+        let words = cpu::pack_codes(bits, &codes).unwrap();
         prop_assert_eq!(words.len(), codes.len().div_ceil(32 / bits as usize));
-        prop_assert_eq!(cpu::unpack_codes(bits, &words, codes.len()), codes);
+        prop_assert_eq!(cpu::unpack_codes(bits, &words, codes.len()).unwrap(), codes);
     }
 
     #[test]
@@ -151,7 +153,7 @@ proptest! {
         let y: Vec<f32> = cpu::dequantize(spec, &shape, &q).unwrap();
         prop_assert_eq!(&y, &x);
         let words_codes = match spec.axis {
-            Axis::PerToken => cpu::unpack_codes(spec.bits, &q.codes, tokens * dim),
+            Axis::PerToken => cpu::unpack_codes(spec.bits, &q.codes, tokens * dim).unwrap(),
             Axis::PerChannel => {
                 // Word (r, c) holds tokens r*E .. r*E+E-1 of channel c.
                 let e = spec.codes_per_word();
@@ -287,12 +289,12 @@ fn encode_rounds_half_to_even() {
     // scale 1, mn 0: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, clamp above qmax and below 0.
     let (one, zero) = (f16::from_f32(1.0), f16::ZERO);
     let inv = cpu::inverse_scale(one);
-    assert_eq!(cpu::encode(0.5, zero, inv, 4), 0);
-    assert_eq!(cpu::encode(1.5, zero, inv, 4), 2);
-    assert_eq!(cpu::encode(2.5, zero, inv, 4), 2);
-    assert_eq!(cpu::encode(40.0, zero, inv, 4), 15);
-    assert_eq!(cpu::encode(-3.0, zero, inv, 4), 0);
-    assert_eq!(cpu::encode(7.0, zero, cpu::inverse_scale(f16::ZERO), 4), 0);
+    assert_eq!(cpu::encode(0.5, zero, inv, 4).unwrap(), 0);
+    assert_eq!(cpu::encode(1.5, zero, inv, 4).unwrap(), 2);
+    assert_eq!(cpu::encode(2.5, zero, inv, 4).unwrap(), 2);
+    assert_eq!(cpu::encode(40.0, zero, inv, 4).unwrap(), 15);
+    assert_eq!(cpu::encode(-3.0, zero, inv, 4).unwrap(), 0);
+    assert_eq!(cpu::encode(7.0, zero, cpu::inverse_scale(f16::ZERO), 4).unwrap(), 0);
     assert_eq!(cpu::decode(3, f16::from_f32(0.5), f16::from_f32(-1.0)), 0.5);
 }
 
@@ -463,4 +465,21 @@ fn mikv_empty_prefill_then_appends() {
     assert_eq!(cache.quantized_len(), 32);
     let dense = cache.dequantize_dense().unwrap();
     assert!(cpu::same_f16_bits(&dense[32 * 8..], &kv[32 * 8..]));
+}
+
+/// A group whose scale `(mx − mn)/qmax` is below the smallest f16 subnormal rounds its stored
+/// scale to zero: every code is 0 and the error is the whole range, which the documented
+/// subnormal term `qmax · 2^-25` covers. Just above, the scale is a subnormal with 2^-24
+/// spacing.
+#[test]
+fn subnormal_scales_stay_within_the_stated_bound() {
+    for (bits, top) in [(8u32, 1e-6f32), (8, 1.02e-5), (4, 2.0e-7), (2, 5.0e-8), (8, 3.0e-3)] {
+        let spec = QuantSpec::new(bits, 32, Axis::PerToken).unwrap();
+        let x: Vec<f32> = (0..32).map(|i| top * i as f32 / 31.0).collect();
+        check_bound::<f32>(spec, &[1, 32], &x);
+        let q = cpu::quantize(spec, &[1, 32], &x).unwrap();
+        if top * (1u32 << 25) as f32 / spec.qmax() as f32 <= 0.5 {
+            assert_eq!(q.scales[0].to_f32(), 0.0, "bits {bits} top {top}: scale should round to 0");
+        }
+    }
 }

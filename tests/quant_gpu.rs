@@ -7,7 +7,9 @@ mod common;
 
 use half::{bf16, f16};
 use ntkv::quant::cpu::{self, MikvCacheCpu};
-use ntkv::quant::{Axis, FiniteCheck, HiPrecision, MikvCache, MikvConfig, QuantPlan, QuantSpec, QuantizedTensor};
+use ntkv::quant::{
+    Axis, FiniteCheck, HiPrecision, MikvCache, MikvConfig, QuantPlan, QuantShape, QuantSpec, QuantizedTensor,
+};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Error, Float};
 
@@ -36,13 +38,13 @@ fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
 fn differential<T: Float>(dev: &Device, spec: QuantSpec, shape: &[usize], seed: u64, check: FiniteCheck) {
     let n: usize = shape.iter().product();
     let x: Vec<T> = data(&mut Rng::new(seed), n, shape[shape.len() - 1]);
-    let plan = QuantPlan::new(spec, shape, T::DTYPE).unwrap();
+    let plan = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: T::DTYPE }, spec).unwrap();
     let xd = DeviceTensor::from_host(dev, &x, shape).unwrap();
     let mut q = QuantizedTensor::zeros(dev, plan.layout()).unwrap();
     if seed % 7 == 3 {
-        plan.quantize_deferred(dev, &xd, &mut q).unwrap().wait().unwrap();
+        plan.quantize_deferred(&xd, &mut q).unwrap().wait().unwrap();
     } else {
-        plan.quantize_with(dev, &xd, &mut q, check).unwrap();
+        plan.quantize_with(&xd, &mut q, check).unwrap();
     }
     let got = q.to_host().unwrap();
     let want = cpu::quantize(spec, shape, &x).unwrap();
@@ -52,7 +54,7 @@ fn differential<T: Float>(dev: &Device, spec: QuantSpec, shape: &[usize], seed: 
     assert!(cpu::same_f16_bits(&got.scales, &want.scales), "{spec:?} {shape:?}: scales differ");
     assert!(cpu::same_f16_bits(&got.mins, &want.mins), "{spec:?} {shape:?}: mins differ");
     let mut y = DeviceTensor::<T>::zeros(dev, shape).unwrap();
-    plan.dequantize(dev, &q, &mut y).unwrap();
+    plan.dequantize(&q, &mut y).unwrap();
     let y = y.to_host().unwrap();
     let y_cpu: Vec<T> = cpu::dequantize(spec, shape, &want).unwrap();
     let (a, b) = (bits_of(&y), bits_of(&y_cpu));
@@ -104,7 +106,7 @@ fn non_finite_input_is_error_and_outputs_untouched() {
     let dev = gpu_or_skip!("non_finite_input_is_error_and_outputs_untouched");
     let spec = QuantSpec::new(4, 32, Axis::PerToken).unwrap();
     let shape = [37, 64];
-    let plan = QuantPlan::new(spec, &shape, ntkv::DType::F16).unwrap();
+    let plan = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: ntkv::DType::F16 }, spec).unwrap();
     let mut x: Vec<f16> = data(&mut Rng::new(3), 37 * 64, 64);
     x[1000] = f16::NAN;
     x[2000] = f16::INFINITY;
@@ -116,29 +118,29 @@ fn non_finite_input_is_error_and_outputs_untouched() {
         mins: vec![f16::from_f32(-7.0); layout.n_groups()],
     };
     let mut q = QuantizedTensor::from_host(dev, &layout, &sentinel).unwrap();
-    match plan.quantize(dev, &xd, &mut q) {
+    match plan.quantize(&xd, &mut q) {
         Err(Error::NonFinite { arg: "x", index: 1000 }) => {}
         other => panic!("expected NonFinite at 1000, got {other:?}"),
     }
     assert!(q.to_host().unwrap().same_bits(&sentinel), "checked quantize wrote on NaN input");
     // The single-pass mode reports the same error (its outputs are unspecified).
-    match plan.quantize_with(dev, &xd, &mut q, FiniteCheck::SinglePass) {
+    match plan.quantize_with(&xd, &mut q, FiniteCheck::SinglePass) {
         Err(Error::NonFinite { arg: "x", index: 1000 }) => {}
         other => panic!("expected NonFinite at 1000 (single pass), got {other:?}"),
     }
     // The deferred single-pass check reports it when resolved.
-    let pending = plan.quantize_deferred(dev, &xd, &mut q).unwrap();
+    let pending = plan.quantize_deferred(&xd, &mut q).unwrap();
     assert!(matches!(pending.wait(), Err(Error::NonFinite { arg: "x", index: 1000 })));
     // Out of the f16 range in f32/bf16: InvalidArgument, nothing written.
-    let plan32 = QuantPlan::new(spec, &shape, ntkv::DType::F32).unwrap();
+    let plan32 = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: ntkv::DType::F32 }, spec).unwrap();
     let mut x32 = vec![0.5f32; 37 * 64];
     x32[77] = -1e6;
     let xd32 = DeviceTensor::from_host(dev, &x32, &shape).unwrap();
     let mut q = QuantizedTensor::from_host(dev, &layout, &sentinel).unwrap();
-    assert!(matches!(plan32.quantize(dev, &xd32, &mut q), Err(Error::InvalidArgument { arg: "x", .. })));
+    assert!(matches!(plan32.quantize(&xd32, &mut q), Err(Error::InvalidArgument { arg: "x", .. })));
     assert!(q.to_host().unwrap().same_bits(&sentinel));
     assert!(matches!(
-        plan32.quantize_with(dev, &xd32, &mut q, FiniteCheck::SinglePass),
+        plan32.quantize_with(&xd32, &mut q, FiniteCheck::SinglePass),
         Err(Error::InvalidArgument { arg: "x", .. })
     ));
 }
@@ -147,18 +149,23 @@ fn non_finite_input_is_error_and_outputs_untouched() {
 fn shape_and_dtype_mismatches_write_nothing() {
     let dev = gpu_or_skip!("shape_and_dtype_mismatches_write_nothing");
     let spec = QuantSpec::new(4, 32, Axis::PerChannel).unwrap();
-    let plan = QuantPlan::new(spec, &[64, 16], ntkv::DType::F16).unwrap();
+    let plan = QuantPlan::new(dev, &QuantShape { dims: [64, 16].to_vec(), dtype: ntkv::DType::F16 }, spec).unwrap();
     let x = DeviceTensor::<f16>::zeros(dev, &[64, 17]).unwrap();
     let mut q = QuantizedTensor::zeros(dev, plan.layout()).unwrap();
-    assert!(matches!(plan.quantize(dev, &x, &mut q), Err(Error::Shape { arg: "x", .. })));
+    assert!(matches!(plan.quantize(&x, &mut q), Err(Error::Shape { arg: "x", .. })));
     let x = DeviceTensor::<f32>::zeros(dev, &[64, 16]).unwrap();
-    assert!(matches!(plan.quantize(dev, &x, &mut q), Err(Error::InvalidArgument { arg: "x", .. })));
-    let other = QuantPlan::new(QuantSpec::new(2, 32, Axis::PerChannel).unwrap(), &[64, 16], ntkv::DType::F16).unwrap();
+    assert!(matches!(plan.quantize(&x, &mut q), Err(Error::InvalidArgument { arg: "x", .. })));
+    let other = QuantPlan::new(
+        dev,
+        &QuantShape { dims: [64, 16].to_vec(), dtype: ntkv::DType::F16 },
+        QuantSpec::new(2, 32, Axis::PerChannel).unwrap(),
+    )
+    .unwrap();
     let mut wrong = QuantizedTensor::zeros(dev, other.layout()).unwrap();
     let x = DeviceTensor::<f16>::zeros(dev, &[64, 16]).unwrap();
-    assert!(matches!(plan.quantize(dev, &x, &mut wrong), Err(Error::Shape { arg: "codes", .. })));
+    assert!(matches!(plan.quantize(&x, &mut wrong), Err(Error::Shape { arg: "codes", .. })));
     let mut y = DeviceTensor::<f16>::from_host(dev, &vec![f16::ONE; 64 * 15], &[64, 15]).unwrap();
-    assert!(matches!(plan.dequantize(dev, &q, &mut y), Err(Error::Shape { arg: "out", .. })));
+    assert!(matches!(plan.dequantize(&q, &mut y), Err(Error::Shape { arg: "out", .. })));
     assert!(y.to_host().unwrap().iter().all(|v| *v == f16::ONE));
 }
 
@@ -177,13 +184,13 @@ fn mikv_case(dev: &Device, cfg: MikvConfig, heads: usize, dim: usize, t0: usize,
             (0..heads).flat_map(|h| kv[(h * total + t) * dim..(h * total + t + 1) * dim].iter().copied()).collect();
         cpu_cache.append(&tok).unwrap();
         let tok_d = DeviceTensor::from_host(dev, &tok, &[heads, dim]).unwrap();
-        gpu_cache.append(dev, &tok_d).unwrap();
+        gpu_cache.append(&tok_d).unwrap();
     }
     assert_eq!(gpu_cache.len(), total);
     assert_eq!(gpu_cache.quantized_len(), cpu_cache.quantized_len());
     assert!(gpu_cache.to_cpu().unwrap().same_bits(&cpu_cache), "{cfg:?}: buffers differ after appends");
     let mut dense = DeviceTensor::<f16>::zeros(dev, &[heads, total, dim]).unwrap();
-    gpu_cache.dequantize_dense(dev, &mut dense).unwrap();
+    gpu_cache.dequantize_dense(&mut dense).unwrap();
     let dense = dense.to_host().unwrap();
     let want = cpu_cache.dequantize_dense().unwrap();
     if let Some(i) = dense.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
@@ -269,7 +276,7 @@ fn mikv_non_finite_append_is_error_and_cache_unchanged() {
     let mut tok = vec![f16::ONE; 64];
     tok[33] = f16::NAN;
     let tok_d = DeviceTensor::from_host(dev, &tok, &[2, 32]).unwrap();
-    assert!(matches!(cache.append(dev, &tok_d), Err(Error::NonFinite { arg: "token", index: 33 })));
+    assert!(matches!(cache.append(&tok_d), Err(Error::NonFinite { arg: "token", index: 33 })));
     assert!(cache.to_cpu().unwrap().same_bits(&before));
     let mut bad = kv.clone();
     bad[5] = f16::NEG_INFINITY;
@@ -279,7 +286,7 @@ fn mikv_non_finite_append_is_error_and_cache_unchanged() {
         Err(Error::NonFinite { arg: "kv", index: 5 })
     ));
     let wrong = DeviceTensor::<f16>::zeros(dev, &[2, 31]).unwrap();
-    assert!(matches!(cache.append(dev, &wrong), Err(Error::Shape { arg: "token", .. })));
+    assert!(matches!(cache.append(&wrong), Err(Error::Shape { arg: "token", .. })));
     let mut out = DeviceTensor::<f16>::zeros(dev, &[2, 9, 32]).unwrap();
-    assert!(matches!(cache.dequantize_dense(dev, &mut out), Err(Error::Shape { arg: "out", .. })));
+    assert!(matches!(cache.dequantize_dense(&mut out), Err(Error::Shape { arg: "out", .. })));
 }

@@ -1,4 +1,4 @@
-//! Quantization cases (ANCHORS: int4 group-32 over 4M tokens × 128).
+//! Quantization cases (the peer table of docs/benchmarks.md: int4 group-32 over 4M tokens × 128).
 //!
 //! Keys (op | shape | dtype), shared with tools/peers/quant.py:
 //! - `dequant | 4194304x128 g32 int4 per_token | f16`: codes + scales + mins read, f16 written;
@@ -11,7 +11,9 @@
 
 use half::f16;
 use ntkv::quant::cpu;
-use ntkv::quant::{Axis, HiPrecision, MikvCache, MikvConfig, QuantLayout, QuantPlan, QuantSpec, QuantizedTensor};
+use ntkv::quant::{
+    Axis, HiPrecision, MikvCache, MikvConfig, QuantLayout, QuantPlan, QuantShape, QuantSpec, QuantizedTensor,
+};
 use ntkv::rng::Rng;
 use ntkv::{DType, Device, DeviceTensor};
 
@@ -63,26 +65,26 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let mut y = DeviceTensor::<f16>::zeros(dev, &shape)?;
     for (i, spec) in specs()?.into_iter().enumerate() {
         let key = shape_key(TOKENS, &spec);
-        let plan = QuantPlan::new(spec, &shape, DType::F16)?;
+        let plan = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: DType::F16 }, spec)?;
         let mut q = QuantizedTensor::zeros(dev, plan.layout())?;
-        plan.quantize(dev, &x, &mut q)?;
+        plan.quantize(&x, &mut q)?;
         let bytes = Work::bytes(packed_bytes(n, &spec) + (n * 2) as f64);
         // Dequantization is one FMA per value.
         let dequant_work = Work { bytes: bytes.bytes, ..Work::flops(2.0 * n as f64) };
         if b.wants(FAMILY, "dequant") {
-            b.gpu(FAMILY, "dequant", &key, "f16", dequant_work, |_| plan.dequantize(dev, &q, &mut y))?;
+            b.gpu(FAMILY, "dequant", &key, "f16", dequant_work, |_| plan.dequantize(&q, &mut y))?;
         }
         // The checked and single-pass quantize at the anchor spec and the KIVI key spec.
         if i == 0 || spec.axis == Axis::PerChannel {
             if b.wants(FAMILY, "quant") {
-                b.gpu(FAMILY, "quant", &key, "f16", bytes, |_| plan.quantize(dev, &x, &mut q))?;
+                b.gpu(FAMILY, "quant", &key, "f16", bytes, |_| plan.quantize(&x, &mut q))?;
             }
             if b.wants(FAMILY, "quant_single_pass") {
                 // The flag read-back is deferred past the timed region, as a pipeline that
                 // checks once per step would do; every flag is still checked below.
                 let mut pending = Vec::new();
                 b.gpu(FAMILY, "quant_single_pass", &key, "f16", bytes, |_| {
-                    pending.push(plan.quantize_deferred(dev, &x, &mut q)?);
+                    pending.push(plan.quantize_deferred(&x, &mut q)?);
                     Ok(())
                 })?;
                 for p in pending {
@@ -114,7 +116,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let spec = cfg.lo_spec();
         let bytes = Work::bytes(packed_bytes(m, &spec) + (m * 2) as f64 + (m / 10 * 2 * 2) as f64);
         let key = format!("{heads}x{tokens}x{DIM} g32 int4 per_channel hi_f16 10%");
-        b.gpu(FAMILY, "mikv_dense", &key, "f16", bytes, |_| cache.dequantize_dense(dev, &mut out))?;
+        b.gpu(FAMILY, "mikv_dense", &key, "f16", bytes, |_| cache.dequantize_dense(&mut out))?;
     }
     Ok(())
 }

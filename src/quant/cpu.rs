@@ -1,4 +1,4 @@
-//! The CPU reference of the quantization family: exactly the f32 operations of SPEC §1, in
+//! The CPU reference of the quantization family: exactly the f32 operations the module docs
 //! the same order as the kernels, so codes, scales and mins are bit-equal to the GPU's.
 //!
 //! Also the reference of the whole MiKV cache ([`MikvCacheCpu`]), with the same storage
@@ -46,15 +46,27 @@ pub fn same_f16_bits(a: &[f16], b: &[f16]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// `2^bits − 1` for a supported code width, or an error naming `bits`.
+fn qmax_of(bits: u32) -> Result<u32> {
+    if matches!(bits, 2 | 4 | 8) {
+        Ok((1u32 << bits) - 1)
+    } else {
+        Err(Error::invalid("bits", format!("{bits} is not 2, 4 or 8")))
+    }
+}
+
 /// The stored `(scale, min)` of a group with minimum `mn` and maximum `mx` (f32):
 /// `scale = f16((mx − mn) / (2^bits − 1))`, `min = f16(mn)`.
 ///
 /// Adding `+0.0` first turns a `-0` min or max into `+0`, so the order in which they are
 /// taken (which of two signed zeros wins) cannot change the stored bits.
-pub fn group_params(bits: u32, mn: f32, mx: f32) -> (f16, f16) {
-    let qmax = ((1u32 << bits) - 1) as f32;
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `bits` when it is not 2, 4 or 8.
+pub fn group_params(bits: u32, mn: f32, mx: f32) -> Result<(f16, f16)> {
+    let qmax = qmax_of(bits)? as f32;
     let (mn, mx) = (mn + 0.0, mx + 0.0);
-    (f16::from_f32((mx - mn) / qmax), f16::from_f32(mn))
+    Ok((f16::from_f32((mx - mn) / qmax), f16::from_f32(mn)))
 }
 
 /// `1 / scale` in f32, or 0 when the scale is 0 (then every code is 0).
@@ -68,15 +80,19 @@ pub fn inverse_scale(scale: f16) -> f32 {
 }
 
 /// The code of `x`: `clamp(round_half_even((x − mn) · inv), 0, 2^bits − 1)`, with the
-/// subtraction and product rounded separately; 0 when `scale == 0` (`inv == 0`).
-pub fn encode(x: f32, mn: f16, inv: f32, bits: u32) -> u32 {
+/// subtraction and product rounded separately; 0 when `scale == 0` (`inv == 0`). A NaN
+/// product (never reached through [`quantize`], which refuses non-finite input) gives 0.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `bits` when it is not 2, 4 or 8.
+pub fn encode(x: f32, mn: f16, inv: f32, bits: u32) -> Result<u32> {
+    let qmax = qmax_of(bits)? as f32;
     if inv == 0.0 {
-        return 0;
+        return Ok(0);
     }
-    let qmax = ((1u32 << bits) - 1) as f32;
     let d = x - mn.to_f32();
     let q = (d * inv).round_ties_even();
-    q.max(0.0).min(qmax) as u32
+    Ok(q.max(0.0).min(qmax) as u32)
 }
 
 /// `fma(code, scale, mn)` in f32.
@@ -84,22 +100,34 @@ pub fn decode(code: u32, scale: f16, mn: f16) -> f32 {
     (code as f32).mul_add(scale.to_f32(), mn.to_f32())
 }
 
-/// Packs codes (each `< 2^bits`) little-end-first into `u32` words: code `i` goes to word
-/// `i / (32/bits)` at bits `[(i % (32/bits))·bits, …)`. A final partial word is zero-padded.
-pub fn pack_codes(bits: u32, codes: &[u32]) -> Vec<u32> {
+/// Packs codes little-end-first into `u32` words: code `i` goes to word `i / (32/bits)` at
+/// bits `[(i % (32/bits))·bits, …)`. Each code is masked to `bits` bits; a final partial word
+/// is zero-padded.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `bits` when it is not 2, 4 or 8.
+pub fn pack_codes(bits: u32, codes: &[u32]) -> Result<Vec<u32>> {
+    let mask = qmax_of(bits)?;
     let e = (32 / bits) as usize;
-    let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
-    codes
+    Ok(codes
         .chunks(e)
         .map(|c| c.iter().enumerate().fold(0u32, |w, (j, &v)| w | ((v & mask) << (j as u32 * bits))))
-        .collect()
+        .collect())
 }
 
-/// Unpacks `n` codes from words packed by [`pack_codes`].
-pub fn unpack_codes(bits: u32, words: &[u32], n: usize) -> Vec<u32> {
+/// Unpacks `n` codes from words packed by [`pack_codes`]; codes past the end of `words` are
+/// 0.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `bits` when it is not 2, 4 or 8, [`Error::TooLarge`]
+/// naming `n` when `n` exceeds what `words` can hold by more than one word.
+pub fn unpack_codes(bits: u32, words: &[u32], n: usize) -> Result<Vec<u32>> {
+    let mask = qmax_of(bits)?;
     let e = (32 / bits) as usize;
-    let mask = (1u32 << bits) - 1;
-    (0..n).map(|i| words.get(i / e).map_or(0, |w| (w >> ((i % e) as u32 * bits)) & mask)).collect()
+    if n.div_ceil(e) > words.len().saturating_add(1) {
+        return Err(Error::too_large("n", format!("{n} codes from {} words of {e}", words.len())));
+    }
+    Ok((0..n).map(|i| words.get(i / e).map_or(0, |w| (w >> ((i % e) as u32 * bits)) & mask)).collect())
 }
 
 /// Quantizes `x` (shape `[.., T, D]`) to the layout of [`QuantLayout::new`]`(spec, shape)`.
@@ -194,13 +222,13 @@ pub(crate) fn quantize_region<T: Float>(
                     mn = mn.min(v);
                     mx = mx.max(v);
                 }
-                let (scale, min) = group_params(spec.bits, mn, mx);
+                let (scale, min) = group_params(spec.bits, mn, mx)?;
                 let inv = inverse_scale(scale);
                 let (gi, _, _) = addr.locate(spec, r, h, t0, c0);
                 scales[gi] = scale;
                 mins[gi] = min;
                 for (t, c) in members() {
-                    let code = encode(at(h, t, c), min, inv, spec.bits);
+                    let code = encode(at(h, t, c), min, inv, spec.bits)?;
                     let (_, wi, slot) = addr.locate(spec, r, h, t, c);
                     let shift = slot as u32 * spec.bits;
                     let mask = spec.qmax() << shift;

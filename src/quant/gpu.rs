@@ -4,78 +4,58 @@
 //! before launching, so a kernel never reads or writes out of bounds even when a caller
 //! inside the crate got a region wrong.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::{value_error, Axis, QuantSpec, Region};
 use crate::device::{Device, Module};
-use crate::error::{to_u32, Error, Result};
+use crate::error::{to_u32, to_u64, Error, Result};
+use crate::launch::{self, KernelId};
 use crate::params::{NtkvMikvRowsParams, NtkvQuantParams, NtkvQuantScanParams};
 use crate::tensor::{DType, Float};
 
 const THREADS: u32 = 256;
 
-/// Kernel names of one dtype.
-struct Names {
-    quantize_token: &'static str,
-    quantize_channel: &'static str,
-    dequantize_token: &'static str,
-    dequantize_channel: &'static str,
-    scan: &'static str,
+/// The quantize/dequantize/scan kernels, one per dtype: `quant_{op}` with `op` one of
+/// [`VALUE_OPS`].
+fn value_kernel(op: &'static str, dtype: DType) -> KernelId {
+    KernelId::new(Module::Quant, op).dtype(dtype)
 }
 
-fn names(dtype: DType) -> Names {
-    match dtype {
-        DType::F32 => Names {
-            quantize_token: "ntkv_quant_quantize_token_f32",
-            quantize_channel: "ntkv_quant_quantize_channel_f32",
-            dequantize_token: "ntkv_quant_dequantize_token_f32",
-            dequantize_channel: "ntkv_quant_dequantize_channel_f32",
-            scan: "ntkv_quant_scan_f32",
-        },
-        DType::F16 => Names {
-            quantize_token: "ntkv_quant_quantize_token_f16",
-            quantize_channel: "ntkv_quant_quantize_channel_f16",
-            dequantize_token: "ntkv_quant_dequantize_token_f16",
-            dequantize_channel: "ntkv_quant_dequantize_channel_f16",
-            scan: "ntkv_quant_scan_f16",
-        },
-        DType::BF16 => Names {
-            quantize_token: "ntkv_quant_quantize_token_bf16",
-            quantize_channel: "ntkv_quant_quantize_channel_bf16",
-            dequantize_token: "ntkv_quant_dequantize_token_bf16",
-            dequantize_channel: "ntkv_quant_dequantize_channel_bf16",
-            scan: "ntkv_quant_scan_bf16",
-        },
-    }
+/// The ops that exist once per value dtype.
+const VALUE_OPS: [&str; 5] = [
+    "quant_quantize_token",
+    "quant_quantize_channel",
+    "quant_dequantize_token",
+    "quant_dequantize_channel",
+    "quant_scan",
+];
+
+/// The MiKV row moves (f16 only): `mikv_{gather,scatter,residual,append}`.
+fn rows_kernel(op: &'static str) -> KernelId {
+    KernelId::new(Module::Quant, op)
 }
+
+const ROW_OPS: [&str; 4] = ["mikv_gather", "mikv_scatter", "mikv_residual", "mikv_append"];
 
 /// A launch over `heads` (grid y, capped at 65535 with the kernels striding over the rest)
 /// times `items_per_head` (grid x, grid-stride). The grid is one full wave: as many blocks as
 /// the driver says fit on all SMs at once (register-limited occupancy), so no block waits
 /// for a second wave and the grid-stride loops balance the work.
 fn grid(device: &Device, f: &CudaFunction, heads: usize, items_per_head: usize) -> Result<LaunchConfig> {
-    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None).unwrap_or(4).max(1);
-    let gy = heads.clamp(1, 65535);
-    let target = (device.props().sm_count as usize).max(1) * per_sm as usize;
-    let gx = items_per_head.div_ceil(THREADS as usize).clamp(1, (target / gy).max(1));
-    Ok(LaunchConfig {
-        grid_dim: (to_u32("grid", gx)?, to_u32("grid", gy)?, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    launch::resident_grid_2d(device, f, THREADS, 0, items_per_head, heads)
 }
 
 fn quant_params(spec: &QuantSpec, r: &Region) -> Result<NtkvQuantParams> {
     Ok(NtkvQuantParams {
-        heads: r.heads as u64,
-        tokens: r.tokens as u64,
-        x_offset: r.x_off as u64,
-        x_head_stride: r.x_hs as u64,
-        codes_offset: r.c_off as u64,
-        codes_head_stride: r.c_hs as u64,
-        sm_offset: r.s_off as u64,
-        sm_head_stride: r.s_hs as u64,
+        heads: to_u64("region", r.heads)?,
+        tokens: to_u64("region", r.tokens)?,
+        x_offset: to_u64("region", r.x_off)?,
+        x_head_stride: to_u64("region", r.x_hs)?,
+        codes_offset: to_u64("region", r.c_off)?,
+        codes_head_stride: to_u64("region", r.c_hs)?,
+        sm_offset: to_u64("region", r.s_off)?,
+        sm_head_stride: to_u64("region", r.s_hs)?,
         dim: to_u32("dim", r.dim)?,
         group: to_u32("group", spec.group)?,
         bits: spec.bits,
@@ -129,13 +109,13 @@ fn flag_error(arg: &'static str, nonfinite: Option<usize>, out_of_range: Option<
 
 /// Scans `x` on the device (16-byte loads) and returns the error of its first NaN/Inf or
 /// out-of-f16-range value. Synchronizes (reads two `u64` back).
-pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaSlice<T>) -> Result<()> {
+pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaView<'_, T>) -> Result<()> {
     if x.is_empty() {
         return Ok(());
     }
     let mut flags = new_flags(device)?;
-    let f = device.function(Module::Quant, names(T::DTYPE).scan)?;
-    let params = NtkvQuantScanParams { n: x.len() as u64 };
+    let f = device.kernel(value_kernel("quant_scan", T::DTYPE))?;
+    let params = NtkvQuantScanParams { n: to_u64("x", x.len())? };
     let cfg = grid(device, &f, 1, x.len().div_ceil(16 / std::mem::size_of::<T>()))?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(x).arg(&mut flags);
@@ -154,10 +134,10 @@ pub(crate) fn quantize_region<T: Float>(
     device: &Device,
     spec: &QuantSpec,
     r: &Region,
-    x: &CudaSlice<T>,
-    codes: &mut CudaSlice<u32>,
-    scales: &mut CudaSlice<f16>,
-    mins: &mut CudaSlice<f16>,
+    x: &CudaView<'_, T>,
+    codes: &mut CudaViewMut<'_, u32>,
+    scales: &mut CudaViewMut<'_, f16>,
+    mins: &mut CudaViewMut<'_, f16>,
     flags: &mut CudaSlice<u64>,
 ) -> Result<()> {
     check_region(spec, r, x.len(), codes.len(), scales.len().min(mins.len()))?;
@@ -168,13 +148,12 @@ pub(crate) fn quantize_region<T: Float>(
         return Ok(());
     }
     let params = quant_params(spec, r)?;
-    let n = names(T::DTYPE);
     let per_head = r.tokens * r.dim;
-    let (name, items) = match spec.axis {
-        Axis::PerToken => (n.quantize_token, per_head / spec.codes_per_word()),
-        Axis::PerChannel => (n.quantize_channel, per_head / spec.group),
+    let (op, items) = match spec.axis {
+        Axis::PerToken => ("quant_quantize_token", per_head / spec.codes_per_word()),
+        Axis::PerChannel => ("quant_quantize_channel", per_head / spec.group),
     };
-    let f = device.function(Module::Quant, name)?;
+    let f = device.kernel(value_kernel(op, T::DTYPE))?;
     let cfg = grid(device, &f, r.heads, items)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(x).arg(codes).arg(scales).arg(mins).arg(flags);
@@ -194,23 +173,22 @@ pub(crate) fn dequantize_region<T: Float>(
     device: &Device,
     spec: &QuantSpec,
     r: &Region,
-    codes: &CudaSlice<u32>,
-    scales: &CudaSlice<f16>,
-    mins: &CudaSlice<f16>,
-    out: &mut CudaSlice<T>,
+    codes: &CudaView<'_, u32>,
+    scales: &CudaView<'_, f16>,
+    mins: &CudaView<'_, f16>,
+    out: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
     check_region(spec, r, out.len(), codes.len(), scales.len().min(mins.len()))?;
     if r.heads == 0 || r.tokens == 0 || r.dim == 0 {
         return Ok(());
     }
     let params = quant_params(spec, r)?;
-    let n = names(T::DTYPE);
     let items = r.tokens * r.dim / spec.codes_per_word();
-    let name = match spec.axis {
-        Axis::PerToken => n.dequantize_token,
-        Axis::PerChannel => n.dequantize_channel,
+    let op = match spec.axis {
+        Axis::PerToken => "quant_dequantize_token",
+        Axis::PerChannel => "quant_dequantize_channel",
     };
-    let f = device.function(Module::Quant, name)?;
+    let f = device.kernel(value_kernel(op, T::DTYPE))?;
     let cfg = grid(device, &f, r.heads, items)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(codes).arg(scales).arg(mins).arg(out);
@@ -241,9 +219,9 @@ pub(crate) struct Rows {
 impl Rows {
     fn params(&self) -> Result<NtkvMikvRowsParams> {
         Ok(NtkvMikvRowsParams {
-            heads: self.heads as u64,
-            src_head_stride: self.src_hs as u64,
-            dst_head_stride: self.dst_hs as u64,
+            heads: to_u64("rows", self.heads)?,
+            src_head_stride: to_u64("rows", self.src_hs)?,
+            dst_head_stride: to_u64("rows", self.dst_hs)?,
             dim: to_u32("dim", self.dim)?,
             rows: to_u32("rows", self.rows)?,
             src_rows: to_u32("rows", self.src_rows)?,
@@ -256,11 +234,13 @@ impl Rows {
     }
 
     /// One past the last index of a buffer of `heads` blocks of `n_rows` rows at stride `hs`.
+    /// Saturates on overflow, so an absurd request fails the length check instead of
+    /// wrapping around to a small extent.
     fn extent(&self, hs: usize, n_rows: usize) -> usize {
         if self.heads == 0 || n_rows == 0 {
             0
         } else {
-            (self.heads - 1) * hs + n_rows * self.dim
+            (self.heads - 1).saturating_mul(hs).saturating_add(n_rows.saturating_mul(self.dim))
         }
     }
 }
@@ -277,20 +257,20 @@ fn need(arg: &'static str, want: usize, have: usize) -> Result<()> {
 pub(crate) fn gather_rows(
     device: &Device,
     m: &Rows,
-    src: &CudaSlice<f16>,
-    idx: &CudaSlice<u32>,
-    counts: &CudaSlice<u32>,
-    dst: &mut CudaSlice<f16>,
+    src: &CudaView<'_, f16>,
+    idx: &CudaView<'_, u32>,
+    counts: &CudaView<'_, u32>,
+    dst: &mut CudaViewMut<'_, f16>,
 ) -> Result<()> {
     need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
     need("dst", m.extent(m.dst_hs, m.rows), dst.len())?;
-    need("idx", m.heads * m.rows, idx.len())?;
+    need("idx", m.heads.saturating_mul(m.rows), idx.len())?;
     need("counts", m.heads, counts.len())?;
     if m.heads == 0 || m.rows == 0 || m.dim == 0 {
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.function(Module::Quant, "ntkv_mikv_gather")?;
+    let f = device.kernel(rows_kernel("mikv_gather"))?;
     let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
@@ -306,20 +286,20 @@ pub(crate) fn gather_rows(
 pub(crate) fn scatter_rows(
     device: &Device,
     m: &Rows,
-    src: &CudaSlice<f16>,
-    idx: &CudaSlice<u32>,
-    counts: &CudaSlice<u32>,
-    dst: &mut CudaSlice<f16>,
+    src: &CudaView<'_, f16>,
+    idx: &CudaView<'_, u32>,
+    counts: &CudaView<'_, u32>,
+    dst: &mut CudaViewMut<'_, f16>,
 ) -> Result<()> {
     need("src", m.extent(m.src_hs, m.rows), src.len())?;
     need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
-    need("idx", m.heads * m.rows, idx.len())?;
+    need("idx", m.heads.saturating_mul(m.rows), idx.len())?;
     need("counts", m.heads, counts.len())?;
     if m.heads == 0 || m.rows == 0 || m.dim == 0 {
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.function(Module::Quant, "ntkv_mikv_scatter")?;
+    let f = device.kernel(rows_kernel("mikv_scatter"))?;
     let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
@@ -332,14 +312,19 @@ pub(crate) fn scatter_rows(
 
 /// `dst[h, t] = src[h, t % ring]` for `first ≤ t < first + rows` (or, with `to_ring`,
 /// `dst[h, t % ring] = src[h, t]`); rows outside `src_rows` / `dst_rows` are skipped.
-pub(crate) fn copy_residual(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &mut CudaSlice<f16>) -> Result<()> {
+pub(crate) fn copy_residual(
+    device: &Device,
+    m: &Rows,
+    src: &CudaView<'_, f16>,
+    dst: &mut CudaViewMut<'_, f16>,
+) -> Result<()> {
     need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
     need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
     if m.heads == 0 || m.rows == 0 || m.dim == 0 || m.ring == 0 {
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.function(Module::Quant, "ntkv_mikv_residual")?;
+    let f = device.kernel(rows_kernel("mikv_residual"))?;
     let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
@@ -352,7 +337,12 @@ pub(crate) fn copy_residual(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst
 }
 
 /// `dst[h, first] = src[h]` (one new token per head into its ring slot).
-pub(crate) fn append_row(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &mut CudaSlice<f16>) -> Result<()> {
+pub(crate) fn append_row(
+    device: &Device,
+    m: &Rows,
+    src: &CudaView<'_, f16>,
+    dst: &mut CudaViewMut<'_, f16>,
+) -> Result<()> {
     need("token", m.extent(m.src_hs, 1), src.len())?;
     need("ring", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
     if m.first >= m.dst_rows {
@@ -362,7 +352,7 @@ pub(crate) fn append_row(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.function(Module::Quant, "ntkv_mikv_append")?;
+    let f = device.kernel(rows_kernel("mikv_append"))?;
     let cfg = grid(device, &f, m.heads, m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
@@ -376,6 +366,8 @@ pub(crate) fn append_row(device: &Device, m: &Rows, src: &CudaSlice<f16>, dst: &
 /// Every kernel id this module's launchers can form (checked against the images by
 /// `tests/kernel_names.rs`).
 pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
-    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
-    Vec::new()
+    let mut ids: Vec<KernelId> =
+        VALUE_OPS.iter().flat_map(|&op| [DType::F32, DType::F16, DType::BF16].map(|dt| value_kernel(op, dt))).collect();
+    ids.extend(ROW_OPS.iter().map(|&op| rows_kernel(op)));
+    ids
 }

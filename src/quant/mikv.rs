@@ -12,7 +12,7 @@ use super::{Axis, QuantLayout, QuantSpec, Region};
 use crate::checks::ensure_finite;
 use crate::device::Device;
 use crate::error::{check_shape, to_u32, Error, Result};
-use crate::tensor::DeviceTensor;
+use crate::tensor::{TensorMut, TensorRef};
 
 /// The precision of important tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,15 +65,17 @@ impl MikvConfig {
         tokens.saturating_sub(self.residual) / self.block() * self.block()
     }
 
-    /// Rows of the per-head residual ring, `R + block`.
+    /// Rows of the per-head residual ring, `R + block` (saturating; [`MikvConfig::validate`]
+    /// refuses a residual for which it would not fit).
     pub fn ring_rows(&self) -> usize {
-        self.residual + self.block()
+        self.residual.saturating_add(self.block())
     }
 
     /// Token capacity of the code storage (`capacity` rounded up to whole groups for
-    /// `PerChannel`).
+    /// `PerChannel`; saturating, and [`MikvConfig::validate`] refuses a capacity for which
+    /// it would not fit).
     pub fn code_capacity(&self) -> usize {
-        self.capacity.div_ceil(self.block()) * self.block()
+        self.capacity.div_ceil(self.block()).saturating_mul(self.block())
     }
 
     /// Validates the configuration for `heads` heads of dimension `dim`.
@@ -104,9 +106,19 @@ impl MikvConfig {
                 format!("{} is not a multiple of the group {} (PerChannel)", self.residual, self.group),
             ));
         }
-        let cap = self.code_capacity();
+        // Both sizes are u32 kernel arguments; checking them before any use of the ring size
+        // keeps `t % ring_rows` from ever dividing by a wrapped-around zero.
+        let ring = self
+            .residual
+            .checked_add(self.block())
+            .ok_or_else(|| Error::too_large("residual", format!("{} plus one block overflows", self.residual)))?;
+        to_u32("residual", ring)?;
+        let cap = self
+            .capacity
+            .div_ceil(self.block())
+            .checked_mul(self.block())
+            .ok_or_else(|| Error::too_large("capacity", format!("{} overflows", self.capacity)))?;
         to_u32("capacity", cap)?;
-        to_u32("residual", self.ring_rows())?;
         to_u32("dim", dim)?;
         crate::tensor::numel("capacity", &[heads, cap, dim])?;
         Ok(())
@@ -428,12 +440,13 @@ impl MikvCacheCpu {
 /// let kv = DeviceTensor::<f16>::zeros(&dev, &[8, 1000, 128])?;
 /// let important: Vec<Vec<u32>> = (0..8).map(|_| vec![0, 5, 17]).collect();
 /// let mut cache = MikvCache::from_prefill(&dev, cfg, &kv, &important)?;
-/// cache.append(&dev, &DeviceTensor::<f16>::zeros(&dev, &[8, 128])?)?;
+/// cache.append(&DeviceTensor::<f16>::zeros(&dev, &[8, 128])?)?;
 /// let mut dense = DeviceTensor::<f16>::zeros(&dev, &[8, 1001, 128])?;
-/// cache.dequantize_dense(&dev, &mut dense)?;
+/// cache.dequantize_dense(&mut dense)?;
 /// # Ok(()) }
 /// ```
 pub struct MikvCache {
+    device: Device,
     geo: Geometry,
     tokens: usize,
     quantized: usize,
@@ -471,16 +484,18 @@ impl MikvCache {
     pub fn from_prefill(
         device: &Device,
         cfg: MikvConfig,
-        kv: &DeviceTensor<f16>,
+        kv: &impl TensorRef<f16>,
         important: &[Vec<u32>],
     ) -> Result<Self> {
+        device.check_tensor("kv", kv)?;
         let (heads, tokens, dim) = kv_dims(kv.shape())?;
         cfg.validate(heads, dim)?;
         if tokens > cfg.capacity {
             return Err(Error::invalid("kv", format!("T = {tokens} exceeds the capacity {}", cfg.capacity)));
         }
         let important = validate_important(important, heads, tokens)?;
-        ensure_finite(device, "kv", kv.slice())?;
+        let kv_view = kv.cuda_view();
+        ensure_finite(device, "kv", &kv_view)?;
         let geo = Geometry { cfg, heads, dim };
         let stream = device.stream();
         let lo_layout = geo.lo_layout()?;
@@ -493,10 +508,10 @@ impl MikvCache {
             device,
             &cfg.lo_spec(),
             &geo.lo_region(0, quantized, 0, tokens * dim),
-            kv.slice(),
-            &mut lo_codes,
-            &mut lo_scales,
-            &mut lo_mins,
+            &kv_view,
+            &mut lo_codes.as_view_mut(),
+            &mut lo_scales.as_view_mut(),
+            &mut lo_mins.as_view_mut(),
             &mut flags,
         )?;
         let ring_rows = cfg.ring_rows();
@@ -515,8 +530,8 @@ impl MikvCache {
                 ring: ring_rows,
                 to_ring: true,
             },
-            kv.slice(),
-            &mut ring,
+            &kv_view,
+            &mut ring.as_view_mut(),
         )?;
         let kmax = important.kmax;
         let (mut imp_dev, mut hi_f16, mut hi_q) = (None, None, None);
@@ -536,7 +551,7 @@ impl MikvCache {
                 ring: 0,
                 to_ring: false,
             };
-            gpu::gather_rows(device, &m, kv.slice(), &idx, &counts, &mut rows)?;
+            gpu::gather_rows(device, &m, &kv_view, &idx.as_view(), &counts.as_view(), &mut rows.as_view_mut())?;
             if let Some(layout) = geo.hi_layout(kmax)? {
                 let mut codes = stream.alloc_zeros::<u32>(layout.n_words())?;
                 let mut scales = stream.alloc_zeros::<f16>(layout.n_groups())?;
@@ -545,10 +560,10 @@ impl MikvCache {
                     device,
                     &layout.spec,
                     &layout.region(),
-                    &rows,
-                    &mut codes,
-                    &mut scales,
-                    &mut mins,
+                    &rows.as_view(),
+                    &mut codes.as_view_mut(),
+                    &mut scales.as_view_mut(),
+                    &mut mins.as_view_mut(),
                     &mut flags,
                 )?;
                 hi_q = Some((codes, scales, mins));
@@ -557,7 +572,20 @@ impl MikvCache {
             }
             imp_dev = Some((idx, counts));
         }
-        Ok(MikvCache { geo, tokens, quantized, lo_codes, lo_scales, lo_mins, ring, important, imp_dev, hi_f16, hi_q })
+        Ok(MikvCache {
+            device: device.clone(),
+            geo,
+            tokens,
+            quantized,
+            lo_codes,
+            lo_scales,
+            lo_mins,
+            ring,
+            important,
+            imp_dev,
+            hi_f16,
+            hi_q,
+        })
     }
 
     /// Appends one decode token `[Hkv, D]` (f16) at position `T`. When a whole block leaves the
@@ -567,15 +595,18 @@ impl MikvCache {
     /// [`Error::Shape`] naming `token`; [`Error::TooLarge`] naming `token` when the cache is
     /// full; [`Error::NonFinite`] for NaN/Inf (checked on the device first, one sync).
     /// Nothing changes on error.
-    pub fn append(&mut self, device: &Device, token: &DeviceTensor<f16>) -> Result<()> {
+    pub fn append(&mut self, token: &impl TensorRef<f16>) -> Result<()> {
+        let device = &self.device;
+        device.check_tensor("token", token)?;
         let (heads, dim) = (self.geo.heads, self.geo.dim);
-        if token.len() != heads * dim {
+        if token.len() != heads * dim || token.shape().iter().product::<usize>() != token.len() {
             return Err(Error::shape("token", &[heads, dim], token.shape()));
         }
         if self.tokens >= self.geo.cfg.capacity {
             return Err(Error::too_large("token", format!("the cache is full ({} tokens)", self.geo.cfg.capacity)));
         }
-        ensure_finite(device, "token", token.slice())?;
+        let token_view = token.cuda_view();
+        ensure_finite(device, "token", &token_view)?;
         let ring_rows = self.geo.cfg.ring_rows();
         let m = Rows {
             heads,
@@ -589,7 +620,7 @@ impl MikvCache {
             ring: ring_rows,
             to_ring: false,
         };
-        gpu::append_row(device, &m, token.slice(), &mut self.ring)?;
+        gpu::append_row(device, &m, &token_view, &mut self.ring.as_view_mut())?;
         let target = self.geo.cfg.quantized_len(self.tokens + 1);
         if target > self.quantized {
             let n = target - self.quantized;
@@ -599,10 +630,10 @@ impl MikvCache {
                 device,
                 &self.geo.cfg.lo_spec(),
                 &region,
-                &self.ring,
-                &mut self.lo_codes,
-                &mut self.lo_scales,
-                &mut self.lo_mins,
+                &self.ring.as_view(),
+                &mut self.lo_codes.as_view_mut(),
+                &mut self.lo_scales.as_view_mut(),
+                &mut self.lo_mins.as_view_mut(),
                 &mut flags,
             )?;
             self.quantized = target;
@@ -636,18 +667,21 @@ impl MikvCache {
     ///
     /// # Errors
     /// [`Error::Shape`] naming `out` when it is not `[Hkv, T, D]`; nothing is written then.
-    pub fn dequantize_dense(&self, device: &Device, out: &mut DeviceTensor<f16>) -> Result<()> {
+    pub fn dequantize_dense(&self, out: &mut impl TensorMut<f16>) -> Result<()> {
+        let device = &self.device;
+        device.check_tensor("out", out)?;
         let (heads, dim, tokens) = (self.geo.heads, self.geo.dim, self.tokens);
         check_shape("out", &[heads, tokens, dim], out.shape())?;
+        let mut out_view = out.cuda_view_mut();
         let region = self.geo.lo_region(0, self.quantized, 0, tokens * dim);
         gpu::dequantize_region(
             device,
             &self.geo.cfg.lo_spec(),
             &region,
-            &self.lo_codes,
-            &self.lo_scales,
-            &self.lo_mins,
-            out.slice_mut(),
+            &self.lo_codes.as_view(),
+            &self.lo_scales.as_view(),
+            &self.lo_mins.as_view(),
+            &mut out_view,
         )?;
         let kmax = self.important.kmax;
         if let Some((idx, counts)) = &self.imp_dev {
@@ -656,11 +690,19 @@ impl MikvCache {
                 (Some(r), _, _) => r,
                 (None, Some((codes, scales, mins)), Some(layout)) => {
                     let mut tmp = device.stream().alloc_zeros::<f16>(layout.numel())?;
-                    gpu::dequantize_region(device, &layout.spec, &layout.region(), codes, scales, mins, &mut tmp)?;
+                    gpu::dequantize_region(
+                        device,
+                        &layout.spec,
+                        &layout.region(),
+                        &codes.as_view(),
+                        &scales.as_view(),
+                        &mins.as_view(),
+                        &mut tmp.as_view_mut(),
+                    )?;
                     scratch = tmp;
                     &scratch
                 }
-                _ => return Err(Error::invalid("cache", "important rows missing (internal inconsistency)")),
+                _ => return Err(Error::internal("MiKV cache: important rows missing")),
             };
             let m = Rows {
                 heads,
@@ -674,7 +716,7 @@ impl MikvCache {
                 ring: 0,
                 to_ring: false,
             };
-            gpu::scatter_rows(device, &m, rows, idx, counts, out.slice_mut())?;
+            gpu::scatter_rows(device, &m, &rows.as_view(), &idx.as_view(), &counts.as_view(), &mut out_view)?;
         }
         let ring_rows = self.geo.cfg.ring_rows();
         let m = Rows {
@@ -689,7 +731,7 @@ impl MikvCache {
             ring: ring_rows,
             to_ring: false,
         };
-        gpu::copy_residual(device, &m, &self.ring, out.slice_mut())
+        gpu::copy_residual(device, &m, &self.ring.as_view(), &mut out_view)
     }
 
     /// Downloads every buffer into the CPU reference's form, for bit-exact comparison

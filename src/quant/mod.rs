@@ -1,4 +1,4 @@
-//! Group-wise asymmetric quantization (KIVI) and the MiKV mixed-precision KV cache (SPEC §1).
+//! Group-wise asymmetric quantization (KIVI) and the MiKV mixed-precision KV cache.
 //!
 //! # The arithmetic (bit-exact on CPU and GPU)
 //! For one group of values `x` (f16, bf16 or f32, widened to f32 exactly):
@@ -16,8 +16,21 @@
 //!
 //! The CPU reference ([`cpu`]) and the kernels do exactly these f32 operations, so codes,
 //! scales and mins are bit-equal between them, and so is every dequantized value.
-//! The error is bounded by `|x − x̂| ≤ scale/2 + ε` (ε: the f16 rounding of `mn` and f32
-//! rounding), a property test of the CPU reference.
+//!
+//! # Error bound
+//! With the stored `scale` and `mn`, every element satisfies
+//! `|x − x̂| ≤ scale/2 + ε`, `ε = ½·ulp_f16(mn) + qmax·2^-25 + δ`, where
+//! - `½·ulp_f16(mn)`: the stored min is `mn` rounded to f16, which shifts the grid;
+//! - `qmax·2^-25` (`qmax = 2^bits − 1`): the subnormal-scale term. When the true scale
+//!   `(mx − mn)/qmax` is below `2^-14` the stored f16 scale is subnormal, with an absolute
+//!   spacing of `2^-24` instead of a relative one, so it can be up to `2^-25` smaller than
+//!   the true scale and the top codes clamp short of `mx` by up to `qmax·2^-25`. Below
+//!   `2^-25` the stored scale is 0 and every code is 0 (the whole group reads back as
+//!   `mn`), an error that this term still covers;
+//! - `δ`: f32 rounding of the subtraction, product and fma, a few ulp of `max(|x|, |mn|)`.
+//!
+//! A normal (non-subnormal) stored scale needs no extra term: codes are computed with the
+//! stored scale itself. The CPU property tests check exactly this bound.
 //!
 //! # Layouts
 //! The input is a row-major tensor `[.., T, D]` (rank ≥ 2). The leading dimensions are
@@ -64,16 +77,16 @@
 //! # Plan, then run
 //! ```no_run
 //! # fn main() -> ntkv::Result<()> {
-//! use ntkv::quant::{Axis, QuantPlan, QuantSpec, QuantizedTensor};
+//! use ntkv::quant::{Axis, QuantPlan, QuantShape, QuantSpec};
 //! use ntkv::{DType, Device, DeviceTensor};
-//! let dev = Device::new(0)?;
+//! let device = Device::new(0)?;
 //! let spec = QuantSpec::new(4, 32, Axis::PerToken)?;
-//! let plan = QuantPlan::new(spec, &[4096, 128], DType::F16)?;
-//! let x = DeviceTensor::<half::f16>::zeros(&dev, &[4096, 128])?;
-//! let mut q = QuantizedTensor::zeros(&dev, plan.layout())?;
-//! plan.quantize(&dev, &x, &mut q)?;
-//! let mut y = DeviceTensor::<half::f16>::zeros(&dev, &[4096, 128])?;
-//! plan.dequantize(&dev, &q, &mut y)?;
+//! let plan = QuantPlan::new(&device, &QuantShape { dims: vec![4096, 128], dtype: DType::F16 }, spec)?;
+//! let x = DeviceTensor::<half::f16>::zeros(&device, &[4096, 128])?;
+//! let mut q = plan.alloc_output()?;
+//! plan.quantize(&x, &mut q)?;
+//! let mut y = DeviceTensor::<half::f16>::zeros(&device, &[4096, 128])?;
+//! plan.dequantize(&q, &mut y)?;
 //! # Ok(()) }
 //! ```
 
@@ -87,7 +100,7 @@ use half::f16;
 
 use crate::device::Device;
 use crate::error::{check_shape, to_u32, Error, Result};
-use crate::tensor::{numel, DType, DeviceTensor, Float};
+use crate::tensor::{numel, DType, DeviceKey, DeviceTensor, Float, TensorMut, TensorRef};
 
 /// The axis quantization groups run along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -284,10 +297,17 @@ pub(crate) struct Region {
 
 impl Region {
     /// One past the last index each buffer is accessed at: (values, code words, scales).
+    /// Saturating, so an absurd region fails [`Region::check`] instead of wrapping around.
     pub(crate) fn extents(&self, spec: &QuantSpec) -> (usize, usize, usize) {
-        let per_head = self.tokens * self.dim;
+        let per_head = self.tokens.saturating_mul(self.dim);
         let last = self.heads.saturating_sub(1);
-        let end = |off: usize, hs: usize, n: usize| if self.heads == 0 || n == 0 { 0 } else { off + last * hs + n };
+        let end = |off: usize, hs: usize, n: usize| {
+            if self.heads == 0 || n == 0 {
+                0
+            } else {
+                off.saturating_add(last.saturating_mul(hs)).saturating_add(n)
+            }
+        };
         (
             end(self.x_off, self.x_hs, per_head),
             end(self.c_off, self.c_hs, per_head / spec.codes_per_word()),
@@ -340,21 +360,21 @@ impl PendingCheck {
     }
 }
 
-/// Codes, scales and mins of a quantized tensor on the device.
+/// Codes, scales and mins of a quantized tensor on the device, with the layout they were
+/// made for. The buffers are private, so their shapes always match the layout.
 #[derive(Debug)]
 pub struct QuantizedTensor {
-    /// `u32` packed codes ([`QuantLayout::codes_shape`]).
-    pub codes: DeviceTensor<u32>,
-    /// f16 scales ([`QuantLayout::scales_shape`]).
-    pub scales: DeviceTensor<f16>,
-    /// f16 mins ([`QuantLayout::scales_shape`]).
-    pub mins: DeviceTensor<f16>,
+    layout: QuantLayout,
+    codes: DeviceTensor<u32>,
+    scales: DeviceTensor<f16>,
+    mins: DeviceTensor<f16>,
 }
 
 impl QuantizedTensor {
     /// Zero-filled buffers for `layout`.
     pub fn zeros(device: &Device, layout: &QuantLayout) -> Result<Self> {
         Ok(QuantizedTensor {
+            layout: layout.clone(),
             codes: DeviceTensor::zeros(device, &layout.codes_shape)?,
             scales: DeviceTensor::zeros(device, &layout.scales_shape)?,
             mins: DeviceTensor::zeros(device, &layout.scales_shape)?,
@@ -362,8 +382,12 @@ impl QuantizedTensor {
     }
 
     /// Uploads host codes, scales and mins (for example from [`cpu::quantize`]).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming `data` when a buffer's length is not the layout's.
     pub fn from_host(device: &Device, layout: &QuantLayout, q: &cpu::QuantizedHost) -> Result<Self> {
         Ok(QuantizedTensor {
+            layout: layout.clone(),
             codes: DeviceTensor::from_host(device, &q.codes, &layout.codes_shape)?,
             scales: DeviceTensor::from_host(device, &q.scales, &layout.scales_shape)?,
             mins: DeviceTensor::from_host(device, &q.mins, &layout.scales_shape)?,
@@ -379,28 +403,74 @@ impl QuantizedTensor {
         })
     }
 
-    fn check(&self, layout: &QuantLayout) -> Result<()> {
+    /// The layout the buffers hold.
+    pub fn layout(&self) -> &QuantLayout {
+        &self.layout
+    }
+
+    /// The packed `u32` codes, [`QuantLayout::codes_shape`].
+    pub fn codes(&self) -> &DeviceTensor<u32> {
+        &self.codes
+    }
+
+    /// The f16 scales, [`QuantLayout::scales_shape`].
+    pub fn scales(&self) -> &DeviceTensor<f16> {
+        &self.scales
+    }
+
+    /// The f16 mins, [`QuantLayout::scales_shape`].
+    pub fn mins(&self) -> &DeviceTensor<f16> {
+        &self.mins
+    }
+
+    /// The device the buffers live on.
+    pub fn device_key(&self) -> DeviceKey {
+        self.codes.device_key()
+    }
+
+    fn check(&self, device: &Device, layout: &QuantLayout) -> Result<()> {
+        device.check_tensor("codes", &self.codes)?;
+        device.check_tensor("scales", &self.scales)?;
+        device.check_tensor("mins", &self.mins)?;
         check_shape("codes", &layout.codes_shape, self.codes.shape())?;
         check_shape("scales", &layout.scales_shape, self.scales.shape())?;
-        check_shape("mins", &layout.scales_shape, self.mins.shape())
+        check_shape("mins", &layout.scales_shape, self.mins.shape())?;
+        if self.layout.spec != layout.spec {
+            return Err(Error::invalid(
+                "codes",
+                format!("quantized as {:?}, but the plan is for {:?}", self.layout.spec, layout.spec),
+            ));
+        }
+        Ok(())
     }
 }
 
-/// A validated quantization of one shape and dtype: build once, run many times.
+/// What a [`QuantPlan`] quantizes: the value tensor's shape `[.., T, D]` (rank ≥ 2; the leading
+/// dimensions are heads) and its dtype.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantShape {
+    /// The shape `[.., T, D]`, outermost first.
+    pub dims: Vec<usize>,
+    /// The dtype of the values: the input of quantize and the output of dequantize.
+    pub dtype: DType,
+}
+
+/// A validated quantization of one shape and dtype on one device: build once, run many times.
+#[derive(Clone, Debug)]
 pub struct QuantPlan {
+    device: Device,
     layout: QuantLayout,
     dtype: DType,
 }
 
 impl QuantPlan {
-    /// Validates `spec` against `shape` (`[.., T, D]`) for inputs (quantize) and outputs
-    /// (dequantize) of `dtype`.
+    /// Validates `spec` against `shape` for inputs (quantize) and outputs (dequantize) of
+    /// `shape.dtype` on `device`.
     ///
     /// # Errors
     /// As [`QuantSpec::validate`] and [`QuantLayout::new`].
-    pub fn new(spec: QuantSpec, shape: &[usize], dtype: DType) -> Result<Self> {
-        Ok(QuantPlan { layout: QuantLayout::new(spec, shape)?, dtype })
+    pub fn new(device: &Device, shape: &QuantShape, spec: QuantSpec) -> Result<Self> {
+        Ok(QuantPlan { device: device.clone(), layout: QuantLayout::new(spec, &shape.dims)?, dtype: shape.dtype })
     }
 
     /// The layout of the quantized tensor.
@@ -418,9 +488,24 @@ impl QuantPlan {
         self.dtype
     }
 
-    fn check_dtype<T: Float>(&self, arg: &'static str) -> Result<()> {
+    /// The device the plan runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Zero-filled output buffers for this plan.
+    pub fn alloc_output(&self) -> Result<QuantizedTensor> {
+        QuantizedTensor::zeros(&self.device, &self.layout)
+    }
+
+    fn check_values<T: Float>(&self, arg: &'static str, t: &(impl TensorRef<T> + ?Sized)) -> Result<()> {
         if T::DTYPE != self.dtype {
             return Err(Error::invalid(arg, format!("dtype {} but the plan is for {}", T::DTYPE, self.dtype)));
+        }
+        self.device.check_tensor(arg, t)?;
+        check_shape(arg, &self.layout.shape, t.shape())?;
+        if t.len() != self.layout.numel() {
+            return Err(Error::shape(arg, &[self.layout.numel()], &[t.len()]));
         }
         Ok(())
     }
@@ -429,10 +514,11 @@ impl QuantPlan {
     ///
     /// # Errors
     /// [`Error::Shape`] / [`Error::InvalidArgument`] for a shape or dtype that is not the
-    /// plan's; [`Error::NonFinite`] for NaN/Inf in `x`; [`Error::InvalidArgument`] naming `x`
-    /// for a value of magnitude ≥ 65520. Nothing is written on any error.
-    pub fn quantize<T: Float>(&self, device: &Device, x: &DeviceTensor<T>, out: &mut QuantizedTensor) -> Result<()> {
-        self.quantize_with(device, x, out, FiniteCheck::Checked)
+    /// plan's, [`Error::DeviceMismatch`] for a buffer on another device; [`Error::NonFinite`]
+    /// for NaN/Inf in `x`; [`Error::InvalidArgument`] naming `x` for a value of magnitude
+    /// ≥ 65520. Nothing is written on any error.
+    pub fn quantize<T: Float>(&self, x: &impl TensorRef<T>, out: &mut QuantizedTensor) -> Result<()> {
+        self.quantize_with(x, out, FiniteCheck::Checked)
     }
 
     /// Quantizes `x` into `out` with the chosen [`FiniteCheck`]. Both modes synchronize with
@@ -443,16 +529,15 @@ impl QuantPlan {
     /// unspecified when a value error is returned (shape errors still write nothing).
     pub fn quantize_with<T: Float>(
         &self,
-        device: &Device,
-        x: &DeviceTensor<T>,
+        x: &impl TensorRef<T>,
         out: &mut QuantizedTensor,
         check: FiniteCheck,
     ) -> Result<()> {
         self.validate_quantize(x, out)?;
         if check == FiniteCheck::Checked {
-            gpu::scan_range(device, x.slice())?;
+            gpu::scan_range(&self.device, &x.cuda_view())?;
         }
-        self.launch_quantize(device, x, out)?.wait()
+        self.launch_quantize(x, out)?.wait()
     }
 
     /// The single-pass quantize without waiting: launches the kernel and returns a
@@ -462,38 +547,31 @@ impl QuantPlan {
     /// synchronization at the end.
     ///
     /// # Errors
-    /// Shape and dtype errors as [`QuantPlan::quantize`], before anything is launched.
+    /// Shape, dtype and device errors as [`QuantPlan::quantize`], before anything is launched.
     pub fn quantize_deferred<T: Float>(
         &self,
-        device: &Device,
-        x: &DeviceTensor<T>,
+        x: &impl TensorRef<T>,
         out: &mut QuantizedTensor,
     ) -> Result<PendingCheck> {
         self.validate_quantize(x, out)?;
-        self.launch_quantize(device, x, out)
+        self.launch_quantize(x, out)
     }
 
-    fn validate_quantize<T: Float>(&self, x: &DeviceTensor<T>, out: &QuantizedTensor) -> Result<()> {
-        self.check_dtype::<T>("x")?;
-        check_shape("x", &self.layout.shape, x.shape())?;
-        out.check(&self.layout)
+    fn validate_quantize<T: Float>(&self, x: &impl TensorRef<T>, out: &QuantizedTensor) -> Result<()> {
+        self.check_values("x", x)?;
+        out.check(&self.device, &self.layout)
     }
 
-    fn launch_quantize<T: Float>(
-        &self,
-        device: &Device,
-        x: &DeviceTensor<T>,
-        out: &mut QuantizedTensor,
-    ) -> Result<PendingCheck> {
-        let mut flags = gpu::new_flags(device)?;
+    fn launch_quantize<T: Float>(&self, x: &impl TensorRef<T>, out: &mut QuantizedTensor) -> Result<PendingCheck> {
+        let mut flags = gpu::new_flags(&self.device)?;
         gpu::quantize_region(
-            device,
+            &self.device,
             &self.layout.spec,
             &self.layout.region(),
-            x.slice(),
-            out.codes.slice_mut(),
-            out.scales.slice_mut(),
-            out.mins.slice_mut(),
+            &x.cuda_view(),
+            &mut out.codes.view_mut(),
+            &mut out.scales.view_mut(),
+            &mut out.mins.view_mut(),
             &mut flags,
         )?;
         Ok(PendingCheck { flags })
@@ -505,21 +583,21 @@ impl QuantPlan {
     /// propagate into `out`.
     ///
     /// # Errors
-    /// [`Error::Shape`] / [`Error::InvalidArgument`] for shapes or a dtype that is not the
-    /// plan's; nothing is written then.
-    pub fn dequantize<T: Float>(&self, device: &Device, q: &QuantizedTensor, out: &mut DeviceTensor<T>) -> Result<()> {
-        self.check_dtype::<T>("out")?;
-        check_shape("out", &self.layout.shape, out.shape())?;
-        q.check(&self.layout)?;
+    /// [`Error::Shape`] / [`Error::InvalidArgument`] for shapes, a spec or a dtype that is not
+    /// the plan's, [`Error::DeviceMismatch`] for a buffer on another device; nothing is
+    /// written then.
+    pub fn dequantize<T: Float>(&self, q: &QuantizedTensor, out: &mut impl TensorMut<T>) -> Result<()> {
+        self.check_values("out", out)?;
+        q.check(&self.device, &self.layout)?;
         let region = self.layout.region();
         gpu::dequantize_region(
-            device,
+            &self.device,
             &self.layout.spec,
             &region,
-            q.codes.slice(),
-            q.scales.slice(),
-            q.mins.slice(),
-            out.slice_mut(),
+            &q.codes.cuda_view(),
+            &q.scales.cuda_view(),
+            &q.mins.cuda_view(),
+            &mut out.cuda_view_mut(),
         )
     }
 }
