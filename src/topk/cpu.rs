@@ -69,6 +69,7 @@ pub fn attention_mass<T: Float>(q: &[T], k: &[T], shape: AttnShape, reduce: GqaR
 /// # Errors
 /// As [`AttnShape::validate`], and [`Error::Shape`] for a buffer of the wrong length.
 pub fn h2o_accumulate<T: Float>(q: &[T], k: &[T], acc: &mut [f32], shape: AttnShape, reduce: GqaReduce) -> Result<()> {
+    shape.validate()?;
     if acc.len() != shape.hkv * shape.t {
         return Err(Error::shape("acc", &[shape.hkv, shape.t], &[acc.len()]));
     }
