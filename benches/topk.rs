@@ -38,10 +38,9 @@ fn benches(c: &mut Criterion) {
         c.bench_function(&format!("topk gpu {rows}x{n} k{k} f32"), |b| {
             b.iter_custom(|iters| {
                 let reps = usize::try_from(iters).unwrap_or(usize::MAX);
-                let ms =
-                    timing::time_gpu_ms(&dev, 1, reps, |_| plan.run(&scores, None, &mut values, &mut indices))
-                        .map(|t| t.iter().sum::<f64>())
-                        .unwrap_or(f64::NAN);
+                let ms = timing::time_gpu_ms(&dev, 1, reps, |_| plan.run(&scores, None, &mut values, &mut indices))
+                    .map(|t| t.iter().sum::<f64>())
+                    .unwrap_or(f64::NAN);
                 Duration::from_secs_f64(ms.max(0.0) * 1e-3)
             })
         });

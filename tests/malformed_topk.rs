@@ -7,7 +7,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ntkv::select::{self, BlockMap, ExpandShape, SegmentShape, TopkShape};
-use ntkv::topk::{cpu, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N};
+use ntkv::topk::{
+    cpu, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
+};
 use ntkv::Error;
 
 const BIG: usize = usize::MAX;
@@ -38,7 +40,9 @@ fn arg_of(e: &Error) -> &'static str {
 #[test]
 fn cpu_topk_absurd_sizes() {
     let x = [1.0f32; 4];
-    for (rows, n, k) in [(BIG, 1, 1), (1, BIG, 1), (1, 4, BIG), (BIG, BIG, BIG), (BIG / 2 + 1, 2, 1), (0, 4, 1), (1, 0, 1)] {
+    for (rows, n, k) in
+        [(BIG, 1, 1), (1, BIG, 1), (1, 4, BIG), (BIG, BIG, BIG), (BIG / 2 + 1, 2, 1), (0, 4, 1), (1, 0, 1)]
+    {
         rejects(&format!("cpu::topk({rows}, {n}, {k})"), || cpu::topk(&x, rows, n, k, None));
     }
     // rows × n overflows usize: a typed TooLarge, not a wrapped product that happens to match.
@@ -116,7 +120,8 @@ fn eviction_validator_boundaries() {
     // t: MAX_N accepted, MAX_N + 1 too large; absurd values typed.
     assert!(validate_select(1, MAX_N, 10, 0, "recent").is_ok());
     assert_eq!(e(validate_select(1, MAX_N + 1, 10, 0, "recent")), "acc");
-    for (rows, t, budget, recent) in [(BIG, BIG, BIG, BIG), (0, 1, 1, 0), (1, 0, 1, 0), (1, 10, 0, 0), (1, 10, BIG, 0)] {
+    for (rows, t, budget, recent) in [(BIG, BIG, BIG, BIG), (0, 1, 1, 0), (1, 0, 1, 0), (1, 10, 0, 0), (1, 10, BIG, 0)]
+    {
         rejects("validate_select", || validate_select(rows, t, budget, recent, "recent"));
     }
     rejects("cpu::h2o_select", || cpu::h2o_select(&[0.0; 4], BIG, BIG, 1, 0));
@@ -128,7 +133,9 @@ fn eviction_validator_boundaries() {
 #[test]
 fn compaction_absurd_sizes() {
     let (mut k, mut v, mut a) = (vec![0.0f32; 8], vec![0.0f32; 8], vec![0.0f32; 4]);
-    for (keep_len, hkv, t, d) in [(4, BIG, BIG, BIG), (4, 2, BIG, BIG), (BIG, 1, 1, 1), (4, 0, 4, 2), (4, 2, 0, 2), (4, 2, 2, 0)] {
+    for (keep_len, hkv, t, d) in
+        [(4, BIG, BIG, BIG), (4, 2, BIG, BIG), (BIG, 1, 1, 1), (4, 0, 4, 2), (4, 2, 0, 2), (4, 2, 2, 0)]
+    {
         rejects("validate_compact", || validate_compact(keep_len, hkv, t, d, 8, 8, None));
     }
     // hkv · t · d overflow is TooLarge naming the cache.

@@ -31,7 +31,6 @@ fn rank_key_orders_numbers_and_puts_nan_last() {
     }
 }
 
-
 #[test]
 fn index_order_is_the_same_set_ascending() {
     let mut rng = Rng::new(21);
@@ -70,8 +69,12 @@ fn segments_match_per_segment_topk() {
         let lens: Vec<usize> = (0..segments).map(|_| rng.below(200)).collect();
         let max_len = lens.iter().copied().max().unwrap().max(1) + rng.below(3);
         let total: usize = lens.iter().sum();
-        let indptr: Vec<u32> =
-            std::iter::once(0).chain(lens.iter().scan(0u32, |a, &l| { *a += l as u32; Some(*a) })).collect();
+        let indptr: Vec<u32> = std::iter::once(0)
+            .chain(lens.iter().scan(0u32, |a, &l| {
+                *a += l as u32;
+                Some(*a)
+            }))
+            .collect();
         let k = 1 + rng.below(max_len + 5);
         let ks: Option<Vec<u32>> = (case % 2 == 0).then(|| (0..segments).map(|_| rng.below(k + 1) as u32).collect());
         let scores = spicy_row(&mut rng, total);
@@ -101,8 +104,14 @@ fn segment_validation_boundaries() {
     let shape = SegmentShape { segments: 2, total: 7, max_len: 4, k: 3 };
     assert!(shape.validate_indptr(&[0, 3, 7]).is_ok());
     assert!(shape.validate_indptr(&[0, 4, 7]).is_ok(), "a segment of exactly max_len");
-    assert!(matches!(shape.validate_indptr(&[0, 2, 7]), Err(Error::InvalidArgument { arg: "indptr", .. })), "5 > max_len");
-    assert!(matches!(shape.validate_indptr(&[0, 3, 6]), Err(Error::InvalidArgument { arg: "indptr", .. })), "last != total");
+    assert!(
+        matches!(shape.validate_indptr(&[0, 2, 7]), Err(Error::InvalidArgument { arg: "indptr", .. })),
+        "5 > max_len"
+    );
+    assert!(
+        matches!(shape.validate_indptr(&[0, 3, 6]), Err(Error::InvalidArgument { arg: "indptr", .. })),
+        "last != total"
+    );
     assert!(matches!(shape.validate_indptr(&[1, 3, 7]), Err(Error::InvalidArgument { arg: "indptr", .. })));
     assert!(matches!(shape.validate_indptr(&[0, 8, 7]), Err(Error::InvalidArgument { arg: "indptr", .. })));
     assert!(matches!(shape.validate_indptr(&[0, 7]), Err(Error::Shape { arg: "indptr", .. })));
@@ -114,7 +123,13 @@ fn segment_validation_boundaries() {
     assert!(SegmentShape { k: MAX_K, ..shape }.validate().is_ok());
     assert!(matches!(SegmentShape { k: MAX_K + 1, ..shape }.validate(), Err(Error::InvalidArgument { arg: "k", .. })));
     // An empty segment selects nothing: its row is all padding.
-    let (v, i) = cpu::topk_segments(&[1.0f32, 2.0, 3.0], &SegmentShape { segments: 2, total: 3, max_len: 3, k: 2 }, &[0, 0, 3], None).unwrap();
+    let (v, i) = cpu::topk_segments(
+        &[1.0f32, 2.0, 3.0],
+        &SegmentShape { segments: 2, total: 3, max_len: 3, k: 2 },
+        &[0, 0, 3],
+        None,
+    )
+    .unwrap();
     assert_eq!(i, vec![u32::MAX, u32::MAX, 2, 1]);
     assert_eq!(v[..2], [f32::NEG_INFINITY; 2]);
 }
@@ -188,7 +203,10 @@ fn expand_validation_boundaries() {
     assert_eq!(ExpandShape { kb: 2, ..ok }.max_tokens_per_row(), 8);
     assert_eq!(ok.capacity().unwrap(), 20);
     assert!(ExpandShape { kb: MAX_K, ..ok }.validate().is_ok());
-    assert!(matches!(ExpandShape { kb: MAX_K + 1, ..ok }.validate(), Err(Error::InvalidArgument { arg: "blocks", .. })));
+    assert!(matches!(
+        ExpandShape { kb: MAX_K + 1, ..ok }.validate(),
+        Err(Error::InvalidArgument { arg: "blocks", .. })
+    ));
     assert!(matches!(ExpandShape { kb: 0, ..ok }.validate(), Err(Error::InvalidArgument { arg: "blocks", .. })));
     assert!(matches!(ExpandShape { t: 0, ..ok }.validate(), Err(Error::InvalidArgument { arg: "lengths", .. })));
     let bad_bs = ExpandShape { map: BlockMap::Fixed { block_size: 0 }, ..ok };
@@ -202,10 +220,19 @@ fn expand_validation_boundaries() {
     // Buffers of the wrong length, and a map given to the wrong layout.
     assert!(matches!(cpu::expand_blocks(&ok, &[0; 5], &[1, 1], None), Err(Error::Shape { arg: "blocks", .. })));
     assert!(matches!(cpu::expand_blocks(&ok, &[0; 6], &[1], None), Err(Error::Shape { arg: "lengths", .. })));
-    assert!(matches!(cpu::expand_blocks(&ok, &[0; 6], &[1, 1], Some(&[0, 1])), Err(Error::InvalidArgument { arg: "ranges", .. })));
+    assert!(matches!(
+        cpu::expand_blocks(&ok, &[0; 6], &[1, 1], Some(&[0, 1])),
+        Err(Error::InvalidArgument { arg: "ranges", .. })
+    ));
     let rs = ExpandShape { map: BlockMap::Ranges { shared: false }, ..ok };
-    assert!(matches!(cpu::expand_blocks(&rs, &[0; 6], &[1, 1], None), Err(Error::InvalidArgument { arg: "ranges", .. })));
-    assert!(matches!(cpu::expand_blocks(&rs, &[0; 6], &[1, 1], Some(&[0; 8])), Err(Error::Shape { arg: "ranges", .. })));
+    assert!(matches!(
+        cpu::expand_blocks(&rs, &[0; 6], &[1, 1], None),
+        Err(Error::InvalidArgument { arg: "ranges", .. })
+    ));
+    assert!(matches!(
+        cpu::expand_blocks(&rs, &[0; 6], &[1, 1], Some(&[0; 8])),
+        Err(Error::Shape { arg: "ranges", .. })
+    ));
     assert!(cpu::expand_blocks(&rs, &[0; 6], &[1, 1], Some(&[0; 16])).is_ok());
     // Quest-style: pages of 16, the last (partial) page and two others, out of order.
     let quest = ExpandShape { rows: 1, kb: 3, nb: 7, t: 100, map: BlockMap::Fixed { block_size: 16 } };

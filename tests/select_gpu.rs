@@ -100,7 +100,10 @@ fn segments_reject_bad_indptr_and_write_nothing() {
     for bad in [&[0u32, 3, 9][..], &[0, 2, 10], &[0, 11, 10], &[0, 10]] {
         assert!(plan.run(&d, bad, None, &mut v, &mut i).is_err(), "{bad:?}");
     }
-    assert!(matches!(plan.run(&d, &[0, 5, 10], Some(&[3, 0]), &mut v, &mut i), Err(Error::InvalidArgument { arg: "ks", .. })));
+    assert!(matches!(
+        plan.run(&d, &[0, 5, 10], Some(&[3, 0]), &mut v, &mut i),
+        Err(Error::InvalidArgument { arg: "ks", .. })
+    ));
     assert_eq!(i.to_host().unwrap(), vec![7; 4]);
     assert_eq!(v.to_host().unwrap(), vec![7.0; 4]);
 }

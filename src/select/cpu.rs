@@ -195,7 +195,8 @@ pub fn expand_blocks(
                 end = e;
             }
         }
-        let total = u32::try_from(indices.len()).map_err(|_| Error::too_large("indices", "more than u32::MAX tokens"))?;
+        let total =
+            u32::try_from(indices.len()).map_err(|_| Error::too_large("indices", "more than u32::MAX tokens"))?;
         indptr.push(total);
     }
     Ok((indptr, indices))

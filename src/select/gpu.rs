@@ -52,7 +52,12 @@ fn dtype_slot(dtype: DType) -> usize {
 /// Checks that `t` lives on `device`, has exactly `shape`, and holds exactly the elements
 /// of that shape (a [`TensorRef`] implemented outside the crate could report a shape that
 /// its length does not match; the launch relies on the length).
-pub(crate) fn check_buf<T>(device: &Device, arg: &'static str, t: &(impl TensorRef<T> + ?Sized), shape: &[usize]) -> Result<()> {
+pub(crate) fn check_buf<T>(
+    device: &Device,
+    arg: &'static str,
+    t: &(impl TensorRef<T> + ?Sized),
+    shape: &[usize],
+) -> Result<()> {
     device.check_tensor(arg, t)?;
     check_shape(arg, shape, t.shape())?;
     let n = numel(arg, shape)?;
@@ -219,7 +224,8 @@ impl TopkPlan {
             self.shape.validate_lengths(l)?;
             self.device.stream().memcpy_htod(l, &mut self.lengths)?;
         }
-        let out = TopkOutput { uniform_len: n, has_lengths: lengths.is_some(), out_stride: k, tail_count: 0, tail_first: 0 };
+        let out =
+            TopkOutput { uniform_len: n, has_lengths: lengths.is_some(), out_stride: k, tail_count: 0, tail_first: 0 };
         let mut vv = values.cuda_view_mut();
         let mut iv = indices.cuda_view_mut();
         self.launch(&scores.cuda_view(), out, Some(&mut vv), &mut iv)
@@ -301,7 +307,12 @@ impl TopkPlan {
                 unsafe { b.launch(split) }?;
 
                 let mut b = stream.launch_builder(&fns.filter);
-                b.arg(&params).arg(scores).arg(&self.lengths).arg(&mut self.state).arg(&mut self.sel).arg(&mut self.cand);
+                b.arg(&params)
+                    .arg(scores)
+                    .arg(&self.lengths)
+                    .arg(&mut self.state)
+                    .arg(&mut self.sel)
+                    .arg(&mut self.cand);
                 // SAFETY: ntkv_topk_filter_<T>(NtkvTopkParams, const T* x, const u32* lengths,
                 // u32* state, u32* sel, u32* cand). Reads x as the histogram kernel does; appends to
                 // sel[y * k + pos] only for pos < k and to cand[y * n + pos] only for pos < n
@@ -380,7 +391,8 @@ impl<T: Float> SegmentTopkPlan<T> {
             device: device.clone(),
             shape: *shape,
             topk,
-            padded: stream.alloc_zeros::<T>(crate::tensor::checked_numel::<T>("scores", &[shape.segments, shape.max_len])?)?,
+            padded: stream
+                .alloc_zeros::<T>(crate::tensor::checked_numel::<T>("scores", &[shape.segments, shape.max_len])?)?,
             indptr: stream.alloc_zeros::<u32>(shape.segments + 1)?,
             ks: stream.alloc_zeros::<u32>(shape.segments)?,
             pad: device.kernel(select_id(SELECT_TYPED_OPS[0]).dtype(T::DTYPE))?,

@@ -270,16 +270,25 @@ impl SegmentShape {
         }
         for (s, w) in indptr.windows(2).enumerate() {
             if w[1] < w[0] {
-                return Err(Error::invalid("indptr", format!("indptr[{}] = {} is below indptr[{s}] = {}", s + 1, w[1], w[0])));
+                return Err(Error::invalid(
+                    "indptr",
+                    format!("indptr[{}] = {} is below indptr[{s}] = {}", s + 1, w[1], w[0]),
+                ));
             }
             let len = (w[1] - w[0]) as usize;
             if len > self.max_len {
-                return Err(Error::invalid("indptr", format!("segment {s} has {len} elements; max_len is {}", self.max_len)));
+                return Err(Error::invalid(
+                    "indptr",
+                    format!("segment {s} has {len} elements; max_len is {}", self.max_len),
+                ));
             }
         }
         let last = indptr[self.segments] as usize;
         if last != self.total {
-            return Err(Error::invalid("indptr", format!("indptr[{}] = {last}; it must equal total = {}", self.segments, self.total)));
+            return Err(Error::invalid(
+                "indptr",
+                format!("indptr[{}] = {last}; it must equal total = {}", self.segments, self.total),
+            ));
         }
         Ok(())
     }

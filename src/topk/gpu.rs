@@ -23,7 +23,8 @@ const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// The dtypes the accumulation kernels are compiled for (tensor cores: 16-bit only).
 const ATTN_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 /// The untyped kernels of the H2O / SnapKV section.
-const PLAIN_OPS: [&str; 6] = ["topk_fill_recent", "h2o_merge", "snapkv_pool", "h2o_check_keep", "h2o_compact", "h2o_gather"];
+const PLAIN_OPS: [&str; 6] =
+    ["topk_fill_recent", "h2o_merge", "snapkv_pool", "h2o_check_keep", "h2o_compact", "h2o_gather"];
 
 fn plain_id(op: &'static str) -> KernelId {
     debug_assert!(PLAIN_OPS.contains(&op));
@@ -329,7 +330,10 @@ fn row_words<T: Float>(d: usize, max_words: usize) -> Result<usize> {
     if row_bytes % 4 != 0 || row_bytes / 4 > max_words {
         return Err(Error::invalid(
             "k_cache",
-            format!("rows of {row_bytes} bytes are not supported (need a multiple of 4, at most {} bytes)", max_words * 4),
+            format!(
+                "rows of {row_bytes} bytes are not supported (need a multiple of 4, at most {} bytes)",
+                max_words * 4
+            ),
         ));
     }
     Ok(row_bytes / 4)

@@ -242,7 +242,6 @@ pub fn validate_compact(
     Ok(budget)
 }
 
-
 /// Top-`k` of every row of `scores [R, N]` on the GPU; returns `(values [R, k], indices [R, k])`.
 ///
 /// `lengths` (host, `[R]`, each `≤ N`) limits each row; it is validated on the host, which is
@@ -312,7 +311,12 @@ pub fn h2o_accumulate<T: Float>(
 ///
 /// # Errors
 /// As [`validate_select`]; [`Error::Shape`] when `acc` is not 2-D; [`Error::DeviceMismatch`].
-pub fn h2o_select(device: &Device, acc: &impl TensorRef<f32>, budget: usize, recent: usize) -> Result<DeviceTensor<u32>> {
+pub fn h2o_select(
+    device: &Device,
+    acc: &impl TensorRef<f32>,
+    budget: usize,
+    recent: usize,
+) -> Result<DeviceTensor<u32>> {
     let &[hkv, t] = acc.shape() else { return Err(Error::shape("acc", &[0, 0], acc.shape())) };
     let mut plan = gpu::EvictionPlan::h2o(device, hkv, t, budget, recent)?;
     check_buf(device, "acc", acc, &plan.scores_shape())?;
@@ -562,7 +566,11 @@ impl SnapKvPlan {
     /// [`Error::Shape`] for tensors of another shape or length; [`Error::DeviceMismatch`];
     /// [`Error::InvalidArgument`] naming `q_window` when `W = T` (no older tokens) or for an
     /// unsupported dtype or `D`.
-    pub fn scores<T: Float>(&mut self, q_window: &impl TensorRef<T>, k: &impl TensorRef<T>) -> Result<&DeviceTensor<f32>> {
+    pub fn scores<T: Float>(
+        &mut self,
+        q_window: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
+    ) -> Result<&DeviceTensor<f32>> {
         let s = self.shape;
         check_attn_bufs(&self.device, s, ("q_window", q_window), k)?;
         let Some(pooled) = self.pooled.as_mut() else {
@@ -570,9 +578,15 @@ impl SnapKvPlan {
         };
         let (qv, kv) = (q_window.cuda_view(), k.cuda_view());
         // The accumulation overwrites the votes (no clearing launch needed).
-        let mut votes = self.votes.cuda_view_mut();
-        gpu::accumulate(&self.device, &mut self.scratch, &qv, &kv, &mut votes, self.options.reduce, true)?;
-        drop(votes);
+        gpu::accumulate(
+            &self.device,
+            &mut self.scratch,
+            &qv,
+            &kv,
+            &mut self.votes.cuda_view_mut(),
+            self.options.reduce,
+            true,
+        )?;
         gpu::pool5(&self.device, &self.votes.cuda_view(), s.hkv, s.t, s.t - s.tq, &mut pooled.cuda_view_mut())?;
         Ok(pooled)
     }

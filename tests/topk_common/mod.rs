@@ -75,8 +75,9 @@ pub fn brute_expand(
         for &b in &blocks[r * kb..(r + 1) * kb] {
             if (b as usize) < nb {
                 let (s, e) = span(r, b as usize);
-                for j in s..e.min(lens[r]) {
-                    mark[j] = true;
+                let e = e.min(lens[r]);
+                if s < e {
+                    mark[s..e].iter_mut().for_each(|m| *m = true);
                 }
             }
         }
