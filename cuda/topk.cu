@@ -105,6 +105,14 @@ __device__ __forceinline__ void warp_append(bool take, uint32_t i, uint32_t* cur
     }
 }
 
+// Whether every row of x starts at a multiple of 4 elements' bytes, so whole quads can be
+// loaded as vectors: the row stride is a multiple of 4 and x itself is aligned (a borrowed
+// view may start anywhere inside a larger buffer).
+template <typename T>
+__device__ __forceinline__ bool quad_aligned(const NtkvTopkParams& p, const T* x) {
+    return p.row_stride % 4 == 0 && reinterpret_cast<unsigned long long>(x) % (4 * sizeof(T)) == 0;
+}
+
 // Keys of the four consecutive elements at ptr, which is aligned to 4 elements (one 16-byte
 // load for f32, one 8-byte load for f16/bf16).
 template <typename T>
@@ -239,7 +247,7 @@ __device__ void topk_hist(const NtkvTopkParams& p, const T* __restrict__ x, cons
     const T* xr = x + (uint64_t)row * p.row_stride;
     const uint64_t start = (uint64_t)blockIdx.x * p.chunk;
     const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
-    if (start < end) hist_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, hist);
+    if (start < end) hist_range(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), hist);
     __syncthreads();
     uint32_t* gh = g_hist + (uint64_t)b * kHistBins;
     for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
@@ -317,7 +325,7 @@ __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, co
     const uint64_t start = (uint64_t)bx * p.chunk;
     const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
     if (start < end) {
-        filter_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, bucket, &st[kSelCursor], sel, p.k,
+        filter_range(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), bucket, &st[kSelCursor], sel, p.k,
                      &st[kCandCursor], cand, (uint32_t)p.cand_stride);
     }
 }
@@ -530,7 +538,7 @@ __device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, con
         s_cand_cursor = 0u;
     }
     __syncthreads();
-    const bool vec = p.row_stride % 4 == 0;
+    const bool vec = quad_aligned(p, x);
     hist_range(xr, 0u, len, vec, fhist);
     __syncthreads();
     if (kk > 0u) {

@@ -453,3 +453,25 @@ fn topk_runs_on_borrowed_views() {
     assert_eq!(idx.to_host().unwrap()[..rows * k], want_i[..]);
     assert_eq!(vals.to_host().unwrap()[rows * k..], want_v[..]);
 }
+
+#[test]
+fn misaligned_views_are_loaded_safely_or_refused() {
+    let dev = gpu_or_skip!("misaligned_views_are_loaded_safely_or_refused");
+    let mut rng = Rng::new(18);
+    // Top-k rows that start one element past a 16-byte boundary: the vector loads must not
+    // be used (or fault); the result is still exact.
+    let (rows, n, k) = (3, 4096, 100);
+    let host: Vec<f32> = (0..rows * n + 1).map(|_| rng.normal()).collect();
+    let all = DeviceTensor::from_host(dev, &host, &[rows * n + 1]).unwrap();
+    let view = TensorView::new(all.slice().slice(1..), &[rows, n]).unwrap();
+    let (_, gi) = topk::topk(dev, &view, k, None).unwrap();
+    assert_eq!(gi.to_host().unwrap(), cpu::topk(&host[1..], rows, n, k, None).unwrap().1);
+    // The accumulation loads 16-bit pairs as words: a view at an odd f16 offset is refused.
+    let shape = AttnShape { hq: 1, hkv: 1, tq: 1, t: 8, d: 64 };
+    let qs = DeviceTensor::<f16>::zeros(dev, &[65]).unwrap();
+    let q = TensorView::new(qs.slice().slice(1..), &[1, 1, 64]).unwrap();
+    let kc = DeviceTensor::<f16>::zeros(dev, &[1, 8, 64]).unwrap();
+    let mut acc = DeviceTensor::<f32>::zeros(dev, &[1, 8]).unwrap();
+    let r = topk::h2o_accumulate(dev, &q, &kc, &mut acc, GqaReduce::Sum);
+    assert!(matches!(r, Err(Error::InvalidArgument { arg: "q", .. })), "{shape:?}: {r:?}");
+}

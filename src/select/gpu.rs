@@ -2,7 +2,7 @@
 //! (`ntkv_topk_*`) and the `ntkv_select_*` section. Every plan validates its shape in `new`;
 //! every run checks the device, shape and length of each buffer before anything is enqueued.
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{BlockMap, ExpandShape, SegmentShape, TopkLayout, TopkOptions, TopkOrder, TopkShape};
 use crate::device::{Device, Module};
@@ -63,6 +63,19 @@ pub(crate) fn check_buf<T>(
     let n = numel(arg, shape)?;
     if t.len() != n {
         return Err(Error::shape(arg, shape, &[t.len()]));
+    }
+    Ok(())
+}
+
+/// Checks that a borrowed view starts at a multiple of `align` bytes, for kernels that load
+/// it in wider words than its element (a view may start anywhere inside a larger buffer).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `arg`.
+pub(crate) fn check_aligned<T>(device: &Device, arg: &'static str, view: &CudaView<'_, T>, align: u64) -> Result<()> {
+    let (ptr, _record) = view.device_ptr(device.stream());
+    if ptr % align != 0 {
+        return Err(Error::invalid(arg, format!("the view starts at {ptr:#x}, not at a multiple of {align} bytes")));
     }
     Ok(())
 }

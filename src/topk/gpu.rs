@@ -9,7 +9,7 @@ use crate::device::{Device, Module};
 use crate::error::{to_u32, Error, Result};
 use crate::launch::{grid_2d, grid_for, KernelId};
 use crate::params::{NtkvCompactParams, NtkvFillRecentParams, NtkvH2oParams, NtkvKeepCheckParams, NtkvPoolParams};
-use crate::select::gpu::TopkOutput;
+use crate::select::gpu::{check_aligned, TopkOutput};
 use crate::select::{TopkOptions, TopkOrder, TopkPlan, TopkShape};
 use crate::tensor::{DType, Float};
 
@@ -212,6 +212,9 @@ pub(super) fn accumulate<T: Float>(
     if q.len() != hq * tq * d || k.len() != hkv * t * d || acc.len() != hkv * t {
         return Err(Error::internal("accumulation buffers do not match the attention shape"));
     }
+    // The kernels load pairs of 16-bit elements as 4-byte words.
+    check_aligned(device, "q", q, 4)?;
+    check_aligned(device, "k", k, 4)?;
     let [pass1, pass2] = pass_ids(T::DTYPE, d)?;
     let n_tiles = t.div_ceil(KEY_TILE);
     let params = NtkvH2oParams {
@@ -370,6 +373,9 @@ pub(super) fn compact<T: Float>(
         return Ok(());
     }
     let CompactBufs { keep, mut k_cache, mut v_cache, acc } = bufs;
+    // The kernel moves rows as 4-byte words.
+    check_aligned(device, "k_cache", &k_cache.as_view(), 4)?;
+    check_aligned(device, "v_cache", &v_cache.as_view(), 4)?;
     // 1. Validate the keep list before anything is written.
     check_keep(device, &keep, hkv, t, budget)?;
 
@@ -420,6 +426,11 @@ pub(super) fn gather<T: Float>(
         return Ok(());
     }
     let GatherBufs { keep, k_cache, v_cache, acc, mut k_out, mut v_out } = bufs;
+    // The kernel moves rows as 4-byte words.
+    check_aligned(device, "k_cache", &k_cache, 4)?;
+    check_aligned(device, "v_cache", &v_cache, 4)?;
+    check_aligned(device, "k_out", &k_out.as_view(), 4)?;
+    check_aligned(device, "v_out", &v_out.as_view(), 4)?;
     check_keep(device, &keep, hkv, t, budget)?;
     let params = compact_params(hkv, t, budget, row_words, acc.is_some())?;
     let stream = device.stream();
