@@ -11,14 +11,7 @@ use ntkv::select::{
     cpu, BlockMap, ExpandPlan, ExpandShape, SegmentShape, SegmentTopkPlan, TopkOptions, TopkOrder, TopkPlan, TopkShape,
 };
 use ntkv::{Device, DeviceTensor, Error, Float};
-use topk_common::spicy_row;
-
-fn same_values<T: Float>(what: &str, got: &[T], want: &[T]) {
-    for (s, (a, b)) in got.iter().zip(want).enumerate() {
-        let (a, b) = (a.to_f32(), b.to_f32());
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}: value slot {s} got {a} want {b}");
-    }
-}
+use topk_common::{same_values, spicy_row};
 
 fn check_rows<T: Float>(dev: &Device, host: &[f32], shape: TopkShape, lengths: Option<&[u32]>, order: TopkOrder) {
     let scores: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use ntkv::rng::Rng;
 use ntkv::topk::{self, cpu, AttnShape, GqaReduce, H2oOptions, H2oPlan, TopkOptions, TopkPlan, TopkShape};
 use ntkv::{Device, DeviceTensor, Error, Float, TensorRef, TensorView, TensorViewMut};
-use topk_common::spicy_row;
+use topk_common::{same_values, spicy_row};
 
 fn plan(dev: &Device, rows: usize, n: usize, k: usize) -> TopkPlan {
     TopkPlan::new(dev, &TopkShape { rows, n, k }, TopkOptions::default()).unwrap()
@@ -40,10 +40,7 @@ fn check_topk<T: Float>(
             want_i[p]
         );
     }
-    for (s, (a, b)) in gv.iter().zip(&want_v).enumerate() {
-        let (a, b) = (a.to_f32(), b.to_f32());
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}: value slot {s} got {a} want {b}");
-    }
+    same_values(what, &gv, &want_v);
 }
 
 #[test]

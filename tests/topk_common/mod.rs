@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use ntkv::rng::Rng;
+use ntkv::Float;
 
 /// Random scores with ties, NaN, ±inf and ±0 mixed in (one special in `1 / specials_per`).
 pub fn spicy_row(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -85,4 +86,13 @@ pub fn brute_expand(
         indptr.push(out.len() as u32);
     }
     (indptr, out)
+}
+
+/// Value slots must hold the same bits (any NaN matches any NaN).
+pub fn same_values<T: Float>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (s, (a, b)) in got.iter().zip(want).enumerate() {
+        let (a, b) = (a.to_f32(), b.to_f32());
+        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}: value slot {s} got {a} want {b}");
+    }
 }
