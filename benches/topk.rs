@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ntkv::rng::Rng;
-use ntkv::topk::{cpu, TopkPlan};
+use ntkv::topk::{cpu, TopkOptions, TopkPlan, TopkShape};
 use ntkv::{timing, Device, DeviceTensor};
 
 fn gpu_device() -> Option<Device> {
@@ -26,7 +26,7 @@ fn benches(c: &mut Criterion) {
         let host = rng.normal_vec(rows * n);
         let setup = || -> ntkv::Result<_> {
             let scores = DeviceTensor::from_host(&dev, &host, &[rows, n])?;
-            let plan = TopkPlan::new(&dev, rows, n, k)?;
+            let plan = TopkPlan::new(&dev, &TopkShape { rows, n, k }, TopkOptions::default())?;
             let values = DeviceTensor::<f32>::zeros(&dev, &[rows, k])?;
             let indices = DeviceTensor::<u32>::zeros(&dev, &[rows, k])?;
             Ok((scores, plan, values, indices))
@@ -38,10 +38,9 @@ fn benches(c: &mut Criterion) {
         c.bench_function(&format!("topk gpu {rows}x{n} k{k} f32"), |b| {
             b.iter_custom(|iters| {
                 let reps = usize::try_from(iters).unwrap_or(usize::MAX);
-                let ms =
-                    timing::time_gpu_ms(&dev, 1, reps, |_| plan.run(&dev, &scores, None, &mut values, &mut indices))
-                        .map(|t| t.iter().sum::<f64>())
-                        .unwrap_or(f64::NAN);
+                let ms = timing::time_gpu_ms(&dev, 1, reps, |_| plan.run(&scores, None, &mut values, &mut indices))
+                    .map(|t| t.iter().sum::<f64>())
+                    .unwrap_or(f64::NAN);
                 Duration::from_secs_f64(ms.max(0.0) * 1e-3)
             })
         });

@@ -1,5 +1,5 @@
-// topk.cu: exact radix top-k, H2O score accumulation, SnapKV pooling and in-place eviction
-// compaction (SPEC §2).
+// topk.cu: exact radix top-k, H2O score accumulation, SnapKV pooling, in-place eviction
+// compaction, and the kernels of the shared `select` module (the last section).
 //
 // Top-k, per row, in three launches over a batch of rows:
 //   1. hist:     every block of a row builds a 4096-bin shared histogram of the top 12 bits
@@ -103,6 +103,14 @@ __device__ __forceinline__ void warp_append(bool take, uint32_t i, uint32_t* cur
         const uint32_t pos = base + (uint32_t)__popc(mask & ((1u << lane) - 1u));
         if (pos < cap) list[pos] = i;
     }
+}
+
+// Whether every row of x starts at a multiple of 4 elements' bytes, so whole quads can be
+// loaded as vectors: the row stride is a multiple of 4 and x itself is aligned (a borrowed
+// view may start anywhere inside a larger buffer).
+template <typename T>
+__device__ __forceinline__ bool quad_aligned(const NtkvTopkParams& p, const T* x) {
+    return p.row_stride % 4 == 0 && reinterpret_cast<unsigned long long>(x) % (4 * sizeof(T)) == 0;
 }
 
 // Keys of the four consecutive elements at ptr, which is aligned to 4 elements (one 16-byte
@@ -239,7 +247,7 @@ __device__ void topk_hist(const NtkvTopkParams& p, const T* __restrict__ x, cons
     const T* xr = x + (uint64_t)row * p.row_stride;
     const uint64_t start = (uint64_t)blockIdx.x * p.chunk;
     const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
-    if (start < end) hist_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, hist);
+    if (start < end) hist_range(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), hist);
     __syncthreads();
     uint32_t* gh = g_hist + (uint64_t)b * kHistBins;
     for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
@@ -317,7 +325,7 @@ __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, co
     const uint64_t start = (uint64_t)bx * p.chunk;
     const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
     if (start < end) {
-        filter_range(xr, (uint32_t)start, (uint32_t)end, p.row_stride % 4 == 0, bucket, &st[kSelCursor], sel, p.k,
+        filter_range(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), bucket, &st[kSelCursor], sel, p.k,
                      &st[kCandCursor], cand, (uint32_t)p.cand_stride);
     }
 }
@@ -530,7 +538,7 @@ __device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, con
         s_cand_cursor = 0u;
     }
     __syncthreads();
-    const bool vec = p.row_stride % 4 == 0;
+    const bool vec = quad_aligned(p, x);
     hist_range(xr, 0u, len, vec, fhist);
     __syncthreads();
     if (kk > 0u) {
@@ -892,6 +900,9 @@ __device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const fl
 // with lower tickets, which blocks that are already running hold and which never wait, so
 // the wait always ends (whatever order the hardware schedules blocks in). As a safeguard the
 // wait gives up after 2^26 polls (tens of seconds) and raises *error.
+// NOT LAUNCHED by the library: a wait that gives up leaves wrong scores, so the Rust side runs
+// only the three-launch path (pass 1, merge, pass 2), which has no cross-block wait. The
+// kernel stays until tools/emu-topk drops its queue cases and the persistent redesign lands.
 template <typename T, int D>
 __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
                           const uint32_t* __restrict__ order, float* partial, float* stats, float* __restrict__ acc,
@@ -998,15 +1009,16 @@ extern "C" __global__ void ntkv_snapkv_pool(const NtkvPoolParams p, const float*
 }
 
 // Writes into *first_bad the lowest flat index of keep that is >= t or not strictly above its
-// left neighbour (the caller initialises it to UINT32_MAX).
+// left neighbour (the caller initialises it to UINT64_MAX, which no flat index can equal:
+// rows * budget < 2^40).
 extern "C" __global__ void ntkv_h2o_check_keep(const NtkvKeepCheckParams p, const uint32_t* __restrict__ keep,
-                                               uint32_t* __restrict__ first_bad) {
+                                               unsigned long long* __restrict__ first_bad) {
     const uint64_t total = (uint64_t)p.rows * p.budget;
     for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (uint64_t)gridDim.x * blockDim.x) {
         const uint32_t i = (uint32_t)(e % p.budget);
         const uint32_t v = keep[e];
         const bool bad = v >= p.t || (i > 0 && keep[e - 1] >= v);
-        if (bad) atomicMin(first_bad, (uint32_t)e);
+        if (bad) atomicMin(first_bad, (unsigned long long)e);
     }
 }
 
@@ -1065,5 +1077,220 @@ extern "C" __global__ void ntkv_h2o_gather(const NtkvCompactParams p, const uint
         k_out[e] = kc[src];
         v_out[e] = vc[src];
         if (p.has_acc && w == 0u) acc_out[row] = acc[(uint64_t)h * p.t + keep[row]];
+    }
+}
+
+// ==== select: kernels of the shared selection module (src/select) =========================
+//
+// The row top-k of `select` is the radix top-k above (ntkv_topk_*). These kernels add:
+//   ntkv_select_pad_segments_<T>: copies each segment of a ragged array (CSR indptr) into a
+//       row of a padded [segments, max_len] matrix and writes the row lengths, so the row
+//       top-k runs over segments;
+//   ntkv_select_truncate_<T>:    pads the slots at or past a per-row k (ks[r]) with index
+//       UINT32_MAX and value -inf (top-k_r is the first k_r slots of the sorted top-k);
+//   ntkv_select_expand_{count,scan,write}: expands selected block ids into a CSR list of
+//       sorted, unique token indices (the input of the sparse-index decode).
+// Every size and pointer extent is checked by the Rust launcher; the kernels still clamp
+// what they read from device buffers (indptr, lengths, block ids) so that no value in them
+// can move an access out of range.
+
+namespace {
+
+// Bitonic sort of n (a power of two) 64-bit words in shared memory, ascending, by the whole
+// block. Every thread of the block must call it.
+__device__ __forceinline__ void select_sort_asc(unsigned long long* buf, uint32_t n) {
+    for (uint32_t size = 2; size <= n; size <<= 1) {
+        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
+            for (uint32_t t = threadIdx.x; t < (n >> 1); t += blockDim.x) {
+                const uint32_t i = 2u * t - (t & (stride - 1u));
+                const uint32_t j = i + stride;
+                const bool asc = (i & size) == 0u;
+                const unsigned long long a = buf[i];
+                const unsigned long long c = buf[j];
+                if (asc ? (a > c) : (a < c)) {
+                    buf[i] = c;
+                    buf[j] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+template <typename T>
+__device__ void select_pad_segments(uint32_t segments, uint32_t max_len, unsigned long long total,
+                                    const uint32_t* __restrict__ indptr, const T* __restrict__ x,
+                                    T* __restrict__ out, uint32_t* __restrict__ lengths) {
+    for (uint32_t s = blockIdx.x; s < segments; s += gridDim.x) {
+        const unsigned long long start = indptr[s] < total ? indptr[s] : total;
+        const unsigned long long end = indptr[s + 1] < total ? indptr[s + 1] : total;
+        unsigned long long len = end > start ? end - start : 0ull;
+        if (len > max_len) len = max_len;
+        T* row = out + (unsigned long long)s * max_len;
+        for (uint32_t i = threadIdx.x; i < (uint32_t)len; i += blockDim.x) row[i] = x[start + i];
+        if (threadIdx.x == 0) lengths[s] = (uint32_t)len;
+    }
+}
+
+template <typename T>
+__device__ void select_truncate(uint32_t rows, uint32_t k, uint32_t write_values, const uint32_t* __restrict__ ks,
+                                T* __restrict__ values, uint32_t* __restrict__ indices) {
+    const unsigned long long n = (unsigned long long)rows * k;
+    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (unsigned long long)gridDim.x * blockDim.x) {
+        const uint32_t r = (uint32_t)(e / k);
+        const uint32_t j = (uint32_t)(e % k);
+        if (j >= ks[r]) {
+            indices[e] = 0xffffffffu;
+            if (write_values) values[e] = ntkv::from_f32<T>(-INFINITY);
+        }
+    }
+}
+
+}  // namespace
+
+#define NTKV_SELECT_KERNELS(SUFFIX, T)                                                                               \
+    extern "C" __global__ void ntkv_select_pad_segments_##SUFFIX(                                                    \
+        uint32_t segments, uint32_t max_len, unsigned long long total, const uint32_t* __restrict__ indptr,          \
+        const T* __restrict__ x, T* __restrict__ out, uint32_t* __restrict__ lengths) {                             \
+        select_pad_segments<T>(segments, max_len, total, indptr, x, out, lengths);                                  \
+    }                                                                                                                \
+    extern "C" __global__ void ntkv_select_truncate_##SUFFIX(uint32_t rows, uint32_t k, uint32_t write_values,      \
+                                                             const uint32_t* __restrict__ ks, T* __restrict__ values, \
+                                                             uint32_t* __restrict__ indices) {                        \
+        select_truncate<T>(rows, k, write_values, ks, values, indices);                                              \
+    }
+
+NTKV_SELECT_KERNELS(f32, float)
+NTKV_SELECT_KERNELS(f16, __half)
+NTKV_SELECT_KERNELS(bf16, __nv_bfloat16)
+
+// Pass 1 of the expansion, one block per row (grid-stride over rows). Row r's selected block
+// ids blocks[r * kb ..] (ids >= nb, such as the UINT32_MAX padding of a top-k, are skipped)
+// become token intervals [start, end): block_size > 0: [b * block_size, (b + 1) * block_size);
+// block_size == 0: ranges[(m * nb + b) * 2 + {0, 1}] with m = 0 when map_shared, else r.
+// Each interval is clipped to [0, min(lengths[r], t)). The intervals are sorted by start
+// (bitonic, kbpad words of dynamic shared memory) and merged where they overlap or touch;
+// the merged intervals go to iv[r * kb ..] (start << 32 | end) with their offsets within the
+// row in off[r * kb ..], their number to n_iv[r] and the row's token count to counts[r].
+extern "C" __global__ void ntkv_select_expand_count(uint32_t rows, uint32_t kb, uint32_t nb, uint32_t t,
+                                                    uint32_t block_size, uint32_t map_shared, uint32_t kbpad,
+                                                    const uint32_t* __restrict__ blocks,
+                                                    const uint32_t* __restrict__ lengths,
+                                                    const uint32_t* __restrict__ ranges,
+                                                    unsigned long long* __restrict__ iv, uint32_t* __restrict__ off,
+                                                    uint32_t* __restrict__ n_iv, uint32_t* __restrict__ counts) {
+    extern __shared__ unsigned long long sel_iv[];  // kbpad words
+    const unsigned long long kEmpty = ~0ull;       // sorts after every real interval
+    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const uint64_t len = lengths[r] < t ? lengths[r] : t;
+        for (uint32_t i = threadIdx.x; i < kbpad; i += blockDim.x) {
+            unsigned long long w = kEmpty;
+            if (i < kb) {
+                const uint32_t b = blocks[(uint64_t)r * kb + i];
+                if (b < nb) {
+                    uint64_t s, e;
+                    if (block_size > 0u) {
+                        s = (uint64_t)b * block_size;
+                        e = s + block_size;
+                    } else {
+                        const uint64_t m = map_shared ? 0u : r;
+                        s = ranges[(m * nb + b) * 2];
+                        e = ranges[(m * nb + b) * 2 + 1];
+                    }
+                    if (e > len) e = len;
+                    if (s < e) w = (s << 32) | e;
+                }
+            }
+            sel_iv[i] = w;
+        }
+        __syncthreads();
+        select_sort_asc(sel_iv, kbpad);
+        if (threadIdx.x == 0) {
+            uint32_t m = 0, total = 0;
+            uint64_t cs = 0, ce = 0;
+            bool open = false;
+            for (uint32_t i = 0; i < kb; ++i) {
+                const unsigned long long w = sel_iv[i];
+                if (w == kEmpty) break;
+                const uint64_t s = w >> 32, e = w & 0xffffffffull;
+                if (open && s <= ce) {
+                    if (e > ce) ce = e;
+                    continue;
+                }
+                if (open) {
+                    iv[(uint64_t)r * kb + m] = (cs << 32) | ce;
+                    off[(uint64_t)r * kb + m] = total;
+                    total += (uint32_t)(ce - cs);
+                    ++m;
+                }
+                cs = s;
+                ce = e;
+                open = true;
+            }
+            if (open) {
+                iv[(uint64_t)r * kb + m] = (cs << 32) | ce;
+                off[(uint64_t)r * kb + m] = total;
+                total += (uint32_t)(ce - cs);
+                ++m;
+            }
+            n_iv[r] = m;
+            counts[r] = total;
+        }
+        __syncthreads();  // sel_iv is reused by the next row
+    }
+}
+
+// Pass 2: indptr[0] = 0, indptr[r + 1] = indptr[r] + counts[r], by one block: each thread
+// sums a contiguous chunk of rows, thread 0 scans the chunk sums, each thread writes its chunk.
+extern "C" __global__ void ntkv_select_expand_scan(uint32_t rows, const uint32_t* __restrict__ counts,
+                                                   uint32_t* __restrict__ indptr) {
+    __shared__ uint32_t chunk_base[1024];
+    const uint32_t nt = blockDim.x < 1024u ? blockDim.x : 1024u;
+    const uint32_t per = (rows + nt - 1u) / nt;
+    const uint32_t lo = threadIdx.x * per;
+    const uint32_t hi = lo + per < rows ? lo + per : rows;
+    uint32_t sum = 0;
+    if (threadIdx.x < nt)
+        for (uint32_t r = lo; r < hi; ++r) sum += counts[r];
+    if (threadIdx.x < nt) chunk_base[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t run = 0;
+        for (uint32_t i = 0; i < nt; ++i) {
+            const uint32_t c = chunk_base[i];
+            chunk_base[i] = run;
+            run += c;
+        }
+        indptr[0] = 0u;
+    }
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        uint32_t run = chunk_base[threadIdx.x];
+        for (uint32_t r = lo; r < hi; ++r) {
+            run += counts[r];
+            indptr[r + 1] = run;
+        }
+    }
+}
+
+// Pass 3, one block per row (grid-stride): writes the tokens of the row's merged intervals,
+// ascending, at indices[indptr[r] + off ..]. The launcher sized indices for the largest
+// possible total, so every write is in range.
+extern "C" __global__ void ntkv_select_expand_write(uint32_t rows, uint32_t kb,
+                                                    const unsigned long long* __restrict__ iv,
+                                                    const uint32_t* __restrict__ off,
+                                                    const uint32_t* __restrict__ n_iv,
+                                                    const uint32_t* __restrict__ indptr,
+                                                    uint32_t* __restrict__ indices) {
+    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const uint64_t base = indptr[r];
+        const uint32_t m = n_iv[r] < kb ? n_iv[r] : kb;
+        for (uint32_t i = 0; i < m; ++i) {
+            const unsigned long long w = iv[(uint64_t)r * kb + i];
+            const uint32_t s = (uint32_t)(w >> 32), e = (uint32_t)w;
+            const uint64_t o = base + off[(uint64_t)r * kb + i];
+            for (uint32_t j = threadIdx.x; j < e - s; j += blockDim.x) indices[o + j] = s + j;
+        }
     }
 }

@@ -96,6 +96,7 @@ pub fn registered_kernels() -> Vec<KernelId> {
     all.extend(crate::timing::kernels());
     all.extend(crate::quant::gpu::kernels());
     all.extend(crate::topk::gpu::kernels());
+    all.extend(crate::select::kernels());
     all.extend(crate::attention::plan::kernels());
     all.extend(crate::decode::gpu::kernels());
     all.extend(crate::ntk::gpu::kernels());

@@ -75,6 +75,7 @@ pub mod params;
 mod params_repr;
 pub mod quant;
 pub mod rng;
+pub mod select;
 pub mod tensor;
 pub mod timing;
 pub mod topk;

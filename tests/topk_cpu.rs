@@ -1,76 +1,18 @@
-//! CPU reference, validation and planning of the top-k family (SPEC §2). Runs anywhere.
+//! CPU reference, validation and planning of the top-k family (H2O, SnapKV). Runs anywhere.
+//! The selection primitive itself (rank key, radix model, segments, expansion) is tested in
+//! tests/select_cpu.rs.
+
+mod topk_common;
 
 use half::{bf16, f16};
 use ntkv::rng::Rng;
 use ntkv::topk::{
-    cpu, queue_order, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
+    cpu, validate_compact, validate_select, validate_topk, AttnShape, GqaReduce, TopkLayout, MAX_K, MAX_N,
     TOPK_WORKSPACE_BYTES,
 };
 use ntkv::Error;
 use proptest::prelude::*;
-
-/// An independent top-k: repeated selection of the best remaining element, where "better"
-/// is spelled out with float comparisons (NaN worst, zeros equal, lower index on ties).
-fn naive_topk(row: &[f32], k: usize) -> Vec<u32> {
-    let better = |a: (f32, usize), b: (f32, usize)| -> bool {
-        match (a.0.is_nan(), b.0.is_nan()) {
-            (true, true) => a.1 < b.1,
-            (true, false) => false,
-            (false, true) => true,
-            (false, false) => a.0 > b.0 || (a.0 == b.0 && a.1 < b.1),
-        }
-    };
-    let mut taken = vec![false; row.len()];
-    let mut out = Vec::new();
-    for _ in 0..k.min(row.len()) {
-        let mut best: Option<usize> = None;
-        for i in 0..row.len() {
-            if !taken[i] && best.map_or(true, |b| better((row[i], i), (row[b], b))) {
-                best = Some(i);
-            }
-        }
-        let b = best.expect("a remaining element");
-        taken[b] = true;
-        out.push(b as u32);
-    }
-    out
-}
-
-/// Random scores with ties, NaN, ±inf and ±0 mixed in.
-fn spicy_row(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| match rng.below(20) {
-            0 => f32::NAN,
-            1 => f32::INFINITY,
-            2 => f32::NEG_INFINITY,
-            3 => 0.0,
-            4 => -0.0,
-            5..=9 => (rng.below(4) as f32) - 1.5,
-            _ => rng.normal(),
-        })
-        .collect()
-}
-
-#[test]
-fn rank_key_orders_numbers_and_puts_nan_last() {
-    let vals = [f32::NEG_INFINITY, -3.5, -1e-30, -0.0, 0.0, 1e-40, 2.0, f32::MAX, f32::INFINITY];
-    for w in vals.windows(2) {
-        let (a, b) = (cpu::rank_key(w[0]), cpu::rank_key(w[1]));
-        if w[0] == w[1] {
-            assert_eq!(a, b, "{} and {} must tie", w[0], w[1]);
-        } else {
-            assert!(a < b, "{} must rank below {}", w[0], w[1]);
-        }
-    }
-    assert_eq!(cpu::rank_key(f32::NAN), 0);
-    assert_eq!(cpu::rank_key(-f32::NAN), 0);
-    assert!(cpu::rank_key(f32::NEG_INFINITY) > 0);
-    let mut rng = Rng::new(1);
-    for _ in 0..10_000 {
-        let (a, b) = (rng.normal() * 100.0, rng.normal() * 100.0);
-        assert_eq!(a < b, cpu::rank_key(a) < cpu::rank_key(b), "{a} vs {b}");
-    }
-}
+use topk_common::{brute_keep, naive_topk, spicy_row};
 
 #[test]
 fn topk_matches_naive_on_random_rows_with_specials() {
@@ -156,20 +98,45 @@ fn layout_covers_every_row_and_fits_the_workspace() {
     ];
     for &(rows, n, k) in &shapes {
         for sms in [1usize, 108, 132] {
-            let l = TopkLayout::choose(rows, n, k, sms);
-            assert!(l.blocks_per_row >= 1 && l.chunk % 2048 == 0 && l.chunk > 0, "{l:?}");
-            assert!(l.blocks_per_row * l.chunk >= n, "{l:?} does not cover {n}");
-            assert!((l.blocks_per_row - 1) * l.chunk < n, "{l:?} has an empty block");
-            assert!(l.kpad.is_power_of_two() && l.kpad >= k && l.kpad < 2 * k.max(1));
-            assert!(l.rows_per_batch >= 1 && l.rows_per_batch <= rows.min(65535));
-            assert!(l.rows_per_batch == 1 || l.workspace_bytes(n, k) <= TOPK_WORKSPACE_BYTES);
+            for per_sm in [1usize, 3, 4] {
+                let l = TopkLayout::choose(rows, n, k, sms, per_sm).unwrap();
+                assert!(l.blocks_per_row >= 1 && l.chunk % 2048 == 0 && l.chunk > 0, "{l:?}");
+                assert!(l.blocks_per_row * l.chunk >= n, "{l:?} does not cover {n}");
+                assert!((l.blocks_per_row - 1) * l.chunk < n, "{l:?} has an empty block");
+                assert!(l.kpad.is_power_of_two() && l.kpad >= k && l.kpad < 2 * k.max(1));
+                assert!(l.rows_per_batch >= 1 && l.rows_per_batch <= rows.min(65535));
+                let ws = l.workspace_bytes(n, k).unwrap();
+                assert!(l.rows_per_batch == 1 || ws <= TOPK_WORKSPACE_BYTES);
+                // A split grid never runs more than one wave of the blocks that fit.
+                if l.blocks_per_row > 1 && l.chunk > 4096 {
+                    assert!(l.waves(sms, per_sm) <= 1.0, "{rows}x{n} on {sms} SMs x {per_sm}: {l:?}");
+                }
+            }
         }
     }
     // Few long rows: many blocks per row; many short rows: one block per row.
-    assert!(TopkLayout::choose(32, 131072, 2048, 132).blocks_per_row > 1);
-    assert_eq!(TopkLayout::choose(4096, 4096, 64, 132).blocks_per_row, 1);
+    assert!(TopkLayout::choose(32, 131072, 2048, 132, 3).unwrap().blocks_per_row > 1);
+    assert_eq!(TopkLayout::choose(4096, 4096, 64, 132, 3).unwrap().blocks_per_row, 1);
     // The largest rows run in batches.
-    assert!(TopkLayout::choose(64, MAX_N, 16, 132).rows_per_batch < 64);
+    assert!(TopkLayout::choose(64, MAX_N, 16, 132, 3).unwrap().rows_per_batch < 64);
+}
+
+#[test]
+fn layout_uses_the_real_occupancy() {
+    // The static review: on 132 SMs the histogram and filter kernels fit 3 blocks per SM,
+    // not 4. The bench shapes must then fill at most one wave of 396 blocks; assuming 4
+    // gave 1.3-1.4 waves.
+    for (rows, n, k) in [(32usize, 131072usize, 2048usize), (32, 1 << 20, 8192), (1, 1 << 20, 4096)] {
+        let l = TopkLayout::choose(rows, n, k, 132, 3).unwrap();
+        let blocks = l.blocks_per_row * l.rows_per_batch;
+        assert!(blocks <= 396, "{rows}x{n}: {l:?} launches {blocks} blocks");
+        assert!(l.waves(132, 3) <= 1.0);
+        // The old fixed assumption of 4 per SM now gives a visibly different (larger) grid.
+        let four = TopkLayout::choose(rows, n, k, 132, 4).unwrap();
+        assert!(four.blocks_per_row >= l.blocks_per_row, "{four:?} vs {l:?}");
+        assert!(four.waves(132, 3) > l.waves(132, 3) || four == l);
+    }
+    assert_eq!(TopkLayout::choose(4096, 4096, 64, 132, 3).unwrap().waves(132, 3), 0.0, "the fused path");
 }
 
 fn half_vec(rng: &mut Rng, n: usize) -> Vec<f16> {
@@ -220,19 +187,6 @@ fn attn_shape_validation() {
     assert!(matches!(AttnShape { hkv: 0, ..ok }.validate(), Err(Error::InvalidArgument { arg: "k", .. })));
     assert!(matches!(AttnShape::from_shapes(&[8, 4, 64], &[2, 10, 32]), Err(Error::Shape { arg: "k", .. })));
     assert_eq!(AttnShape::from_shapes(&[8, 4, 64], &[2, 10, 64]).unwrap(), ok);
-}
-
-/// Brute-force keep list: sort the older tokens by (score desc, index asc), take, sort.
-fn brute_keep(scores: &[f32], older: usize, k_sel: usize, recent: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..older as u32).collect();
-    idx.sort_by(|&a, &b| {
-        let (x, y) = (scores[a as usize], scores[b as usize]);
-        y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
-    });
-    let mut keep: Vec<u32> = idx[..k_sel].to_vec();
-    keep.sort_unstable();
-    keep.extend(older as u32..(older + recent) as u32);
-    keep
 }
 
 #[test]
@@ -316,12 +270,13 @@ fn compaction_rejects_bad_keep_and_writes_nothing() {
 #[test]
 fn pool5_counts_padding() {
     let x = [5.0, 10.0, 0.0, 0.0, 5.0, 0.0, 10.0];
-    let p = cpu::pool5(&x, 1, 7);
+    let p = cpu::pool5(&x, 1, 7).unwrap();
     let want = [3.0, 3.0, 4.0, 3.0, 3.0, 3.0, 3.0];
     for (a, b) in p.iter().zip(want) {
         assert!((a - b).abs() < 1e-12, "{p:?}");
     }
-    assert_eq!(cpu::pool5(&[5.0], 1, 1), vec![1.0]);
+    assert_eq!(cpu::pool5(&[5.0], 1, 1).unwrap(), vec![1.0]);
+    assert!(matches!(cpu::pool5(&[5.0; 6], 1, 7), Err(Error::Shape { arg: "x", .. })));
 }
 
 #[test]
@@ -369,127 +324,5 @@ proptest! {
         let row: Vec<bf16> = spicy_row(&mut rng, n).into_iter().map(bf16::from_f32).collect();
         let wide: Vec<f32> = row.iter().map(|x| x.to_f32()).collect();
         prop_assert_eq!(cpu::topk(&row, 1, n, k, None).unwrap().1, cpu::topk(&wide, 1, n, k, None).unwrap().1);
-    }
-}
-
-/// A step-by-step model of the GPU algorithm in cuda/topk.cu (12-bit bucket histogram, then
-/// 8-bit radix refinement of the bucket's candidates on the 44-bit rest of the composite
-/// key·2^24 + (2^24 − 1 − index), then a descending sort of the selected words), so that its
-/// threshold logic is checked here even without a GPU.
-fn gpu_model_topk(row: &[f32], k: usize, by_index: bool) -> Vec<u32> {
-    const REST: u32 = 44;
-    let len = row.len();
-    let kk = k.min(len);
-    let mut out = vec![u32::MAX; k];
-    if kk == 0 {
-        return out;
-    }
-    let keys: Vec<u32> = row.iter().map(|&x| cpu::rank_key(x)).collect();
-    let mut hist = vec![0usize; 4096];
-    for &key in &keys {
-        hist[(key >> 20) as usize] += 1;
-    }
-    // The last block's bucket search: running count from the top.
-    let (mut running, mut bucket, mut above) = (0usize, usize::MAX, 0usize);
-    for bin in (0..4096).rev() {
-        if running < kk && running + hist[bin] >= kk {
-            bucket = bin;
-            above = running;
-        }
-        running += hist[bin];
-    }
-    assert_ne!(bucket, usize::MAX);
-    let sel: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize > bucket).collect();
-    let cand: Vec<u32> = (0..len as u32).filter(|&i| (keys[i as usize] >> 20) as usize == bucket).collect();
-    assert_eq!(sel.len(), above);
-    let rest = |i: u32| -> u64 { (u64::from(keys[i as usize] & 0xF_FFFF) << 24) | u64::from(0xFF_FFFF - i) };
-    let (mut need, mut matching, mut prefix, mut bits) = (kk - above, cand.len(), 0u64, 0u32);
-    assert!(need >= 1 && need <= matching);
-    while need < matching && bits < REST {
-        let width = (REST - bits).min(8);
-        let shift = REST - bits - width;
-        let mut dh = [0usize; 256];
-        for &c in &cand {
-            let r = rest(c);
-            if bits == 0 || (r >> (REST - bits)) == prefix {
-                dh[((r >> shift) & ((1 << width) - 1)) as usize] += 1;
-            }
-        }
-        let mut above_d = 0usize;
-        let mut found = false;
-        for d in (0..256).rev() {
-            if above_d < need && above_d + dh[d] >= need {
-                need -= above_d;
-                matching = dh[d];
-                prefix = (prefix << width) | d as u64;
-                bits += width;
-                found = true;
-                break;
-            }
-            above_d += dh[d];
-        }
-        assert!(found);
-    }
-    let threshold = prefix << (REST - bits);
-    let word = |i: u32| -> u64 {
-        let rev = u64::from(u32::MAX - i);
-        if by_index {
-            rev
-        } else {
-            (u64::from(keys[i as usize]) << 32) | rev
-        }
-    };
-    let mut words: Vec<u64> = sel.iter().map(|&i| word(i)).collect();
-    words.extend(cand.iter().filter(|&&c| rest(c) >= threshold).map(|&c| word(c)));
-    assert_eq!(words.len(), kk, "the refinement must select exactly k");
-    words.sort_unstable_by(|a, b| b.cmp(a));
-    for (s, w) in words.iter().enumerate() {
-        out[s] = u32::MAX - (*w & 0xFFFF_FFFF) as u32;
-    }
-    out
-}
-
-#[test]
-fn gpu_algorithm_model_matches_reference() {
-    let mut rng = Rng::new(7);
-    let mut rows: Vec<Vec<f32>> = vec![
-        vec![3.0; 5000],                                                    // all ties
-        (0..4000).map(|i| (i % 3) as f32).collect(),                        // few distinct values
-        (0..3000).map(|i| f32::from_bits(0x3f80_0000 + (i % 7))).collect(), // same 12-bit bucket
-        vec![f32::NAN; 100],
-    ];
-    for _ in 0..30 {
-        let n = 1 + rng.below(5000);
-        rows.push(spicy_row(&mut rng, n));
-        rows.push(rng.normal_vec(n));
-    }
-    for (r, row) in rows.iter().enumerate() {
-        let n = row.len();
-        for k in [1, 2, n / 3 + 1, n.saturating_sub(1).max(1), n, n + 7, 16384.min(n + 100)] {
-            let want = cpu::topk(row, 1, n, k, None).unwrap().1;
-            assert_eq!(gpu_model_topk(row, k, false), want, "row {r} (n = {n}), k = {k}");
-            let mut by_index: Vec<u32> = want.iter().copied().filter(|&i| i != u32::MAX).collect();
-            by_index.sort_unstable();
-            by_index.resize(k, u32::MAX);
-            assert_eq!(gpu_model_topk(row, k, true), by_index, "row {r}, k = {k}, by index");
-        }
-    }
-}
-
-#[test]
-fn queue_order_puts_each_pass_one_before_its_pass_two() {
-    for hkv in 1..12usize {
-        for lag in 1..=hkv.min(3) {
-            let order = queue_order(hkv, lag);
-            assert_eq!(order.len(), 2 * hkv);
-            for h in 0..hkv as u32 {
-                let p1 = order.iter().position(|&e| e == h).expect("pass 1 listed");
-                let p2 = order.iter().position(|&e| e == h | 1 << 31).expect("pass 2 listed");
-                assert!(p1 < p2, "hkv {hkv} lag {lag}: head {h}");
-                // Pass 1 of the next `lag` heads (those that exist) comes in between.
-                let between = order[p1 + 1..p2].iter().filter(|&&e| e >> 31 == 0).count();
-                assert_eq!(between, lag.min(hkv - 1 - h as usize));
-            }
-        }
     }
 }

@@ -1,27 +1,18 @@
-//! Differential tests of the top-k family: GPU against the CPU reference (SPEC §2).
+//! Differential tests of the top-k family: GPU against the CPU reference.
 //! Top-k and selection indices must be exactly equal; attention masses within tolerance.
 //! Without a GPU every test prints SKIP (NTKV_REQUIRE_GPU=1 makes that a failure).
 
 mod common;
+mod topk_common;
 
 use half::{bf16, f16};
 use ntkv::rng::Rng;
-use ntkv::topk::{self, cpu, AccumulatePath, AttnScratch, AttnShape, GqaReduce, TopkPlan};
-use ntkv::{Device, DeviceTensor, Error, Float};
+use ntkv::topk::{self, cpu, AttnShape, GqaReduce, H2oOptions, H2oPlan, TopkOptions, TopkPlan, TopkShape};
+use ntkv::{Device, DeviceTensor, Error, Float, TensorRef, TensorView, TensorViewMut};
+use topk_common::{same_values, spicy_row};
 
-/// Random scores with ties, NaN, ±inf and ±0 mixed in.
-fn spicy_row(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| match rng.below(24) {
-            0 => f32::NAN,
-            1 => f32::INFINITY,
-            2 => f32::NEG_INFINITY,
-            3 => 0.0,
-            4 => -0.0,
-            5..=8 => (rng.below(4) as f32) - 1.5,
-            _ => rng.normal(),
-        })
-        .collect()
+fn plan(dev: &Device, rows: usize, n: usize, k: usize) -> TopkPlan {
+    TopkPlan::new(dev, &TopkShape { rows, n, k }, TopkOptions::default()).unwrap()
 }
 
 /// Runs the GPU top-k and the CPU reference and requires identical indices and value bits.
@@ -49,10 +40,7 @@ fn check_topk<T: Float>(
             want_i[p]
         );
     }
-    for (s, (a, b)) in gv.iter().zip(&want_v).enumerate() {
-        let (a, b) = (a.to_f32(), b.to_f32());
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}: value slot {s} got {a} want {b}");
-    }
+    same_values(what, &gv, &want_v);
 }
 
 #[test]
@@ -99,7 +87,7 @@ fn topk_special_rows() {
     // The same patterns on enough rows for the fused one-block-per-row path (more candidates
     // than the shared-memory stage holds in the all-ties rows).
     let (rows, n) = (160, 9001);
-    assert_eq!(TopkPlan::new(dev, rows, n, 100).unwrap().layout().blocks_per_row, 1);
+    assert_eq!(plan(dev, rows, n, 100).layout().blocks_per_row, 1);
     let pattern = |r: usize, i: usize| -> f32 {
         match r % 5 {
             0 => 1.25,
@@ -129,12 +117,12 @@ fn topk_one_block_and_many_block_paths() {
     let mut rng = Rng::new(12);
     // Many short rows: one block per row.
     let (rows, n) = (700, 3001);
-    assert_eq!(TopkPlan::new(dev, rows, n, 64).unwrap().layout().blocks_per_row, 1);
+    assert_eq!(plan(dev, rows, n, 64).layout().blocks_per_row, 1);
     let host: Vec<f32> = (0..rows * n).map(|_| rng.normal()).collect();
     check_topk::<f32>(dev, &host, rows, n, 64, None, "one block per row");
     // Few long rows: many blocks per row.
     let (rows, n) = (3, 1_000_003);
-    assert!(TopkPlan::new(dev, rows, n, 8192).unwrap().layout().blocks_per_row > 1);
+    assert!(plan(dev, rows, n, 8192).layout().blocks_per_row > 1);
     let host: Vec<f32> = (0..rows * n).map(|_| rng.normal()).collect();
     check_topk::<f32>(dev, &host, rows, n, 8192, None, "many blocks per row");
     check_topk::<f16>(dev, &host, rows, n, 3000, None, "many blocks per row");
@@ -156,8 +144,8 @@ fn topk_one_block_and_many_block_paths() {
 fn topk_longest_rows_run_in_batches() {
     let dev = gpu_or_skip!("topk_longest_rows_run_in_batches");
     let (rows, n, k) = (5, topk::MAX_N, 300);
-    let plan = TopkPlan::new(dev, rows, n, k).unwrap();
-    assert!(plan.layout().rows_per_batch < rows, "{:?}", plan.layout());
+    let p = plan(dev, rows, n, k);
+    assert!(p.layout().rows_per_batch < rows, "{:?}", p.layout());
     let mut rng = Rng::new(13);
     let host: Vec<f32> = (0..rows * n).map(|_| rng.uniform()).collect();
     // The reference by partial selection (a full sort of 2^24 elements per row is slow).
@@ -183,14 +171,14 @@ fn topk_plan_reuse_is_deterministic() {
     let (rows, n, k) = (9, 70_001, 2048);
     let host: Vec<f32> = (0..rows).flat_map(|_| spicy_row(&mut rng, n)).collect();
     let scores = DeviceTensor::from_host(dev, &host, &[rows, n]).unwrap();
-    let mut plan = TopkPlan::new(dev, rows, n, k).unwrap();
+    let mut plan = plan(dev, rows, n, k);
     let mut v = DeviceTensor::<f32>::zeros(dev, &[rows, k]).unwrap();
     let mut i = DeviceTensor::<u32>::zeros(dev, &[rows, k]).unwrap();
     let lengths: Vec<u32> = (0..rows).map(|r| (n - r * 5000) as u32).collect();
     let (want_v, want_i) = cpu::topk(&host, rows, n, k, Some(&lengths)).unwrap();
     let mut first = None;
     for rep in 0..4 {
-        plan.run(dev, &scores, Some(&lengths), &mut v, &mut i).unwrap();
+        plan.run(&scores, Some(&lengths), &mut v, &mut i).unwrap();
         let got = (i.to_host().unwrap(), v.to_host().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         assert_eq!(got.0, want_i, "rep {rep}");
         if let Some(f) = &first {
@@ -199,7 +187,7 @@ fn topk_plan_reuse_is_deterministic() {
             first = Some(got);
         }
         // A run without lengths in between must not disturb the next one.
-        plan.run(dev, &scores, None, &mut v, &mut i).unwrap();
+        plan.run(&scores, None, &mut v, &mut i).unwrap();
     }
     assert_eq!(v.to_host().unwrap().len(), want_v.len());
 }
@@ -215,15 +203,15 @@ fn topk_bad_arguments_write_nothing() {
         topk::topk(dev, &scores, 5, Some(&[1, 101, 3])),
         Err(Error::InvalidArgument { arg: "lengths", .. })
     ));
-    let mut plan = TopkPlan::new(dev, 3, 100, 5).unwrap();
+    let mut plan = plan(dev, 3, 100, 5);
     let sentinel_v = vec![42.0f32; 15];
     let sentinel_i = vec![7u32; 15];
     let mut v = DeviceTensor::from_host(dev, &sentinel_v, &[3, 5]).unwrap();
     let mut i = DeviceTensor::from_host(dev, &sentinel_i, &[3, 5]).unwrap();
-    assert!(plan.run(dev, &scores, Some(&[1, 2, 101]), &mut v, &mut i).is_err());
-    assert!(plan.run(dev, &scores, Some(&[1, 2]), &mut v, &mut i).is_err());
+    assert!(plan.run(&scores, Some(&[1, 2, 101]), &mut v, &mut i).is_err());
+    assert!(plan.run(&scores, Some(&[1, 2]), &mut v, &mut i).is_err());
     let mut wrong = DeviceTensor::<u32>::zeros(dev, &[3, 4]).unwrap();
-    assert!(matches!(plan.run(dev, &scores, None, &mut v, &mut wrong), Err(Error::Shape { arg: "indices", .. })));
+    assert!(matches!(plan.run(&scores, None, &mut v, &mut wrong), Err(Error::Shape { arg: "indices", .. })));
     assert_eq!(v.to_host().unwrap(), sentinel_v);
     assert_eq!(i.to_host().unwrap(), sentinel_i);
 }
@@ -232,14 +220,9 @@ fn rand_half<T: Float>(rng: &mut Rng, n: usize) -> Vec<T> {
     (0..n).map(|_| T::from_f32(rng.normal())).collect()
 }
 
-/// GPU accumulation (on `path`) against the f64 reference, both starting from the same `acc`.
-fn check_accumulate<T: Float>(
-    dev: &Device,
-    shape: AttnShape,
-    reduce: GqaReduce,
-    seed: u64,
-    path: AccumulatePath,
-) -> Vec<f32> {
+/// GPU accumulation (plan, run twice, and the one-shot function) against the f64 reference,
+/// all starting from the same `acc`.
+fn check_accumulate<T: Float>(dev: &Device, shape: AttnShape, reduce: GqaReduce, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let q: Vec<T> = rand_half(&mut rng, shape.hq * shape.tq * shape.d);
     let k: Vec<T> = rand_half(&mut rng, shape.hkv * shape.t * shape.d);
@@ -249,18 +232,21 @@ fn check_accumulate<T: Float>(
     let dq = DeviceTensor::from_host(dev, &q, &[shape.hq, shape.tq, shape.d]).unwrap();
     let dk = DeviceTensor::from_host(dev, &k, &[shape.hkv, shape.t, shape.d]).unwrap();
     let mut dacc = DeviceTensor::from_host(dev, &acc0, &[shape.hkv, shape.t]).unwrap();
-    let mut scratch = AttnScratch::with_path(dev, shape, path).unwrap();
-    topk::h2o_accumulate_with(dev, &mut scratch, &dq, &dk, &mut dacc, reduce).unwrap();
-    // A second call on the same scratch (the queued path's epochs and tickets move on).
+    let options = H2oOptions { reduce, budget: 1, recent: 0 };
+    let mut plan = H2oPlan::new(dev, &shape, options).unwrap();
+    plan.accumulate(&dq, &dk, &mut dacc).unwrap();
+    // A second call on the same plan, and the one-shot function: the same bits.
     let mut again = DeviceTensor::from_host(dev, &acc0, &[shape.hkv, shape.t]).unwrap();
-    topk::h2o_accumulate_with(dev, &mut scratch, &dq, &dk, &mut again, reduce).unwrap();
-    assert!(!scratch.timed_out(dev).unwrap(), "{path:?}: a wait for head statistics timed out");
+    plan.accumulate(&dq, &dk, &mut again).unwrap();
+    let mut once = DeviceTensor::from_host(dev, &acc0, &[shape.hkv, shape.t]).unwrap();
+    topk::h2o_accumulate(dev, &dq, &dk, &mut once, reduce).unwrap();
     let got = dacc.to_host().unwrap();
-    let got2 = again.to_host().unwrap();
-    assert!(got.iter().zip(&got2).all(|(a, b)| a.to_bits() == b.to_bits()), "{path:?}: a rerun differs");
+    for (what, other) in [("a rerun", again.to_host().unwrap()), ("the one-shot call", once.to_host().unwrap())] {
+        assert!(got.iter().zip(&other).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} differs: {shape:?}");
+    }
     let g: Vec<f64> = got.iter().map(|&x| f64::from(x)).collect();
     let w: Vec<f64> = want.iter().map(|&x| f64::from(x)).collect();
-    common::assert_close(&format!("h2o accumulate {shape:?} {reduce:?} {} {path:?}", T::DTYPE), &g, &w, 1e-4, 1e-6);
+    common::assert_close(&format!("h2o accumulate {shape:?} {reduce:?} {}", T::DTYPE), &g, &w, 1e-4, 1e-6);
     got
 }
 
@@ -278,11 +264,8 @@ fn h2o_accumulate_matches_reference() {
     ];
     for (i, &shape) in shapes.iter().enumerate() {
         for reduce in [GqaReduce::Sum, GqaReduce::Max] {
-            let seed = 100 + i as u64;
-            let a = check_accumulate::<f16>(dev, shape, reduce, seed, AccumulatePath::Queued);
-            let b = check_accumulate::<f16>(dev, shape, reduce, seed, AccumulatePath::ThreeLaunch);
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "the two paths differ: {shape:?}");
-            check_accumulate::<bf16>(dev, shape, reduce, 200 + i as u64, AccumulatePath::Queued);
+            check_accumulate::<f16>(dev, shape, reduce, 100 + i as u64);
+            check_accumulate::<bf16>(dev, shape, reduce, 200 + i as u64);
         }
     }
 }
@@ -291,8 +274,8 @@ fn h2o_accumulate_matches_reference() {
 fn h2o_accumulate_is_deterministic_and_validates() {
     let dev = gpu_or_skip!("h2o_accumulate_is_deterministic_and_validates");
     let shape = AttnShape { hq: 8, hkv: 2, tq: 16, t: 3000, d: 128 };
-    let a = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7, AccumulatePath::Queued);
-    let b = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7, AccumulatePath::Queued);
+    let a = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7);
+    let b = check_accumulate::<f16>(dev, shape, GqaReduce::Sum, 7);
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "two runs differ");
     // Bad arguments: f32 inputs, unsupported D, wrong acc shape; acc stays untouched.
     let q = DeviceTensor::<f16>::zeros(dev, &[2, 1, 32]).unwrap();
@@ -397,4 +380,95 @@ fn snapkv_matches_reference() {
             assert_eq!(keep, want_keep, "snapkv select {shape:?} cap {cap} {reduce:?}");
         }
     }
+}
+
+/// A tensor whose reported shape does not match its memory (a `TensorRef` implemented
+/// outside the crate can do this): every launcher must check the length, not just the shape.
+struct Liar<'a> {
+    inner: &'a mut DeviceTensor<f32>,
+    shape: Vec<usize>,
+}
+
+impl TensorRef<f32> for Liar<'_> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn cuda_view(&self) -> ntkv::cudarc::driver::CudaView<'_, f32> {
+        self.inner.cuda_view()
+    }
+    fn alloc_stream(&self) -> &std::sync::Arc<ntkv::cudarc::driver::CudaStream> {
+        self.inner.alloc_stream()
+    }
+}
+
+impl ntkv::TensorMut<f32> for Liar<'_> {
+    fn cuda_view_mut(&mut self) -> ntkv::cudarc::driver::CudaViewMut<'_, f32> {
+        ntkv::TensorMut::cuda_view_mut(self.inner)
+    }
+}
+
+#[test]
+fn h2o_gather_checks_output_lengths_not_just_shapes() {
+    let dev = gpu_or_skip!("h2o_gather_checks_output_lengths_not_just_shapes");
+    let (hkv, t, d, budget) = (2, 10, 4, 3);
+    let kc: Vec<f32> = (0..hkv * t * d).map(|i| i as f32).collect();
+    let dk = DeviceTensor::from_host(dev, &kc, &[hkv, t, d]).unwrap();
+    let dv = DeviceTensor::from_host(dev, &kc, &[hkv, t, d]).unwrap();
+    let keep = DeviceTensor::from_host(dev, &[0u32, 1, 2, 3, 4, 5], &[hkv, budget]).unwrap();
+    // A 1-row k_out that claims to be [hkv, budget, d].
+    let mut small = DeviceTensor::<f32>::zeros(dev, &[d]).unwrap();
+    let mut k_out = Liar { inner: &mut small, shape: vec![hkv, budget, d] };
+    let mut v_out = DeviceTensor::<f32>::zeros(dev, &[hkv, budget, d]).unwrap();
+    let r = topk::h2o_gather(dev, &keep, &dk, &dv, None, &mut k_out, &mut v_out);
+    assert!(matches!(r, Err(Error::Shape { arg: "k_out", .. })), "{r:?}");
+    let mut acc_small = DeviceTensor::<f32>::zeros(dev, &[1]).unwrap();
+    let acc = DeviceTensor::<f32>::zeros(dev, &[hkv, t]).unwrap();
+    let mut acc_out = Liar { inner: &mut acc_small, shape: vec![hkv, budget] };
+    let mut k_out = DeviceTensor::<f32>::zeros(dev, &[hkv, budget, d]).unwrap();
+    let r = topk::h2o_gather(dev, &keep, &dk, &dv, Some((&acc, &mut acc_out)), &mut k_out, &mut v_out);
+    assert!(matches!(r, Err(Error::Shape { arg: "acc_out", .. })), "{r:?}");
+}
+
+#[test]
+fn topk_runs_on_borrowed_views() {
+    let dev = gpu_or_skip!("topk_runs_on_borrowed_views");
+    let mut rng = Rng::new(17);
+    // Layer 1 of a [3, 4, 5000] buffer: a view, no copy; outputs into part of a larger buffer.
+    let (rows, n, k) = (4, 5000, 77);
+    let host: Vec<f32> = (0..3 * rows * n).map(|_| rng.normal()).collect();
+    let all = DeviceTensor::from_host(dev, &host, &[3, rows, n]).unwrap();
+    let layer = TensorView::new(all.slice().slice(rows * n..2 * rows * n), &[rows, n]).unwrap();
+    let mut vals = DeviceTensor::<f32>::zeros(dev, &[2 * rows * k]).unwrap();
+    let mut idx = DeviceTensor::<u32>::zeros(dev, &[rows * k + 5]).unwrap();
+    {
+        let (mut vv, mut iv) = (vals.view_mut(), idx.view_mut());
+        let mut v = TensorViewMut::new(vv.slice_mut(rows * k..), &[rows, k]).unwrap();
+        let mut i = TensorViewMut::new(iv.slice_mut(..rows * k), &[rows, k]).unwrap();
+        plan(dev, rows, n, k).run(&layer, None, &mut v, &mut i).unwrap();
+    }
+    let (want_v, want_i) = cpu::topk(&host[rows * n..2 * rows * n], rows, n, k, None).unwrap();
+    assert_eq!(idx.to_host().unwrap()[..rows * k], want_i[..]);
+    assert_eq!(vals.to_host().unwrap()[rows * k..], want_v[..]);
+}
+
+#[test]
+fn misaligned_views_are_loaded_safely_or_refused() {
+    let dev = gpu_or_skip!("misaligned_views_are_loaded_safely_or_refused");
+    let mut rng = Rng::new(18);
+    // Top-k rows that start one element past a 16-byte boundary: the vector loads must not
+    // be used (or fault); the result is still exact.
+    let (rows, n, k) = (3, 4096, 100);
+    let host: Vec<f32> = (0..rows * n + 1).map(|_| rng.normal()).collect();
+    let all = DeviceTensor::from_host(dev, &host, &[rows * n + 1]).unwrap();
+    let view = TensorView::new(all.slice().slice(1..), &[rows, n]).unwrap();
+    let (_, gi) = topk::topk(dev, &view, k, None).unwrap();
+    assert_eq!(gi.to_host().unwrap(), cpu::topk(&host[1..], rows, n, k, None).unwrap().1);
+    // The accumulation loads 16-bit pairs as words: a view at an odd f16 offset is refused.
+    let shape = AttnShape { hq: 1, hkv: 1, tq: 1, t: 8, d: 64 };
+    let qs = DeviceTensor::<f16>::zeros(dev, &[65]).unwrap();
+    let q = TensorView::new(qs.slice().slice(1..), &[1, 1, 64]).unwrap();
+    let kc = DeviceTensor::<f16>::zeros(dev, &[1, 8, 64]).unwrap();
+    let mut acc = DeviceTensor::<f32>::zeros(dev, &[1, 8]).unwrap();
+    let r = topk::h2o_accumulate(dev, &q, &kc, &mut acc, GqaReduce::Sum);
+    assert!(matches!(r, Err(Error::InvalidArgument { arg: "q", .. })), "{shape:?}: {r:?}");
 }

@@ -1,16 +1,19 @@
-//! Top-k, H2O and SnapKV cases (ANCHORS: top-k rows, H2O accumulate + select, SnapKV).
+//! Top-k, H2O and SnapKV cases: the top-k rows of the family's bars, one H2O step
+//! (accumulate + select) and one SnapKV selection.
 //!
 //! The op, shape and dtype strings are the join keys with tools/peers/topk.py.
 use half::{bf16, f16};
 use ntkv::rng::Rng;
-use ntkv::topk::{self, cpu, AttnShape, GqaReduce, H2oPlan, SnapKvPlan, TopkPlan};
+use ntkv::topk::{
+    self, cpu, AttnShape, GqaReduce, H2oOptions, H2oPlan, SnapKvOptions, SnapKvPlan, TopkOptions, TopkPlan, TopkShape,
+};
 use ntkv::{DType, Device, DeviceTensor, Float};
 
 use crate::harness::{Bench, Work};
 
 const FAMILY: &str = "topk";
 
-/// The top-k shapes of the bars and ANCHORS: (rows, n, k, dtype).
+/// The top-k shapes of the family's bars: (rows, n, k, dtype).
 const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
     (32, 131072, 2048, DType::F32),
     (32, 131072, 2048, DType::F16),
@@ -58,12 +61,12 @@ fn time_topk<T: Float>(b: &mut Bench, dev: &Device, rows: usize, n: usize, k: us
             DeviceTensor::from_host(dev, &host, &[rows, n])
         })
         .collect::<ntkv::Result<_>>()?;
-    let mut plan = TopkPlan::new(dev, rows, n, k)?;
+    let mut plan = TopkPlan::new(dev, &TopkShape { rows, n, k }, TopkOptions::default())?;
     let mut values = DeviceTensor::<T>::zeros(dev, &[rows, k])?;
     let mut indices = DeviceTensor::<u32>::zeros(dev, &[rows, k])?;
     let bytes = (rows * n * T::DTYPE.size() + rows * k * (T::DTYPE.size() + 4)) as f64;
     b.gpu(FAMILY, "topk", &topk_shape(rows, n, k), T::DTYPE.name(), Work::bytes(bytes), |i| {
-        plan.run(dev, &inputs[i % copies], None, &mut values, &mut indices)
+        plan.run(&inputs[i % copies], None, &mut values, &mut indices)
     })
 }
 
@@ -86,13 +89,13 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let dk = DeviceTensor::from_host(dev, &k, &[s.hkv, s.t, s.d])?;
         let mut acc = DeviceTensor::<f32>::zeros(dev, &[s.hkv, s.t])?;
         let mut keep = DeviceTensor::<u32>::zeros(dev, &[s.hkv, budget])?;
-        let mut plan = H2oPlan::new(dev, s, GqaReduce::Sum, budget, recent)?;
+        let mut plan = H2oPlan::new(dev, &s, H2oOptions { reduce: GqaReduce::Sum, budget, recent })?;
         // Minimum traffic: K once, q once, acc read and written, keep written.
         let bytes = (s.hkv * s.t * s.d * 2 + s.hq * s.tq * s.d * 2 + s.hkv * s.t * 8 + s.hkv * budget * 4) as f64;
         let flops = (2 * s.hq * s.tq * s.t * s.d) as f64;
         b.gpu(FAMILY, "h2o_accumulate_select", &h2o_shape(s, budget, recent), "f16", Work { bytes, flops }, |_| {
-            plan.accumulate(dev, &dq, &dk, &mut acc)?;
-            plan.select(dev, &acc, &mut keep)
+            plan.accumulate(&dq, &dk, &mut acc)?;
+            plan.select(&acc, &mut keep)
         })?;
     }
     if b.wants(FAMILY, "snapkv_select") {
@@ -102,11 +105,11 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let dq = DeviceTensor::from_host(dev, &q, &[s.hq, s.tq, s.d])?;
         let dk = DeviceTensor::from_host(dev, &k, &[s.hkv, s.t, s.d])?;
         let mut keep = DeviceTensor::<u32>::zeros(dev, &[s.hkv, capacity])?;
-        let mut plan = SnapKvPlan::new(dev, s, capacity, GqaReduce::Sum)?;
+        let mut plan = SnapKvPlan::new(dev, &s, SnapKvOptions { capacity, reduce: GqaReduce::Sum })?;
         let bytes = (s.hkv * s.t * s.d * 2 + s.hq * s.tq * s.d * 2 + s.hkv * capacity * 4) as f64;
         let flops = (2 * s.hq * s.tq * s.t * s.d) as f64;
         b.gpu(FAMILY, "snapkv_select", &snapkv_shape(s, capacity), "f16", Work { bytes, flops }, |_| {
-            plan.select(dev, &dq, &dk, &mut keep)
+            plan.select(&dq, &dk, &mut keep)
         })?;
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! CPU references for top-k, H2O and SnapKV (SPEC §2), written for clarity, not speed.
+//! CPU references for top-k, H2O and SnapKV, written for clarity, not speed.
 //!
 //! Top-k is exact and shares the GPU's ranking key bit for bit, so the differential tests
 //! compare indices with `==`. The attention masses accumulate in `f64`.
@@ -6,58 +6,9 @@
 use crate::error::{Error, Result};
 use crate::tensor::Float;
 
-use super::{validate_compact, validate_select, validate_topk, AttnShape, GqaReduce};
+use super::{validate_compact, validate_select, AttnShape, GqaReduce};
 
-/// The ranking key of a score: larger numbers give larger keys, `-0.0` and `+0.0` give the
-/// same key (they tie, so the lower index wins), and every NaN gives 0, below `-inf`.
-/// It is the same function as the kernels' `rank_key`.
-pub fn rank_key(x: f32) -> u32 {
-    if x.is_nan() {
-        return 0;
-    }
-    let x = if x == 0.0 { 0.0f32 } else { x };
-    let u = x.to_bits();
-    if u & 0x8000_0000 != 0 {
-        !u
-    } else {
-        u | 0x8000_0000
-    }
-}
-
-/// Top-`k` of every row of `scores [rows, n]`, limited to `lengths[r]` elements per row.
-///
-/// Returns `(values [rows, k], indices [rows, k])`: descending by value, ties by ascending
-/// index, NaN below every number; slots past a row's length hold `u32::MAX` and `-inf`.
-///
-/// # Errors
-/// As [`super::validate_topk`], and [`Error::Shape`] when `scores.len() != rows * n`.
-pub fn topk<T: Float>(
-    scores: &[T],
-    rows: usize,
-    n: usize,
-    k: usize,
-    lengths: Option<&[u32]>,
-) -> Result<(Vec<T>, Vec<u32>)> {
-    validate_topk(rows, n, k, lengths)?;
-    if scores.len() != rows * n {
-        return Err(Error::shape("scores", &[rows, n], &[scores.len()]));
-    }
-    let mut values = vec![T::from_f32(f32::NEG_INFINITY); rows * k];
-    let mut indices = vec![u32::MAX; rows * k];
-    for r in 0..rows {
-        let len = lengths.map_or(n, |l| l[r] as usize);
-        let row = &scores[r * n..r * n + len];
-        let mut order: Vec<(u32, u32)> =
-            row.iter().enumerate().map(|(i, x)| (rank_key(x.to_f32()), i as u32)).collect();
-        // Descending key, then ascending index.
-        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (slot, &(_, i)) in order.iter().take(k).enumerate() {
-            values[r * k + slot] = row[i as usize];
-            indices[r * k + slot] = i;
-        }
-    }
-    Ok((values, indices))
-}
+pub use crate::select::cpu::{rank_key, topk};
 
 /// The attention mass each key receives, reduced over the GQA group: `[hkv, t]` in `f64`.
 ///
@@ -118,6 +69,7 @@ pub fn attention_mass<T: Float>(q: &[T], k: &[T], shape: AttnShape, reduce: GqaR
 /// # Errors
 /// As [`AttnShape::validate`], and [`Error::Shape`] for a buffer of the wrong length.
 pub fn h2o_accumulate<T: Float>(q: &[T], k: &[T], acc: &mut [f32], shape: AttnShape, reduce: GqaReduce) -> Result<()> {
+    shape.validate()?;
     if acc.len() != shape.hkv * shape.t {
         return Err(Error::shape("acc", &[shape.hkv, shape.t], &[acc.len()]));
     }
@@ -212,23 +164,28 @@ pub fn snapkv_votes<T: Float>(q_window: &[T], k: &[T], shape: AttnShape, reduce:
 
 /// 1-D average pooling of each row of `x [rows, n]`: kernel 5, stride 1, zero padding 2,
 /// padding counted (always divides by 5).
-pub fn pool5(x: &[f64], rows: usize, n: usize) -> Vec<f64> {
-    let mut out = vec![0.0; rows * n];
-    for r in 0..rows {
-        for j in 0..n {
+///
+/// # Errors
+/// [`Error::Shape`] naming `x` when `x.len() != rows · n`.
+pub fn pool5(x: &[f64], rows: usize, n: usize) -> Result<Vec<f64>> {
+    if Some(x.len()) != rows.checked_mul(n) {
+        return Err(Error::shape("x", &[rows, n], &[x.len()]));
+    }
+    let mut out = vec![0.0; x.len()];
+    for (row, o) in x.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(n.max(1))) {
+        for (j, oj) in o.iter_mut().enumerate() {
             let lo = j.saturating_sub(2);
-            let hi = (j + 2).min(n.saturating_sub(1));
-            let s: f64 = x[r * n + lo..=r * n + hi].iter().sum();
-            out[r * n + j] = s / 5.0;
+            let hi = (j + 2).min(n - 1);
+            *oj = row[lo..=hi].iter().sum::<f64>() / 5.0;
         }
     }
-    out
+    Ok(out)
 }
 
 /// SnapKV pooled scores `[hkv, t − w]` in `f32`: [`pool5`] of [`snapkv_votes`].
 pub fn snapkv_scores<T: Float>(q_window: &[T], k: &[T], shape: AttnShape, reduce: GqaReduce) -> Result<Vec<f32>> {
     let votes = snapkv_votes(q_window, k, shape, reduce)?;
-    Ok(pool5(&votes, shape.hkv, shape.t - shape.tq).into_iter().map(|v| v as f32).collect())
+    Ok(pool5(&votes, shape.hkv, shape.t - shape.tq)?.into_iter().map(|v| v as f32).collect())
 }
 
 /// SnapKV keep list from pooled scores `[hkv, t − w]`: the top-`(capacity − w)` older tokens,

@@ -1,4 +1,4 @@
-//! Exact top-k selection and heavy-hitter eviction (H2O, SnapKV) on the GPU (SPEC §2).
+//! Exact top-k selection and heavy-hitter eviction (H2O, SnapKV) on the GPU.
 //!
 //! # Top-k
 //! [`topk`] (or a reusable [`TopkPlan`]) takes the largest `k` of every row of `scores [R, N]`
@@ -9,66 +9,74 @@
 //! - when `k` exceeds a row's length, the extra slots hold index `u32::MAX` and value `-inf`;
 //! - `1 ≤ k ≤ 16384` ([`MAX_K`]), `1 ≤ N ≤ 2^24` ([`MAX_N`]), any number of rows.
 //!
-//! The GPU path is a radix select on the 32-bit order-preserving key (a 12-bit histogram
-//! pass over the row, then 8-bit passes over the few candidates left in the threshold bucket,
-//! on the composite `key · 2^24 + (2^24 − 1 − index)` so that ties resolve by index), followed by
-//! a bitonic sort of the `k` selected elements in shared memory. No row is ever sorted whole.
-//! With at least one row per SM, one block per row does the whole selection in one launch;
-//! with fewer, longer rows, many blocks share each row's histogram and filter passes and a
-//! third launch finishes each row ([`TopkLayout::choose`]). The selected set and the
-//! output order are exact: the indices equal the CPU reference's ([`cpu::topk`]) bit for bit.
+//! The selected set and the output order are exact: the indices equal the CPU reference's
+//! ([`cpu::topk`]) bit for bit, and so do the values. The top-k is the shared
+//! [`crate::select`] primitive (a radix select; see there for the algorithm and for top-k
+//! over ragged segments and the expansion of selected blocks into token lists).
 //!
 //! # H2O
-//! - [`h2o_accumulate`]: `acc[hkv, j] += reduce_group(Σ_i softmax_j(q_i · k_j / √D))` for a
-//!   block of `Tq` new queries `q [Hq, Tq, D]` at global positions `T − Tq .. T` (causal) over
-//!   the keys `k [Hkv, T, D]`; `q` and `k` are `f16` or `bf16` (the same), `D ∈ {64, 128, 256}`,
-//!   `acc [Hkv, T]` is `f32`. Two passes with tensor-core MMAs; the `Tq × T` probabilities
-//!   never reach memory, and each `acc` element has one writer (deterministic).
-//! - [`h2o_select`]: the keep list `[Hkv, budget]`, ascending: the top-`(budget − recent)` of
-//!   `acc` over the older tokens `0 .. T − recent`, then the last `recent` tokens.
-//! - [`h2o_compact`]: gathers `K`, `V` and `acc` rows by the keep list, in place (each head's
-//!   kept rows move to its front); [`h2o_gather`] gathers them into packed `[Hkv, budget, D]`
-//!   caches instead.
+//! - [`H2oPlan::accumulate`] (or [`h2o_accumulate`]): `acc[hkv, j] += reduce_group(Σ_i
+//!   softmax_j(q_i · k_j / √D))` for a block of `Tq` new queries `q [Hq, Tq, D]` at global
+//!   positions `T − Tq .. T` (causal: query `i` sees keys `j ≤ T − Tq + i`) over the keys
+//!   `k [Hkv, T, D]`; `q` and `k` are `f16` or `bf16` (the same), `D ∈ {64, 128, 256}`,
+//!   `acc [Hkv, T]` is `f32`. The scores `q · k` come from tensor cores in `f32`, the softmax
+//!   is in `f32`; the result is within a relative `1e-4` (plus `1e-6` absolute) of the
+//!   `f64` reference [`cpu::h2o_accumulate`], and the same bits on every run. Three launches
+//!   (per-tile softmax statistics, a fixed-order merge, the probabilities); the `Tq × T`
+//!   probabilities never reach memory, no block waits for another, and each `acc` element
+//!   has one writer.
+//! - [`H2oPlan::select`] (or [`h2o_select`]): the keep list `[Hkv, budget]`, ascending: the
+//!   top-`(budget − recent)` of `acc` over the older tokens `0 .. T − recent` (ties by lower
+//!   index, NaN lowest), then the last `recent` tokens. Exact.
+//! - [`H2oPlan::compact`] (or [`h2o_compact`]): gathers `K`, `V` and `acc` rows by the keep
+//!   list, in place (each head's kept rows move to its front); [`h2o_gather`] gathers them
+//!   into packed `[Hkv, budget, D]` caches instead. Both check the keep list on the device
+//!   first (strictly ascending rows, entries below `T`; the first bad entry is reported from
+//!   a 64-bit flag) and write nothing when it is bad.
 //!
 //! # SnapKV
-//! [`snapkv_scores`] and [`snapkv_select`]: the observation window's attention votes for the
-//! older tokens, average-pooled (kernel 5, zero padding 2, padding counted), then the
-//! top-`(capacity − W)` older tokens plus the window, ascending.
+//! [`SnapKvPlan`], [`snapkv_scores`] and [`snapkv_select`]: the observation window's
+//! attention votes for the older tokens, average-pooled (kernel 5, zero padding 2, padding
+//! counted), then the top-`(capacity − W)` older tokens plus the window, ascending.
 //!
 //! # Plans
-//! [`TopkPlan`], [`H2oPlan`], [`SnapKvPlan`] and [`EvictionPlan`] validate a shape once,
-//! choose the kernel layout and own the device scratch, so a decode loop pays for neither
-//! again; the free functions build a plan per call.
+//! [`TopkPlan`], [`H2oPlan`] and [`SnapKvPlan`] validate a shape once, choose the kernel
+//! layout, load the kernels, own the device scratch and store their device, so a decode loop
+//! pays for none of that again; a run takes only tensors (any [`TensorRef`] / [`TensorMut`],
+//! owned or borrowed views), checks each one's device, shape and length, and launches. The
+//! free functions build a plan per call.
 //!
 //! # Errors
 //! Every argument is checked before any launch (see the `validate_*` functions); a bad one
-//! returns an error naming it and nothing is written.
+//! returns an error naming it and nothing is written. [`Error::DeviceMismatch`] for a tensor
+//! of another device. No validator, reference or accessor panics on any argument.
 //!
 //! # Example
 //! ```no_run
 //! use half::f16;
-//! use ntkv::topk::{self, AttnShape, GqaReduce, H2oPlan};
+//! use ntkv::topk::{self, AttnShape, GqaReduce, H2oOptions, H2oPlan};
 //! use ntkv::{Device, DeviceTensor};
 //!
 //! # fn main() -> ntkv::Result<()> {
-//! let dev = Device::new(0)?;
+//! let device = Device::new(0)?;
 //! // Top-16 of each of 4 rows of 1000 scores.
-//! let scores = DeviceTensor::from_host(&dev, &vec![0.5f32; 4 * 1000], &[4, 1000])?;
-//! let (values, indices) = topk::topk(&dev, &scores, 16, None)?;
+//! let scores = DeviceTensor::from_host(&device, &vec![0.5f32; 4 * 1000], &[4, 1000])?;
+//! let (values, indices) = topk::topk(&device, &scores, 16, None)?;
 //! assert_eq!(indices.to_host()?[..3], [0, 1, 2]); // all tied: the lowest indices win
 //! # let _ = values;
 //!
 //! // One H2O step: 16 new queries of 32 heads over an 8-kv-head cache of 4096 tokens.
 //! let shape = AttnShape { hq: 32, hkv: 8, tq: 16, t: 4096, d: 128 };
-//! let q = DeviceTensor::<f16>::zeros(&dev, &[32, 16, 128])?;
-//! let mut k = DeviceTensor::<f16>::zeros(&dev, &[8, 4096, 128])?;
-//! let mut v = DeviceTensor::<f16>::zeros(&dev, &[8, 4096, 128])?;
-//! let mut acc = DeviceTensor::<f32>::zeros(&dev, &[8, 4096])?;
-//! let mut plan = H2oPlan::new(&dev, shape, GqaReduce::Sum, 1024, 64)?;
-//! let mut keep = DeviceTensor::<u32>::zeros(&dev, &[8, 1024])?;
-//! plan.accumulate(&dev, &q, &k, &mut acc)?;
-//! plan.select(&dev, &acc, &mut keep)?;
-//! topk::h2o_compact(&dev, &keep, &mut k, &mut v, Some(&mut acc))?;
+//! let q = DeviceTensor::<f16>::zeros(&device, &[32, 16, 128])?;
+//! let mut k = DeviceTensor::<f16>::zeros(&device, &[8, 4096, 128])?;
+//! let mut v = DeviceTensor::<f16>::zeros(&device, &[8, 4096, 128])?;
+//! let mut acc = DeviceTensor::<f32>::zeros(&device, &[8, 4096])?;
+//! let options = H2oOptions { reduce: GqaReduce::Sum, budget: 1024, recent: 64 };
+//! let mut plan = H2oPlan::new(&device, &shape, options)?;
+//! let mut keep = DeviceTensor::<u32>::zeros(&device, &[8, 1024])?;
+//! plan.accumulate(&q, &k, &mut acc)?;
+//! plan.select(&acc, &mut keep)?;
+//! plan.compact(&keep, &mut k, &mut v, Some(&mut acc))?;
 //! # Ok(())
 //! # }
 //! ```
@@ -77,37 +85,13 @@ pub mod cpu;
 pub(crate) mod gpu;
 
 use crate::device::Device;
-use crate::error::{check_shape, Error, Result};
-use crate::tensor::{DeviceTensor, Float};
+use crate::error::{check_shape, checked_mul, Error, Result};
+use crate::select::gpu::check_buf;
+use crate::tensor::{DeviceTensor, Float, TensorMut, TensorRef};
 
-pub use gpu::{AttnScratch, EvictionPlan, TopkPlan};
-
-/// [`h2o_accumulate`] with a caller's [`AttnScratch`] (which also selects the kernel path).
-///
-/// # Errors
-/// [`Error::Shape`] for tensors that do not match the scratch's shape; as [`h2o_accumulate`].
-pub fn h2o_accumulate_with<T: Float>(
-    device: &Device,
-    scratch: &mut AttnScratch,
-    q: &DeviceTensor<T>,
-    k: &DeviceTensor<T>,
-    acc: &mut DeviceTensor<f32>,
-    reduce: GqaReduce,
-) -> Result<()> {
-    let s = scratch.shape();
-    check_shape("q", &[s.hq, s.tq, s.d], q.shape())?;
-    check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
-    check_shape("acc", &[s.hkv, s.t], acc.shape())?;
-    gpu::check_attn_support(s, T::DTYPE)?;
-    gpu::accumulate(device, scratch, q.slice(), k.slice(), acc.slice_mut(), reduce, false)
-}
-
-/// The largest `k` the top-k accepts.
-pub const MAX_K: usize = 16384;
-/// The longest row the top-k accepts (indices use 24 bits inside the kernels).
-pub const MAX_N: usize = 1 << 24;
-/// The most scratch memory a [`TopkPlan`] allocates; larger problems run in row batches.
-pub const TOPK_WORKSPACE_BYTES: usize = 256 << 20;
+pub use crate::select::{
+    validate_topk, TopkLayout, TopkOptions, TopkOrder, TopkPlan, TopkShape, MAX_K, MAX_N, TOPK_WORKSPACE_BYTES,
+};
 
 /// How the attention mass of a GQA group's query heads is reduced to their kv head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,35 +100,6 @@ pub enum GqaReduce {
     Sum,
     /// Maximum over the group's query heads.
     Max,
-}
-
-/// Which kernels run the H2O / SnapKV accumulation. Both compute the same f32 operations in
-/// the same order, so they give the same bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AccumulatePath {
-    /// One launch (the default): work items are ordered so that pass 2 of a kv head follows
-    /// pass 1 closely and re-reads its keys from L2, not DRAM. A kv head's pass-2 blocks wait
-    /// (spin) for its statistics, which only earlier-started blocks produce.
-    Queued,
-    /// Three launches: pass 1 over all heads, the statistics merge, pass 2 over all heads.
-    /// Simpler, with no inter-block waiting; reads the keys from DRAM twice for long caches.
-    ThreeLaunch,
-}
-
-/// The order of the queued accumulation's segments for `hkv` kv heads: entry `h` is pass 1 of
-/// head `h`, entry `h | 1 << 31` its pass 2; pass 2 of head `h` comes after pass 1 of head
-/// `h + lag` (or of the last head). Every pass 1 precedes its own pass 2.
-pub fn queue_order(hkv: usize, lag: usize) -> Vec<u32> {
-    let mut order = Vec::with_capacity(2 * hkv);
-    for s in 0..hkv + lag {
-        if s < hkv {
-            order.push(s as u32);
-        }
-        if s >= lag && s - lag < hkv {
-            order.push((s - lag) as u32 | 1 << 31);
-        }
-    }
-    order
 }
 
 /// The shape of an attention-score accumulation: `q [hq, tq, d]` over `k [hkv, t, d]`.
@@ -212,36 +167,6 @@ impl AttnShape {
     }
 }
 
-/// Checks top-k arguments: `rows ≥ 1`, `1 ≤ n ≤ 2^24`, `1 ≤ k ≤ 16384`, and `lengths`, when
-/// given, holds `rows` values each `≤ n`.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] naming `scores`, `k` or `lengths`; [`Error::Shape`] for
-/// `lengths` of the wrong length; [`Error::TooLarge`] for `n > 2^24`.
-pub fn validate_topk(rows: usize, n: usize, k: usize, lengths: Option<&[u32]>) -> Result<()> {
-    if rows == 0 || n == 0 {
-        return Err(Error::invalid("scores", format!("shape [{rows}, {n}] is empty")));
-    }
-    if n > MAX_N {
-        return Err(Error::too_large("scores", format!("rows of {n} elements; at most {MAX_N}")));
-    }
-    if k == 0 {
-        return Err(Error::invalid("k", "k must be at least 1"));
-    }
-    if k > MAX_K {
-        return Err(Error::invalid("k", format!("k = {k} exceeds the maximum {MAX_K}")));
-    }
-    if let Some(l) = lengths {
-        if l.len() != rows {
-            return Err(Error::shape("lengths", &[rows], &[l.len()]));
-        }
-        if let Some((r, &v)) = l.iter().enumerate().find(|&(_, &v)| v as usize > n) {
-            return Err(Error::invalid("lengths", format!("lengths[{r}] = {v} exceeds the row length {n}")));
-        }
-    }
-    Ok(())
-}
-
 /// Checks an eviction budget: `rows ≥ 1`, `1 ≤ t ≤ 2^24`, `recent ≤ budget ≤ t`, `budget ≥ 1`
 /// and `budget − recent ≤ 16384`. `recent_name` is the argument's name (`recent` for H2O,
 /// `window` for SnapKV).
@@ -302,10 +227,11 @@ pub fn validate_compact(
     if budget > t {
         return Err(Error::invalid("keep", format!("{budget} entries per head exceed the cache length {t}")));
     }
-    if k_len != hkv * t * d {
+    let cache = checked_mul("k_cache", checked_mul("k_cache", hkv, t)?, d)?;
+    if k_len != cache {
         return Err(Error::shape("k_cache", &[hkv, t, d], &[k_len]));
     }
-    if v_len != hkv * t * d {
+    if v_len != cache {
         return Err(Error::shape("v_cache", &[hkv, t, d], &[v_len]));
     }
     if let Some(a) = acc_len {
@@ -316,70 +242,41 @@ pub fn validate_compact(
     Ok(budget)
 }
 
-/// How the GPU top-k splits its work; chosen once per shape by [`TopkLayout::choose`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TopkLayout {
-    /// Blocks that share one row in the histogram and filter passes. 1 selects the fused
-    /// path: one block per row does the whole selection in a single launch.
-    pub blocks_per_row: usize,
-    /// Elements of a row per block (a multiple of 2048).
-    pub chunk: usize,
-    /// Rows per launch batch (bounded by [`TOPK_WORKSPACE_BYTES`] and the grid's y limit).
-    pub rows_per_batch: usize,
-    /// The shared-memory sort size: the power of two `≥ k`.
-    pub kpad: usize,
-}
-
-impl TopkLayout {
-    /// Chooses the split for `rows × n`, top-`k`, on a device with `sm_count` SMs. With at
-    /// least one row per SM (or rows of at most 4096), each row gets one block that does
-    /// everything in one launch. Otherwise rows are split so that about four blocks per SM
-    /// share the histogram and filter passes (never fewer than 4096 elements a block), and a
-    /// third launch finishes each row.
-    pub fn choose(rows: usize, n: usize, k: usize, sm_count: usize) -> Self {
-        let kpad = k.max(1).next_power_of_two();
-        let per_row_bytes = (n + k + 4096 + 8) * 4;
-        let rows_per_batch = (TOPK_WORKSPACE_BYTES / per_row_bytes).clamp(1, rows.clamp(1, 65535));
-        let target_blocks = 4 * sm_count.max(1);
-        let max_bpr = n.div_ceil(4096).max(1);
-        // With at least one row per SM, one (fused) block per row fills the device.
-        let bpr = if rows_per_batch >= sm_count.max(1) {
-            1
-        } else {
-            target_blocks.div_ceil(rows_per_batch).clamp(1, max_bpr)
-        };
-        let chunk = n.div_ceil(bpr).div_ceil(2048).max(1) * 2048;
-        let blocks_per_row = n.div_ceil(chunk).max(1);
-        TopkLayout { blocks_per_row, chunk, rows_per_batch, kpad }
-    }
-
-    /// Bytes of device scratch the layout needs for rows of `n` and top-`k`.
-    pub fn workspace_bytes(&self, n: usize, k: usize) -> usize {
-        self.rows_per_batch * (n + k + 4096 + 8) * 4
-    }
-}
-
 /// Top-`k` of every row of `scores [R, N]` on the GPU; returns `(values [R, k], indices [R, k])`.
 ///
 /// `lengths` (host, `[R]`, each `≤ N`) limits each row; it is validated on the host, which is
-/// why it is a host slice. See the module docs for the order, ties and NaN. This allocates a
-/// [`TopkPlan`] and the outputs; reuse a plan to avoid that.
+/// why it is a host slice. See the module docs for the order, ties, NaN and padding. This
+/// builds a [`TopkPlan`] and the outputs; reuse a plan to avoid that.
 ///
 /// # Errors
-/// As [`validate_topk`]; [`Error::Shape`] when `scores` is not 2-D; driver errors.
+/// As [`validate_topk`]; [`Error::Shape`] when `scores` is not 2-D; [`Error::DeviceMismatch`]
+/// when `scores` lives on another device; driver errors.
 pub fn topk<T: Float>(
     device: &Device,
-    scores: &DeviceTensor<T>,
+    scores: &impl TensorRef<T>,
     k: usize,
     lengths: Option<&[u32]>,
 ) -> Result<(DeviceTensor<T>, DeviceTensor<u32>)> {
     let &[rows, n] = scores.shape() else { return Err(Error::shape("scores", &[0, 0], scores.shape())) };
     validate_topk(rows, n, k, lengths)?;
-    let mut plan = TopkPlan::new(device, rows, n, k)?;
+    device.check_tensor("scores", scores)?;
+    let mut plan = TopkPlan::new(device, &TopkShape { rows, n, k }, TopkOptions::default())?;
     let mut values = DeviceTensor::<T>::zeros(device, &[rows, k])?;
     let mut indices = DeviceTensor::<u32>::zeros(device, &[rows, k])?;
-    plan.run(device, scores, lengths, &mut values, &mut indices)?;
+    plan.run(scores, lengths, &mut values, &mut indices)?;
     Ok((values, indices))
+}
+
+/// The buffers of an attention accumulation, checked against `s` and `device`.
+fn check_attn_bufs<T: Float>(
+    device: &Device,
+    s: AttnShape,
+    (q_name, q): (&'static str, &impl TensorRef<T>),
+    k: &impl TensorRef<T>,
+) -> Result<()> {
+    check_buf(device, q_name, q, &[s.hq, s.tq, s.d])?;
+    check_buf(device, "k", k, &[s.hkv, s.t, s.d])?;
+    gpu::check_attn_support(s, T::DTYPE)
 }
 
 /// H2O score accumulation on the GPU: `acc[hkv, j] += reduce(Σ_i softmax_j(q_i·k_j/√D))`.
@@ -389,24 +286,23 @@ pub fn topk<T: Float>(
 /// - `acc [Hkv, T]` `f32`: the running heavy-hitter scores, updated in place.
 /// - `D ∈ {64, 128, 256}`; `Hq % Hkv == 0`; `Tq ≤ T`.
 ///
-/// Scores are computed in `f32` from the 16-bit inputs (tensor cores), the softmax in `f32`.
-/// This allocates an [`AttnScratch`]; [`H2oPlan`] reuses one.
+/// See the module docs for the precision. This allocates the scratch; [`H2oPlan`] reuses it.
 ///
 /// # Errors
-/// As [`AttnShape::validate`]; [`Error::InvalidArgument`] for an `f32` dtype or another `D`;
-/// [`Error::Shape`] for `acc`.
+/// As [`AttnShape::validate`]; [`Error::InvalidArgument`] naming `q` for an `f32` dtype or
+/// another `D`; [`Error::Shape`] for `acc`; [`Error::DeviceMismatch`].
 pub fn h2o_accumulate<T: Float>(
     device: &Device,
-    q: &DeviceTensor<T>,
-    k: &DeviceTensor<T>,
-    acc: &mut DeviceTensor<f32>,
+    q: &impl TensorRef<T>,
+    k: &impl TensorRef<T>,
+    acc: &mut impl TensorMut<f32>,
     reduce: GqaReduce,
 ) -> Result<()> {
     let shape = AttnShape::from_shapes(q.shape(), k.shape())?;
-    check_shape("acc", &[shape.hkv, shape.t], acc.shape())?;
-    gpu::check_attn_support(shape, T::DTYPE)?;
-    let mut scratch = AttnScratch::new(device, shape)?;
-    gpu::accumulate(device, &mut scratch, q.slice(), k.slice(), acc.slice_mut(), reduce, false)
+    check_attn_bufs(device, shape, ("q", q), k)?;
+    check_buf(device, "acc", acc, &[shape.hkv, shape.t])?;
+    let mut scratch = gpu::AttnScratch::new(device, shape)?;
+    gpu::accumulate(device, &mut scratch, &q.cuda_view(), &k.cuda_view(), &mut acc.cuda_view_mut(), reduce, false)
 }
 
 /// H2O eviction list on the GPU: per kv head, the top-`(budget − recent)` of `acc [Hkv, T]`
@@ -414,62 +310,130 @@ pub fn h2o_accumulate<T: Float>(
 /// last `recent` tokens. Returns `keep [Hkv, budget]` (`u32`, each row strictly ascending).
 ///
 /// # Errors
-/// As [`validate_select`]; [`Error::Shape`] when `acc` is not 2-D.
-pub fn h2o_select(device: &Device, acc: &DeviceTensor<f32>, budget: usize, recent: usize) -> Result<DeviceTensor<u32>> {
+/// As [`validate_select`]; [`Error::Shape`] when `acc` is not 2-D; [`Error::DeviceMismatch`].
+pub fn h2o_select(
+    device: &Device,
+    acc: &impl TensorRef<f32>,
+    budget: usize,
+    recent: usize,
+) -> Result<DeviceTensor<u32>> {
     let &[hkv, t] = acc.shape() else { return Err(Error::shape("acc", &[0, 0], acc.shape())) };
-    let mut plan = EvictionPlan::h2o(device, hkv, t, budget, recent)?;
+    let mut plan = gpu::EvictionPlan::h2o(device, hkv, t, budget, recent)?;
+    check_buf(device, "acc", acc, &plan.scores_shape())?;
     let mut keep = DeviceTensor::<u32>::zeros(device, &[hkv, budget])?;
-    plan.select(device, acc, &mut keep)?;
+    plan.run(Some(&acc.cuda_view()), &mut keep.cuda_view_mut())?;
     Ok(keep)
+}
+
+/// The options of an [`H2oPlan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct H2oOptions {
+    /// How the group's query heads are reduced to their kv head.
+    pub reduce: GqaReduce,
+    /// Tokens kept per kv head (`recent ≤ budget ≤ T`, `budget − recent ≤ 16384`).
+    pub budget: usize,
+    /// The last tokens always kept.
+    pub recent: usize,
 }
 
 /// A reusable H2O step for one shape: accumulation scratch plus the eviction selection.
 #[derive(Debug)]
 pub struct H2oPlan {
+    device: Device,
     shape: AttnShape,
-    reduce: GqaReduce,
-    scratch: AttnScratch,
-    evict: EvictionPlan,
+    options: H2oOptions,
+    scratch: gpu::AttnScratch,
+    evict: gpu::EvictionPlan,
 }
 
 impl H2oPlan {
     /// Validates `shape` (see [`h2o_accumulate`]) and the budget (see [`validate_select`]),
-    /// and allocates the scratch of both steps.
+    /// loads the kernels and allocates the scratch of both steps.
     ///
     /// # Errors
     /// As [`AttnShape::validate`] and [`validate_select`]; driver errors.
-    pub fn new(device: &Device, shape: AttnShape, reduce: GqaReduce, budget: usize, recent: usize) -> Result<Self> {
+    pub fn new(device: &Device, shape: &AttnShape, options: H2oOptions) -> Result<Self> {
         shape.validate()?;
-        let evict = EvictionPlan::h2o(device, shape.hkv, shape.t, budget, recent)?;
-        Ok(H2oPlan { shape, reduce, scratch: AttnScratch::new(device, shape)?, evict })
+        let evict = gpu::EvictionPlan::h2o(device, shape.hkv, shape.t, options.budget, options.recent)?;
+        let scratch = gpu::AttnScratch::new(device, *shape)?;
+        Ok(H2oPlan { device: device.clone(), shape: *shape, options, scratch, evict })
+    }
+
+    /// The shape this plan serves.
+    pub fn shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    /// The options this plan was built with.
+    pub fn options(&self) -> H2oOptions {
+        self.options
     }
 
     /// [`h2o_accumulate`] with this plan's scratch.
     ///
     /// # Errors
-    /// [`Error::Shape`] for tensors of another shape; as [`h2o_accumulate`].
+    /// [`Error::Shape`] for tensors of another shape or length; [`Error::DeviceMismatch`];
+    /// as [`h2o_accumulate`].
     pub fn accumulate<T: Float>(
         &mut self,
-        device: &Device,
-        q: &DeviceTensor<T>,
-        k: &DeviceTensor<T>,
-        acc: &mut DeviceTensor<f32>,
+        q: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
+        acc: &mut impl TensorMut<f32>,
     ) -> Result<()> {
         let s = self.shape;
-        check_shape("q", &[s.hq, s.tq, s.d], q.shape())?;
-        check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
-        check_shape("acc", &[s.hkv, s.t], acc.shape())?;
-        gpu::check_attn_support(s, T::DTYPE)?;
-        gpu::accumulate(device, &mut self.scratch, q.slice(), k.slice(), acc.slice_mut(), self.reduce, false)
+        check_attn_bufs(&self.device, s, ("q", q), k)?;
+        check_buf(&self.device, "acc", acc, &[s.hkv, s.t])?;
+        let (qv, kv) = (q.cuda_view(), k.cuda_view());
+        gpu::accumulate(&self.device, &mut self.scratch, &qv, &kv, &mut acc.cuda_view_mut(), self.options.reduce, false)
     }
 
-    /// [`h2o_select`] into `keep [Hkv, budget]`.
+    /// [`h2o_select`] of `acc [Hkv, T]` into `keep [Hkv, budget]`.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming `acc` or `keep`.
-    pub fn select(&mut self, device: &Device, acc: &DeviceTensor<f32>, keep: &mut DeviceTensor<u32>) -> Result<()> {
-        self.evict.select(device, acc, keep)
+    /// [`Error::Shape`] naming `acc` or `keep`; [`Error::DeviceMismatch`].
+    pub fn select(&mut self, acc: &impl TensorRef<f32>, keep: &mut impl TensorMut<u32>) -> Result<()> {
+        check_buf(&self.device, "acc", acc, &[self.shape.hkv, self.shape.t])?;
+        check_buf(&self.device, "keep", keep, &[self.shape.hkv, self.options.budget])?;
+        self.evict.run(Some(&acc.cuda_view()), &mut keep.cuda_view_mut())
     }
+
+    /// [`h2o_compact`] of this plan's caches (`[Hkv, T, D]`) by `keep [Hkv, budget]`.
+    ///
+    /// # Errors
+    /// As [`h2o_compact`].
+    pub fn compact<T: Float>(
+        &mut self,
+        keep: &impl TensorRef<u32>,
+        k_cache: &mut impl TensorMut<T>,
+        v_cache: &mut impl TensorMut<T>,
+        acc: Option<&mut dyn TensorMut<f32>>,
+    ) -> Result<()> {
+        let s = self.shape;
+        check_buf(&self.device, "keep", keep, &[s.hkv, self.options.budget])?;
+        check_buf(&self.device, "k_cache", k_cache, &[s.hkv, s.t, s.d])?;
+        h2o_compact(&self.device, keep, k_cache, v_cache, acc)
+    }
+}
+
+/// Checks the caches and keep list of a compaction or gather and returns `(hkv, t, d,
+/// budget)`.
+fn check_compact_bufs<T: Float>(
+    device: &Device,
+    keep: &impl TensorRef<u32>,
+    k_cache: &impl TensorRef<T>,
+    v_cache: &impl TensorRef<T>,
+    acc: Option<&dyn TensorRef<f32>>,
+) -> Result<(usize, usize, usize, usize)> {
+    let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
+    check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
+    let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc.map(|a| a.len()))?;
+    check_buf(device, "keep", keep, &[hkv, budget])?;
+    check_buf(device, "k_cache", k_cache, &[hkv, t, d])?;
+    check_buf(device, "v_cache", v_cache, &[hkv, t, d])?;
+    if let Some(a) = acc {
+        check_buf(device, "acc", a, &[hkv, t])?;
+    }
+    Ok((hkv, t, d, budget))
 }
 
 /// In-place H2O compaction on the GPU: for every kv head `h` and `i < budget`, row `i` of
@@ -479,134 +443,151 @@ impl H2oPlan {
 /// in order, and rows `budget .. T` keep their old contents.
 ///
 /// `keep [Hkv, budget]` must hold strictly ascending entries below `T` in each row (what
-/// [`h2o_select`] returns); this is checked on the device (one 4-byte read back, which
+/// [`h2o_select`] returns); this is checked on the device (one 8-byte read back, which
 /// synchronizes) before anything is written.
 ///
 /// # Errors
 /// As [`validate_compact`]; [`Error::InvalidArgument`] naming `keep` for an unsorted or
-/// out-of-range entry, or `k_cache` for an unsupported row size.
+/// out-of-range entry (the lowest one), or `k_cache` for an unsupported row size;
+/// [`Error::DeviceMismatch`].
 pub fn h2o_compact<T: Float>(
     device: &Device,
-    keep: &DeviceTensor<u32>,
-    k_cache: &mut DeviceTensor<T>,
-    v_cache: &mut DeviceTensor<T>,
-    acc: Option<&mut DeviceTensor<f32>>,
+    keep: &impl TensorRef<u32>,
+    k_cache: &mut impl TensorMut<T>,
+    v_cache: &mut impl TensorMut<T>,
+    acc: Option<&mut dyn TensorMut<f32>>,
 ) -> Result<()> {
-    let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
-    check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
-    let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc.as_ref().map(|a| a.len()))?;
-    check_shape("keep", &[hkv, budget], keep.shape())?;
-    if let Some(a) = acc.as_ref() {
-        check_shape("acc", &[hkv, t], a.shape())?;
-    }
-    gpu::compact(device, keep, k_cache, v_cache, acc, hkv, t, d, budget)
+    let dims = check_compact_bufs(device, keep, k_cache, v_cache, acc.as_deref().map(|a| a as &dyn TensorRef<f32>))?;
+    let bufs = gpu::CompactBufs {
+        keep: keep.cuda_view(),
+        k_cache: k_cache.cuda_view_mut(),
+        v_cache: v_cache.cuda_view_mut(),
+        acc: acc.map(|a| a.cuda_view_mut()),
+    };
+    gpu::compact(device, bufs, dims)
 }
 
 /// Out-of-place H2O gather on the GPU into packed caches: `k_out[h, i] = k_cache[h, keep[h, i]]`
 /// (likewise `v` and, when given, `acc`), with `k_cache`, `v_cache` `[Hkv, T, D]` (any dtype,
 /// `D · size` a multiple of 4 bytes), `keep [Hkv, budget]`, `k_out`, `v_out`
-/// `[Hkv, budget, D]`, and `acc` `[Hkv, T]` → `acc_out` `[Hkv, budget]`. The keep list is
-/// checked on the device (strictly ascending rows, entries below `T`) before anything is
-/// written. Use [`h2o_compact`] to compact in place instead.
+/// `[Hkv, budget, D]`, and `acc` `[Hkv, T]` → `acc_out` `[Hkv, budget]`. Every output's shape
+/// and length is checked. The keep list is checked on the device (strictly ascending rows,
+/// entries below `T`) before anything is written. Use [`h2o_compact`] to compact in place.
 ///
 /// # Errors
-/// As [`h2o_compact`]; [`Error::Shape`] for outputs of the wrong shape.
+/// As [`h2o_compact`]; [`Error::Shape`] for outputs of the wrong shape or length.
 pub fn h2o_gather<T: Float>(
     device: &Device,
-    keep: &DeviceTensor<u32>,
-    k_cache: &DeviceTensor<T>,
-    v_cache: &DeviceTensor<T>,
-    acc: Option<(&DeviceTensor<f32>, &mut DeviceTensor<f32>)>,
-    k_out: &mut DeviceTensor<T>,
-    v_out: &mut DeviceTensor<T>,
+    keep: &impl TensorRef<u32>,
+    k_cache: &impl TensorRef<T>,
+    v_cache: &impl TensorRef<T>,
+    acc: Option<(&dyn TensorRef<f32>, &mut dyn TensorMut<f32>)>,
+    k_out: &mut impl TensorMut<T>,
+    v_out: &mut impl TensorMut<T>,
 ) -> Result<()> {
-    let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
-    check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
-    let acc_len = acc.as_ref().map(|(a, _)| a.len());
-    let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc_len)?;
-    check_shape("keep", &[hkv, budget], keep.shape())?;
-    check_shape("k_out", &[hkv, budget, d], k_out.shape())?;
-    check_shape("v_out", &[hkv, budget, d], v_out.shape())?;
-    if let Some((a, o)) = acc.as_ref() {
-        check_shape("acc", &[hkv, t], a.shape())?;
-        check_shape("acc_out", &[hkv, budget], o.shape())?;
+    let dims = check_compact_bufs(device, keep, k_cache, v_cache, acc.as_ref().map(|(a, _)| *a))?;
+    let (hkv, _, d, budget) = dims;
+    check_buf(device, "k_out", k_out, &[hkv, budget, d])?;
+    check_buf(device, "v_out", v_out, &[hkv, budget, d])?;
+    if let Some((_, o)) = acc.as_ref() {
+        check_buf(device, "acc_out", &**o, &[hkv, budget])?;
     }
-    gpu::gather(device, keep, k_cache, v_cache, acc, k_out, v_out, (hkv, t, d, budget))
+    let bufs = gpu::GatherBufs {
+        keep: keep.cuda_view(),
+        k_cache: k_cache.cuda_view(),
+        v_cache: v_cache.cuda_view(),
+        acc: acc.map(|(a, o)| (a.cuda_view(), o.cuda_view_mut())),
+        k_out: k_out.cuda_view_mut(),
+        v_out: v_out.cuda_view_mut(),
+    };
+    gpu::gather(device, bufs, dims)
+}
+
+/// The options of a [`SnapKvPlan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SnapKvOptions {
+    /// Tokens kept per kv head, window included (`W ≤ capacity ≤ T`,
+    /// `capacity − W ≤ 16384`).
+    pub capacity: usize,
+    /// How the group's query heads are reduced to their kv head.
+    pub reduce: GqaReduce,
 }
 
 /// A reusable SnapKV selection for one shape (`q_window [Hq, W, D]` over `k [Hkv, T, D]`,
-/// `f16` or `bf16`, `D ∈ {64, 128, 256}`) and capacity.
+/// `f16` or `bf16`, `D ∈ {64, 128, 256}`; the [`AttnShape`]'s `tq` is the window `W`) and
+/// capacity.
 ///
 /// The votes `s_j = reduce(Σ_window softmax_j(q·k_j/√D))` (causal within the window) for the
 /// older tokens `j < T − W` are average-pooled with kernel 5, stride 1, zero padding 2, padding
-/// counted; the keep list is the top-`(capacity − W)` older tokens by pooled score (ties by
-/// lower index), ascending, then the window `T − W .. T`.
+/// counted (always divided by 5); the keep list is the top-`(capacity − W)` older tokens by
+/// pooled score (ties by lower index), ascending, then the window `T − W .. T`. The pooled
+/// scores are within the accumulation's tolerance of the reference; the selection given the
+/// same pooled scores is exact.
 #[derive(Debug)]
 pub struct SnapKvPlan {
+    device: Device,
     shape: AttnShape,
-    reduce: GqaReduce,
-    capacity: usize,
-    scratch: AttnScratch,
+    options: SnapKvOptions,
+    scratch: gpu::AttnScratch,
     votes: DeviceTensor<f32>,
     pooled: Option<DeviceTensor<f32>>,
-    evict: EvictionPlan,
+    evict: gpu::EvictionPlan,
 }
 
 impl SnapKvPlan {
-    /// Validates the shape and capacity and allocates the scratch.
+    /// Validates the shape and capacity, loads the kernels and allocates the scratch.
     ///
     /// # Errors
     /// As [`AttnShape::validate`] and [`validate_select`] (naming `capacity` or `window`).
-    pub fn new(device: &Device, shape: AttnShape, capacity: usize, reduce: GqaReduce) -> Result<Self> {
+    pub fn new(device: &Device, shape: &AttnShape, options: SnapKvOptions) -> Result<Self> {
         shape.validate()?;
-        let evict = EvictionPlan::snapkv(device, shape.hkv, shape.t, capacity, shape.tq)?;
+        let evict = gpu::EvictionPlan::snapkv(device, shape.hkv, shape.t, options.capacity, shape.tq)?;
         let older = shape.t - shape.tq;
         let pooled = if older > 0 { Some(DeviceTensor::<f32>::zeros(device, &[shape.hkv, older])?) } else { None };
         Ok(SnapKvPlan {
-            shape,
-            reduce,
-            capacity,
-            scratch: AttnScratch::new(device, shape)?,
+            device: device.clone(),
+            shape: *shape,
+            options,
+            scratch: gpu::AttnScratch::new(device, *shape)?,
             votes: DeviceTensor::<f32>::zeros(device, &[shape.hkv, shape.t])?,
             pooled,
             evict,
         })
     }
 
-    fn check<T: Float>(&self, q_window: &DeviceTensor<T>, k: &DeviceTensor<T>) -> Result<()> {
-        let s = self.shape;
-        check_shape("q_window", &[s.hq, s.tq, s.d], q_window.shape())?;
-        check_shape("k", &[s.hkv, s.t, s.d], k.shape())?;
-        gpu::check_attn_support(s, T::DTYPE)
+    /// The shape this plan serves.
+    pub fn shape(&self) -> AttnShape {
+        self.shape
     }
 
     /// Computes the pooled votes `[Hkv, T − W]` and returns them.
     ///
     /// # Errors
-    /// [`Error::Shape`] for tensors of another shape; [`Error::InvalidArgument`] naming
-    /// `q_window` when `W = T` (no older tokens) or for an unsupported dtype or `D`.
+    /// [`Error::Shape`] for tensors of another shape or length; [`Error::DeviceMismatch`];
+    /// [`Error::InvalidArgument`] naming `q_window` when `W = T` (no older tokens) or for an
+    /// unsupported dtype or `D`.
     pub fn scores<T: Float>(
         &mut self,
-        device: &Device,
-        q_window: &DeviceTensor<T>,
-        k: &DeviceTensor<T>,
+        q_window: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
     ) -> Result<&DeviceTensor<f32>> {
-        self.check(q_window, k)?;
         let s = self.shape;
+        check_attn_bufs(&self.device, s, ("q_window", q_window), k)?;
         let Some(pooled) = self.pooled.as_mut() else {
             return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", s.tq, s.t)));
         };
+        let (qv, kv) = (q_window.cuda_view(), k.cuda_view());
         // The accumulation overwrites the votes (no clearing launch needed).
         gpu::accumulate(
-            device,
+            &self.device,
             &mut self.scratch,
-            q_window.slice(),
-            k.slice(),
-            self.votes.slice_mut(),
-            self.reduce,
+            &qv,
+            &kv,
+            &mut self.votes.cuda_view_mut(),
+            self.options.reduce,
             true,
         )?;
-        gpu::pool5(device, self.votes.slice(), s.hkv, s.t, s.t - s.tq, pooled.slice_mut())?;
+        gpu::pool5(&self.device, &self.votes.cuda_view(), s.hkv, s.t, s.t - s.tq, &mut pooled.cuda_view_mut())?;
         Ok(pooled)
     }
 
@@ -616,21 +597,19 @@ impl SnapKvPlan {
     /// [`Error::Shape`] for tensors of another shape; as [`Self::scores`].
     pub fn select<T: Float>(
         &mut self,
-        device: &Device,
-        q_window: &DeviceTensor<T>,
-        k: &DeviceTensor<T>,
-        keep: &mut DeviceTensor<u32>,
+        q_window: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
+        keep: &mut impl TensorMut<u32>,
     ) -> Result<()> {
-        self.check(q_window, k)?;
-        check_shape("keep", &[self.shape.hkv, self.capacity], keep.shape())?;
-        if self.capacity > self.shape.tq {
-            self.scores(device, q_window, k)?;
-            let pooled = self.pooled.as_ref().ok_or_else(|| Error::invalid("q_window", "no older tokens"))?;
-            self.evict.run(device, pooled.slice(), keep.slice_mut())
+        check_attn_bufs(&self.device, self.shape, ("q_window", q_window), k)?;
+        check_buf(&self.device, "keep", keep, &[self.shape.hkv, self.options.capacity])?;
+        if self.options.capacity > self.shape.tq {
+            self.scores(q_window, k)?;
+            let pooled = self.pooled.as_ref().ok_or_else(|| Error::internal("selected tokens without older tokens"))?;
+            self.evict.run(Some(&pooled.cuda_view()), &mut keep.cuda_view_mut())
         } else {
             // Only the window is kept: no scores needed.
-            let empty = DeviceTensor::<f32>::zeros(device, &[1])?;
-            self.evict.run(device, empty.slice(), keep.slice_mut())
+            self.evict.run(None, &mut keep.cuda_view_mut())
         }
     }
 }
@@ -641,8 +620,8 @@ impl SnapKvPlan {
 /// As [`h2o_accumulate`]; [`Error::InvalidArgument`] naming `q_window` when `W = T`.
 pub fn snapkv_scores<T: Float>(
     device: &Device,
-    q_window: &DeviceTensor<T>,
-    k: &DeviceTensor<T>,
+    q_window: &impl TensorRef<T>,
+    k: &impl TensorRef<T>,
     reduce: GqaReduce,
 ) -> Result<DeviceTensor<f32>> {
     let shape = AttnShape::from_shapes(q_window.shape(), k.shape())?;
@@ -650,9 +629,9 @@ pub fn snapkv_scores<T: Float>(
     if shape.tq >= shape.t {
         return Err(Error::invalid("q_window", format!("window {} leaves no older tokens of {}", shape.tq, shape.t)));
     }
-    let mut plan = SnapKvPlan::new(device, shape, shape.tq, reduce)?;
-    plan.scores(device, q_window, k)?;
-    plan.pooled.ok_or_else(|| Error::invalid("q_window", "no older tokens"))
+    let mut plan = SnapKvPlan::new(device, &shape, SnapKvOptions { capacity: shape.tq, reduce })?;
+    plan.scores(q_window, k)?;
+    plan.pooled.ok_or_else(|| Error::internal("older tokens without pooled scores"))
 }
 
 /// SnapKV selection on the GPU: `keep [Hkv, capacity]`, ascending (see [`SnapKvPlan`]).
@@ -661,15 +640,15 @@ pub fn snapkv_scores<T: Float>(
 /// As [`snapkv_scores`] and [`validate_select`] (naming `capacity` or `window`).
 pub fn snapkv_select<T: Float>(
     device: &Device,
-    q_window: &DeviceTensor<T>,
-    k: &DeviceTensor<T>,
+    q_window: &impl TensorRef<T>,
+    k: &impl TensorRef<T>,
     capacity: usize,
     reduce: GqaReduce,
 ) -> Result<DeviceTensor<u32>> {
     let shape = AttnShape::from_shapes(q_window.shape(), k.shape())?;
     gpu::check_attn_support(shape, T::DTYPE)?;
-    let mut plan = SnapKvPlan::new(device, shape, capacity, reduce)?;
+    let mut plan = SnapKvPlan::new(device, &shape, SnapKvOptions { capacity, reduce })?;
     let mut keep = DeviceTensor::<u32>::zeros(device, &[shape.hkv, capacity])?;
-    plan.select(device, q_window, k, &mut keep)?;
+    plan.select(q_window, k, &mut keep)?;
     Ok(keep)
 }
