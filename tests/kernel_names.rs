@@ -42,7 +42,7 @@ fn every_registered_kernel_exists() {
                 let src = std::fs::read_to_string(cuda.join(format!("{}.cu", id.module().name())))
                     .expect("kernel source is readable");
                 let (full, prefixes) = source_names(&src);
-                full.iter().any(|n| *n == symbol) || prefixes.iter().any(|p| symbol.starts_with(p.as_str()))
+                full.contains(&symbol) || prefixes.iter().any(|p| symbol.starts_with(p.as_str()))
             }
         };
         if !found {

@@ -113,12 +113,23 @@ const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
     (1, 1048576, 4096, DType::F32),
 ];
 
+/// Blocks per SM of the split path's histogram and filter kernels on sm_90 (36 and 40
+/// registers at 512 threads: the register file holds 3), as `tools/kernel-report` computes
+/// it; on a device `TopkPlan::new` asks the driver instead.
+const TOPK_SPLIT_BLOCKS_PER_SM: usize = 3;
+
 /// The launches of one `TopkPlan::run` of `rows × n`, top-`k`: the layout is
 /// `TopkLayout::choose`; the finalize's dynamic shared memory mirrors `TopkPlan::run`
 /// (kpad sort words plus up to 8192 staged candidates within the opt-in limit, next to the
 /// launcher's rounded static shared memory of 2048 (finalize) or 18432 (fused) bytes).
 fn topk_launches(g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize, k: usize, dt: &'static str) {
-    let lay = TopkLayout::choose(rows, n, k, SM_COUNT);
+    let lay = match TopkLayout::choose(rows, n, k, SM_COUNT, TOPK_SPLIT_BLOCKS_PER_SM) {
+        Ok(lay) => lay,
+        Err(e) => {
+            g.unplanned("topk", op, shape, &format!("TopkLayout::choose refused the shape: {e}"));
+            return;
+        }
+    };
     let batches = rows.div_ceil(lay.rows_per_batch.max(1));
     let last = rows - (batches - 1) * lay.rows_per_batch;
     let batch = lay.rows_per_batch.min(rows);
@@ -151,8 +162,8 @@ fn topk(g: &mut Geometry) {
         "topk",
         "h2o_accumulate_select",
         &shape,
-        "accumulate (ntkv_h2o_queue_f16_d128): planner needs a device (the grid is formed inside \
-         the launcher; no public pure function gives it)",
+        "accumulate (ntkv_h2o_pass1/merge/pass2_f16_d128): planner needs a device (the grids are \
+         formed inside the launcher; no public pure function gives them)",
     );
     topk_launches(g, "h2o_accumulate_select", &shape, hkv, t, budget - recent, "f32");
     // SnapKV: `SNAPKV` (hq = hkv = 32, window 32, t 32768, d 128, keep 2048).
@@ -162,8 +173,8 @@ fn topk(g: &mut Geometry) {
         "topk",
         "snapkv_select",
         &shape,
-        "votes (ntkv_h2o_queue_f16_d128) and pooling (ntkv_snapkv_pool): planner needs a device \
-         (grids formed inside the launcher)",
+        "votes (ntkv_h2o_pass1/merge/pass2_f16_d128) and pooling (ntkv_snapkv_pool): planner needs \
+         a device (grids formed inside the launcher)",
     );
     topk_launches(g, "snapkv_select", &shape, hkv, t - window, capacity - window, "f32");
 }

@@ -6,7 +6,9 @@ the value, and the report checks it there on every run, so the table cannot drif
 - `Const(path, NAME)`: `const NAME: <ty> = <value>;` in that Rust file must equal the value;
 - `Text(path, text)`: the Rust file must contain that expression (for values computed from
   the shape, such as attention's `block_rows * 2`);
-- `Lit(path, value)`: the Rust file launches some kernel with that literal block size.
+- `Lit(path, value)`: the Rust file launches some kernel with that block size: a
+  `block_dim: (value, 1, 1)`, a `launch::grid_for`/`grid_2d`/`resident_grid_2d` call whose
+  block argument is `value` or a constant equal to it, or a `const …: u32 = value;`.
 
 On top of that, a block size must equal the kernel's `__launch_bounds__` maximum when it has
 one (read from the cubin), every kernel in cuda/*.cu must match exactly one entry, and where
@@ -23,6 +25,19 @@ from collections import namedtuple
 Const = namedtuple("Const", "path name")
 Text = namedtuple("Text", "path text")
 Lit = namedtuple("Lit", "path value")
+
+
+class LitBlock(int):
+    """A literal block size to find in a launcher (see the module docs)."""
+
+    def found_in(self, text):
+        v = int(self)
+        if f"block_dim: ({v}, 1, 1)" in text or re.search(rf"\bconst \w+: u32 = {v};", text):
+            return True
+        return re.search(rf"\b(?:grid_for|grid_2d|resident_grid_2d)\([^;]*?,\s*{v}\s*,", text, re.S) is not None
+
+    def __repr__(self):
+        return f"a launch with {int(self)} threads"
 
 
 class Entry:
@@ -50,7 +65,7 @@ class Entry:
             elif isinstance(c, Text):
                 out.append((c.path, None, c.text))
             elif isinstance(c, Lit):
-                out.append((c.path, None, f"block_dim: ({c.value}, 1, 1)"))
+                out.append((c.path, None, LitBlock(c.value)))
         return out
 
 
@@ -66,6 +81,7 @@ CONST_VALUES = {
 }
 
 TOPK = "src/topk/gpu.rs"
+SELECT = "src/select/gpu.rs"
 QUANT = "src/quant/gpu.rs"
 DECODE = "src/decode/gpu.rs"
 DECODE_MOD = "src/decode/mod.rs"
@@ -105,12 +121,18 @@ LAUNCHES = [
     Entry(rf"ntkv_quant_scan_{DT}", 256, 0, [Const(QUANT, "THREADS")], "quant::gpu::scan_range"),
     Entry(r"ntkv_mikv_(?:gather|scatter|residual|append)", 256, 0, [Const(QUANT, "THREADS")], "quant::gpu (MiKV)"),
     # top-k
-    Entry(rf"ntkv_topk_(?:hist|filter)_{DT}", 512, 0, [Const(TOPK, "HIST_THREADS")], "TopkPlan::run"),
-    Entry(rf"ntkv_topk_(?:finalize|fused)_{DT}", 1024, None, [Const(TOPK, "FINAL_THREADS")], "TopkPlan::run",
+    Entry(rf"ntkv_topk_(?:hist|filter)_{DT}", 512, 0, [Const(SELECT, "HIST_THREADS")], "select::TopkPlan::run"),
+    Entry(rf"ntkv_topk_(?:finalize|fused)_{DT}", 1024, None, [Const(SELECT, "FINAL_THREADS")], "select::TopkPlan::run",
           dyn_note="(kpad+stage)·8"),
+    Entry(rf"ntkv_select_(?:pad_segments|truncate)_{DT}", 256, 0, [Const(SELECT, "SELECT_THREADS")],
+          "select::SegmentTopkPlan::run"),
+    Entry(r"ntkv_select_expand_count", 256, None, [Const(SELECT, "SELECT_THREADS")], "select::ExpandPlan::run",
+          dyn_note="kbpad·8"),
+    Entry(r"ntkv_select_expand_write", 256, 0, [Const(SELECT, "SELECT_THREADS")], "select::ExpandPlan::run"),
+    Entry(r"ntkv_select_expand_scan", 1024, 0, [Const(SELECT, "SCAN_THREADS")], "select::ExpandPlan::run (one block)"),
     Entry(r"ntkv_topk_fill_recent", 256, 0, [Lit(TOPK, 256)], "topk::gpu::fill_recent"),
     Entry(r"ntkv_h2o_(?:pass1|pass2|queue)_(?P<dt>f16|bf16)_d(?P<d>\d+)", 128, 0, [Const(TOPK, "H2O_THREADS")],
-          "topk::gpu::accumulate"),
+          "topk::gpu::accumulate (queue: compiled, never launched)"),
     Entry(r"ntkv_h2o_merge", 256, 0, [Lit(TOPK, 256)], "topk::gpu::accumulate (three-launch path)"),
     Entry(r"ntkv_snapkv_pool", 256, 0, [Lit(TOPK, 256)], "topk::gpu::pool5"),
     Entry(r"ntkv_h2o_check_keep", 256, 0, [Lit(TOPK, 256)], "keep-list validator"),
