@@ -48,10 +48,12 @@ fn cpu_factored_and_mlp_with_absurd_sizes() {
     let a = [1.0f32; 4];
     let layer = cpu::FactoredLayer { a: &a, g: &a, d_in: BIG, d_out: 2, bias: true };
     for mode in NtkMode::ALL {
-        is_err("factored", || cpu::factored_ntk(&[layer.clone()], None, 2, 2, 1, 1, mode));
-        is_err("factored t", || cpu::factored_ntk(&[layer.clone()], None, 2, 2, BIG, 1, mode));
+        is_err("factored", || cpu::factored_ntk(std::slice::from_ref(&layer), None, 2, 2, 1, 1, mode));
+        is_err("factored t", || cpu::factored_ntk(std::slice::from_ref(&layer), None, 2, 2, BIG, 1, mode));
         let l2 = cpu::FactoredLayer { d_in: 3, ..layer.clone() };
-        is_err("factored widths", || cpu::factored_ntk(&[l2.clone()], Some(&[layer.clone()]), 2, 2, 1, 1, mode));
+        is_err("factored widths", || {
+            cpu::factored_ntk(std::slice::from_ref(&l2), Some(std::slice::from_ref(&layer)), 2, 2, 1, 1, mode)
+        });
     }
     let mlp = cpu::Mlp {
         widths: vec![BIG, 2],
