@@ -14,15 +14,12 @@ fn upload(dev: &Device, v: &[f32], shape: &[usize]) -> DeviceTensor<f32> {
     DeviceTensor::from_host(dev, v, shape).unwrap()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Uploads `j1 [n1, o, p]` (and `j2 [n2, o, p]`) and runs the one-call contraction.
 fn run_gram(
     dev: &Device,
     j1: &[f32],
     j2: Option<&[f32]>,
-    n1: usize,
-    n2: usize,
-    o: usize,
-    p: usize,
+    [n1, n2, o, p]: [usize; 4],
     mode: NtkMode,
     prec: Precision,
 ) -> Vec<f64> {
@@ -46,10 +43,10 @@ fn gram_f32_every_mode_cross_and_symmetric() {
         let j2 = rng.normal_vec(n2 * o * p);
         for mode in MODES {
             let want = cpu::gram(&j1, Some(&j2), n1, n2, o, p, mode).unwrap();
-            let got = run_gram(dev, &j1, Some(&j2), n1, n2, o, p, mode, Precision::F32);
+            let got = run_gram(dev, &j1, Some(&j2), [n1, n2, o, p], mode, Precision::F32);
             common::assert_rel_l2(&format!("cross {mode:?} {n1}x{n2} o{o} p{p}"), &got, &want, 1e-5);
             let want = cpu::gram(&j1, None, n1, n1, o, p, mode).unwrap();
-            let got = run_gram(dev, &j1, None, n1, n1, o, p, mode, Precision::F32);
+            let got = run_gram(dev, &j1, None, [n1, n1, o, p], mode, Precision::F32);
             common::assert_rel_l2(&format!("sym {mode:?} {n1} o{o} p{p}"), &got, &want, 1e-5);
         }
     }
@@ -63,7 +60,7 @@ fn gram_symmetric_spans_several_tiles() {
     let (n, o, p) = (100, 3, 45);
     let j = rng.normal_vec(n * o * p);
     let want = cpu::gram(&j, None, n, n, o, p, NtkMode::Full).unwrap();
-    let got = run_gram(dev, &j, None, n, n, o, p, NtkMode::Full, Precision::F32);
+    let got = run_gram(dev, &j, None, [n, n, o, p], NtkMode::Full, Precision::F32);
     common::assert_rel_l2("sym full 300 rows", &got, &want, 1e-5);
     // Exactly symmetric: the mirror reads the same bits.
     for i in 0..n {
@@ -93,10 +90,10 @@ fn gram_tensor_core_precisions_within_bounds() {
         let tb2 = DeviceTensor::from_host(dev, &b2, &[n2, o, p]).unwrap();
         for mode in MODES {
             let want = cpu::gram(&j1, Some(&j2), n1, n2, o, p, mode).unwrap();
-            let got = run_gram(dev, &j1, Some(&j2), n1, n2, o, p, mode, Precision::Tf32);
+            let got = run_gram(dev, &j1, Some(&j2), [n1, n2, o, p], mode, Precision::Tf32);
             common::assert_rel_l2(&format!("tf32 {mode:?}"), &got, &want, Precision::Tf32.rel_l2_bound());
             // f32 storage rounded to bf16 on the fly: within 1e-2 of the unrounded reference.
-            let got = run_gram(dev, &j1, Some(&j2), n1, n2, o, p, mode, Precision::Bf16);
+            let got = run_gram(dev, &j1, Some(&j2), [n1, n2, o, p], mode, Precision::Bf16);
             common::assert_rel_l2(&format!("bf16 (f32 in) {mode:?}"), &got, &want, 1e-2);
             // bf16 storage against the reference on the same bf16 values.
             let want_b = cpu::gram(&r1, Some(&r2), n1, n2, o, p, mode).unwrap();
@@ -108,7 +105,7 @@ fn gram_tensor_core_precisions_within_bounds() {
             }
             // Symmetric tensor-core path.
             let want_s = cpu::gram(&j1, None, n1, n1, o, p, mode).unwrap();
-            let got = run_gram(dev, &j1, None, n1, n1, o, p, mode, Precision::Tf32);
+            let got = run_gram(dev, &j1, None, [n1, n1, o, p], mode, Precision::Tf32);
             common::assert_rel_l2(&format!("tf32 sym {mode:?}"), &got, &want_s, Precision::Tf32.rel_l2_bound());
             let want_sb = cpu::gram(&r1, None, n1, n1, o, p, mode).unwrap();
             let got = ntk::gram(dev, &tb1, mode, Precision::Bf16).unwrap();
@@ -152,7 +149,7 @@ fn gram_edge_cases_and_validation() {
     // Odd P (unaligned rows: scalar loads).
     let mut rng = Rng::new(5);
     let j = rng.normal_vec(3 * 2 * 7);
-    let got = run_gram(dev, &j, None, 3, 3, 2, 7, NtkMode::Full, Precision::Bf16);
+    let got = run_gram(dev, &j, None, [3, 3, 2, 7], NtkMode::Full, Precision::Bf16);
     let r = bf16_rounded(&j);
     common::assert_rel_l2("odd p", &got, &cpu::gram(&r, None, 3, 3, 2, 7, NtkMode::Full).unwrap(), 1e-5);
 
@@ -213,16 +210,8 @@ fn factored_ntk_matches_reference_t1_and_t3() {
             d1.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
         let l2: Vec<FactoredLayer<'_>> =
             d2.iter().zip(&dims).map(|((a, g), d)| FactoredLayer { a, g, bias: d.2 }).collect();
-        let c1: Vec<cpu::FactoredLayer<'_>> = host1
-            .iter()
-            .zip(&dims)
-            .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-            .collect();
-        let c2: Vec<cpu::FactoredLayer<'_>> = host2
-            .iter()
-            .zip(&dims)
-            .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-            .collect();
+        let (c1, c2) =
+            (cpu::FactoredLayer::from_factors(&host1, &dims), cpu::FactoredLayer::from_factors(&host2, &dims));
         for mode in MODES {
             let want = cpu::factored_ntk(&c1, Some(&c2), n1, n2, t, o, mode).unwrap();
             let got = ntk::factored_ntk(dev, &l1, Some(&l2), mode, Precision::F32).unwrap();
@@ -269,7 +258,7 @@ fn mlp_factors_and_empirical_ntk_match_explicit_jacobian() {
             let got = mlp.empirical_ntk(&tx1, Some(&tx2), mode, Precision::F32).unwrap();
             common::assert_rel_l2(&format!("eNTK {act:?} {mode:?}"), &f64s(&got.to_host().unwrap()), &want, 1e-5);
             // Same kernel from the explicit-Jacobian GPU path.
-            let explicit = run_gram(dev, &j1, Some(&j2), n1, n2, 3, p, mode, Precision::F32);
+            let explicit = run_gram(dev, &j1, Some(&j2), [n1, n2, 3, p], mode, Precision::F32);
             common::assert_rel_l2(&format!("explicit {act:?} {mode:?}"), &explicit, &want, 1e-5);
             let want = cpu::gram(&j1, None, n1, n1, 3, p, mode).unwrap();
             let got = mlp.empirical_ntk(&tx1, None, mode, Precision::Tf32).unwrap();

@@ -144,6 +144,18 @@ pub struct FactoredLayer<'a> {
     pub bias: bool,
 }
 
+impl<'a> FactoredLayer<'a> {
+    /// Layers from host factors `(a, g)` and their `(d_in, d_out, bias)`, pairwise (the
+    /// shorter list bounds the count).
+    pub fn from_factors(factors: &'a [(Vec<f32>, Vec<f32>)], dims: &[(usize, usize, bool)]) -> Vec<Self> {
+        factors
+            .iter()
+            .zip(dims)
+            .map(|((a, g), &(d_in, d_out, bias))| FactoredLayer { a, g, d_in, d_out, bias })
+            .collect()
+    }
+}
+
 /// The factored NTK of dense layers:
 /// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (A_l[i,t]·A_l[j,s] + β_l)·(G_l[i,t,a]·G_l[j,s,b])`, contracted
 /// per `mode` exactly like [`gram`] on the explicit Jacobian. `layers2 = None` means the same

@@ -286,7 +286,9 @@ impl GramShape {
         Ok(g)
     }
 
-    /// Checks the shape (see [`GramShape::geometry`]'s rules).
+    /// Checks the shape: zero `n1`, `n2` or `outputs` and a symmetric `n2 ≠ n1` are
+    /// invalid; `J`, the output (at most [`MAX_OUTPUT`] elements) and the GEMM (see
+    /// [`crate::gemm::GemmShape::extents`]) must fit.
     ///
     /// # Errors
     /// As described there.
@@ -694,16 +696,8 @@ mod tests {
                     let beta = if bias { 1.0 } else { 0.0 };
                     emulate::combine(&aa, &gg, n2v, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut out);
                 }
-                let c1: Vec<cpu::FactoredLayer<'_>> = h1
-                    .iter()
-                    .zip(&dims)
-                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-                    .collect();
-                let c2: Vec<cpu::FactoredLayer<'_>> = side2
-                    .iter()
-                    .zip(&dims)
-                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-                    .collect();
+                let (c1, c2) =
+                    (cpu::FactoredLayer::from_factors(&h1, &dims), cpu::FactoredLayer::from_factors(side2, &dims));
                 let want = cpu::factored_ntk(&c1, n2.map(|_| c2.as_slice()), n1, n2v, t, o, mode).unwrap();
                 let e = rel_l2(&out, &want);
                 assert!(e < 1e-5, "factored {mode:?} n1={n1} n2={n2:?} t={t}: rel L2 {e:e}");
