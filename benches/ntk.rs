@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ntkv::ntk::{self, cpu, Activation, Gram, NtkMode, Precision};
+use ntkv::ntk::{self, cpu, Activation, GramPlan, GramShape, NtkMode, Precision};
 use ntkv::rng::Rng;
 use ntkv::{timing, Device, DeviceTensor};
 
@@ -39,10 +39,10 @@ fn benches(c: &mut Criterion) {
             let (n, p) = (512usize, 1usize << 16);
             let j = DeviceTensor::from_host(&dev, &rng.normal_vec(n * p), &[n, 1, p]).expect("upload J");
             for prec in [Precision::F32, Precision::Tf32, Precision::Bf16] {
-                let mut plan = Gram::plan(&dev, n, None, 1, p, NtkMode::Full, prec).expect("plan");
+                let mut plan = GramPlan::new(&dev, &GramShape::symmetric(n, 1, p, NtkMode::Full), prec).expect("plan");
                 let mut out = DeviceTensor::<f32>::zeros(&dev, &plan.output_shape()).expect("alloc");
                 group.bench_function(format!("gram {n}x{p} {}", prec.name()), |b| {
-                    b.iter_custom(|iters| gpu_time(&dev, iters, || plan.run(&dev, &j, None, &mut out)))
+                    b.iter_custom(|iters| gpu_time(&dev, iters, || plan.run(&j, &mut out)))
                 });
             }
             let widths = [784usize, 1024, 1024, 10];
@@ -51,7 +51,7 @@ fn benches(c: &mut Criterion) {
             group.bench_function("mlp eNTK trace 128 784-1024-1024-10", |b| {
                 b.iter_custom(|iters| {
                     gpu_time(&dev, iters, || {
-                        mlp.empirical_ntk(&dev, &x, None, NtkMode::Trace { divide_by_outputs: false }, Precision::F32)
+                        mlp.empirical_ntk(&x, None, NtkMode::Trace { divide_by_outputs: false }, Precision::F32)
                             .map(|_| ())
                     })
                 })

@@ -1,4 +1,4 @@
-// ntk.cu: NTK Jacobian contractions (SPEC §6).
+// ntk.cu: NTK Jacobian contractions, and the split-K GEMM the gemm module launches.
 //
 // The core is one split-K GEMM C_z = A_z · B_zᵀ (both operands row-major with the contraction
 // axis contiguous, as per-sample Jacobians J[N, O, P] are), tiled 128 x 128 x 32, in three
@@ -17,7 +17,7 @@
 // The register-staged kernels run 256 threads (FFMA: 16 x 16 threads of 8 x 8; mma: 8 warps
 // of 64 x 32).
 // Each (split, batch) writes its own f32 partial tile, and a second kernel sums the splits in
-// a fixed order, so results are bit-identical run to run (SPEC §0). In the symmetric case only
+// a fixed order, so results are bit-identical run to run. In the symmetric case only
 // tiles with row tile <= column tile are computed and the reduction mirrors the rest.
 #include "ntkv_common.cuh"
 
@@ -52,9 +52,16 @@ __device__ __forceinline__ void tile_coords(const NtkvNtkGemmParams& p, uint32_t
 // ---- global loads: 4 consecutive k of one row, zero outside [.., kend) and rows ---------
 
 __device__ __forceinline__ void load4(const float* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, float v[4]) {
+                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, bool kmajor,
+                                      float v[4]) {
     v[0] = v[1] = v[2] = v[3] = 0.f;
     if (row >= rows) return;
+    if (kmajor) {  // element (row, q) at q * row_stride + row: scalar loads, coalesced across rows
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (k + e < kend) v[e] = __ldg(base + (k + e) * row_stride + row);
+        return;
+    }
     const float* src = base + (uint64_t)row * row_stride + k;
     if (vec_ok && k + 4 <= kend) {
         const float4 q = __ldg(reinterpret_cast<const float4*>(src));
@@ -70,9 +77,16 @@ __device__ __forceinline__ void load4(const float* __restrict__ base, uint64_t r
 }
 
 __device__ __forceinline__ void load4(const __nv_bfloat16* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, float v[4]) {
+                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, bool kmajor,
+                                      float v[4]) {
     v[0] = v[1] = v[2] = v[3] = 0.f;
     if (row >= rows) return;
+    if (kmajor) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (k + e < kend) v[e] = __bfloat162float(base[(k + e) * row_stride + row]);
+        return;
+    }
     const __nv_bfloat16* src = base + (uint64_t)row * row_stride + k;
     if (vec_ok && k + 4 <= kend) {
         const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
@@ -161,7 +175,7 @@ constexpr size_t kFfmaSmem = 2ull * 2 * kDepth * kFfmaLd * sizeof(float);
 // The Rust launcher (src/ntk/gpu.rs) requests exactly this much dynamic shared memory.
 static_assert(kFfmaSmem == 67584, "FFMA shared memory must match SMEM_FFMA in gpu.rs");
 
-template <typename Tin>
+template <typename Tin, bool kStrided>
 __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                           float* __restrict__ part) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -173,6 +187,10 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
     const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
     const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
     const bool vec = p.vec_ok != 0;
+    // kStrided (the ntkv_gemm_* kernels): an operand may be k-major (p.layout bit 0: A, bit 1:
+    // B); the ntkv_ntk_gemm_* kernels compile with both flags constant false.
+    const bool a_km = kStrided && (p.layout & 1u) != 0;
+    const bool b_km = kStrided && (p.layout & 2u) != 0;
     const int lrow = tid & 31, lk = (tid >> 5) * 4;
 
     float ra[4][4], rb[4][4];
@@ -180,8 +198,8 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
         const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
 #pragma unroll
         for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, rb[it]);
+            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, a_km, ra[it]);
+            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, b_km, rb[it]);
         }
     };
     auto sstore = [&](int buf) {
@@ -349,7 +367,7 @@ constexpr size_t kBf16Smem = 2ull * 2 * kTile * kBf16Ld * sizeof(__nv_bfloat16);
 static_assert(kTf32Smem == 73728, "TF32 shared memory must match SMEM_TF32 in gpu.rs");
 static_assert(kBf16Smem == 40960, "BF16 shared memory must match SMEM_BF16 in gpu.rs");
 
-template <typename Tin, bool kBf16>
+template <typename Tin, bool kBf16, bool kStrided>
 __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                          float* __restrict__ part) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -365,6 +383,10 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
     const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
     const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
     const bool vec = p.vec_ok != 0;
+    // kStrided (the ntkv_gemm_* kernels): an operand may be k-major (p.layout bit 0: A, bit 1:
+    // B); the ntkv_ntk_gemm_* kernels compile with both flags constant false.
+    const bool a_km = kStrided && (p.layout & 1u) != 0;
+    const bool b_km = kStrided && (p.layout & 2u) != 0;
     // Loads: 8 lanes cover one row's 32 k (coalesced), 32 rows per pass, 4 passes.
     const int lrow = tid >> 3, lk = (tid & 7) * 4;
 
@@ -373,8 +395,8 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
         const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
 #pragma unroll
         for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, rb[it]);
+            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, a_km, ra[it]);
+            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, b_km, rb[it]);
         }
     };
     auto sstore = [&](int buf) {
@@ -547,12 +569,12 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
         BODY;                                                                                         \
     }
 
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_ffma, float, 1, (gemm_ffma<float>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32, float, 1, (gemm_mma<float, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, 1, (gemm_mma<float, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_ffma, float, 1, (gemm_ffma<float, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32, float, 1, (gemm_mma<float, false, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, 1, (gemm_mma<float, true, false>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true, false>(p, a, b, part)))
 // cp.async pipelines (host picks them when rows, batches and k are multiples of 16 bytes);
 // dynamic shared memory kTf32AsyncSmem / kBf16AsyncSmem (110592 / 81920 bytes);
 // 128 threads per block.
@@ -568,8 +590,12 @@ extern "C" __global__ void __launch_bounds__(kAsyncThreads, 2)
 }
 
 // ---- split-K reduction with the contraction's output layout -----------------------------------
-extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const float* __restrict__ part,
-                                           float* __restrict__ out) {
+// Shared by ntkv_ntk_reduce (kinds 0-2) and ntkv_gemm_reduce (kind 3). Output element idx is
+// decoded to (z, r, c) of the product; the partials of (z, r, c) are added in split order
+// s = 0, 1, ..., splits - 1 starting from +0, then multiplied by scale. kind 3 writes
+// out[z * c_batch_stride + r * ldc + c]; the other kinds write out[idx].
+__device__ __forceinline__ void split_reduce(const NtkvNtkReduceParams& p, const float* __restrict__ part,
+                                             float* __restrict__ out) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t idx = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < p.n_out; idx += stride) {
         uint32_t z, r, c;
@@ -597,6 +623,7 @@ extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const fl
             r = (uint32_t)(rem / p.m2);
             c = (uint32_t)(rem % p.m2);
         }
+        const uint64_t dst = p.kind == 3 ? (uint64_t)z * p.c_batch_stride + (uint64_t)r * p.ldc + c : idx;
         if (p.symmetric && r / kTile > c / kTile) {
             const uint32_t tmp = r;
             r = c;
@@ -605,9 +632,35 @@ extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const fl
         const float* src = part + (uint64_t)z * p.splits * p.plane + (uint64_t)r * p.m2 + c;
         float s = 0.f;
         for (uint32_t k = 0; k < p.splits; ++k) s += src[(uint64_t)k * p.plane];
-        out[idx] = s * p.scale;
+        out[dst] = s * p.scale;
     }
 }
+
+extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const float* __restrict__ part,
+                                           float* __restrict__ out) {
+    split_reduce(p, part, out);
+}
+
+// ==== ntkv_gemm_*: the gemm module's strided kernels =============================================
+// The same tiles as ntkv_ntk_gemm_* (the templates above, kStrided = true), for operands that
+// may be k-major: with p.layout bit 0 (A) or bit 1 (B) set, element (row, q) of that operand is
+// at z * batch_stride + q * row_stride + row instead of z * batch_stride + row * row_stride + q.
+// Register-staged loaders only (256 threads, shared memory as the ntkv_ntk_gemm_* flavour of the
+// same arithmetic); the host uses ntkv_ntk_gemm_* whenever both operands are k-contiguous.
+NTKV_NTK_GEMM(ntkv_gemm_f32_ffma, float, 1, (gemm_ffma<float, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_f32_tf32, float, 1, (gemm_mma<float, false, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_f32_bf16, float, 1, (gemm_mma<float, true, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true, true>(p, a, b, part)))
+
+// The gemm module's split-K reduction into a row-major C with leading dimension ldc and batch
+// stride c_batch_stride (kind 3 of split_reduce).
+extern "C" __global__ void ntkv_gemm_reduce(const NtkvNtkReduceParams p, const float* __restrict__ part,
+                                            float* __restrict__ out) {
+    split_reduce(p, part, out);
+}
+// ==== end of ntkv_gemm_* ========================================================================
 
 // ---- Pseudo-NTK pre-sum over outputs ------------------------------------------------------------
 template <typename T>

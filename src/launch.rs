@@ -100,6 +100,7 @@ pub fn registered_kernels() -> Vec<KernelId> {
     all.extend(crate::attention::plan::kernels());
     all.extend(crate::decode::gpu::kernels());
     all.extend(crate::ntk::gpu::kernels());
+    all.extend(crate::gemm::kernels());
     all.sort();
     all.dedup();
     all

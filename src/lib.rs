@@ -68,6 +68,7 @@ pub mod checks;
 pub mod decode;
 pub mod device;
 pub mod error;
+pub mod gemm;
 pub mod launch;
 pub mod ntk;
 #[allow(missing_docs)]

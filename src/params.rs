@@ -386,7 +386,7 @@ pub struct NtkvNtkGemmParams {
     pub col_tiles: u32,
     pub symmetric: u32,
     pub vec_ok: u32,
-    pub _pad0: u32,
+    pub layout: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -409,7 +409,7 @@ const _: () = {
     ["Offset of field: NtkvNtkGemmParams::col_tiles"][::core::mem::offset_of!(NtkvNtkGemmParams, col_tiles) - 64usize];
     ["Offset of field: NtkvNtkGemmParams::symmetric"][::core::mem::offset_of!(NtkvNtkGemmParams, symmetric) - 68usize];
     ["Offset of field: NtkvNtkGemmParams::vec_ok"][::core::mem::offset_of!(NtkvNtkGemmParams, vec_ok) - 72usize];
-    ["Offset of field: NtkvNtkGemmParams::_pad0"][::core::mem::offset_of!(NtkvNtkGemmParams, _pad0) - 76usize];
+    ["Offset of field: NtkvNtkGemmParams::layout"][::core::mem::offset_of!(NtkvNtkGemmParams, layout) - 76usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -426,10 +426,12 @@ pub struct NtkvNtkReduceParams {
     pub symmetric: u32,
     pub scale: f32,
     pub _pad0: u32,
+    pub ldc: u64,
+    pub c_batch_stride: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NtkvNtkReduceParams"][::core::mem::size_of::<NtkvNtkReduceParams>() - 56usize];
+    ["Size of NtkvNtkReduceParams"][::core::mem::size_of::<NtkvNtkReduceParams>() - 72usize];
     ["Alignment of NtkvNtkReduceParams"][::core::mem::align_of::<NtkvNtkReduceParams>() - 8usize];
     ["Offset of field: NtkvNtkReduceParams::n_out"][::core::mem::offset_of!(NtkvNtkReduceParams, n_out) - 0usize];
     ["Offset of field: NtkvNtkReduceParams::plane"][::core::mem::offset_of!(NtkvNtkReduceParams, plane) - 8usize];
@@ -444,6 +446,9 @@ const _: () = {
         [::core::mem::offset_of!(NtkvNtkReduceParams, symmetric) - 44usize];
     ["Offset of field: NtkvNtkReduceParams::scale"][::core::mem::offset_of!(NtkvNtkReduceParams, scale) - 48usize];
     ["Offset of field: NtkvNtkReduceParams::_pad0"][::core::mem::offset_of!(NtkvNtkReduceParams, _pad0) - 52usize];
+    ["Offset of field: NtkvNtkReduceParams::ldc"][::core::mem::offset_of!(NtkvNtkReduceParams, ldc) - 56usize];
+    ["Offset of field: NtkvNtkReduceParams::c_batch_stride"]
+        [::core::mem::offset_of!(NtkvNtkReduceParams, c_batch_stride) - 64usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

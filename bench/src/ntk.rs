@@ -1,4 +1,4 @@
-//! NTK cases (ANCHORS, NTK rows; issue 4):
+//! NTK cases:
 //! - `gram`: symmetric `J·Jᵀ` (Full mode, O = 1) at `1024x1048576` and `4096x262144`, dtypes
 //!   `f32`, `tf32`, `bf16` (bf16 reads bf16 storage, like the torch peer). FLOPs are counted as
 //!   the full GEMM's `2·N²·P`, which is what the peer does.
@@ -11,7 +11,7 @@
 
 use half::bf16;
 use ntkv::cudarc::driver::CudaSlice;
-use ntkv::ntk::{self, cpu, metrics, Activation, Gram, NtkMode, Precision};
+use ntkv::ntk::{self, cpu, metrics, Activation, GramPlan, GramShape, NtkMode, Precision};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
@@ -60,13 +60,13 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
             let jb = DeviceTensor::from_slice(tile_pattern(dev, &pattern_b, n * p)?, &[n, 1, p])?;
             let work = Work { bytes: (n * p * 4) as f64, flops: 2.0 * (n * n) as f64 * p as f64 };
             for prec in [Precision::F32, Precision::Tf32, Precision::Bf16] {
-                let mut plan = Gram::plan(dev, n, None, 1, p, NtkMode::Full, prec)?;
+                let mut plan = GramPlan::new(dev, &GramShape::symmetric(n, 1, p, NtkMode::Full), prec)?;
                 let mut out = DeviceTensor::<f32>::zeros(dev, &plan.output_shape())?;
                 let w = if prec == Precision::Bf16 { Work { bytes: work.bytes / 2.0, ..work } } else { work };
                 if prec == Precision::Bf16 {
-                    b.gpu(FAMILY, "gram", &shape, prec.name(), w, |_| plan.run(dev, &jb, None, &mut out))?;
+                    b.gpu(FAMILY, "gram", &shape, prec.name(), w, |_| plan.run(&jb, &mut out))?;
                 } else {
-                    b.gpu(FAMILY, "gram", &shape, prec.name(), w, |_| plan.run(dev, &j, None, &mut out))?;
+                    b.gpu(FAMILY, "gram", &shape, prec.name(), w, |_| plan.run(&j, &mut out))?;
                 }
             }
         }
@@ -96,14 +96,14 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
                 flops += 2.0 * (n * n * din) as f64 + 2.0 * r * r * depth;
             }
             b.gpu(FAMILY, op, &shape, "f32", Work::flops(flops), |_| {
-                mlp.empirical_ntk(dev, &x, None, mode, Precision::F32).map(|_| ())
+                mlp.empirical_ntk(&x, None, mode, Precision::F32).map(|_| ())
             })?;
         }
     }
     if b.wants(FAMILY, "ntk_metrics") {
         let n = 4096;
         let j = DeviceTensor::from_host(dev, &rng.normal_vec(n * 64), &[n, 1, 64])?;
-        let k = ntk::gram(dev, &j, None, NtkMode::Full, Precision::F32)?.reshape(&[n, n])?;
+        let k = ntk::gram(dev, &j, NtkMode::Full, Precision::F32)?.reshape(&[n, n])?;
         let labels: Vec<u32> = (0..n).map(|_| rng.below(10) as u32).collect();
         let mut y = vec![0.0f32; n * 10];
         for (i, &l) in labels.iter().enumerate() {
@@ -149,7 +149,7 @@ fn check_mlp_entk(dev: &Device, host: &cpu::Mlp, mlp: &ntk::Mlp, rng: &mut Rng) 
         .collect();
     for mode in [NtkMode::Full, NtkMode::Trace { divide_by_outputs: false }] {
         let want = cpu::factored_ntk(&layers, None, n, n, 1, 10, mode)?;
-        let got = mlp.empirical_ntk(dev, &xt, None, mode, Precision::F32)?.to_host()?;
+        let got = mlp.empirical_ntk(&xt, None, mode, Precision::F32)?.to_host()?;
         let num: f64 = got.iter().zip(&want).map(|(&g, &w)| (f64::from(g) - w).powi(2)).sum();
         let den: f64 = want.iter().map(|w| w * w).sum();
         let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();

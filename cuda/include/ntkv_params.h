@@ -240,14 +240,16 @@ typedef struct NtkvDecodeValidateParams {
     uint32_t _pad0;
 } NtkvDecodeValidateParams;
 
-/* ---- ntk: Jacobian contractions (SPEC §6) ------------------------------ */
+/* ---- ntk: Jacobian contractions and the gemm module's split-K GEMM ------ */
 
 /* Split-K GEMM C_z = A_z · B_zᵀ into partials [batch][splits][m1][m2] (f32).
  * A_z row r, column q lives at a[z*a_batch_stride + r*a_row_stride + q] (elements); B
  * likewise. Split s covers q in [s*k_chunk, min((s+1)*k_chunk, k)); k_chunk is a multiple
  * of the kernels' 32-deep k tile. symmetric = 1: A == B, m1 == m2 and grid.x enumerates only
  * the 128x128 tiles with row tile <= column tile. vec_ok = 1: both row and batch strides
- * are multiples of 4 elements, so 4-element vector loads are aligned. */
+ * are multiples of 4 elements, so 4-element vector loads are aligned. layout (ntkv_gemm_*
+ * kernels): bit 0 / bit 1 set means A / B is k-major, element (r, q) at
+ * z*batch_stride + q*row_stride + r; vector loads are never used for a k-major operand. */
 typedef struct NtkvNtkGemmParams {
     uint64_t a_batch_stride;
     uint64_t b_batch_stride;
@@ -262,12 +264,13 @@ typedef struct NtkvNtkGemmParams {
     uint32_t col_tiles;
     uint32_t symmetric;
     uint32_t vec_ok;
-    uint32_t _pad0;
+    uint32_t layout; /* ntkv_gemm_* only (0 for ntkv_ntk_gemm_*): bit 0 A, bit 1 B is k-major */
 } NtkvNtkGemmParams;
 
 /* Sums the split-K partials in split order and writes the contraction's layout.
  * kind 0: out [batch, m1, m2]; kind 1 (Full): out [n1, n2, o, o] from C [(n1*o), (n2*o)];
- * kind 2 (Diagonal): out [n1, n2, o] from batch o of C [n1, n2]. symmetric = 1: element
+ * kind 2 (Diagonal): out [n1, n2, o] from batch o of C [n1, n2]; kind 3 (gemm): C [batch, m1, m2]
+ * written at out[z*c_batch_stride + r*ldc + c]. symmetric = 1: element
  * (r, c) with r's 128-tile after c's is read at (c, r). Every output is multiplied by scale. */
 typedef struct NtkvNtkReduceParams {
     uint64_t n_out;
@@ -282,6 +285,8 @@ typedef struct NtkvNtkReduceParams {
     uint32_t symmetric;
     float scale;
     uint32_t _pad0;
+    uint64_t ldc;            /* kind 3 (ntkv_gemm_reduce): out[z*c_batch_stride + r*ldc + c] */
+    uint64_t c_batch_stride;
 } NtkvNtkReduceParams;
 
 /* Pseudo-NTK pre-sum: out[i, q] = sum over a (in order) of j[i, a, q], f32. */

@@ -1,11 +1,13 @@
-//! The CPU reference of the NTK family (SPEC §6), in `f64`.
+//! The CPU reference of the NTK family, in `f64`.
 //!
 //! Everything here is the definition the GPU kernels are tested against: explicit Jacobian
 //! contractions, the factored (structured-derivative) MLP NTK, an MLP with an explicit
 //! per-sample Jacobian, the linearized model, and the kernel metrics. Inputs are `f32`
-//! slices (the storage the GPU reads); every sum accumulates in `f64`.
+//! slices (the storage the GPU reads); every sum accumulates in `f64`. Every function checks
+//! its sizes with checked arithmetic and reserves its output fallibly, so absurd sizes give
+//! [`Error::TooLarge`] or [`Error::Shape`], never a panic or an abort.
 
-use crate::error::{check_shape, Error, Result};
+use crate::error::{check_shape, checked_mul, Error, Result};
 use crate::ntk::{Activation, NtkMode};
 
 /// Output shape of a Jacobian contraction: `Full` `[n1, n2, o, o]`, `Trace` and `Pseudo`
@@ -18,15 +20,35 @@ pub fn output_shape(mode: NtkMode, n1: usize, n2: usize, o: usize) -> Vec<usize>
     }
 }
 
+/// `a·b·c`, or [`Error::TooLarge`] naming `arg`.
+fn mul3(arg: &'static str, a: usize, b: usize, c: usize) -> Result<usize> {
+    checked_mul(arg, checked_mul(arg, a, b)?, c)
+}
+
+/// A zero-filled output of `len` `f64`, reserved fallibly (an impossible size is an error,
+/// not an allocation abort).
+fn zeros(arg: &'static str, len: usize) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::too_large(arg, format!("{len} f64 do not fit in memory")))?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+/// The element count of `mode`'s output for `n1 × n2` samples and `o` outputs, checked.
+fn output_len(mode: NtkMode, n1: usize, n2: usize, o: usize) -> Result<usize> {
+    output_shape(mode, n1, n2, o).iter().try_fold(1usize, |acc, &d| checked_mul("out", acc, d))
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
 }
 
 /// The explicit contraction of per-sample Jacobians `j1 [n1, o, p]` and `j2 [n2, o, p]`
-/// (SPEC §6, output modes), accumulated in `f64`. Pass `j2 = None` for `J1 = J2`.
+/// in `mode` (see [`NtkMode`]), accumulated in `f64`. Pass `j2 = None` for `J1 = J2`.
 ///
 /// # Errors
-/// [`Error::Shape`] when a slice length does not match its shape.
+/// [`Error::Shape`] when a slice length does not match its shape; [`Error::TooLarge`] when a
+/// size or the output overflows or does not fit in memory.
 pub fn gram(
     j1: &[f32],
     j2: Option<&[f32]>,
@@ -36,10 +58,10 @@ pub fn gram(
     p: usize,
     mode: NtkMode,
 ) -> Result<Vec<f64>> {
-    check_shape("j1", &[n1 * o * p], &[j1.len()])?;
+    check_shape("j1", &[mul3("j1", n1, o, p)?], &[j1.len()])?;
     let j2 = match j2 {
         Some(j) => {
-            check_shape("j2", &[n2 * o * p], &[j.len()])?;
+            check_shape("j2", &[mul3("j2", n2, o, p)?], &[j.len()])?;
             j
         }
         None => {
@@ -49,10 +71,10 @@ pub fn gram(
     };
     let row1 = |i: usize, a: usize| &j1[(i * o + a) * p..(i * o + a + 1) * p];
     let row2 = |j: usize, b: usize| &j2[(j * o + b) * p..(j * o + b + 1) * p];
-    let mut out = Vec::new();
+    let mut out = zeros("out", output_len(mode, n1, n2, o)?)?;
+    out.clear();
     match mode {
         NtkMode::Full => {
-            out.reserve(n1 * n2 * o * o);
             for i in 0..n1 {
                 for j in 0..n2 {
                     for a in 0..o {
@@ -82,8 +104,8 @@ pub fn gram(
             }
         }
         NtkMode::Pseudo => {
-            let sum_rows = |jac: &[f32], n: usize| -> Vec<f64> {
-                let mut s = vec![0.0f64; n * p];
+            let sum_rows = |jac: &[f32], n: usize| -> Result<Vec<f64>> {
+                let mut s = zeros("j1", checked_mul("j1", n, p)?)?;
                 for i in 0..n {
                     for a in 0..o {
                         for (q, &v) in jac[(i * o + a) * p..(i * o + a + 1) * p].iter().enumerate() {
@@ -91,10 +113,10 @@ pub fn gram(
                         }
                     }
                 }
-                s
+                Ok(s)
             };
-            let s1 = sum_rows(j1, n1);
-            let s2 = sum_rows(j2, n2);
+            let s1 = sum_rows(j1, n1)?;
+            let s2 = sum_rows(j2, n2)?;
             for i in 0..n1 {
                 for j in 0..n2 {
                     out.push((0..p).map(|q| s1[i * p + q] * s2[j * p + q]).sum());
@@ -122,14 +144,27 @@ pub struct FactoredLayer<'a> {
     pub bias: bool,
 }
 
-/// The factored NTK of dense layers (SPEC §6):
+impl<'a> FactoredLayer<'a> {
+    /// Layers from host factors `(a, g)` and their `(d_in, d_out, bias)`, pairwise (the
+    /// shorter list bounds the count).
+    pub fn from_factors(factors: &'a [(Vec<f32>, Vec<f32>)], dims: &[(usize, usize, bool)]) -> Vec<Self> {
+        factors
+            .iter()
+            .zip(dims)
+            .map(|((a, g), &(d_in, d_out, bias))| FactoredLayer { a, g, d_in, d_out, bias })
+            .collect()
+    }
+}
+
+/// The factored NTK of dense layers:
 /// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (A_l[i,t]·A_l[j,s] + β_l)·(G_l[i,t,a]·G_l[j,s,b])`, contracted
 /// per `mode` exactly like [`gram`] on the explicit Jacobian. `layers2 = None` means the same
 /// samples on both sides.
 ///
 /// # Errors
 /// [`Error::Shape`] when a factor's length disagrees with `n`, `t`, `o` and its widths, or
-/// when the two sides have different layer counts or widths.
+/// when the two sides have different layer counts or widths; [`Error::TooLarge`] when a size
+/// overflows or the output does not fit in memory.
 pub fn factored_ntk(
     layers1: &[FactoredLayer<'_>],
     layers2: Option<&[FactoredLayer<'_>]>,
@@ -147,13 +182,13 @@ pub fn factored_ntk(
         }
     };
     check_shape("layers2", &[layers1.len()], &[layers2.len()])?;
-    let shape = output_shape(mode, n1, n2, o);
-    let mut out = vec![0.0f64; shape.iter().product()];
+    let mut out = zeros("out", output_len(mode, n1, n2, o)?)?;
     for (l1, l2) in layers1.iter().zip(layers2) {
-        check_shape("layers.a", &[n1 * t * l1.d_in], &[l1.a.len()])?;
-        check_shape("layers.g", &[n1 * t * o * l1.d_out], &[l1.g.len()])?;
-        check_shape("layers2.a", &[n2 * t * l1.d_in], &[l2.a.len()])?;
-        check_shape("layers2.g", &[n2 * t * o * l1.d_out], &[l2.g.len()])?;
+        check_shape("layers2.d_in", &[l1.d_in, l1.d_out], &[l2.d_in, l2.d_out])?;
+        check_shape("layers.a", &[mul3("layers.a", n1, t, l1.d_in)?], &[l1.a.len()])?;
+        check_shape("layers.g", &[checked_mul("layers.g", mul3("layers.g", n1, t, o)?, l1.d_out)?], &[l1.g.len()])?;
+        check_shape("layers2.a", &[mul3("layers2.a", n2, t, l1.d_in)?], &[l2.a.len()])?;
+        check_shape("layers2.g", &[checked_mul("layers2.g", mul3("layers2.g", n2, t, o)?, l1.d_out)?], &[l2.g.len()])?;
         let beta = if l1.bias { 1.0 } else { 0.0 };
         let (din, dout) = (l1.d_in, l1.d_out);
         let a1 = |i: usize, s: usize| &l1.a[(i * t + s) * din..(i * t + s + 1) * din];
@@ -336,7 +371,11 @@ impl Mlp {
         check_shape("weights", &[layers], &[self.weights.len()])?;
         check_shape("biases", &[layers], &[self.biases.len()])?;
         for l in 0..layers {
-            check_shape("weights", &[self.widths[l + 1] * self.widths[l]], &[self.weights[l].len()])?;
+            check_shape(
+                "weights",
+                &[checked_mul("widths", self.widths[l + 1], self.widths[l])?],
+                &[self.weights[l].len()],
+            )?;
             if let Some(b) = &self.biases[l] {
                 check_shape("biases", &[self.widths[l + 1]], &[b.len()])?;
             }
@@ -371,7 +410,7 @@ impl Mlp {
     pub fn pass(&self, x: &[f32], n: usize) -> Result<MlpPass> {
         self.validate()?;
         let w = &self.widths;
-        check_shape("x", &[n * w[0]], &[x.len()])?;
+        check_shape("x", &[checked_mul("x", n, w[0])?], &[x.len()])?;
         let layers = self.layers();
         let o = self.outputs();
         let mut inputs = Vec::with_capacity(layers);
@@ -379,7 +418,7 @@ impl Mlp {
         let mut a: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
         for l in 0..layers {
             let (din, dout) = (w[l], w[l + 1]);
-            let mut z = vec![0.0f64; n * dout];
+            let mut z = zeros("x", checked_mul("x", n, dout)?)?;
             for i in 0..n {
                 for r in 0..dout {
                     let wr = &self.weights[l][r * din..(r + 1) * din];
@@ -398,7 +437,7 @@ impl Mlp {
         let output = a;
         // Backward: G_{L-1}[i,a,c] = δ_ac; G_{l-1} = (G_l · W_l) ⊙ φ'(z_{l-1}).
         let mut cot = vec![Vec::new(); layers];
-        let mut g = vec![0.0f64; n * o * o];
+        let mut g = zeros("x", mul3("x", n, o, o)?)?;
         for i in 0..n {
             for a in 0..o {
                 g[(i * o + a) * o + a] = 1.0;
@@ -407,7 +446,7 @@ impl Mlp {
         for l in (0..layers).rev() {
             if l > 0 {
                 let (din, dout) = (w[l], w[l + 1]);
-                let mut gp = vec![0.0f64; n * o * din];
+                let mut gp = zeros("x", mul3("x", n, o, din)?)?;
                 for i in 0..n {
                     for a in 0..o {
                         let grow = &g[(i * o + a) * dout..(i * o + a + 1) * dout];
@@ -440,7 +479,7 @@ impl Mlp {
         let pass = self.pass(x, n)?;
         let o = self.outputs();
         let p = self.param_count();
-        let mut j = vec![0.0f64; n * o * p];
+        let mut j = zeros("x", mul3("x", n, o, p)?)?;
         for i in 0..n {
             for a in 0..o {
                 let row = &mut j[(i * o + a) * p..(i * o + a + 1) * p];
@@ -515,7 +554,7 @@ fn check_square(arg: &'static str, k: &[f64], n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::invalid(arg, "the kernel is empty (N = 0)"));
     }
-    check_shape(arg, &[n * n], &[k.len()])
+    check_shape(arg, &[checked_mul(arg, n, n)?], &[k.len()])
 }
 
 /// `Σ_i K_ii`.
@@ -612,7 +651,7 @@ pub fn alignment(k: &[f64], n: usize, y: &[f32], c: usize, centered: bool) -> Re
     if c == 0 {
         return Err(Error::invalid("targets", "targets need at least one column"));
     }
-    check_shape("targets", &[n * c], &[y.len()])?;
+    check_shape("targets", &[checked_mul("targets", n, c)?], &[y.len()])?;
     let m = outer_targets(y, n, c);
     Ok(if centered { cosine(&center(k, n), &center(&m, n)) } else { cosine(k, &m) })
 }
@@ -621,23 +660,42 @@ pub fn alignment(k: &[f64], n: usize, y: &[f32], c: usize, centered: bool) -> Re
 /// reduction to tridiagonal form, then the implicit QL algorithm with Wilkinson shifts.
 /// Only the lower triangle is read. O(n³) on the CPU.
 ///
+/// The matrix is first divided by its largest absolute entry `s` (so every entry is in
+/// `[-1, 1]` and no intermediate sum of squares can overflow, even for entries near
+/// `f64::MAX`), and the eigenvalues are multiplied back by `s`. A zero matrix has all-zero
+/// eigenvalues.
+///
 /// # Errors
-/// As [`trace`]; [`Error::NonFinite`] for a NaN or infinity; [`Error::InvalidArgument`] if
-/// QL fails to converge (it does not in practice on finite input).
+/// As [`trace`]; [`Error::NonFinite`] for a NaN or infinity; [`Error::TooLarge`] when an
+/// eigenvalue itself exceeds `f64::MAX` after unscaling (possible only for entries within a
+/// factor `n` of it); [`Error::InvalidArgument`] if QL fails to converge (it does not in
+/// practice on finite input).
 pub fn eigenvalues_symmetric(k: &[f64], n: usize) -> Result<Vec<f64>> {
     check_square("kernel", k, n)?;
     if let Some(index) = k.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { arg: "kernel", index });
     }
-    let mut a = k.to_vec();
+    let scale = (0..n).flat_map(|i| (0..=i).map(move |j| (i, j))).fold(0.0f64, |m, (i, j)| m.max(k[i * n + j].abs()));
+    if scale == 0.0 {
+        return zeros("kernel", n);
+    }
+    let mut a = zeros("kernel", k.len())?;
     // Symmetrize from the lower triangle so the input's upper triangle is never trusted.
     for i in 0..n {
-        for j in 0..i {
-            a[j * n + i] = a[i * n + j];
+        for j in 0..=i {
+            let v = k[i * n + j] / scale;
+            a[i * n + j] = v;
+            a[j * n + i] = v;
         }
     }
     let (mut d, mut e) = tridiagonalize(&mut a, n);
     tridiagonal_ql(&mut d, &mut e)?;
+    for v in d.iter_mut() {
+        *v *= scale;
+        if !v.is_finite() {
+            return Err(Error::too_large("kernel", "an eigenvalue exceeds f64::MAX"));
+        }
+    }
     d.sort_by(f64::total_cmp);
     Ok(d)
 }
@@ -724,7 +782,7 @@ fn tridiagonal_ql(d: &mut [f64], e: &mut [f64]) -> Result<()> {
             }
             iter += 1;
             if iter > 60 {
-                return Err(Error::invalid("kernel", "the QL eigenvalue iteration did not converge"));
+                return Err(Error::invalid("kernel", "the QL eigenvalue iteration did not converge in 60 sweeps"));
             }
             let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
             let mut r = g.hypot(1.0);
@@ -763,11 +821,16 @@ fn tridiagonal_ql(d: &mut [f64], e: &mut [f64]) -> Result<()> {
     Ok(())
 }
 
-/// `λ_max / λ_min` of eigenvalues sorted ascending: `∞` when `λ_min ≤ 0` (a non-PSD or
-/// singular kernel), never NaN.
+/// `λ_max / λ_min` of the eigenvalues (sorted ascending) of an `n × n` symmetric matrix,
+/// `n = eigenvalues.len()`: `∞` when the matrix is numerically singular or not positive
+/// definite, i.e. when `λ_min ≤ n·ε·λ_max` (`ε = f64::EPSILON`; this includes `λ_min ≤ 0` and
+/// `λ_max ≤ 0`), and for an empty or non-finite list. Never NaN, and never a huge finite
+/// ratio of rounding noise: below that threshold `λ_min` is indistinguishable from 0 at the
+/// precision of the eigensolver.
 pub fn condition_number_of(eigenvalues: &[f64]) -> f64 {
+    let n = eigenvalues.len() as f64;
     match (eigenvalues.first(), eigenvalues.last()) {
-        (Some(&lo), Some(&hi)) if lo > 0.0 && lo.is_finite() && hi.is_finite() => hi / lo,
+        (Some(&lo), Some(&hi)) if lo.is_finite() && hi.is_finite() && hi > 0.0 && lo > n * f64::EPSILON * hi => hi / lo,
         _ => f64::INFINITY,
     }
 }
@@ -783,9 +846,11 @@ pub fn condition_number(k: &[f64], n: usize) -> Result<f64> {
 /// Cholesky factor `L` (lower, row-major) of a symmetric positive-definite `[n, n]` matrix.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] naming `arg` when a pivot is not positive.
+/// [`Error::InvalidArgument`] naming `arg` when a pivot is not positive; [`Error::Shape`] when
+/// `a` is not `n × n`.
 pub fn cholesky(a: &[f64], n: usize, arg: &'static str) -> Result<Vec<f64>> {
-    let mut l = vec![0.0; n * n];
+    check_shape(arg, &[checked_mul(arg, n, n)?], &[a.len()])?;
+    let mut l = zeros(arg, a.len())?;
     for i in 0..n {
         for j in 0..=i {
             let mut s = a[i * n + j];
@@ -829,8 +894,8 @@ pub fn ntk_regression(
     diag_reg: f64,
 ) -> Result<Vec<f64>> {
     check_square("theta_train", theta_train, n)?;
-    check_shape("theta_test", &[m * n], &[theta_test.len()])?;
-    check_shape("targets", &[n * c], &[y.len()])?;
+    check_shape("theta_test", &[checked_mul("theta_test", m, n)?], &[theta_test.len()])?;
+    check_shape("targets", &[checked_mul("targets", n, c)?], &[y.len()])?;
     if !diag_reg.is_finite() || diag_reg < 0.0 {
         return Err(Error::invalid("diag_reg", format!("must be finite and ≥ 0, got {diag_reg}")));
     }
@@ -864,7 +929,7 @@ pub fn ntk_regression(
             x[i * c + col] = s / l[i * n + i];
         }
     }
-    let mut out = vec![0.0; m * c];
+    let mut out = zeros("out", checked_mul("out", m, c)?)?;
     for r in 0..m {
         for col in 0..c {
             out[r * c + col] = (0..n).map(|q| theta_test[r * n + q] * x[q * c + col]).sum();

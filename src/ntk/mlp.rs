@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::device::Device;
 use crate::error::{check_shape, Error, Result};
-use crate::ntk::gpu::{self, JvpStep, Scratch};
+use crate::ntk::gpu::{self, JvpStep};
 use crate::ntk::{cpu, factored_ntk, Activation, FactoredLayer, NtkMode, Precision};
 use crate::tensor::DeviceTensor;
 
@@ -20,8 +20,10 @@ struct Dense {
 }
 
 /// A dense MLP on the GPU, `z_l = a_l·W_lᵀ + b_l`, `a_{l+1} = φ(z_l)` except after the last
-/// layer (`W_l [d_out, d_in]`, the `nn.Linear` layout). All f32.
+/// layer (`W_l [d_out, d_in]`, the `nn.Linear` layout). All f32. The MLP lives on the device
+/// it was uploaded to; every input must be on that device.
 pub struct Mlp {
+    device: Device,
     widths: Vec<usize>,
     layers: Vec<Dense>,
     activation: Activation,
@@ -63,9 +65,9 @@ impl Mlp {
     ///
     /// # Errors
     /// As [`cpu::Mlp::validate`]; driver errors from the copies.
-    pub fn from_host(dev: &Device, host: &cpu::Mlp) -> Result<Self> {
+    pub fn from_host(device: &Device, host: &cpu::Mlp) -> Result<Self> {
         host.validate()?;
-        let stream = dev.stream();
+        let stream = device.stream();
         let mut layers = Vec::with_capacity(host.layers());
         for l in 0..host.layers() {
             let (din, dout) = (host.widths[l], host.widths[l + 1]);
@@ -82,7 +84,12 @@ impl Mlp {
                 b: host.biases[l].as_ref().map(|b| stream.clone_htod(b)).transpose()?,
             });
         }
-        Ok(Mlp { widths: host.widths.clone(), layers, activation: host.activation })
+        Ok(Mlp { device: device.clone(), widths: host.widths.clone(), layers, activation: host.activation })
+    }
+
+    /// The device the MLP lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Layer widths `[d_0, …, d_L]`.
@@ -100,7 +107,20 @@ impl Mlp {
         if s.len() != 2 || s[1] != self.widths[0] || s[0] == 0 {
             return Err(Error::shape(arg, &[s.first().copied().unwrap_or(0).max(1), self.widths[0]], s));
         }
+        self.device.check_tensor(arg, x)?;
         Ok(s[0])
+    }
+
+    /// `a [rows, k] · w [wrows, k]ᵀ` in exact f32.
+    fn linear(
+        &self,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaSlice<f32>,
+        wrows: usize,
+        k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        gpu::matmul_abt(&self.device, &a.as_view(), rows, Some((&w.as_view(), wrows)), k, Precision::F32)
     }
 
     /// Forward pass and per-output backward pass on `x [N, d_0]` (GEMMs in exact f32):
@@ -108,24 +128,24 @@ impl Mlp {
     ///
     /// # Errors
     /// [`Error::Shape`] for `x`.
-    pub fn factors(&self, dev: &Device, x: &DeviceTensor<f32>) -> Result<MlpFactors> {
+    pub fn factors(&self, x: &DeviceTensor<f32>) -> Result<MlpFactors> {
         let n = self.check_input("x", x)?;
-        let stream = dev.stream();
+        let device = &self.device;
+        let stream = device.stream();
         let layers = self.layers.len();
         let o = self.outputs();
         let act = self.activation.code();
-        let mut scratch = Scratch::default();
         let mut inputs: Vec<CudaSlice<f32>> = vec![stream.clone_dtod(x.slice())?];
         let mut pre_acts: Vec<CudaSlice<f32>> = Vec::with_capacity(layers);
         let mut output = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let (din, dout) = (self.widths[l], self.widths[l + 1]);
             let a = &inputs[l];
-            let pre = gpu::matmul_abt(dev, a, n, Some((&layer.w, dout)), din, Precision::F32, &mut scratch)?;
+            let pre = self.linear(a, n, &layer.w, dout, din)?;
             let mut z = stream.alloc_zeros::<f32>(n * dout)?;
             let mut next = stream.alloc_zeros::<f32>(n * dout)?;
             let last = l + 1 == layers;
-            gpu::bias_act(dev, &pre, layer.b.as_ref(), dout, !last, act, &mut z, &mut next)?;
+            gpu::bias_act(device, &pre, layer.b.as_ref(), dout, !last, act, &mut z, &mut next)?;
             pre_acts.push(z);
             if last {
                 output = Some(next);
@@ -136,13 +156,12 @@ impl Mlp {
         // Backward, one row per (sample, output).
         let mut cot: Vec<Option<CudaSlice<f32>>> = (0..layers).map(|_| None).collect();
         let mut g = stream.alloc_zeros::<f32>(n * o * o)?;
-        gpu::cotangent(dev, None, None, o, o, act, &mut g)?;
+        gpu::cotangent(device, None, o, o, act, &mut g)?;
         for l in (1..layers).rev() {
             let (din, dout) = (self.widths[l], self.widths[l + 1]);
-            let pre =
-                gpu::matmul_abt(dev, &g, n * o, Some((&self.layers[l].wt, din)), dout, Precision::F32, &mut scratch)?;
+            let pre = self.linear(&g, n * o, &self.layers[l].wt, din, dout)?;
             let mut gp = stream.alloc_zeros::<f32>(n * o * din)?;
-            gpu::cotangent(dev, Some(&pre), Some(&pre_acts[l - 1]), o, din, act, &mut gp)?;
+            gpu::cotangent(device, Some((&pre, &pre_acts[l - 1])), o, din, act, &mut gp)?;
             cot[l] = Some(std::mem::replace(&mut g, gp));
         }
         cot[0] = Some(g);
@@ -156,11 +175,11 @@ impl Mlp {
             .into_iter()
             .enumerate()
             .map(|(l, g)| {
-                let g = g.ok_or_else(|| Error::invalid("mlp", "missing cotangent"))?;
+                let g = g.ok_or_else(|| Error::internal("the backward pass skipped a cotangent"))?;
                 DeviceTensor::from_slice(g, &[n, 1, o, self.widths[l + 1]])
             })
             .collect::<Result<Vec<_>>>()?;
-        let output = output.ok_or_else(|| Error::invalid("mlp", "no layers"))?;
+        let output = output.ok_or_else(|| Error::internal("an MLP without layers passed validation"))?;
         Ok(MlpFactors { inputs, cotangents, output: DeviceTensor::from_slice(output, &[n, o])?, bias })
     }
 
@@ -172,7 +191,6 @@ impl Mlp {
     /// [`Error::Shape`] for `x1` or `x2`.
     pub fn empirical_ntk(
         &self,
-        dev: &Device,
         x1: &DeviceTensor<f32>,
         x2: Option<&DeviceTensor<f32>>,
         mode: NtkMode,
@@ -182,12 +200,12 @@ impl Mlp {
         if let Some(x) = x2 {
             self.check_input("x2", x)?;
         }
-        let f1 = self.factors(dev, x1)?;
+        let f1 = self.factors(x1)?;
         match x2 {
-            None => factored_ntk(dev, &f1.layers(), None, mode, precision),
+            None => factored_ntk(&self.device, &f1.layers(), None, mode, precision),
             Some(x) => {
-                let f2 = self.factors(dev, x)?;
-                factored_ntk(dev, &f1.layers(), Some(&f2.layers()), mode, precision)
+                let f2 = self.factors(x)?;
+                factored_ntk(&self.device, &f1.layers(), Some(&f2.layers()), mode, precision)
             }
         }
     }
@@ -199,29 +217,27 @@ impl Mlp {
     ///
     /// # Errors
     /// [`Error::Shape`] for `x`, or when `delta` has other widths or bias pattern.
-    pub fn linearized(&self, dev: &Device, delta: &Mlp, x: &DeviceTensor<f32>) -> Result<DeviceTensor<f32>> {
+    pub fn linearized(&self, delta: &Mlp, x: &DeviceTensor<f32>) -> Result<DeviceTensor<f32>> {
         let n = self.check_input("x", x)?;
+        self.device.check_key("delta", delta.device.key())?;
+        let device = &self.device;
         check_shape("delta.widths", &self.widths, &delta.widths)?;
         for (a, b) in self.layers.iter().zip(&delta.layers) {
             if a.b.is_some() != b.b.is_some() {
                 return Err(Error::invalid("delta.biases", "bias pattern differs from the MLP's"));
             }
         }
-        let stream = dev.stream();
+        let stream = device.stream();
         let act = self.activation.code();
-        let mut scratch = Scratch::default();
         let layers = self.layers.len();
         let mut a: CudaSlice<f32> = stream.clone_dtod(x.slice())?;
         let mut da: Option<CudaSlice<f32>> = None;
         for l in 0..layers {
             let (din, dout) = (self.widths[l], self.widths[l + 1]);
             let (w, dw) = (&self.layers[l], &delta.layers[l]);
-            let pre = gpu::matmul_abt(dev, &a, n, Some((&w.w, dout)), din, Precision::F32, &mut scratch)?;
-            let t1 = gpu::matmul_abt(dev, &a, n, Some((&dw.w, dout)), din, Precision::F32, &mut scratch)?;
-            let t2 = match &da {
-                Some(d) => Some(gpu::matmul_abt(dev, d, n, Some((&w.w, dout)), din, Precision::F32, &mut scratch)?),
-                None => None,
-            };
+            let pre = self.linear(&a, n, &w.w, dout, din)?;
+            let t1 = self.linear(&a, n, &dw.w, dout, din)?;
+            let t2 = da.as_ref().map(|d| self.linear(d, n, &w.w, dout, din)).transpose()?;
             let bias = match (&w.b, &dw.b) {
                 (Some(b), Some(db)) => Some((b, db)),
                 _ => None,
@@ -230,7 +246,7 @@ impl Mlp {
             let mut a_next = stream.alloc_zeros::<f32>(n * dout)?;
             let mut da_next = stream.alloc_zeros::<f32>(n * dout)?;
             let step = JvpStep { pre: &pre, t1: &t1, t2: t2.as_ref(), bias, cols: dout, is_last, act };
-            gpu::jvp(dev, &step, &mut a_next, &mut da_next)?;
+            gpu::jvp(device, &step, &mut a_next, &mut da_next)?;
             a = a_next;
             da = Some(da_next);
         }

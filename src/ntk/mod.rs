@@ -1,46 +1,47 @@
-//! NTK Jacobian contractions (SPEC §6): the empirical NTK from per-sample Jacobians, the
-//! factored (structured-derivative) MLP NTK that never materializes `J`, an MLP helper, the
+//! NTK Jacobian contractions: the empirical neural tangent kernel from per-sample Jacobians,
+//! the factored (structured-derivative) MLP NTK that never materializes `J`, an MLP helper, the
 //! linearized model, and metrics on an `[N, N]` kernel.
 //!
+//! # Jacobians and modes
+//! Per-sample Jacobians are `J [N, O, P]` row-major, `J[i,a,p] = ∂f_a(x_i)/∂θ_p`; a cross kernel
+//! takes `J1 [N1, O, P]` and `J2 [N2, O, P]`. Outputs are `f32`, in one of four [`NtkMode`]s:
+//! - `Full`: `Θ[i,j,a,b] = Σ_p J1[i,a,p]·J2[j,b,p]`, shape `[N1, N2, O, O]`;
+//! - `Trace`: `Σ_a Θ[i,j,a,a]`, shape `[N1, N2]`, optionally divided by `O`
+//!   (neural-tangents divides, the PyTorch tutorial does not: both are offered);
+//! - `Diagonal`: `Θ[i,j,a,a]`, shape `[N1, N2, O]`;
+//! - `Pseudo`: `(Σ_a J1[i,a,:])·(Σ_b J2[j,b,:])`, shape `[N1, N2]`: the scalar-output NTK of
+//!   TE-NAS and LGA.
+//!
 //! # What runs where
-//! - [`Gram`] / [`gram`]: Jacobian contractions on the GPU (tiled 128×128×32 GEMM kernels:
-//!   FFMA with an 8×8 register tile for [`Precision::F32`], inline-PTX `mma.sync` tensor cores
-//!   for [`Precision::Tf32`] (`m16n8k8`) and [`Precision::Bf16`] (`m16n8k16`), fp32
-//!   accumulation; split-K over `P` into f32 partials summed in split order by a second
-//!   kernel, so results are bit-identical run to run). Inputs whose rows are 16-byte
-//!   multiples and already in the mma's type (f32 for Tf32, bf16 for Bf16) stream through a
-//!   3–4 stage `cp.async` pipeline (4 warps of 64×64 per block, two blocks per SM); other
-//!   inputs go through a register-staged double buffer
-//!   that converts on the fly (f32 → bf16 with round-to-nearest-even, f32 → tf32 to nearest
-//!   with ties away from zero, `cvt.rna`'s rule).
-//! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: GPU (the same GEMM
-//!   kernels plus small elementwise kernels).
-//! - [`metrics`]: trace, Frobenius norm, mean, LGA and the alignments are GPU reductions
-//!   (per-block `f64` partial sums, then one block sums them in a fixed order); eigenvalues,
-//!   the condition number and NTK regression copy the kernel to the host and run in `f64` on
-//!   the CPU (O(N³), fine for N ≤ 4096).
+//! - [`GramPlan`] / [`gram`] / [`gram_cross`]: the contractions on the GPU through the
+//!   [`crate::gemm`] split-K GEMM (tiled 128×128×32; see there for the kernels, the split-K
+//!   order that makes results bit-identical run to run, and the precisions). The symmetric
+//!   case (`J2 = J1`) computes only the tiles on or above the diagonal and mirrors them, so the
+//!   output is exactly symmetric. `P` is streamed through split-K, so any `P` whose `J` fits in
+//!   memory works (`P` in the millions included).
+//! - [`factored_ntk`], [`Mlp::empirical_ntk`], [`Mlp::linearized`]: the same GEMMs plus small
+//!   elementwise kernels.
+//! - [`metrics`]: trace, Frobenius norm, mean, LGA and the alignments are GPU reductions in
+//!   `f64` with a fixed order; eigenvalues, the condition number and NTK regression copy the
+//!   kernel to the host and run in `f64` on the CPU (O(N³), fine for N ≤ 4096).
 //! - [`cpu`]: the `f64` reference of everything, which the tests compare against.
 //!
-//! # Layouts
-//! Per-sample Jacobians are `J [N, O, P]` row-major (`J[i,a,p] = ∂f_a(x_i)/∂θ_p`). Outputs
-//! are `f32`: `Full` `[N1, N2, O, O]`, `Trace` and `Pseudo` `[N1, N2]`, `Diagonal`
-//! `[N1, N2, O]`.
+//! # Precision and tolerances (relative L2 over the output, against the `f64` reference)
+//! - [`Precision::F32`]: exact fp32 FMA, ≤ 1e-5.
+//! - [`Precision::Tf32`]: inputs rounded to tf32 (at most 2⁻¹¹ relative each), fp32
+//!   accumulation: ≤ 2e-3 (the typical error on random data is a few 1e-4).
+//! - [`Precision::Bf16`]: `J` stored as bf16 is used as is; `J` stored as `f32` is rounded to
+//!   bf16 on the fly. fp32 accumulation. Against the reference on the bf16 values: ≤ 2e-3;
+//!   against the unrounded f32 input: ≤ 1e-2 (each input carries 2⁻⁹ relative rounding).
 //!
-//! # Precision and tolerances (against the `f64` reference, relative L2 over the output)
-//! - `F32`: exact fp32 FMA, ≤ 1e-5.
-//!
-//! `tests/ntk_gpu.rs` checks every bound above against the `f64` reference.
-//! - `Tf32`: inputs rounded to tf32 (10-bit mantissa, `cvt.rna`'s rule: at most 2⁻¹¹
-//!   relative per input), fp32 accumulation: ≤ 2e-3 (what the tests assert, on random data;
-//!   the typical error there is a few 1e-4).
-//! - `Bf16`: `J` stored as bf16 (`half::bf16`) is used as is; `J` stored as `f32` is rounded to
-//!   bf16 on the fly when staged into shared memory. fp32 accumulation. Against the reference
-//!   on the bf16 values: ≤ 2e-3 (SPEC's bf16 GEMM bar); against the unrounded f32 input:
-//!   ≤ 1e-2 (each input carries 2⁻⁹ relative rounding).
+//! `J` may be stored as `f32` or `bf16`; `f16` storage is refused. `Pseudo` first sums `J` over
+//! the outputs in f32 (in output order), then multiplies the sums at `precision`.
 
 pub mod cpu;
 
-/// How the `[N1, N2, O, O]` kernel is contracted over the output axes.
+pub use crate::gemm::Precision;
+
+/// How the `[N1, N2, O, O]` kernel is contracted over the output axes (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NtkMode {
     /// `Θ[i,j,a,b] = Σ_p J1[i,a,p]·J2[j,b,p]`, shape `[N1, N2, O, O]`.
@@ -58,6 +59,15 @@ pub enum NtkMode {
 }
 
 impl NtkMode {
+    /// Every mode (both trace variants).
+    pub const ALL: [NtkMode; 5] = [
+        NtkMode::Full,
+        NtkMode::Trace { divide_by_outputs: false },
+        NtkMode::Trace { divide_by_outputs: true },
+        NtkMode::Diagonal,
+        NtkMode::Pseudo,
+    ];
+
     /// A short name for tables (`full`, `trace`, `trace/O`, `diag`, `pseudo`).
     pub fn name(self) -> &'static str {
         match self {
@@ -72,37 +82,6 @@ impl NtkMode {
     /// The output shape for `n1 × n2` samples and `o` outputs.
     pub fn output_shape(self, n1: usize, n2: usize, o: usize) -> Vec<usize> {
         cpu::output_shape(self, n1, n2, o)
-    }
-}
-
-/// The arithmetic of a contraction. All accumulate in fp32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Precision {
-    /// Exact fp32 FMA on the CUDA cores; the reference for tests.
-    F32,
-    /// TF32 tensor cores (`mma.sync.m16n8k8`), inputs rounded to tf32 as `cvt.rna.tf32.f32` does.
-    Tf32,
-    /// BF16 tensor cores (`mma.sync.m16n8k16`), inputs as bf16.
-    Bf16,
-}
-
-impl Precision {
-    /// `f32`, `tf32` or `bf16`: the dtype string of the bench tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Tf32 => "tf32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-
-    /// The relative-L2 bound against the `f64` reference of the values the kernel reads
-    /// (documented at module level).
-    pub fn rel_l2_bound(self) -> f64 {
-        match self {
-            Precision::F32 => 1e-5,
-            Precision::Tf32 | Precision::Bf16 => 2e-3,
-        }
     }
 }
 
@@ -134,12 +113,13 @@ mod mlp;
 
 pub use mlp::{Mlp, MlpFactors};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use crate::device::Device;
 use crate::error::{check_shape, Error, Result};
-use crate::tensor::{DType, DeviceTensor, Float};
-use gpu::{GemmPlan, Operand, ReduceLayout, Scratch};
+use crate::gemm::{GemmPlan, GemmShape, Operand};
+use crate::tensor::{checked_numel, DType, DeviceTensor, Float, TensorMut, TensorRef};
+use gpu::ReduceLayout;
 
 fn check_dtype<T: Float>(arg: &'static str) -> Result<()> {
     if T::DTYPE == DType::F16 {
@@ -148,7 +128,23 @@ fn check_dtype<T: Float>(arg: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// How one contraction mode maps onto the split-K GEMM `C_z = A_z·B_zᵀ` over `J` (pure: the
+/// Checks a tensor's device, shape and length (a shape alone is never trusted).
+pub(crate) fn check_tensor<T>(
+    device: &Device,
+    arg: &'static str,
+    t: &(impl TensorRef<T> + ?Sized),
+    shape: &[usize],
+) -> Result<()> {
+    device.check_tensor(arg, t)?;
+    check_shape(arg, shape, t.shape())?;
+    let n = checked_numel::<T>(arg, shape)?;
+    if t.len() != n {
+        return Err(Error::shape(arg, &[n], &[t.len()]));
+    }
+    Ok(())
+}
+
+/// How one contraction mode maps onto the gemm module's `C_z = A_z·B_zᵀ` over `J` (pure: the
 /// plan, the launches and the CPU emulation in the tests share it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct ModeGeometry {
@@ -168,6 +164,24 @@ pub(crate) struct ModeGeometry {
     pub scale: f32,
 }
 
+impl ModeGeometry {
+    /// The GEMM: `A` the side-1 rows (row-major), `B` the side-2 rows read transposed.
+    pub(crate) fn gemm_shape(&self, symmetric: bool) -> GemmShape {
+        let a = Operand { transposed: false, ld: self.row_stride, batch_stride: self.batch_stride };
+        let plane = self.m1.saturating_mul(self.m2);
+        GemmShape {
+            batch: self.batch,
+            m: self.m1,
+            n: self.m2,
+            k: self.k,
+            a,
+            b: a.flipped(),
+            c: Operand::row_major(self.m2).batch_stride(plane),
+            symmetric,
+        }
+    }
+}
+
 /// The GEMM geometry of `mode` for `J1 [n1, o, p]`, `J2 [n2, o, p]`:
 /// - `Full`: rows `(i, a)` of `J` as they lie (`N·O` rows of `P`), output `[N1, N2, O, O]`;
 /// - `Trace`: rows `i` of depth `O·P` (`Σ_a Σ_p` is one dot product of a sample's whole slab);
@@ -177,58 +191,115 @@ pub(crate) struct ModeGeometry {
 /// # Errors
 /// [`Error::TooLarge`] when a size overflows.
 pub(crate) fn mode_geometry(mode: NtkMode, n1: usize, n2: usize, o: usize, p: usize) -> Result<ModeGeometry> {
-    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("o", "size overflows"));
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::too_large("params", "size overflows"));
     let op = mul(o, p)?;
+    let plain = |m1, m2, k, row_stride, presum, scale| ModeGeometry {
+        m1,
+        m2,
+        k,
+        batch: 1,
+        row_stride,
+        batch_stride: 0,
+        presum,
+        layout: ReduceLayout::Plain,
+        scale,
+    };
     Ok(match mode {
-        NtkMode::Full => ModeGeometry {
-            m1: mul(n1, o)?,
-            m2: mul(n2, o)?,
-            k: p,
-            batch: 1,
-            row_stride: p,
-            batch_stride: 0,
-            presum: false,
-            layout: ReduceLayout::Full { n2, o },
-            scale: 1.0,
-        },
-        NtkMode::Trace { divide_by_outputs } => ModeGeometry {
-            m1: n1,
-            m2: n2,
-            k: op,
-            batch: 1,
-            row_stride: op,
-            batch_stride: 0,
-            presum: false,
-            layout: ReduceLayout::Plain,
-            scale: if divide_by_outputs { 1.0 / o as f32 } else { 1.0 },
-        },
+        NtkMode::Full => {
+            ModeGeometry { layout: ReduceLayout::Full { n2, o }, ..plain(mul(n1, o)?, mul(n2, o)?, p, p, false, 1.0) }
+        }
+        NtkMode::Trace { divide_by_outputs } => {
+            plain(n1, n2, op, op, false, if divide_by_outputs { 1.0 / o as f32 } else { 1.0 })
+        }
         NtkMode::Diagonal => ModeGeometry {
-            m1: n1,
-            m2: n2,
-            k: p,
             batch: o,
-            row_stride: op,
             batch_stride: p,
-            presum: false,
             layout: ReduceLayout::Diagonal { n2, o },
-            scale: 1.0,
+            ..plain(n1, n2, p, op, false, 1.0)
         },
-        NtkMode::Pseudo => ModeGeometry {
-            m1: n1,
-            m2: n2,
-            k: p,
-            batch: 1,
-            row_stride: p,
-            batch_stride: 0,
-            presum: true,
-            layout: ReduceLayout::Plain,
-            scale: 1.0,
-        },
+        NtkMode::Pseudo => plain(n1, n2, p, p, true, 1.0),
     })
 }
 
-/// A planned Jacobian contraction (FlashInfer-style: [`Gram::plan`] validates the shapes and
-/// chooses the GEMM geometry and split-K once; [`Gram::run`] launches, reusing its workspace).
+/// The largest output of a contraction, in elements (the reduction decodes indices in 32 bits).
+pub const MAX_OUTPUT: usize = u32::MAX as usize;
+
+/// The shape of a Jacobian contraction: `J1 [n1, outputs, params]` against
+/// `J2 [n2, outputs, params]` (or against itself when `symmetric`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GramShape {
+    /// Samples on side 1, `≥ 1`.
+    pub n1: usize,
+    /// Samples on side 2, `≥ 1` (equal to `n1` when `symmetric`).
+    pub n2: usize,
+    /// Outputs `O`, `≥ 1`.
+    pub outputs: usize,
+    /// Parameters `P`; `0` gives a zero kernel.
+    pub params: usize,
+    /// The contraction.
+    pub mode: NtkMode,
+    /// `J2 = J1`: one triangle of tiles computed and mirrored.
+    pub symmetric: bool,
+}
+
+impl GramShape {
+    /// The symmetric contraction of `J [n, outputs, params]` with itself.
+    pub fn symmetric(n: usize, outputs: usize, params: usize, mode: NtkMode) -> Self {
+        GramShape { n1: n, n2: n, outputs, params, mode, symmetric: true }
+    }
+
+    /// The cross contraction of `J1 [n1, ..]` with `J2 [n2, ..]`.
+    pub fn cross(n1: usize, n2: usize, outputs: usize, params: usize, mode: NtkMode) -> Self {
+        GramShape { n1, n2, outputs, params, mode, symmetric: false }
+    }
+
+    /// The output shape (see [`NtkMode`]).
+    pub fn output_shape(&self) -> Vec<usize> {
+        self.mode.output_shape(self.n1, self.n2, self.outputs)
+    }
+
+    /// Checks the shape and returns the GEMM geometry it maps to.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a zero `n1`, `n2` or `outputs`, or a symmetric shape with
+    /// `n2 ≠ n1`; [`Error::TooLarge`] when `J` or the output overflows, the output exceeds
+    /// [`MAX_OUTPUT`] elements, or the GEMM exceeds [`crate::gemm::GemmShape::extents`]'s
+    /// limits.
+    pub(crate) fn geometry(&self) -> Result<ModeGeometry> {
+        for (arg, v) in [("n1", self.n1), ("n2", self.n2), ("outputs", self.outputs)] {
+            if v == 0 {
+                return Err(Error::invalid(arg, "must be at least 1"));
+            }
+        }
+        if self.symmetric && self.n2 != self.n1 {
+            return Err(Error::invalid("n2", "a symmetric contraction needs n2 == n1"));
+        }
+        for (arg, n) in [("j1", self.n1), ("j2", self.n2)] {
+            checked_numel::<f32>(arg, &[n, self.outputs, self.params])?;
+        }
+        let out = checked_numel::<f32>("out", &self.output_shape())?;
+        if out > MAX_OUTPUT {
+            return Err(Error::too_large("out", format!("{out} elements exceed {MAX_OUTPUT}")));
+        }
+        let g = mode_geometry(self.mode, self.n1, self.n2, self.outputs, self.params)?;
+        g.gemm_shape(self.symmetric).validate()?;
+        Ok(g)
+    }
+
+    /// Checks the shape: zero `n1`, `n2` or `outputs` and a symmetric `n2 ≠ n1` are
+    /// invalid; `J`, the output (at most [`MAX_OUTPUT`] elements) and the GEMM (see
+    /// [`crate::gemm::GemmShape::extents`]) must fit.
+    ///
+    /// # Errors
+    /// As described there.
+    pub fn validate(&self) -> Result<()> {
+        self.geometry().map(|_| ())
+    }
+}
+
+/// A planned Jacobian contraction: [`GramPlan::new`] validates the shape, chooses the GEMM
+/// geometry and split-K and allocates every workspace once; [`GramPlan::run`] (symmetric) or
+/// [`GramPlan::run_cross`] only launches.
 ///
 /// Cost: `Full` is one GEMM over rows `N·O` (`2·N1·N2·O²·P` FLOPs); `Trace` is one GEMM over
 /// rows `N` with depth `O·P` (`2·N1·N2·O·P`), never forming the off-diagonal output blocks;
@@ -236,182 +307,166 @@ pub(crate) fn mode_geometry(mode: NtkMode, n1: usize, n2: usize, o: usize, p: us
 /// `O` first (one pass over `J`) and then does one GEMM of depth `P` (`2·N1·N2·P`). The
 /// symmetric case computes only the 128×128 tiles on or above the diagonal (about half).
 ///
-/// Workspace: `splits × (output rows × output columns)` f32 partials, with `splits` chosen
-/// to fill the GPU's SMs and capped at 1 GiB of partials (see [`Gram::workspace_bytes`]), plus
-/// `(N1 + N2)·P` f32 for `Pseudo`. `P` is streamed, so any `P` that fits `J` works.
+/// Workspace: the GEMM's `splits × output` f32 partials (see [`crate::gemm`]), plus
+/// `(N1 + N2)·P` f32 (`N1·P` when symmetric) for `Pseudo`.
 #[derive(Debug)]
-pub struct Gram {
-    n1: usize,
-    n2: usize,
-    o: usize,
-    p: usize,
-    mode: NtkMode,
-    precision: Precision,
-    symmetric: bool,
+pub struct GramPlan {
+    device: Device,
+    shape: GramShape,
     geometry: ModeGeometry,
-    plan: GemmPlan,
-    scratch: ScratchDebug,
+    gemm: GemmPlan,
+    sums: Option<(CudaSlice<f32>, Option<CudaSlice<f32>>)>,
 }
 
-#[derive(Default)]
-struct ScratchDebug(Scratch, Option<CudaSlice<f32>>, Option<CudaSlice<f32>>);
-
-impl std::fmt::Debug for ScratchDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Workspace({} bytes)", self.0.bytes())
-    }
-}
-
-impl Gram {
-    /// Plans `Θ = J1·J2ᵀ` contracted per `mode`, for `J1 [n1, o, p]` and `J2 [n2, o, p]`;
-    /// `n2 = None` plans the symmetric case `J2 = J1` (one triangle computed).
+impl GramPlan {
+    /// Plans the contraction `shape` at `precision` on `device`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a zero `n1`, `n2` or `o` (`p = 0` is allowed and gives
-    /// zeros); [`Error::TooLarge`] when a dimension exceeds the kernels' index types.
-    pub fn plan(
-        dev: &Device,
-        n1: usize,
-        n2: Option<usize>,
-        o: usize,
-        p: usize,
-        mode: NtkMode,
-        precision: Precision,
-    ) -> Result<Self> {
-        if n1 == 0 {
-            return Err(Error::invalid("n1", "need at least one sample"));
-        }
-        if n2 == Some(0) {
-            return Err(Error::invalid("n2", "need at least one sample"));
-        }
-        if o == 0 {
-            return Err(Error::invalid("o", "need at least one output"));
-        }
-        let symmetric = n2.is_none();
-        let n2v = n2.unwrap_or(n1);
-        let geometry = mode_geometry(mode, n1, n2v, o, p)?;
-        let g = &geometry;
-        let plan = GemmPlan::new(gpu::gemm_slots(dev, precision), g.m1, g.m2, g.k, g.batch, symmetric)?;
-        let out: usize =
-            mode.output_shape(n1, n2v, o).iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
-        crate::error::to_u32("output", out)?;
-        Ok(Gram { n1, n2: n2v, o, p, mode, precision, symmetric, geometry, plan, scratch: ScratchDebug::default() })
+    /// As [`GramShape::validate`] and [`GemmPlan::new`].
+    pub fn new(device: &Device, shape: &GramShape, precision: Precision) -> Result<Self> {
+        let geometry = shape.geometry()?;
+        let gemm = GemmPlan::new(device, &geometry.gemm_shape(shape.symmetric), precision)?;
+        let sums = if geometry.presum {
+            let alloc = |n: usize| device.stream().alloc_zeros::<f32>(n.saturating_mul(shape.params).max(1));
+            Some((alloc(shape.n1)?, if shape.symmetric { None } else { Some(alloc(shape.n2)?) }))
+        } else {
+            None
+        };
+        Ok(GramPlan { device: device.clone(), shape: *shape, geometry, gemm, sums })
+    }
+
+    /// The planned shape.
+    pub fn shape(&self) -> &GramShape {
+        &self.shape
     }
 
     /// The output shape (see [`NtkMode`]).
     pub fn output_shape(&self) -> Vec<usize> {
-        self.mode.output_shape(self.n1, self.n2, self.o)
+        self.shape.output_shape()
     }
 
-    /// The number of split-K partitions of `P` the plan uses.
+    /// The precision.
+    pub fn precision(&self) -> Precision {
+        self.gemm.precision()
+    }
+
+    /// The number of split-K partitions of the contraction depth the plan uses.
     pub fn splits(&self) -> usize {
-        self.plan.splits
+        self.gemm.splits()
     }
 
-    /// Bytes of device workspace a run allocates (once, then reused).
+    /// Bytes of device workspace the plan holds.
     pub fn workspace_bytes(&self) -> usize {
-        let pseudo = if self.mode == NtkMode::Pseudo {
-            (self.n1 + if self.symmetric { 0 } else { self.n2 }) * self.p
-        } else {
-            0
-        };
-        (self.plan.partial_elems() + pseudo) * 4
+        let sums = self.sums.as_ref().map_or(0, |(a, b)| a.len() + b.as_ref().map_or(0, |b| b.len()));
+        self.gemm.workspace_bytes() + sums * 4
     }
 
-    /// Runs the contraction into `out` (shape [`Gram::output_shape`], f32).
-    ///
-    /// `j1 [n1, o, p]` and, unless the plan is symmetric, `j2 [n2, o, p]`, both `f32` or `bf16`
-    /// (see the module docs for how each precision reads each dtype).
+    /// Runs a symmetric plan: `out = Θ(J, J)` for `j [n1, outputs, params]` (`f32` or `bf16`)
+    /// into `out` (shape [`GramPlan::output_shape`], `f32`).
     ///
     /// # Errors
-    /// [`Error::Shape`] naming `j1`, `j2` or `out`; [`Error::InvalidArgument`] for `j2` given to
-    /// a symmetric plan or missing from a cross plan, or for f16 storage. Nothing is written
-    /// on error.
-    pub fn run<T: Float>(
+    /// [`Error::Shape`] naming `j1` or `out` (shape or length); [`Error::InvalidArgument`] for
+    /// a cross plan or f16 storage; [`Error::DeviceMismatch`] for a tensor of another device.
+    /// Nothing is written on error.
+    pub fn run<T: Float>(&mut self, j: &impl TensorRef<T>, out: &mut impl TensorMut<f32>) -> Result<()> {
+        if !self.shape.symmetric {
+            return Err(Error::invalid("j2", "the plan is for a cross kernel; use run_cross"));
+        }
+        self.check("j1", j, self.shape.n1)?;
+        check_tensor(&self.device, "out", out, &self.output_shape())?;
+        self.run_views(j.cuda_view(), None, out.cuda_view_mut())
+    }
+
+    /// Runs a cross plan: `out = Θ(J1, J2)` for `j1 [n1, outputs, params]` and
+    /// `j2 [n2, outputs, params]` of one storage type.
+    ///
+    /// # Errors
+    /// As [`GramPlan::run`], naming `j2` too; [`Error::InvalidArgument`] for a symmetric plan.
+    pub fn run_cross<T: Float>(
         &mut self,
-        dev: &Device,
-        j1: &DeviceTensor<T>,
-        j2: Option<&DeviceTensor<T>>,
-        out: &mut DeviceTensor<f32>,
+        j1: &impl TensorRef<T>,
+        j2: &impl TensorRef<T>,
+        out: &mut impl TensorMut<f32>,
     ) -> Result<()> {
-        check_dtype::<T>("j1")?;
-        check_shape("j1", &[self.n1, self.o, self.p], j1.shape())?;
-        match (j2, self.symmetric) {
-            (Some(_), true) => return Err(Error::invalid("j2", "the plan is symmetric (J2 = J1); pass None")),
-            (None, false) => return Err(Error::invalid("j2", "the plan is for a cross kernel; pass J2")),
-            (Some(j), false) => check_shape("j2", &[self.n2, self.o, self.p], j.shape())?,
-            (None, true) => {}
+        if self.shape.symmetric {
+            return Err(Error::invalid("j2", "the plan is symmetric (J2 = J1); use run"));
         }
-        check_shape("out", &self.output_shape(), out.shape())?;
-        let (n1, n2, o, p) = (self.n1, self.n2, self.o, self.p);
+        self.check("j1", j1, self.shape.n1)?;
+        self.check("j2", j2, self.shape.n2)?;
+        check_tensor(&self.device, "out", out, &self.output_shape())?;
+        self.run_views(j1.cuda_view(), Some(j2.cuda_view()), out.cuda_view_mut())
+    }
+
+    fn check<T: Float>(&self, arg: &'static str, j: &impl TensorRef<T>, n: usize) -> Result<()> {
+        check_dtype::<T>(arg)?;
+        check_tensor(&self.device, arg, j, &[n, self.shape.outputs, self.shape.params])
+    }
+
+    fn run_views<T: Float>(
+        &mut self,
+        j1: CudaView<'_, T>,
+        j2: Option<CudaView<'_, T>>,
+        mut out: CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let GramShape { n1, n2, outputs: o, params: p, .. } = self.shape;
         let g = self.geometry;
-        let plan = self.plan.clone();
-        let precision = self.precision;
-        let ScratchDebug(scratch, sum1, sum2) = &mut self.scratch;
-        let partials = scratch.get(dev, plan.partial_elems())?;
-        fn operand<'a>(g: &ModeGeometry, data: &'a CudaSlice<f32>, rows: usize) -> Operand<'a, f32> {
-            Operand { data, rows, row_stride: g.row_stride, batch_stride: g.batch_stride }
-        }
-        if g.presum {
-            for (j, n, sum) in [(Some(j1), n1, &mut *sum1), (j2, n2, &mut *sum2)] {
-                let Some(j) = j else { continue };
-                let need = (n * p).max(1);
-                if sum.as_ref().map_or(true, |s| s.len() != need) {
-                    *sum = Some(dev.stream().alloc_zeros::<f32>(need)?);
+        match &mut self.sums {
+            Some((s1, s2)) => {
+                gpu::presum(&self.device, &j1, n1, o, p, &mut s1.as_view_mut())?;
+                if let (Some(j2), Some(s2)) = (&j2, s2.as_mut()) {
+                    gpu::presum(&self.device, j2, n2, o, p, &mut s2.as_view_mut())?;
                 }
-                let s = sum.as_mut().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
-                gpu::presum(dev, j.slice(), n, o, p, s)?;
+                let s2v = s2.as_ref().map(|s| s.as_view());
+                self.gemm.launch_partials(&s1.as_view(), s2v.as_ref())?;
             }
-            let s1 = sum1.as_ref().ok_or_else(|| Error::invalid("workspace", "allocation vanished"))?;
-            let a = operand(&g, s1, g.m1);
-            let b = match (j2, sum2.as_ref()) {
-                (Some(_), Some(s2)) => Some(operand(&g, s2, g.m2)),
-                _ => None,
-            };
-            gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
-        } else {
-            let a = Operand { data: j1.slice(), rows: g.m1, row_stride: g.row_stride, batch_stride: g.batch_stride };
-            let b = j2.map(|j| Operand {
-                data: j.slice(),
-                rows: g.m2,
-                row_stride: g.row_stride,
-                batch_stride: g.batch_stride,
-            });
-            gpu::gemm(dev, &plan, &a, b.as_ref(), precision, partials)?;
+            None => self.gemm.launch_partials(&j1, j2.as_ref())?,
         }
-        gpu::reduce(dev, &plan, partials, g.layout, g.scale, out.slice_mut())
+        gpu::reduce(&self.device, self.gemm.split(), self.gemm.partials(), g.layout, g.scale, &mut out)
     }
 }
 
-/// One call: plans and runs a Jacobian contraction, returning a new `f32` tensor.
-/// `j2 = None` is the symmetric case `J2 = J1`.
+/// One call: plans and runs the symmetric contraction `Θ(J, J)` of `j [N, O, P]`, returning a
+/// new `f32` tensor of [`NtkMode::output_shape`].
 ///
 /// # Errors
-/// As [`Gram::plan`] and [`Gram::run`].
+/// [`Error::Shape`] unless `j` has three axes; as [`GramPlan::new`] and [`GramPlan::run`].
 pub fn gram<T: Float>(
-    dev: &Device,
-    j1: &DeviceTensor<T>,
-    j2: Option<&DeviceTensor<T>>,
+    device: &Device,
+    j: &impl TensorRef<T>,
     mode: NtkMode,
     precision: Precision,
 ) -> Result<DeviceTensor<f32>> {
-    let s = j1.shape();
-    if s.len() != 3 {
-        return Err(Error::shape("j1", &[0, 0, 0], s));
-    }
-    let n2 = match j2 {
-        Some(j) => {
-            if j.shape().len() != 3 {
-                return Err(Error::shape("j2", &[0, s[1], s[2]], j.shape()));
-            }
-            Some(j.shape()[0])
-        }
-        None => None,
-    };
-    let mut plan = Gram::plan(dev, s[0], n2, s[1], s[2], mode, precision)?;
-    let mut out = DeviceTensor::zeros(dev, &plan.output_shape())?;
-    plan.run(dev, j1, j2, &mut out)?;
+    let [n, o, p] = three_axes("j1", j.shape())?;
+    let mut plan = GramPlan::new(device, &GramShape::symmetric(n, o, p, mode), precision)?;
+    let mut out = DeviceTensor::zeros(device, &plan.output_shape())?;
+    plan.run(j, &mut out)?;
     Ok(out)
+}
+
+/// One call: plans and runs the cross contraction `Θ(J1, J2)`.
+///
+/// # Errors
+/// As [`gram`], naming `j2` too.
+pub fn gram_cross<T: Float>(
+    device: &Device,
+    j1: &impl TensorRef<T>,
+    j2: &impl TensorRef<T>,
+    mode: NtkMode,
+    precision: Precision,
+) -> Result<DeviceTensor<f32>> {
+    let [n1, o, p] = three_axes("j1", j1.shape())?;
+    let [n2, ..] = three_axes("j2", j2.shape())?;
+    let mut plan = GramPlan::new(device, &GramShape::cross(n1, n2, o, p, mode), precision)?;
+    let mut out = DeviceTensor::zeros(device, &plan.output_shape())?;
+    plan.run_cross(j1, j2, &mut out)?;
+    Ok(out)
+}
+
+fn three_axes(arg: &'static str, s: &[usize]) -> Result<[usize; 3]> {
+    match *s {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(Error::shape(arg, &[0, 0, 0], s)),
+    }
 }
 
 /// One dense layer's factors on the device: inputs `a [N, T, d_in]`, cotangents
@@ -427,15 +482,16 @@ pub struct FactoredLayer<'a> {
     pub bias: bool,
 }
 
-fn factored_dims(arg: &'static str, layers: &[FactoredLayer<'_>]) -> Result<(usize, usize, usize)> {
+fn factored_dims(device: &Device, arg: &'static str, layers: &[FactoredLayer<'_>]) -> Result<(usize, usize, usize)> {
     let first = layers.first().ok_or_else(|| Error::invalid(arg, "need at least one layer"))?;
-    let a = first.a.shape();
-    let g = first.g.shape();
+    let (a, g) = (first.a.shape(), first.g.shape());
     if a.len() != 3 || g.len() != 4 {
         return Err(Error::shape(arg, &[0, 0, 0, 0], g));
     }
     let (n, t, o) = (a[0], a[1], g[2]);
     for l in layers {
+        device.check_tensor(arg, l.a)?;
+        device.check_tensor(arg, l.g)?;
         let (sa, sg) = (l.a.shape(), l.g.shape());
         if sa.len() != 3 || sa[0] != n || sa[1] != t || sa[2] == 0 {
             return Err(Error::shape(arg, &[n, t, sa.get(2).copied().unwrap_or(0)], sa));
@@ -468,56 +524,50 @@ pub(crate) struct FactoredGeometry {
 }
 
 pub(crate) fn factored_geometry(mode: NtkMode, o: usize, dout: usize) -> FactoredGeometry {
+    let per_output =
+        FactoredGeometry { rows_per_slot: o, depth: dout, e: o, diagonal: false, presum: false, scale: 1.0 };
+    let scalar = FactoredGeometry { rows_per_slot: 1, e: 1, ..per_output };
     match mode {
-        NtkMode::Full | NtkMode::Diagonal => FactoredGeometry {
-            rows_per_slot: o,
-            depth: dout,
-            e: o,
-            diagonal: mode == NtkMode::Diagonal,
-            presum: false,
-            scale: 1.0,
-        },
-        NtkMode::Trace { divide_by_outputs } => FactoredGeometry {
-            rows_per_slot: 1,
-            depth: o * dout,
-            e: 1,
-            diagonal: false,
-            presum: false,
-            scale: if divide_by_outputs { 1.0 / o as f32 } else { 1.0 },
-        },
-        NtkMode::Pseudo => {
-            FactoredGeometry { rows_per_slot: 1, depth: dout, e: 1, diagonal: false, presum: true, scale: 1.0 }
+        NtkMode::Full => per_output,
+        NtkMode::Diagonal => FactoredGeometry { diagonal: true, ..per_output },
+        NtkMode::Trace { divide_by_outputs } => {
+            FactoredGeometry { depth: o * dout, scale: if divide_by_outputs { 1.0 / o as f32 } else { 1.0 }, ..scalar }
         }
+        NtkMode::Pseudo => FactoredGeometry { presum: true, ..scalar },
     }
 }
 
 /// The factored (structured-derivative) NTK of dense layers, on the GPU, never forming `J`:
-/// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (A_l[i,t]·A_l[j,s] + β_l)·(G_l[i,t,a]·G_l[j,s,b])` (SPEC §6),
-/// contracted per `mode` like [`gram`] on the explicit Jacobian of the same layers.
+/// `Θ[i,j,a,b] = Σ_l Σ_{t,s} (⟨A_l[i,t], A_l[j,s]⟩ + β_l)·⟨G_l[i,t,a], G_l[j,s,b]⟩`, contracted
+/// per `mode` like [`gram_cross`] on the explicit Jacobian of the same layers (`β_l = 1` for a
+/// layer with a bias, else 0). This is exact: a dense layer `z_t = W·a_t + b` shared over `t`
+/// has `∂f_a/∂W = Σ_t G[t,a]·A[t]ᵀ` and `∂f_a/∂b = Σ_t G[t,a]`, so the Jacobian inner product
+/// of two samples factors into the input Gram times the cotangent Gram.
 ///
 /// Per layer it computes the input Gram `A·Aᵀ` over `d_in` (rows `N·T`) and the cotangent
 /// Gram over `d_out` (rows `N·T·O` for `Full` and `Diagonal`; rows `N·T` with depth
-/// `O·d_out` for `Trace`; the `O`-summed cotangents for `Pseudo`) with the GEMM kernels at
+/// `O·d_out` for `Trace`; the `O`-summed cotangents for `Pseudo`) with the GEMM at
 /// `precision`, then combines them elementwise (`T = 1`: the Hadamard form
-/// `(AAᵀ + β) ⊙ (GGᵀ)`; `T > 1`: the sum over `t, s`, i.e. the Frobenius form), adding the
-/// layers in order (deterministic). `layers2 = None` is the symmetric case.
+/// `(AAᵀ + β) ⊙ (GGᵀ)`; `T > 1`: the sum over `t, s`), adding the layers in order
+/// (deterministic). `layers2 = None` is the symmetric case.
 ///
 /// Train-mode BatchNorm couples samples and is not a dense layer: it cannot be expressed here.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for no layers or zero sizes; [`Error::Shape`] when the layers
-/// disagree on `N`, `T`, `O` or the two sides on widths.
+/// disagree on `N`, `T`, `O` or the two sides on widths; [`Error::DeviceMismatch`] for a
+/// tensor of another device.
 pub fn factored_ntk(
-    dev: &Device,
+    device: &Device,
     layers1: &[FactoredLayer<'_>],
     layers2: Option<&[FactoredLayer<'_>]>,
     mode: NtkMode,
     precision: Precision,
 ) -> Result<DeviceTensor<f32>> {
-    let (n1, t, o) = factored_dims("layers1", layers1)?;
+    let (n1, t, o) = factored_dims(device, "layers1", layers1)?;
     let n2 = match layers2 {
         Some(l2) => {
-            let (n2, t2, o2) = factored_dims("layers2", l2)?;
+            let (n2, t2, o2) = factored_dims(device, "layers2", l2)?;
             check_shape("layers2", &[t, o], &[t2, o2])?;
             check_shape("layers2", &[layers1.len()], &[l2.len()])?;
             for (x, y) in layers1.iter().zip(l2) {
@@ -531,35 +581,32 @@ pub fn factored_ntk(
         None => n1,
     };
     let shape = mode.output_shape(n1, n2, o);
-    let mut out = DeviceTensor::<f32>::zeros(dev, &shape)?;
-    let mut scratch = Scratch::default();
+    let mut out = DeviceTensor::<f32>::zeros(device, &shape)?;
     for (l, x) in layers1.iter().enumerate() {
         let y = layers2.map(|l2| &l2[l]);
         let din = x.a.shape()[2];
         let dout = x.g.shape()[3];
-        let aa =
-            gpu::matmul_abt(dev, x.a.slice(), n1 * t, y.map(|y| (y.a.slice(), n2 * t)), din, precision, &mut scratch)?;
+        let ya = y.map(|y| y.a.cuda_view());
+        let aa = gpu::matmul_abt(device, &x.a.cuda_view(), n1 * t, ya.as_ref().map(|v| (v, n2 * t)), din, precision)?;
         let fg = factored_geometry(mode, o, dout);
+        let (r1, r2) = (n1 * t * fg.rows_per_slot, n2 * t * fg.rows_per_slot);
         let gg = if fg.presum {
-            let mut s1 = dev.stream().alloc_zeros::<f32>(n1 * t * dout)?;
-            gpu::presum(dev, x.g.slice(), n1 * t, o, dout, &mut s1)?;
-            let s2 = match y {
-                Some(y) => {
-                    let mut s2 = dev.stream().alloc_zeros::<f32>(n2 * t * dout)?;
-                    gpu::presum(dev, y.g.slice(), n2 * t, o, dout, &mut s2)?;
-                    Some(s2)
-                }
-                None => None,
+            let sum = |g: &DeviceTensor<f32>, n: usize| -> Result<CudaSlice<f32>> {
+                let mut s = device.stream().alloc_zeros::<f32>(n * t * dout)?;
+                gpu::presum(device, &g.cuda_view(), n * t, o, dout, &mut s.as_view_mut())?;
+                Ok(s)
             };
-            let other = s2.as_ref().map(|s2| (s2, n2 * t * fg.rows_per_slot));
-            gpu::matmul_abt(dev, &s1, n1 * t * fg.rows_per_slot, other, fg.depth, precision, &mut scratch)?
+            let s1 = sum(x.g, n1)?;
+            let s2 = y.map(|y| sum(y.g, n2)).transpose()?;
+            let s2v = s2.as_ref().map(|s| s.as_view());
+            gpu::matmul_abt(device, &s1.as_view(), r1, s2v.as_ref().map(|v| (v, r2)), fg.depth, precision)?
         } else {
-            let other = y.map(|y| (y.g.slice(), n2 * t * fg.rows_per_slot));
-            gpu::matmul_abt(dev, x.g.slice(), n1 * t * fg.rows_per_slot, other, fg.depth, precision, &mut scratch)?
+            let yg = y.map(|y| y.g.cuda_view());
+            gpu::matmul_abt(device, &x.g.cuda_view(), r1, yg.as_ref().map(|v| (v, r2)), fg.depth, precision)?
         };
-        let (e, diagonal, scale) = (fg.e, fg.diagonal, fg.scale);
         let beta = if x.bias { 1.0 } else { 0.0 };
-        gpu::combine(dev, &aa, &gg, n1, n2, t, e, diagonal, beta, scale, l > 0, out.slice_mut())?;
+        let mut ov = out.cuda_view_mut();
+        gpu::combine(device, &aa, &gg, n1, n2, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut ov)?;
     }
     Ok(out)
 }
@@ -568,17 +615,11 @@ pub fn factored_ntk(
 mod tests {
     //! The host-side geometry of every mode, run end to end through the CPU emulation of the
     //! kernels' index arithmetic (tiles, splits, partials, reduction layouts, combine).
-    use super::gpu::{emulate, GemmPlan};
+    use super::gpu::emulate;
     use super::*;
     use crate::rng::Rng;
 
-    const MODES: [NtkMode; 5] = [
-        NtkMode::Full,
-        NtkMode::Trace { divide_by_outputs: false },
-        NtkMode::Trace { divide_by_outputs: true },
-        NtkMode::Diagonal,
-        NtkMode::Pseudo,
-    ];
+    const MODES: [NtkMode; 5] = NtkMode::ALL;
 
     fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
         assert_eq!(got.len(), want.len());
@@ -605,17 +646,17 @@ mod tests {
             for mode in MODES {
                 let g = mode_geometry(mode, n1, n2v, o, p).unwrap();
                 assert_eq!(g.batch * g.m1 * g.m2, mode.output_shape(n1, n2v, o).iter().product::<usize>());
-                let plan = GemmPlan::new(slots, g.m1, g.m2, g.k, g.batch, n2.is_none()).unwrap();
                 let (a, b) = if g.presum {
                     (emulate::presum(&j1, n1, o, p), emulate::presum(&j2, n2v, o, p))
                 } else {
                     (j1.clone(), j2.clone())
                 };
-                let part = emulate::gemm(&plan, &a, n2.map(|_| b.as_slice()), g.row_stride, g.batch_stride);
-                let got = emulate::reduce(&plan, &part, g.layout, g.scale);
+                let shape = g.gemm_shape(n2.is_none());
+                let (split, part) = emulate::gemm(slots, &shape, &a, n2.map(|_| b.as_slice()));
+                let got = emulate::reduce(&split, &part, g.layout, g.scale);
                 let want = cpu::gram(&j1, n2.map(|_| j2.as_slice()), n1, n2v, o, p, mode).unwrap();
                 let e = rel_l2(&got, &want);
-                assert!(e < 1e-5, "{mode:?} n1={n1} n2={n2:?} o={o} p={p} splits={}: rel L2 {e:e}", plan.splits);
+                assert!(e < 1e-5, "{mode:?} n1={n1} n2={n2:?} o={o} p={p} splits={}: rel L2 {e:e}", split.splits);
             }
         }
     }
@@ -653,18 +694,10 @@ mod tests {
                     let other_g = n2.map(|_| (s2.as_slice(), n2v * t * fg.rows_per_slot));
                     let gg = emulate::matmul_abt(slots, &s1, n1 * t * fg.rows_per_slot, other_g, fg.depth);
                     let beta = if bias { 1.0 } else { 0.0 };
-                    emulate::combine(&aa, &gg, n1, n2v, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut out);
+                    emulate::combine(&aa, &gg, n2v, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut out);
                 }
-                let c1: Vec<cpu::FactoredLayer<'_>> = h1
-                    .iter()
-                    .zip(&dims)
-                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-                    .collect();
-                let c2: Vec<cpu::FactoredLayer<'_>> = side2
-                    .iter()
-                    .zip(&dims)
-                    .map(|((a, g), &(d_in, d_out, bias))| cpu::FactoredLayer { a, g, d_in, d_out, bias })
-                    .collect();
+                let (c1, c2) =
+                    (cpu::FactoredLayer::from_factors(&h1, &dims), cpu::FactoredLayer::from_factors(side2, &dims));
                 let want = cpu::factored_ntk(&c1, n2.map(|_| c2.as_slice()), n1, n2v, t, o, mode).unwrap();
                 let e = rel_l2(&out, &want);
                 assert!(e < 1e-5, "factored {mode:?} n1={n1} n2={n2:?} t={t}: rel L2 {e:e}");
