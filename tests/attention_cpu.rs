@@ -29,38 +29,38 @@ fn shape_validation_names_the_argument() {
     let cases: Vec<(PrefillShape, &str)> = vec![
         (
             PrefillShape {
-                num_q_heads: 0,
-                num_kv_heads: 1,
+                hq: 0,
+                hkv: 1,
                 head_dim: 64,
                 cu_seqlens_q: vec![0],
                 cu_seqlens_k: vec![0],
             },
-            "num_q_heads",
+            "hq",
         ),
         (
             PrefillShape {
-                num_q_heads: 6,
-                num_kv_heads: 4,
+                hq: 6,
+                hkv: 4,
                 head_dim: 64,
                 cu_seqlens_q: vec![0],
                 cu_seqlens_k: vec![0],
             },
-            "num_kv_heads",
+            "hkv",
         ),
         (
             PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 0,
+                hq: 4,
+                hkv: 0,
                 head_dim: 64,
                 cu_seqlens_q: vec![0],
                 cu_seqlens_k: vec![0],
             },
-            "num_kv_heads",
+            "hkv",
         ),
         (
             PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
+                hq: 4,
+                hkv: 2,
                 head_dim: 96,
                 cu_seqlens_q: vec![0],
                 cu_seqlens_k: vec![0],
@@ -68,13 +68,13 @@ fn shape_validation_names_the_argument() {
             "head_dim",
         ),
         (
-            PrefillShape { num_q_heads: 4, num_kv_heads: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] },
             "cu_seqlens_q",
         ),
         (
             PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
+                hq: 4,
+                hkv: 2,
                 head_dim: 64,
                 cu_seqlens_q: vec![1, 4],
                 cu_seqlens_k: vec![0, 4],
@@ -83,8 +83,8 @@ fn shape_validation_names_the_argument() {
         ),
         (
             PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
+                hq: 4,
+                hkv: 2,
                 head_dim: 64,
                 cu_seqlens_q: vec![0, 5, 4],
                 cu_seqlens_k: vec![0, 4, 8],
@@ -93,8 +93,8 @@ fn shape_validation_names_the_argument() {
         ),
         (
             PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
+                hq: 4,
+                hkv: 2,
                 head_dim: 64,
                 cu_seqlens_q: vec![0, 4],
                 cu_seqlens_k: vec![0, 4, 8],
@@ -279,7 +279,7 @@ fn plan_drops_causally_hidden_blocks_and_flags_the_diagonal() {
 fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockMask) {
     let plan = HostPlan::new(shape, opts, mask).unwrap();
     let (br, bc) = (mask.block_rows, mask.block_cols);
-    let mut seen = vec![0u8; shape.tq_total() * shape.num_q_heads];
+    let mut seen = vec![0u8; shape.tq_total() * shape.hq];
     for it in plan.items.chunks_exact(8) {
         let (q_row0, n_rows, k_tok0, tk) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
         let h = it[7] as usize;
@@ -351,7 +351,7 @@ fn emulation_case<T: Float>(seed: u64, tol: f64) {
         let heads = if case % 3 == 0 { MaskHeads::PerKvHead } else { MaskHeads::Shared };
         let mask = random_mask(&mut rng, &shape, br, bc, heads, [0.3, 0.6, 1.0][case % 3], [0.0, 0.5][case % 2]);
         let opts = PrefillOptions { causal: case % 2 == 1, ..Default::default() };
-        let q: Vec<T> = random_vec(&mut rng, shape.tq_total() * shape.num_q_heads * d, 2.0);
+        let q: Vec<T> = random_vec(&mut rng, shape.tq_total() * shape.hq * d, 2.0);
         let k: Vec<T> = random_vec(&mut rng, shape.tk_total() * hkv * d, 2.0);
         let v: Vec<T> = random_vec(&mut rng, shape.tk_total() * hkv * d, 1.0);
         let want = cpu::prefill(&shape, opts, &mask, &q, &k, &v).unwrap();

@@ -30,7 +30,7 @@ pub fn random_mask(
 ) -> BlockMask {
     let mh = match heads {
         MaskHeads::Shared => 1,
-        MaskHeads::PerKvHead => shape.num_kv_heads,
+        MaskHeads::PerKvHead => shape.hkv,
     };
     let mut rows = Vec::new();
     for b in 0..shape.batch() {
@@ -74,7 +74,7 @@ pub fn to_f64<T: Float>(x: &[T]) -> Vec<f64> {
 pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (Vec<f64>, Vec<f64>) {
     let split = plan.split_p(T::DTYPE);
     let s = &plan.shape;
-    let (tq, hq, hkv, d) = (s.tq_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
+    let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
     let (br, bc) = (plan.block_rows, plan.block_cols);
     let scale_log2 = plan.options.scale_for(d) * std::f32::consts::LOG2_E;
     let mut o = vec![f64::NAN; tq * hq * d];
@@ -165,7 +165,7 @@ pub struct Case {
 
 /// q, k, v with N(0, 1) entries for `shape`.
 pub fn normal_inputs<T: Float>(rng: &mut Rng, s: &PrefillShape) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
+    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.hq, s.hkv, s.head_dim);
     let q: Vec<T> = (0..tq * hq * d).map(|_| T::from_f32(rng.normal())).collect();
     let k: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
     let v: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
