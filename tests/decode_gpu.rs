@@ -57,7 +57,7 @@ fn tol<T: Float>() -> f64 {
 fn check_case<T: Float>(dev: &Device, seed: u64, cfg: DecodeConfig, lens: Lens) {
     let mut rng = Rng::new(seed);
     let p = random_problem::<T>(&mut rng, cfg, lens);
-    let want = cpu::sparse_decode(&p.cfg, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+    let want = cpu::sparse_decode(&p.cfg, &p.cfg.opts, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
     let got = run_gpu(dev, &p).unwrap();
     let what = format!("seed {seed} {:?} {:?}", p.cfg, T::DTYPE);
     common::assert_rel_l2(&format!("o {what}"), &got.o, &want.o, tol::<T>());
@@ -81,7 +81,7 @@ fn differential_gqa_groups_and_head_dims() {
             for &causal in &[false, true] {
                 let hkv = if group == 8 { 1 } else { 2 };
                 let tq = 1 + (seed as usize % 5);
-                let cfg = DecodeConfig::new(2, tq, hkv * group, hkv, d, 203).causal(causal);
+                let cfg = Cfg::new(2, tq, hkv * group, hkv, d, 203).causal(causal);
                 check_case::<f16>(dev, seed, cfg.clone(), Lens::Random);
                 check_case::<bf16>(dev, seed + 1, cfg, Lens::Random);
                 seed += 2;
@@ -97,7 +97,7 @@ fn differential_split_lists_merge() {
     // lengths 1, a partial tile, several tiles, and the whole cache.
     for (i, &chunk) in [64usize, 128, 192].iter().enumerate() {
         let s = 300 + 10 * i as u64;
-        let cfg = DecodeConfig::new(3, 2, 8, 2, 128, 517).chunk_tokens(chunk);
+        let cfg = Cfg::new(3, 2, 8, 2, 128, 517).chunk_tokens(chunk);
         check_case::<f16>(dev, s, cfg.clone(), Lens::Random);
         check_case::<bf16>(dev, s + 1, cfg.clone(), Lens::Full);
         check_case::<f16>(dev, s + 2, cfg.clone().causal(true), Lens::Fixed(1));
@@ -109,19 +109,19 @@ fn differential_split_lists_merge() {
 fn differential_many_query_rows() {
     let dev = gpu_or_skip!("differential_many_query_rows");
     // group 8 x Tq 16 = 128 rows per kv head: eight row tiles per chunk.
-    let cfg = DecodeConfig::new(1, 16, 16, 2, 64, 300).causal(true);
+    let cfg = Cfg::new(1, 16, 16, 2, 64, 300).causal(true);
     check_case::<f16>(dev, 400, cfg.clone(), Lens::Random);
     check_case::<bf16>(dev, 401, cfg.chunk_tokens(64), Lens::Random);
     // 3 x 5 = 15 rows (a partial row tile) and 6 x 3 = 18 rows (one full, one partial).
-    check_case::<f16>(dev, 402, DecodeConfig::new(2, 5, 3, 1, 128, 77), Lens::Random);
-    check_case::<bf16>(dev, 403, DecodeConfig::new(2, 3, 12, 2, 128, 77).chunk_tokens(64), Lens::Random);
+    check_case::<f16>(dev, 402, Cfg::new(2, 5, 3, 1, 128, 77), Lens::Random);
+    check_case::<bf16>(dev, 403, Cfg::new(2, 3, 12, 2, 128, 77).chunk_tokens(64), Lens::Random);
 }
 
 #[test]
 fn differential_long_lists_automatic_split() {
     let dev = gpu_or_skip!("differential_long_lists_automatic_split");
     // Long enough that the automatic planner splits (chunks of at least 256 tokens).
-    let cfg = DecodeConfig::new(1, 1, 8, 4, 128, 5000);
+    let cfg = Cfg::new(1, 1, 8, 4, 128, 5000);
     check_case::<f16>(dev, 500, cfg.clone(), Lens::Full);
     check_case::<f16>(dev, 501, cfg.clone(), Lens::Fixed(2048));
     check_case::<bf16>(dev, 502, cfg.scale(0.05), Lens::Random);
@@ -131,7 +131,7 @@ fn differential_long_lists_automatic_split() {
 fn empty_lists_give_zero_and_neg_inf() {
     let dev = gpu_or_skip!("empty_lists_give_zero_and_neg_inf");
     for chunk in [None, Some(64)] {
-        let mut cfg = DecodeConfig::new(2, 2, 4, 2, 64, 90);
+        let mut cfg = Cfg::new(2, 2, 4, 2, 64, 90);
         cfg.chunk_tokens = chunk;
         let mut rng = Rng::new(600);
         let mut p = random_problem::<f16>(&mut rng, cfg, Lens::Random);
@@ -149,7 +149,7 @@ fn empty_lists_give_zero_and_neg_inf() {
         p.indptr = indptr;
         p.indices = indices;
         let got = run_gpu(dev, &p).unwrap();
-        let want = cpu::sparse_decode(&p.cfg, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+        let want = cpu::sparse_decode(&p.cfg, &p.cfg.opts, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
         for (row, &l) in want.lse.iter().enumerate() {
             if l == f64::NEG_INFINITY {
                 assert_eq!(got.lse[row], f64::NEG_INFINITY, "row {row}");
@@ -163,7 +163,7 @@ fn empty_lists_give_zero_and_neg_inf() {
 #[test]
 fn deterministic_bits() {
     let dev = gpu_or_skip!("deterministic_bits");
-    let cfg = DecodeConfig::new(2, 4, 8, 2, 128, 1500);
+    let cfg = Cfg::new(2, 4, 8, 2, 128, 1500);
     let mut rng = Rng::new(700);
     let p = random_problem::<bf16>(&mut rng, cfg, Lens::Random);
     let a = run_gpu(dev, &p).unwrap();
@@ -180,7 +180,7 @@ fn deterministic_bits() {
 #[test]
 fn malformed_lists_rejected_before_launch() {
     let dev = gpu_or_skip!("malformed_lists_rejected_before_launch");
-    let cfg = DecodeConfig::new(2, 1, 4, 2, 64, 4000);
+    let cfg = Cfg::new(2, 1, 4, 2, 64, 4000);
     let mut rng = Rng::new(800);
     let mut p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Fixed(3000));
     // Fixed cache lengths so that every list holds exactly 3000 entries.
@@ -251,7 +251,7 @@ fn malformed_lists_rejected_before_launch() {
 #[test]
 fn plan_is_reusable_across_layers() {
     let dev = gpu_or_skip!("plan_is_reusable_across_layers");
-    let cfg = DecodeConfig::new(1, 2, 4, 2, 128, 700).chunk_tokens(128);
+    let cfg = Cfg::new(1, 2, 4, 2, 128, 700).chunk_tokens(128);
     let mut rng = Rng::new(900);
     let a = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
     let indptr = DeviceTensor::from_host(dev, &a.indptr, &[a.indptr.len()]).unwrap();
@@ -271,7 +271,7 @@ fn plan_is_reusable_across_layers() {
         let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape()).unwrap();
         let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
         plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
-        let want = cpu::sparse_decode(&cfg, &qh, &kh, &vh, &a.cache_lens, &a.indptr, &a.indices).unwrap();
+        let want = cpu::sparse_decode(&cfg, &cfg.opts, &qh, &kh, &vh, &a.cache_lens, &a.indptr, &a.indices).unwrap();
         let got: Vec<f64> = o.to_host().unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
         common::assert_rel_l2(&format!("layer {layer}"), &got, &want.o, 5e-4);
     }
