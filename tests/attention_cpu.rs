@@ -177,7 +177,7 @@ fn causal_is_bottom_right_aligned() {
     let opts = PrefillOptions { causal: true, ..Default::default() };
     for i in 0..3 {
         for j in 0..5 {
-            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, 0, i, j), j <= i + 2, "i={i} j={j}");
+            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, 0, i, j).unwrap(), j <= i + 2, "i={i} j={j}");
         }
     }
     // Tq > Tk: the first Tq - Tk rows see nothing.
@@ -236,13 +236,13 @@ fn per_kv_head_masks_apply_to_their_query_group() {
     for h in 0..4 {
         for j in [0usize, 63, 64, 127] {
             let want = if h < 2 { j < 64 } else { j >= 64 };
-            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, h, 5, j), want, "h={h} j={j}");
+            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, h, 5, j).unwrap(), want, "h={h} j={j}");
         }
     }
     let plan = HostPlan::new(&shape, opts, &mask).unwrap();
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let h = it[7] as usize;
-        let cols: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks[e as usize * 4]).collect();
+        let cols: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks()[e as usize * 4]).collect();
         assert_eq!(cols, if h < 2 { vec![0] } else { vec![1] });
     }
 }
@@ -254,22 +254,22 @@ fn plan_drops_causally_hidden_blocks_and_flags_the_diagonal() {
     let mask = BlockMask::dense(64, 64, MaskHeads::Shared, &shape).unwrap();
     let plan = HostPlan::new(&shape, PrefillOptions { causal: true, ..Default::default() }, &mask).unwrap();
     assert_eq!(plan.n_items(), 5 * 2);
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let rb = it[0] as usize / 64;
         let list: Vec<(u32, u32)> =
-            (it[5]..it[6]).map(|e| (plan.blocks[e as usize * 4], plan.blocks[e as usize * 4 + 1])).collect();
+            (it[5]..it[6]).map(|e| (plan.blocks()[e as usize * 4], plan.blocks()[e as usize * 4 + 1])).collect();
         let want: Vec<(u32, u32)> = (0..=rb as u32).map(|c| (c, u32::from(c as usize == rb || c == 4))).collect();
         assert_eq!(list, want, "row block {rb}");
         assert_eq!(it[1] as usize, (300 - rb * 64).min(64));
         assert_eq!(it[4] as i32, (rb * 64) as i32);
     }
     // Longest lists first.
-    let lens: Vec<u32> = plan.items.chunks_exact(8).map(|it| it[6] - it[5]).collect();
+    let lens: Vec<u32> = plan.items().chunks_exact(8).map(|it| it[6] - it[5]).collect();
     assert!(lens.windows(2).all(|w| w[0] >= w[1]), "{lens:?}");
     // Non-causal dense: everything listed, only the partial last column flagged.
     let plan = HostPlan::new(&shape, PrefillOptions::default(), &mask).unwrap();
-    for it in plan.items.chunks_exact(8) {
-        let flags: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks[e as usize * 4 + 1]).collect();
+    for it in plan.items().chunks_exact(8) {
+        let flags: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks()[e as usize * 4 + 1]).collect();
         assert_eq!(flags, vec![0, 0, 0, 0, 1]);
     }
 }
@@ -280,19 +280,19 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
     let plan = HostPlan::new(shape, opts, mask).unwrap();
     let (br, bc) = (mask.block_rows, mask.block_cols);
     let mut seen = vec![0u8; shape.tq_total() * shape.hq];
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let (q_row0, n_rows, k_tok0, tk) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
         let h = it[7] as usize;
         let cu = &shape.cu_seqlens_q;
         let b = (0..shape.batch()).find(|&b| cu[b] as usize <= q_row0 && q_row0 < cu[b + 1] as usize).unwrap();
         assert_eq!(shape.cu_seqlens_k[b] as usize, k_tok0);
-        assert_eq!(shape.seq_k(b), tk);
+        assert_eq!(shape.seq_k(b).unwrap(), tk);
         let i0 = q_row0 - shape.cu_seqlens_q[b] as usize;
         for r in 0..n_rows {
             seen[h * shape.tq_total() + q_row0 + r] += 1;
             let mut kernel_vis = vec![false; tk];
             for e in it[5]..it[6] {
-                let blk = &plan.blocks[e as usize * 4..e as usize * 4 + 4];
+                let blk = &plan.blocks()[e as usize * 4..e as usize * 4 + 4];
                 for c in 0..bc {
                     let key = blk[0] as usize * bc + c;
                     let mut vis = true;
@@ -302,7 +302,7 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
                             vis &= key as i64 <= r as i64 + it[4] as i32 as i64;
                         }
                         if blk[2] != NO_TOKEN_MASK {
-                            let w = plan.token_masks[(blk[2] as usize * br + r) * (bc / 32) + c / 32];
+                            let w = plan.token_masks()[(blk[2] as usize * br + r) * (bc / 32) + c / 32];
                             vis &= (w >> (c % 32)) & 1 == 1;
                         }
                     }
@@ -313,7 +313,7 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
                 }
             }
             for (j, &kv) in kernel_vis.iter().enumerate() {
-                assert_eq!(kv, cpu::visible(shape, &opts, mask, b, h, i0 + r, j), "b={b} h={h} i={} j={j}", i0 + r);
+                assert_eq!(kv, cpu::visible(shape, &opts, mask, b, h, i0 + r, j).unwrap(), "b={b} h={h} i={} j={j}", i0 + r);
             }
         }
     }
@@ -401,7 +401,7 @@ fn graph_visible_via_mask(g: &GraphKv, mask: &BlockMask, shape: &PrefillShape, b
     let mut out = vec![false; n * n];
     for i in 0..n {
         for j in 0..n {
-            out[i * n + j] = mask.visible(shape, b, 0, i, j);
+            out[i * n + j] = mask.visible(shape, b, 0, i, j).unwrap();
         }
     }
     out

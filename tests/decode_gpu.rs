@@ -6,11 +6,11 @@
 mod common;
 mod decode_support;
 
-use decode_support::{random_problem, Lens, Problem};
+use decode_support::{random_problem, Cfg, Lens, Problem};
 use half::{bf16, f16};
-use ntkv::decode::{cpu, validate_lists, DecodeConfig, DecodePlan};
+use ntkv::decode::{cpu, validate_lists, DecodePlan};
 use ntkv::rng::Rng;
-use ntkv::{Device, DeviceTensor, Error, Float};
+use ntkv::{Device, DeviceTensor, Error, Float, TensorView, TensorViewMut};
 
 struct Outputs {
     o: Vec<f64>,
@@ -36,7 +36,7 @@ fn run_gpu<T: Float>(dev: &Device, p: &Problem<T>) -> Result<Outputs, Error> {
     let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
     let mut o = DeviceTensor::<T>::zeros(dev, &cfg.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
-    let mut plan = DecodePlan::new(dev, cfg, &p.cache_lens, &indptr, &indices)?;
+    let mut plan = DecodePlan::new(dev, cfg, cfg.opts, &p.cache_lens, &indptr, &indices)?;
     plan.run(&q, &k, &v, &mut o, &mut lse)?;
     let oh = o.to_host()?;
     Ok(Outputs {
@@ -54,10 +54,10 @@ fn tol<T: Float>() -> f64 {
     }
 }
 
-fn check_case<T: Float>(dev: &Device, seed: u64, cfg: DecodeConfig, lens: Lens) {
+fn check_case<T: Float>(dev: &Device, seed: u64, cfg: Cfg, lens: Lens) {
     let mut rng = Rng::new(seed);
     let p = random_problem::<T>(&mut rng, cfg, lens);
-    let want = cpu::sparse_decode(&p.cfg, &p.cfg.opts, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+    let want = p.reference().unwrap();
     let got = run_gpu(dev, &p).unwrap();
     let what = format!("seed {seed} {:?} {:?}", p.cfg, T::DTYPE);
     common::assert_rel_l2(&format!("o {what}"), &got.o, &want.o, tol::<T>());
@@ -132,7 +132,7 @@ fn empty_lists_give_zero_and_neg_inf() {
     let dev = gpu_or_skip!("empty_lists_give_zero_and_neg_inf");
     for chunk in [None, Some(64)] {
         let mut cfg = Cfg::new(2, 2, 4, 2, 64, 90);
-        cfg.chunk_tokens = chunk;
+        cfg.opts.chunk_tokens = chunk;
         let mut rng = Rng::new(600);
         let mut p = random_problem::<f16>(&mut rng, cfg, Lens::Random);
         // Lists 1 and 2 empty, the others kept.
@@ -149,7 +149,7 @@ fn empty_lists_give_zero_and_neg_inf() {
         p.indptr = indptr;
         p.indices = indices;
         let got = run_gpu(dev, &p).unwrap();
-        let want = cpu::sparse_decode(&p.cfg, &p.cfg.opts, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+        let want = p.reference().unwrap();
         for (row, &l) in want.lse.iter().enumerate() {
             if l == f64::NEG_INFINITY {
                 assert_eq!(got.lse[row], f64::NEG_INFINITY, "row {row}");
@@ -219,7 +219,7 @@ fn malformed_lists_rejected_before_launch() {
         let want = validate_lists(&cfg, &lens, &ptr, &idx).unwrap_err();
         let indptr = DeviceTensor::from_host(dev, &ptr, &[ptr.len()]).unwrap();
         let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
-        let got = DecodePlan::new(dev, &cfg, &lens, &indptr, &indices).unwrap_err();
+        let got = DecodePlan::new(dev, &cfg, cfg.opts, &lens, &indptr, &indices).unwrap_err();
         assert_eq!(got.to_string(), want.to_string(), "case {i}");
         assert_eq!(format!("{got:?}"), format!("{want:?}"), "case {i}");
     }
@@ -227,7 +227,7 @@ fn malformed_lists_rejected_before_launch() {
     // valid plan's run with a wrong shape writes nothing either.
     let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
     let indices = DeviceTensor::from_host(dev, &p.indices, &[p.indices.len()]).unwrap();
-    let mut plan = DecodePlan::new(dev, &cfg, &p.cache_lens, &indptr, &indices).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
     let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
     let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape()).unwrap();
     let v_bad = DeviceTensor::<f16>::zeros(dev, &[2, 2, 3999, 64]).unwrap();
@@ -258,7 +258,7 @@ fn plan_is_reusable_across_layers() {
     let mut idx = a.indices.clone();
     idx.push(0);
     let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
-    let mut plan = DecodePlan::new(dev, &cfg, &a.cache_lens, &indptr, &indices).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &a.cache_lens, &indptr, &indices).unwrap();
     for layer in 0..3u64 {
         let mut r = Rng::new(1000 + layer);
         let gen = |r: &mut Rng, n: usize| -> Vec<f16> { r.normal_vec(n).into_iter().map(f16::from_f32).collect() };
@@ -275,4 +275,69 @@ fn plan_is_reusable_across_layers() {
         let got: Vec<f64> = o.to_host().unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
         common::assert_rel_l2(&format!("layer {layer}"), &got, &want.o, 5e-4);
     }
+}
+
+/// The NaN contract on the GPU, direct and split: exactly the CPU reference's NaN rows and
+/// columns (see tests/decode_cpu.rs), never an empty row.
+#[test]
+fn nan_inputs_make_their_rows_nan_not_empty() {
+    let dev = gpu_or_skip!("nan_inputs_make_their_rows_nan_not_empty");
+    for chunk in [None, Some(64)] {
+        let mut cfg = Cfg::new(1, 2, 2, 1, 64, 300).causal(true);
+        cfg.opts.chunk_tokens = chunk;
+        let mut rng = Rng::new(77);
+        let mut p = random_problem::<f16>(&mut rng, cfg, Lens::Full);
+        p.cache_lens = vec![300];
+        let (indptr, indices) = decode_support::random_lists(&mut rng, &p.cfg, &p.cache_lens, Lens::Full);
+        (p.indptr, p.indices) = (indptr, indices);
+        p.q[3] = f16::NAN; // row (t 0, head 0)
+        p.k[299 * 64 + 9] = f16::NAN; // the last token: visible (causally) to t = 1 only
+        p.v[10 * 64 + 5] = f16::NAN; // o[d = 5] of every row
+        let want = p.reference().unwrap();
+        let got = run_gpu(dev, &p).unwrap();
+        for row in 0..4 {
+            assert_eq!(got.lse[row].is_nan(), want.lse[row].is_nan(), "{chunk:?}: lse of row {row}");
+            for d in 0..64 {
+                let (g, w) = (got.o[row * 64 + d], want.o[row * 64 + d]);
+                assert_eq!(g.is_nan(), w.is_nan(), "{chunk:?}: o of row {row}, d {d}");
+            }
+        }
+        assert!(want.lse[0].is_nan() && !want.lse[1].is_nan() && want.lse[2].is_nan());
+    }
+}
+
+/// Borrowed views run like owned tensors, and every buffer's length is checked: a view of
+/// the right shape from a slice of a larger allocation gives the same bits.
+#[test]
+fn views_of_a_larger_buffer_match_owned_tensors() {
+    let dev = gpu_or_skip!("views_of_a_larger_buffer_match_owned_tensors");
+    let cfg = Cfg::new(1, 2, 4, 2, 64, 200);
+    let mut rng = Rng::new(950);
+    let p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
+    let owned = run_gpu(dev, &p).unwrap();
+    // Two "layers" of k in one buffer; layer 1 holds this problem's k.
+    let nk = p.k.len();
+    let mut both = vec![f16::from_f32(9.0); nk];
+    both.extend_from_slice(&p.k);
+    let big = DeviceTensor::from_host(dev, &both, &[2 * nk]).unwrap();
+    let k = TensorView::new(big.slice().slice(nk..2 * nk), &cfg.kv_shape()).unwrap();
+    let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
+    let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
+    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
+    let mut idx = p.indices.clone();
+    idx.push(0);
+    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let mut o_all = DeviceTensor::<f16>::zeros(dev, &[2 * q.len()]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
+    {
+        let n = q.len();
+        let mut whole = o_all.view_mut();
+        let mut o = TensorViewMut::new(whole.slice_mut(n..2 * n), &cfg.q_shape()).unwrap();
+        plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
+    }
+    let oh = o_all.to_host().unwrap();
+    assert!(oh[..q.len()].iter().all(|x| x.to_f32() == 0.0), "the other half is untouched");
+    let got: Vec<u32> = oh[q.len()..].iter().map(|x| x.to_f32().to_bits()).collect();
+    assert_eq!(got, owned.o_bits);
 }

@@ -32,8 +32,8 @@ enum Pattern {
 }
 
 fn mask_for(pattern: Pattern, block: usize, block_cols: usize, shape: &PrefillShape) -> ntkv::Result<BlockMask> {
-    let n_rb = shape.seq_q(0).div_ceil(block) as u32;
-    let n_cb = shape.seq_k(0).div_ceil(block_cols) as u32;
+    let n_rb = ntkv::error::to_u32("tokens", shape.seq_q(0)?.div_ceil(block))?;
+    let n_cb = ntkv::error::to_u32("tokens", shape.seq_k(0)?.div_ceil(block_cols))?;
     let rows: Vec<Vec<u32>> = (0..n_rb)
         .map(|r| {
             (0..n_cb)

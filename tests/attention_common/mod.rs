@@ -34,8 +34,8 @@ pub fn random_mask(
     };
     let mut rows = Vec::new();
     for b in 0..shape.batch() {
-        let n_rb = shape.seq_q(b).div_ceil(br);
-        let n_cb = shape.seq_k(b).div_ceil(bc) as u32;
+        let n_rb = shape.seq_q(b).unwrap().div_ceil(br);
+        let n_cb = shape.seq_k(b).unwrap().div_ceil(bc) as u32;
         for _ in 0..mh {
             rows.push((0..n_rb).map(|_| (0..n_cb).filter(|_| rng.uniform() < density).collect()).collect());
         }
@@ -73,14 +73,14 @@ pub fn to_f64<T: Float>(x: &[T]) -> Vec<f64> {
 /// 64-key steps with P rounded to `T`, output rounded to `T`. Returns (o, lse) as f64.
 pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (Vec<f64>, Vec<f64>) {
     let split = plan.split_p(T::DTYPE);
-    let s = &plan.shape;
+    let s = &plan.shape();
     let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
-    let (br, bc) = (plan.block_rows, plan.block_cols);
-    let scale_log2 = plan.options.scale_for(d) * std::f32::consts::LOG2_E;
+    let (br, bc) = (plan.block_rows(), plan.block_cols());
+    let scale_log2 = plan.options().scale_for(d) * std::f32::consts::LOG2_E;
     let mut o = vec![f64::NAN; tq * hq * d];
     let mut lse = vec![f64::NAN; hq * tq];
     let words_per_row = bc / 32;
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let (q_row0, n_rows, k_tok0, tk) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
         let causal_off = it[4] as i32 as i64;
         let (lb, le, h) = (it[5] as usize, it[6] as usize, it[7] as usize);
@@ -91,7 +91,7 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
             let mut l = 0f32;
             let mut acc = vec![0f32; d];
             for e in lb..le {
-                let blk = &plan.blocks[e * 4..e * 4 + 4];
+                let blk = &plan.blocks()[e * 4..e * 4 + 4];
                 let (col, check, tmid) = (blk[0] as usize, blk[1] != 0, blk[2]);
                 for sub in (0..bc).step_by(64) {
                     let mut sc = [0f32; 64];
@@ -108,11 +108,11 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
                         let mut val = dot * scale_log2;
                         if check || tmid != NO_TOKEN_MASK {
                             let mut vis = key < tk;
-                            if plan.options.causal {
+                            if plan.options().causal {
                                 vis &= key as i64 <= r as i64 + causal_off;
                             }
                             if tmid != NO_TOKEN_MASK {
-                                let w = plan.token_masks[(tmid as usize * br + r) * words_per_row + kc / 32];
+                                let w = plan.token_masks()[(tmid as usize * br + r) * words_per_row + kc / 32];
                                 vis &= (w >> (kc % 32)) & 1 == 1;
                             }
                             if !vis {
