@@ -27,78 +27,21 @@ fn shape1(tq: u32, tk: u32, hq: usize, hkv: usize, d: usize) -> PrefillShape {
 #[test]
 fn shape_validation_names_the_argument() {
     let cases: Vec<(PrefillShape, &str)> = vec![
+        (PrefillShape { hq: 0, hkv: 1, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hq"),
+        (PrefillShape { hq: 6, hkv: 4, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hkv"),
+        (PrefillShape { hq: 4, hkv: 0, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hkv"),
+        (PrefillShape { hq: 4, hkv: 2, head_dim: 96, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "head_dim"),
+        (PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] }, "cu_seqlens_q"),
         (
-            PrefillShape {
-                hq: 0,
-                hkv: 1,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "hq",
-        ),
-        (
-            PrefillShape {
-                hq: 6,
-                hkv: 4,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "hkv",
-        ),
-        (
-            PrefillShape {
-                hq: 4,
-                hkv: 0,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "hkv",
-        ),
-        (
-            PrefillShape {
-                hq: 4,
-                hkv: 2,
-                head_dim: 96,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "head_dim",
-        ),
-        (
-            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![1, 4], cu_seqlens_k: vec![0, 4] },
             "cu_seqlens_q",
         ),
         (
-            PrefillShape {
-                hq: 4,
-                hkv: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![1, 4],
-                cu_seqlens_k: vec![0, 4],
-            },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![0, 5, 4], cu_seqlens_k: vec![0, 4, 8] },
             "cu_seqlens_q",
         ),
         (
-            PrefillShape {
-                hq: 4,
-                hkv: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![0, 5, 4],
-                cu_seqlens_k: vec![0, 4, 8],
-            },
-            "cu_seqlens_q",
-        ),
-        (
-            PrefillShape {
-                hq: 4,
-                hkv: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![0, 4],
-                cu_seqlens_k: vec![0, 4, 8],
-            },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![0, 4], cu_seqlens_k: vec![0, 4, 8] },
             "cu_seqlens_k",
         ),
     ];
@@ -313,7 +256,12 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
                 }
             }
             for (j, &kv) in kernel_vis.iter().enumerate() {
-                assert_eq!(kv, cpu::visible(shape, &opts, mask, b, h, i0 + r, j).unwrap(), "b={b} h={h} i={} j={j}", i0 + r);
+                assert_eq!(
+                    kv,
+                    cpu::visible(shape, &opts, mask, b, h, i0 + r, j).unwrap(),
+                    "b={b} h={h} i={} j={j}",
+                    i0 + r
+                );
             }
         }
     }

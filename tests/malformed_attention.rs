@@ -2,6 +2,8 @@
 //! the attention family: each gives a typed error (never a panic or an abort), and every
 //! validator limit is checked at, one below and one above its boundary.
 
+#![allow(clippy::single_range_in_vec_init, clippy::reversed_empty_ranges)]
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use half::f16;

@@ -7,9 +7,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use half::f16;
 use ntkv::decode::{
-    attn_smem_bytes, chunks_of, cpu, decode_verdict, encode_verdict, plan_chunks, validate_cache_lens,
-    validate_indptr, validate_lists, DecodeOptions, DecodeShape, IndexFault, MAX_VERDICT_POS, TILE_TOKENS,
-    VERDICT_NONE,
+    attn_smem_bytes, chunks_of, cpu, decode_verdict, encode_verdict, plan_chunks, validate_cache_lens, validate_indptr,
+    validate_lists, DecodeOptions, DecodeShape, IndexFault, MAX_VERDICT_POS, TILE_TOKENS, VERDICT_NONE,
 };
 use ntkv::Error;
 
@@ -122,7 +121,8 @@ fn list_limits_at_their_boundaries() {
     assert_eq!(IndexFault::of(2, Some(2), 4), Some(IndexFault::Duplicate));
     assert_eq!(IndexFault::of(2, Some(3), 4), Some(IndexFault::Unsorted));
     // Malformed indptr of every kind.
-    for ptr in [vec![], vec![0], vec![1, 1, 1, 1, 1], vec![0, 2, 1, 1, 1], vec![0, u32::MAX, u32::MAX, u32::MAX, u32::MAX]]
+    for ptr in
+        [vec![], vec![0], vec![1, 1, 1, 1, 1], vec![0, 2, 1, 1, 1], vec![0, u32::MAX, u32::MAX, u32::MAX, u32::MAX]]
     {
         assert_eq!(arg_of(&errs("indptr", || validate_lists(&OK, &lens, &ptr, &full))), "indptr", "{ptr:?}");
         errs("token_mask", || cpu::token_mask(&OK, &lens, &ptr, &full));
@@ -141,7 +141,10 @@ fn reference_refuses_bad_inputs_without_panicking() {
     assert_eq!(arg_of(&errs("k", || cpu::sparse_decode(&OK, &o, &q, &kv[..1], &kv, &lens, &ptr, &[3]))), "k");
     assert_eq!(arg_of(&errs("v", || cpu::sparse_decode(&OK, &o, &q, &kv, &[], &lens, &ptr, &[3]))), "v");
     let bad = DecodeOptions { chunk_tokens: Some(1), ..Default::default() };
-    assert_eq!(arg_of(&errs("opts", || cpu::sparse_decode(&OK, &bad, &q, &kv, &kv, &lens, &ptr, &[3]))), "chunk_tokens");
+    assert_eq!(
+        arg_of(&errs("opts", || cpu::sparse_decode(&OK, &bad, &q, &kv, &kv, &lens, &ptr, &[3]))),
+        "chunk_tokens"
+    );
     // A huge capacity with tiny slices: the length check comes before any allocation.
     let s = DecodeShape { capacity: u32::MAX as usize, ..OK };
     let e = errs("huge", || cpu::sparse_decode(&s, &o, &q, &kv, &kv, &[0, 0], &[0, 0, 0, 0, 0], &[]));
@@ -166,8 +169,15 @@ fn planning_helpers_saturate() {
 fn verdicts_are_64_bit_and_never_meet_the_sentinel() {
     assert_eq!(VERDICT_NONE, u64::MAX);
     assert_eq!(decode_verdict(VERDICT_NONE).unwrap(), None);
-    for pos in [0u64, 1, u64::from(u32::MAX) - 1, u64::from(u32::MAX), u64::from(u32::MAX) + 1, MAX_VERDICT_POS - 1, MAX_VERDICT_POS]
-    {
+    for pos in [
+        0u64,
+        1,
+        u64::from(u32::MAX) - 1,
+        u64::from(u32::MAX),
+        u64::from(u32::MAX) + 1,
+        MAX_VERDICT_POS - 1,
+        MAX_VERDICT_POS,
+    ] {
         for fault in [IndexFault::OutOfRange, IndexFault::Duplicate, IndexFault::Unsorted] {
             let v = encode_verdict(pos, fault).unwrap();
             assert_ne!(v, VERDICT_NONE, "pos {pos}");

@@ -112,13 +112,7 @@ impl PrefillShape {
     /// or the offsets are empty, do not start at 0, decrease, or differ in length;
     /// [`Error::TooLarge`] naming `hq` above [`MAX_HEADS`] or `cu_seqlens_q` /
     /// `cu_seqlens_k` when a total exceeds `i32::MAX` tokens (or `Tq_total · Hq` does).
-    pub fn new(
-        hq: usize,
-        hkv: usize,
-        head_dim: usize,
-        cu_seqlens_q: Vec<u32>,
-        cu_seqlens_k: Vec<u32>,
-    ) -> Result<Self> {
+    pub fn new(hq: usize, hkv: usize, head_dim: usize, cu_seqlens_q: Vec<u32>, cu_seqlens_k: Vec<u32>) -> Result<Self> {
         let s = PrefillShape { hq, hkv, head_dim, cu_seqlens_q, cu_seqlens_k };
         s.validate()?;
         Ok(s)
@@ -511,7 +505,14 @@ impl BlockMask {
     }
 
     /// [`BlockMask::visible`] for a mask already validated against `shape`.
-    pub(crate) fn visible_unchecked(&self, shape: &PrefillShape, b: usize, m: usize, i: usize, j: usize) -> Result<bool> {
+    pub(crate) fn visible_unchecked(
+        &self,
+        shape: &PrefillShape,
+        b: usize,
+        m: usize,
+        i: usize,
+        j: usize,
+    ) -> Result<bool> {
         let base = self.bsr_base(shape, b, m)?;
         if i >= shape.seq_q(b)? {
             return Err(Error::invalid("i", format!("query {i} is past the entry's {} queries", shape.seq_q(b)?)));

@@ -194,7 +194,9 @@ impl HostPlan {
             return bad(format!("block sizes {} x {}", self.block_rows, self.block_cols));
         }
         let words = self.block_rows * self.block_cols / 32;
-        if self.items.len() % ITEM_WORDS != 0 || self.blocks.len() % BLOCK_WORDS != 0 || self.token_masks.len() % words != 0
+        if self.items.len() % ITEM_WORDS != 0
+            || self.blocks.len() % BLOCK_WORDS != 0
+            || self.token_masks.len() % words != 0
         {
             return bad("array lengths are not whole records".into());
         }
@@ -401,7 +403,12 @@ impl PrefillPlan {
 }
 
 /// Checks that `t` has exactly `shape` (and as many elements) and lives on `device`.
-pub(crate) fn check_tensor<T>(device: &Device, arg: &'static str, shape: &[usize], t: &impl TensorRef<T>) -> Result<()> {
+pub(crate) fn check_tensor<T>(
+    device: &Device,
+    arg: &'static str,
+    shape: &[usize],
+    t: &impl TensorRef<T>,
+) -> Result<()> {
     check_shape(arg, shape, t.shape())?;
     let n = crate::tensor::numel(arg, shape)?;
     if t.len() != n {
@@ -471,12 +478,12 @@ mod tests {
         let good = HostPlan::new(&shape, PrefillOptions::default(), &mask).unwrap();
         good.check().unwrap();
         let tamper: [&dyn Fn(&mut HostPlan); 6] = [
-            &|p| p.items[0] = 1000,        // first query row past Tq_total
-            &|p| p.items[3] = 1000,        // Tk_b past Tk_total
-            &|p| p.items[6] = 1000,        // block range past the list
-            &|p| p.items[7] = 2,           // query head past Hq
-            &|p| p.blocks[0] = 3,          // column block 3 of 3
-            &|p| p.blocks[2] = 0,          // token mask 0 of an empty pool
+            &|p| p.items[0] = 1000, // first query row past Tq_total
+            &|p| p.items[3] = 1000, // Tk_b past Tk_total
+            &|p| p.items[6] = 1000, // block range past the list
+            &|p| p.items[7] = 2,    // query head past Hq
+            &|p| p.blocks[0] = 3,   // column block 3 of 3
+            &|p| p.blocks[2] = 0,   // token mask 0 of an empty pool
         ];
         for (x, f) in tamper.iter().enumerate() {
             let mut p = good.clone();

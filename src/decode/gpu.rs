@@ -7,8 +7,8 @@ use super::{
     decode_verdict, index_error, plan_chunks, validate_indptr, ChunkPlan, DecodeOptions, DecodeShape, HEAD_DIMS,
     ROWS_PER_CTA, TILE_TOKENS, VERDICT_NONE,
 };
-use crate::device::{Device, Module};
 use crate::attention::plan::check_tensor;
+use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
 use crate::launch::{grid_2d, grid_for, KernelId};
 use crate::params::{NtkvDecodeParams, NtkvDecodeValidateParams};

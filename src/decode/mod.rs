@@ -484,9 +484,7 @@ pub fn plan_chunks(list_lens: &[usize], rows: usize, sm_count: usize, forced: Op
         }
     };
     let max_chunks = chunks_of(max_len, chunk_tokens);
-    let busy_ctas = list_lens
-        .iter()
-        .fold(0usize, |a, &l| a.saturating_add(chunks_of(l, chunk_tokens)))
-        .saturating_mul(row_tiles);
+    let busy_ctas =
+        list_lens.iter().fold(0usize, |a, &l| a.saturating_add(chunks_of(l, chunk_tokens))).saturating_mul(row_tiles);
     ChunkPlan { chunk_tokens, max_chunks, busy_ctas }
 }
