@@ -1,6 +1,6 @@
 //! CPU-side tests of the attention family: shape and mask validation, the plan's work list,
 //! the f64 reference, the Graph-KV builder, and a host emulation of the kernel's algorithm
-//! against the reference at SPEC tolerances.
+//! against the reference at the crate's tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16).
 
 mod attention_common;
 mod common;
@@ -10,15 +10,8 @@ use half::{bf16, f16};
 use ntkv::attention::graph::{graph_cu_seqlens, graph_kv_mask, GraphKv};
 use ntkv::attention::{cpu, BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, NO_TOKEN_MASK};
 use ntkv::rng::Rng;
-use ntkv::{Error, Float};
+use ntkv::Float;
 use proptest::prelude::*;
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
-}
 
 fn shape1(tq: u32, tk: u32, hq: usize, hkv: usize, d: usize) -> PrefillShape {
     PrefillShape::new(hq, hkv, d, vec![0, tq], vec![0, tk]).unwrap()

@@ -1,5 +1,5 @@
 //! Differential tests of the block-sparse prefill kernel against the f64 CPU reference at
-//! SPEC tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16), on random masks, ragged batches, GQA,
+//! the crate's tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16), on random masks, ragged batches, GQA,
 //! causal and not, partial blocks, token masks and empty rows.
 
 mod attention_common;

@@ -1,4 +1,4 @@
-//! Sparse-index decode on the GPU against the f64 CPU reference (SPEC tolerances: relative
+//! Sparse-index decode on the GPU against the f64 CPU reference (tolerances: relative
 //! L2 ≤ 5e-4 for f16, ≤ 2e-3 for bf16), GQA groups 1, 2, 4, 8, lists from empty to the whole
 //! cache, split and unsplit lists, causal and not; malformed lists rejected before launch
 //! with the CPU's errors; determinism.

@@ -4,32 +4,12 @@
 
 #![allow(clippy::single_range_in_vec_init, clippy::reversed_empty_ranges)]
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+mod attention_common;
 
+use attention_common::{arg_of, errs, no_panic};
 use half::f16;
 use ntkv::attention::graph::{graph_cu_seqlens, graph_kv_mask, GraphKv, MAX_SEQ_LEN};
 use ntkv::attention::{cpu, BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, MAX_HEADS};
-use ntkv::Error;
-
-/// Runs `f`, failing the test on a panic; returns its result.
-fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("{what} panicked"))
-}
-
-/// `f` returns an error (of any typed kind) without panicking.
-fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>) -> Error {
-    match no_panic(what, f) {
-        Ok(r) => panic!("{what}: expected an error, got {r:?}"),
-        Err(e) => e,
-    }
-}
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
-}
 
 fn shape(hq: usize, hkv: usize, cu_q: Vec<u32>, cu_k: Vec<u32>) -> PrefillShape {
     PrefillShape { hq, hkv, head_dim: 64, cu_seqlens_q: cu_q, cu_seqlens_k: cu_k }

@@ -3,32 +3,15 @@
 //! limit is checked at, one below and one above its boundary, and the device validator's
 //! 64-bit verdict is checked at the edge of its range.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+mod attention_common;
 
+use attention_common::{arg_of, errs, no_panic};
 use half::f16;
 use ntkv::decode::{
     attn_smem_bytes, chunks_of, cpu, decode_verdict, encode_verdict, plan_chunks, validate_cache_lens, validate_indptr,
     validate_lists, DecodeOptions, DecodeShape, IndexFault, MAX_VERDICT_POS, TILE_TOKENS, VERDICT_NONE,
 };
 use ntkv::Error;
-
-fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("{what} panicked"))
-}
-
-fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>) -> Error {
-    match no_panic(what, f) {
-        Ok(r) => panic!("{what}: expected an error, got {r:?}"),
-        Err(e) => e,
-    }
-}
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
-}
 
 const OK: DecodeShape = DecodeShape { batch: 2, q_tokens: 1, hq: 4, hkv: 2, head_dim: 64, capacity: 16 };
 

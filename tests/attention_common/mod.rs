@@ -6,6 +6,28 @@ use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillSha
 use ntkv::rng::Rng;
 use ntkv::Float;
 
+/// Runs `f`, failing the test on a panic; returns its result (the malformed-input suites).
+pub fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("{what} panicked"))
+}
+
+/// `f` returns an error (of any typed kind) without panicking.
+pub fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>) -> ntkv::Error {
+    match no_panic(what, f) {
+        Ok(r) => panic!("{what}: expected an error, got {r:?}"),
+        Err(e) => e,
+    }
+}
+
+/// The argument an argument error names.
+pub fn arg_of(e: &ntkv::Error) -> &'static str {
+    use ntkv::Error;
+    match e {
+        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
+        other => panic!("unexpected error kind {other:?}"),
+    }
+}
+
 /// Random sequence lengths (0 allowed when `allow_empty`) and their cu_seqlens.
 pub fn random_cu(rng: &mut Rng, batch: usize, max_len: usize, allow_empty: bool) -> Vec<u32> {
     let mut cu = vec![0u32];
