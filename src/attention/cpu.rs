@@ -29,18 +29,15 @@ pub fn visible(
     j: usize,
 ) -> Result<bool> {
     mask.validate(shape)?;
-    visible_unchecked(shape, options, mask, b, h, i, j)
+    visible_unchecked(shape, options, mask, (b, h, i, j))
 }
 
-/// [`visible`] for a mask already validated against `shape`.
+/// [`visible`] for a mask already validated against `shape`, at `(b, h, i, j)`.
 fn visible_unchecked(
     shape: &PrefillShape,
     options: &PrefillOptions,
     mask: &BlockMask,
-    b: usize,
-    h: usize,
-    i: usize,
-    j: usize,
+    (b, h, i, j): (usize, usize, usize, usize),
 ) -> Result<bool> {
     if h >= shape.hq {
         return Err(crate::Error::invalid("h", format!("query head {h} is out of range ({} heads)", shape.hq)));
@@ -92,7 +89,7 @@ pub fn prefill<T: Float>(
                 let qrow = &q[((q0 + i) * hq + h) * d..][..d];
                 scores.clear();
                 for j in 0..shape.seq_k(b)? {
-                    if !visible_unchecked(shape, &options, mask, b, h, i, j)? {
+                    if !visible_unchecked(shape, &options, mask, (b, h, i, j))? {
                         continue;
                     }
                     let krow = &k[((k0 + j) * hkv + kvh) * d..][..d];
