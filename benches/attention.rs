@@ -10,8 +10,8 @@ use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
 fn sparse_mask(shape: &PrefillShape, block: usize, keep_one_in: u32) -> anyhow::Result<BlockMask> {
-    let n_rb = shape.seq_q(0).div_ceil(block) as u32;
-    let n_cb = shape.seq_k(0).div_ceil(block) as u32;
+    let n_rb = ntkv::error::to_u32("tokens", shape.seq_q(0)?.div_ceil(block))?;
+    let n_cb = ntkv::error::to_u32("tokens", shape.seq_k(0)?.div_ceil(block))?;
     let rows: Vec<Vec<u32>> =
         (0..n_rb).map(|r| (0..n_cb).filter(|c| (r * 7 + c * 3) % keep_one_in == 0).collect()).collect();
     Ok(BlockMask::from_lists(block, block, MaskHeads::Shared, &[rows])?)

@@ -5,43 +5,34 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
-use ntkv::decode::{cpu, DecodeConfig, DecodePlan};
+use ntkv::decode::{cpu, DecodeOptions, DecodePlan, DecodeShape};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
-fn selection(rng: &mut Rng, lists: usize, cache: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut indptr = vec![0u32];
-    let mut indices = Vec::new();
-    for _ in 0..lists {
-        let mut need = n;
-        for i in 0..cache {
-            if need == 0 {
-                break;
-            }
-            if rng.below(cache - i) < need {
-                indices.push(i as u32);
-                need -= 1;
-            }
-        }
-        indptr.push(indices.len() as u32);
-    }
-    (indptr, indices)
+#[path = "../tests/decode_support/mod.rs"]
+mod decode_support;
+
+use decode_support::{normal, random_lists, Lens};
+
+/// `n` sorted tokens of each list of a full cache.
+fn selection(rng: &mut Rng, shape: &DecodeShape, n: usize) -> (Vec<u32>, Vec<u32>) {
+    random_lists(rng, shape, &vec![shape.capacity as u32; shape.batch], Lens::Fixed(n))
 }
 
 fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
-    let cfg = DecodeConfig::new(1, 1, 32, 32, 128, 131072);
+    let cfg = DecodeShape { batch: 1, q_tokens: 1, hq: 32, hkv: 32, head_dim: 128, capacity: 131072 };
     let mut rng = Rng::new(1);
-    let qh: Vec<f16> = rng.normal_vec(cfg.q_shape().iter().product()).into_iter().map(f16::from_f32).collect();
+    let qh: Vec<f16> = normal(&mut rng, cfg.q_shape().iter().product());
     let q = DeviceTensor::from_host(dev, &qh, &cfg.q_shape())?;
     // Zero caches: the contents do not change the work.
     let k = DeviceTensor::<f16>::zeros(dev, &cfg.kv_shape())?;
     let v = DeviceTensor::<f16>::zeros(dev, &cfg.kv_shape())?;
     let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
-    let (ptr, idx) = selection(&mut rng, 32, 131072, 2048);
+    let (ptr, idx) = selection(&mut rng, &cfg, 2048);
     let indptr = DeviceTensor::from_host(dev, &ptr, &[ptr.len()])?;
     let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
-    let mut plan = DecodePlan::new(dev, &cfg, &[131072], &indptr, &indices)?;
+    let mut plan = DecodePlan::new(dev, &cfg, DecodeOptions::default(), &[131072], &indptr, &indices)?;
     plan.run(&q, &k, &v, &mut o, &mut lse)?;
     dev.synchronize()?;
     c.bench_function("decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", |bch| {
@@ -63,15 +54,15 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
 
 fn cpu_bench(c: &mut Criterion) {
     println!("decode bench: no GPU; timing the CPU reference at a small size");
-    let cfg = DecodeConfig::new(1, 1, 8, 8, 128, 4096);
+    let cfg = DecodeShape { batch: 1, q_tokens: 1, hq: 8, hkv: 8, head_dim: 128, capacity: 4096 };
     let mut rng = Rng::new(2);
-    let gen = |rng: &mut Rng, n: usize| -> Vec<f16> { rng.normal_vec(n).into_iter().map(f16::from_f32).collect() };
-    let q = gen(&mut rng, cfg.q_shape().iter().product());
-    let k = gen(&mut rng, cfg.kv_shape().iter().product());
-    let v = gen(&mut rng, cfg.kv_shape().iter().product());
-    let (ptr, idx) = selection(&mut rng, 8, 4096, 256);
+    let q: Vec<f16> = normal(&mut rng, cfg.q_shape().iter().product());
+    let k: Vec<f16> = normal(&mut rng, cfg.kv_shape().iter().product());
+    let v: Vec<f16> = normal(&mut rng, cfg.kv_shape().iter().product());
+    let (ptr, idx) = selection(&mut rng, &cfg, 256);
+    let opts = DecodeOptions::default();
     c.bench_function("decode_sparse B1 Hq8 Hkv8 T4096 D128 sel256 f16 (cpu reference)", |b| {
-        b.iter(|| cpu::sparse_decode(&cfg, &q, &k, &v, &[4096], &ptr, &idx).map(|r| r.lse.len()).unwrap_or(0))
+        b.iter(|| cpu::sparse_decode(&cfg, &opts, &q, &k, &v, &[4096], &ptr, &idx).map(|r| r.lse.len()).unwrap_or(0))
     });
 }
 

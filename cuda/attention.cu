@@ -1,4 +1,4 @@
-// attention.cu: block-sparse flash attention prefill (SPEC §3).
+// attention.cu: block-sparse flash attention prefill.
 //
 // FA2-style: one CTA per work item (BR query rows of one query head of one batch entry),
 // BR/16 warps, each warp owning 16 query rows. The CPU plan (src/attention/plan.rs) lists,

@@ -1,4 +1,4 @@
-// decode.cu: sparse-index decode attention (SPEC §3, src/decode).
+// decode.cu: sparse-index decode attention (src/decode).
 //
 // Flash-decoding over a per-(sequence, kv head) sorted list of token indices:
 //   ntkv_decode_validate        checks every list (ascending, unique, < cache_lens[b]) and
@@ -366,8 +366,10 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
         if (r < R) {
             const uint32_t gr = row0 + r;
             if (p.direct) {
+                // l == 0 only for a row with no visible token; a NaN l (a NaN in q, or in k
+                // of a visible token) stays NaN in o and lse, as in attention.cu.
                 const float l = l_s[r];
-                const float inv = l > 0.f ? 1.f / l : 0.f;
+                const float inv = l == 0.f ? 0.f : 1.f / l;
                 const uint64_t off = row_offset(p, b, hkv, gr) * D + 2 * dp;
                 o[off] = ntkv::from_f32<T>(acc[it][0] * inv);
                 o[off + 1] = ntkv::from_f32<T>(acc[it][1] * inv);
@@ -383,7 +385,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
         const float m = m_s[tid];
         const float l = l_s[tid];
         if (p.direct) {
-            lse[row_offset(p, b, hkv, gr)] = l > 0.f ? (m + log2f(l)) * LN2 : -CUDART_INF_F;
+            lse[row_offset(p, b, hkv, gr)] = l == 0.f ? -CUDART_INF_F : (m + log2f(l)) * LN2;
         } else {
             const uint64_t off = ((uint64_t)list * p.max_chunks + chunk) * p.rows + gr;
             ws_ml[2 * off] = m;
@@ -414,21 +416,23 @@ __device__ __forceinline__ void decode_merge(const NtkvDecodeParams& p, const ui
 
     float m_max = -CUDART_INF_F;
     for (uint32_t c = 0; c < n; ++c) m_max = fmaxf(m_max, ws_ml[2 * (base + (uint64_t)c * p.rows)]);
+    // A chunk whose scores were all NaN keeps m = -inf with a NaN l: shift by 0 then, so that
+    // its NaN reaches l_sum (exp2(-inf - 0) = 0 and fmaf(NaN, 0, x) is NaN).
+    const float m_base = m_max == -CUDART_INF_F ? 0.f : m_max;
     float l_sum = 0.f;
     float a_sum = 0.f;
-    if (m_max != -CUDART_INF_F) {
-        for (uint32_t c = 0; c < n; ++c) {
-            const uint64_t s = base + (uint64_t)c * p.rows;
-            const float m = ws_ml[2 * s];
-            if (m == -CUDART_INF_F) continue;  // a chunk with no visible token
-            const float w = exp2f(m - m_max);
-            l_sum = fmaf(ws_ml[2 * s + 1], w, l_sum);
-            a_sum = fmaf(ws_acc[s * p.head_dim + d], w, a_sum);
-        }
+    for (uint32_t c = 0; c < n; ++c) {
+        const uint64_t s = base + (uint64_t)c * p.rows;
+        const float l = ws_ml[2 * s + 1];
+        if (l == 0.f) continue;  // a chunk with no visible token
+        const float w = exp2f(ws_ml[2 * s] - m_base);
+        l_sum = fmaf(l, w, l_sum);
+        a_sum = fmaf(ws_acc[s * p.head_dim + d], w, a_sum);
     }
+    // l_sum == 0 only when no chunk saw a visible token; a NaN l_sum stays NaN in o and lse.
     const uint64_t row = row_offset(p, b, hkv, gr);
-    o[row * p.head_dim + d] = ntkv::from_f32<T>(l_sum > 0.f ? a_sum / l_sum : 0.f);
-    if (d == 0) lse[row] = l_sum > 0.f ? (m_max + log2f(l_sum)) * LN2 : -CUDART_INF_F;
+    o[row * p.head_dim + d] = ntkv::from_f32<T>(l_sum == 0.f ? 0.f : a_sum / l_sum);
+    if (d == 0) lse[row] = l_sum == 0.f ? -CUDART_INF_F : (m_max + log2f(l_sum)) * LN2;
 }
 
 }  // namespace
@@ -459,8 +463,9 @@ extern "C" __global__ void ntkv_decode_merge_bf16(const NtkvDecodeParams p, cons
 }
 
 // grid (n_lists, segments): block (list, seg) checks positions list_begin + seg * blockDim.x
-// + tid, striding by segments * blockDim.x. Each bad position reports (pos << 2 | code);
-// atomicMin keeps the lowest, so the report does not depend on scheduling.
+// + tid, striding by segments * blockDim.x. Each bad position reports (pos << 2 | code) in 64
+// bits (pos < 2^32, so it never equals the UINT64_MAX "none" sentinel); atomicMin keeps the
+// lowest, so the report does not depend on scheduling.
 extern "C" __global__ void ntkv_decode_validate(const NtkvDecodeValidateParams p, const uint32_t* __restrict__ indptr,
                                                 const uint32_t* __restrict__ indices,
                                                 const uint32_t* __restrict__ cache_lens,

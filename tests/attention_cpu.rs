@@ -1,6 +1,6 @@
 //! CPU-side tests of the attention family: shape and mask validation, the plan's work list,
 //! the f64 reference, the Graph-KV builder, and a host emulation of the kernel's algorithm
-//! against the reference at SPEC tolerances.
+//! against the reference at the crate's tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16).
 
 mod attention_common;
 mod common;
@@ -10,15 +10,8 @@ use half::{bf16, f16};
 use ntkv::attention::graph::{graph_cu_seqlens, graph_kv_mask, GraphKv};
 use ntkv::attention::{cpu, BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, NO_TOKEN_MASK};
 use ntkv::rng::Rng;
-use ntkv::{Error, Float};
+use ntkv::Float;
 use proptest::prelude::*;
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
-}
 
 fn shape1(tq: u32, tk: u32, hq: usize, hkv: usize, d: usize) -> PrefillShape {
     PrefillShape::new(hq, hkv, d, vec![0, tq], vec![0, tk]).unwrap()
@@ -27,78 +20,21 @@ fn shape1(tq: u32, tk: u32, hq: usize, hkv: usize, d: usize) -> PrefillShape {
 #[test]
 fn shape_validation_names_the_argument() {
     let cases: Vec<(PrefillShape, &str)> = vec![
+        (PrefillShape { hq: 0, hkv: 1, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hq"),
+        (PrefillShape { hq: 6, hkv: 4, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hkv"),
+        (PrefillShape { hq: 4, hkv: 0, head_dim: 64, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "hkv"),
+        (PrefillShape { hq: 4, hkv: 2, head_dim: 96, cu_seqlens_q: vec![0], cu_seqlens_k: vec![0] }, "head_dim"),
+        (PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] }, "cu_seqlens_q"),
         (
-            PrefillShape {
-                num_q_heads: 0,
-                num_kv_heads: 1,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "num_q_heads",
-        ),
-        (
-            PrefillShape {
-                num_q_heads: 6,
-                num_kv_heads: 4,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "num_kv_heads",
-        ),
-        (
-            PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 0,
-                head_dim: 64,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "num_kv_heads",
-        ),
-        (
-            PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 96,
-                cu_seqlens_q: vec![0],
-                cu_seqlens_k: vec![0],
-            },
-            "head_dim",
-        ),
-        (
-            PrefillShape { num_q_heads: 4, num_kv_heads: 2, head_dim: 64, cu_seqlens_q: vec![], cu_seqlens_k: vec![] },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![1, 4], cu_seqlens_k: vec![0, 4] },
             "cu_seqlens_q",
         ),
         (
-            PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![1, 4],
-                cu_seqlens_k: vec![0, 4],
-            },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![0, 5, 4], cu_seqlens_k: vec![0, 4, 8] },
             "cu_seqlens_q",
         ),
         (
-            PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![0, 5, 4],
-                cu_seqlens_k: vec![0, 4, 8],
-            },
-            "cu_seqlens_q",
-        ),
-        (
-            PrefillShape {
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 64,
-                cu_seqlens_q: vec![0, 4],
-                cu_seqlens_k: vec![0, 4, 8],
-            },
+            PrefillShape { hq: 4, hkv: 2, head_dim: 64, cu_seqlens_q: vec![0, 4], cu_seqlens_k: vec![0, 4, 8] },
             "cu_seqlens_k",
         ),
     ];
@@ -177,7 +113,7 @@ fn causal_is_bottom_right_aligned() {
     let opts = PrefillOptions { causal: true, ..Default::default() };
     for i in 0..3 {
         for j in 0..5 {
-            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, 0, i, j), j <= i + 2, "i={i} j={j}");
+            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, 0, i, j).unwrap(), j <= i + 2, "i={i} j={j}");
         }
     }
     // Tq > Tk: the first Tq - Tk rows see nothing.
@@ -236,13 +172,13 @@ fn per_kv_head_masks_apply_to_their_query_group() {
     for h in 0..4 {
         for j in [0usize, 63, 64, 127] {
             let want = if h < 2 { j < 64 } else { j >= 64 };
-            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, h, 5, j), want, "h={h} j={j}");
+            assert_eq!(cpu::visible(&shape, &opts, &mask, 0, h, 5, j).unwrap(), want, "h={h} j={j}");
         }
     }
     let plan = HostPlan::new(&shape, opts, &mask).unwrap();
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let h = it[7] as usize;
-        let cols: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks[e as usize * 4]).collect();
+        let cols: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks()[e as usize * 4]).collect();
         assert_eq!(cols, if h < 2 { vec![0] } else { vec![1] });
     }
 }
@@ -254,22 +190,22 @@ fn plan_drops_causally_hidden_blocks_and_flags_the_diagonal() {
     let mask = BlockMask::dense(64, 64, MaskHeads::Shared, &shape).unwrap();
     let plan = HostPlan::new(&shape, PrefillOptions { causal: true, ..Default::default() }, &mask).unwrap();
     assert_eq!(plan.n_items(), 5 * 2);
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let rb = it[0] as usize / 64;
         let list: Vec<(u32, u32)> =
-            (it[5]..it[6]).map(|e| (plan.blocks[e as usize * 4], plan.blocks[e as usize * 4 + 1])).collect();
+            (it[5]..it[6]).map(|e| (plan.blocks()[e as usize * 4], plan.blocks()[e as usize * 4 + 1])).collect();
         let want: Vec<(u32, u32)> = (0..=rb as u32).map(|c| (c, u32::from(c as usize == rb || c == 4))).collect();
         assert_eq!(list, want, "row block {rb}");
         assert_eq!(it[1] as usize, (300 - rb * 64).min(64));
         assert_eq!(it[4] as i32, (rb * 64) as i32);
     }
     // Longest lists first.
-    let lens: Vec<u32> = plan.items.chunks_exact(8).map(|it| it[6] - it[5]).collect();
+    let lens: Vec<u32> = plan.items().chunks_exact(8).map(|it| it[6] - it[5]).collect();
     assert!(lens.windows(2).all(|w| w[0] >= w[1]), "{lens:?}");
     // Non-causal dense: everything listed, only the partial last column flagged.
     let plan = HostPlan::new(&shape, PrefillOptions::default(), &mask).unwrap();
-    for it in plan.items.chunks_exact(8) {
-        let flags: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks[e as usize * 4 + 1]).collect();
+    for it in plan.items().chunks_exact(8) {
+        let flags: Vec<u32> = (it[5]..it[6]).map(|e| plan.blocks()[e as usize * 4 + 1]).collect();
         assert_eq!(flags, vec![0, 0, 0, 0, 1]);
     }
 }
@@ -279,20 +215,20 @@ fn plan_drops_causally_hidden_blocks_and_flags_the_diagonal() {
 fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockMask) {
     let plan = HostPlan::new(shape, opts, mask).unwrap();
     let (br, bc) = (mask.block_rows, mask.block_cols);
-    let mut seen = vec![0u8; shape.tq_total() * shape.num_q_heads];
-    for it in plan.items.chunks_exact(8) {
+    let mut seen = vec![0u8; shape.tq_total() * shape.hq];
+    for it in plan.items().chunks_exact(8) {
         let (q_row0, n_rows, k_tok0, tk) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
         let h = it[7] as usize;
         let cu = &shape.cu_seqlens_q;
         let b = (0..shape.batch()).find(|&b| cu[b] as usize <= q_row0 && q_row0 < cu[b + 1] as usize).unwrap();
         assert_eq!(shape.cu_seqlens_k[b] as usize, k_tok0);
-        assert_eq!(shape.seq_k(b), tk);
+        assert_eq!(shape.seq_k(b).unwrap(), tk);
         let i0 = q_row0 - shape.cu_seqlens_q[b] as usize;
         for r in 0..n_rows {
             seen[h * shape.tq_total() + q_row0 + r] += 1;
             let mut kernel_vis = vec![false; tk];
             for e in it[5]..it[6] {
-                let blk = &plan.blocks[e as usize * 4..e as usize * 4 + 4];
+                let blk = &plan.blocks()[e as usize * 4..e as usize * 4 + 4];
                 for c in 0..bc {
                     let key = blk[0] as usize * bc + c;
                     let mut vis = true;
@@ -302,7 +238,7 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
                             vis &= key as i64 <= r as i64 + it[4] as i32 as i64;
                         }
                         if blk[2] != NO_TOKEN_MASK {
-                            let w = plan.token_masks[(blk[2] as usize * br + r) * (bc / 32) + c / 32];
+                            let w = plan.token_masks()[(blk[2] as usize * br + r) * (bc / 32) + c / 32];
                             vis &= (w >> (c % 32)) & 1 == 1;
                         }
                     }
@@ -313,7 +249,12 @@ fn check_plan_is_exact(shape: &PrefillShape, opts: PrefillOptions, mask: &BlockM
                 }
             }
             for (j, &kv) in kernel_vis.iter().enumerate() {
-                assert_eq!(kv, cpu::visible(shape, &opts, mask, b, h, i0 + r, j), "b={b} h={h} i={} j={j}", i0 + r);
+                assert_eq!(
+                    kv,
+                    cpu::visible(shape, &opts, mask, b, h, i0 + r, j).unwrap(),
+                    "b={b} h={h} i={} j={j}",
+                    i0 + r
+                );
             }
         }
     }
@@ -351,7 +292,7 @@ fn emulation_case<T: Float>(seed: u64, tol: f64) {
         let heads = if case % 3 == 0 { MaskHeads::PerKvHead } else { MaskHeads::Shared };
         let mask = random_mask(&mut rng, &shape, br, bc, heads, [0.3, 0.6, 1.0][case % 3], [0.0, 0.5][case % 2]);
         let opts = PrefillOptions { causal: case % 2 == 1, ..Default::default() };
-        let q: Vec<T> = random_vec(&mut rng, shape.tq_total() * shape.num_q_heads * d, 2.0);
+        let q: Vec<T> = random_vec(&mut rng, shape.tq_total() * shape.hq * d, 2.0);
         let k: Vec<T> = random_vec(&mut rng, shape.tk_total() * hkv * d, 2.0);
         let v: Vec<T> = random_vec(&mut rng, shape.tk_total() * hkv * d, 1.0);
         let want = cpu::prefill(&shape, opts, &mask, &q, &k, &v).unwrap();
@@ -401,7 +342,7 @@ fn graph_visible_via_mask(g: &GraphKv, mask: &BlockMask, shape: &PrefillShape, b
     let mut out = vec![false; n * n];
     for i in 0..n {
         for j in 0..n {
-            out[i * n + j] = mask.visible(shape, b, 0, i, j);
+            out[i * n + j] = mask.visible(shape, b, 0, i, j).unwrap();
         }
     }
     out

@@ -1,5 +1,5 @@
 //! Differential tests of the block-sparse prefill kernel against the f64 CPU reference at
-//! SPEC tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16), on random masks, ragged batches, GQA,
+//! the crate's tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16), on random masks, ragged batches, GQA,
 //! causal and not, partial blocks, token masks and empty rows.
 
 mod attention_common;
@@ -15,7 +15,7 @@ use ntkv::{Device, DeviceTensor, Error, Float};
 /// Runs the kernel and the reference on fresh random inputs; returns (gpu o, gpu lse, want).
 fn run_case<T: Float>(dev: &Device, rng: &mut Rng, c: &Case) -> (Vec<f64>, Vec<f64>, cpu::PrefillOutput) {
     let s = &c.shape;
-    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
+    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.hq, s.hkv, s.head_dim);
     let (q, k, v) = normal_inputs::<T>(rng, s);
     let want = cpu::prefill(s, c.opts, &c.mask, &q, &k, &v).unwrap();
     let plan = PrefillPlan::new(dev, s, c.opts, &c.mask).unwrap();
@@ -38,7 +38,7 @@ fn check<T: Float>(dev: &Device, rng: &mut Rng, c: &Case, tol: f64, what: &str) 
     common::assert_close(&format!("{what}: lse"), &lse, &want.lse, 1e-4, 1e-4);
     // Rows with no visible key: exactly 0 and -inf.
     let d = c.shape.head_dim;
-    let hq = c.shape.num_q_heads;
+    let hq = c.shape.hq;
     let tq = c.shape.tq_total();
     for h in 0..hq {
         for i in 0..tq {

@@ -1,4 +1,4 @@
-//! Sparse-index decode on the GPU against the f64 CPU reference (SPEC tolerances: relative
+//! Sparse-index decode on the GPU against the f64 CPU reference (tolerances: relative
 //! L2 ≤ 5e-4 for f16, ≤ 2e-3 for bf16), GQA groups 1, 2, 4, 8, lists from empty to the whole
 //! cache, split and unsplit lists, causal and not; malformed lists rejected before launch
 //! with the CPU's errors; determinism.
@@ -6,11 +6,11 @@
 mod common;
 mod decode_support;
 
-use decode_support::{random_problem, Lens, Problem};
+use decode_support::{random_problem, Cfg, Lens, Problem};
 use half::{bf16, f16};
-use ntkv::decode::{cpu, validate_lists, DecodeConfig, DecodePlan};
+use ntkv::decode::{cpu, validate_lists, DecodePlan};
 use ntkv::rng::Rng;
-use ntkv::{Device, DeviceTensor, Error, Float};
+use ntkv::{Device, DeviceTensor, Error, Float, TensorView, TensorViewMut};
 
 struct Outputs {
     o: Vec<f64>,
@@ -36,7 +36,7 @@ fn run_gpu<T: Float>(dev: &Device, p: &Problem<T>) -> Result<Outputs, Error> {
     let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
     let mut o = DeviceTensor::<T>::zeros(dev, &cfg.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
-    let mut plan = DecodePlan::new(dev, cfg, &p.cache_lens, &indptr, &indices)?;
+    let mut plan = DecodePlan::new(dev, cfg, cfg.opts, &p.cache_lens, &indptr, &indices)?;
     plan.run(&q, &k, &v, &mut o, &mut lse)?;
     let oh = o.to_host()?;
     Ok(Outputs {
@@ -54,10 +54,10 @@ fn tol<T: Float>() -> f64 {
     }
 }
 
-fn check_case<T: Float>(dev: &Device, seed: u64, cfg: DecodeConfig, lens: Lens) {
+fn check_case<T: Float>(dev: &Device, seed: u64, cfg: Cfg, lens: Lens) {
     let mut rng = Rng::new(seed);
     let p = random_problem::<T>(&mut rng, cfg, lens);
-    let want = cpu::sparse_decode(&p.cfg, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+    let want = p.reference().unwrap();
     let got = run_gpu(dev, &p).unwrap();
     let what = format!("seed {seed} {:?} {:?}", p.cfg, T::DTYPE);
     common::assert_rel_l2(&format!("o {what}"), &got.o, &want.o, tol::<T>());
@@ -81,7 +81,7 @@ fn differential_gqa_groups_and_head_dims() {
             for &causal in &[false, true] {
                 let hkv = if group == 8 { 1 } else { 2 };
                 let tq = 1 + (seed as usize % 5);
-                let cfg = DecodeConfig::new(2, tq, hkv * group, hkv, d, 203).causal(causal);
+                let cfg = Cfg::new(2, tq, hkv * group, hkv, d, 203).causal(causal);
                 check_case::<f16>(dev, seed, cfg.clone(), Lens::Random);
                 check_case::<bf16>(dev, seed + 1, cfg, Lens::Random);
                 seed += 2;
@@ -97,7 +97,7 @@ fn differential_split_lists_merge() {
     // lengths 1, a partial tile, several tiles, and the whole cache.
     for (i, &chunk) in [64usize, 128, 192].iter().enumerate() {
         let s = 300 + 10 * i as u64;
-        let cfg = DecodeConfig::new(3, 2, 8, 2, 128, 517).chunk_tokens(chunk);
+        let cfg = Cfg::new(3, 2, 8, 2, 128, 517).chunk_tokens(chunk);
         check_case::<f16>(dev, s, cfg.clone(), Lens::Random);
         check_case::<bf16>(dev, s + 1, cfg.clone(), Lens::Full);
         check_case::<f16>(dev, s + 2, cfg.clone().causal(true), Lens::Fixed(1));
@@ -109,19 +109,19 @@ fn differential_split_lists_merge() {
 fn differential_many_query_rows() {
     let dev = gpu_or_skip!("differential_many_query_rows");
     // group 8 x Tq 16 = 128 rows per kv head: eight row tiles per chunk.
-    let cfg = DecodeConfig::new(1, 16, 16, 2, 64, 300).causal(true);
+    let cfg = Cfg::new(1, 16, 16, 2, 64, 300).causal(true);
     check_case::<f16>(dev, 400, cfg.clone(), Lens::Random);
     check_case::<bf16>(dev, 401, cfg.chunk_tokens(64), Lens::Random);
     // 3 x 5 = 15 rows (a partial row tile) and 6 x 3 = 18 rows (one full, one partial).
-    check_case::<f16>(dev, 402, DecodeConfig::new(2, 5, 3, 1, 128, 77), Lens::Random);
-    check_case::<bf16>(dev, 403, DecodeConfig::new(2, 3, 12, 2, 128, 77).chunk_tokens(64), Lens::Random);
+    check_case::<f16>(dev, 402, Cfg::new(2, 5, 3, 1, 128, 77), Lens::Random);
+    check_case::<bf16>(dev, 403, Cfg::new(2, 3, 12, 2, 128, 77).chunk_tokens(64), Lens::Random);
 }
 
 #[test]
 fn differential_long_lists_automatic_split() {
     let dev = gpu_or_skip!("differential_long_lists_automatic_split");
     // Long enough that the automatic planner splits (chunks of at least 256 tokens).
-    let cfg = DecodeConfig::new(1, 1, 8, 4, 128, 5000);
+    let cfg = Cfg::new(1, 1, 8, 4, 128, 5000);
     check_case::<f16>(dev, 500, cfg.clone(), Lens::Full);
     check_case::<f16>(dev, 501, cfg.clone(), Lens::Fixed(2048));
     check_case::<bf16>(dev, 502, cfg.scale(0.05), Lens::Random);
@@ -131,8 +131,8 @@ fn differential_long_lists_automatic_split() {
 fn empty_lists_give_zero_and_neg_inf() {
     let dev = gpu_or_skip!("empty_lists_give_zero_and_neg_inf");
     for chunk in [None, Some(64)] {
-        let mut cfg = DecodeConfig::new(2, 2, 4, 2, 64, 90);
-        cfg.chunk_tokens = chunk;
+        let mut cfg = Cfg::new(2, 2, 4, 2, 64, 90);
+        cfg.opts.chunk_tokens = chunk;
         let mut rng = Rng::new(600);
         let mut p = random_problem::<f16>(&mut rng, cfg, Lens::Random);
         // Lists 1 and 2 empty, the others kept.
@@ -149,7 +149,7 @@ fn empty_lists_give_zero_and_neg_inf() {
         p.indptr = indptr;
         p.indices = indices;
         let got = run_gpu(dev, &p).unwrap();
-        let want = cpu::sparse_decode(&p.cfg, &p.q, &p.k, &p.v, &p.cache_lens, &p.indptr, &p.indices).unwrap();
+        let want = p.reference().unwrap();
         for (row, &l) in want.lse.iter().enumerate() {
             if l == f64::NEG_INFINITY {
                 assert_eq!(got.lse[row], f64::NEG_INFINITY, "row {row}");
@@ -163,7 +163,7 @@ fn empty_lists_give_zero_and_neg_inf() {
 #[test]
 fn deterministic_bits() {
     let dev = gpu_or_skip!("deterministic_bits");
-    let cfg = DecodeConfig::new(2, 4, 8, 2, 128, 1500);
+    let cfg = Cfg::new(2, 4, 8, 2, 128, 1500);
     let mut rng = Rng::new(700);
     let p = random_problem::<bf16>(&mut rng, cfg, Lens::Random);
     let a = run_gpu(dev, &p).unwrap();
@@ -180,7 +180,7 @@ fn deterministic_bits() {
 #[test]
 fn malformed_lists_rejected_before_launch() {
     let dev = gpu_or_skip!("malformed_lists_rejected_before_launch");
-    let cfg = DecodeConfig::new(2, 1, 4, 2, 64, 4000);
+    let cfg = Cfg::new(2, 1, 4, 2, 64, 4000);
     let mut rng = Rng::new(800);
     let mut p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Fixed(3000));
     // Fixed cache lengths so that every list holds exactly 3000 entries.
@@ -219,7 +219,7 @@ fn malformed_lists_rejected_before_launch() {
         let want = validate_lists(&cfg, &lens, &ptr, &idx).unwrap_err();
         let indptr = DeviceTensor::from_host(dev, &ptr, &[ptr.len()]).unwrap();
         let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
-        let got = DecodePlan::new(dev, &cfg, &lens, &indptr, &indices).unwrap_err();
+        let got = DecodePlan::new(dev, &cfg, cfg.opts, &lens, &indptr, &indices).unwrap_err();
         assert_eq!(got.to_string(), want.to_string(), "case {i}");
         assert_eq!(format!("{got:?}"), format!("{want:?}"), "case {i}");
     }
@@ -227,7 +227,7 @@ fn malformed_lists_rejected_before_launch() {
     // valid plan's run with a wrong shape writes nothing either.
     let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
     let indices = DeviceTensor::from_host(dev, &p.indices, &[p.indices.len()]).unwrap();
-    let mut plan = DecodePlan::new(dev, &cfg, &p.cache_lens, &indptr, &indices).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
     let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
     let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape()).unwrap();
     let v_bad = DeviceTensor::<f16>::zeros(dev, &[2, 2, 3999, 64]).unwrap();
@@ -251,14 +251,14 @@ fn malformed_lists_rejected_before_launch() {
 #[test]
 fn plan_is_reusable_across_layers() {
     let dev = gpu_or_skip!("plan_is_reusable_across_layers");
-    let cfg = DecodeConfig::new(1, 2, 4, 2, 128, 700).chunk_tokens(128);
+    let cfg = Cfg::new(1, 2, 4, 2, 128, 700).chunk_tokens(128);
     let mut rng = Rng::new(900);
     let a = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
     let indptr = DeviceTensor::from_host(dev, &a.indptr, &[a.indptr.len()]).unwrap();
     let mut idx = a.indices.clone();
     idx.push(0);
     let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
-    let mut plan = DecodePlan::new(dev, &cfg, &a.cache_lens, &indptr, &indices).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &a.cache_lens, &indptr, &indices).unwrap();
     for layer in 0..3u64 {
         let mut r = Rng::new(1000 + layer);
         let gen = |r: &mut Rng, n: usize| -> Vec<f16> { r.normal_vec(n).into_iter().map(f16::from_f32).collect() };
@@ -271,8 +271,73 @@ fn plan_is_reusable_across_layers() {
         let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape()).unwrap();
         let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
         plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
-        let want = cpu::sparse_decode(&cfg, &qh, &kh, &vh, &a.cache_lens, &a.indptr, &a.indices).unwrap();
+        let want = cpu::sparse_decode(&cfg, &cfg.opts, &qh, &kh, &vh, &a.cache_lens, &a.indptr, &a.indices).unwrap();
         let got: Vec<f64> = o.to_host().unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
         common::assert_rel_l2(&format!("layer {layer}"), &got, &want.o, 5e-4);
     }
+}
+
+/// The NaN contract on the GPU, direct and split: exactly the CPU reference's NaN rows and
+/// columns (see tests/decode_cpu.rs), never an empty row.
+#[test]
+fn nan_inputs_make_their_rows_nan_not_empty() {
+    let dev = gpu_or_skip!("nan_inputs_make_their_rows_nan_not_empty");
+    for chunk in [None, Some(64)] {
+        let mut cfg = Cfg::new(1, 2, 2, 1, 64, 300).causal(true);
+        cfg.opts.chunk_tokens = chunk;
+        let mut rng = Rng::new(77);
+        let mut p = random_problem::<f16>(&mut rng, cfg, Lens::Full);
+        p.cache_lens = vec![300];
+        let (indptr, indices) = decode_support::random_lists(&mut rng, &p.cfg, &p.cache_lens, Lens::Full);
+        (p.indptr, p.indices) = (indptr, indices);
+        p.q[3] = f16::NAN; // row (t 0, head 0)
+        p.k[299 * 64 + 9] = f16::NAN; // the last token: visible (causally) to t = 1 only
+        p.v[10 * 64 + 5] = f16::NAN; // o[d = 5] of every row
+        let want = p.reference().unwrap();
+        let got = run_gpu(dev, &p).unwrap();
+        for row in 0..4 {
+            assert_eq!(got.lse[row].is_nan(), want.lse[row].is_nan(), "{chunk:?}: lse of row {row}");
+            for d in 0..64 {
+                let (g, w) = (got.o[row * 64 + d], want.o[row * 64 + d]);
+                assert_eq!(g.is_nan(), w.is_nan(), "{chunk:?}: o of row {row}, d {d}");
+            }
+        }
+        assert!(want.lse[0].is_nan() && !want.lse[1].is_nan() && want.lse[2].is_nan());
+    }
+}
+
+/// Borrowed views run like owned tensors, and every buffer's length is checked: a view of
+/// the right shape from a slice of a larger allocation gives the same bits.
+#[test]
+fn views_of_a_larger_buffer_match_owned_tensors() {
+    let dev = gpu_or_skip!("views_of_a_larger_buffer_match_owned_tensors");
+    let cfg = Cfg::new(1, 2, 4, 2, 64, 200);
+    let mut rng = Rng::new(950);
+    let p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
+    let owned = run_gpu(dev, &p).unwrap();
+    // Two "layers" of k in one buffer; layer 1 holds this problem's k.
+    let nk = p.k.len();
+    let mut both = vec![f16::from_f32(9.0); nk];
+    both.extend_from_slice(&p.k);
+    let big = DeviceTensor::from_host(dev, &both, &[2 * nk]).unwrap();
+    let k = TensorView::new(big.slice().slice(nk..2 * nk), &cfg.kv_shape()).unwrap();
+    let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
+    let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
+    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
+    let mut idx = p.indices.clone();
+    idx.push(0);
+    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let mut o_all = DeviceTensor::<f16>::zeros(dev, &[2 * q.len()]).unwrap();
+    let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
+    {
+        let n = q.len();
+        let mut whole = o_all.view_mut();
+        let mut o = TensorViewMut::new(whole.slice_mut(n..2 * n), &cfg.q_shape()).unwrap();
+        plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
+    }
+    let oh = o_all.to_host().unwrap();
+    assert!(oh[..q.len()].iter().all(|x| x.to_f32() == 0.0), "the other half is untouched");
+    let got: Vec<u32> = oh[q.len()..].iter().map(|x| x.to_f32().to_bits()).collect();
+    assert_eq!(got, owned.o_bits);
 }

@@ -32,8 +32,8 @@ enum Pattern {
 }
 
 fn mask_for(pattern: Pattern, block: usize, block_cols: usize, shape: &PrefillShape) -> ntkv::Result<BlockMask> {
-    let n_rb = shape.seq_q(0).div_ceil(block) as u32;
-    let n_cb = shape.seq_k(0).div_ceil(block_cols) as u32;
+    let n_rb = ntkv::error::to_u32("tokens", shape.seq_q(0)?.div_ceil(block))?;
+    let n_cb = ntkv::error::to_u32("tokens", shape.seq_k(0)?.div_ceil(block_cols))?;
     let rows: Vec<Vec<u32>> = (0..n_rb)
         .map(|r| {
             (0..n_cb)
@@ -88,64 +88,26 @@ fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &GpuCase, precision: PvPre
     b.gpu(FAMILY, op, &c.shape_key, T::DTYPE.name(), Work { bytes, flops }, |_| plan.run(&q, &k, &v, &mut o, &mut lse))
 }
 
+/// A 32-head case of `tokens` tokens at head dim `d` (rows of 128, columns of `block_cols`).
+fn case(op: &'static str, block_cols: usize, shape_key: String, tokens: usize, d: usize, pattern: Pattern) -> GpuCase {
+    let causal = matches!(pattern, Pattern::CausalRandom(_));
+    GpuCase { op, block_cols, shape_key, heads: 32, tokens, d, pattern, causal }
+}
+
 fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let mut cases = vec![
-        GpuCase {
-            op: "prefill_dense",
-            block_cols: 128,
-            shape_key: "1x32x8192x128".into(),
-            heads: 32,
-            tokens: 8192,
-            d: 128,
-            pattern: Pattern::Dense,
-            causal: false,
-        },
-        GpuCase {
-            op: "prefill_dense",
-            block_cols: 128,
-            shape_key: "1x32x32768x128".into(),
-            heads: 32,
-            tokens: 32768,
-            d: 128,
-            pattern: Pattern::Dense,
-            causal: false,
-        },
+        case("prefill_dense", 128, "1x32x8192x128".into(), 8192, 128, Pattern::Dense),
+        case("prefill_dense", 128, "1x32x32768x128".into(), 32768, 128, Pattern::Dense),
     ];
     for d in [128usize, 64] {
         for (pm, pct) in [(125u32, "12.5%"), (250, "25%"), (500, "50%")] {
-            cases.push(GpuCase {
-                op: "prefill_bsr",
-                block_cols: 128,
-                shape_key: format!("1x32x32768x{d} b128 {pct}"),
-                heads: 32,
-                tokens: 32768,
-                d,
-                pattern: Pattern::Random(pm),
-                causal: false,
-            });
+            cases.push(case("prefill_bsr", 128, format!("1x32x32768x{d} b128 {pct}"), 32768, d, Pattern::Random(pm)));
         }
-        cases.push(GpuCase {
-            op: "prefill_bsr_causal",
-            block_cols: 128,
-            shape_key: format!("1x32x32768x{d} b128 25%tri+diag"),
-            heads: 32,
-            tokens: 32768,
-            d,
-            pattern: Pattern::CausalRandom(250),
-            causal: true,
-        });
+        let key = format!("1x32x32768x{d} b128 25%tri+diag");
+        cases.push(case("prefill_bsr_causal", 128, key, 32768, d, Pattern::CausalRandom(250)));
     }
     // The dense bar shape with 128 x 64 blocks too (the other kernel tiling), for tuning.
-    cases.push(GpuCase {
-        op: "prefill_dense_bc64",
-        block_cols: 64,
-        shape_key: "1x32x8192x128".into(),
-        heads: 32,
-        tokens: 8192,
-        d: 128,
-        pattern: Pattern::Dense,
-        causal: false,
-    });
+    cases.push(case("prefill_dense_bc64", 64, "1x32x8192x128".into(), 8192, 128, Pattern::Dense));
     for c in &cases {
         gpu_case::<bf16>(b, dev, c, PvPrecision::Split, c.op)?;
         // FlashAttention-2 rounding of P (faster, ~2.2e-3 rel L2): the same case under `_fast`.

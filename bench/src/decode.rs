@@ -7,11 +7,15 @@
 //! zero-filled on the device instead of generated on the host.
 
 use half::{bf16, f16};
-use ntkv::decode::{cpu, DecodeConfig, DecodePlan};
+use ntkv::decode::{cpu, DecodeOptions, DecodePlan, DecodeShape};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Float};
 
 use crate::harness::{Bench, Work};
+
+/// The decode tests' list generators (one copy for tests, benches and this runner).
+#[path = "../../tests/decode_support/mod.rs"]
+mod decode_support;
 
 const FAMILY: &str = "decode";
 /// Index selections the sparse cases rotate through (more than L2 in all).
@@ -62,44 +66,30 @@ const CASES: &[Case] = &[
     },
 ];
 
-/// Random sorted selections per list, as CSR.
-fn selection(rng: &mut Rng, lists: usize, cache: usize, selected: Option<usize>) -> (Vec<u32>, Vec<u32>) {
-    let mut indptr = vec![0u32];
-    let mut indices = Vec::new();
-    for _ in 0..lists {
-        match selected {
-            None => indices.extend(0..cache as u32),
-            Some(n) => {
-                // Selection sampling: n distinct ascending indices of 0..cache.
-                let mut need = n.min(cache);
-                for i in 0..cache {
-                    if need == 0 {
-                        break;
-                    }
-                    if rng.below(cache - i) < need {
-                        indices.push(i as u32);
-                        need -= 1;
-                    }
-                }
-            }
-        }
-        indptr.push(indices.len() as u32);
-    }
-    (indptr, indices)
+/// Random sorted selections per list, as CSR: `selected` tokens of each list (`None` = the
+/// whole cache).
+fn selection(rng: &mut Rng, shape: &DecodeShape, selected: Option<usize>) -> (Vec<u32>, Vec<u32>) {
+    let lens = vec![shape.capacity as u32; shape.batch];
+    let how = selected.map_or(decode_support::Lens::Full, decode_support::Lens::Fixed);
+    decode_support::random_lists(rng, shape, &lens, how)
 }
 
-fn work(cfg: &DecodeConfig, per_list: usize, elem: usize) -> Work {
+fn shape_of(c: &Case, hq: usize, hkv: usize, capacity: usize) -> DecodeShape {
+    DecodeShape { batch: c.batch, q_tokens: c.q_tokens, hq, hkv, head_dim: 128, capacity }
+}
+
+fn work(cfg: &DecodeShape, per_list: usize, elem: usize) -> Work {
     let tokens = (cfg.n_lists() * per_list) as f64;
     let d = cfg.head_dim as f64;
-    let rows = (cfg.batch * cfg.q_tokens * cfg.q_heads) as f64;
+    let rows = (cfg.batch * cfg.q_tokens * cfg.hq) as f64;
     let bytes = tokens * d * elem as f64 * 2.0 + tokens * 4.0 + 2.0 * rows * d * elem as f64 + rows * 4.0;
     Work { bytes, ..Work::flops(4.0 * rows * per_list as f64 * d) }
 }
 
 fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &Case) -> ntkv::Result<()> {
-    let cfg = DecodeConfig::new(c.batch, c.q_tokens, c.q_heads, c.kv_heads, 128, c.cache);
+    let cfg = shape_of(c, c.q_heads, c.kv_heads, c.cache);
     let mut rng = Rng::new(42);
-    let q_host: Vec<T> = rng.normal_vec(cfg.q_shape().iter().product()).into_iter().map(T::from_f32).collect();
+    let q_host: Vec<T> = decode_support::normal(&mut rng, cfg.q_shape().iter().product());
     let q = DeviceTensor::from_host(dev, &q_host, &cfg.q_shape())?;
     let k = DeviceTensor::<T>::zeros(dev, &cfg.kv_shape())?;
     let v = DeviceTensor::<T>::zeros(dev, &cfg.kv_shape())?;
@@ -109,7 +99,7 @@ fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &Case) -> ntkv::Result<()>
     let rotations = if c.selected.is_some() { ROTATE } else { 1 };
     let mut lists = Vec::new();
     for _ in 0..rotations {
-        let (ptr, idx) = selection(&mut rng, cfg.n_lists(), c.cache, c.selected);
+        let (ptr, idx) = selection(&mut rng, &cfg, c.selected);
         lists.push((
             DeviceTensor::from_host(dev, &ptr, &[ptr.len()])?,
             DeviceTensor::from_host(dev, &idx, &[idx.len()])?,
@@ -120,7 +110,7 @@ fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &Case) -> ntkv::Result<()>
     if b.wants(FAMILY, c.op) {
         let mut plans = lists
             .iter()
-            .map(|(p, i)| DecodePlan::new(dev, &cfg, &cache_lens, p, i))
+            .map(|(p, i)| DecodePlan::new(dev, &cfg, DecodeOptions::default(), &cache_lens, p, i))
             .collect::<ntkv::Result<Vec<_>>>()?;
         let n = plans.len();
         b.gpu(FAMILY, c.op, c.shape, dtype, work(&cfg, per_list, 2), |i| {
@@ -132,7 +122,7 @@ fn gpu_case<T: Float>(b: &mut Bench, dev: &Device, c: &Case) -> ntkv::Result<()>
         let bytes = (cfg.n_lists() * per_list * 4) as f64;
         b.gpu(FAMILY, "decode_plan", c.shape, dtype, Work::bytes(bytes), |i| {
             let (p, idx) = &lists[i % lists.len()];
-            DecodePlan::new(dev, &cfg, &cache_lens, p, idx).map(|_| ())
+            DecodePlan::new(dev, &cfg, DecodeOptions::default(), &cache_lens, p, idx).map(|_| ())
         })?;
     }
     Ok(())
@@ -142,14 +132,13 @@ fn cpu_case<T: Float>(b: &mut Bench, c: &Case) -> ntkv::Result<()> {
     // Small stand-ins of the GPU shapes: 8 query heads over a 4096-token cache.
     let (cache, hq) = (4096, 8);
     let hkv = hq * c.kv_heads / c.q_heads;
-    let cfg = DecodeConfig::new(1, c.q_tokens, hq, hkv, 128, cache);
+    let cfg = shape_of(c, hq, hkv, cache);
     let selected = c.selected.map(|n| n / 8);
     let mut rng = Rng::new(7);
-    let gen = |rng: &mut Rng, n: usize| -> Vec<T> { rng.normal_vec(n).into_iter().map(T::from_f32).collect() };
-    let q = gen(&mut rng, cfg.q_shape().iter().product());
-    let k = gen(&mut rng, cfg.kv_shape().iter().product());
-    let v = gen(&mut rng, cfg.kv_shape().iter().product());
-    let (ptr, idx) = selection(&mut rng, cfg.n_lists(), cache, selected);
+    let q: Vec<T> = decode_support::normal(&mut rng, cfg.q_shape().iter().product());
+    let k: Vec<T> = decode_support::normal(&mut rng, cfg.kv_shape().iter().product());
+    let v: Vec<T> = decode_support::normal(&mut rng, cfg.kv_shape().iter().product());
+    let (ptr, idx) = selection(&mut rng, &cfg, selected);
     let shape = format!(
         "B1 Tq{} Hq{hq} Hkv{hkv} T{cache} D128 {}",
         c.q_tokens,
@@ -157,7 +146,8 @@ fn cpu_case<T: Float>(b: &mut Bench, c: &Case) -> ntkv::Result<()> {
     );
     let w = work(&cfg, selected.unwrap_or(cache), 2);
     b.cpu(FAMILY, c.op, &shape, T::DTYPE.name(), w, |_| {
-        cpu::sparse_decode(&cfg, &q, &k, &v, &[cache as u32], &ptr, &idx).map(|_| ())
+        let opts = DecodeOptions::default();
+        cpu::sparse_decode(&cfg, &opts, &q, &k, &v, &[cache as u32], &ptr, &idx).map(|_| ())
     })
 }
 

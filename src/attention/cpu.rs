@@ -2,7 +2,7 @@
 
 use super::{BlockMask, MaskHeads, PrefillOptions, PrefillShape};
 use crate::error::{check_shape, Result};
-use crate::tensor::Float;
+use crate::tensor::{checked_numel, Float};
 
 /// Output of [`prefill`]: `o [Tq_total, Hq, D]` and `lse [Hq, Tq_total]`, both in f64.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +15,10 @@ pub struct PrefillOutput {
 
 /// Whether local query `i` of entry `b` sees local key `j` for query head `h`: the block
 /// mask (with token masks) and, with `causal`, `j ≤ i + (Tk_b − Tq_b)`.
+///
+/// # Errors
+/// The errors of [`BlockMask::visible`]; [`crate::Error::InvalidArgument`] naming `h` when
+/// `h ≥ Hq`.
 pub fn visible(
     shape: &PrefillShape,
     options: &PrefillOptions,
@@ -23,19 +27,35 @@ pub fn visible(
     h: usize,
     i: usize,
     j: usize,
-) -> bool {
-    if options.causal && j as i64 > i as i64 + shape.seq_k(b) as i64 - shape.seq_q(b) as i64 {
-        return false;
+) -> Result<bool> {
+    mask.validate(shape)?;
+    visible_unchecked(shape, options, mask, (b, h, i, j))
+}
+
+/// [`visible`] for a mask already validated against `shape`, at `(b, h, i, j)`.
+fn visible_unchecked(
+    shape: &PrefillShape,
+    options: &PrefillOptions,
+    mask: &BlockMask,
+    (b, h, i, j): (usize, usize, usize, usize),
+) -> Result<bool> {
+    if h >= shape.hq {
+        return Err(crate::Error::invalid("h", format!("query head {h} is out of range ({} heads)", shape.hq)));
+    }
+    let (tq, tk) = (shape.seq_q(b)?, shape.seq_k(b)?);
+    // Bottom-right alignment; every count is below i32::MAX, so i64 cannot overflow.
+    if options.causal && j as i64 > i as i64 + tk as i64 - tq as i64 {
+        return Ok(false);
     }
     let m = match mask.heads {
         MaskHeads::Shared => 0,
         MaskHeads::PerKvHead => h / shape.group(),
     };
-    mask.visible(shape, b, m, i, j)
+    mask.visible_unchecked(shape, b, m, i, j)
 }
 
 /// Dense masked attention in f64 on the storage values of `q`, `k`, `v` (see the module docs
-/// of [`crate::attention`] for the math).
+/// of [`crate::attention`] for the math, the empty-row and the NaN contract).
 ///
 /// # Errors
 /// The validation errors of [`BlockMask::validate`] and [`crate::attention::HostPlan::new`];
@@ -50,14 +70,14 @@ pub fn prefill<T: Float>(
 ) -> Result<PrefillOutput> {
     // The same validation as the GPU path (mask, scale), so both reject the same inputs.
     super::HostPlan::new(shape, options, mask)?;
-    let (tq, tk, hq, hkv, d) =
-        (shape.tq_total(), shape.tk_total(), shape.num_q_heads, shape.num_kv_heads, shape.head_dim);
-    check_shape("q", &[tq * hq * d], &[q.len()])?;
-    check_shape("k", &[tk * hkv * d], &[k.len()])?;
-    check_shape("v", &[tk * hkv * d], &[v.len()])?;
+    let (tq, hq, hkv, d) = (shape.tq_total(), shape.hq, shape.hkv, shape.head_dim);
+    check_shape("q", &[checked_numel::<T>("q", &shape.q_shape())?], &[q.len()])?;
+    let kv_len = checked_numel::<T>("k", &shape.kv_shape())?;
+    check_shape("k", &[kv_len], &[k.len()])?;
+    check_shape("v", &[kv_len], &[v.len()])?;
     let scale = f64::from(options.scale_for(d));
     let group = shape.group();
-    let mut o = vec![0.0f64; tq * hq * d];
+    let mut o = vec![0.0f64; q.len()];
     let mut lse = vec![f64::NEG_INFINITY; hq * tq];
     let mut scores = Vec::new();
     let mut acc = vec![0.0f64; d];
@@ -65,21 +85,20 @@ pub fn prefill<T: Float>(
         let (q0, k0) = (shape.cu_seqlens_q[b] as usize, shape.cu_seqlens_k[b] as usize);
         for h in 0..hq {
             let kvh = h / group;
-            for i in 0..shape.seq_q(b) {
+            for i in 0..shape.seq_q(b)? {
                 let qrow = &q[((q0 + i) * hq + h) * d..][..d];
                 scores.clear();
-                for j in 0..shape.seq_k(b) {
-                    if !visible(shape, &options, mask, b, h, i, j) {
+                for j in 0..shape.seq_k(b)? {
+                    if !visible_unchecked(shape, &options, mask, (b, h, i, j))? {
                         continue;
                     }
                     let krow = &k[((k0 + j) * hkv + kvh) * d..][..d];
-                    let dot: f64 =
-                        qrow.iter().zip(krow).map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32())).sum();
-                    scores.push((j, dot * scale));
+                    scores.push((j, crate::decode::cpu::dot(qrow, krow) * scale));
                 }
                 if scores.is_empty() {
                     continue; // o stays 0, lse stays -inf
                 }
+                // f64::max skips NaN scores; they reach denom (and so o and lse) below.
                 let mx = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
                 acc.iter_mut().for_each(|x| *x = 0.0);
                 let mut denom = 0.0;

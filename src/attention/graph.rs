@@ -24,8 +24,14 @@ pub struct GraphKv {
     pub edges: Vec<(usize, usize)>,
 }
 
+/// Most tokens of one graph (the kernels index tokens in `i32`).
+pub const MAX_SEQ_LEN: usize = i32::MAX as usize;
+
 impl GraphKv {
     fn validate(&self) -> Result<()> {
+        if self.seq_len > MAX_SEQ_LEN {
+            return Err(Error::too_large("seq_len", format!("{} tokens; at most {MAX_SEQ_LEN}", self.seq_len)));
+        }
         let mut order: Vec<usize> = (0..self.segments.len()).collect();
         order.sort_by_key(|&s| self.segments[s].start);
         for (x, &s) in order.iter().enumerate() {
@@ -64,14 +70,17 @@ impl GraphKv {
     }
 
     /// The segment of each token (`None` outside every segment). The graph must be valid.
-    fn segment_of(&self) -> Vec<Option<usize>> {
-        let mut seg = vec![None; self.seq_len];
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] naming `seq_len` when the table cannot be allocated.
+    fn segment_of(&self) -> Result<Vec<Option<usize>>> {
+        let mut seg = try_filled(self.seq_len, None, "seq_len")?;
         for (s, r) in self.segments.iter().enumerate() {
             for x in &mut seg[r.clone()] {
                 *x = Some(s);
             }
         }
-        seg
+        Ok(seg)
     }
 
     /// Sorted, disjoint key ranges of each target segment's sources.
@@ -90,13 +99,15 @@ impl GraphKv {
     /// The definition, token by token: whether query `i` sees key `j` (both `< seq_len`).
     ///
     /// # Errors
-    /// The validation errors of [`graph_kv_mask`].
+    /// The validation errors of [`graph_kv_mask`]; [`Error::TooLarge`] naming `seq_len` when
+    /// the `seq_len²` table cannot be allocated.
     pub fn visible_pairs(&self) -> Result<Vec<bool>> {
         self.validate()?;
         let n = self.seq_len;
-        let seg = self.segment_of();
+        let pairs = crate::error::checked_mul("seq_len", n, n)?;
+        let mut out = try_filled(pairs, false, "seq_len")?;
+        let seg = self.segment_of()?;
         let src = self.source_ranges();
-        let mut out = vec![false; n * n];
         for i in 0..n {
             let Some(t) = seg[i] else { continue };
             for r in &src[t] {
@@ -110,6 +121,14 @@ impl GraphKv {
         }
         Ok(out)
     }
+}
+
+/// `n` copies of `x`, or [`Error::TooLarge`] naming `arg` when they cannot be allocated.
+fn try_filled<T: Clone>(n: usize, x: T, arg: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::too_large(arg, format!("a table of {n} entries")))?;
+    v.resize(n, x);
+    Ok(v)
 }
 
 /// `cu_seqlens` (for both queries and keys) of a batch of graphs.
@@ -136,7 +155,9 @@ pub fn graph_cu_seqlens(graphs: &[GraphKv]) -> Result<Vec<u32>> {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming `block_rows` / `block_cols` (not 64 or 128),
-/// `segments` (empty, out of range, overlapping) or `edges` (unknown segment, self-edge).
+/// `segments` (empty, out of range, overlapping) or `edges` (unknown segment, self-edge);
+/// [`Error::TooLarge`] naming `seq_len` above [`MAX_SEQ_LEN`] or `graphs` when the batch
+/// overflows `u32` tokens.
 pub fn graph_kv_mask(graphs: &[GraphKv], block_rows: usize, block_cols: usize) -> Result<BlockMask> {
     super::check_block_sizes(block_rows, block_cols)?;
     let (br, bc) = (block_rows, block_cols);
@@ -149,7 +170,7 @@ pub fn graph_kv_mask(graphs: &[GraphKv], block_rows: usize, block_cols: usize) -
     for g in graphs {
         g.validate()?;
         let n = g.seq_len;
-        let seg = g.segment_of();
+        let seg = g.segment_of()?;
         let src = g.source_ranges();
         let n_cb = n.div_ceil(bc);
         let mut count = vec![0usize; n_cb];

@@ -1,4 +1,4 @@
-//! Block-sparse flash attention prefill with Graph-KV masks (SPEC §3).
+//! Block-sparse flash attention prefill with Graph-KV masks.
 //!
 //! # Shapes and dtypes
 //! - `q [Tq_total, Hq, D]`, `k, v [Tk_total, Hkv, D]`, all `f16` or all `bf16`, `D ∈ {64, 128}`,
@@ -15,8 +15,9 @@
 //! - the mask of `(b, mask head)` lists column block `j / BC` in row block `i / BR`
 //!   (the mask head is 0 for [`MaskHeads::Shared`], the kv head for [`MaskHeads::PerKvHead`]);
 //! - when that listed block carries a token mask, its bit for `(i % BR, j % BC)` is set;
-//! - with `causal`, `j ≤ i + (Tk_b − Tq_b)` (global bottom-right alignment, as in SPEC §3;
-//!   this is not FlashInfer's per-block-row meaning).
+//! - with `causal`, `j ≤ i + (Tk_b − Tq_b)`: bottom-right alignment over the whole entry
+//!   (the last query sees the last key, whatever the block sizes; this is not FlashInfer's
+//!   per-block-row meaning). With `Tq_b > Tk_b` the first `Tq_b − Tk_b` queries see nothing.
 //!
 //! Then `o[i] = Σ_j softmax_j(scale · q_i·k_j) v_j` over visible keys, with `scale = 1/√D`
 //! unless overridden, and `lse[h, i] = ln Σ_j exp(scale · q_i·k_j)`. A row with no visible key
@@ -26,7 +27,15 @@
 //! that row's `o` and `lse` NaN (it never passes for an empty row). On the GPU a NaN or inf in
 //! `v_j` of a key that is *hidden* from row `i` but lies in a block the row's CTA visits also
 //! reaches `o[i]` (its weight is exactly 0, but `0 · NaN` is NaN in the tensor-core product, as
-//! in FlashAttention); the reference skips hidden keys entirely.
+//! in FlashAttention); the reference skips hidden keys entirely. [`crate::decode`] follows the
+//! same contract.
+//!
+//! # Precision
+//! The GPU computes scores and the online softmax in f32 with tensor-core products in the
+//! storage dtype. Against [`cpu::prefill`] (f64 on the widened storage values) `o` meets a
+//! relative L2 error ≤ 5e-4 for f16 and ≤ 2e-3 for bf16 with [`PvPrecision::Split`] (about
+//! 2.2e-3 with [`PvPrecision::Storage`]), and `lse` agrees to about 1e-4. The output does not
+//! depend on scheduling: the same plan and inputs give the same bits.
 //!
 //! # Using it
 //! [`PrefillPlan::new`] validates the mask against the shapes (sorted, unique, in range) and
@@ -39,15 +48,15 @@
 //! use ntkv::attention::{BlockMask, MaskHeads, PrefillOptions, PrefillPlan, PrefillShape};
 //! use ntkv::{Device, DeviceTensor};
 //! use half::bf16;
-//! let dev = Device::new(0)?;
+//! let device = Device::new(0)?;
 //! let shape = PrefillShape::new(32, 8, 128, vec![0, 4096], vec![0, 4096])?;
 //! let mask = BlockMask::dense(128, 128, MaskHeads::Shared, &shape)?;
-//! let plan = PrefillPlan::new(&dev, &shape, PrefillOptions { causal: true, ..Default::default() }, &mask)?;
-//! let q = DeviceTensor::<bf16>::zeros(&dev, &[4096, 32, 128])?;
-//! let k = DeviceTensor::<bf16>::zeros(&dev, &[4096, 8, 128])?;
-//! let v = DeviceTensor::<bf16>::zeros(&dev, &[4096, 8, 128])?;
-//! let mut o = DeviceTensor::<bf16>::zeros(&dev, &[4096, 32, 128])?;
-//! let mut lse = DeviceTensor::<f32>::zeros(&dev, &[32, 4096])?;
+//! let plan = PrefillPlan::new(&device, &shape, PrefillOptions { causal: true, ..Default::default() }, &mask)?;
+//! let q = DeviceTensor::<bf16>::zeros(&device, &shape.q_shape())?;
+//! let k = DeviceTensor::<bf16>::zeros(&device, &shape.kv_shape())?;
+//! let v = DeviceTensor::<bf16>::zeros(&device, &shape.kv_shape())?;
+//! let mut o = DeviceTensor::<bf16>::zeros(&device, &shape.q_shape())?;
+//! let mut lse = DeviceTensor::<f32>::zeros(&device, &shape.lse_shape())?;
 //! plan.run(&q, &k, &v, &mut o, &mut lse)?;
 //! # Ok(()) }
 //! ```
@@ -82,10 +91,10 @@ pub enum MaskHeads {
 /// Sequence layout and head counts of a batched variable-length prefill.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrefillShape {
-    /// `Hq`.
-    pub num_q_heads: usize,
+    /// `Hq`, query heads, `1..=`[`MAX_HEADS`].
+    pub hq: usize,
     /// `Hkv`, dividing `Hq`.
-    pub num_kv_heads: usize,
+    pub hkv: usize,
     /// `D` (64 or 128).
     pub head_dim: usize,
     /// `[B+1]` query offsets, starting at 0, non-decreasing.
@@ -98,31 +107,29 @@ impl PrefillShape {
     /// Builds and validates a shape.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming `num_q_heads`, `num_kv_heads`, `head_dim`,
-    /// `cu_seqlens_q` or `cu_seqlens_k` when a count is zero, `Hkv` does not divide `Hq`, `D`
-    /// is not 64 or 128, or the offsets are empty, do not start at 0, decrease, or differ in
-    /// length; [`Error::TooLarge`] when a total exceeds `i32::MAX` tokens.
-    pub fn new(
-        num_q_heads: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        cu_seqlens_q: Vec<u32>,
-        cu_seqlens_k: Vec<u32>,
-    ) -> Result<Self> {
-        let s = PrefillShape { num_q_heads, num_kv_heads, head_dim, cu_seqlens_q, cu_seqlens_k };
+    /// [`Error::InvalidArgument`] naming `hq`, `hkv`, `head_dim`, `cu_seqlens_q` or
+    /// `cu_seqlens_k` when a count is zero, `Hkv` does not divide `Hq`, `D` is not 64 or 128,
+    /// or the offsets are empty, do not start at 0, decrease, or differ in length;
+    /// [`Error::TooLarge`] naming `hq` above [`MAX_HEADS`] or `cu_seqlens_q` /
+    /// `cu_seqlens_k` when a total exceeds `i32::MAX` tokens (or `Tq_total · Hq` does).
+    pub fn new(hq: usize, hkv: usize, head_dim: usize, cu_seqlens_q: Vec<u32>, cu_seqlens_k: Vec<u32>) -> Result<Self> {
+        let s = PrefillShape { hq, hkv, head_dim, cu_seqlens_q, cu_seqlens_k };
         s.validate()?;
         Ok(s)
     }
 
     /// Checks the invariants listed in [`PrefillShape::new`].
     pub fn validate(&self) -> Result<()> {
-        if self.num_q_heads == 0 {
-            return Err(Error::invalid("num_q_heads", "must be at least 1"));
+        if self.hq == 0 {
+            return Err(Error::invalid("hq", "must be at least 1"));
         }
-        if self.num_kv_heads == 0 || self.num_q_heads % self.num_kv_heads != 0 {
+        if self.hq > MAX_HEADS {
+            return Err(Error::too_large("hq", format!("{} query heads; at most {MAX_HEADS}", self.hq)));
+        }
+        if self.hkv == 0 || self.hq % self.hkv != 0 {
             return Err(Error::invalid(
-                "num_kv_heads",
-                format!("must be positive and divide num_q_heads = {}, got {}", self.num_q_heads, self.num_kv_heads),
+                "hkv",
+                format!("must be positive and divide hq = {}, got {}", self.hq, self.hkv),
             ));
         }
         if !HEAD_DIMS.contains(&self.head_dim) {
@@ -141,7 +148,7 @@ impl PrefillShape {
             ));
         }
         // Heads x tokens must fit the kernel's 32-bit lse index and i32 causal offsets.
-        let rows = self.tq_total().saturating_mul(self.num_q_heads);
+        let rows = self.tq_total().saturating_mul(self.hq);
         if rows > i32::MAX as usize {
             return Err(Error::too_large("cu_seqlens_q", format!("Tq_total x Hq = {rows} exceeds i32::MAX")));
         }
@@ -164,19 +171,55 @@ impl PrefillShape {
     }
 
     /// Query tokens of entry `b`.
-    pub fn seq_q(&self, b: usize) -> usize {
-        (self.cu_seqlens_q[b + 1] - self.cu_seqlens_q[b]) as usize
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `b` when `b ≥ B`, or `cu_seqlens_q` when its
+    /// offsets decrease at `b`.
+    pub fn seq_q(&self, b: usize) -> Result<usize> {
+        entry_len("cu_seqlens_q", &self.cu_seqlens_q, b)
     }
 
     /// Key tokens of entry `b`.
-    pub fn seq_k(&self, b: usize) -> usize {
-        (self.cu_seqlens_k[b + 1] - self.cu_seqlens_k[b]) as usize
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `b` when `b ≥ B`, or `cu_seqlens_k` when its
+    /// offsets decrease at `b`.
+    pub fn seq_k(&self, b: usize) -> Result<usize> {
+        entry_len("cu_seqlens_k", &self.cu_seqlens_k, b)
     }
 
-    /// Query heads per kv head.
+    /// Query heads per kv head (0 for an invalid shape with `Hkv = 0`).
     pub fn group(&self) -> usize {
-        self.num_q_heads / self.num_kv_heads
+        self.hq.checked_div(self.hkv).unwrap_or(0)
     }
+
+    /// The shape of `q` and `o`: `[Tq_total, Hq, D]`.
+    pub fn q_shape(&self) -> [usize; 3] {
+        [self.tq_total(), self.hq, self.head_dim]
+    }
+
+    /// The shape of `k` and `v`: `[Tk_total, Hkv, D]`.
+    pub fn kv_shape(&self) -> [usize; 3] {
+        [self.tk_total(), self.hkv, self.head_dim]
+    }
+
+    /// The shape of `lse`: `[Hq, Tq_total]`.
+    pub fn lse_shape(&self) -> [usize; 2] {
+        [self.hq, self.tq_total()]
+    }
+}
+
+/// Most heads a prefill takes (`Hq`, hence `Hkv`).
+pub const MAX_HEADS: usize = 1 << 16;
+
+/// `cu[b + 1] − cu[b]`, checked.
+fn entry_len(arg: &'static str, cu: &[u32], b: usize) -> Result<usize> {
+    let (Some(&lo), Some(&hi)) = (cu.get(b), b.checked_add(1).and_then(|b1| cu.get(b1))) else {
+        return Err(Error::invalid("b", format!("entry {b} is out of range ({} entries)", cu.len().saturating_sub(1))));
+    };
+    hi.checked_sub(lo)
+        .map(|n| n as usize)
+        .ok_or_else(|| Error::invalid(arg, format!("decreases at entry {b}: {lo} > {hi}")))
 }
 
 fn check_cu_seqlens(arg: &'static str, cu: &[u32]) -> Result<()> {
@@ -212,13 +255,14 @@ pub struct PrefillOptions {
 ///
 /// With bf16, rounding `P` to bf16 (what FlashAttention-2 does) adds a relative error of about
 /// 1.5e-3 on N(0, 1) inputs on top of the 1.6e-3 that rounding the output to bf16 costs, which
-/// together exceed SPEC's 2e-3 relative L2 bound against the f64 reference. [`PvPrecision::Split`]
+/// together exceed the 2e-3 relative L2 bound the crate holds bf16 to against the f64
+/// reference. [`PvPrecision::Split`]
 /// sends `P` as `hi + lo` (two bf16 mmas sharing the V fragments), which removes that error at
 /// the cost of 50% more tensor-core work per visited block. f16 keeps 11 bits of `P`, within
-/// SPEC's 5e-4, so both settings run the same f16 kernel.
+/// the 5e-4 bound of f16, so both settings run the same f16 kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PvPrecision {
-    /// bf16: `P = hi + lo`, two mmas. Meets SPEC's bf16 tolerance. The default.
+    /// bf16: `P = hi + lo`, two mmas. Meets the 2e-3 bf16 tolerance. The default.
     #[default]
     Split,
     /// `P` rounded once to the storage dtype (FlashAttention-2 behaviour): faster with bf16,
@@ -300,17 +344,18 @@ impl BlockMask {
     }
 
     /// The mask that lists every block of every entry (dense attention).
+    ///
+    /// # Errors
+    /// The errors of [`PrefillShape::validate`]; [`Error::InvalidArgument`] naming
+    /// `block_rows` or `block_cols` when not 64 or 128.
     pub fn dense(block_rows: usize, block_cols: usize, heads: MaskHeads, shape: &PrefillShape) -> Result<Self> {
         shape.validate()?;
         check_block_sizes(block_rows, block_cols)?;
-        let m = match heads {
-            MaskHeads::Shared => 1,
-            MaskHeads::PerKvHead => shape.num_kv_heads,
-        };
+        let m = mask_heads_of(heads, shape);
         let mut rows = Vec::new();
         for b in 0..shape.batch() {
-            let r = shape.seq_q(b).div_ceil(block_rows);
-            let c = crate::error::to_u32("cu_seqlens_k", shape.seq_k(b).div_ceil(block_cols))?;
+            let r = shape.seq_q(b)?.div_ceil(block_rows);
+            let c = crate::error::to_u32("cu_seqlens_k", shape.seq_k(b)?.div_ceil(block_cols))?;
             for _ in 0..m {
                 rows.push(vec![(0..c).collect::<Vec<u32>>(); r]);
             }
@@ -320,22 +365,32 @@ impl BlockMask {
 
     /// Number of BSRs per batch entry (`M`).
     pub fn mask_heads(&self, shape: &PrefillShape) -> usize {
-        match self.heads {
-            MaskHeads::Shared => 1,
-            MaskHeads::PerKvHead => shape.num_kv_heads,
-        }
+        mask_heads_of(self.heads, shape)
     }
 
-    /// `u32` words of one token mask (`BR · BC / 32`).
+    /// `u32` words of one token mask (`BR · BC / 32`; saturating for invalid block sizes).
     pub fn token_mask_words(&self) -> usize {
-        self.block_rows * self.block_cols / 32
+        self.block_rows.saturating_mul(self.block_cols) / 32
     }
 
-    /// Start of BSR `(b, m)` in `indptr`, for a validated mask.
-    pub fn bsr_base(&self, shape: &PrefillShape, b: usize, m: usize) -> usize {
+    /// Start of BSR `(b, m)` in `indptr` (the packed layout above).
+    ///
+    /// # Errors
+    /// The errors of [`PrefillShape::validate`] and of [`check_block_sizes`]-style block sizes;
+    /// [`Error::InvalidArgument`] naming `b` (`≥ B`) or `m` (`≥ M`).
+    pub fn bsr_base(&self, shape: &PrefillShape, b: usize, m: usize) -> Result<usize> {
+        shape.validate()?;
+        check_block_sizes(self.block_rows, self.block_cols)?;
         let mh = self.mask_heads(shape);
-        let before: usize = (0..b).map(|bb| mh * (shape.seq_q(bb).div_ceil(self.block_rows) + 1)).sum();
-        before + m * (shape.seq_q(b).div_ceil(self.block_rows) + 1)
+        if m >= mh {
+            return Err(Error::invalid("m", format!("mask head {m} is out of range ({mh} per entry)")));
+        }
+        let len_b = shape.seq_q(b)?.div_ceil(self.block_rows) + 1;
+        let mut before = 0usize;
+        for bb in 0..b {
+            before += mh * (shape.seq_q(bb)?.div_ceil(self.block_rows) + 1);
+        }
+        Ok(before + m * len_b)
     }
 
     /// Checks the mask against `shape`: block sizes, packing, sorted unique in-range indices,
@@ -348,9 +403,10 @@ impl BlockMask {
         shape.validate()?;
         check_block_sizes(self.block_rows, self.block_cols)?;
         let mh = self.mask_heads(shape);
+        // Bounded: B + 1 ≤ cu_seqlens_q.len(), mh ≤ MAX_HEADS, row blocks ≤ i32::MAX tokens.
         let mut expected_len = 0usize;
         for b in 0..shape.batch() {
-            expected_len += mh * (shape.seq_q(b).div_ceil(self.block_rows) + 1);
+            expected_len += mh * (shape.seq_q(b)?.div_ceil(self.block_rows) + 1);
         }
         if self.indptr.len() != expected_len {
             return Err(Error::invalid(
@@ -366,8 +422,8 @@ impl BlockMask {
         let mut pos = 0usize;
         let mut prev_end = 0usize;
         for b in 0..shape.batch() {
-            let n_rb = shape.seq_q(b).div_ceil(self.block_rows);
-            let n_cb = shape.seq_k(b).div_ceil(self.block_cols);
+            let n_rb = shape.seq_q(b)?.div_ceil(self.block_rows);
+            let n_cb = shape.seq_k(b)?.div_ceil(self.block_cols);
             for m in 0..mh {
                 let seg = &self.indptr[pos..pos + n_rb + 1];
                 if seg[0] as usize != prev_end {
@@ -390,30 +446,7 @@ impl BlockMask {
                             ),
                         ));
                     }
-                    let row = &self.indices[lo..hi];
-                    for (x, &c) in row.iter().enumerate() {
-                        if c as usize >= n_cb {
-                            return Err(Error::invalid(
-                                "indices",
-                                format!(
-                                    "entry {b}, mask head {m}, row block {r}: column block {c} at position {} is out \
-                                     of range (the entry has {n_cb} column blocks)",
-                                    lo + x
-                                ),
-                            ));
-                        }
-                        if x > 0 && row[x - 1] >= c {
-                            return Err(Error::invalid(
-                                "indices",
-                                format!(
-                                    "entry {b}, mask head {m}, row block {r}: not sorted and unique at position {} \
-                                     ({} then {c})",
-                                    lo + x,
-                                    row[x - 1]
-                                ),
-                            ));
-                        }
-                    }
+                    check_row(&self.indices[lo..hi], lo, n_cb, (b, m, r))?;
                 }
                 prev_end = seg[n_rb] as usize;
                 pos += n_rb + 1;
@@ -447,29 +480,93 @@ impl BlockMask {
         Ok(())
     }
 
-    /// The token-mask id of `indices[pos]` ([`NO_TOKEN_MASK`] when there are none).
-    pub fn token_mask_id(&self, pos: usize) -> u32 {
-        self.token_mask_ids.get(pos).copied().unwrap_or(NO_TOKEN_MASK)
+    /// The token-mask id of `indices[pos]` ([`NO_TOKEN_MASK`] when the mask has no token
+    /// masks).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `pos` when `pos ≥ indices.len()`.
+    pub fn token_mask_id(&self, pos: usize) -> Result<u32> {
+        if pos >= self.indices.len() {
+            return Err(Error::invalid("pos", format!("{pos} is past indices.len() = {}", self.indices.len())));
+        }
+        Ok(self.token_mask_ids.get(pos).copied().unwrap_or(NO_TOKEN_MASK))
     }
 
     /// Whether local query `i` of entry `b` sees local key `j` through mask head `m`, ignoring
-    /// causality (see the module docs). The mask must be valid for `shape`, with `i < Tq_b`,
-    /// `j < Tk_b`.
-    pub fn visible(&self, shape: &PrefillShape, b: usize, m: usize, i: usize, j: usize) -> bool {
-        let base = self.bsr_base(shape, b, m);
+    /// causality (see the module docs). The mask is validated against `shape` first, which
+    /// costs `O(indices)` per call.
+    ///
+    /// # Errors
+    /// The errors of [`BlockMask::validate`] and [`BlockMask::bsr_base`];
+    /// [`Error::InvalidArgument`] naming `i` (`≥ Tq_b`) or `j` (`≥ Tk_b`).
+    pub fn visible(&self, shape: &PrefillShape, b: usize, m: usize, i: usize, j: usize) -> Result<bool> {
+        self.validate(shape)?;
+        self.visible_unchecked(shape, b, m, i, j)
+    }
+
+    /// [`BlockMask::visible`] for a mask already validated against `shape`.
+    pub(crate) fn visible_unchecked(
+        &self,
+        shape: &PrefillShape,
+        b: usize,
+        m: usize,
+        i: usize,
+        j: usize,
+    ) -> Result<bool> {
+        let base = self.bsr_base(shape, b, m)?;
+        if i >= shape.seq_q(b)? {
+            return Err(Error::invalid("i", format!("query {i} is past the entry's {} queries", shape.seq_q(b)?)));
+        }
+        if j >= shape.seq_k(b)? {
+            return Err(Error::invalid("j", format!("key {j} is past the entry's {} keys", shape.seq_k(b)?)));
+        }
         let r = i / self.block_rows;
         let (lo, hi) = (self.indptr[base + r] as usize, self.indptr[base + r + 1] as usize);
         let Ok(x) = self.indices[lo..hi].binary_search(&((j / self.block_cols) as u32)) else {
-            return false;
+            return Ok(false);
         };
-        let id = self.token_mask_id(lo + x);
+        let id = self.token_mask_id(lo + x)?;
         if id == NO_TOKEN_MASK {
-            return true;
+            return Ok(true);
         }
         let words_per_row = self.block_cols / 32;
         let (rr, cc) = (i % self.block_rows, j % self.block_cols);
         let w = self.token_masks[id as usize * self.token_mask_words() + rr * words_per_row + cc / 32];
-        (w >> (cc % 32)) & 1 == 1
+        Ok((w >> (cc % 32)) & 1 == 1)
+    }
+}
+
+/// Checks one row block's column list: in range and strictly increasing.
+fn check_row(row: &[u32], lo: usize, n_cb: usize, (b, m, r): (usize, usize, usize)) -> Result<()> {
+    for (x, &c) in row.iter().enumerate() {
+        if c as usize >= n_cb {
+            return Err(Error::invalid(
+                "indices",
+                format!(
+                    "entry {b}, mask head {m}, row block {r}: column block {c} at position {} is out of range (the \
+                     entry has {n_cb} column blocks)",
+                    lo + x
+                ),
+            ));
+        }
+        if x > 0 && row[x - 1] >= c {
+            return Err(Error::invalid(
+                "indices",
+                format!(
+                    "entry {b}, mask head {m}, row block {r}: not sorted and unique at position {} ({} then {c})",
+                    lo + x,
+                    row[x - 1]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn mask_heads_of(heads: MaskHeads, shape: &PrefillShape) -> usize {
+    match heads {
+        MaskHeads::Shared => 1,
+        MaskHeads::PerKvHead => shape.hkv,
     }
 }
 

@@ -1,12 +1,13 @@
 //! The prefill plan: validation and the per-CTA work list (host side), and the launch.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{BlockMask, MaskHeads, PrefillOptions, PrefillShape, PvPrecision};
+use super::{BlockMask, MaskHeads, PrefillOptions, PrefillShape, PvPrecision, BLOCK_SIZES, HEAD_DIMS, NO_TOKEN_MASK};
 use crate::device::{Device, Module};
 use crate::error::{check_shape, to_u32, Error, Result};
+use crate::launch::{grid_for, KernelId};
 use crate::params::{NtkvAttnPrefillParams, NTKV_ATTN_BLOCK_WORDS, NTKV_ATTN_ITEM_WORDS};
-use crate::tensor::{DType, DeviceTensor, Float};
+use crate::tensor::{DType, Float, TensorMut, TensorRef};
 
 const ITEM_WORDS: usize = NTKV_ATTN_ITEM_WORDS as usize;
 const BLOCK_WORDS: usize = NTKV_ATTN_BLOCK_WORDS as usize;
@@ -27,22 +28,19 @@ const BLOCK_WORDS: usize = NTKV_ATTN_BLOCK_WORDS as usize;
 /// key block), the token-mask id (or [`super::NO_TOKEN_MASK`]), and 0. Blocks that causality hides
 /// entirely are dropped here, so they cost nothing on the device. Lists are shared by the query
 /// heads that read the same mask.
+///
+/// The fields are private: a `HostPlan` only comes from [`HostPlan::new`], so what
+/// [`PrefillPlan::from_host`] uploads was validated; `from_host` checks the work list's
+/// invariants once more anyway ([`HostPlan::check`]) before anything reaches a kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostPlan {
-    /// The shape the plan was made for.
-    pub shape: PrefillShape,
-    /// The options the plan was made for.
-    pub options: PrefillOptions,
-    /// `BR`.
-    pub block_rows: usize,
-    /// `BC`.
-    pub block_cols: usize,
-    /// Work items, [`NTKV_ATTN_ITEM_WORDS`] words each.
-    pub items: Vec<u32>,
-    /// Visited blocks, [`NTKV_ATTN_BLOCK_WORDS`] words each.
-    pub blocks: Vec<u32>,
-    /// The token-mask pool, `[n, BR, BC/32]`.
-    pub token_masks: Vec<u32>,
+    shape: PrefillShape,
+    options: PrefillOptions,
+    block_rows: usize,
+    block_cols: usize,
+    items: Vec<u32>,
+    blocks: Vec<u32>,
+    token_masks: Vec<u32>,
 }
 
 impl HostPlan {
@@ -68,11 +66,11 @@ impl HostPlan {
         for b in 0..shape.batch() {
             for _ in 0..mh {
                 bsr_bases.push(next);
-                next += shape.seq_q(b).div_ceil(br) + 1;
+                next += shape.seq_q(b)?.div_ceil(br) + 1;
             }
         }
         for b in 0..shape.batch() {
-            let (tq, tk) = (shape.seq_q(b), shape.seq_k(b));
+            let (tq, tk) = (shape.seq_q(b)?, shape.seq_k(b)?);
             let n_rb = tq.div_ceil(br);
             // Local row r of block rb sees local key j iff j <= rb*BR + r + (tk - tq).
             let diag = tk as i64 - tq as i64;
@@ -101,14 +99,14 @@ impl HostPlan {
                         blocks.extend_from_slice(&[
                             to_u32("indices", cb)?,
                             u32::from(check),
-                            mask.token_mask_id(pos),
+                            mask.token_mask_id(pos)?,
                             0,
                         ]);
                     }
                     lists.push((begin, blocks.len() / BLOCK_WORDS));
                 }
                 let q_row0 = shape.cu_seqlens_q[b] as usize + rb * br;
-                for h in 0..shape.num_q_heads {
+                for h in 0..shape.hq {
                     let m = match mask.heads {
                         MaskHeads::Shared => 0,
                         MaskHeads::PerKvHead => h / group,
@@ -124,7 +122,7 @@ impl HostPlan {
                             as u32,
                         to_u32("indices", begin)?,
                         to_u32("indices", end)?,
-                        to_u32("num_q_heads", h)?,
+                        to_u32("hq", h)?,
                     ]);
                 }
             }
@@ -144,6 +142,83 @@ impl HostPlan {
             blocks,
             token_masks: mask.token_masks.clone(),
         })
+    }
+
+    /// The shape the plan was made for.
+    pub fn shape(&self) -> &PrefillShape {
+        &self.shape
+    }
+
+    /// The options the plan was made for.
+    pub fn options(&self) -> &PrefillOptions {
+        &self.options
+    }
+
+    /// `BR`.
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+
+    /// `BC`.
+    pub fn block_cols(&self) -> usize {
+        self.block_cols
+    }
+
+    /// Work items, [`NTKV_ATTN_ITEM_WORDS`] words each (layout above).
+    pub fn items(&self) -> &[u32] {
+        &self.items
+    }
+
+    /// Visited blocks, [`NTKV_ATTN_BLOCK_WORDS`] words each (layout above).
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// The token-mask pool, `[n, BR, BC/32]`.
+    pub fn token_masks(&self) -> &[u32] {
+        &self.token_masks
+    }
+
+    /// Re-checks the invariants the kernel relies on: every item's rows lie inside
+    /// `Tq_total` and its entry's keys inside `Tk_total`, its head is `< Hq`, its block range
+    /// lies in `blocks`, every column block is `< ceil(Tk_b / BC)`, and every token-mask id
+    /// indexes the pool.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] naming the first broken invariant (a plan from [`HostPlan::new`]
+    /// always passes).
+    pub fn check(&self) -> Result<()> {
+        self.shape.validate()?;
+        let bad = |what: String| Err(Error::internal(format!("prefill work list: {what}")));
+        if !BLOCK_SIZES.contains(&self.block_rows) || !BLOCK_SIZES.contains(&self.block_cols) {
+            return bad(format!("block sizes {} x {}", self.block_rows, self.block_cols));
+        }
+        let words = self.block_rows * self.block_cols / 32;
+        if self.items.len() % ITEM_WORDS != 0
+            || self.blocks.len() % BLOCK_WORDS != 0
+            || self.token_masks.len() % words != 0
+        {
+            return bad("array lengths are not whole records".into());
+        }
+        let (tq, tk, n_blocks, n_masks) =
+            (self.shape.tq_total(), self.shape.tk_total(), self.n_blocks(), self.token_masks.len() / words);
+        for (x, it) in self.items.chunks_exact(ITEM_WORDS).enumerate() {
+            let (q0, rows, k0, tk_b) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
+            let (begin, end, h) = (it[5] as usize, it[6] as usize, it[7] as usize);
+            if rows > self.block_rows || q0 + rows > tq || k0 + tk_b > tk || h >= self.shape.hq {
+                return bad(format!("item {x} reaches past the tensors"));
+            }
+            if begin > end || end > n_blocks {
+                return bad(format!("item {x} has block range {begin}..{end} of {n_blocks}"));
+            }
+            for blk in self.blocks[begin * BLOCK_WORDS..end * BLOCK_WORDS].chunks_exact(BLOCK_WORDS) {
+                let (col, id) = (blk[0] as usize, blk[2]);
+                if col >= tk_b.div_ceil(self.block_cols) || (id != NO_TOKEN_MASK && id as usize >= n_masks) {
+                    return bad(format!("item {x} lists column block {col} / token mask {id}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Number of work items (CTAs).
@@ -180,46 +255,33 @@ impl HostPlan {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `q` for a dtype other than f16 and bf16.
-    pub fn kernel_name(&self, dtype: DType) -> Result<&'static str> {
-        kernel_name(dtype, self.shape.head_dim, self.block_rows, self.block_cols, self.split_p(dtype))
+    pub fn kernel_id(&self, dtype: DType) -> Result<KernelId> {
+        prefill_id(dtype, self.shape.head_dim, self.block_rows, self.block_cols, self.split_p(dtype))
     }
 }
 
-fn kernel_name(dtype: DType, d: usize, br: usize, bc: usize, split: bool) -> Result<&'static str> {
-    macro_rules! pick {
-        ($($dt:ident $dn:literal $brn:literal $bcn:literal $sp:literal => $name:literal),* $(,)?) => {
-            match (dtype, d, br, bc, split) {
-                $((DType::$dt, $dn, $brn, $bcn, $sp) => Ok($name),)*
-                _ => Err(Error::invalid("q", format!("no prefill kernel for dtype {dtype}, D = {d}, BR = {br}, BC = {bc} (f16 and bf16, D and blocks 64 or 128)"))),
-            }
-        };
+/// The prefill kernel of `dtype` at head dim `d`, tile `br × bc`, with P split into hi + lo
+/// or not: the one place the launcher and [`kernels`] build the id.
+fn prefill_id(dtype: DType, d: usize, br: usize, bc: usize, split: bool) -> Result<KernelId> {
+    let supported = matches!(dtype, DType::F16 | DType::BF16)
+        && HEAD_DIMS.contains(&d)
+        && BLOCK_SIZES.contains(&br)
+        && BLOCK_SIZES.contains(&bc)
+        && (!split || dtype == DType::BF16);
+    if !supported {
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "no prefill kernel for dtype {dtype}, D = {d}, BR = {br}, BC = {bc}, split = {split} (f16 and bf16, D and \
+                 blocks 64 or 128, split for bf16 only)"
+            ),
+        ));
     }
-    pick!(
-        F16 64 64 64 false => "ntkv_attention_prefill_f16_d64_br64_bc64",
-        F16 64 64 128 false => "ntkv_attention_prefill_f16_d64_br64_bc128",
-        F16 64 128 64 false => "ntkv_attention_prefill_f16_d64_br128_bc64",
-        F16 64 128 128 false => "ntkv_attention_prefill_f16_d64_br128_bc128",
-        F16 128 64 64 false => "ntkv_attention_prefill_f16_d128_br64_bc64",
-        F16 128 64 128 false => "ntkv_attention_prefill_f16_d128_br64_bc128",
-        F16 128 128 64 false => "ntkv_attention_prefill_f16_d128_br128_bc64",
-        F16 128 128 128 false => "ntkv_attention_prefill_f16_d128_br128_bc128",
-        BF16 64 64 64 false => "ntkv_attention_prefill_bf16_d64_br64_bc64",
-        BF16 64 64 128 false => "ntkv_attention_prefill_bf16_d64_br64_bc128",
-        BF16 64 128 64 false => "ntkv_attention_prefill_bf16_d64_br128_bc64",
-        BF16 64 128 128 false => "ntkv_attention_prefill_bf16_d64_br128_bc128",
-        BF16 128 64 64 false => "ntkv_attention_prefill_bf16_d128_br64_bc64",
-        BF16 128 64 128 false => "ntkv_attention_prefill_bf16_d128_br64_bc128",
-        BF16 128 128 64 false => "ntkv_attention_prefill_bf16_d128_br128_bc64",
-        BF16 128 128 128 false => "ntkv_attention_prefill_bf16_d128_br128_bc128",
-        BF16 64 64 64 true => "ntkv_attention_prefill_bf16_d64_br64_bc64_split",
-        BF16 64 64 128 true => "ntkv_attention_prefill_bf16_d64_br64_bc128_split",
-        BF16 64 128 64 true => "ntkv_attention_prefill_bf16_d64_br128_bc64_split",
-        BF16 64 128 128 true => "ntkv_attention_prefill_bf16_d64_br128_bc128_split",
-        BF16 128 64 64 true => "ntkv_attention_prefill_bf16_d128_br64_bc64_split",
-        BF16 128 64 128 true => "ntkv_attention_prefill_bf16_d128_br64_bc128_split",
-        BF16 128 128 64 true => "ntkv_attention_prefill_bf16_d128_br128_bc64_split",
-        BF16 128 128 128 true => "ntkv_attention_prefill_bf16_d128_br128_bc128_split",
-    )
+    let id = KernelId::new(Module::Attention, "attention_prefill")
+        .dtype(dtype)
+        .head_dim(to_u32("head_dim", d)?)
+        .tile(to_u32("block_rows", br)?, to_u32("block_cols", bc)?);
+    Ok(if split { id.variant("split") } else { id })
 }
 
 /// A validated prefill with its work list on the device: make once per mask and sequence
@@ -243,8 +305,13 @@ impl PrefillPlan {
         Self::from_host(device, host)
     }
 
-    /// Uploads a plan made by [`HostPlan::new`].
+    /// Uploads a plan made by [`HostPlan::new`], after re-checking its work list
+    /// ([`HostPlan::check`]).
+    ///
+    /// # Errors
+    /// [`Error::Internal`] from the check; [`Error::Driver`] when the upload fails.
     pub fn from_host(device: &Device, host: HostPlan) -> Result<Self> {
+        host.check()?;
         let stream = device.stream();
         // Empty arrays become one zero word: the kernel never reads them then, but every
         // argument stays a valid allocation.
@@ -263,91 +330,137 @@ impl PrefillPlan {
     /// Enqueues the prefill on the device's stream.
     ///
     /// `q [Tq_total, Hq, D]`, `k, v [Tk_total, Hkv, D]`, `o [Tq_total, Hq, D]` of `T` (f16 or
-    /// bf16), `lse [Hq, Tq_total]` f32. Every row of `o` and `lse` is written.
+    /// bf16), `lse [Hq, Tq_total]` f32, all on the plan's device. Every row of `o` and `lse`
+    /// is written.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming the first tensor whose shape differs; [`Error::InvalidArgument`]
+    /// [`Error::Shape`] naming the first tensor whose shape or length differs;
+    /// [`Error::DeviceMismatch`] naming a tensor on another device; [`Error::InvalidArgument`]
     /// naming `q` for an f32 `T`; [`Error::TooLarge`] when the kernel's shared memory exceeds
     /// the device's; driver errors from the launch. Nothing is written on error.
     pub fn run<T: Float>(
         &self,
-        q: &DeviceTensor<T>,
-        k: &DeviceTensor<T>,
-        v: &DeviceTensor<T>,
-        o: &mut DeviceTensor<T>,
-        lse: &mut DeviceTensor<f32>,
+        q: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
+        v: &impl TensorRef<T>,
+        o: &mut impl TensorMut<T>,
+        lse: &mut impl TensorMut<f32>,
     ) -> Result<()> {
         let s = &self.host.shape;
-        let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
-        check_shape("q", &[tq, hq, d], q.shape())?;
-        check_shape("k", &[tk, hkv, d], k.shape())?;
-        check_shape("v", &[tk, hkv, d], v.shape())?;
-        check_shape("o", &[tq, hq, d], o.shape())?;
-        check_shape("lse", &[hq, tq], lse.shape())?;
-        let name = self.host.kernel_name(T::DTYPE)?;
+        let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
+        let dev = &self.device;
+        check_tensor(dev, "q", &s.q_shape(), q)?;
+        check_tensor(dev, "k", &s.kv_shape(), k)?;
+        check_tensor(dev, "v", &s.kv_shape(), v)?;
+        check_tensor(dev, "o", &s.q_shape(), o)?;
+        check_tensor(dev, "lse", &s.lse_shape(), lse)?;
+        let id = self.host.kernel_id(T::DTYPE)?;
         let n_items = self.host.n_items();
         if n_items == 0 {
             return Ok(());
         }
-        let f = self.device.function(Module::Attention, name)?;
-        let smem = self.device.prepare_shared_mem(&f, self.host.shared_mem_bytes())?;
+        let f = dev.kernel(id)?;
+        let smem = dev.prepare_shared_mem(&f, self.host.shared_mem_bytes())?;
         let params = NtkvAttnPrefillParams {
             n_items: to_u32("work items", n_items)?,
-            num_q_heads: to_u32("num_q_heads", hq)?,
-            num_kv_heads: to_u32("num_kv_heads", hkv)?,
+            num_q_heads: to_u32("hq", hq)?,
+            num_kv_heads: to_u32("hkv", hkv)?,
             tq_total: to_u32("cu_seqlens_q", tq)?,
             scale_log2: self.host.options.scale_for(d) * std::f32::consts::LOG2_E,
             causal: u32::from(self.host.options.causal),
         };
         let threads = to_u32("block_rows", self.host.block_rows * 2)?;
-        let cfg = LaunchConfig { grid_dim: (params.n_items, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
-        let stream = self.device.stream();
+        // One CTA per work item (the kernel has no grid-stride loop).
+        let cfg = grid_for(dev, &f, threads, smem, n_items, false)?;
+        let (qv, kv, vv) = (q.cuda_view(), k.cuda_view(), v.cuda_view());
+        let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
+        let stream = dev.stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&params)
             .arg(&self.items)
             .arg(&self.blocks)
             .arg(&self.token_masks)
-            .arg(q.slice())
-            .arg(k.slice())
-            .arg(v.slice())
-            .arg(o.slice_mut())
-            .arg(lse.slice_mut());
-        // SAFETY: the kernel is ntkv_attention_prefill_<T>_d<D>_br<BR>_bc<BC>(NtkvAttnPrefillParams,
-        // const u32* items, const u32* blocks, const u32* tmask, const T* q, const T* k,
-        // const T* v, T* o, float* lse), chosen for T, D, BR, BC of this plan. Block x reads item
-        // x < n_items (items holds n_items * 8 words). HostPlan::new validated the mask against
-        // the shape, so every item's rows lie in its entry (q_row0 + n_rows <= Tq_total), its
-        // block range lies in `blocks`, every listed column block is < ceil(Tk_b / BC) (keys past
-        // Tk_b are zero-filled, not read), and every token-mask id indexes the uploaded pool.
-        // q, k, v, o, lse were checked above to be [Tq, Hq, D], [Tk, Hkv, D] (twice),
-        // [Tq, Hq, D] and [Hq, Tq] for the plan's shape, and the shared-memory size was
-        // checked against the device by prepare_shared_mem.
+            .arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&mut ov)
+            .arg(&mut lv);
+        // SAFETY: the kernel is ntkv_attention_prefill_<T>_d<D>_br<BR>_bc<BC>[_split]
+        // (NtkvAttnPrefillParams, const u32* items, const u32* blocks, const u32* tmask,
+        // const T* q, const T* k, const T* v, T* o, float* lse), chosen for T, D, BR, BC of
+        // this plan. The grid has exactly n_items blocks; block x reads item x (items holds
+        // n_items * 8 words). HostPlan::new validated the mask against the shape and
+        // from_host re-checked the work list (HostPlan::check), so every item's rows lie in
+        // its entry (q_row0 + n_rows <= Tq_total), its head is < Hq, its block range lies in
+        // `blocks`, every listed column block is < ceil(Tk_b / BC) (keys past Tk_b are
+        // zero-filled, not read), and every token-mask id indexes the uploaded pool. q, k, v,
+        // o, lse were checked above to have the shapes and lengths [Tq, Hq, D], [Tk, Hkv, D]
+        // (twice), [Tq, Hq, D] and [Hq, Tq] of the plan's shape and to live on its device,
+        // and the shared-memory size was checked against the device by prepare_shared_mem.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 }
 
+/// Checks that `t` has exactly `shape` (and as many elements) and lives on `device`.
+pub(crate) fn check_tensor<T>(
+    device: &Device,
+    arg: &'static str,
+    shape: &[usize],
+    t: &impl TensorRef<T>,
+) -> Result<()> {
+    check_shape(arg, shape, t.shape())?;
+    let n = crate::tensor::numel(arg, shape)?;
+    if t.len() != n {
+        return Err(Error::shape(arg, &[n], &[t.len()]));
+    }
+    device.check_tensor(arg, t)
+}
+
+/// Every kernel id this module's launchers can form (checked against the images by
+/// `tests/kernel_names.rs`), built by [`prefill_id`] as the launcher builds it.
+pub(crate) fn kernels() -> Vec<KernelId> {
+    let mut ids = Vec::new();
+    for dt in [DType::F16, DType::BF16] {
+        for d in HEAD_DIMS {
+            for br in BLOCK_SIZES {
+                for bc in BLOCK_SIZES {
+                    for split in [false, true] {
+                        ids.extend(prefill_id(dt, d, br, bc, split).ok());
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::NO_TOKEN_MASK;
+    use crate::attention::{BlockMask, MaskHeads};
 
     #[test]
     fn every_supported_combination_has_a_kernel() {
+        let ids = kernels();
+        assert_eq!(ids.len(), 16 + 8, "f16 and bf16 plain, bf16 split");
         for dt in [DType::F16, DType::BF16] {
             for d in [64, 128] {
                 for br in [64, 128] {
                     for bc in [64, 128] {
-                        let name = kernel_name(dt, d, br, bc, false).unwrap();
-                        assert!(name.contains(&format!("_d{d}_br{br}_bc{bc}")) && name.contains(dt.name()));
-                        if dt == DType::BF16 {
-                            assert!(kernel_name(dt, d, br, bc, true).unwrap().ends_with("_split"));
+                        let name = prefill_id(dt, d, br, bc, false).unwrap().symbol();
+                        assert_eq!(name, format!("ntkv_attention_prefill_{}_d{d}_br{br}_bc{bc}", dt.name()));
+                        let split = prefill_id(dt, d, br, bc, true);
+                        assert_eq!(split.is_ok(), dt == DType::BF16);
+                        if let Ok(id) = split {
+                            assert_eq!(id.symbol(), format!("{name}_split"));
                         }
                     }
                 }
             }
         }
-        assert!(kernel_name(DType::F32, 64, 64, 64, false).is_err());
+        assert!(prefill_id(DType::F32, 64, 64, 64, false).is_err());
+        assert!(prefill_id(DType::F16, 96, 64, 64, false).is_err());
     }
 
     #[test]
@@ -356,11 +469,26 @@ mod tests {
         assert_eq!(ITEM_WORDS, 8);
         assert_eq!(BLOCK_WORDS, 4);
     }
-}
 
-/// Every kernel id this module's launchers can form (checked against the images by
-/// `tests/kernel_names.rs`).
-pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
-    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
-    Vec::new()
+    /// A work list tampered with after `HostPlan::new` is refused before any upload.
+    #[test]
+    fn tampered_work_lists_are_internal_errors() {
+        let shape = PrefillShape::new(2, 1, 64, vec![0, 100], vec![0, 130]).unwrap();
+        let mask = BlockMask::dense(64, 64, MaskHeads::Shared, &shape).unwrap();
+        let good = HostPlan::new(&shape, PrefillOptions::default(), &mask).unwrap();
+        good.check().unwrap();
+        let tamper: [&dyn Fn(&mut HostPlan); 6] = [
+            &|p| p.items[0] = 1000, // first query row past Tq_total
+            &|p| p.items[3] = 1000, // Tk_b past Tk_total
+            &|p| p.items[6] = 1000, // block range past the list
+            &|p| p.items[7] = 2,    // query head past Hq
+            &|p| p.blocks[0] = 3,   // column block 3 of 3
+            &|p| p.blocks[2] = 0,   // token mask 0 of an empty pool
+        ];
+        for (x, f) in tamper.iter().enumerate() {
+            let mut p = good.clone();
+            f(&mut p);
+            assert!(matches!(p.check(), Err(Error::Internal(_))), "case {x}");
+        }
+    }
 }

@@ -1,12 +1,13 @@
 //! The CPU reference of sparse-index decode: dense attention over the whole cache with an
-//! explicit token mask built from the index lists, accumulated in f64 (SPEC §0).
+//! explicit token mask built from the index lists, accumulated in f64.
 //!
 //! It validates its inputs exactly as the GPU plan does (same errors, same wording), so
-//! the tests can hold the two paths to the same contract.
+//! the tests can hold the two paths to the same contract, including the NaN contract of the
+//! [module docs](super).
 
-use super::{validate_lists, DecodeConfig};
-use crate::error::{check_shape, Result};
-use crate::tensor::Float;
+use super::{validate_lists, DecodeOptions, DecodeShape};
+use crate::error::{check_shape, Error, Result};
+use crate::tensor::{checked_numel, Float};
 
 /// The reference's outputs, in f64.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,15 +19,28 @@ pub struct DecodeReference {
 }
 
 /// The explicit mask `[B, Hkv, Tcap]`: `true` where the token is in the list of
-/// `(b, kv head)`. The lists must have been validated.
-pub fn token_mask(cfg: &DecodeConfig, indptr: &[u32], indices: &[u32]) -> Vec<bool> {
-    let mut mask = vec![false; cfg.n_lists() * cfg.cache_capacity];
-    for l in 0..cfg.n_lists() {
-        for &i in &indices[indptr[l] as usize..indptr[l + 1] as usize] {
-            mask[l * cfg.cache_capacity + i as usize] = true;
+/// `(b, kv head)`.
+///
+/// # Errors
+/// The errors of [`validate_lists`]; [`Error::TooLarge`] naming `capacity` when the mask
+/// cannot be allocated.
+pub fn token_mask(shape: &DecodeShape, cache_lens: &[u32], indptr: &[u32], indices: &[u32]) -> Result<Vec<bool>> {
+    validate_lists(shape, cache_lens, indptr, indices)?;
+    let n = checked_numel::<bool>("capacity", &[shape.n_lists(), shape.capacity])?;
+    let mut mask = Vec::new();
+    mask.try_reserve_exact(n).map_err(|_| Error::too_large("capacity", format!("a mask of {n} tokens")))?;
+    mask.resize(n, false);
+    for (l, w) in indptr.windows(2).enumerate() {
+        for &i in &indices[w[0] as usize..w[1] as usize] {
+            mask[l * shape.capacity + i as usize] = true;
         }
     }
-    mask
+    Ok(mask)
+}
+
+/// `q·k` in f64 from the widened storage values.
+pub(crate) fn dot<T: Float>(q: &[T], k: &[T]) -> f64 {
+    q.iter().zip(k).map(|(&a, &b)| f64::from(a.to_f32()) * f64::from(b.to_f32())).sum()
 }
 
 /// Sparse-index decode attention on the CPU (see the [module docs](super) for layouts and
@@ -35,13 +49,17 @@ pub fn token_mask(cfg: &DecodeConfig, indptr: &[u32], indices: &[u32]) -> Vec<bo
 ///
 /// Scores are `scale · Σ_d q_d·k_d` in f64 from the widened inputs (the scale is the f32
 /// value in effect, widened); the softmax uses the running max; `o = 0`, `lse = −inf` for a
-/// row with no visible token.
+/// row with no visible token. A NaN score (a NaN in `q` or in `k` of a visible token) makes
+/// the row's `o` and `lse` NaN, never the empty result.
 ///
 /// # Errors
-/// Everything [`super::validate_lists`] reports, and [`crate::Error::Shape`] for `q`, `k`, `v`
-/// whose lengths are not those of `[B, Tq, Hq, D]` and `[B, Hkv, Tcap, D]`.
+/// Everything [`super::validate_lists`] and [`DecodeOptions::validate`] report, and
+/// [`crate::Error::Shape`] for `q`, `k`, `v` whose lengths are not those of `[B, Tq, Hq, D]`
+/// and `[B, Hkv, Tcap, D]`.
+#[allow(clippy::too_many_arguments)]
 pub fn sparse_decode<T: Float>(
-    cfg: &DecodeConfig,
+    shape: &DecodeShape,
+    options: &DecodeOptions,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -49,19 +67,21 @@ pub fn sparse_decode<T: Float>(
     indptr: &[u32],
     indices: &[u32],
 ) -> Result<DecodeReference> {
-    validate_lists(cfg, cache_lens, indptr, indices)?;
-    let q_len = cfg.q_shape().iter().product::<usize>();
-    let kv_len = cfg.kv_shape().iter().product::<usize>();
+    options.validate()?;
+    validate_lists(shape, cache_lens, indptr, indices)?;
+    let q_len = checked_numel::<T>("q", &shape.q_shape())?;
+    let kv_len = checked_numel::<T>("k", &shape.kv_shape())?;
     check_shape("q", &[q_len], &[q.len()])?;
     check_shape("k", &[kv_len], &[k.len()])?;
     check_shape("v", &[kv_len], &[v.len()])?;
 
-    let mask = token_mask(cfg, indptr, indices);
-    let (tq_n, hq, hkv, d, tcap) = (cfg.q_tokens, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.cache_capacity);
-    let group = cfg.group();
-    let scale = f64::from(cfg.softmax_scale());
+    // Sized by k (checked above), so the mask allocation is no larger than an input.
+    let mask = token_mask(shape, cache_lens, indptr, indices)?;
+    let (tq_n, hq, hkv, d, tcap) = (shape.q_tokens, shape.hq, shape.hkv, shape.head_dim, shape.capacity);
+    let group = shape.group();
+    let scale = f64::from(options.scale_for(d));
     let mut o = vec![0.0f64; q_len];
-    let mut lse = vec![f64::NEG_INFINITY; cfg.batch * tq_n * hq];
+    let mut lse = vec![f64::NEG_INFINITY; shape.batch * tq_n * hq];
     let mut scores = vec![0.0f64; tcap];
     let mut visible = vec![false; tcap];
     for (b, &cache_len) in cache_lens.iter().enumerate() {
@@ -70,39 +90,45 @@ pub fn sparse_decode<T: Float>(
             // Causal limit in global positions: query t of Tq sits at cache_len − Tq + t.
             let limit = cache_len as i64 - tq_n as i64 + t as i64;
             for h in 0..hq {
-                let hk = h / group;
-                let list = b * hkv + hk;
+                let list = b * hkv + h / group;
                 let row = (b * tq_n + t) * hq + h;
                 let qr = &q[row * d..(row + 1) * d];
                 let mut m = f64::NEG_INFINITY;
+                let mut any = false;
                 for j in 0..cache_len {
-                    visible[j] = mask[list * tcap + j] && (!cfg.causal || j as i64 <= limit);
+                    visible[j] = mask[list * tcap + j] && (!options.causal || j as i64 <= limit);
                     if !visible[j] {
                         continue;
                     }
-                    let kr = &k[(list * tcap + j) * d..(list * tcap + j + 1) * d];
-                    let dot: f64 =
-                        qr.iter().zip(kr).map(|(&a, &b)| f64::from(a.to_f32()) * f64::from(b.to_f32())).sum();
-                    scores[j] = scale * dot;
+                    any = true;
+                    scores[j] = scale * dot(qr, &k[(list * tcap + j) * d..][..d]);
+                    // f64::max ignores NaN: a NaN score reaches l (and so o and lse) below.
                     m = m.max(scores[j]);
                 }
-                if m == f64::NEG_INFINITY {
+                if !any {
                     continue; // nothing visible: o stays 0, lse -inf
                 }
+                // Every score NaN leaves m = -inf; shift by 0 then, as the kernel does.
+                let base = if m == f64::NEG_INFINITY { 0.0 } else { m };
                 let mut l = 0.0f64;
                 let out = &mut o[row * d..(row + 1) * d];
                 for j in (0..cache_len).filter(|&j| visible[j]) {
-                    let p = (scores[j] - m).exp();
+                    let p = (scores[j] - base).exp();
                     l += p;
-                    let vr = &v[(list * tcap + j) * d..(list * tcap + j + 1) * d];
+                    let vr = &v[(list * tcap + j) * d..][..d];
                     for (acc, &x) in out.iter_mut().zip(vr) {
                         *acc += p * f64::from(x.to_f32());
                     }
                 }
+                if l == 0.0 {
+                    // Every score -inf (an infinite input): no weight anywhere, as the kernel.
+                    out.iter_mut().for_each(|x| *x = 0.0);
+                    continue;
+                }
                 for acc in out.iter_mut() {
                     *acc /= l;
                 }
-                lse[row] = m + l.ln();
+                lse[row] = base + l.ln();
             }
         }
     }

@@ -1,16 +1,18 @@
 //! The GPU path: [`DecodePlan`] (validate the lists, choose the split) and
 //! [`DecodePlan::run`] (the attention launch and, for split lists, the merge launch).
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::{
-    index_error, plan_chunks, validate_cache_lens, validate_indptr, ChunkPlan, DecodeConfig, IndexFault, ROWS_PER_CTA,
-    TILE_TOKENS,
+    decode_verdict, index_error, plan_chunks, validate_indptr, ChunkPlan, DecodeOptions, DecodeShape, HEAD_DIMS,
+    ROWS_PER_CTA, TILE_TOKENS, VERDICT_NONE,
 };
+use crate::attention::plan::check_tensor;
 use crate::device::{Device, Module};
-use crate::error::{check_shape, to_u32, Error, Result};
+use crate::error::{to_u32, to_u64, Error, Result};
+use crate::launch::{grid_2d, grid_for, KernelId};
 use crate::params::{NtkvDecodeParams, NtkvDecodeValidateParams};
-use crate::tensor::{DType, DeviceTensor, Float};
+use crate::tensor::{DType, Float, TensorMut, TensorRef};
 
 /// Threads per CTA of the attention kernel (`THREADS` in cuda/decode.cu).
 const ATTN_THREADS: u32 = 128;
@@ -18,34 +20,52 @@ const ATTN_THREADS: u32 = 128;
 const VALIDATE_THREADS: u32 = 256;
 /// Most CTAs the validation kernel gives one list.
 const VALIDATE_MAX_SEGMENTS: usize = 64;
+/// The dtypes the kernels are built for.
+const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+
+/// The attention kernel of `dtype` at head dim `head_dim`.
+fn attn_id(dtype: DType, head_dim: usize) -> Result<KernelId> {
+    Ok(KernelId::new(Module::Decode, "decode_attn").dtype(dtype).head_dim(to_u32("head_dim", head_dim)?))
+}
+
+/// The merge kernel of `dtype`.
+fn merge_id(dtype: DType) -> KernelId {
+    KernelId::new(Module::Decode, "decode_merge").dtype(dtype)
+}
+
+/// The list validation kernel.
+const VALIDATE_ID: KernelId = KernelId::new(Module::Decode, "decode_validate");
 
 /// Dynamic shared memory of the attention kernel for head dim `d`, in bytes: the query tile
 /// (f32), scores, per-row state, two index buffers and two stages of padded K and V tiles.
 /// Must equal `attn_smem_bytes` in cuda/decode.cu (the kernel checks it and does nothing
-/// when launched with less).
+/// when launched with less). Saturates for absurd `d`.
 pub fn attn_smem_bytes(d: usize) -> usize {
     let (r, tk) = (ROWS_PER_CTA, TILE_TOKENS);
-    r * d * 4 + r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * (d + 8) * 2
+    let per_d = r * 4 + 2 * 2 * tk * 2;
+    d.saturating_mul(per_d).saturating_add(r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * 8 * 2)
 }
 
-/// A validated sparse-decode launch plan: the configuration, the (borrowed, validated)
-/// index lists, the chunk split and the merge workspace.
+/// A validated sparse-decode launch plan: the shape and options, the (borrowed, validated)
+/// index lists, the chunk split, the launch geometry and the merge workspace.
 ///
 /// Build it once per decode step (the lists change per step) and [`run`](Self::run) it for
 /// every layer. The borrow keeps the lists unchanged while the plan lives.
 pub struct DecodePlan<'a> {
     device: Device,
-    cfg: DecodeConfig,
-    indptr: &'a DeviceTensor<u32>,
-    indices: &'a DeviceTensor<u32>,
+    shape: DecodeShape,
+    options: DecodeOptions,
+    indptr: CudaView<'a, u32>,
+    indices: CudaView<'a, u32>,
     cache_lens: CudaSlice<u32>,
     split: ChunkPlan,
     ws_acc: CudaSlice<f32>,
     ws_ml: CudaSlice<f32>,
-    /// Loaded once, shared memory prepared: `run` only launches.
+    /// Loaded once, shared memory prepared, grids sized: `run` only launches.
     kernels_f16: Kernels,
     kernels_bf16: Kernels,
-    attn_smem: u32,
+    attn_cfg: LaunchConfig,
+    merge_cfg: LaunchConfig,
 }
 
 /// The attention and merge functions of one dtype at the plan's head dim.
@@ -56,98 +76,91 @@ struct Kernels {
 
 impl Kernels {
     fn load(device: &Device, dtype: DType, head_dim: usize) -> Result<(Self, u32)> {
-        let attn_name: &'static str = match (dtype, head_dim) {
-            (DType::F16, 64) => "ntkv_decode_attn_f16_d64",
-            (DType::F16, _) => "ntkv_decode_attn_f16_d128",
-            (_, 64) => "ntkv_decode_attn_bf16_d64",
-            _ => "ntkv_decode_attn_bf16_d128",
-        };
-        let merge_name = if dtype == DType::F16 { "ntkv_decode_merge_f16" } else { "ntkv_decode_merge_bf16" };
-        let attn = device.function(Module::Decode, attn_name)?;
+        let attn = device.kernel(attn_id(dtype, head_dim)?)?;
         let smem = device.prepare_shared_mem(&attn, attn_smem_bytes(head_dim))?;
-        let merge = device.function(Module::Decode, merge_name)?;
+        let merge = device.kernel(merge_id(dtype))?;
         Ok((Kernels { attn, merge }, smem))
     }
 }
 
 impl std::fmt::Debug for DecodePlan<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecodePlan").field("cfg", &self.cfg).field("split", &self.split).finish()
+        f.debug_struct("DecodePlan")
+            .field("shape", &self.shape)
+            .field("options", &self.options)
+            .field("split", &self.split)
+            .finish()
     }
 }
 
 impl<'a> DecodePlan<'a> {
-    /// Validates the configuration and the lists and plans the launch.
+    /// Validates the shape, the options and the lists and plans the launch.
     ///
     /// `cache_lens` (`[B]`, host) are the valid tokens of each sequence; `indptr`
     /// (`[B·Hkv + 1]`) and `indices` are the device-resident CSR lists (module docs). This
     /// synchronizes with the device's stream twice: to read `indptr` back, and to read the
-    /// validation kernel's one-word verdict on `indices`.
+    /// validation kernel's 64-bit verdict on `indices`.
     ///
     /// # Errors
-    /// - [`Error::InvalidArgument`] naming a `config.*` field, `cache_lens`, `indptr` or
-    ///   `indices` (with the list, entry and value of the first bad entry: out of range,
-    ///   duplicate, or below the previous entry);
+    /// - [`Error::InvalidArgument`] naming a shape field, `scale`, `chunk_tokens`,
+    ///   `cache_lens`, `indptr` or `indices` (with the list, entry and value of the first bad
+    ///   entry: out of range, duplicate, or below the previous entry), worded as
+    ///   [`super::validate_lists`] words it;
     /// - [`Error::Shape`] for `cache_lens` or `indptr` of the wrong length;
+    /// - [`Error::DeviceMismatch`] when `indptr` or `indices` lives on another device;
     /// - [`Error::TooLarge`] when the launch geometry or workspace overflows;
     /// - [`Error::KernelsNotBuilt`] / [`Error::Driver`] from the device.
     pub fn new(
         device: &Device,
-        cfg: &DecodeConfig,
+        shape: &DecodeShape,
+        options: DecodeOptions,
         cache_lens: &[u32],
-        indptr: &'a DeviceTensor<u32>,
-        indices: &'a DeviceTensor<u32>,
+        indptr: &'a impl TensorRef<u32>,
+        indices: &'a impl TensorRef<u32>,
     ) -> Result<Self> {
-        cfg.validate()?;
-        validate_cache_lens(cfg, cache_lens)?;
-        let n_lists = cfg.n_lists();
-        check_shape("indptr", &[n_lists + 1], &[indptr.len()])?;
+        shape.validate()?;
+        options.validate()?;
+        let n_lists = shape.n_lists();
+        check_tensor(device, "indptr", &[n_lists + 1], indptr)?;
+        device.check_tensor("indices", indices)?;
+        let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
         let stream = device.stream();
-        let indptr_host = stream.clone_dtoh(indptr.slice())?;
-        validate_indptr(cfg, cache_lens, &indptr_host, indices.len())?;
+        let indptr_host = stream.clone_dtoh(&indptr)?;
+        validate_indptr(shape, cache_lens, &indptr_host, indices.len())?;
         let cache_lens_dev = stream.clone_htod(cache_lens)?;
 
         let list_lens: Vec<usize> = indptr_host.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-        validate_indices_on_device(
-            device,
-            cfg,
-            cache_lens,
-            &indptr_host,
-            &list_lens,
-            indptr,
-            indices,
-            &cache_lens_dev,
-        )?;
+        let lists = Lists { host: &indptr_host, lens: &list_lens, indptr: &indptr, indices: &indices };
+        validate_indices_on_device(device, shape, cache_lens, &lists, &cache_lens_dev)?;
 
-        let split = plan_chunks(&list_lens, cfg.rows(), device.props().sm_count as usize, cfg.chunk_tokens);
-        // Launch geometry must fit the kernels' u32 block index.
-        let row_tiles = cfg.rows().div_ceil(ROWS_PER_CTA);
+        let split = plan_chunks(&list_lens, shape.rows(), device.props().sm_count as usize, options.chunk_tokens);
+        // Launch geometry must fit the kernels' block index (one CTA per work item).
+        let row_tiles = shape.rows().div_ceil(ROWS_PER_CTA);
         let attn_blocks = n_lists
             .checked_mul(split.max_chunks)
             .and_then(|x| x.checked_mul(row_tiles))
             .ok_or_else(|| Error::too_large("indices", "the launch grid overflows"))?;
-        if attn_blocks > i32::MAX as usize || n_lists * cfg.rows() > i32::MAX as usize {
-            return Err(Error::too_large("indices", format!("{attn_blocks} CTAs exceed the launch limit")));
-        }
         let (ws_acc_len, ws_ml_len) = if split.direct() {
             (1, 1)
         } else {
             let states = n_lists
                 .checked_mul(split.max_chunks)
-                .and_then(|x| x.checked_mul(cfg.rows()))
+                .and_then(|x| x.checked_mul(shape.rows()))
                 .ok_or_else(|| Error::too_large("workspace", "partial states overflow usize"))?;
-            let acc = states
-                .checked_mul(cfg.head_dim)
-                .ok_or_else(|| Error::too_large("workspace", "partial states overflow usize"))?;
-            (acc, 2 * states)
+            let acc = crate::tensor::checked_numel::<f32>("workspace", &[states, shape.head_dim])?;
+            (acc, crate::error::checked_mul("workspace", states, 2)?)
         };
+        let (kernels_f16, attn_smem) = Kernels::load(device, DType::F16, shape.head_dim)?;
+        let (kernels_bf16, _) = Kernels::load(device, DType::BF16, shape.head_dim)?;
+        let attn_cfg = grid_for(device, &kernels_f16.attn, ATTN_THREADS, attn_smem, attn_blocks, false)?;
+        let merge_threads = to_u32("head_dim", shape.head_dim)?;
+        let merge_cfg = grid_for(device, &kernels_f16.merge, merge_threads, 0, n_lists * shape.rows(), false)?;
         let ws_acc = stream.alloc_zeros::<f32>(ws_acc_len)?;
         let ws_ml = stream.alloc_zeros::<f32>(ws_ml_len)?;
-        let (kernels_f16, attn_smem) = Kernels::load(device, DType::F16, cfg.head_dim)?;
-        let (kernels_bf16, _) = Kernels::load(device, DType::BF16, cfg.head_dim)?;
         Ok(DecodePlan {
             device: device.clone(),
-            cfg: cfg.clone(),
+            shape: shape.clone(),
+            options,
             indptr,
             indices,
             cache_lens: cache_lens_dev,
@@ -156,13 +169,19 @@ impl<'a> DecodePlan<'a> {
             ws_ml,
             kernels_f16,
             kernels_bf16,
-            attn_smem,
+            attn_cfg,
+            merge_cfg,
         })
     }
 
-    /// The configuration the plan was made for.
-    pub fn config(&self) -> &DecodeConfig {
-        &self.cfg
+    /// The shape the plan was made for.
+    pub fn shape(&self) -> &DecodeShape {
+        &self.shape
+    }
+
+    /// The options the plan was made for.
+    pub fn options(&self) -> &DecodeOptions {
+        &self.options
     }
 
     /// The chunk split chosen.
@@ -170,178 +189,171 @@ impl<'a> DecodePlan<'a> {
         self.split
     }
 
-    /// Runs the attention: writes `o` `[B, Tq, Hq, D]` (dtype of `q`) and `lse` `[B, Tq, Hq]`.
-    /// Enqueued on the device's stream; no synchronization.
+    /// Runs the attention: writes `o` `[B, Tq, Hq, D]` (dtype of `q`) and `lse` `[B, Tq, Hq]`
+    /// from `q [B, Tq, Hq, D]`, `k, v [B, Hkv, Tcap, D]`. Enqueued on the device's stream; no
+    /// synchronization. Every row of `o` and `lse` is written.
     ///
     /// # Errors
-    /// [`Error::Shape`] naming `q`, `k`, `v`, `o` or `lse` when a shape differs from the
-    /// configuration's; [`Error::InvalidArgument`] naming `q` for f32 (f16 and bf16 are
-    /// supported); driver errors. Nothing is written when an error is returned before the
-    /// launch.
+    /// [`Error::Shape`] naming `q`, `k`, `v`, `o` or `lse` when a shape or a length differs
+    /// from the plan's; [`Error::DeviceMismatch`] naming a tensor on another device;
+    /// [`Error::InvalidArgument`] naming `q` for f32 (f16 and bf16 are supported); driver
+    /// errors. Nothing is written when an error is returned before the launch.
     pub fn run<T: Float>(
         &mut self,
-        q: &DeviceTensor<T>,
-        k: &DeviceTensor<T>,
-        v: &DeviceTensor<T>,
-        o: &mut DeviceTensor<T>,
-        lse: &mut DeviceTensor<f32>,
+        q: &impl TensorRef<T>,
+        k: &impl TensorRef<T>,
+        v: &impl TensorRef<T>,
+        o: &mut impl TensorMut<T>,
+        lse: &mut impl TensorMut<f32>,
     ) -> Result<()> {
-        let cfg = &self.cfg;
+        let shape = &self.shape;
         let kernels = match T::DTYPE {
             DType::F16 => &self.kernels_f16,
             DType::BF16 => &self.kernels_bf16,
             DType::F32 => return Err(Error::invalid("q", "f32 is not supported; use f16 or bf16")),
         };
-        check_shape("q", &cfg.q_shape(), q.shape())?;
-        check_shape("k", &cfg.kv_shape(), k.shape())?;
-        check_shape("v", &cfg.kv_shape(), v.shape())?;
-        check_shape("o", &cfg.q_shape(), o.shape())?;
-        check_shape("lse", &cfg.lse_shape(), lse.shape())?;
+        let dev = &self.device;
+        check_tensor(dev, "q", &shape.q_shape(), q)?;
+        check_tensor(dev, "k", &shape.kv_shape(), k)?;
+        check_tensor(dev, "v", &shape.kv_shape(), v)?;
+        check_tensor(dev, "o", &shape.q_shape(), o)?;
+        check_tensor(dev, "lse", &shape.lse_shape(), lse)?;
 
-        let n_lists = cfg.n_lists();
-        let row_tiles = cfg.rows().div_ceil(ROWS_PER_CTA);
+        let row_tiles = shape.rows().div_ceil(ROWS_PER_CTA);
         let params = NtkvDecodeParams {
-            n_indices: self.indices.len() as u64,
-            scale_log2: cfg.softmax_scale() * std::f32::consts::LOG2_E,
-            batch: to_u32("config.batch", cfg.batch)?,
-            q_tokens: to_u32("config.q_tokens", cfg.q_tokens)?,
-            q_heads: to_u32("config.q_heads", cfg.q_heads)?,
-            kv_heads: to_u32("config.kv_heads", cfg.kv_heads)?,
-            head_dim: to_u32("config.head_dim", cfg.head_dim)?,
-            cache_capacity: to_u32("config.cache_capacity", cfg.cache_capacity)?,
-            group: to_u32("config.q_heads", cfg.group())?,
-            rows: to_u32("config.q_heads", cfg.rows())?,
-            row_tiles: to_u32("config.q_heads", row_tiles)?,
-            chunk_tokens: to_u32("config.chunk_tokens", self.split.chunk_tokens)?,
+            n_indices: to_u64("indices", self.indices.len())?,
+            scale_log2: self.options.scale_for(shape.head_dim) * std::f32::consts::LOG2_E,
+            batch: to_u32("batch", shape.batch)?,
+            q_tokens: to_u32("q_tokens", shape.q_tokens)?,
+            q_heads: to_u32("hq", shape.hq)?,
+            kv_heads: to_u32("hkv", shape.hkv)?,
+            head_dim: to_u32("head_dim", shape.head_dim)?,
+            cache_capacity: to_u32("capacity", shape.capacity)?,
+            group: to_u32("hq", shape.group())?,
+            rows: to_u32("hq", shape.rows())?,
+            row_tiles: to_u32("hq", row_tiles)?,
+            chunk_tokens: to_u32("chunk_tokens", self.split.chunk_tokens)?,
             max_chunks: to_u32("indices", self.split.max_chunks)?,
-            causal: u32::from(cfg.causal),
+            causal: u32::from(self.options.causal),
             direct: u32::from(self.split.direct()),
             _pad0: 0,
             _pad1: 0,
         };
-        // n_lists * rows and the CTA count fit in i32: checked by the plan.
-        let blocks = to_u32("indices", n_lists * self.split.max_chunks * row_tiles)?;
         let stream = self.device.stream();
-        let cfg_attn = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: self.attn_smem,
-        };
+        let (qv, kv, vv) = (q.cuda_view(), k.cuda_view(), v.cuda_view());
         {
+            let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
             let mut b = stream.launch_builder(&kernels.attn);
             b.arg(&params)
-                .arg(q.slice())
-                .arg(k.slice())
-                .arg(v.slice())
-                .arg(self.indptr.slice())
-                .arg(self.indices.slice())
+                .arg(&qv)
+                .arg(&kv)
+                .arg(&vv)
+                .arg(&self.indptr)
+                .arg(&self.indices)
                 .arg(&self.cache_lens)
-                .arg(o.slice_mut())
-                .arg(lse.slice_mut())
+                .arg(&mut ov)
+                .arg(&mut lv)
                 .arg(&mut self.ws_acc)
                 .arg(&mut self.ws_ml);
             // SAFETY: ntkv_decode_attn_<T>_d<D>(NtkvDecodeParams, const T* q, const T* k,
             // const T* v, const u32* indptr, const u32* indices, const u32* cache_lens, T* o,
-            // float* lse, float* ws_acc, float* ws_ml), T and D matching the plan's head dim and T.
-            // q/o have B*Tq*Hq*D elements and k/v B*Hkv*Tcap*D (shapes checked above); the
-            // kernel reads q and writes o only at rows (b < B, tq < Tq, head < Hq) and
-            // d < D; it gathers k/v rows only for indices below min(cache_lens[b], Tcap)
-            // (others are zero-filled, not read); it reads indptr[list], indptr[list+1] for
-            // list < B*Hkv (indptr has B*Hkv+1 entries) and indices only below p.n_indices
-            // = indices.len(); cache_lens has B entries. In direct mode it writes o and lse
-            // ([B,Tq,Hq]); otherwise it writes ws_acc / ws_ml at states
-            // (list*max_chunks + chunk)*rows + row with chunk < max_chunks, row < rows, which
-            // the plan allocated (times D and 2). Dynamic shared memory is attn_smem_bytes(D),
-            // checked against the device limit (and opted in) by prepare_shared_mem in the plan.
-            unsafe { b.launch(cfg_attn) }?;
+            // float* lse, float* ws_acc, float* ws_ml), T and D matching the plan's head dim
+            // and T. q/o have B*Tq*Hq*D elements and k/v B*Hkv*Tcap*D (shapes and lengths
+            // checked above); the kernel reads q and writes o only at rows (b < B, tq < Tq,
+            // head < Hq) and d < D; it gathers k/v rows only for indices below
+            // min(cache_lens[b], Tcap) (others are zero-filled, not read); it reads
+            // indptr[list], indptr[list+1] for list < B*Hkv (indptr has B*Hkv+1 entries,
+            // checked in new) and indices only below p.n_indices = indices.len();
+            // cache_lens has B entries. The grid is B*Hkv*max_chunks*row_tiles blocks and
+            // blocks past the work return. In direct mode it writes o and lse ([B,Tq,Hq]);
+            // otherwise it writes ws_acc / ws_ml at states (list*max_chunks + chunk)*rows +
+            // row with chunk < max_chunks, row < rows, which the plan allocated (times D and
+            // 2). Dynamic shared memory is attn_smem_bytes(D), checked against the device
+            // limit (and opted in) by prepare_shared_mem for both dtypes in the plan.
+            unsafe { b.launch(self.attn_cfg) }?;
         }
         if !self.split.direct() {
-            let merge_blocks = to_u32("indices", n_lists * cfg.rows())?;
-            let cfg_merge = LaunchConfig {
-                grid_dim: (merge_blocks, 1, 1),
-                block_dim: (to_u32("config.head_dim", cfg.head_dim)?, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
             let mut b = stream.launch_builder(&kernels.merge);
-            b.arg(&params)
-                .arg(self.indptr.slice())
-                .arg(&self.ws_acc)
-                .arg(&self.ws_ml)
-                .arg(o.slice_mut())
-                .arg(lse.slice_mut());
+            b.arg(&params).arg(&self.indptr).arg(&self.ws_acc).arg(&self.ws_ml).arg(&mut ov).arg(&mut lv);
             // SAFETY: ntkv_decode_merge_<T>(NtkvDecodeParams, const u32* indptr,
             // const float* ws_acc, const float* ws_ml, T* o, float* lse). One CTA per
-            // (list < B*Hkv, row < rows), one thread per d < D; it reads the list's bounds
-            // (clamped to indices.len()), the states of chunks < min(chunks, max_chunks) of
-            // that list and row (inside the workspace the plan allocated), and writes o at
-            // row (b, tq, head) and d, and lse at (b, tq, head), all inside the shapes checked
-            // above.
-            unsafe { b.launch(cfg_merge) }?;
+            // (list < B*Hkv, row < rows) (the grid has exactly B*Hkv*rows blocks), one thread
+            // per d < D; it reads the list's bounds (clamped to indices.len()), the states of
+            // chunks < min(chunks, max_chunks) of that list and row (inside the workspace the
+            // plan allocated), and writes o at row (b, tq, head) and d, and lse at
+            // (b, tq, head), all inside the shapes and lengths checked above.
+            unsafe { b.launch(self.merge_cfg) }?;
         }
         Ok(())
     }
 }
 
+/// The lists as the plan holds them: `indptr` on the host and both arrays on the device.
+struct Lists<'v, 'a> {
+    host: &'v [u32],
+    lens: &'v [usize],
+    indptr: &'v CudaView<'a, u32>,
+    indices: &'v CudaView<'a, u32>,
+}
+
 /// Runs the device validation kernel over `indices` and turns its verdict into an error.
-#[allow(clippy::too_many_arguments)]
 fn validate_indices_on_device(
     device: &Device,
-    cfg: &DecodeConfig,
+    shape: &DecodeShape,
     cache_lens: &[u32],
-    indptr_host: &[u32],
-    list_lens: &[usize],
-    indptr: &DeviceTensor<u32>,
-    indices: &DeviceTensor<u32>,
+    lists: &Lists<'_, '_>,
     cache_lens_dev: &CudaSlice<u32>,
 ) -> Result<()> {
-    let max_len = list_lens.iter().copied().max().unwrap_or(0);
+    let max_len = lists.lens.iter().copied().max().unwrap_or(0);
     if max_len == 0 {
         return Ok(());
     }
     let stream = device.stream();
-    let mut flag = stream.clone_htod(&[u64::MAX])?;
+    let mut flag = stream.clone_htod(&[VERDICT_NONE])?;
     let params = NtkvDecodeValidateParams {
-        n_indices: indices.len() as u64,
-        n_lists: to_u32("indptr", cfg.n_lists())?,
-        kv_heads: to_u32("config.kv_heads", cfg.kv_heads)?,
-        batch: to_u32("config.batch", cfg.batch)?,
+        n_indices: to_u64("indices", lists.indices.len())?,
+        n_lists: to_u32("indptr", shape.n_lists())?,
+        kv_heads: to_u32("hkv", shape.hkv)?,
+        batch: to_u32("batch", shape.batch)?,
         _pad0: 0,
     };
     let segments = max_len.div_ceil(VALIDATE_THREADS as usize * 8).clamp(1, VALIDATE_MAX_SEGMENTS);
-    let lc = LaunchConfig {
-        grid_dim: (to_u32("indptr", cfg.n_lists())?, to_u32("indices", segments)?, 1),
-        block_dim: (VALIDATE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let f = device.function(Module::Decode, "ntkv_decode_validate")?;
+    let lc = grid_2d(shape.n_lists(), segments, VALIDATE_THREADS, 0)?;
+    let f = device.kernel(VALIDATE_ID)?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&params).arg(indptr.slice()).arg(indices.slice()).arg(cache_lens_dev).arg(&mut flag);
+    b.arg(&params).arg(lists.indptr).arg(lists.indices).arg(cache_lens_dev).arg(&mut flag);
     // SAFETY: ntkv_decode_validate(NtkvDecodeValidateParams, const u32* indptr,
     // const u32* indices, const u32* cache_lens, u64* first_bad). Block x = list < n_lists
     // reads indptr[list], indptr[list+1] (B*Hkv+1 entries, checked), cache_lens[list / Hkv]
     // (B entries), and indices[j] for j inside the list's bounds clamped to n_indices =
     // indices.len(); it writes the single u64 of flag.
     unsafe { b.launch(lc) }?;
-    let verdict = stream.clone_dtoh(&flag)?.first().copied().unwrap_or(u64::MAX);
-    if verdict == u64::MAX {
+    let verdict = stream.clone_dtoh(&flag)?.first().copied().unwrap_or(VERDICT_NONE);
+    let Some((pos, fault)) = decode_verdict(verdict)? else {
         return Ok(());
+    };
+    let pos = usize::try_from(pos).map_err(|_| Error::internal(format!("verdict position {pos} exceeds usize")))?;
+    if pos >= lists.indices.len() {
+        return Err(Error::internal(format!("verdict position {pos} is past indices.len()")));
     }
-    let pos = usize::try_from(verdict >> 2).map_err(|_| Error::invalid("indices", "bad verdict"))?;
-    let fault = IndexFault::from_code(verdict & 3)
-        .ok_or_else(|| Error::invalid("indices", format!("validation kernel returned code {}", verdict & 3)))?;
     // Read back the bad entry and the one before it, for the message.
     let lo = pos.saturating_sub(1);
-    let pair = stream.clone_dtoh(&indices.slice().slice(lo..=pos))?;
+    let pair = stream.clone_dtoh(&lists.indices.slice(lo..=pos))?;
     let value = pair.last().copied().unwrap_or(0);
-    let list = indptr_host.partition_point(|&p| p as usize <= pos).saturating_sub(1);
-    let list_begin = indptr_host.get(list).map_or(0, |&p| p as usize);
+    let list = lists.host.partition_point(|&p| p as usize <= pos).saturating_sub(1);
+    let list_begin = lists.host.get(list).map_or(0, |&p| p as usize);
     let prev = if pos > list_begin { pair.first().copied() } else { None };
-    Err(index_error(cfg, cache_lens, indptr_host, pos, value, prev, fault))
+    Err(index_error(shape, cache_lens, lists.host, pos, value, prev, fault))
 }
 
 /// Every kernel id this module's launchers can form (checked against the images by
-/// `tests/kernel_names.rs`).
-pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
-    // TODO(platform): list every id; filled in as the launchers move to `KernelId`.
-    Vec::new()
+/// `tests/kernel_names.rs`), built by the same helpers the launchers use.
+pub(crate) fn kernels() -> Vec<KernelId> {
+    let mut ids = vec![VALIDATE_ID];
+    for dt in DTYPES {
+        ids.extend(HEAD_DIMS.iter().filter_map(|&d| attn_id(dt, d).ok()));
+        ids.push(merge_id(dt));
+    }
+    ids
 }

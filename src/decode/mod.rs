@@ -1,7 +1,7 @@
-//! Sparse-index decode attention (SPEC §3, "Sparse-index decode"): `Tq = 1..=16` query
-//! tokens per sequence attend to a sorted list of token indices per `(sequence, kv head)`
-//! in the KV cache. This is the consumer of every selection method in ntkv (H2O, SnapKV,
-//! Quest, clusters, ShadowKV): they produce exactly the index lists this takes.
+//! Sparse-index decode attention: `Tq = 1..=16` query tokens per sequence attend to a sorted
+//! list of token indices per `(sequence, kv head)` in the KV cache. This is the consumer of
+//! every selection method in ntkv (H2O, SnapKV, Quest, clusters, ShadowKV): they produce
+//! exactly the index lists this takes.
 //!
 //! # Layouts (row-major, outermost first)
 //! - `q`, `o`: `[B, Tq, Hq, D]`, f16 or bf16 (`o` has `q`'s dtype).
@@ -11,61 +11,82 @@
 //! - Index lists in CSR form over the `B·Hkv` lists, list `l = b·Hkv + h`:
 //!   `indptr [B·Hkv + 1]` u32 with `indptr[0] = 0`, non-decreasing, and
 //!   `indptr[B·Hkv] ≤ indices.len()` (a longer `indices` buffer is allowed; the tail is
-//!   unused); `indices[indptr[l]..indptr[l+1]]` is strictly ascending and every entry is
-//!   `< cache_lens[b]`.
-//! - `D ∈ {64, 128}`, `Hq % Hkv == 0`; query head `h` reads kv head `h / (Hq/Hkv)`.
+//!   unused); `indices[indptr[l]..indptr[l+1]]` is strictly ascending (sorted and unique)
+//!   and every entry is `< cache_lens[b]`.
+//! - `D ∈ {64, 128}`, `Hq % Hkv == 0`; query head `h` reads kv head `h / (Hq/Hkv)` (GQA;
+//!   `Hq = Hkv` is multi-head attention, `Hkv = 1` multi-query).
 //!
 //! # Math
 //! For query token `t`, head `h` (kv head `hk`) of sequence `b`, with the visible set
-//! `S = {i ∈ list(b, hk) : !causal || i ≤ cache_lens[b] − Tq + t}`:
+//! `S = {i ∈ list(b, hk) : !causal || i ≤ cache_lens[b] − Tq + t}` (causal is bottom-right
+//! aligned in global cache positions: query `t` of `Tq` sits at position
+//! `cache_lens[b] − Tq + t`):
 //! `o = Σ_{i∈S} softmax_i(scale · q·k_i) v_i` and `lse = ln Σ_{i∈S} exp(scale · q·k_i)`,
 //! `scale = 1/√D` unless overridden. Without `causal` every selected index is visible to
 //! all `Tq` queries (the usual case: the selection already ends at the current token). An
 //! empty visible set gives `o = 0` and `lse = −inf`, never NaN.
+//!
+//! # Non-finite inputs (the same contract as [`crate::attention`])
+//! A NaN in `q` of a row, or in `k_i` of a visible token `i`, makes that row's whole `o` and
+//! its `lse` NaN; a NaN in `v_i[d]` of a visible token makes `o[d]` of the row NaN. Such a
+//! row never passes for an empty one (`o = 0`, `lse = −inf` is reserved for an empty visible
+//! set), on the CPU reference and on the GPU alike, split or not. The one difference: on the
+//! GPU a NaN or infinity in `v_i` of a *listed* token that causality hides from the row also
+//! reaches `o` (its weight is exactly 0, and `0 · NaN` is NaN in the fused multiply-add, as
+//! in FlashAttention), while the reference skips hidden tokens entirely. Tokens that are not
+//! listed are never read.
+//!
+//! # Precision
+//! Scores, softmax and accumulation are f32 on the GPU; the reference is f64 on the widened
+//! storage values. Against it the GPU output meets a relative L2 error ≤ 5e-4 for f16 and
+//! ≤ 2e-3 for bf16 (rounding `o` to the storage dtype dominates), and `lse` agrees to about
+//! 1e-4 relative.
 //!
 //! # Plan, then run
 //! [`DecodePlan::new`] validates everything about the lists before any attention launch.
 //! The lists are device resident (that is where the selection kernels leave them), so the
 //! plan reads back `indptr` (`B·Hkv + 1` words) to check it on the host and to size the
 //! split, then runs a device validation kernel over `indices` that reports the lowest bad
-//! position (unsorted, duplicate, out of range) through a one-word flag it reads back.
-//! A bad list is an [`Error::InvalidArgument`] naming `indptr`, `indices` or `cache_lens`,
-//! and nothing is launched that writes an output. The plan borrows the lists, so they
-//! cannot change while it lives, and can be reused for every layer of a decode step.
-//! [`DecodePlan::run`] then launches the attention kernel (and the merge kernel when a
-//! list is split), without synchronizing.
+//! position (unsorted, duplicate, out of range) in 64 bits through a one-word flag it reads
+//! back (see [`VERDICT_NONE`]). A bad list is an [`Error::InvalidArgument`] naming `indptr`,
+//! `indices` or `cache_lens`, worded exactly as [`validate_lists`] words it, and nothing is
+//! launched that writes an output. The plan borrows the lists, so they cannot change while it
+//! lives, and can be reused for every layer of a decode step. [`DecodePlan::run`] then
+//! launches the attention kernel (and the merge kernel when a list is split), without
+//! synchronizing.
 //!
-//! # Kernel
+//! # Kernel, split and merge
 //! One CTA per `(list, chunk of the list, tile of 16 query rows)`. The `Hq/Hkv · Tq` query
 //! rows of one kv head share the CTA, so each selected K/V row is gathered once per row
 //! tile, with 16-byte `cp.async` copies into a double-buffered shared-memory tile of 64
 //! tokens. Scores and the online softmax are f32. Long lists are split into chunks of
 //! `chunk_tokens` so that `B·Hkv·chunks` fills the GPU; each chunk writes its partial state
-//! `(acc, m, l)` and a merge kernel combines the chunks of a list in chunk order: an exact
-//! log-sum-exp merge, deterministic, no atomics.
-
+//! `(acc, m, l)` and a merge kernel combines the chunks of a list in chunk order with the
+//! exact log-sum-exp merge `o = Σ_c 2^(m_c − M) acc_c / Σ_c 2^(m_c − M) l_c`,
+//! `M = max_c m_c`: fixed order, no atomics, so the same lists on the same GPU give the same
+//! bits. The split depends only on the list lengths and the SM count ([`plan_chunks`]).
 //!
 //! # Example
 //! ```no_run
 //! use half::f16;
-//! use ntkv::decode::{DecodeConfig, DecodePlan};
+//! use ntkv::decode::{DecodeOptions, DecodePlan, DecodeShape};
 //! use ntkv::{Device, DeviceTensor};
 //! # fn main() -> ntkv::Result<()> {
-//! let dev = Device::new(0)?;
+//! let device = Device::new(0)?;
 //! // 1 sequence, 1 query token, 32 query heads over 8 kv heads, D = 128, a 4096-token cache.
-//! let cfg = DecodeConfig::new(1, 1, 32, 8, 128, 4096);
-//! let q = DeviceTensor::<f16>::zeros(&dev, &cfg.q_shape())?;
-//! let k = DeviceTensor::<f16>::zeros(&dev, &cfg.kv_shape())?;
-//! let v = DeviceTensor::<f16>::zeros(&dev, &cfg.kv_shape())?;
+//! let shape = DecodeShape { batch: 1, q_tokens: 1, hq: 32, hkv: 8, head_dim: 128, capacity: 4096 };
+//! let q = DeviceTensor::<f16>::zeros(&device, &shape.q_shape())?;
+//! let k = DeviceTensor::<f16>::zeros(&device, &shape.kv_shape())?;
+//! let v = DeviceTensor::<f16>::zeros(&device, &shape.kv_shape())?;
 //! // Per kv head, the selected tokens (here: the first 64 and the last 64).
 //! let list: Vec<u32> = (0..64).chain(4032..4096).collect();
 //! let indices: Vec<u32> = (0..8).flat_map(|_| list.iter().copied()).collect();
 //! let indptr: Vec<u32> = (0..=8).map(|h| h * 128).collect();
-//! let indptr = DeviceTensor::from_host(&dev, &indptr, &[9])?;
-//! let indices = DeviceTensor::from_host(&dev, &indices, &[indices.len()])?;
-//! let mut o = DeviceTensor::<f16>::zeros(&dev, &cfg.q_shape())?;
-//! let mut lse = DeviceTensor::<f32>::zeros(&dev, &cfg.lse_shape())?;
-//! let mut plan = DecodePlan::new(&dev, &cfg, &[4096], &indptr, &indices)?; // validates
+//! let indptr = DeviceTensor::from_host(&device, &indptr, &[9])?;
+//! let indices = DeviceTensor::from_host(&device, &indices, &[indices.len()])?;
+//! let mut o = DeviceTensor::<f16>::zeros(&device, &shape.q_shape())?;
+//! let mut lse = DeviceTensor::<f32>::zeros(&device, &shape.lse_shape())?;
+//! let mut plan = DecodePlan::new(&device, &shape, DecodeOptions::default(), &[4096], &indptr, &indices)?;
 //! for _layer in 0..32 {
 //!     plan.run(&q, &k, &v, &mut o, &mut lse)?; // one plan, every layer
 //! }
@@ -97,172 +118,152 @@ pub const ROWS_PER_CTA: usize = 16;
 pub const MIN_CHUNK_TOKENS: usize = 256;
 /// Most chunks per list (bounds the workspace and the merge loop).
 pub const MAX_CHUNKS: usize = 1024;
+/// The head dimensions the kernels support.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// The shape and options of a sparse-index decode call.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DecodeConfig {
-    /// `B`, sequences.
+/// The sizes of a sparse-index decode call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    /// `B`, sequences (at least 1).
     pub batch: usize,
     /// `Tq`, query tokens per sequence, `1..=16`.
     pub q_tokens: usize,
-    /// `Hq`, query heads.
-    pub q_heads: usize,
+    /// `Hq`, query heads (at least 1).
+    pub hq: usize,
     /// `Hkv`, key/value heads; divides `Hq`.
-    pub kv_heads: usize,
+    pub hkv: usize,
     /// `D`, 64 or 128.
     pub head_dim: usize,
-    /// `Tcap`, the cache's token capacity (its third dimension).
-    pub cache_capacity: usize,
-    /// Softmax scale; `None` means `1/√D`.
-    pub scale: Option<f32>,
-    /// Causal among the `Tq` queries: query `t` sees index `i` iff `i ≤ cache_len − Tq + t`.
-    pub causal: bool,
-    /// Tokens of a list per CTA; `None` lets the plan choose from the device's SM count.
-    /// Must be a positive multiple of [`TILE_TOKENS`]. For tests and tuning.
-    pub chunk_tokens: Option<usize>,
+    /// `Tcap`, the cache's token capacity (the third dimension of `k` and `v`), `1..=u32::MAX`.
+    pub capacity: usize,
 }
 
-impl DecodeConfig {
-    /// A non-causal configuration with the default scale and automatic chunking.
-    pub fn new(
-        batch: usize,
-        q_tokens: usize,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        cache_capacity: usize,
-    ) -> Self {
-        DecodeConfig {
-            batch,
-            q_tokens,
-            q_heads,
-            kv_heads,
-            head_dim,
-            cache_capacity,
-            scale: None,
-            causal: false,
-            chunk_tokens: None,
-        }
-    }
-
-    /// Sets causal masking among the query tokens.
-    pub fn causal(mut self, causal: bool) -> Self {
-        self.causal = causal;
-        self
-    }
-
-    /// Overrides the softmax scale.
-    pub fn scale(mut self, scale: f32) -> Self {
-        self.scale = Some(scale);
-        self
-    }
-
-    /// Fixes the chunk length (a positive multiple of [`TILE_TOKENS`]).
-    pub fn chunk_tokens(mut self, chunk_tokens: usize) -> Self {
-        self.chunk_tokens = Some(chunk_tokens);
-        self
-    }
-
-    /// The softmax scale in effect.
-    pub fn softmax_scale(&self) -> f32 {
-        self.scale.unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
-    }
-
-    /// `Hq / Hkv`.
+impl DecodeShape {
+    /// `Hq / Hkv` (0 for an invalid shape with `Hkv = 0`).
     pub fn group(&self) -> usize {
-        self.q_heads / self.kv_heads.max(1)
+        self.hq.checked_div(self.hkv).unwrap_or(0)
     }
 
     /// Query rows per kv head: `group · Tq`.
     pub fn rows(&self) -> usize {
-        self.group() * self.q_tokens
+        self.group().saturating_mul(self.q_tokens)
     }
 
-    /// Number of index lists, `B·Hkv`.
+    /// Number of index lists, `B·Hkv` (saturating for an invalid shape).
     pub fn n_lists(&self) -> usize {
-        self.batch * self.kv_heads
+        self.batch.saturating_mul(self.hkv)
     }
 
     /// The shape of `q` and `o`: `[B, Tq, Hq, D]`.
     pub fn q_shape(&self) -> [usize; 4] {
-        [self.batch, self.q_tokens, self.q_heads, self.head_dim]
+        [self.batch, self.q_tokens, self.hq, self.head_dim]
     }
 
     /// The shape of `k` and `v`: `[B, Hkv, Tcap, D]`.
     pub fn kv_shape(&self) -> [usize; 4] {
-        [self.batch, self.kv_heads, self.cache_capacity, self.head_dim]
+        [self.batch, self.hkv, self.capacity, self.head_dim]
     }
 
     /// The shape of `lse`: `[B, Tq, Hq]`.
     pub fn lse_shape(&self) -> [usize; 3] {
-        [self.batch, self.q_tokens, self.q_heads]
+        [self.batch, self.q_tokens, self.hq]
     }
 
-    /// Checks the configuration on its own (no tensors).
+    /// Checks the shape on its own (no tensors): every count positive, `Tq ≤ 16`,
+    /// `D ∈ {64, 128}`, `Hkv | Hq`, `Tcap ≤ u32::MAX`, and the `q` and `k` sizes in bytes fit.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming the field (`config.batch`, `config.q_tokens`, …).
+    /// [`Error::InvalidArgument`] naming the field (`batch`, `q_tokens`, `hq`, `hkv`,
+    /// `head_dim`, `capacity`); [`Error::TooLarge`] naming `capacity`, `q` or `k`.
     pub fn validate(&self) -> Result<()> {
-        for (arg, v) in [
-            ("config.batch", self.batch),
-            ("config.q_heads", self.q_heads),
-            ("config.kv_heads", self.kv_heads),
-            ("config.cache_capacity", self.cache_capacity),
-        ] {
+        for (arg, v) in [("batch", self.batch), ("hq", self.hq), ("hkv", self.hkv), ("capacity", self.capacity)] {
             if v == 0 {
                 return Err(Error::invalid(arg, "must be at least 1"));
             }
         }
         if !(1..=MAX_Q_TOKENS).contains(&self.q_tokens) {
             return Err(Error::invalid(
-                "config.q_tokens",
+                "q_tokens",
                 format!("{} query tokens; 1 to {MAX_Q_TOKENS} are supported", self.q_tokens),
             ));
         }
-        if self.head_dim != 64 && self.head_dim != 128 {
-            return Err(Error::invalid("config.head_dim", format!("{}; 64 and 128 are supported", self.head_dim)));
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            return Err(Error::invalid("head_dim", format!("{}; 64 and 128 are supported", self.head_dim)));
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if self.hq % self.hkv != 0 {
             return Err(Error::invalid(
-                "config.q_heads",
-                format!("{} query heads is not a multiple of {} kv heads", self.q_heads, self.kv_heads),
+                "hq",
+                format!("{} query heads is not a multiple of {} kv heads", self.hq, self.hkv),
             ));
         }
-        if self.cache_capacity > u32::MAX as usize {
-            return Err(Error::too_large("config.cache_capacity", "token indices are u32"));
+        if self.capacity > u32::MAX as usize {
+            return Err(Error::too_large("capacity", "token indices are u32"));
         }
+        crate::tensor::checked_numel::<u16>("q", &self.q_shape())?;
+        crate::tensor::checked_numel::<u16>("k", &self.kv_shape())?;
+        // The kernels index lists and rows in u32 and the grid in i32.
+        crate::error::to_i32("hkv", self.n_lists())?;
+        crate::error::to_i32("hq", self.n_lists().saturating_mul(self.rows()))?;
+        Ok(())
+    }
+}
+
+/// The options of a sparse-index decode call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeOptions {
+    /// Causal among the `Tq` queries: query `t` sees index `i` iff `i ≤ cache_len − Tq + t`.
+    pub causal: bool,
+    /// Softmax scale; `None` means `1/√D`. Must be finite.
+    pub scale: Option<f32>,
+    /// Tokens of a list per CTA; `None` lets the plan choose from the device's SM count
+    /// ([`plan_chunks`]). Must be a positive multiple of [`TILE_TOKENS`], at most `u32::MAX`.
+    /// For tests and tuning.
+    pub chunk_tokens: Option<usize>,
+}
+
+impl DecodeOptions {
+    /// The softmax scale in effect for head dimension `head_dim`.
+    pub fn scale_for(&self, head_dim: usize) -> f32 {
+        self.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt())
+    }
+
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `scale` (not finite) or `chunk_tokens` (zero, not a
+    /// multiple of [`TILE_TOKENS`], or above `u32::MAX`).
+    pub fn validate(&self) -> Result<()> {
         if let Some(s) = self.scale {
             if !s.is_finite() {
-                return Err(Error::invalid("config.scale", format!("{s} is not finite")));
+                return Err(Error::invalid("scale", format!("{s} is not finite")));
             }
         }
         if let Some(c) = self.chunk_tokens {
             if c == 0 || c % TILE_TOKENS != 0 || c > u32::MAX as usize {
                 return Err(Error::invalid(
-                    "config.chunk_tokens",
-                    format!("{c} is not a positive multiple of {TILE_TOKENS}"),
+                    "chunk_tokens",
+                    format!("{c} is not a positive multiple of {TILE_TOKENS} below 2^32"),
                 ));
             }
-        }
-        for (arg, shape) in [("q", &self.q_shape()[..]), ("k", &self.kv_shape()[..])] {
-            crate::tensor::numel(arg, shape)?;
         }
         Ok(())
     }
 }
 
-/// Checks `cache_lens` (`[B]`, each `≤ Tcap`) against the configuration.
+/// Checks `cache_lens` (`[B]`, each `≤ Tcap`) against the shape (validated first).
 ///
 /// # Errors
-/// [`Error::Shape`] or [`Error::InvalidArgument`] naming `cache_lens`.
-pub fn validate_cache_lens(cfg: &DecodeConfig, cache_lens: &[u32]) -> Result<()> {
-    if cache_lens.len() != cfg.batch {
-        return Err(Error::shape("cache_lens", &[cfg.batch], &[cache_lens.len()]));
+/// The errors of [`DecodeShape::validate`]; [`Error::Shape`] or [`Error::InvalidArgument`]
+/// naming `cache_lens`.
+pub fn validate_cache_lens(shape: &DecodeShape, cache_lens: &[u32]) -> Result<()> {
+    shape.validate()?;
+    if cache_lens.len() != shape.batch {
+        return Err(Error::shape("cache_lens", &[shape.batch], &[cache_lens.len()]));
     }
-    if let Some((b, &len)) = cache_lens.iter().enumerate().find(|(_, &l)| l as usize > cfg.cache_capacity) {
+    if let Some((b, &len)) = cache_lens.iter().enumerate().find(|(_, &l)| l as usize > shape.capacity) {
         return Err(Error::invalid(
             "cache_lens",
-            format!("cache_lens[{b}] = {len} exceeds the cache capacity {}", cfg.cache_capacity),
+            format!("cache_lens[{b}] = {len} exceeds the cache capacity {}", shape.capacity),
         ));
     }
     Ok(())
@@ -270,31 +271,33 @@ pub fn validate_cache_lens(cfg: &DecodeConfig, cache_lens: &[u32]) -> Result<()>
 
 /// Checks the CSR row pointer: `B·Hkv + 1` entries, starting at 0, non-decreasing, ending
 /// at most at `n_indices`, and no list longer than its sequence's cache (a strictly
-/// ascending list below `cache_lens[b]` cannot be).
+/// ascending list below `cache_lens[b]` cannot be). Checks `shape` and `cache_lens` first.
 ///
 /// # Errors
-/// [`Error::Shape`] or [`Error::InvalidArgument`] naming `indptr`.
-pub fn validate_indptr(cfg: &DecodeConfig, cache_lens: &[u32], indptr: &[u32], n_indices: usize) -> Result<()> {
-    let n_lists = cfg.n_lists();
+/// The errors of [`validate_cache_lens`]; [`Error::Shape`] or [`Error::InvalidArgument`]
+/// naming `indptr`.
+pub fn validate_indptr(shape: &DecodeShape, cache_lens: &[u32], indptr: &[u32], n_indices: usize) -> Result<()> {
+    validate_cache_lens(shape, cache_lens)?;
+    let n_lists = shape.n_lists();
     if indptr.len() != n_lists + 1 {
         return Err(Error::shape("indptr", &[n_lists + 1], &[indptr.len()]));
     }
     if indptr[0] != 0 {
         return Err(Error::invalid("indptr", format!("indptr[0] = {}; it must be 0", indptr[0])));
     }
-    for l in 0..n_lists {
-        let (s, e) = (indptr[l], indptr[l + 1]);
+    for (l, w) in indptr.windows(2).enumerate() {
+        let (s, e) = (w[0], w[1]);
         if e < s {
             return Err(Error::invalid("indptr", format!("indptr[{}] = {e} is below indptr[{l}] = {s}", l + 1)));
         }
-        let cache_len = cache_lens.get(l / cfg.kv_heads).copied().unwrap_or(0);
+        let cache_len = cache_lens[l / shape.hkv];
         if e - s > cache_len {
             return Err(Error::invalid(
                 "indptr",
                 format!(
                     "list {l} (sequence {}, kv head {}) has {} entries but its cache holds {cache_len} tokens",
-                    l / cfg.kv_heads,
-                    l % cfg.kv_heads,
+                    l / shape.hkv,
+                    l % shape.hkv,
                     e - s
                 ),
             ));
@@ -312,7 +315,7 @@ pub fn validate_indptr(cfg: &DecodeConfig, cache_lens: &[u32], indptr: &[u32], n
 
 /// What is wrong with one index entry; the device validation kernel reports the same codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum IndexFault {
+pub enum IndexFault {
     /// Not below the sequence's cache length (code 1).
     OutOfRange,
     /// Equal to the previous entry of its list (code 2).
@@ -322,18 +325,9 @@ pub(crate) enum IndexFault {
 }
 
 impl IndexFault {
-    pub(crate) fn from_code(code: u64) -> Option<Self> {
-        match code {
-            1 => Some(IndexFault::OutOfRange),
-            2 => Some(IndexFault::Duplicate),
-            3 => Some(IndexFault::Unsorted),
-            _ => None,
-        }
-    }
-
     /// The fault of `value` at a position of a list (`prev` is the entry before, if any).
     /// Out of range is checked first, as the device kernel does.
-    pub(crate) fn of(value: u32, prev: Option<u32>, cache_len: u32) -> Option<Self> {
+    pub fn of(value: u32, prev: Option<u32>, cache_len: u32) -> Option<Self> {
         if value >= cache_len {
             Some(IndexFault::OutOfRange)
         } else {
@@ -344,12 +338,61 @@ impl IndexFault {
             }
         }
     }
+
+    fn code(self) -> u64 {
+        match self {
+            IndexFault::OutOfRange => 1,
+            IndexFault::Duplicate => 2,
+            IndexFault::Unsorted => 3,
+        }
+    }
+}
+
+/// The device validator's "no bad entry" verdict: the initial value of its 64-bit flag.
+///
+/// A bad entry at flat position `pos` of `indices` is reported as `pos << 2 | code` (code 1,
+/// 2, 3 as in [`IndexFault`]), and the kernel keeps the lowest with a 64-bit `atomicMin`, so
+/// the report does not depend on scheduling. Positions lie below `indptr[B·Hkv] ≤ u32::MAX`,
+/// so a real verdict is at most `(u32::MAX << 2) | 3 < 2^34` and can never equal this
+/// sentinel; [`encode_verdict`] refuses any position above [`MAX_VERDICT_POS`].
+pub const VERDICT_NONE: u64 = u64::MAX;
+
+/// The largest position a verdict can carry: `(MAX_VERDICT_POS << 2) | 3` is the largest
+/// value below [`VERDICT_NONE`].
+pub const MAX_VERDICT_POS: u64 = (u64::MAX >> 2) - 1;
+
+/// The verdict the device validator writes for a fault at flat position `pos`.
+///
+/// # Errors
+/// [`Error::TooLarge`] naming `indices` when `pos > MAX_VERDICT_POS`.
+pub fn encode_verdict(pos: u64, fault: IndexFault) -> Result<u64> {
+    if pos > MAX_VERDICT_POS {
+        return Err(Error::too_large("indices", format!("position {pos} does not fit a 64-bit verdict")));
+    }
+    Ok((pos << 2) | fault.code())
+}
+
+/// Reads a verdict back: `None` for [`VERDICT_NONE`], else the position and the fault.
+///
+/// # Errors
+/// [`Error::Internal`] for a value the kernel cannot write (code 0).
+pub fn decode_verdict(verdict: u64) -> Result<Option<(u64, IndexFault)>> {
+    if verdict == VERDICT_NONE {
+        return Ok(None);
+    }
+    let fault = match verdict & 3 {
+        1 => IndexFault::OutOfRange,
+        2 => IndexFault::Duplicate,
+        3 => IndexFault::Unsorted,
+        c => return Err(Error::internal(format!("the validation kernel returned code {c} in {verdict:#x}"))),
+    };
+    Ok(Some((verdict >> 2, fault)))
 }
 
 /// The error for a bad entry at flat position `pos` of `indices`, worded the same on the
-/// host and device paths.
+/// host and device paths. `indptr` must have been validated.
 pub(crate) fn index_error(
-    cfg: &DecodeConfig,
+    shape: &DecodeShape,
     cache_lens: &[u32],
     indptr: &[u32],
     pos: usize,
@@ -359,8 +402,9 @@ pub(crate) fn index_error(
 ) -> Error {
     // The list holding pos: the last l with indptr[l] <= pos (and pos < indptr[l+1]).
     let list = indptr.partition_point(|&p| p as usize <= pos).saturating_sub(1);
-    let (b, h) = (list / cfg.kv_heads.max(1), list % cfg.kv_heads.max(1));
-    let at = pos - indptr.get(list).map_or(0, |&p| p as usize);
+    let hkv = shape.hkv.max(1);
+    let (b, h) = (list / hkv, list % hkv);
+    let at = pos.saturating_sub(indptr.get(list).map_or(0, |&p| p as usize));
     let cache_len = cache_lens.get(b).copied().unwrap_or(0);
     let what = match fault {
         IndexFault::OutOfRange => format!("index {value} is not below cache_lens[{b}] = {cache_len}"),
@@ -372,22 +416,21 @@ pub(crate) fn index_error(
     Error::invalid("indices", format!("list {list} (sequence {b}, kv head {h}), entry {at} (indices[{pos}]): {what}"))
 }
 
-/// Validates host-resident index lists completely: `cache_lens`, `indptr`, then every
-/// entry of `indices` (the first bad entry in flat order is reported).
+/// Validates host-resident index lists completely: the shape, `cache_lens`, `indptr`, then
+/// every entry of `indices` (the first bad entry in flat order is reported).
 ///
 /// # Errors
-/// [`Error::Shape`] / [`Error::InvalidArgument`] naming `cache_lens`, `indptr` or `indices`.
-pub fn validate_lists(cfg: &DecodeConfig, cache_lens: &[u32], indptr: &[u32], indices: &[u32]) -> Result<()> {
-    cfg.validate()?;
-    validate_cache_lens(cfg, cache_lens)?;
-    validate_indptr(cfg, cache_lens, indptr, indices.len())?;
-    for l in 0..cfg.n_lists() {
-        let cache_len = cache_lens[l / cfg.kv_heads];
+/// The errors of [`validate_indptr`]; [`Error::InvalidArgument`] naming `indices` with the
+/// list, entry, value and fault of the first bad entry.
+pub fn validate_lists(shape: &DecodeShape, cache_lens: &[u32], indptr: &[u32], indices: &[u32]) -> Result<()> {
+    validate_indptr(shape, cache_lens, indptr, indices.len())?;
+    for l in 0..shape.n_lists() {
+        let cache_len = cache_lens[l / shape.hkv];
         let (s, e) = (indptr[l] as usize, indptr[l + 1] as usize);
         for pos in s..e {
             let prev = (pos > s).then(|| indices[pos - 1]);
             if let Some(fault) = IndexFault::of(indices[pos], prev, cache_len) {
-                return Err(index_error(cfg, cache_lens, indptr, pos, indices[pos], prev, fault));
+                return Err(index_error(shape, cache_lens, indptr, pos, indices[pos], prev, fault));
             }
         }
     }
@@ -425,7 +468,7 @@ pub fn chunks_of(len: usize, chunk_tokens: usize) -> usize {
 /// work (`Σ len · row_tiles / (8·slots)` tokens, rounded up to a tile) so that the last
 /// partial wave costs little, but never below [`MIN_CHUNK_TOKENS`] (short lists stay whole
 /// and skip the merge) and never so short that a list has more than [`MAX_CHUNKS`] chunks.
-/// `forced` (from [`DecodeConfig::chunk_tokens`]) is taken as is. Deterministic: the same
+/// `forced` (from [`DecodeOptions::chunk_tokens`]) is taken as is. Deterministic: the same
 /// lists on the same GPU give the same split, hence the same output bits.
 pub fn plan_chunks(list_lens: &[usize], rows: usize, sm_count: usize, forced: Option<usize>) -> ChunkPlan {
     let row_tiles = rows.div_ceil(ROWS_PER_CTA).max(1);
@@ -433,14 +476,15 @@ pub fn plan_chunks(list_lens: &[usize], rows: usize, sm_count: usize, forced: Op
     let chunk_tokens = match forced {
         Some(c) => c.max(1),
         None => {
-            let total: usize = list_lens.iter().sum::<usize>().saturating_mul(row_tiles);
-            let slots = 2 * sm_count.max(1);
-            let aim = total.div_ceil(8 * slots).div_ceil(TILE_TOKENS) * TILE_TOKENS;
-            let floor = max_len.div_ceil(MAX_CHUNKS).div_ceil(TILE_TOKENS) * TILE_TOKENS;
+            let total = list_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)).saturating_mul(row_tiles);
+            let slots = sm_count.max(1).saturating_mul(2);
+            let aim = total.div_ceil(slots.saturating_mul(8)).div_ceil(TILE_TOKENS).saturating_mul(TILE_TOKENS);
+            let floor = max_len.div_ceil(MAX_CHUNKS).div_ceil(TILE_TOKENS).saturating_mul(TILE_TOKENS);
             aim.max(MIN_CHUNK_TOKENS).max(floor)
         }
     };
     let max_chunks = chunks_of(max_len, chunk_tokens);
-    let busy_ctas = list_lens.iter().map(|&l| chunks_of(l, chunk_tokens)).sum::<usize>() * row_tiles;
+    let busy_ctas =
+        list_lens.iter().fold(0usize, |a, &l| a.saturating_add(chunks_of(l, chunk_tokens))).saturating_mul(row_tiles);
     ChunkPlan { chunk_tokens, max_chunks, busy_ctas }
 }

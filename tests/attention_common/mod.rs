@@ -6,6 +6,28 @@ use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillSha
 use ntkv::rng::Rng;
 use ntkv::Float;
 
+/// Runs `f`, failing the test on a panic; returns its result (the malformed-input suites).
+pub fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("{what} panicked"))
+}
+
+/// `f` returns an error (of any typed kind) without panicking.
+pub fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>) -> ntkv::Error {
+    match no_panic(what, f) {
+        Ok(r) => panic!("{what}: expected an error, got {r:?}"),
+        Err(e) => e,
+    }
+}
+
+/// The argument an argument error names.
+pub fn arg_of(e: &ntkv::Error) -> &'static str {
+    use ntkv::Error;
+    match e {
+        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
+        other => panic!("unexpected error kind {other:?}"),
+    }
+}
+
 /// Random sequence lengths (0 allowed when `allow_empty`) and their cu_seqlens.
 pub fn random_cu(rng: &mut Rng, batch: usize, max_len: usize, allow_empty: bool) -> Vec<u32> {
     let mut cu = vec![0u32];
@@ -30,12 +52,12 @@ pub fn random_mask(
 ) -> BlockMask {
     let mh = match heads {
         MaskHeads::Shared => 1,
-        MaskHeads::PerKvHead => shape.num_kv_heads,
+        MaskHeads::PerKvHead => shape.hkv,
     };
     let mut rows = Vec::new();
     for b in 0..shape.batch() {
-        let n_rb = shape.seq_q(b).div_ceil(br);
-        let n_cb = shape.seq_k(b).div_ceil(bc) as u32;
+        let n_rb = shape.seq_q(b).unwrap().div_ceil(br);
+        let n_cb = shape.seq_k(b).unwrap().div_ceil(bc) as u32;
         for _ in 0..mh {
             rows.push((0..n_rb).map(|_| (0..n_cb).filter(|_| rng.uniform() < density).collect()).collect());
         }
@@ -73,14 +95,14 @@ pub fn to_f64<T: Float>(x: &[T]) -> Vec<f64> {
 /// 64-key steps with P rounded to `T`, output rounded to `T`. Returns (o, lse) as f64.
 pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (Vec<f64>, Vec<f64>) {
     let split = plan.split_p(T::DTYPE);
-    let s = &plan.shape;
-    let (tq, hq, hkv, d) = (s.tq_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
-    let (br, bc) = (plan.block_rows, plan.block_cols);
-    let scale_log2 = plan.options.scale_for(d) * std::f32::consts::LOG2_E;
+    let s = &plan.shape();
+    let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
+    let (br, bc) = (plan.block_rows(), plan.block_cols());
+    let scale_log2 = plan.options().scale_for(d) * std::f32::consts::LOG2_E;
     let mut o = vec![f64::NAN; tq * hq * d];
     let mut lse = vec![f64::NAN; hq * tq];
     let words_per_row = bc / 32;
-    for it in plan.items.chunks_exact(8) {
+    for it in plan.items().chunks_exact(8) {
         let (q_row0, n_rows, k_tok0, tk) = (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize);
         let causal_off = it[4] as i32 as i64;
         let (lb, le, h) = (it[5] as usize, it[6] as usize, it[7] as usize);
@@ -91,7 +113,7 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
             let mut l = 0f32;
             let mut acc = vec![0f32; d];
             for e in lb..le {
-                let blk = &plan.blocks[e * 4..e * 4 + 4];
+                let blk = &plan.blocks()[e * 4..e * 4 + 4];
                 let (col, check, tmid) = (blk[0] as usize, blk[1] != 0, blk[2]);
                 for sub in (0..bc).step_by(64) {
                     let mut sc = [0f32; 64];
@@ -108,11 +130,11 @@ pub fn emulate_kernel<T: Float>(plan: &HostPlan, q: &[T], k: &[T], v: &[T]) -> (
                         let mut val = dot * scale_log2;
                         if check || tmid != NO_TOKEN_MASK {
                             let mut vis = key < tk;
-                            if plan.options.causal {
+                            if plan.options().causal {
                                 vis &= key as i64 <= r as i64 + causal_off;
                             }
                             if tmid != NO_TOKEN_MASK {
-                                let w = plan.token_masks[(tmid as usize * br + r) * words_per_row + kc / 32];
+                                let w = plan.token_masks()[(tmid as usize * br + r) * words_per_row + kc / 32];
                                 vis &= (w >> (kc % 32)) & 1 == 1;
                             }
                             if !vis {
@@ -165,7 +187,7 @@ pub struct Case {
 
 /// q, k, v with N(0, 1) entries for `shape`.
 pub fn normal_inputs<T: Float>(rng: &mut Rng, s: &PrefillShape) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.num_q_heads, s.num_kv_heads, s.head_dim);
+    let (tq, tk, hq, hkv, d) = (s.tq_total(), s.tk_total(), s.hq, s.hkv, s.head_dim);
     let q: Vec<T> = (0..tq * hq * d).map(|_| T::from_f32(rng.normal())).collect();
     let k: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
     let v: Vec<T> = (0..tk * hkv * d).map(|_| T::from_f32(rng.normal())).collect();
