@@ -105,30 +105,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return (uint32_t)__bfloat16_as_ushort(l) | ((uint32_t)__bfloat16_as_ushort(h) << 16);
 }
 
-__device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma<false>(c, a, b);  // tools/emu-ntk: the PTX ISA's fragment layouts on the CPU
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma<true>(c, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
 struct GemmCtx {
     uint32_t tr, tc, z, split;
     uint64_t kbeg, kend;
@@ -164,7 +140,7 @@ static_assert(kFfmaSmem == 67584, "FFMA shared memory must match SMEM_FFMA in gp
 template <typename Tin>
 __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                           float* __restrict__ part) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     float* sA = reinterpret_cast<float*>(smem_raw);          // [2][kDepth][kFfmaLd]
     float* sB = sA + 2 * kDepth * kFfmaLd;                    // [2][kDepth][kFfmaLd]
     const GemmCtx c = gemm_ctx(p);
@@ -244,21 +220,6 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 }
 
 
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l supplies the 16-byte row address of row
-// (l % 8) of matrix l / 8; register i of lane l receives the 4 bytes at byte 4·(l % 4) of
-// row l / 4 of matrix i. For 32-bit elements (tf32) that is word l % 4 of the row, so the
-// same load serves both tensor-core flavours. Rows must be 16-byte aligned.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint32_t* row_addr) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::ldmatrix_x4(r, row_addr);  // tools/emu-ntk: the PTX ISA's ldmatrix semantics
-#else
-    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(row_addr);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
-
 // One 32-deep k tile of a warp's 64 x (8·NI) block of C, whose top-left is (wr, wc) within the
 // block tile, from shared memory rows of `ld` u32 words (k contiguous; ld·4 bytes is a
 // multiple of 16 and rows land on distinct banks for 8 consecutive rows, so every ldmatrix
@@ -285,11 +246,11 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
         const int w0 = ks * 8;
         uint32_t af[4][4], bfr[NI][2];
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], a_lane + mi * 16 * ld + w0);
+        for (int mi = 0; mi < 4; ++mi) ntkv::ldmatrix_x4(af[mi], ntkv::smem_u32(a_lane + mi * 16 * ld + w0));
 #pragma unroll
         for (int ni = 0; ni < NI; ni += 2) {
             uint32_t r[4];
-            ldmatrix_x4(r, b_lane + ni * 8 * ld + w0);
+            ntkv::ldmatrix_x4(r, ntkv::smem_u32(b_lane + ni * 8 * ld + w0));
             bfr[ni][0] = r[0];
             bfr[ni][1] = r[1];
             bfr[ni + 1][0] = r[2];
@@ -310,9 +271,9 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
                 if (kBf16)
-                    mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+                    ntkv::mma_m16n8k16<__nv_bfloat16>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
                 else
-                    mma_tf32(acc[mi][ni], af[mi], bfr[ni]);
+                    ntkv::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
             }
     }
 }
@@ -352,7 +313,7 @@ static_assert(kBf16Smem == 40960, "BF16 shared memory must match SMEM_BF16 in gp
 template <typename Tin, bool kBf16>
 __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                          float* __restrict__ part) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     // Element counts per stage and operand, in u32 words.
     constexpr int kWordsLd = kBf16 ? kBf16Ld / 2 : kTf32Ld;
     constexpr int kStageWords = kTile * kWordsLd;
@@ -440,29 +401,6 @@ constexpr size_t kBf16AsyncSmem = (size_t)kAsyncStagesBf16 * 2 * kTile * kBf16Ld
 static_assert(kTf32AsyncSmem == 110592, "must match SMEM_TF32_ASYNC in gpu.rs");
 static_assert(kBf16AsyncSmem == 81920, "must match SMEM_BF16_ASYNC in gpu.rs");
 
-#if defined(NTKV_EMULATE)
-// tools/emu-ntk: cp.async as per-thread queues of committed groups (see its header).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    ntkv_emu::cp_async16(smem, gmem, valid);
-}
-__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    ntkv_emu::cp_async_wait(N);
-}
-#else
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
-    const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
-
 template <bool kBf16>
 __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restrict__ a_raw,
                                const void* __restrict__ b_raw, float* __restrict__ part) {
@@ -473,7 +411,7 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
     constexpr int kChunksPerRow = kDepth / kElems;
     constexpr int kPerThread = kTile * kChunksPerRow / kAsyncThreads;
     constexpr int kStageElems = kTile * kLd;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     Tin* sA = reinterpret_cast<Tin*>(smem_raw);
     Tin* sB = sA + kStages * kStageElems;
 
@@ -496,8 +434,9 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
             const bool vb = kin && col0 + r < p.m2;
             const Tin* ga = va ? abase + (uint64_t)(row0 + r) * p.a_row_stride + k : abase;
             const Tin* gb = vb ? bbase + (uint64_t)(col0 + r) * p.b_row_stride + k : bbase;
-            cp_async16(sA + stage * kStageElems + r * kLd + kc, ga, va);
-            cp_async16(sB + stage * kStageElems + r * kLd + kc, gb, vb);
+            // src-size 0: nothing is read, the 16 bytes are zero-filled.
+            ntkv::cp_async_cg16(ntkv::smem_u32(sA + stage * kStageElems + r * kLd + kc), ga, va ? 16u : 0u);
+            ntkv::cp_async_cg16(ntkv::smem_u32(sB + stage * kStageElems + r * kLd + kc), gb, vb ? 16u : 0u);
         }
     };
 
@@ -517,20 +456,20 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < c.ktiles) issue(s, s);
-        cp_async_commit();
+        ntkv::cp_async_commit();
     }
     for (int kt = 0; kt < c.ktiles; ++kt) {
-        cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread) ...
+        ntkv::cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread) ...
         __syncthreads();               // ... for every thread, and tile kt-1's stage is free
         const int next = kt + kStages - 1;
         if (next < c.ktiles) issue(next, next % kStages);
-        cp_async_commit();
+        ntkv::cp_async_commit();
         const int stage = kt % kStages;
         mma_stage<kBf16, !kBf16, 8>(acc, reinterpret_cast<const uint32_t*>(sA + stage * kStageElems),
                                     reinterpret_cast<const uint32_t*>(sB + stage * kStageElems),
                                     kLd * (int)sizeof(Tin) / 4, wr, wc, g, t);
     }
-    cp_async_wait<0>();
+    ntkv::cp_async_wait<0>();
     store_mma_acc<8>(p, part, c, acc, row0 + wr, col0 + wc, g, t);
 }
 
@@ -759,7 +698,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
                                                                  const uint32_t* __restrict__ labels,
                                                                  const double* __restrict__ cent,
                                                                  double* __restrict__ partials) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     double s[kStats] = {0, 0, 0, 0, 0, 0};
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     const uint32_t n = p.n;
@@ -793,7 +732,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const NtkvNtkStatsParams p,
                                                                         const double* __restrict__ partials,
                                                                         double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     for (int q = 0; q < kStats; ++q) {
         double s = 0;
         for (uint32_t b = threadIdx.x; b < p.blocks; b += blockDim.x) s += partials[(uint64_t)b * kStats + q];
@@ -806,7 +745,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const Nt
 // blocks n..), written to out = [row n][col n]; the grand mean is ntkv_ntk_grand_mean's.
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMeansParams p, const float* __restrict__ x,
                                                                  double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     const uint32_t n = p.n;
     if (blockIdx.x < n) {
         const uint32_t i = blockIdx.x;
@@ -826,7 +765,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMe
 
 // One block: out[2n] = mean of the row means out[0..n).
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_grand_mean(const NtkvNtkMeansParams p, double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     double s = 0;
     for (uint32_t i = threadIdx.x; i < p.n; i += blockDim.x) s += out[i];
     const double t = block_sum(s, red);

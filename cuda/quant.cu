@@ -85,25 +85,6 @@ __device__ __forceinline__ void load_vals(const T* __restrict__ p, float (&v)[N]
     unpack_words<T, N>(wds, v);
 }
 
-// 16- and 8-byte global stores. Plain uint4/uint2 assignments were split by nvcc into 4-byte
-// stores for some instantiations (PTX st.global.u32), so the vector width is spelled out. The
-// pointers come from the driver's allocations, whose generic addresses are global addresses.
-__device__ __forceinline__ void store_v4(uint4* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-#if defined(__CUDA_ARCH__)
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-#else
-    *p = make_uint4(a, b, c, d);
-#endif
-}
-
-__device__ __forceinline__ void store_v2(uint2* p, uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
-#else
-    *p = make_uint2(a, b);
-#endif
-}
-
 // Stores N f32 values as N consecutive T (round to nearest even), vectorized like load_vals.
 template <typename T, int N>
 __device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N]) {
@@ -114,11 +95,11 @@ __device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N
     if constexpr (kBytes % 16 == 0) {
         uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) store_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
+        for (int i = 0; i < kBytes / 16; ++i) ntkv::st_global_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
     } else {
         uint2* q = reinterpret_cast<uint2*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) store_v2(q + i, wds[2 * i], wds[2 * i + 1]);
+        for (int i = 0; i < kBytes / 8; ++i) ntkv::st_global_v2(q + i, wds[2 * i], wds[2 * i + 1]);
     }
 }
 
