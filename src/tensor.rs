@@ -115,6 +115,14 @@ impl Float for bf16 {
 /// [`Error::DeviceMismatch`]. To run on memory that ntkv does not own (one layer of a larger
 /// cache, a candle or burn buffer), wrap a cudarc view in [`TensorView`] or [`TensorViewMut`]:
 /// every operation takes any [`TensorRef`] / [`TensorMut`].
+///
+/// The slice inside cannot be replaced from outside the crate:
+///
+/// ```compile_fail
+/// fn swap(t: &mut ntkv::DeviceTensor<f32>, other: ntkv::cudarc::driver::CudaSlice<f32>) {
+///     *t.slice_mut() = other; // not public: the length would no longer match the shape
+/// }
+/// ```
 #[derive(Debug)]
 pub struct DeviceTensor<T> {
     data: CudaSlice<T>,

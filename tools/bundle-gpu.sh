@@ -32,7 +32,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do
   # Only the tests that need the GPU travel (the CPU suites run in CI); the carry limit is 64 MiB.
-  case "$name" in *_gpu|device_runtime) cp "$exe" "$bundle/tests/$name" ;; esac
+  case "$name" in *_gpu|device_runtime|platform) cp "$exe" "$bundle/tests/$name" ;; esac
 done
 cp "${CARGO_TARGET_DIR:-target}/release/ntkv-bench" "$bundle/ntkv-bench"
 strip "$bundle/ntkv-bench" "$bundle"/tests/* 2>/dev/null || true

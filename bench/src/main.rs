@@ -1,7 +1,7 @@
 //! `ntkv-bench`: the microbenchmark runner.
 //!
 //! On a GPU it measures the copy-bandwidth ceiling, then times every operation with CUDA
-//! events (median of `--reps` runs after warm-up) at the shapes of `../shared/ANCHORS.md`,
+//! events (median of `--reps` runs after warm-up) at the shapes of `docs/benchmarks.md`,
 //! and prints one table (op, shape, dtype, time, GB/s, TFLOP/s, % of the copy ceiling).
 //! Without a GPU it says why, and times the CPU references at small sizes instead.
 //!
