@@ -7,7 +7,9 @@
 #include <stdint.h>
 
 #include "ntkv_params.h"
-#include "ntkv_ptx.cuh"
+// Angle brackets: found on the include path, so the CPU emulator's stand-in (tools/emu/include,
+// first on its path) replaces this directory's PTX layer.
+#include <ntkv_ptx.cuh>
 
 namespace ntkv {
 

@@ -1,20 +1,15 @@
 // Runs the real kernel source cuda/ntk.cu on the CPU (one std::thread per CUDA thread, see
-// tools/emu/include/ntkv_common.cuh) against f64 references: the split-K GEMM in every arithmetic
+// tools/emu/include/emu_runtime.h) against f64 references: the split-K GEMM in every arithmetic
 // flavour and loader (register-staged with and without vector loads, cp.async pipelines),
 // cross and symmetric, the split reduction with every output layout, the mode pipelines
 // (Full / Trace / Diagonal / Pseudo with the pre-sum) and the factored combine. Build and run
-// with tools/emu-ntk/run.sh (AddressSanitizer + UBSan: any out-of-bounds global or shared
+// with tools/emu/run.sh ntk (AddressSanitizer + UBSan: any out-of-bounds global or shared
 // access aborts the run). Shapes are deliberately not tile multiples.
-#define NTKV_EMULATE 1
-#include "../../cuda/ntk.cu"
+#include "ntk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <random>
 #include <string>
-
-namespace {
-alignas(128) unsigned char smem_raw[ntkv_emu::SMEM_CAP];
-}
 
 namespace {
 
@@ -101,37 +96,26 @@ std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand*
     const void* bp = b ? b->ptr() : a.ptr();
     std::function<void()> body;
     uint32_t threads = kThreads;
+    // Picks kernel K (its name selects the shared memory size) with inputs pa, pb.
+    auto pick = [&](const char* name, auto k, auto pa, auto pb) {
+        kernel = name;
+        body = [&p, &part, k, pa, pb] { k(p, pa, pb, part.data()); };
+    };
+#define NTK_PICK(K, PA, PB) pick(#K, K, PA, PB)
     if (!bf16) {
         const float *fa = (const float*)a.ptr(), *fb = (const float*)bp;
-        if (prec == Prec::Tf32 && async_ok) {
-            kernel = "ntkv_ntk_gemm_f32_tf32_async", threads = kAsyncThreads;
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32_async(p, fa, fb, part.data()); };
-        } else if (prec == Prec::F32) {
-            kernel = "ntkv_ntk_gemm_f32_ffma";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_ffma(p, fa, fb, part.data()); };
-        } else if (prec == Prec::Tf32) {
-            kernel = "ntkv_ntk_gemm_f32_tf32";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32(p, fa, fb, part.data()); };
-        } else {
-            kernel = "ntkv_ntk_gemm_f32_bf16";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_bf16(p, fa, fb, part.data()); };
-        }
+        if (prec == Prec::Tf32 && async_ok) NTK_PICK(ntkv_ntk_gemm_f32_tf32_async, fa, fb), threads = kAsyncThreads;
+        else if (prec == Prec::F32) NTK_PICK(ntkv_ntk_gemm_f32_ffma, fa, fb);
+        else if (prec == Prec::Tf32) NTK_PICK(ntkv_ntk_gemm_f32_tf32, fa, fb);
+        else NTK_PICK(ntkv_ntk_gemm_f32_bf16, fa, fb);
     } else {
         const __nv_bfloat16 *ha = (const __nv_bfloat16*)a.ptr(), *hb = (const __nv_bfloat16*)bp;
-        if (prec == Prec::Bf16 && async_ok) {
-            kernel = "ntkv_ntk_gemm_bf16_bf16_async", threads = kAsyncThreads;
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16_async(p, ha, hb, part.data()); };
-        } else if (prec == Prec::F32) {
-            kernel = "ntkv_ntk_gemm_bf16_ffma";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_ffma(p, ha, hb, part.data()); };
-        } else if (prec == Prec::Tf32) {
-            kernel = "ntkv_ntk_gemm_bf16_tf32";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_tf32(p, ha, hb, part.data()); };
-        } else {
-            kernel = "ntkv_ntk_gemm_bf16_bf16";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16(p, ha, hb, part.data()); };
-        }
+        if (prec == Prec::Bf16 && async_ok) NTK_PICK(ntkv_ntk_gemm_bf16_bf16_async, ha, hb), threads = kAsyncThreads;
+        else if (prec == Prec::F32) NTK_PICK(ntkv_ntk_gemm_bf16_ffma, ha, hb);
+        else if (prec == Prec::Tf32) NTK_PICK(ntkv_ntk_gemm_bf16_tf32, ha, hb);
+        else NTK_PICK(ntkv_ntk_gemm_bf16_bf16, ha, hb);
     }
+#undef NTK_PICK
     const uint32_t smem = smem_for(kernel);
     ntkv_emu::launch(dim3_{tiles, splits, s.batch}, dim3_{threads, 1, 1}, smem, body);
     return part;
@@ -173,7 +157,7 @@ double bound(Prec p) { return p == Prec::F32 ? 1e-5 : 2e-3; }
 bool check(const char* what, const std::string& kernel, Prec prec, const std::vector<float>& got,
            const std::vector<double>& want, const std::string& detail) {
     const double e = rel_l2(got, want);
-    const uint64_t unr = ntkv_emu::unrounded_tf32.exchange(0), left = ntkv_emu::cp_async_leftover.exchange(0);
+    const uint64_t unr = ntkv_emu::counters().unrounded_tf32.exchange(0), left = ntkv_emu::counters().cp_async_leftover.exchange(0);
     const bool ok = e <= bound(prec) && unr == 0 && left == 0 && got.size() == want.size();
     std::printf("%-4s %-9s %-30s %-5s %s: rel L2 %.2e (bound %.0e)%s%s\n", ok ? "ok" : "FAIL", what, kernel.c_str(),
                 prec_name(prec), detail.c_str(), e, bound(prec), unr ? " UNROUNDED-TF32" : "",
@@ -484,7 +468,6 @@ bool mlp_case(uint32_t act) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    ntkv_emu::smem_ptr = smem_raw;
     // Copies left pending at exit fail the case (check()) instead of aborting, so that
     // tools/emu-ntk/mutate.sh sees a failing case.
     ntkv_emu::cp_async_leftover_fatal = false;
@@ -525,7 +508,7 @@ int main(int argc, char** argv) {
     ok &= metrics_case(29, 2, true, 2);
     ok &= metrics_case(300, 2, true, 5);
     for (uint32_t act : {0u, 1u, 2u}) ok &= mlp_case(act);
-    std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::mma_count.load());
+    std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::counters().mma.load());
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

@@ -1,9 +1,9 @@
-// tools/emu-quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
-// tools/emu/include/ntkv_common.cuh) under AddressSanitizer and UBSan, and compares them bit for bit
+// tools/emu/quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
+// tools/emu/include/emu_runtime.h) under AddressSanitizer and UBSan, and compares them bit for bit
 // with a plain scalar reference of SPEC §1 written here, plus the known-answer layouts of
 // tests/quant_cpu.rs. Catches indexing, bounds, alignment, shuffle-reduction and flag bugs
 // that cannot be run on the GPU from a machine without one.
-#include "../../cuda/quant.cu"
+#include "quant.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <cstdlib>
@@ -179,30 +179,18 @@ unsigned grid_x(size_t items, unsigned threads, unsigned max_blocks) {
 }
 
 template <typename T> struct Entry;
-template <> struct Entry<float> {
-    static constexpr const char* name = "f32";
-    static constexpr auto qt = ntkv_quant_quantize_token_f32;
-    static constexpr auto qc = ntkv_quant_quantize_channel_f32;
-    static constexpr auto dt = ntkv_quant_dequantize_token_f32;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_f32;
-    static constexpr auto scan = ntkv_quant_scan_f32;
-};
-template <> struct Entry<__half> {
-    static constexpr const char* name = "f16";
-    static constexpr auto qt = ntkv_quant_quantize_token_f16;
-    static constexpr auto qc = ntkv_quant_quantize_channel_f16;
-    static constexpr auto dt = ntkv_quant_dequantize_token_f16;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_f16;
-    static constexpr auto scan = ntkv_quant_scan_f16;
-};
-template <> struct Entry<__nv_bfloat16> {
-    static constexpr const char* name = "bf16";
-    static constexpr auto qt = ntkv_quant_quantize_token_bf16;
-    static constexpr auto qc = ntkv_quant_quantize_channel_bf16;
-    static constexpr auto dt = ntkv_quant_dequantize_token_bf16;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_bf16;
-    static constexpr auto scan = ntkv_quant_scan_bf16;
-};
+#define QUANT_ENTRY(T, S)                                             \
+    template <> struct Entry<T> {                                     \
+        static constexpr const char* name = #S;                       \
+        static constexpr auto qt = ntkv_quant_quantize_token_##S;     \
+        static constexpr auto qc = ntkv_quant_quantize_channel_##S;   \
+        static constexpr auto dt = ntkv_quant_dequantize_token_##S;   \
+        static constexpr auto dc = ntkv_quant_dequantize_channel_##S; \
+        static constexpr auto scan = ntkv_quant_scan_##S;             \
+    };
+QUANT_ENTRY(float, f32)
+QUANT_ENTRY(__half, f16)
+QUANT_ENTRY(__nv_bfloat16, bf16)
 
 bool same_half(const std::vector<__half>& a, const std::vector<__half>& b) {
     if (a.size() != b.size()) return false;

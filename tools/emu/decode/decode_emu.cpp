@@ -1,20 +1,15 @@
 // Runs the real kernel source cuda/decode.cu on the CPU (one std::thread per CUDA thread,
-// see include/ntkv_common.cuh) against an f64 reference: a check of indexing, masking,
+// see tools/emu/include/emu_runtime.h) against an f64 reference: a check of indexing, masking,
 // tiling, the chunk split and the merge that needs no GPU. Build and run with
-// tools/emu/run.sh (AddressSanitizer on: any out-of-bounds read or write of q, k, v, o,
+// tools/emu/run.sh decode (AddressSanitizer on: any out-of-bounds read or write of q, k, v, o,
 // lse, the lists, the workspace or past the requested shared memory aborts the run).
 //
 // It does not replace the GPU tests: cp.async, the memory model and the real warp
 // scheduling are only modelled.
-#define NTKV_EMULATE 1
-#include "../../cuda/decode.cu"
+#include "decode.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <random>
-
-namespace {
-alignas(128) unsigned char smem[ntkv_emu::SMEM_CAP];
-}
 
 namespace {
 
@@ -257,7 +252,6 @@ bool validate_case() {
 }  // namespace
 
 int main() {
-    ntkv_emu::smem_ptr = smem;
     bool ok = true;
     ok &= validate_case();
     // GQA groups 1, 2, 4, 8; D 64 and 128; direct and split; causal and not; row tiles.

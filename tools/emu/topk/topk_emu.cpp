@@ -1,21 +1,15 @@
-// Runs the kernels of cuda/topk.cu on the CPU (see include/ntkv_common.cuh: one std::thread per
-// CUDA thread, one forked process per CTA, several CTAs at once) against straightforward
+// Runs the kernels of cuda/topk.cu on the CPU (tools/emu/include/emu_runtime.h: one std::thread
+// per CUDA thread; the launches run concurrently, one forked process per CTA with several CTAs
+// at once, so the tickets, histograms and the H2O queue really race) against straightforward
 // references: top-k (fused and many-blocks paths, row batches), eviction selection, H2O
 // accumulation (three-launch and queued single-launch paths), keep-list check, in-place
 // compaction, gather, SnapKV pooling. The launch geometry and parameters are set up as
-// src/topk/gpu.rs does. Build and run with tools/emu-topk/run.sh (AddressSanitizer + UBSan).
-#define NTKV_EMULATE 1
-#include "topk_emu_src.cu"  // cuda/topk.cu with `extern __shared__` -> `extern` (run.sh)
+// src/topk/gpu.rs does. Build and run with tools/emu/run.sh topk (AddressSanitizer + UBSan).
+#include "topk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <random>
 #include <string>
-
-// The source's dynamic shared-memory arrays (block-scope extern declarations).
-namespace {
-alignas(16) unsigned long long sort_buf[ntkv_emu::SMEM_CAP / 8];
-}
-alignas(16) uint32_t stage[ntkv_emu::SMEM_CAP / 4];
 
 namespace {
 
@@ -706,7 +700,6 @@ bool deadlock_control() {
 
 int main(int argc, char** argv) {
     ntkv_emu::arena_init(size_t(64) << 20);
-    ntkv_emu::dyn_smem = {reinterpret_cast<unsigned char*>(sort_buf), reinterpret_cast<unsigned char*>(stage)};
     const std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* group) { return only.empty() || only == group; };
     if (only == "sweep") rng.seed(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 99);
