@@ -378,47 +378,37 @@ __device__ __forceinline__ void scan(const NtkvQuantScanParams& p, const T* __re
 }  // namespace
 
 // ---- extern "C" entry points: one per (operation, axis, dtype); bits dispatch inside ------------
+namespace {
+template <int B> struct Bits { static constexpr int value = B; };
+// Calls f(Bits<bits>{}) for a supported width (2, 4, 8); any other width does nothing.
+template <typename F>
+__device__ __forceinline__ void with_bits(uint32_t bits, F&& f) {
+    switch (bits) {
+        case 2: f(Bits<2>{}); break;
+        case 4: f(Bits<4>{}); break;
+        case 8: f(Bits<8>{}); break;
+        default: break;
+    }
+}
+}  // namespace
+
+#define NTKV_QUANT_QUANTIZE_ENTRY(NAME, BODY, T)                                                           \
+    extern "C" __global__ void NAME(const NtkvQuantParams p, const T* __restrict__ x,                      \
+                                    uint32_t* __restrict__ codes, __half* __restrict__ scales,             \
+                                    __half* __restrict__ mins, unsigned long long* __restrict__ flags) {   \
+        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, x, codes, scales, mins, flags); }); \
+    }
+#define NTKV_QUANT_DEQUANTIZE_ENTRY(NAME, BODY, T)                                                          \
+    extern "C" __global__ void NAME(const NtkvQuantParams p, const uint32_t* __restrict__ codes,            \
+                                    const __half* __restrict__ scales, const __half* __restrict__ mins,     \
+                                    T* __restrict__ out) {                                                  \
+        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, codes, scales, mins, out); });       \
+    }
 #define NTKV_QUANT_ENTRIES(SUFFIX, T)                                                                          \
-    extern "C" __global__ void ntkv_quant_quantize_token_##SUFFIX(                                             \
-        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
-        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
-        switch (p.bits) {                                                                                      \
-            case 2: quantize_token<T, 2>(p, x, codes, scales, mins, flags); break;                             \
-            case 4: quantize_token<T, 4>(p, x, codes, scales, mins, flags); break;                             \
-            case 8: quantize_token<T, 8>(p, x, codes, scales, mins, flags); break;                             \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_quantize_channel_##SUFFIX(                                           \
-        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
-        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
-        switch (p.bits) {                                                                                      \
-            case 2: quantize_channel<T, 2>(p, x, codes, scales, mins, flags); break;                           \
-            case 4: quantize_channel<T, 4>(p, x, codes, scales, mins, flags); break;                           \
-            case 8: quantize_channel<T, 8>(p, x, codes, scales, mins, flags); break;                           \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_dequantize_token_##SUFFIX(                                           \
-        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
-        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
-        switch (p.bits) {                                                                                      \
-            case 2: dequantize_token<T, 2>(p, codes, scales, mins, out); break;                                \
-            case 4: dequantize_token<T, 4>(p, codes, scales, mins, out); break;                                \
-            case 8: dequantize_token<T, 8>(p, codes, scales, mins, out); break;                                \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_dequantize_channel_##SUFFIX(                                         \
-        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
-        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
-        switch (p.bits) {                                                                                      \
-            case 2: dequantize_channel<T, 2>(p, codes, scales, mins, out); break;                              \
-            case 4: dequantize_channel<T, 4>(p, codes, scales, mins, out); break;                              \
-            case 8: dequantize_channel<T, 8>(p, codes, scales, mins, out); break;                              \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
+    NTKV_QUANT_QUANTIZE_ENTRY(ntkv_quant_quantize_token_##SUFFIX, quantize_token, T)                         \
+    NTKV_QUANT_QUANTIZE_ENTRY(ntkv_quant_quantize_channel_##SUFFIX, quantize_channel, T)                     \
+    NTKV_QUANT_DEQUANTIZE_ENTRY(ntkv_quant_dequantize_token_##SUFFIX, dequantize_token, T)                   \
+    NTKV_QUANT_DEQUANTIZE_ENTRY(ntkv_quant_dequantize_channel_##SUFFIX, dequantize_channel, T)               \
     extern "C" __global__ void ntkv_quant_scan_##SUFFIX(const NtkvQuantScanParams p, const T* __restrict__ x, \
                                                         unsigned long long* __restrict__ flags) {             \
         scan<T>(p, x, flags);                                                                                  \
@@ -429,68 +419,63 @@ NTKV_QUANT_ENTRIES(f16, __half)
 NTKV_QUANT_ENTRIES(bf16, __nv_bfloat16)
 
 // ---- MiKV row moves (f16 rows); see NtkvMikvRowsParams -------------------------------------------
-extern "C" __global__ void ntkv_mikv_gather(const NtkvMikvRowsParams p, const __half* __restrict__ src,
-                                            const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
-                                            __half* __restrict__ dst) {
+namespace {
+// Calls f(h, i, k, d) for element i = k * dim + d of rows k < p.rows of every head h: heads
+// stride over gridDim.y, elements over the grid's x threads.
+template <typename F>
+__device__ __forceinline__ void for_each_row_elem(const NtkvMikvRowsParams& p, F&& f) {
     const uint64_t dim = p.dim;
     const uint64_t items = (uint64_t)p.rows * dim;
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t count = counts[h];
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            __half v = __float2half_rn(0.0f);
-            if (k < count) {
-                const uint32_t t = idx[h * p.rows + k];
-                if (t < p.src_rows) v = src[h * p.src_head_stride + (uint64_t)t * dim + d];
-            }
-            dst[h * p.dst_head_stride + i] = v;
+            f(h, i, k, i - k * dim);
         }
     }
+}
+}  // namespace
+
+extern "C" __global__ void ntkv_mikv_gather(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                            const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
+                                            __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    for_each_row_elem(p, [&](uint64_t h, uint64_t i, uint64_t k, uint64_t d) {
+        __half v = __float2half_rn(0.0f);
+        if (k < counts[h]) {
+            const uint32_t t = idx[h * p.rows + k];
+            if (t < p.src_rows) v = src[h * p.src_head_stride + (uint64_t)t * dim + d];
+        }
+        dst[h * p.dst_head_stride + i] = v;
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_scatter(const NtkvMikvRowsParams p, const __half* __restrict__ src,
                                              const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
                                              __half* __restrict__ dst) {
     const uint64_t dim = p.dim;
-    const uint64_t items = (uint64_t)p.rows * dim;
-    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
-    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t count = counts[h];
-        for (uint64_t i = tid; i < items; i += nthreads) {
-            const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            if (k >= count) continue;
-            const uint32_t t = idx[h * p.rows + k];
-            if (t < p.dst_rows) dst[h * p.dst_head_stride + (uint64_t)t * dim + d] = src[h * p.src_head_stride + i];
-        }
-    }
+    for_each_row_elem(p, [&](uint64_t h, uint64_t i, uint64_t k, uint64_t d) {
+        if (k >= counts[h]) return;
+        const uint32_t t = idx[h * p.rows + k];
+        if (t < p.dst_rows) dst[h * p.dst_head_stride + (uint64_t)t * dim + d] = src[h * p.src_head_stride + i];
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_residual(const NtkvMikvRowsParams p, const __half* __restrict__ src,
                                               __half* __restrict__ dst) {
     const uint64_t dim = p.dim;
-    const uint64_t items = (uint64_t)p.rows * dim;
-    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     if (p.ring == 0) return;
-    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        for (uint64_t i = tid; i < items; i += nthreads) {
-            const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            const uint64_t t = (uint64_t)p.first + k;
-            const uint64_t slot = t % p.ring;
-            if (p.to_ring) {
-                if (t < p.src_rows && slot < p.dst_rows)
-                    dst[h * p.dst_head_stride + slot * dim + d] = src[h * p.src_head_stride + t * dim + d];
-            } else if (t < p.dst_rows && slot < p.src_rows) {
-                dst[h * p.dst_head_stride + t * dim + d] = src[h * p.src_head_stride + slot * dim + d];
-            }
+    for_each_row_elem(p, [&](uint64_t h, uint64_t, uint64_t k, uint64_t d) {
+        const uint64_t t = (uint64_t)p.first + k;
+        const uint64_t slot = t % p.ring;
+        if (p.to_ring) {
+            if (t < p.src_rows && slot < p.dst_rows)
+                dst[h * p.dst_head_stride + slot * dim + d] = src[h * p.src_head_stride + t * dim + d];
+        } else if (t < p.dst_rows && slot < p.src_rows) {
+            dst[h * p.dst_head_stride + t * dim + d] = src[h * p.src_head_stride + slot * dim + d];
         }
-    }
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_append(const NtkvMikvRowsParams p, const __half* __restrict__ src,
