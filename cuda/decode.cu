@@ -65,6 +65,17 @@ __device__ __forceinline__ uint64_t row_offset(const NtkvDecodeParams& p, uint32
     return ((uint64_t)b * p.q_tokens + tq) * p.q_heads + (uint64_t)hkv * p.group + g;
 }
 
+// Calls f(it, r, c) for this thread's items it < ITEMS of a grid of rows of N items dealt out
+// THREADS at a time: item tid + it THREADS is (r, c), row-major.
+template <int ITEMS, int N, typename F>
+__device__ __forceinline__ void for_items(int tid, F&& f) {
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int e = tid + it * THREADS;
+        f(it, e / N, e % N);
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* __restrict__ q,
                                             const T* __restrict__ k, const T* __restrict__ v,
@@ -204,11 +215,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
         // Scores s[r][t] = q_r . k_t in log2 units; -inf where the token is padding,
         // out of range or hidden by the causal limit.
         const T* kt = k_s + buf * TK * KS;
-#pragma unroll
-        for (int it = 0; it < S_ITEMS; ++it) {
-            const int e = tid + it * THREADS;
-            const int r = e / TK;
-            const int t = e % TK;
+        for_items<S_ITEMS, TK>(tid, [&](int, int r, int t) {
             if (r < R) {
                 const uint32_t idx = idx_s[buf * TK + t];
                 float s = -CUDART_INF_F;
@@ -236,7 +243,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 }
                 s_s[r * TK + t] = s;
             }
-        }
+        });
         __syncthreads();
 
         // Online softmax, one warp per row: new running max, weights p = 2^(s - m), the
@@ -263,11 +270,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
 
         // O[r] = alpha[r] * O[r] + sum_t p[r][t] * v_t, in token order.
         const T* vt = v_s + buf * TK * KS;
-#pragma unroll
-        for (int it = 0; it < PV_ITEMS; ++it) {
-            const int e = tid + it * THREADS;
-            const int r = e / PAIRS;
-            const int dp = e % PAIRS;
+        for_items<PV_ITEMS, PAIRS>(tid, [&](int it, int r, int dp) {
             if (r < R) {
                 const float a = alpha_s[r];
                 const float* pr = s_s + r * TK;
@@ -287,15 +290,11 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 acc[it][0] = fmaf(acc[it][0], a, ex + ox);
                 acc[it][1] = fmaf(acc[it][1], a, ey + oy);
             }
-        }
+        });
         __syncthreads();  // stage buf, idx_s[buf] and s_s may be overwritten next
     }
 
-#pragma unroll
-    for (int it = 0; it < PV_ITEMS; ++it) {
-        const int e = tid + it * THREADS;
-        const int r = e / PAIRS;
-        const int dp = e % PAIRS;
+    for_items<PV_ITEMS, PAIRS>(tid, [&](int it, int r, int dp) {
         if (r < R) {
             const uint32_t gr = row0 + r;
             if (p.direct) {
@@ -310,7 +309,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 ws_acc[off + 1] = acc[it][1];
             }
         }
-    }
+    });
     if (tid < R) {
         const uint32_t gr = row0 + tid;
         const float m = m_s[tid];

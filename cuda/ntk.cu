@@ -127,6 +127,55 @@ __device__ __forceinline__ float* partial_plane(const NtkvNtkGemmParams& p, floa
     return part + ((uint64_t)c.z * p.splits + c.split) * (uint64_t)p.m1 * p.m2;
 }
 
+// The register-staged load of the two-buffer kernels: a thread's 4 x 4 values of A and of B for
+// one k tile (rows lrow + 32 it of the block tile, k = lk .. lk + 3), zero outside the operands.
+template <typename Tin>
+struct RegTileLoad {
+    const Tin* abase;
+    const Tin* bbase;
+    uint32_t row0, col0;
+    int lrow, lk;
+    bool vec;
+    float ra[4][4], rb[4][4];
+
+    __device__ __forceinline__ RegTileLoad(const NtkvNtkGemmParams& p, const GemmCtx& c, const Tin* a, const Tin* b,
+                                           int lrow_, int lk_)
+        : abase(a + (uint64_t)c.z * p.a_batch_stride),
+          bbase(b + (uint64_t)c.z * p.b_batch_stride),
+          row0(c.tr * kTile),
+          col0(c.tc * kTile),
+          lrow(lrow_),
+          lk(lk_),
+          vec(p.vec_ok != 0) {}
+
+    __device__ __forceinline__ void load(const NtkvNtkGemmParams& p, const GemmCtx& c, int kt) {
+        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
+#pragma unroll
+        for (int it = 0; it < 4; ++it) {
+            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, ra[it]);
+            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, rb[it]);
+        }
+    }
+};
+
+// The two-buffer pipeline of the register-staged kernels: tile kt + 1 is loaded into registers
+// while tile kt is computed from shared buffer kt & 1, then stored to the other buffer.
+template <typename Load, typename Store, typename Compute>
+__device__ __forceinline__ void two_buffer_pipeline(int ktiles, Load&& gload, Store&& sstore, Compute&& compute) {
+    if (ktiles > 0) {
+        gload(0);
+        sstore(0);
+    }
+    __syncthreads();
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int buf = kt & 1;
+        if (kt + 1 < ktiles) gload(kt + 1);
+        compute(buf);
+        if (kt + 1 < ktiles) sstore(buf ^ 1);
+        __syncthreads();
+    }
+}
+
 // ---- FFMA flavour ------------------------------------------------------------------------
 // Shared: As[stage][k][row] (k-major, rows contiguous) so a thread's 8 rows at one k are two
 // float4 reads. Thread (tx, ty) of a 16 x 16 grid owns rows {ty*4 + i, 64 + ty*4 + i} and
@@ -145,21 +194,9 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
     float* sB = sA + 2 * kDepth * kFfmaLd;                    // [2][kDepth][kFfmaLd]
     const GemmCtx c = gemm_ctx(p);
     const int tid = threadIdx.x;
-    const Tin* abase = a + (uint64_t)c.z * p.a_batch_stride;
-    const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
-    const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
-    const bool vec = p.vec_ok != 0;
     const int lrow = tid & 31, lk = (tid >> 5) * 4;
-
-    float ra[4][4], rb[4][4];
-    auto gload = [&](int kt) {
-        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, rb[it]);
-        }
-    };
+    RegTileLoad<Tin> ld(p, c, a, b, lrow, lk);
+    const uint32_t row0 = ld.row0, col0 = ld.col0;
     auto sstore = [&](int buf) {
         float* da = sA + buf * kDepth * kFfmaLd;
         float* db = sB + buf * kDepth * kFfmaLd;
@@ -167,8 +204,8 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
         for (int it = 0; it < 4; ++it)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                da[(lk + e) * kFfmaLd + lrow + 32 * it] = ra[it][e];
-                db[(lk + e) * kFfmaLd + lrow + 32 * it] = rb[it][e];
+                da[(lk + e) * kFfmaLd + lrow + 32 * it] = ld.ra[it][e];
+                db[(lk + e) * kFfmaLd + lrow + 32 * it] = ld.rb[it][e];
             }
     };
 
@@ -179,14 +216,8 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
 
-    if (c.ktiles > 0) {
-        gload(0);
-        sstore(0);
-    }
-    __syncthreads();
-    for (int kt = 0; kt < c.ktiles; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < c.ktiles) gload(kt + 1);
+    auto gload = [&](int kt) { ld.load(p, c, kt); };
+    two_buffer_pipeline(c.ktiles, gload, sstore, [&](int buf) {
         const float* ca = sA + buf * kDepth * kFfmaLd;
         const float* cb = sB + buf * kDepth * kFfmaLd;
 #pragma unroll 4
@@ -202,9 +233,7 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
-        if (kt + 1 < c.ktiles) sstore(buf ^ 1);
-        __syncthreads();
-    }
+    });
 
     float* out = partial_plane(p, part, c);
 #pragma unroll
@@ -278,6 +307,16 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
     }
 }
 
+template <int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[4][NI][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
 // Writes a warp's accumulators (c0, c1: (g, 2t + e); c2, c3: (g + 8, 2t + e - 2)) to the
 // block's partial plane; (r0, c0) is the warp tile's top-left in C. Rows >= m1 and columns
 // >= m2 are dropped.
@@ -322,22 +361,12 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
 
     const GemmCtx c = gemm_ctx(p);
     const int tid = threadIdx.x;
-    const Tin* abase = a + (uint64_t)c.z * p.a_batch_stride;
-    const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
-    const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
-    const bool vec = p.vec_ok != 0;
     // Loads: 8 lanes cover one row's 32 k (coalesced), 32 rows per pass, 4 passes.
     const int lrow = tid >> 3, lk = (tid & 7) * 4;
-
-    float ra[4][4], rb[4][4];
-    auto gload = [&](int kt) {
-        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, rb[it]);
-        }
-    };
+    RegTileLoad<Tin> ld(p, c, a, b, lrow, lk);
+    const uint32_t row0 = ld.row0, col0 = ld.col0;
+    const auto& ra = ld.ra;
+    const auto& rb = ld.rb;
     auto sstore = [&](int buf) {
         uint32_t* da = sA + buf * kStageWords;
         uint32_t* db = sB + buf * kStageWords;
@@ -362,26 +391,13 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
     const int wm = warp >> 2, wn = warp & 3;
     const int g = lane >> 2, t = lane & 3;
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    zero_acc(acc);
 
-    if (c.ktiles > 0) {
-        gload(0);
-        sstore(0);
-    }
-    __syncthreads();
-    for (int kt = 0; kt < c.ktiles; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < c.ktiles) gload(kt + 1);
+    auto gload = [&](int kt) { ld.load(p, c, kt); };
+    two_buffer_pipeline(c.ktiles, gload, sstore, [&](int buf) {
         mma_stage<kBf16, false, 4>(acc, sA + buf * kStageWords, sB + buf * kStageWords, kWordsLd, wm * 64, wn * 32,
                                    g, t);
-        if (kt + 1 < c.ktiles) sstore(buf ^ 1);
-        __syncthreads();
-    }
+    });
 
     store_mma_acc<4>(p, part, c, acc, row0 + wm * 64, col0 + wn * 32, g, t);
 }
@@ -445,12 +461,7 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
     const int wr = (warp >> 1) * 64, wc = (warp & 1) * 64;
     const int g = lane >> 2, t = lane & 3;
     float acc[4][8][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    zero_acc(acc);
 
     // One commit group per k tile (empty past the end) keeps wait_group's count exact.
 #pragma unroll

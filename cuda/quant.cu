@@ -147,6 +147,20 @@ __device__ __forceinline__ void flag_value(unsigned long long* flags, float v, u
 
 __device__ __forceinline__ uint32_t log2_pow2(uint32_t v) { return (uint32_t)(__ffs((int)v) - 1); }
 
+// The code words, scales and mins of head h: the region's offsets and head strides applied.
+template <typename W, typename S>
+struct HeadCodes {
+    W* codes;
+    S* scales;
+    S* mins;
+};
+template <typename W, typename S>
+__device__ __forceinline__ HeadCodes<W, S> head_codes(const NtkvQuantParams& p, uint64_t h, W* codes, S* scales,
+                                                      S* mins) {
+    return {codes + p.codes_offset + h * p.codes_head_stride, scales + p.sm_offset + h * p.sm_head_stride,
+            mins + p.sm_offset + h * p.sm_head_stride};
+}
+
 // ---- PerToken: groups along dim; one thread per code word ---------------------------------
 // Word w of a head covers values [w*E, w*E + E) of the head's contiguous [tokens, dim] block;
 // group g covers words [g*WPG, g*WPG + WPG). WPG divides 32, and every warp starts at a word
@@ -169,9 +183,7 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
         const uint64_t xbase = p.x_offset + h * p.x_head_stride;
         const T* xh = x + xbase;
-        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         // `base` is the same in every lane of a warp, so the shuffles below see all 32 lanes.
         for (uint64_t base = warp0 * 32 * U; base < words; base += nwarps * 32 * U) {
             float v[U][E];
@@ -241,9 +253,7 @@ __device__ __forceinline__ void dequantize_token(const NtkvQuantParams& p, const
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         T* oh = out + p.x_offset + h * p.x_head_stride;
         for (uint64_t base = tid; base < words; base += U * nthreads) {
             uint32_t c[U];
@@ -290,9 +300,7 @@ __device__ __forceinline__ void quantize_channel(const NtkvQuantParams& p, const
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
         const uint64_t xbase = p.x_offset + h * p.x_head_stride;
-        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t r = i / dim;
             const uint64_t d = i - r * dim;
@@ -334,9 +342,7 @@ __device__ __forceinline__ void dequantize_channel(const NtkvQuantParams& p, con
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         T* oh = out + p.x_offset + h * p.x_head_stride;
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t rw = i / dim;

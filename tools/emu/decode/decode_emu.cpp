@@ -7,6 +7,7 @@
 // It does not replace the GPU tests: cp.async, the memory model and the real warp
 // scheduling are only modelled.
 #include "decode.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <cstdio>
 #include <random>
@@ -172,7 +173,8 @@ bool run_case(const Cfg& c, int mode, const char* name) {
         ntkv_emu::launch(dim3_{n_lists * rows, 1, 1}, dim3_{c.D, 1, 1}, 0,
                          [&] { merge_kernel(p, ip.get(), wa.get(), wm.get(), od.get(), lsed.get()); });
     }
-    double num = 0, den = 0, lse_err = 0;
+    ntkv_emu::RelL2 o_err;
+    double lse_err = 0;
     bool ok = true;
     for (size_t i = 0; i < nq; ++i) {
         const double g = ntkv::to_f32(od[i]);
@@ -181,8 +183,7 @@ bool run_case(const Cfg& c, int mode, const char* name) {
             ok = false;
             break;
         }
-        num += (g - ro[i]) * (g - ro[i]);
-        den += ro[i] * ro[i];
+        o_err.add(g, ro[i]);
     }
     for (size_t i = 0; i < rl.size(); ++i) {
         const double g = lsed[i];
@@ -201,7 +202,7 @@ bool run_case(const Cfg& c, int mode, const char* name) {
                     break;
                 }
     }
-    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const double rel = o_err.value();
     const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 5e-4 : 2e-3;
     if (rel > tol) ok = false;
     std::printf("%-4s %-46s B%u Tq%u Hq%u Hkv%u D%u T%u causal%d chunk%u chunks%u: rel L2 %.2e, max |dlse| %.2e\n",

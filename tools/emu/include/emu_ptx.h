@@ -122,7 +122,7 @@ inline unsigned ballot(unsigned mask, bool pred) {
 // kernel as its 32-bit shared address).
 inline uint32_t shared_offset(const void* p) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    if (smem_ptr == nullptr || c < smem_ptr || c > smem_ptr + SMEM_CAP) die("generic-to-shared of a non-shared pointer");
+    if (c < smem_ptr || c > smem_ptr + SMEM_CAP) die("generic-to-shared of a non-shared pointer");
     return (uint32_t)(c - smem_ptr);
 }
 inline unsigned char* shared_at(uint32_t addr, uint32_t bytes) {

@@ -6,6 +6,7 @@
 // with tools/emu/run.sh ntk (AddressSanitizer + UBSan: any out-of-bounds global or shared
 // access aborts the run). Shapes are deliberately not tile multiples.
 #include "ntk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <cstdio>
 #include <random>
@@ -80,18 +81,10 @@ std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand*
     splits_out = splits;
     const uint32_t col_tiles = (s.m2 + kTile - 1) / kTile, row_tiles = (s.m1 + kTile - 1) / kTile;
     const uint32_t tiles = s.symmetric ? col_tiles * (col_tiles + 1) / 2 : row_tiles * col_tiles;
-    NtkvNtkGemmParams p{};
-    p.a_batch_stride = p.b_batch_stride = s.batch_stride;
-    p.a_row_stride = p.b_row_stride = s.row_stride;
-    p.k = s.k;
-    p.k_chunk = s.k_chunk;
-    p.m1 = s.m1;
-    p.m2 = s.m2;
-    p.batch = s.batch;
-    p.splits = splits;
-    p.col_tiles = col_tiles;
-    p.symmetric = s.symmetric;
-    p.vec_ok = vec_ok;
+    const NtkvNtkGemmParams p{.a_batch_stride = s.batch_stride, .b_batch_stride = s.batch_stride,
+                              .a_row_stride = s.row_stride, .b_row_stride = s.row_stride, .k = s.k,
+                              .k_chunk = s.k_chunk, .m1 = s.m1, .m2 = s.m2, .batch = s.batch, .splits = splits,
+                              .col_tiles = col_tiles, .symmetric = s.symmetric, .vec_ok = vec_ok};
     std::vector<float> part((size_t)s.batch * splits * s.m1 * s.m2, NAN);
     const void* bp = b ? b->ptr() : a.ptr();
     std::function<void()> body;
@@ -124,32 +117,17 @@ std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand*
 // Launches the reduction (kind 0/1/2) with a small grid so the grid-stride loop wraps.
 std::vector<float> run_reduce(const std::vector<float>& part, uint32_t m1, uint32_t m2, uint32_t batch, uint32_t splits,
                               uint32_t kind, uint32_t n2, uint32_t o, bool symmetric, float scale, uint64_t n_out) {
-    NtkvNtkReduceParams r{};
-    r.n_out = n_out;
-    r.plane = (uint64_t)m1 * m2;
-    r.m1 = m1;
-    r.m2 = m2;
-    r.splits = splits;
-    r.batch = batch;
-    r.kind = kind;
-    r.n2 = n2;
-    r.o = o;
-    r.symmetric = symmetric;
-    r.scale = scale;
+    const NtkvNtkReduceParams r{.n_out = n_out, .plane = (uint64_t)m1 * m2, .m1 = m1, .m2 = m2, .splits = splits,
+                                .batch = batch, .kind = kind, .n2 = n2, .o = o, .symmetric = symmetric, .scale = scale};
     std::vector<float> out(n_out, NAN);
     ntkv_emu::launch(dim3_{3, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_reduce(r, part.data(), out.data()); });
     return out;
 }
 
 double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-        const double d = (double)got[i] - want[i];
-        num += d * d;
-        den += want[i] * want[i];
-    }
-    if (!(num == num)) return INFINITY;
-    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    ntkv_emu::RelL2 e;
+    for (size_t i = 0; i < want.size(); ++i) e.add(got[i], want[i]);
+    return std::isnan(e.value()) ? INFINITY : e.value();
 }
 
 double bound(Prec p) { return p == Prec::F32 ? 1e-5 : 2e-3; }
@@ -225,11 +203,7 @@ bool mode_case(Mode mode, Prec prec, bool bf16_in, uint32_t n1, uint32_t n2_or_0
     }
     // Pseudo: the pre-sum kernel first; the GEMM then reads f32 sums [n, p].
     auto presum_of = [&](const Operand& j, uint32_t n) {
-        NtkvNtkPresumParams pp{};
-        pp.p = p;
-        pp.n_out = (uint64_t)n * p;
-        pp.n = n;
-        pp.o = o;
+        const NtkvNtkPresumParams pp{.p = p, .n_out = (uint64_t)n * p, .n = n, .o = o};
         Operand out;
         out.bf16 = false;
         out.f.assign(pp.n_out, NAN);
@@ -307,16 +281,8 @@ bool combine_case(uint32_t kind, bool accumulate, uint32_t n1, uint32_t n2, uint
     std::vector<float> aa((size_t)n1 * t * n2 * t), gg((size_t)n1 * t * e * n2 * t * e);
     for (auto& v : aa) v = uniform();
     for (auto& v : gg) v = uniform();
-    NtkvNtkCombineParams c{};
-    c.n_out = (uint64_t)n1 * n2 * e * (kind == 0 ? e : 1);
-    c.n1 = n1;
-    c.n2 = n2;
-    c.t = t;
-    c.e = e;
-    c.kind = kind;
-    c.accumulate = accumulate;
-    c.beta = beta;
-    c.scale = 0.5f;
+    const NtkvNtkCombineParams c{.n_out = (uint64_t)n1 * n2 * e * (kind == 0 ? e : 1), .n1 = n1, .n2 = n2, .t = t,
+                                 .e = e, .kind = kind, .accumulate = accumulate, .beta = beta, .scale = 0.5f};
     std::vector<float> out(c.n_out);
     for (auto& v : out) v = uniform();
     const std::vector<float> before = out;
@@ -377,12 +343,7 @@ bool metrics_case(uint32_t n, uint32_t m_kind, bool center, uint32_t blocks) {
         cent = ck;
         cent.insert(cent.end(), cm.begin(), cm.end());
     }
-    NtkvNtkStatsParams sp{};
-    sp.total = (uint64_t)n * n;
-    sp.n = n;
-    sp.m_kind = m_kind;
-    sp.center = center;
-    sp.blocks = blocks;
+    const NtkvNtkStatsParams sp{.total = (uint64_t)n * n, .n = n, .m_kind = m_kind, .center = center, .blocks = blocks};
     std::vector<double> partials((size_t)blocks * kStats, NAN), out(kStats, NAN);
     const double* cp = center ? cent.data() : nullptr;
     ntkv_emu::launch(dim3_{blocks, 1, 1}, dim3_{256, 1, 1}, 0,
@@ -444,13 +405,7 @@ bool mlp_case(uint32_t act) {
     for (uint64_t i = 0; i < g0.size(); ++i) err = std::max(err, std::fabs(g0[i] - ((i / o) % o == i % o ? 1.0 : 0.0)));
     // jvp, hidden and last
     for (uint32_t last : {0u, 1u}) {
-        NtkvNtkJvpParams jp{};
-        jp.total = total;
-        jp.cols = cols;
-        jp.has_bias = 1;
-        jp.has_t2 = 1;
-        jp.is_last = last;
-        jp.act = act;
+        const NtkvNtkJvpParams jp{.total = total, .cols = cols, .has_bias = 1, .has_t2 = 1, .is_last = last, .act = act};
         std::vector<float> a(total, NAN), da(total, NAN);
         ntkv_emu::launch(dim3_{2, 1, 1}, dim3_{64, 1, 1}, 0,
                          [&] { ntkv_ntk_jvp(jp, pre.data(), t1.data(), t2.data(), bias.data(), dbias.data(), a.data(), da.data()); });
