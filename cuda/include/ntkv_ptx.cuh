@@ -14,6 +14,10 @@
 //   C/D (16x8 f32):    c0, c1 = C[g][2t..2t+1],  c2, c3 = C[g+8][2t..2t+1]
 #pragma once
 
+#if defined(NTKV_EMULATE)
+#error "cuda/include/ntkv_ptx.cuh reached in an emulator build: include it as <ntkv_ptx.cuh> so tools/emu/include's stand-in is found first"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>

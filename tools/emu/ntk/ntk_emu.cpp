@@ -424,7 +424,7 @@ bool mlp_case(uint32_t act) {
 
 int main(int argc, char** argv) {
     // Copies left pending at exit fail the case (check()) instead of aborting, so that
-    // tools/emu-ntk/mutate.sh sees a failing case.
+    // tools/emu/ntk/mutate.sh sees a failing case.
     ntkv_emu::cp_async_leftover_fatal = false;
     // "quick": fewer GEMM/mode cases; "misc": only combine, metrics and MLP kernels.
     const std::string arg = argc > 1 ? argv[1] : "";
