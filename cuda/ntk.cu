@@ -51,40 +51,37 @@ __device__ __forceinline__ void tile_coords(const NtkvNtkGemmParams& p, uint32_t
 
 // ---- global loads: 4 consecutive k of one row, zero outside [.., kend) and rows ---------
 
-__device__ __forceinline__ void load4(const float* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, float v[4]) {
-    v[0] = v[1] = v[2] = v[3] = 0.f;
-    if (row >= rows) return;
-    const float* src = base + (uint64_t)row * row_stride + k;
-    if (vec_ok && k + 4 <= kend) {
-        const float4 q = __ldg(reinterpret_cast<const float4*>(src));
-        v[0] = q.x;
-        v[1] = q.y;
-        v[2] = q.z;
-        v[3] = q.w;
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __ldg(src + e);
-    }
+// Four consecutive values (one 16- or 8-byte load, aligned to it) as f32.
+__device__ __forceinline__ void load4_vec(const float* src, float v[4]) {
+    const float4 q = __ldg(reinterpret_cast<const float4*>(src));
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
 }
+__device__ __forceinline__ void load4_vec(const __nv_bfloat16* src, float v[4]) {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+    // bf16 -> f32 is a 16-bit shift: exact.
+    v[0] = __uint_as_float(q.x << 16);
+    v[1] = __uint_as_float(q.x & 0xffff0000u);
+    v[2] = __uint_as_float(q.y << 16);
+    v[3] = __uint_as_float(q.y & 0xffff0000u);
+}
+__device__ __forceinline__ float load1(const float* src) { return __ldg(src); }
+__device__ __forceinline__ float load1(const __nv_bfloat16* src) { return __bfloat162float(*src); }
 
-__device__ __forceinline__ void load4(const __nv_bfloat16* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, float v[4]) {
+template <typename Tin>
+__device__ __forceinline__ void load4(const Tin* __restrict__ base, uint64_t row_stride, uint32_t rows, uint32_t row,
+                                      uint64_t k, uint64_t kend, bool vec_ok, float v[4]) {
     v[0] = v[1] = v[2] = v[3] = 0.f;
     if (row >= rows) return;
-    const __nv_bfloat16* src = base + (uint64_t)row * row_stride + k;
+    const Tin* src = base + (uint64_t)row * row_stride + k;
     if (vec_ok && k + 4 <= kend) {
-        const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
-        // bf16 -> f32 is a 16-bit shift: exact.
-        v[0] = __uint_as_float(q.x << 16);
-        v[1] = __uint_as_float(q.x & 0xffff0000u);
-        v[2] = __uint_as_float(q.y << 16);
-        v[3] = __uint_as_float(q.y & 0xffff0000u);
+        load4_vec(src, v);
     } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __bfloat162float(src[e]);
+            if (k + e < kend) v[e] = load1(src + e);
     }
 }
 

@@ -56,6 +56,23 @@ __device__ __forceinline__ void pack_words(const float (&v)[N], uint32_t* wds) {
     }
 }
 
+// kWords words as __ldg loads of V (uint4 or uint2) from q, V-aligned.
+template <typename V, int kWords>
+__device__ __forceinline__ void ldg_words(const V* q, uint32_t (&wds)[kWords]) {
+    constexpr int kPer = (int)sizeof(V) / 4;
+    static_assert(kWords % kPer == 0, "whole vectors only");
+#pragma unroll
+    for (int i = 0; i < kWords / kPer; ++i) {
+        const V u = __ldg(q + i);
+        wds[kPer * i] = u.x;
+        wds[kPer * i + 1] = u.y;
+        if constexpr (kPer == 4) {
+            wds[kPer * i + 2] = u.z;
+            wds[kPer * i + 3] = u.w;
+        }
+    }
+}
+
 // Loads N consecutive values (N * sizeof(T) bytes, a multiple of 8, aligned to min(that, 16))
 // as f32, with 16-byte vector loads where the size allows.
 template <typename T, int N>
@@ -63,25 +80,10 @@ __device__ __forceinline__ void load_vals(const T* __restrict__ p, float (&v)[N]
     constexpr int kBytes = N * (int)sizeof(T);
     static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
     uint32_t wds[kBytes / 4];
-    if constexpr (kBytes % 16 == 0) {
-        const uint4* q = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) {
-            const uint4 u = __ldg(q + i);
-            wds[4 * i] = u.x;
-            wds[4 * i + 1] = u.y;
-            wds[4 * i + 2] = u.z;
-            wds[4 * i + 3] = u.w;
-        }
-    } else {
-        const uint2* q = reinterpret_cast<const uint2*>(p);
-#pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) {
-            const uint2 u = __ldg(q + i);
-            wds[2 * i] = u.x;
-            wds[2 * i + 1] = u.y;
-        }
-    }
+    if constexpr (kBytes % 16 == 0)
+        ldg_words(reinterpret_cast<const uint4*>(p), wds);
+    else
+        ldg_words(reinterpret_cast<const uint2*>(p), wds);
     unpack_words<T, N>(wds, v);
 }
 
