@@ -336,10 +336,10 @@ template <typename T, int B>
 __device__ __forceinline__ void dequantize_channel(const NtkvQuantParams& p, const uint32_t* __restrict__ codes,
                                                    const __half* __restrict__ scales,
                                                    const __half* __restrict__ mins, T* __restrict__ out) {
+    const uint64_t dim = p.dim;
     constexpr int E = 32 / B;
     constexpr uint32_t kMask = (1u << B) - 1u;
     const uint32_t wpg_shift = log2_pow2(p.group / E);
-    const uint64_t dim = p.dim;
     const uint64_t items = (p.tokens / E) * dim;
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
