@@ -30,70 +30,6 @@
 
 namespace {
 
-#if defined(NTKV_EMULATE)
-// tools/emu: the same helpers, run on the CPU as warp-collective emulations written from the
-// PTX ISA (tools/emu/include/emu_ptx.h), not from this file's layout comments.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return ntkv_emu::shared_offset(p); }
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-    ntkv_emu::cp_async_16(dst, src, src_bytes);
-}
-__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { ntkv_emu::cp_async_wait(0); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ntkv_emu::ldmatrix_x4(r, addr, false); }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    ntkv_emu::ldmatrix_x4(r, addr, true);
-}
-template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ntkv_emu::mma_m16n8k16<T>(c, a, b0, b1);
-}
-#else
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination (rows past the
-// end of the keys become zeros, never garbage that could be NaN).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-// c += a * b for one 16x8x16 tile, f32 accumulators.
-template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-#endif  // NTKV_EMULATE
-
 // Rounds two f32 to the storage dtype and packs them, `lo` in the lower half.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
@@ -137,7 +73,7 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
                                         const T* __restrict__ q, const T* __restrict__ k,
                                         const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse) {
     using C = PrefillConfig<T, D, BR, BC>;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     T* s_k = reinterpret_cast<T*>(smem_raw);  // [2][BC][D+8]
     T* s_v = s_k + 2 * C::kTileElems;         // [2][BC][D+8]
 
@@ -186,15 +122,15 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
             const size_t goff = in ? (size_t)key * kv_stride + (size_t)ch * 8 : 0;
             const uint32_t bytes = in ? 16u : 0u;
             const int soff = r * C::kRowStride + ch * 8;
-            cp_async_16(smem_addr(dk + soff), k_base + goff, bytes);
-            cp_async_16(smem_addr(dv + soff), v_base + goff, bytes);
+            ntkv::cp_async_cg16(ntkv::smem_u32(dk + soff), k_base + goff, bytes);
+            ntkv::cp_async_cg16(ntkv::smem_u32(dv + soff), v_base + goff, bytes);
         }
     };
 
     const uint32_t n_blocks = list_end - list_begin;
     if (n_blocks > 0) {
         load_tile(blocks[(size_t)list_begin * NTKV_ATTN_BLOCK_WORDS], 0);
-        cp_async_commit();
+        ntkv::cp_async_commit();
     }
 
     // Q fragments (A operand), straight from global memory: 32-bit loads of element pairs.
@@ -228,11 +164,11 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
         // Tile i has landed for this thread's copies; the barrier makes every thread's copies
         // visible and guarantees all threads finished reading buffer buf^1 (iteration i-1)
         // before it is overwritten below.
-        cp_async_wait_all();
+        ntkv::cp_async_wait<0>();
         __syncthreads();
         if (i + 1 < n_blocks) {
             load_tile(blocks[(size_t)(list_begin + i + 1) * NTKV_ATTN_BLOCK_WORDS], buf ^ 1);
-            cp_async_commit();
+            ntkv::cp_async_commit();
         }
         const uint32_t* entry = blocks + (size_t)(list_begin + i) * NTKV_ATTN_BLOCK_WORDS;
         const uint32_t col = entry[0];
@@ -262,9 +198,9 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
                     uint32_t b[4];
                     const int key = sub * C::kSub + 8 * j + (lane & 7);
                     const int d = 32 * kk2 + 8 * (lane >> 3);
-                    ldmatrix_x4(b, smem_addr(tile_k + key * C::kRowStride + d));
-                    mma16816<T>(s[j], qf[2 * kk2], b[0], b[1]);
-                    mma16816<T>(s[j], qf[2 * kk2 + 1], b[2], b[3]);
+                    ntkv::ldmatrix_x4(b, ntkv::smem_u32(tile_k + key * C::kRowStride + d));
+                    ntkv::mma_m16n8k16<T>(s[j], qf[2 * kk2], b[0], b[1]);
+                    ntkv::mma_m16n8k16<T>(s[j], qf[2 * kk2 + 1], b[2], b[3]);
                 }
             }
 
@@ -357,12 +293,12 @@ __device__ __forceinline__ void prefill(const NtkvAttnPrefillParams& p, const ui
                     uint32_t b[4];
                     const int key = sub * C::kSub + 16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7);
                     const int d = 16 * dn2 + 8 * (lane >> 4);
-                    ldmatrix_x4_trans(b, smem_addr(tile_v + key * C::kRowStride + d));
-                    mma16816<T>(o_acc[2 * dn2], a, b[0], b[1]);
-                    mma16816<T>(o_acc[2 * dn2 + 1], a, b[2], b[3]);
+                    ntkv::ldmatrix_x4<true>(b, ntkv::smem_u32(tile_v + key * C::kRowStride + d));
+                    ntkv::mma_m16n8k16<T>(o_acc[2 * dn2], a, b[0], b[1]);
+                    ntkv::mma_m16n8k16<T>(o_acc[2 * dn2 + 1], a, b[2], b[3]);
                     if constexpr (SPLIT) {
-                        mma16816<T>(o_acc[2 * dn2], a_lo, b[0], b[1]);
-                        mma16816<T>(o_acc[2 * dn2 + 1], a_lo, b[2], b[3]);
+                        ntkv::mma_m16n8k16<T>(o_acc[2 * dn2], a_lo, b[0], b[1]);
+                        ntkv::mma_m16n8k16<T>(o_acc[2 * dn2 + 1], a_lo, b[2], b[3]);
                     }
                 }
             }

@@ -40,74 +40,6 @@ __host__ __device__ constexpr uint32_t attn_smem_bytes(int D) {
                       + 2 * 2 * TK * (D + KPAD) * 2);  // k_s, v_s: 2 stages each
 }
 
-__device__ __forceinline__ uint32_t dynamic_smem_size() {
-#if defined(__CUDA_ARCH__)
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-#elif defined(NTKV_EMULATE)
-    return ntkv_emu::dynamic_smem_bytes;  // tools/emu: the kernel source run on the CPU
-#else
-    return 0;
-#endif
-}
-
-// 16-byte global -> shared copy. With valid == false nothing is read and the 16 bytes are
-// zero-filled (cp.async's src-size operand 0), so padding rows hold zeros, never garbage.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
-                 : "memory");
-#else
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (valid) v = *reinterpret_cast<const uint4*>(gmem_src);
-    *reinterpret_cast<uint4*>(smem_dst) = v;
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// Eight consecutive elements (16 bytes, 16-byte aligned) widened to f32.
-__device__ __forceinline__ void load8(const __half* p, float (&out)[8]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&out)[8]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
-}
-
-// Two consecutive elements (4-byte aligned) widened to f32.
-__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
-__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-}
-
 // The bounds of list `list` in indices, clamped to the buffer so that a corrupted indptr can
 // never make a kernel read outside it (the plan has validated indptr on the host).
 __device__ __forceinline__ void list_bounds(const uint32_t* __restrict__ indptr, uint32_t list, uint64_t n_indices,
@@ -133,6 +65,17 @@ __device__ __forceinline__ uint64_t row_offset(const NtkvDecodeParams& p, uint32
     return ((uint64_t)b * p.q_tokens + tq) * p.q_heads + (uint64_t)hkv * p.group + g;
 }
 
+// Calls f(it, r, c) for this thread's items it < ITEMS of a grid of rows of N items dealt out
+// THREADS at a time: item tid + it THREADS is (r, c), row-major.
+template <int ITEMS, int N, typename F>
+__device__ __forceinline__ void for_items(int tid, F&& f) {
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+        const int e = tid + it * THREADS;
+        f(it, e / N, e % N);
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* __restrict__ q,
                                             const T* __restrict__ k, const T* __restrict__ v,
@@ -152,10 +95,10 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
     static_assert(LOAD_ITEMS * THREADS == TK * CHUNKS16, "load items");
     static_assert(PAIRS % 32 == 0, "a warp's output pairs share one row");
 
-    extern __shared__ __align__(16) unsigned char smem[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem);
     // A launch with too little shared memory does nothing (and the differential tests fail)
     // rather than touching memory it does not own.
-    if (dynamic_smem_size() < attn_smem_bytes(D)) return;
+    if (ntkv::dynamic_smem_size() < attn_smem_bytes(D)) return;
     float* q_s = reinterpret_cast<float*>(smem);        // [R_TILE][D], scaled to log2 units
     float* s_s = q_s + R_TILE * D;                      // [R_TILE][TK], scores then weights
     float* alpha_s = s_s + R_TILE * TK;                 // [R_TILE] rescale of this tile
@@ -229,10 +172,11 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
             const uint32_t idx = idx_s[buf * TK + t];
             const bool ok = idx < cache_len;
             const uint64_t goff = ok ? (uint64_t)idx * D + c * 8 : 0;
-            cp_async16(k_s + (buf * TK + t) * KS + c * 8, k_head + goff, ok);
-            cp_async16(v_s + (buf * TK + t) * KS + c * 8, v_head + goff, ok);
+            const uint32_t bytes = ok ? 16u : 0u;
+            ntkv::cp_async_cg16(ntkv::smem_u32(k_s + (buf * TK + t) * KS + c * 8), k_head + goff, bytes);
+            ntkv::cp_async_cg16(ntkv::smem_u32(v_s + (buf * TK + t) * KS + c * 8), v_head + goff, bytes);
         }
-        cp_async_commit();
+        ntkv::cp_async_commit();
     };
 
     // The indices of tile i + 2 are fetched into a register while tile i is computed, so
@@ -262,20 +206,16 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
             next_idx = fetch_index(tile + 2);
             __syncthreads();
             issue_tile(buf ^ 1);
-            cp_async_wait<1>();
+            ntkv::cp_async_wait<1>();
         } else {
-            cp_async_wait<0>();
+            ntkv::cp_async_wait<0>();
         }
         __syncthreads();  // this tile's K and V are visible to every thread
 
         // Scores s[r][t] = q_r . k_t in log2 units; -inf where the token is padding,
         // out of range or hidden by the causal limit.
         const T* kt = k_s + buf * TK * KS;
-#pragma unroll
-        for (int it = 0; it < S_ITEMS; ++it) {
-            const int e = tid + it * THREADS;
-            const int r = e / TK;
-            const int t = e % TK;
+        for_items<S_ITEMS, TK>(tid, [&](int, int r, int t) {
             if (r < R) {
                 const uint32_t idx = idx_s[buf * TK + t];
                 float s = -CUDART_INF_F;
@@ -287,7 +227,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
 #pragma unroll 4
                     for (int c = 0; c < CHUNKS16; ++c) {
                         float kf[8];
-                        load8(kt + t * KS + c * 8, kf);
+                        ntkv::load8(kt + t * KS + c * 8, kf);
                         const float4 qa = *reinterpret_cast<const float4*>(qr + c * 8);
                         const float4 qb = *reinterpret_cast<const float4*>(qr + c * 8 + 4);
                         d0 = fmaf(qa.x, kf[0], d0);
@@ -303,7 +243,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 }
                 s_s[r * TK + t] = s;
             }
-        }
+        });
         __syncthreads();
 
         // Online softmax, one warp per row: new running max, weights p = 2^(s - m), the
@@ -330,11 +270,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
 
         // O[r] = alpha[r] * O[r] + sum_t p[r][t] * v_t, in token order.
         const T* vt = v_s + buf * TK * KS;
-#pragma unroll
-        for (int it = 0; it < PV_ITEMS; ++it) {
-            const int e = tid + it * THREADS;
-            const int r = e / PAIRS;
-            const int dp = e % PAIRS;
+        for_items<PV_ITEMS, PAIRS>(tid, [&](int it, int r, int dp) {
             if (r < R) {
                 const float a = alpha_s[r];
                 const float* pr = s_s + r * TK;
@@ -344,8 +280,8 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 for (int t = 0; t < TK; t += 2) {
                     const float w0 = pr[t];
                     const float w1 = pr[t + 1];
-                    const float2 v0 = load2(vt + t * KS + 2 * dp);
-                    const float2 v1 = load2(vt + (t + 1) * KS + 2 * dp);
+                    const float2 v0 = ntkv::load2(vt + t * KS + 2 * dp);
+                    const float2 v1 = ntkv::load2(vt + (t + 1) * KS + 2 * dp);
                     ex = fmaf(w0, v0.x, ex);
                     ey = fmaf(w0, v0.y, ey);
                     ox = fmaf(w1, v1.x, ox);
@@ -354,15 +290,11 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 acc[it][0] = fmaf(acc[it][0], a, ex + ox);
                 acc[it][1] = fmaf(acc[it][1], a, ey + oy);
             }
-        }
+        });
         __syncthreads();  // stage buf, idx_s[buf] and s_s may be overwritten next
     }
 
-#pragma unroll
-    for (int it = 0; it < PV_ITEMS; ++it) {
-        const int e = tid + it * THREADS;
-        const int r = e / PAIRS;
-        const int dp = e % PAIRS;
+    for_items<PV_ITEMS, PAIRS>(tid, [&](int it, int r, int dp) {
         if (r < R) {
             const uint32_t gr = row0 + r;
             if (p.direct) {
@@ -379,7 +311,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 ws_acc[off + 1] = acc[it][1];
             }
         }
-    }
+    });
     if (tid < R) {
         const uint32_t gr = row0 + tid;
         const float m = m_s[tid];

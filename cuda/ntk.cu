@@ -51,54 +51,45 @@ __device__ __forceinline__ void tile_coords(const NtkvNtkGemmParams& p, uint32_t
 
 // ---- global loads: 4 consecutive k of one row, zero outside [.., kend) and rows ---------
 
-__device__ __forceinline__ void load4(const float* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, bool kmajor,
-                                      float v[4]) {
-    v[0] = v[1] = v[2] = v[3] = 0.f;
-    if (row >= rows) return;
-    if (kmajor) {  // element (row, q) at q * row_stride + row: scalar loads, coalesced across rows
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __ldg(base + (k + e) * row_stride + row);
-        return;
-    }
-    const float* src = base + (uint64_t)row * row_stride + k;
-    if (vec_ok && k + 4 <= kend) {
-        const float4 q = __ldg(reinterpret_cast<const float4*>(src));
-        v[0] = q.x;
-        v[1] = q.y;
-        v[2] = q.z;
-        v[3] = q.w;
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __ldg(src + e);
-    }
+// Four consecutive values (one 16- or 8-byte load, aligned to it) as f32.
+__device__ __forceinline__ void load4_vec(const float* src, float v[4]) {
+    const float4 q = __ldg(reinterpret_cast<const float4*>(src));
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
 }
+__device__ __forceinline__ void load4_vec(const __nv_bfloat16* src, float v[4]) {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+    // bf16 -> f32 is a 16-bit shift: exact.
+    v[0] = __uint_as_float(q.x << 16);
+    v[1] = __uint_as_float(q.x & 0xffff0000u);
+    v[2] = __uint_as_float(q.y << 16);
+    v[3] = __uint_as_float(q.y & 0xffff0000u);
+}
+__device__ __forceinline__ float load1(const float* src) { return __ldg(src); }
+__device__ __forceinline__ float load1(const __nv_bfloat16* src) { return __bfloat162float(*src); }
 
-__device__ __forceinline__ void load4(const __nv_bfloat16* __restrict__ base, uint64_t row_stride, uint32_t rows,
-                                      uint32_t row, uint64_t k, uint64_t kend, bool vec_ok, bool kmajor,
-                                      float v[4]) {
+// `kmajor`: the operand is stored k-major, element (row, q) at q * row_stride + row (the
+// strided ntkv_gemm_* kernels): scalar loads, coalesced across rows.
+template <typename Tin>
+__device__ __forceinline__ void load4(const Tin* __restrict__ base, uint64_t row_stride, uint32_t rows, uint32_t row,
+                                      uint64_t k, uint64_t kend, bool vec_ok, bool kmajor, float v[4]) {
     v[0] = v[1] = v[2] = v[3] = 0.f;
     if (row >= rows) return;
     if (kmajor) {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __bfloat162float(base[(k + e) * row_stride + row]);
+            if (k + e < kend) v[e] = load1(base + (k + e) * row_stride + row);
         return;
     }
-    const __nv_bfloat16* src = base + (uint64_t)row * row_stride + k;
+    const Tin* src = base + (uint64_t)row * row_stride + k;
     if (vec_ok && k + 4 <= kend) {
-        const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
-        // bf16 -> f32 is a 16-bit shift: exact.
-        v[0] = __uint_as_float(q.x << 16);
-        v[1] = __uint_as_float(q.x & 0xffff0000u);
-        v[2] = __uint_as_float(q.y << 16);
-        v[3] = __uint_as_float(q.y & 0xffff0000u);
+        load4_vec(src, v);
     } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            if (k + e < kend) v[e] = __bfloat162float(src[e]);
+            if (k + e < kend) v[e] = load1(src + e);
     }
 }
 
@@ -117,30 +108,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat16 l = __float2bfloat16_rn(lo);
     const __nv_bfloat16 h = __float2bfloat16_rn(hi);
     return (uint32_t)__bfloat16_as_ushort(l) | ((uint32_t)__bfloat16_as_ushort(h) << 16);
-}
-
-__device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma<false>(c, a, b);  // tools/emu-ntk: the PTX ISA's fragment layouts on the CPU
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma<true>(c, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
 }
 
 struct GemmCtx {
@@ -165,6 +132,60 @@ __device__ __forceinline__ float* partial_plane(const NtkvNtkGemmParams& p, floa
     return part + ((uint64_t)c.z * p.splits + c.split) * (uint64_t)p.m1 * p.m2;
 }
 
+// The register-staged load of the two-buffer kernels: a thread's 4 x 4 values of A and of B for
+// one k tile (rows lrow + 32 it of the block tile, k = lk .. lk + 3), zero outside the operands.
+template <typename Tin, bool kStrided>
+struct RegTileLoad {
+    const Tin* abase;
+    const Tin* bbase;
+    uint32_t row0, col0;
+    int lrow, lk;
+    bool vec;
+    // kStrided (the ntkv_gemm_* kernels): an operand may be k-major (p.layout bit 0: A, bit 1:
+    // B); the ntkv_ntk_gemm_* kernels compile with both flags constant false.
+    bool a_km, b_km;
+    float ra[4][4], rb[4][4];
+
+    __device__ __forceinline__ RegTileLoad(const NtkvNtkGemmParams& p, const GemmCtx& c, const Tin* a, const Tin* b,
+                                           int lrow_, int lk_)
+        : abase(a + (uint64_t)c.z * p.a_batch_stride),
+          bbase(b + (uint64_t)c.z * p.b_batch_stride),
+          row0(c.tr * kTile),
+          col0(c.tc * kTile),
+          lrow(lrow_),
+          lk(lk_),
+          vec(p.vec_ok != 0),
+          a_km(kStrided && (p.layout & 1u) != 0),
+          b_km(kStrided && (p.layout & 2u) != 0) {}
+
+    __device__ __forceinline__ void load(const NtkvNtkGemmParams& p, const GemmCtx& c, int kt) {
+        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
+#pragma unroll
+        for (int it = 0; it < 4; ++it) {
+            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, a_km, ra[it]);
+            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, b_km, rb[it]);
+        }
+    }
+};
+
+// The two-buffer pipeline of the register-staged kernels: tile kt + 1 is loaded into registers
+// while tile kt is computed from shared buffer kt & 1, then stored to the other buffer.
+template <typename Load, typename Store, typename Compute>
+__device__ __forceinline__ void two_buffer_pipeline(int ktiles, Load&& gload, Store&& sstore, Compute&& compute) {
+    if (ktiles > 0) {
+        gload(0);
+        sstore(0);
+    }
+    __syncthreads();
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int buf = kt & 1;
+        if (kt + 1 < ktiles) gload(kt + 1);
+        compute(buf);
+        if (kt + 1 < ktiles) sstore(buf ^ 1);
+        __syncthreads();
+    }
+}
+
 // ---- FFMA flavour ------------------------------------------------------------------------
 // Shared: As[stage][k][row] (k-major, rows contiguous) so a thread's 8 rows at one k are two
 // float4 reads. Thread (tx, ty) of a 16 x 16 grid owns rows {ty*4 + i, 64 + ty*4 + i} and
@@ -178,30 +199,14 @@ static_assert(kFfmaSmem == 67584, "FFMA shared memory must match SMEM_FFMA in gp
 template <typename Tin, bool kStrided>
 __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                           float* __restrict__ part) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     float* sA = reinterpret_cast<float*>(smem_raw);          // [2][kDepth][kFfmaLd]
     float* sB = sA + 2 * kDepth * kFfmaLd;                    // [2][kDepth][kFfmaLd]
     const GemmCtx c = gemm_ctx(p);
     const int tid = threadIdx.x;
-    const Tin* abase = a + (uint64_t)c.z * p.a_batch_stride;
-    const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
-    const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
-    const bool vec = p.vec_ok != 0;
-    // kStrided (the ntkv_gemm_* kernels): an operand may be k-major (p.layout bit 0: A, bit 1:
-    // B); the ntkv_ntk_gemm_* kernels compile with both flags constant false.
-    const bool a_km = kStrided && (p.layout & 1u) != 0;
-    const bool b_km = kStrided && (p.layout & 2u) != 0;
     const int lrow = tid & 31, lk = (tid >> 5) * 4;
-
-    float ra[4][4], rb[4][4];
-    auto gload = [&](int kt) {
-        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, a_km, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, b_km, rb[it]);
-        }
-    };
+    RegTileLoad<Tin, kStrided> ld(p, c, a, b, lrow, lk);
+    const uint32_t row0 = ld.row0, col0 = ld.col0;
     auto sstore = [&](int buf) {
         float* da = sA + buf * kDepth * kFfmaLd;
         float* db = sB + buf * kDepth * kFfmaLd;
@@ -209,8 +214,8 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
         for (int it = 0; it < 4; ++it)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                da[(lk + e) * kFfmaLd + lrow + 32 * it] = ra[it][e];
-                db[(lk + e) * kFfmaLd + lrow + 32 * it] = rb[it][e];
+                da[(lk + e) * kFfmaLd + lrow + 32 * it] = ld.ra[it][e];
+                db[(lk + e) * kFfmaLd + lrow + 32 * it] = ld.rb[it][e];
             }
     };
 
@@ -221,14 +226,8 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
 
-    if (c.ktiles > 0) {
-        gload(0);
-        sstore(0);
-    }
-    __syncthreads();
-    for (int kt = 0; kt < c.ktiles; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < c.ktiles) gload(kt + 1);
+    auto gload = [&](int kt) { ld.load(p, c, kt); };
+    two_buffer_pipeline(c.ktiles, gload, sstore, [&](int buf) {
         const float* ca = sA + buf * kDepth * kFfmaLd;
         const float* cb = sB + buf * kDepth * kFfmaLd;
 #pragma unroll 4
@@ -244,9 +243,7 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
-        if (kt + 1 < c.ktiles) sstore(buf ^ 1);
-        __syncthreads();
-    }
+    });
 
     float* out = partial_plane(p, part, c);
 #pragma unroll
@@ -261,21 +258,6 @@ __device__ void gemm_ffma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a,
     }
 }
 
-
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l supplies the 16-byte row address of row
-// (l % 8) of matrix l / 8; register i of lane l receives the 4 bytes at byte 4·(l % 4) of
-// row l / 4 of matrix i. For 32-bit elements (tf32) that is word l % 4 of the row, so the
-// same load serves both tensor-core flavours. Rows must be 16-byte aligned.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint32_t* row_addr) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::ldmatrix_x4(r, row_addr);  // tools/emu-ntk: the PTX ISA's ldmatrix semantics
-#else
-    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(row_addr);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-#endif
-}
 
 // One 32-deep k tile of a warp's 64 x (8·NI) block of C, whose top-left is (wr, wc) within the
 // block tile, from shared memory rows of `ld` u32 words (k contiguous; ld·4 bytes is a
@@ -303,11 +285,11 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
         const int w0 = ks * 8;
         uint32_t af[4][4], bfr[NI][2];
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], a_lane + mi * 16 * ld + w0);
+        for (int mi = 0; mi < 4; ++mi) ntkv::ldmatrix_x4(af[mi], ntkv::smem_u32(a_lane + mi * 16 * ld + w0));
 #pragma unroll
         for (int ni = 0; ni < NI; ni += 2) {
             uint32_t r[4];
-            ldmatrix_x4(r, b_lane + ni * 8 * ld + w0);
+            ntkv::ldmatrix_x4(r, ntkv::smem_u32(b_lane + ni * 8 * ld + w0));
             bfr[ni][0] = r[0];
             bfr[ni][1] = r[1];
             bfr[ni + 1][0] = r[2];
@@ -328,11 +310,21 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
                 if (kBf16)
-                    mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
+                    ntkv::mma_m16n8k16<__nv_bfloat16>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
                 else
-                    mma_tf32(acc[mi][ni], af[mi], bfr[ni]);
+                    ntkv::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
             }
     }
+}
+
+template <int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[4][NI][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 }
 
 // Writes a warp's accumulators (c0, c1: (g, 2t + e); c2, c3: (g + 8, 2t + e - 2)) to the
@@ -370,7 +362,7 @@ static_assert(kBf16Smem == 40960, "BF16 shared memory must match SMEM_BF16 in gp
 template <typename Tin, bool kBf16, bool kStrided>
 __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, const Tin* __restrict__ b,
                          float* __restrict__ part) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     // Element counts per stage and operand, in u32 words.
     constexpr int kWordsLd = kBf16 ? kBf16Ld / 2 : kTf32Ld;
     constexpr int kStageWords = kTile * kWordsLd;
@@ -379,26 +371,12 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
 
     const GemmCtx c = gemm_ctx(p);
     const int tid = threadIdx.x;
-    const Tin* abase = a + (uint64_t)c.z * p.a_batch_stride;
-    const Tin* bbase = b + (uint64_t)c.z * p.b_batch_stride;
-    const uint32_t row0 = c.tr * kTile, col0 = c.tc * kTile;
-    const bool vec = p.vec_ok != 0;
-    // kStrided (the ntkv_gemm_* kernels): an operand may be k-major (p.layout bit 0: A, bit 1:
-    // B); the ntkv_ntk_gemm_* kernels compile with both flags constant false.
-    const bool a_km = kStrided && (p.layout & 1u) != 0;
-    const bool b_km = kStrided && (p.layout & 2u) != 0;
     // Loads: 8 lanes cover one row's 32 k (coalesced), 32 rows per pass, 4 passes.
     const int lrow = tid >> 3, lk = (tid & 7) * 4;
-
-    float ra[4][4], rb[4][4];
-    auto gload = [&](int kt) {
-        const uint64_t k = c.kbeg + (uint64_t)kt * kDepth + lk;
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-            load4(abase, p.a_row_stride, p.m1, row0 + lrow + 32 * it, k, c.kend, vec, a_km, ra[it]);
-            load4(bbase, p.b_row_stride, p.m2, col0 + lrow + 32 * it, k, c.kend, vec, b_km, rb[it]);
-        }
-    };
+    RegTileLoad<Tin, kStrided> ld(p, c, a, b, lrow, lk);
+    const uint32_t row0 = ld.row0, col0 = ld.col0;
+    const auto& ra = ld.ra;
+    const auto& rb = ld.rb;
     auto sstore = [&](int buf) {
         uint32_t* da = sA + buf * kStageWords;
         uint32_t* db = sB + buf * kStageWords;
@@ -423,26 +401,13 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
     const int wm = warp >> 2, wn = warp & 3;
     const int g = lane >> 2, t = lane & 3;
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    zero_acc(acc);
 
-    if (c.ktiles > 0) {
-        gload(0);
-        sstore(0);
-    }
-    __syncthreads();
-    for (int kt = 0; kt < c.ktiles; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < c.ktiles) gload(kt + 1);
+    auto gload = [&](int kt) { ld.load(p, c, kt); };
+    two_buffer_pipeline(c.ktiles, gload, sstore, [&](int buf) {
         mma_stage<kBf16, false, 4>(acc, sA + buf * kStageWords, sB + buf * kStageWords, kWordsLd, wm * 64, wn * 32,
                                    g, t);
-        if (kt + 1 < c.ktiles) sstore(buf ^ 1);
-        __syncthreads();
-    }
+    });
 
     store_mma_acc<4>(p, part, c, acc, row0 + wm * 64, col0 + wn * 32, g, t);
 }
@@ -462,29 +427,6 @@ constexpr size_t kBf16AsyncSmem = (size_t)kAsyncStagesBf16 * 2 * kTile * kBf16Ld
 static_assert(kTf32AsyncSmem == 110592, "must match SMEM_TF32_ASYNC in gpu.rs");
 static_assert(kBf16AsyncSmem == 81920, "must match SMEM_BF16_ASYNC in gpu.rs");
 
-#if defined(NTKV_EMULATE)
-// tools/emu-ntk: cp.async as per-thread queues of committed groups (see its header).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    ntkv_emu::cp_async16(smem, gmem, valid);
-}
-__device__ __forceinline__ void cp_async_commit() { ntkv_emu::cp_async_commit(); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    ntkv_emu::cp_async_wait(N);
-}
-#else
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
-    const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
-
 template <bool kBf16>
 __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restrict__ a_raw,
                                const void* __restrict__ b_raw, float* __restrict__ part) {
@@ -495,7 +437,7 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
     constexpr int kChunksPerRow = kDepth / kElems;
     constexpr int kPerThread = kTile * kChunksPerRow / kAsyncThreads;
     constexpr int kStageElems = kTile * kLd;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    NTKV_DYNAMIC_SMEM(unsigned char, smem_raw);
     Tin* sA = reinterpret_cast<Tin*>(smem_raw);
     Tin* sB = sA + kStages * kStageElems;
 
@@ -518,8 +460,9 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
             const bool vb = kin && col0 + r < p.m2;
             const Tin* ga = va ? abase + (uint64_t)(row0 + r) * p.a_row_stride + k : abase;
             const Tin* gb = vb ? bbase + (uint64_t)(col0 + r) * p.b_row_stride + k : bbase;
-            cp_async16(sA + stage * kStageElems + r * kLd + kc, ga, va);
-            cp_async16(sB + stage * kStageElems + r * kLd + kc, gb, vb);
+            // src-size 0: nothing is read, the 16 bytes are zero-filled.
+            ntkv::cp_async_cg16(ntkv::smem_u32(sA + stage * kStageElems + r * kLd + kc), ga, va ? 16u : 0u);
+            ntkv::cp_async_cg16(ntkv::smem_u32(sB + stage * kStageElems + r * kLd + kc), gb, vb ? 16u : 0u);
         }
     };
 
@@ -528,31 +471,26 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
     const int wr = (warp >> 1) * 64, wc = (warp & 1) * 64;
     const int g = lane >> 2, t = lane & 3;
     float acc[4][8][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    zero_acc(acc);
 
     // One commit group per k tile (empty past the end) keeps wait_group's count exact.
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < c.ktiles) issue(s, s);
-        cp_async_commit();
+        ntkv::cp_async_commit();
     }
     for (int kt = 0; kt < c.ktiles; ++kt) {
-        cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread) ...
+        ntkv::cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread) ...
         __syncthreads();               // ... for every thread, and tile kt-1's stage is free
         const int next = kt + kStages - 1;
         if (next < c.ktiles) issue(next, next % kStages);
-        cp_async_commit();
+        ntkv::cp_async_commit();
         const int stage = kt % kStages;
         mma_stage<kBf16, !kBf16, 8>(acc, reinterpret_cast<const uint32_t*>(sA + stage * kStageElems),
                                     reinterpret_cast<const uint32_t*>(sB + stage * kStageElems),
                                     kLd * (int)sizeof(Tin) / 4, wr, wc, g, t);
     }
-    cp_async_wait<0>();
+    ntkv::cp_async_wait<0>();
     store_mma_acc<8>(p, part, c, acc, row0 + wr, col0 + wc, g, t);
 }
 
@@ -646,9 +584,11 @@ extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const fl
 // may be k-major: with p.layout bit 0 (A) or bit 1 (B) set, element (row, q) of that operand is
 // at z * batch_stride + q * row_stride + row instead of z * batch_stride + row * row_stride + q.
 // Register-staged loaders only (256 threads, shared memory as the ntkv_ntk_gemm_* flavour of the
-// same arithmetic); the host uses ntkv_ntk_gemm_* whenever both operands are k-contiguous.
+// same arithmetic); the host uses ntkv_ntk_gemm_* whenever both operands are k-contiguous. The
+// strided bf16 FFMA tile asks for one block per SM, not two: at two (128 registers) the
+// run-time k-major branch spills.
 NTKV_NTK_GEMM(ntkv_gemm_f32_ffma, float, 1, (gemm_ffma<float, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16, true>(p, a, b, part)))
+NTKV_NTK_GEMM(ntkv_gemm_bf16_ffma, __nv_bfloat16, 1, (gemm_ffma<__nv_bfloat16, true>(p, a, b, part)))
 NTKV_NTK_GEMM(ntkv_gemm_f32_tf32, float, 1, (gemm_mma<float, false, true>(p, a, b, part)))
 NTKV_NTK_GEMM(ntkv_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, true>(p, a, b, part)))
 NTKV_NTK_GEMM(ntkv_gemm_f32_bf16, float, 1, (gemm_mma<float, true, true>(p, a, b, part)))
@@ -812,7 +752,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
                                                                  const uint32_t* __restrict__ labels,
                                                                  const double* __restrict__ cent,
                                                                  double* __restrict__ partials) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     double s[kStats] = {0, 0, 0, 0, 0, 0};
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     const uint32_t n = p.n;
@@ -846,7 +786,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats(const NtkvNtkSt
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const NtkvNtkStatsParams p,
                                                                         const double* __restrict__ partials,
                                                                         double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     for (int q = 0; q < kStats; ++q) {
         double s = 0;
         for (uint32_t b = threadIdx.x; b < p.blocks; b += blockDim.x) s += partials[(uint64_t)b * kStats + q];
@@ -859,7 +799,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_stats_finish(const Nt
 // blocks n..), written to out = [row n][col n]; the grand mean is ntkv_ntk_grand_mean's.
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMeansParams p, const float* __restrict__ x,
                                                                  double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     const uint32_t n = p.n;
     if (blockIdx.x < n) {
         const uint32_t i = blockIdx.x;
@@ -879,7 +819,7 @@ extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_means(const NtkvNtkMe
 
 // One block: out[2n] = mean of the row means out[0..n).
 extern "C" __global__ void __launch_bounds__(256) ntkv_ntk_grand_mean(const NtkvNtkMeansParams p, double* __restrict__ out) {
-    static __shared__ double red[256];  // static: also a CTA-wide array when run on the CPU (tools/emu-ntk)
+    __shared__ double red[256];
     double s = 0;
     for (uint32_t i = threadIdx.x; i < p.n; i += blockDim.x) s += out[i];
     const double t = block_sum(s, red);

@@ -56,6 +56,23 @@ __device__ __forceinline__ void pack_words(const float (&v)[N], uint32_t* wds) {
     }
 }
 
+// kWords words as __ldg loads of V (uint4 or uint2) from q, V-aligned.
+template <typename V, int kWords>
+__device__ __forceinline__ void ldg_words(const V* q, uint32_t (&wds)[kWords]) {
+    constexpr int kPer = (int)sizeof(V) / 4;
+    static_assert(kWords % kPer == 0, "whole vectors only");
+#pragma unroll
+    for (int i = 0; i < kWords / kPer; ++i) {
+        const V u = __ldg(q + i);
+        wds[kPer * i] = u.x;
+        wds[kPer * i + 1] = u.y;
+        if constexpr (kPer == 4) {
+            wds[kPer * i + 2] = u.z;
+            wds[kPer * i + 3] = u.w;
+        }
+    }
+}
+
 // Loads N consecutive values (N * sizeof(T) bytes, a multiple of 8, aligned to min(that, 16))
 // as f32, with 16-byte vector loads where the size allows.
 template <typename T, int N>
@@ -63,45 +80,11 @@ __device__ __forceinline__ void load_vals(const T* __restrict__ p, float (&v)[N]
     constexpr int kBytes = N * (int)sizeof(T);
     static_assert(kBytes % 8 == 0, "vector of values must be a multiple of 8 bytes");
     uint32_t wds[kBytes / 4];
-    if constexpr (kBytes % 16 == 0) {
-        const uint4* q = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) {
-            const uint4 u = __ldg(q + i);
-            wds[4 * i] = u.x;
-            wds[4 * i + 1] = u.y;
-            wds[4 * i + 2] = u.z;
-            wds[4 * i + 3] = u.w;
-        }
-    } else {
-        const uint2* q = reinterpret_cast<const uint2*>(p);
-#pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) {
-            const uint2 u = __ldg(q + i);
-            wds[2 * i] = u.x;
-            wds[2 * i + 1] = u.y;
-        }
-    }
+    if constexpr (kBytes % 16 == 0)
+        ldg_words(reinterpret_cast<const uint4*>(p), wds);
+    else
+        ldg_words(reinterpret_cast<const uint2*>(p), wds);
     unpack_words<T, N>(wds, v);
-}
-
-// 16- and 8-byte global stores. Plain uint4/uint2 assignments were split by nvcc into 4-byte
-// stores for some instantiations (PTX st.global.u32), so the vector width is spelled out. The
-// pointers come from the driver's allocations, whose generic addresses are global addresses.
-__device__ __forceinline__ void store_v4(uint4* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-#if defined(__CUDA_ARCH__)
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-#else
-    *p = make_uint4(a, b, c, d);
-#endif
-}
-
-__device__ __forceinline__ void store_v2(uint2* p, uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
-#else
-    *p = make_uint2(a, b);
-#endif
 }
 
 // Stores N f32 values as N consecutive T (round to nearest even), vectorized like load_vals.
@@ -114,11 +97,11 @@ __device__ __forceinline__ void store_vals(T* __restrict__ p, const float (&v)[N
     if constexpr (kBytes % 16 == 0) {
         uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) store_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
+        for (int i = 0; i < kBytes / 16; ++i) ntkv::st_global_v4(q + i, wds[4 * i], wds[4 * i + 1], wds[4 * i + 2], wds[4 * i + 3]);
     } else {
         uint2* q = reinterpret_cast<uint2*>(p);
 #pragma unroll
-        for (int i = 0; i < kBytes / 8; ++i) store_v2(q + i, wds[2 * i], wds[2 * i + 1]);
+        for (int i = 0; i < kBytes / 8; ++i) ntkv::st_global_v2(q + i, wds[2 * i], wds[2 * i + 1]);
     }
 }
 
@@ -166,6 +149,20 @@ __device__ __forceinline__ void flag_value(unsigned long long* flags, float v, u
 
 __device__ __forceinline__ uint32_t log2_pow2(uint32_t v) { return (uint32_t)(__ffs((int)v) - 1); }
 
+// The code words, scales and mins of head h: the region's offsets and head strides applied.
+template <typename W, typename S>
+struct HeadCodes {
+    W* codes;
+    S* scales;
+    S* mins;
+};
+template <typename W, typename S>
+__device__ __forceinline__ HeadCodes<W, S> head_codes(const NtkvQuantParams& p, uint64_t h, W* codes, S* scales,
+                                                      S* mins) {
+    return {codes + p.codes_offset + h * p.codes_head_stride, scales + p.sm_offset + h * p.sm_head_stride,
+            mins + p.sm_offset + h * p.sm_head_stride};
+}
+
 // ---- PerToken: groups along dim; one thread per code word ---------------------------------
 // Word w of a head covers values [w*E, w*E + E) of the head's contiguous [tokens, dim] block;
 // group g covers words [g*WPG, g*WPG + WPG). WPG divides 32, and every warp starts at a word
@@ -188,9 +185,7 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
         const uint64_t xbase = p.x_offset + h * p.x_head_stride;
         const T* xh = x + xbase;
-        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         // `base` is the same in every lane of a warp, so the shuffles below see all 32 lanes.
         for (uint64_t base = warp0 * 32 * U; base < words; base += nwarps * 32 * U) {
             float v[U][E];
@@ -260,9 +255,7 @@ __device__ __forceinline__ void dequantize_token(const NtkvQuantParams& p, const
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         T* oh = out + p.x_offset + h * p.x_head_stride;
         for (uint64_t base = tid; base < words; base += U * nthreads) {
             uint32_t c[U];
@@ -309,9 +302,7 @@ __device__ __forceinline__ void quantize_channel(const NtkvQuantParams& p, const
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
         const uint64_t xbase = p.x_offset + h * p.x_head_stride;
-        uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t r = i / dim;
             const uint64_t d = i - r * dim;
@@ -345,17 +336,15 @@ template <typename T, int B>
 __device__ __forceinline__ void dequantize_channel(const NtkvQuantParams& p, const uint32_t* __restrict__ codes,
                                                    const __half* __restrict__ scales,
                                                    const __half* __restrict__ mins, T* __restrict__ out) {
+    const uint64_t dim = p.dim;
     constexpr int E = 32 / B;
     constexpr uint32_t kMask = (1u << B) - 1u;
     const uint32_t wpg_shift = log2_pow2(p.group / E);
-    const uint64_t dim = p.dim;
     const uint64_t items = (p.tokens / E) * dim;
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t* ch = codes + p.codes_offset + h * p.codes_head_stride;
-        const __half* sh = scales + p.sm_offset + h * p.sm_head_stride;
-        const __half* mh = mins + p.sm_offset + h * p.sm_head_stride;
+        const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
         T* oh = out + p.x_offset + h * p.x_head_stride;
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t rw = i / dim;
@@ -397,47 +386,37 @@ __device__ __forceinline__ void scan(const NtkvQuantScanParams& p, const T* __re
 }  // namespace
 
 // ---- extern "C" entry points: one per (operation, axis, dtype); bits dispatch inside ------------
+namespace {
+template <int B> struct Bits { static constexpr int value = B; };
+// Calls f(Bits<bits>{}) for a supported width (2, 4, 8); any other width does nothing.
+template <typename F>
+__device__ __forceinline__ void with_bits(uint32_t bits, F&& f) {
+    switch (bits) {
+        case 2: f(Bits<2>{}); break;
+        case 4: f(Bits<4>{}); break;
+        case 8: f(Bits<8>{}); break;
+        default: break;
+    }
+}
+}  // namespace
+
+#define NTKV_QUANT_QUANTIZE_ENTRY(NAME, BODY, T)                                                           \
+    extern "C" __global__ void NAME(const NtkvQuantParams p, const T* __restrict__ x,                      \
+                                    uint32_t* __restrict__ codes, __half* __restrict__ scales,             \
+                                    __half* __restrict__ mins, unsigned long long* __restrict__ flags) {   \
+        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, x, codes, scales, mins, flags); }); \
+    }
+#define NTKV_QUANT_DEQUANTIZE_ENTRY(NAME, BODY, T)                                                          \
+    extern "C" __global__ void NAME(const NtkvQuantParams p, const uint32_t* __restrict__ codes,            \
+                                    const __half* __restrict__ scales, const __half* __restrict__ mins,     \
+                                    T* __restrict__ out) {                                                  \
+        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, codes, scales, mins, out); });       \
+    }
 #define NTKV_QUANT_ENTRIES(SUFFIX, T)                                                                          \
-    extern "C" __global__ void ntkv_quant_quantize_token_##SUFFIX(                                             \
-        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
-        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
-        switch (p.bits) {                                                                                      \
-            case 2: quantize_token<T, 2>(p, x, codes, scales, mins, flags); break;                             \
-            case 4: quantize_token<T, 4>(p, x, codes, scales, mins, flags); break;                             \
-            case 8: quantize_token<T, 8>(p, x, codes, scales, mins, flags); break;                             \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_quantize_channel_##SUFFIX(                                           \
-        const NtkvQuantParams p, const T* __restrict__ x, uint32_t* __restrict__ codes,                       \
-        __half* __restrict__ scales, __half* __restrict__ mins, unsigned long long* __restrict__ flags) {     \
-        switch (p.bits) {                                                                                      \
-            case 2: quantize_channel<T, 2>(p, x, codes, scales, mins, flags); break;                           \
-            case 4: quantize_channel<T, 4>(p, x, codes, scales, mins, flags); break;                           \
-            case 8: quantize_channel<T, 8>(p, x, codes, scales, mins, flags); break;                           \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_dequantize_token_##SUFFIX(                                           \
-        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
-        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
-        switch (p.bits) {                                                                                      \
-            case 2: dequantize_token<T, 2>(p, codes, scales, mins, out); break;                                \
-            case 4: dequantize_token<T, 4>(p, codes, scales, mins, out); break;                                \
-            case 8: dequantize_token<T, 8>(p, codes, scales, mins, out); break;                                \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
-    extern "C" __global__ void ntkv_quant_dequantize_channel_##SUFFIX(                                         \
-        const NtkvQuantParams p, const uint32_t* __restrict__ codes, const __half* __restrict__ scales,       \
-        const __half* __restrict__ mins, T* __restrict__ out) {                                                \
-        switch (p.bits) {                                                                                      \
-            case 2: dequantize_channel<T, 2>(p, codes, scales, mins, out); break;                              \
-            case 4: dequantize_channel<T, 4>(p, codes, scales, mins, out); break;                              \
-            case 8: dequantize_channel<T, 8>(p, codes, scales, mins, out); break;                              \
-            default: break;                                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
+    NTKV_QUANT_QUANTIZE_ENTRY(ntkv_quant_quantize_token_##SUFFIX, quantize_token, T)                         \
+    NTKV_QUANT_QUANTIZE_ENTRY(ntkv_quant_quantize_channel_##SUFFIX, quantize_channel, T)                     \
+    NTKV_QUANT_DEQUANTIZE_ENTRY(ntkv_quant_dequantize_token_##SUFFIX, dequantize_token, T)                   \
+    NTKV_QUANT_DEQUANTIZE_ENTRY(ntkv_quant_dequantize_channel_##SUFFIX, dequantize_channel, T)               \
     extern "C" __global__ void ntkv_quant_scan_##SUFFIX(const NtkvQuantScanParams p, const T* __restrict__ x, \
                                                         unsigned long long* __restrict__ flags) {             \
         scan<T>(p, x, flags);                                                                                  \
@@ -448,68 +427,63 @@ NTKV_QUANT_ENTRIES(f16, __half)
 NTKV_QUANT_ENTRIES(bf16, __nv_bfloat16)
 
 // ---- MiKV row moves (f16 rows); see NtkvMikvRowsParams -------------------------------------------
-extern "C" __global__ void ntkv_mikv_gather(const NtkvMikvRowsParams p, const __half* __restrict__ src,
-                                            const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
-                                            __half* __restrict__ dst) {
+namespace {
+// Calls f(h, i, k, d) for element i = k * dim + d of rows k < p.rows of every head h: heads
+// stride over gridDim.y, elements over the grid's x threads.
+template <typename F>
+__device__ __forceinline__ void for_each_row_elem(const NtkvMikvRowsParams& p, F&& f) {
     const uint64_t dim = p.dim;
     const uint64_t items = (uint64_t)p.rows * dim;
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t count = counts[h];
         for (uint64_t i = tid; i < items; i += nthreads) {
             const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            __half v = __float2half_rn(0.0f);
-            if (k < count) {
-                const uint32_t t = idx[h * p.rows + k];
-                if (t < p.src_rows) v = src[h * p.src_head_stride + (uint64_t)t * dim + d];
-            }
-            dst[h * p.dst_head_stride + i] = v;
+            f(h, i, k, i - k * dim);
         }
     }
+}
+}  // namespace
+
+extern "C" __global__ void ntkv_mikv_gather(const NtkvMikvRowsParams p, const __half* __restrict__ src,
+                                            const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
+                                            __half* __restrict__ dst) {
+    const uint64_t dim = p.dim;
+    for_each_row_elem(p, [&](uint64_t h, uint64_t i, uint64_t k, uint64_t d) {
+        __half v = __float2half_rn(0.0f);
+        if (k < counts[h]) {
+            const uint32_t t = idx[h * p.rows + k];
+            if (t < p.src_rows) v = src[h * p.src_head_stride + (uint64_t)t * dim + d];
+        }
+        dst[h * p.dst_head_stride + i] = v;
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_scatter(const NtkvMikvRowsParams p, const __half* __restrict__ src,
                                              const uint32_t* __restrict__ idx, const uint32_t* __restrict__ counts,
                                              __half* __restrict__ dst) {
     const uint64_t dim = p.dim;
-    const uint64_t items = (uint64_t)p.rows * dim;
-    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
-    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        const uint32_t count = counts[h];
-        for (uint64_t i = tid; i < items; i += nthreads) {
-            const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            if (k >= count) continue;
-            const uint32_t t = idx[h * p.rows + k];
-            if (t < p.dst_rows) dst[h * p.dst_head_stride + (uint64_t)t * dim + d] = src[h * p.src_head_stride + i];
-        }
-    }
+    for_each_row_elem(p, [&](uint64_t h, uint64_t i, uint64_t k, uint64_t d) {
+        if (k >= counts[h]) return;
+        const uint32_t t = idx[h * p.rows + k];
+        if (t < p.dst_rows) dst[h * p.dst_head_stride + (uint64_t)t * dim + d] = src[h * p.src_head_stride + i];
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_residual(const NtkvMikvRowsParams p, const __half* __restrict__ src,
                                               __half* __restrict__ dst) {
     const uint64_t dim = p.dim;
-    const uint64_t items = (uint64_t)p.rows * dim;
-    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     if (p.ring == 0) return;
-    for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
-        for (uint64_t i = tid; i < items; i += nthreads) {
-            const uint64_t k = i / dim;
-            const uint64_t d = i - k * dim;
-            const uint64_t t = (uint64_t)p.first + k;
-            const uint64_t slot = t % p.ring;
-            if (p.to_ring) {
-                if (t < p.src_rows && slot < p.dst_rows)
-                    dst[h * p.dst_head_stride + slot * dim + d] = src[h * p.src_head_stride + t * dim + d];
-            } else if (t < p.dst_rows && slot < p.src_rows) {
-                dst[h * p.dst_head_stride + t * dim + d] = src[h * p.src_head_stride + slot * dim + d];
-            }
+    for_each_row_elem(p, [&](uint64_t h, uint64_t, uint64_t k, uint64_t d) {
+        const uint64_t t = (uint64_t)p.first + k;
+        const uint64_t slot = t % p.ring;
+        if (p.to_ring) {
+            if (t < p.src_rows && slot < p.dst_rows)
+                dst[h * p.dst_head_stride + slot * dim + d] = src[h * p.src_head_stride + t * dim + d];
+        } else if (t < p.dst_rows && slot < p.src_rows) {
+            dst[h * p.dst_head_stride + t * dim + d] = src[h * p.src_head_stride + slot * dim + d];
         }
-    }
+    });
 }
 
 extern "C" __global__ void ntkv_mikv_append(const NtkvMikvRowsParams p, const __half* __restrict__ src,

@@ -63,24 +63,13 @@ __device__ __forceinline__ uint32_t block_exclusive_suffix_sum(uint32_t v, uint3
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int nwarps = (blockDim.x + 31) >> 5;
-    uint32_t x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        uint32_t y = __shfl_down_sync(0xffffffffu, x, o);
-        if (lane + o < 32) x += y;
-    }
-    // x: inclusive suffix within the warp.
+    const uint32_t x = ntkv::warp_suffix_sum(v);  // inclusive suffix within the warp
     __syncthreads();
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
     if (warp == 0) {
         uint32_t w = lane < nwarps ? scratch[lane] : 0u;
-        uint32_t s = w;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            uint32_t y = __shfl_down_sync(0xffffffffu, s, o);
-            if (lane + o < 32) s += y;
-        }
+        const uint32_t s = ntkv::warp_suffix_sum(w);
         __syncwarp();
         if (lane < nwarps) scratch[lane] = s - w;  // exclusive suffix over warps
     }
@@ -351,7 +340,7 @@ template <typename T>
 __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, uint32_t row, uint32_t kk,
                              uint32_t above, uint32_t want, uint32_t ncand, const uint32_t* sel, const uint32_t* cand,
                              T* __restrict__ out_val, uint32_t* __restrict__ out_idx) {
-    extern __shared__ unsigned long long sort_buf[];  // kpad sort words, then cand_stage candidates
+    NTKV_DYNAMIC_SMEM(unsigned long long, sort_buf);  // kpad sort words, then cand_stage candidates
     __shared__ uint32_t dhist[256];
     __shared__ uint32_t scratch[32];
     __shared__ uint32_t s_need, s_match, s_fill;
@@ -631,30 +620,6 @@ namespace {
 constexpr int kKeyTile = 64;  // keys per block: 4 warps x 16 keys (two n-tiles of 8)
 constexpr int kH2oThreads = 128;
 
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma_m16n8k16<__half>(c, a, b0, b1);  // tools/emu-topk: PTX semantics on the CPU
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
-                                          __nv_bfloat16) {
-#if defined(NTKV_EMULATE)
-    ntkv_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
 // Two consecutive 16-bit elements as one 32-bit word (offset is even, rows are 4-byte aligned).
 template <typename T>
 __device__ __forceinline__ uint32_t ld_pair(const T* base, uint64_t off) {
@@ -712,7 +677,7 @@ struct KeyFrags {
             a[2] = ok0 ? ld_pair(q, row0 + ks * 16 + 8) : 0u;
             a[3] = ok1 ? ld_pair(q, row1 + ks * 16 + 8) : 0u;
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) mma_16816(c[nt], a, b[nt][ks][0], b[nt][ks][1], T());
+            for (int nt = 0; nt < 2; ++nt) ntkv::mma_m16n8k16<T>(c[nt], a, b[nt][ks][0], b[nt][ks][1]);
         }
     }
 };
@@ -1028,7 +993,7 @@ extern "C" __global__ void ntkv_h2o_check_keep(const NtkvKeepCheckParams p, cons
 // positions, which no earlier chunk writes. Rows budget.. of the head are left unchanged.
 extern "C" __global__ void ntkv_h2o_compact(const NtkvCompactParams p, const uint32_t* __restrict__ keep,
                                             uint32_t* kc, uint32_t* vc, float* acc) {
-    extern __shared__ uint32_t stage[];  // [2][chunk_rows * row_words] then [chunk_rows] acc
+    NTKV_DYNAMIC_SMEM(uint32_t, stage);  // [2][chunk_rows * row_words] then [chunk_rows] acc
     const uint32_t h = blockIdx.x;
     if (h >= p.hkv) return;
     const uint32_t chunk_rows = 8192u / p.row_words > 0u ? 8192u / p.row_words : 1u;

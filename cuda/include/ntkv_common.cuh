@@ -1,4 +1,5 @@
-// ntkv_common.cuh: device helpers shared by every kernel family.
+// ntkv_common.cuh: device helpers shared by every kernel family. Plain CUDA C++ (no asm: the
+// PTX wrappers are in ntkv_ptx.cuh), so the CPU emulator (tools/emu) compiles this very file.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -6,6 +7,9 @@
 #include <stdint.h>
 
 #include "ntkv_params.h"
+// Angle brackets: found on the include path, so the CPU emulator's stand-in (tools/emu/include,
+// first on its path) replaces this directory's PTX layer.
+#include <ntkv_ptx.cuh>
 
 namespace ntkv {
 
@@ -27,6 +31,42 @@ __device__ __forceinline__ uint32_t order_key(float x) {
     uint32_t u = __float_as_uint(x);
     if (x != x) return 0u;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// A pair of 16-bit elements widened to f32.
+__device__ __forceinline__ float2 to_f32x2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 to_f32x2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+template <typename T> struct Pair2;
+template <> struct Pair2<__half> { using type = __half2; };
+template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+// Two consecutive 16-bit elements (4-byte aligned) widened to f32.
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* p) {
+    return to_f32x2(*reinterpret_cast<const typename Pair2<T>::type*>(p));
+}
+// Eight consecutive 16-bit elements (one 16-byte load, 16-byte aligned) widened to f32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&out)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const typename Pair2<T>::type* h = reinterpret_cast<const typename Pair2<T>::type*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = to_f32x2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// Inclusive suffix sum over the lanes of a warp: lane l gets the sum of v over lanes >= l.
+// Every lane of the warp must call it.
+__device__ __forceinline__ uint32_t warp_suffix_sum(uint32_t v) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t y = __shfl_down_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) + o < 32) v += y;
+    }
+    return v;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -1,11 +1,52 @@
 #!/usr/bin/env bash
-# Builds and runs tools/emu/decode_emu.cpp: cuda/decode.cu executed on the CPU with one
-# thread per CUDA thread, under AddressSanitizer, against an f64 reference. Needs g++ >= 12
-# (C++20 <barrier>, _Float16). No GPU, no CUDA toolkit.
+# The one entry point of the CPU kernel emulations. Each family's harness,
+# tools/emu/<family>/<family>_emu.cpp, includes the unmodified cuda/<family>.cu and compiles it
+# as C++20 on the shared runtime (tools/emu/include: CUDA types and intrinsics, one std::thread
+# per CUDA thread, warp collectives, mma/ldmatrix/cp.async from the PTX ISA; see emu_runtime.h)
+# under AddressSanitizer and UBSan, then checks the kernels against exact or f64 references.
+# Needs g++ >= 12; no GPU, no CUDA toolkit.
+#
+# Usage: tools/emu/run.sh [family[=arg,arg...]]...   (no family: all of them)
+#   families: decode attention quant ntk topk; the args go to the harness, e.g. attention=causal
+#   (cases whose name contains it), quant=100 (random cases per dtype), ntk=quick, topk=h2o.
+# Families that use cp.async (decode, attention, ntk) run twice: NTKV_EMU_CP_ASYNC=lazy (copies
+# land only when a covering wait_group returns) and eager (at issue).
+# Environment: NTKV_EMU_CUDA_DIR=dir runs the kernel sources and headers of dir (a mutated copy
+# of cuda/) instead of cuda/; NTKV_EMU_CXXFLAGS adds compiler flags (e.g. -fsanitize=thread
+# -fno-sanitize=address,undefined); NTKV_EMU_STOP=1 stops topk at its first failure.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-out="${TMPDIR:-/tmp}/ntkv-decode-emu"
-g++ -std=c++20 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -pthread \
-  -I"$root/tools/emu/include" -I"$root/cuda/include" \
-  -o "$out" "$root/tools/emu/decode_emu.cpp"
-"$out"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cuda="${NTKV_EMU_CUDA_DIR:-$here/../../cuda}"
+work="${TMPDIR:-/tmp}/ntkv-emu-$(id -u)"
+mkdir -p "$work"
+all=(decode attention quant ntk topk)
+[ $# -gt 0 ] || set -- "${all[@]}"
+sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
+# shellcheck disable=SC2206
+extra=(${NTKV_EMU_CXXFLAGS:-})
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0}"
+status=0
+for spec in "$@"; do
+    family="${spec%%=*}"
+    args=()
+    if [ "$spec" != "$family" ]; then IFS=, read -r -a args <<< "${spec#*=}"; fi
+    src="$here/$family/${family}_emu.cpp"
+    if [ ! -f "$src" ]; then echo "unknown family '$family' (have: ${all[*]})" >&2; exit 2; fi
+    bin="$work/$family-emu"
+    echo "== $family: build"
+    g++ -std=c++20 -O1 -g -ffp-contract=off -fno-strict-aliasing -fno-omit-frame-pointer -pthread \
+        -Wno-unknown-pragmas "${sanitize[@]}" "${extra[@]}" \
+        -I"$here/include" -I"$cuda/include" -I"$cuda" -o "$bin" "$src"
+    case "$family" in
+        decode|attention|ntk) modes=(lazy eager) ;;
+        *) modes=(lazy) ;;
+    esac
+    for mode in "${modes[@]}"; do
+        [ ${#modes[@]} -eq 1 ] || echo "== $family: cp.async $mode"
+        if ! NTKV_EMU_CP_ASYNC=$mode "$bin" "${args[@]}"; then
+            echo "FAILED: $family (cp.async $mode)"
+            status=1
+        fi
+    done
+done
+exit $status

@@ -1,6 +1,6 @@
 // tools/emu/include/emu_ptx.h: the warp collectives and the tensor-core / async-copy PTX the
-// kernels use (their NTKV_EMULATE branches call these), written from the PTX ISA's
-// descriptions, independently of any kernel's comments.
+// kernels use (ntkv_ptx.cuh and the shuffle/ballot intrinsics call these), written from the
+// PTX ISA's descriptions, independently of any kernel's comments.
 //
 //  * Every collective (shfl.sync, ldmatrix, mma) deposits its operands in a per-warp slot
 //    with a tag (the thread's collective count and the op), meets the warp at a barrier,
@@ -17,20 +17,21 @@
 //    The products are exact in f64; the sum is formed in f64 and rounded once to f32 (the
 //    hardware's internal order and precision are unspecified; the difference is far below the
 //    16-bit/tf32 tolerances). A tf32 operand whose low 13 bits are not zero (the kernel did not
-//    round it) is counted in unrounded_tf32 and its low bits dropped.
-//  * ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8m + r gives the 16-byte aligned
+//    round it) is counted in counters().unrounded_tf32 and its low bits dropped.
+//  * ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16: lane 8m + r gives the 16-byte aligned
 //    shared address of row r of matrix m; register m of lane l holds row l >> 2, elements
 //    2 (l % 4) and 2 (l % 4) + 1 (lower element in the lower half); with .trans it holds
 //    (row 2 (l % 4), col l >> 2) and (row 2 (l % 4) + 1, col l >> 2). Alignment and bounds
 //    (inside the launch's dynamic shared memory) are checked.
-//  * cp.async.cg.shared.global 16 bytes with src-size: copies src-size bytes, zero-fills the
-//    rest, reads nothing when src-size is 0; commit_group / wait_group N as per-thread groups.
+//  * cp.async.{cg,ca}.shared.global (16 bytes; ca also 4 or 8) with src-size: copies src-size
+//    bytes, zero-fills the rest, reads nothing when src-size is 0; commit_group / wait_group N
+//    as per-thread groups.
 //    NTKV_EMU_CP_ASYNC picks when a copy lands, the two extremes the hardware allows:
 //    "lazy" (the default; "deferred" is accepted too): only when a wait_group of the issuing
 //    thread retires its group, so a stage read before its wait shows up as NaN or stale data;
 //    "eager": at issue, so a stage overwritten while other threads still read it shows up as
 //    wrong data. Global memory is read when the copy lands (under AddressSanitizer). Copies
-//    a thread never waited for when it exits are counted in cp_async_leftover and, unless
+//    a thread never waited for when it exits are counted in counters().cp_async_leftover and, unless
 //    cp_async_leftover_fatal is cleared, abort the run.
 #pragma once
 
@@ -38,9 +39,6 @@
 
 namespace ntkv_emu {
 
-inline std::atomic<uint64_t> unrounded_tf32{0};
-inline std::atomic<uint64_t> mma_count{0};
-inline std::atomic<uint64_t> cp_async_leftover{0};
 inline bool cp_async_leftover_fatal = true;
 
 enum class CpAsyncMode { Lazy, Eager };
@@ -54,7 +52,17 @@ inline CpAsyncMode cp_async_mode_from_env() {
 inline const CpAsyncMode cp_async_mode = cp_async_mode_from_env();
 
 // ---- Warp collectives -----------------------------------------------------------------------
-enum : uint32_t { OP_SHFL_XOR = 1, OP_LDMATRIX = 2, OP_LDMATRIX_T = 3, OP_MMA_F16 = 4, OP_MMA_BF16 = 5, OP_MMA_TF32 = 6 };
+enum : uint32_t {
+    OP_SHFL_XOR = 1,
+    OP_SHFL_DOWN,
+    OP_SHFL_UP,
+    OP_SHFL_IDX,
+    OP_BALLOT,
+    OP_LDMATRIX,  // + 8 * (matrices - 1) + 32 * trans
+    OP_MMA_F16 = 100,
+    OP_MMA_BF16,
+    OP_MMA_TF32,
+};
 
 struct WarpSlot {
     uint64_t tag;
@@ -82,13 +90,29 @@ inline void collective_meet(uint32_t op) {
 // The second barrier: nobody overwrites a slot before every lane has read it.
 inline void collective_leave() { warp_sync(); }
 
-inline float shfl_xor(unsigned mask, float v, int lane_mask) {
-    if (mask != 0xffffffffu) die("__shfl_xor_sync with a partial mask is not modelled");
+// shfl.sync of a 4- or 8-byte value: lane `lane` reads the value of lane src(lane), or keeps its
+// own when src(lane) is out of range (down/up past the warp's edge).
+template <typename T, typename Src>
+inline T shfl(uint32_t op, unsigned mask, T v, Src src) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "shuffles move 4- or 8-byte values");
+    if (mask != 0xffffffffu) die("__shfl*_sync with a partial mask is not modelled");
     const unsigned lane = lane_id();
     WarpSlot* s = warp_slot_array();
-    s[lane].f[0] = v;
-    collective_meet(OP_SHFL_XOR);
-    const float r = s[(lane ^ (unsigned)lane_mask) & 31u].f[0];
+    std::memcpy(s[lane].u, &v, sizeof(T));
+    collective_meet(op);
+    const unsigned from = src(lane);
+    T r;
+    std::memcpy(&r, s[from < 32 ? from : lane].u, sizeof(T));
+    collective_leave();
+    return r;
+}
+inline unsigned ballot(unsigned mask, bool pred) {
+    if (mask != 0xffffffffu) die("__ballot_sync with a partial mask is not modelled");
+    WarpSlot* s = warp_slot_array();
+    s[lane_id()].u[0] = pred ? 1u : 0u;
+    collective_meet(OP_BALLOT);
+    unsigned r = 0;
+    for (unsigned l = 0; l < 32; ++l) r |= (s[l].u[0] & 1u) << l;
     collective_leave();
     return r;
 }
@@ -98,7 +122,7 @@ inline float shfl_xor(unsigned mask, float v, int lane_mask) {
 // kernel as its 32-bit shared address).
 inline uint32_t shared_offset(const void* p) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    if (smem_ptr == nullptr || c < smem_ptr || c > smem_ptr + SMEM_CAP) die("generic-to-shared of a non-shared pointer");
+    if (c < smem_ptr || c > smem_ptr + SMEM_CAP) die("generic-to-shared of a non-shared pointer");
     return (uint32_t)(c - smem_ptr);
 }
 inline unsigned char* shared_at(uint32_t addr, uint32_t bytes) {
@@ -107,12 +131,15 @@ inline unsigned char* shared_at(uint32_t addr, uint32_t bytes) {
 }
 
 // ---- ldmatrix -------------------------------------------------------------------------------
-inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
+// ldmatrix.m8n8.x{N}: lanes 8 m .. 8 m + 7 give the row addresses of matrix m < N.
+template <unsigned N>
+inline void ldmatrix(uint32_t (&r)[N], uint32_t addr, bool trans) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
     WarpSlot* s = warp_slot_array();
     const unsigned lane = lane_id();
     s[lane].u[0] = addr;
-    collective_meet(trans ? OP_LDMATRIX_T : OP_LDMATRIX);
-    for (unsigned m = 0; m < 4; ++m) {
+    collective_meet(OP_LDMATRIX + 8 * (N - 1) + (trans ? 32 : 0));
+    for (unsigned m = 0; m < N; ++m) {
         for (unsigned l = 0; l < 8; ++l) {
             if (s[8 * m + l].u[0] % 16 != 0) die("ldmatrix: row address not 16-byte aligned");
             shared_at(s[8 * m + l].u[0], 16);
@@ -127,15 +154,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     }
     collective_leave();
 }
-// The generic-pointer form (cuda/ntk.cu), non-transposed.
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) { ldmatrix_x4(r, shared_offset(row_addr), false); }
 
 // ---- mma.sync -------------------------------------------------------------------------------
 inline double f16_value(uint16_t bits) { return (double)__half2float(__half{bits}); }
 inline double bf16_value(uint16_t bits) { return (double)__bfloat162float(__nv_bfloat16{bits}); }
 inline double tf32_value(uint32_t bits) {
     if (bits & 0x1fffu) {
-        unrounded_tf32.fetch_add(1, std::memory_order_relaxed);
+        counters().unrounded_tf32.fetch_add(1, std::memory_order_relaxed);
         bits &= ~0x1fffu;
     }
     return (double)__uint_as_float(bits);
@@ -185,50 +210,35 @@ inline void mma_sync(uint32_t op, float (&c)[4], const uint32_t (&a)[4], uint32_
         for (int k = 0; k < K; ++k) acc += A[row][k] * B[k][col];
         d[i] = (float)acc;
     }
-    if (lane == 0) mma_count.fetch_add(1, std::memory_order_relaxed);
+    if (lane == 0) counters().mma.fetch_add(1, std::memory_order_relaxed);
     collective_leave();
     for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
-// cuda/attention.cu's form: m16n8k16 with T = __half or __nv_bfloat16.
-template <typename T>
-inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
-    mma_sync(std::is_same_v<T, __half> ? OP_MMA_F16 : OP_MMA_BF16, c, a, b0, b1);
-}
-// cuda/ntk.cu's form: kBf16 selects m16n8k16 bf16, else m16n8k8 tf32.
-template <bool kBf16>
-inline void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-    float (&cr)[4] = *reinterpret_cast<float (*)[4]>(c);
-    const uint32_t (&ar)[4] = *reinterpret_cast<const uint32_t (*)[4]>(a);
-    mma_sync(kBf16 ? OP_MMA_BF16 : OP_MMA_TF32, cr, ar, b[0], b[1]);
-}
-
 // ---- cp.async -------------------------------------------------------------------------------
 struct PendingCopy {
     uint32_t dst;
     const void* src;
-    uint32_t src_bytes;
+    uint32_t bytes, src_bytes;
     uint64_t group;
 };
 inline thread_local std::vector<PendingCopy> cp_pending;
 inline thread_local uint64_t cp_group = 0;  // the open (uncommitted) group's number
 
 inline void cp_async_land(const PendingCopy& c) {
-    unsigned char* d = shared_at(c.dst, 16);
+    unsigned char* d = shared_at(c.dst, c.bytes);
     if (c.src_bytes > 0) std::memcpy(d, c.src, c.src_bytes);
-    std::memset(d + c.src_bytes, 0, 16 - c.src_bytes);
+    std::memset(d + c.src_bytes, 0, c.bytes - c.src_bytes);
 }
-inline void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-    if (dst % 16 != 0) die("cp.async 16: shared address not 16-byte aligned");
-    if (src_bytes > 16) die("cp.async 16: src-size > 16");
-    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) die("cp.async 16: global address not 16-byte aligned");
-    shared_at(dst, 16);
-    const PendingCopy c{dst, src, src_bytes, cp_group};
+// A cp.async of `bytes` (4, 8 or 16) with src-size `src_bytes`.
+inline void cp_async(uint32_t dst, const void* src, uint32_t bytes, uint32_t src_bytes) {
+    if (dst % bytes != 0) die("cp.async: shared address not aligned to the copy size");
+    if (src_bytes > bytes) die("cp.async: src-size larger than the copy");
+    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0) die("cp.async: global address not aligned to the copy size");
+    shared_at(dst, bytes);
+    const PendingCopy c{dst, src, bytes, src_bytes, cp_group};
     if (cp_async_mode == CpAsyncMode::Eager) cp_async_land(c);
     else cp_pending.push_back(c);
 }
-// The generic-pointer form (cuda/ntk.cu): src-size 16 when valid, else 0 (zero-fill).
-inline void cp_async16(void* dst, const void* src, bool valid) { cp_async_16(shared_offset(dst), src, valid ? 16 : 0); }
 inline void cp_async_commit() { ++cp_group; }
 // cp.async.wait_group n: all but the n most recent committed groups complete. Copies of the
 // open group are not committed and stay pending.
@@ -240,10 +250,6 @@ inline void cp_async_wait(uint32_t n) {
     }
     cp_pending.swap(keep);
 }
-inline void cp_async_wait(int n) {
-    if (n < 0) die("cp.async.wait_group with a negative count");
-    cp_async_wait((uint32_t)n);
-}
 // Called when a thread exits: copies never waited for are a kernel bug (their data never
 // reaches a read the kernel ordered).
 inline void thread_exit() {
@@ -252,12 +258,24 @@ inline void thread_exit() {
     cp_group = 0;
     collective_seq = 0;
     if (left > 0) {
-        cp_async_leftover.fetch_add(left);
+        counters().cp_async_leftover.fetch_add(left);
         if (cp_async_leftover_fatal) die("thread exited with cp.async copies never waited for");
     }
 }
 
 }  // namespace ntkv_emu
 
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) { return ntkv_emu::shfl_xor(mask, v, lane_mask); }
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return ntkv_emu::shfl(ntkv_emu::OP_SHFL_XOR, mask, v, [=](unsigned l) { return (l ^ (unsigned)lane_mask) & 31u; });
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+    return ntkv_emu::shfl(ntkv_emu::OP_SHFL_DOWN, mask, v, [=](unsigned l) { return l + delta; });
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+    return ntkv_emu::shfl(ntkv_emu::OP_SHFL_UP, mask, v, [=](unsigned l) { return l >= delta ? l - delta : 32u; });
+}
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src) {
+    return ntkv_emu::shfl(ntkv_emu::OP_SHFL_IDX, mask, v, [=](unsigned) { return (unsigned)src & 31u; });
+}
+inline unsigned __ballot_sync(unsigned mask, bool pred) { return ntkv_emu::ballot(mask, pred); }
 inline uint64_t __cvta_generic_to_shared(const void* p) { return ntkv_emu::shared_offset(p); }

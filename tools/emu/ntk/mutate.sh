@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Checks that the emulator is sensitive: applies one deliberate bug at a time to a copy of
-# cuda/ntk.cu and expects tools/emu-ntk/ntk_emu.cpp (quick case list) to report failures.
+# cuda/ntk.cu and expects tools/emu/ntk/ntk_emu.cpp (quick case list) to report failures.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/cuda" "$work/tools/emu-ntk"
-cp -r "$root/tools/emu-ntk/." "$work/tools/emu-ntk/"
+cp -r "$root/cuda" "$work/cuda"
 status=0
 mutate() {  # name, cp.async mode, old text, new text
     cp "$root/cuda/ntk.cu" "$work/cuda/ntk.cu"
@@ -17,8 +16,8 @@ s = open(p).read()
 assert old in s, old
 open(p, "w").write(s.replace(old, new, 1))
 PY
-    g++ -std=c++20 -O1 -pthread -ffp-contract=off -I"$root/tools/emu/include" -I"$root/cuda/include" \
-        -o "$work/emu" "$work/tools/emu-ntk/ntk_emu.cpp"
+    g++ -std=c++20 -O1 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$root/tools/emu/include" \
+        -I"$work/cuda/include" -I"$work/cuda" -o "$work/emu" "$root/tools/emu/ntk/ntk_emu.cpp"
     local fails
     fails=$(NTKV_EMU_CP_ASYNC=$2 "$work/emu" quick 2>&1 | grep -c FAIL || true)
     if [ "$fails" -gt 0 ]; then echo "caught   $1 ($fails failing cases)"; else echo "MISSED   $1"; status=1; fi

@@ -1,21 +1,15 @@
-// Runs the kernels of cuda/topk.cu on the CPU (see include/ntkv_common.cuh: one std::thread per
-// CUDA thread, one forked process per CTA, several CTAs at once) against straightforward
+// Runs the kernels of cuda/topk.cu on the CPU (tools/emu/include/emu_runtime.h: one std::thread
+// per CUDA thread; the launches run concurrently, one forked process per CTA with several CTAs
+// at once, so the tickets, histograms and the H2O queue really race) against straightforward
 // references: top-k (fused and many-blocks paths, row batches), eviction selection, H2O
 // accumulation (three-launch and queued single-launch paths), keep-list check, in-place
 // compaction, gather, SnapKV pooling. The launch geometry and parameters are set up as
-// src/topk/gpu.rs does. Build and run with tools/emu-topk/run.sh (AddressSanitizer + UBSan).
-#define NTKV_EMULATE 1
-#include "topk_emu_src.cu"  // cuda/topk.cu with `extern __shared__` -> `extern` (run.sh)
+// src/topk/gpu.rs does. Build and run with tools/emu/run.sh topk (AddressSanitizer + UBSan).
+#include "topk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <random>
 #include <string>
-
-// The source's dynamic shared-memory arrays (block-scope extern declarations).
-namespace {
-alignas(16) unsigned long long sort_buf[ntkv_emu::SMEM_CAP / 8];
-}
-alignas(16) uint32_t stage[ntkv_emu::SMEM_CAP / 4];
 
 namespace {
 
@@ -374,6 +368,43 @@ struct H2oState {
 
 double g_h2o_timeout = 90.0;
 
+// A device copy of a host vector.
+template <typename T>
+T* upload(const std::vector<T>& h) {
+    T* d = dev_alloc<T>(h.size());
+    std::memcpy(d, h.data(), h.size() * sizeof(T));
+    return d;
+}
+
+// The (zeroed) scratch of an H2O accumulation over shape s, with queue order `order`.
+H2oState h2o_state(const Shape& s, const std::vector<uint32_t>& order) {
+    H2oState st;
+    st.partial = dev_alloc<float>(s.hq * s.tq * ((s.t + 63) / 64) * 2);
+    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
+    st.order = upload(order);
+    st.queue = dev_alloc<unsigned long long>(1);
+    st.done = dev_alloc<uint32_t>(s.hkv);
+    st.ready = dev_alloc<uint32_t>(s.hkv);
+    st.error = dev_alloc<uint32_t>(1);
+    return st;
+}
+
+// Random q [hq, tq, d] and k [hkv, t, d], uniform in [-2, 2), on the device, with the f64
+// attention mass of every key (the reference of the accumulation).
+template <typename T>
+struct H2oInputs {
+    std::vector<double> mass;
+    T* q;
+    T* k;
+};
+template <typename T>
+H2oInputs<T> h2o_inputs(const Shape& s, bool max_reduce) {
+    std::vector<T> hq(s.hq * s.tq * s.d), hk(s.hkv * s.t * s.d);
+    for (auto& v : hq) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
+    for (auto& v : hk) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
+    return H2oInputs<T>{attention_mass(hq, hk, s, max_reduce), upload(hq), upload(hk)};
+}
+
 template <typename T, int D>
 bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, const T* q, const T* k, float* acc,
                 H2oState& st, unsigned conc, unsigned seed) {
@@ -418,29 +449,12 @@ bool h2o_case(const char* name, Shape s, bool queued, bool max_reduce, size_t la
     std::printf("h2o %-24s %-4s hq=%zu hkv=%zu tq=%zu t=%zu d=%zu %s %s lag=%zu concurrent=%u\n", name, dname<T>(), s.hq,
                 s.hkv, s.tq, s.t, s.d, queued ? "queued" : "3-launch", max_reduce ? "max" : "sum", lag, conc);
     std::fflush(stdout);
-    std::vector<T> hq(s.hq * s.tq * s.d), hk(s.hkv * s.t * s.d);
-    for (auto& v : hq) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
-    for (auto& v : hk) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
-    const std::vector<double> mass = attention_mass(hq, hk, s, max_reduce);
-    T* q = dev_alloc<T>(hq.size());
-    T* k = dev_alloc<T>(hk.size());
-    std::memcpy(q, hq.data(), hq.size() * sizeof(T));
-    std::memcpy(k, hk.data(), hk.size() * sizeof(T));
+    const auto [mass, q, k] = h2o_inputs<T>(s, max_reduce);
     float* acc = dev_alloc<float>(s.hkv * s.t);
     std::vector<float> acc0(s.hkv * s.t);
     for (auto& a : acc0) a = unif();
     std::memcpy(acc, acc0.data(), acc0.size() * 4);
-    const size_t n_tiles = (s.t + 63) / 64;
-    H2oState st;
-    st.partial = dev_alloc<float>(s.hq * s.tq * n_tiles * 2);
-    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
-    const std::vector<uint32_t> order = queue_order(s.hkv, std::min(lag, s.hkv));
-    st.order = dev_alloc<uint32_t>(order.size());
-    std::memcpy(st.order, order.data(), order.size() * 4);
-    st.queue = dev_alloc<unsigned long long>(1);
-    st.done = dev_alloc<uint32_t>(s.hkv);
-    st.ready = dev_alloc<uint32_t>(s.hkv);
-    st.error = dev_alloc<uint32_t>(1);
+    H2oState st = h2o_state(s, queue_order(s.hkv, std::min(lag, s.hkv)));
     // Call 1 accumulates into acc0; call 2 (same scratch: ticket_base/epoch advance) overwrites.
     for (int call = 0; call < 2; ++call) {
         const bool overwrite = call == 1;
@@ -602,27 +616,10 @@ bool snapkv_case(const char* name, Shape s, size_t capacity, bool max_reduce) {
     std::printf("snapkv %-21s %-4s hq=%zu hkv=%zu w=%zu t=%zu capacity=%zu\n", name, dname<T>(), s.hq, s.hkv, s.tq, s.t,
                 capacity);
     std::fflush(stdout);
-    std::vector<T> hq(s.hq * s.tq * s.d), hk(s.hkv * s.t * s.d);
-    for (auto& v : hq) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
-    for (auto& v : hk) v = ntkv::from_f32<T>(unif() * 4.0f - 2.0f);
-    const std::vector<double> mass = attention_mass(hq, hk, s, max_reduce);
-    T* q = dev_alloc<T>(hq.size());
-    T* k = dev_alloc<T>(hk.size());
-    std::memcpy(q, hq.data(), hq.size() * sizeof(T));
-    std::memcpy(k, hk.data(), hk.size() * sizeof(T));
+    const auto [mass, q, k] = h2o_inputs<T>(s, max_reduce);
     float* votes = dev_alloc<float>(s.hkv * s.t);
     for (size_t e = 0; e < s.hkv * s.t; ++e) votes[e] = NAN;  // overwritten, never read
-    const size_t n_tiles = (s.t + 63) / 64;
-    H2oState st;
-    st.partial = dev_alloc<float>(s.hq * s.tq * n_tiles * 2);
-    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
-    const std::vector<uint32_t> order = queue_order(s.hkv, std::min<size_t>(2, s.hkv));
-    st.order = dev_alloc<uint32_t>(order.size());
-    std::memcpy(st.order, order.data(), order.size() * 4);
-    st.queue = dev_alloc<unsigned long long>(1);
-    st.done = dev_alloc<uint32_t>(s.hkv);
-    st.ready = dev_alloc<uint32_t>(s.hkv);
-    st.error = dev_alloc<uint32_t>(1);
+    H2oState st = h2o_state(s, queue_order(s.hkv, std::min<size_t>(2, s.hkv)));
     CHECK((h2o_launch<T, 64>(s, true, max_reduce, true, q, k, votes, st, 4, 11)), "accumulate failed");
     const size_t older = s.t - s.tq, w = s.tq;
     float* pooled = dev_alloc<float>(s.hkv * older);
@@ -679,21 +676,10 @@ bool deadlock_control() {
     std::fflush(stdout);
     const Shape s{2, 1, 4, 70, 64};
     std::vector<__half> hq(s.hq * s.tq * s.d, ntkv::from_f32<__half>(0.5f)), hk(s.hkv * s.t * s.d, ntkv::from_f32<__half>(0.25f));
-    __half* q = dev_alloc<__half>(hq.size());
-    __half* k = dev_alloc<__half>(hk.size());
-    std::memcpy(q, hq.data(), hq.size() * 2);
-    std::memcpy(k, hk.data(), hk.size() * 2);
+    __half* q = upload(hq);
+    __half* k = upload(hk);
     float* acc = dev_alloc<float>(s.hkv * s.t);
-    H2oState st;
-    st.partial = dev_alloc<float>(s.hq * s.tq * 2 * 2);
-    st.stats = dev_alloc<float>(s.hq * s.tq * 2);
-    const uint32_t bad[2] = {1u << 31, 0u};
-    st.order = dev_alloc<uint32_t>(2);
-    std::memcpy(st.order, bad, 8);
-    st.queue = dev_alloc<unsigned long long>(1);
-    st.done = dev_alloc<uint32_t>(1);
-    st.ready = dev_alloc<uint32_t>(1);
-    st.error = dev_alloc<uint32_t>(1);
+    H2oState st = h2o_state(s, {1u << 31, 0u});
     g_h2o_timeout = 4.0;
     const bool ok = h2o_launch<__half, 64>(s, true, false, true, q, k, acc, st, 1, 1);
     g_h2o_timeout = 90.0;
@@ -706,43 +692,64 @@ bool deadlock_control() {
 
 int main(int argc, char** argv) {
     ntkv_emu::arena_init(size_t(64) << 20);
-    ntkv_emu::dyn_smem = {reinterpret_cast<unsigned char*>(sort_buf), reinterpret_cast<unsigned char*>(stage)};
     const std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* group) { return only.empty() || only == group; };
     if (only == "sweep") rng.seed(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 99);
 
     if (want("topk")) {
-        // Fused path (blocks_per_row == 1: sm_count 1).
-        topk_case<float>("fused-random", 3, 1000, 10, kRandom, false, 1);
-        topk_case<float>("fused-k1", 2, 777, 1, kRandom, false, 1);
-        topk_case<float>("fused-k=n", 2, 301, 301, kTies, false, 1);
-        topk_case<float>("fused-k>n", 2, 50, 70, kRandom, false, 1);
-        topk_case<float>("fused-ties", 3, 2500, 100, kTies, false, 1);
-        topk_case<float>("fused-allequal", 2, 999, 37, kAllEqual, false, 1);
-        topk_case<float>("fused-specials", 3, 1203, 200, kSpecials, true, 1);
-        topk_case<float>("fused-lengths", 5, 600, 40, kRandom, true, 1);
-        topk_case<float>("fused-n-odd-stride", 3, 1001, 17, kRandom, false, 1);  // row stride % 4 != 0
-        topk_case<__half>("fused-f16", 3, 2049, 64, kRandom, true, 1);
-        topk_case<__nv_bfloat16>("fused-bf16", 3, 1500, 300, kTies, false, 1);
-        topk_case<__half>("fused-f16-specials", 2, 998, 500, kSpecials, false, 1);
-        topk_case<float>("fused-unstaged", 3, 2000, 30, kFewValues, false, 1, TopkRun{0, 2, 1});
-        topk_case<float>("fused-stage3", 2, 700, 9, kTies, true, 1, TopkRun{3, 2, 1});
-        // Many blocks per row (sm_count large, few rows).
-        topk_case<float>("split-random", 2, 9000, 50, kRandom, false, 132);
-        topk_case<float>("split-ties", 2, 10001, 333, kTies, true, 132);
-        topk_case<float>("split-specials", 2, 8195, 1000, kSpecials, true, 132);
-        topk_case<float>("split-k1", 1, 12290, 1, kSorted, false, 132);
-        topk_case<float>("split-k=n", 1, 4100, 4100, kRandom, false, 132);
-        topk_case<float>("split-k>len", 3, 8500, 200, kRandom, true, 132);
-        topk_case<__half>("split-f16", 2, 9003, 128, kTies, true, 132);
-        topk_case<__nv_bfloat16>("split-bf16", 2, 8200, 77, kSpecials, false, 132);
-        topk_case<float>("split-unstaged", 2, 8300, 40, kFewValues, false, 132, TopkRun{0, 4, 3});
-        topk_case<float>("split-allequal", 1, 8192, 4000, kAllEqual, false, 132);
-        topk_case<float>("split-conc1", 2, 9000, 20, kRandom, true, 132, TopkRun{8192, 1, 2});
-        topk_case<float>("split-conc8", 1, 20000, 64, kTies, false, 132, TopkRun{8192, 8, 4});
-        // Row batching: force rows_per_batch below rows.
-        topk_case<float>("fused-batches", 5, 800, 11, kTies, true, 1, TopkRun{}, 2);
-        topk_case<float>("split-batches", 5, 8200, 11, kRandom, true, 132, TopkRun{}, 2);
+        enum Dtype { kF32, kF16, kBf16 };
+        struct Spec {
+            Dtype dtype;
+            const char* name;
+            size_t rows, n, k;
+            Fill fill;
+            bool with_lengths;
+            size_t sm_count;
+            TopkRun run = {};
+            size_t force_rows_per_batch = 0;
+        };
+        const Spec specs[] = {
+            // Fused path (blocks_per_row == 1: sm_count 1).
+            {kF32, "fused-random", 3, 1000, 10, kRandom, false, 1},
+            {kF32, "fused-k1", 2, 777, 1, kRandom, false, 1},
+            {kF32, "fused-k=n", 2, 301, 301, kTies, false, 1},
+            {kF32, "fused-k>n", 2, 50, 70, kRandom, false, 1},
+            {kF32, "fused-ties", 3, 2500, 100, kTies, false, 1},
+            {kF32, "fused-allequal", 2, 999, 37, kAllEqual, false, 1},
+            {kF32, "fused-specials", 3, 1203, 200, kSpecials, true, 1},
+            {kF32, "fused-lengths", 5, 600, 40, kRandom, true, 1},
+            {kF32, "fused-n-odd-stride", 3, 1001, 17, kRandom, false, 1},  // row stride % 4 != 0
+            {kF16, "fused-f16", 3, 2049, 64, kRandom, true, 1},
+            {kBf16, "fused-bf16", 3, 1500, 300, kTies, false, 1},
+            {kF16, "fused-f16-specials", 2, 998, 500, kSpecials, false, 1},
+            {kF32, "fused-unstaged", 3, 2000, 30, kFewValues, false, 1, TopkRun{0, 2, 1}},
+            {kF32, "fused-stage3", 2, 700, 9, kTies, true, 1, TopkRun{3, 2, 1}},
+            // Many blocks per row (sm_count large, few rows).
+            {kF32, "split-random", 2, 9000, 50, kRandom, false, 132},
+            {kF32, "split-ties", 2, 10001, 333, kTies, true, 132},
+            {kF32, "split-specials", 2, 8195, 1000, kSpecials, true, 132},
+            {kF32, "split-k1", 1, 12290, 1, kSorted, false, 132},
+            {kF32, "split-k=n", 1, 4100, 4100, kRandom, false, 132},
+            {kF32, "split-k>len", 3, 8500, 200, kRandom, true, 132},
+            {kF16, "split-f16", 2, 9003, 128, kTies, true, 132},
+            {kBf16, "split-bf16", 2, 8200, 77, kSpecials, false, 132},
+            {kF32, "split-unstaged", 2, 8300, 40, kFewValues, false, 132, TopkRun{0, 4, 3}},
+            {kF32, "split-allequal", 1, 8192, 4000, kAllEqual, false, 132},
+            {kF32, "split-conc1", 2, 9000, 20, kRandom, true, 132, TopkRun{8192, 1, 2}},
+            {kF32, "split-conc8", 1, 20000, 64, kTies, false, 132, TopkRun{8192, 8, 4}},
+            // Row batching: force rows_per_batch below rows.
+            {kF32, "fused-batches", 5, 800, 11, kTies, true, 1, TopkRun{}, 2},
+            {kF32, "split-batches", 5, 8200, 11, kRandom, true, 132, TopkRun{}, 2},
+        };
+        for (const Spec& c : specs) {
+            const auto run = [&](auto dtype) {
+                topk_case<decltype(dtype)>(c.name, c.rows, c.n, c.k, c.fill, c.with_lengths, c.sm_count, c.run,
+                                           c.force_rows_per_batch);
+            };
+            if (c.dtype == kF32) run(float{});
+            else if (c.dtype == kF16) run(__half{});
+            else run(__nv_bfloat16{});
+        }
     }
     if (want("select")) {
         select_case("h2o", 3, 700, 650, 120, 50, kRandom, 1);

@@ -1,20 +1,16 @@
 // Runs the real kernel source cuda/ntk.cu on the CPU (one std::thread per CUDA thread, see
-// tools/emu/include/ntkv_common.cuh) against f64 references: the split-K GEMM in every arithmetic
+// tools/emu/include/emu_runtime.h) against f64 references: the split-K GEMM in every arithmetic
 // flavour and loader (register-staged with and without vector loads, cp.async pipelines),
 // cross and symmetric, the split reduction with every output layout, the mode pipelines
 // (Full / Trace / Diagonal / Pseudo with the pre-sum) and the factored combine. Build and run
-// with tools/emu-ntk/run.sh (AddressSanitizer + UBSan: any out-of-bounds global or shared
+// with tools/emu/run.sh ntk (AddressSanitizer + UBSan: any out-of-bounds global or shared
 // access aborts the run). Shapes are deliberately not tile multiples.
-#define NTKV_EMULATE 1
-#include "../../cuda/ntk.cu"
+#include "ntk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <cstdio>
 #include <random>
 #include <string>
-
-namespace {
-alignas(128) unsigned char smem_raw[ntkv_emu::SMEM_CAP];
-}
 
 namespace {
 
@@ -85,53 +81,34 @@ std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand*
     splits_out = splits;
     const uint32_t col_tiles = (s.m2 + kTile - 1) / kTile, row_tiles = (s.m1 + kTile - 1) / kTile;
     const uint32_t tiles = s.symmetric ? col_tiles * (col_tiles + 1) / 2 : row_tiles * col_tiles;
-    NtkvNtkGemmParams p{};
-    p.a_batch_stride = p.b_batch_stride = s.batch_stride;
-    p.a_row_stride = p.b_row_stride = s.row_stride;
-    p.k = s.k;
-    p.k_chunk = s.k_chunk;
-    p.m1 = s.m1;
-    p.m2 = s.m2;
-    p.batch = s.batch;
-    p.splits = splits;
-    p.col_tiles = col_tiles;
-    p.symmetric = s.symmetric;
-    p.vec_ok = vec_ok;
+    const NtkvNtkGemmParams p{.a_batch_stride = s.batch_stride, .b_batch_stride = s.batch_stride,
+                              .a_row_stride = s.row_stride, .b_row_stride = s.row_stride, .k = s.k,
+                              .k_chunk = s.k_chunk, .m1 = s.m1, .m2 = s.m2, .batch = s.batch, .splits = splits,
+                              .col_tiles = col_tiles, .symmetric = s.symmetric, .vec_ok = vec_ok};
     std::vector<float> part((size_t)s.batch * splits * s.m1 * s.m2, NAN);
     const void* bp = b ? b->ptr() : a.ptr();
     std::function<void()> body;
     uint32_t threads = kThreads;
+    // Picks kernel K (its name selects the shared memory size) with inputs pa, pb.
+    auto pick = [&](const char* name, auto k, auto pa, auto pb) {
+        kernel = name;
+        body = [&p, &part, k, pa, pb] { k(p, pa, pb, part.data()); };
+    };
+#define NTK_PICK(K, PA, PB) pick(#K, K, PA, PB)
     if (!bf16) {
         const float *fa = (const float*)a.ptr(), *fb = (const float*)bp;
-        if (prec == Prec::Tf32 && async_ok) {
-            kernel = "ntkv_ntk_gemm_f32_tf32_async", threads = kAsyncThreads;
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32_async(p, fa, fb, part.data()); };
-        } else if (prec == Prec::F32) {
-            kernel = "ntkv_ntk_gemm_f32_ffma";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_ffma(p, fa, fb, part.data()); };
-        } else if (prec == Prec::Tf32) {
-            kernel = "ntkv_ntk_gemm_f32_tf32";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_tf32(p, fa, fb, part.data()); };
-        } else {
-            kernel = "ntkv_ntk_gemm_f32_bf16";
-            body = [&, fa, fb] { ntkv_ntk_gemm_f32_bf16(p, fa, fb, part.data()); };
-        }
+        if (prec == Prec::Tf32 && async_ok) NTK_PICK(ntkv_ntk_gemm_f32_tf32_async, fa, fb), threads = kAsyncThreads;
+        else if (prec == Prec::F32) NTK_PICK(ntkv_ntk_gemm_f32_ffma, fa, fb);
+        else if (prec == Prec::Tf32) NTK_PICK(ntkv_ntk_gemm_f32_tf32, fa, fb);
+        else NTK_PICK(ntkv_ntk_gemm_f32_bf16, fa, fb);
     } else {
         const __nv_bfloat16 *ha = (const __nv_bfloat16*)a.ptr(), *hb = (const __nv_bfloat16*)bp;
-        if (prec == Prec::Bf16 && async_ok) {
-            kernel = "ntkv_ntk_gemm_bf16_bf16_async", threads = kAsyncThreads;
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16_async(p, ha, hb, part.data()); };
-        } else if (prec == Prec::F32) {
-            kernel = "ntkv_ntk_gemm_bf16_ffma";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_ffma(p, ha, hb, part.data()); };
-        } else if (prec == Prec::Tf32) {
-            kernel = "ntkv_ntk_gemm_bf16_tf32";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_tf32(p, ha, hb, part.data()); };
-        } else {
-            kernel = "ntkv_ntk_gemm_bf16_bf16";
-            body = [&, ha, hb] { ntkv_ntk_gemm_bf16_bf16(p, ha, hb, part.data()); };
-        }
+        if (prec == Prec::Bf16 && async_ok) NTK_PICK(ntkv_ntk_gemm_bf16_bf16_async, ha, hb), threads = kAsyncThreads;
+        else if (prec == Prec::F32) NTK_PICK(ntkv_ntk_gemm_bf16_ffma, ha, hb);
+        else if (prec == Prec::Tf32) NTK_PICK(ntkv_ntk_gemm_bf16_tf32, ha, hb);
+        else NTK_PICK(ntkv_ntk_gemm_bf16_bf16, ha, hb);
     }
+#undef NTK_PICK
     const uint32_t smem = smem_for(kernel);
     ntkv_emu::launch(dim3_{tiles, splits, s.batch}, dim3_{threads, 1, 1}, smem, body);
     return part;
@@ -140,32 +117,17 @@ std::vector<float> run_gemm(const GemmShape& s, const Operand& a, const Operand*
 // Launches the reduction (kind 0/1/2) with a small grid so the grid-stride loop wraps.
 std::vector<float> run_reduce(const std::vector<float>& part, uint32_t m1, uint32_t m2, uint32_t batch, uint32_t splits,
                               uint32_t kind, uint32_t n2, uint32_t o, bool symmetric, float scale, uint64_t n_out) {
-    NtkvNtkReduceParams r{};
-    r.n_out = n_out;
-    r.plane = (uint64_t)m1 * m2;
-    r.m1 = m1;
-    r.m2 = m2;
-    r.splits = splits;
-    r.batch = batch;
-    r.kind = kind;
-    r.n2 = n2;
-    r.o = o;
-    r.symmetric = symmetric;
-    r.scale = scale;
+    const NtkvNtkReduceParams r{.n_out = n_out, .plane = (uint64_t)m1 * m2, .m1 = m1, .m2 = m2, .splits = splits,
+                                .batch = batch, .kind = kind, .n2 = n2, .o = o, .symmetric = symmetric, .scale = scale};
     std::vector<float> out(n_out, NAN);
     ntkv_emu::launch(dim3_{3, 1, 1}, dim3_{64, 1, 1}, 0, [&] { ntkv_ntk_reduce(r, part.data(), out.data()); });
     return out;
 }
 
 double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-        const double d = (double)got[i] - want[i];
-        num += d * d;
-        den += want[i] * want[i];
-    }
-    if (!(num == num)) return INFINITY;
-    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    ntkv_emu::RelL2 e;
+    for (size_t i = 0; i < want.size(); ++i) e.add(got[i], want[i]);
+    return std::isnan(e.value()) ? INFINITY : e.value();
 }
 
 double bound(Prec p) { return p == Prec::F32 ? 1e-5 : 2e-3; }
@@ -173,7 +135,7 @@ double bound(Prec p) { return p == Prec::F32 ? 1e-5 : 2e-3; }
 bool check(const char* what, const std::string& kernel, Prec prec, const std::vector<float>& got,
            const std::vector<double>& want, const std::string& detail) {
     const double e = rel_l2(got, want);
-    const uint64_t unr = ntkv_emu::unrounded_tf32.exchange(0), left = ntkv_emu::cp_async_leftover.exchange(0);
+    const uint64_t unr = ntkv_emu::counters().unrounded_tf32.exchange(0), left = ntkv_emu::counters().cp_async_leftover.exchange(0);
     const bool ok = e <= bound(prec) && unr == 0 && left == 0 && got.size() == want.size();
     std::printf("%-4s %-9s %-30s %-5s %s: rel L2 %.2e (bound %.0e)%s%s\n", ok ? "ok" : "FAIL", what, kernel.c_str(),
                 prec_name(prec), detail.c_str(), e, bound(prec), unr ? " UNROUNDED-TF32" : "",
@@ -241,11 +203,7 @@ bool mode_case(Mode mode, Prec prec, bool bf16_in, uint32_t n1, uint32_t n2_or_0
     }
     // Pseudo: the pre-sum kernel first; the GEMM then reads f32 sums [n, p].
     auto presum_of = [&](const Operand& j, uint32_t n) {
-        NtkvNtkPresumParams pp{};
-        pp.p = p;
-        pp.n_out = (uint64_t)n * p;
-        pp.n = n;
-        pp.o = o;
+        const NtkvNtkPresumParams pp{.p = p, .n_out = (uint64_t)n * p, .n = n, .o = o};
         Operand out;
         out.bf16 = false;
         out.f.assign(pp.n_out, NAN);
@@ -323,16 +281,8 @@ bool combine_case(uint32_t kind, bool accumulate, uint32_t n1, uint32_t n2, uint
     std::vector<float> aa((size_t)n1 * t * n2 * t), gg((size_t)n1 * t * e * n2 * t * e);
     for (auto& v : aa) v = uniform();
     for (auto& v : gg) v = uniform();
-    NtkvNtkCombineParams c{};
-    c.n_out = (uint64_t)n1 * n2 * e * (kind == 0 ? e : 1);
-    c.n1 = n1;
-    c.n2 = n2;
-    c.t = t;
-    c.e = e;
-    c.kind = kind;
-    c.accumulate = accumulate;
-    c.beta = beta;
-    c.scale = 0.5f;
+    const NtkvNtkCombineParams c{.n_out = (uint64_t)n1 * n2 * e * (kind == 0 ? e : 1), .n1 = n1, .n2 = n2, .t = t,
+                                 .e = e, .kind = kind, .accumulate = accumulate, .beta = beta, .scale = 0.5f};
     std::vector<float> out(c.n_out);
     for (auto& v : out) v = uniform();
     const std::vector<float> before = out;
@@ -393,12 +343,7 @@ bool metrics_case(uint32_t n, uint32_t m_kind, bool center, uint32_t blocks) {
         cent = ck;
         cent.insert(cent.end(), cm.begin(), cm.end());
     }
-    NtkvNtkStatsParams sp{};
-    sp.total = (uint64_t)n * n;
-    sp.n = n;
-    sp.m_kind = m_kind;
-    sp.center = center;
-    sp.blocks = blocks;
+    const NtkvNtkStatsParams sp{.total = (uint64_t)n * n, .n = n, .m_kind = m_kind, .center = center, .blocks = blocks};
     std::vector<double> partials((size_t)blocks * kStats, NAN), out(kStats, NAN);
     const double* cp = center ? cent.data() : nullptr;
     ntkv_emu::launch(dim3_{blocks, 1, 1}, dim3_{256, 1, 1}, 0,
@@ -460,13 +405,7 @@ bool mlp_case(uint32_t act) {
     for (uint64_t i = 0; i < g0.size(); ++i) err = std::max(err, std::fabs(g0[i] - ((i / o) % o == i % o ? 1.0 : 0.0)));
     // jvp, hidden and last
     for (uint32_t last : {0u, 1u}) {
-        NtkvNtkJvpParams jp{};
-        jp.total = total;
-        jp.cols = cols;
-        jp.has_bias = 1;
-        jp.has_t2 = 1;
-        jp.is_last = last;
-        jp.act = act;
+        const NtkvNtkJvpParams jp{.total = total, .cols = cols, .has_bias = 1, .has_t2 = 1, .is_last = last, .act = act};
         std::vector<float> a(total, NAN), da(total, NAN);
         ntkv_emu::launch(dim3_{2, 1, 1}, dim3_{64, 1, 1}, 0,
                          [&] { ntkv_ntk_jvp(jp, pre.data(), t1.data(), t2.data(), bias.data(), dbias.data(), a.data(), da.data()); });
@@ -484,9 +423,8 @@ bool mlp_case(uint32_t act) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    ntkv_emu::smem_ptr = smem_raw;
     // Copies left pending at exit fail the case (check()) instead of aborting, so that
-    // tools/emu-ntk/mutate.sh sees a failing case.
+    // tools/emu/ntk/mutate.sh sees a failing case.
     ntkv_emu::cp_async_leftover_fatal = false;
     // "quick": fewer GEMM/mode cases; "misc": only combine, metrics and MLP kernels.
     const std::string arg = argc > 1 ? argv[1] : "";
@@ -525,7 +463,7 @@ int main(int argc, char** argv) {
     ok &= metrics_case(29, 2, true, 2);
     ok &= metrics_case(300, 2, true, 5);
     for (uint32_t act : {0u, 1u, 2u}) ok &= mlp_case(act);
-    std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::mma_count.load());
+    std::printf("mma ops emulated: %llu\n", (unsigned long long)ntkv_emu::counters().mma.load());
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

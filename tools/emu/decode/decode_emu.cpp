@@ -1,20 +1,16 @@
 // Runs the real kernel source cuda/decode.cu on the CPU (one std::thread per CUDA thread,
-// see include/ntkv_common.cuh) against an f64 reference: a check of indexing, masking,
+// see tools/emu/include/emu_runtime.h) against an f64 reference: a check of indexing, masking,
 // tiling, the chunk split and the merge that needs no GPU. Build and run with
-// tools/emu/run.sh (AddressSanitizer on: any out-of-bounds read or write of q, k, v, o,
+// tools/emu/run.sh decode (AddressSanitizer on: any out-of-bounds read or write of q, k, v, o,
 // lse, the lists, the workspace or past the requested shared memory aborts the run).
 //
 // It does not replace the GPU tests: cp.async, the memory model and the real warp
 // scheduling are only modelled.
-#define NTKV_EMULATE 1
-#include "../../cuda/decode.cu"
+#include "decode.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <cstdio>
 #include <random>
-
-namespace {
-alignas(128) unsigned char smem[ntkv_emu::SMEM_CAP];
-}
 
 namespace {
 
@@ -177,7 +173,8 @@ bool run_case(const Cfg& c, int mode, const char* name) {
         ntkv_emu::launch(dim3_{n_lists * rows, 1, 1}, dim3_{c.D, 1, 1}, 0,
                          [&] { merge_kernel(p, ip.get(), wa.get(), wm.get(), od.get(), lsed.get()); });
     }
-    double num = 0, den = 0, lse_err = 0;
+    ntkv_emu::RelL2 o_err;
+    double lse_err = 0;
     bool ok = true;
     for (size_t i = 0; i < nq; ++i) {
         const double g = ntkv::to_f32(od[i]);
@@ -186,8 +183,7 @@ bool run_case(const Cfg& c, int mode, const char* name) {
             ok = false;
             break;
         }
-        num += (g - ro[i]) * (g - ro[i]);
-        den += ro[i] * ro[i];
+        o_err.add(g, ro[i]);
     }
     for (size_t i = 0; i < rl.size(); ++i) {
         const double g = lsed[i];
@@ -206,7 +202,7 @@ bool run_case(const Cfg& c, int mode, const char* name) {
                     break;
                 }
     }
-    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const double rel = o_err.value();
     const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 5e-4 : 2e-3;
     if (rel > tol) ok = false;
     std::printf("%-4s %-46s B%u Tq%u Hq%u Hkv%u D%u T%u causal%d chunk%u chunks%u: rel L2 %.2e, max |dlse| %.2e\n",
@@ -257,7 +253,6 @@ bool validate_case() {
 }  // namespace
 
 int main() {
-    ntkv_emu::smem_ptr = smem;
     bool ok = true;
     ok &= validate_case();
     // GQA groups 1, 2, 4, 8; D 64 and 128; direct and split; causal and not; row tiles.

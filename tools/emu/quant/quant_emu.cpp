@@ -1,9 +1,9 @@
-// tools/emu-quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
-// tools/emu/include/ntkv_common.cuh) under AddressSanitizer and UBSan, and compares them bit for bit
+// tools/emu/quant/quant_emu.cpp: runs the kernels of cuda/quant.cu on the CPU (see
+// tools/emu/include/emu_runtime.h) under AddressSanitizer and UBSan, and compares them bit for bit
 // with a plain scalar reference of SPEC §1 written here, plus the known-answer layouts of
 // tests/quant_cpu.rs. Catches indexing, bounds, alignment, shuffle-reduction and flag bugs
 // that cannot be run on the GPU from a machine without one.
-#include "../../cuda/quant.cu"
+#include "quant.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
 
 #include <cstdio>
 #include <cstdlib>
@@ -179,36 +179,32 @@ unsigned grid_x(size_t items, unsigned threads, unsigned max_blocks) {
 }
 
 template <typename T> struct Entry;
-template <> struct Entry<float> {
-    static constexpr const char* name = "f32";
-    static constexpr auto qt = ntkv_quant_quantize_token_f32;
-    static constexpr auto qc = ntkv_quant_quantize_channel_f32;
-    static constexpr auto dt = ntkv_quant_dequantize_token_f32;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_f32;
-    static constexpr auto scan = ntkv_quant_scan_f32;
-};
-template <> struct Entry<__half> {
-    static constexpr const char* name = "f16";
-    static constexpr auto qt = ntkv_quant_quantize_token_f16;
-    static constexpr auto qc = ntkv_quant_quantize_channel_f16;
-    static constexpr auto dt = ntkv_quant_dequantize_token_f16;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_f16;
-    static constexpr auto scan = ntkv_quant_scan_f16;
-};
-template <> struct Entry<__nv_bfloat16> {
-    static constexpr const char* name = "bf16";
-    static constexpr auto qt = ntkv_quant_quantize_token_bf16;
-    static constexpr auto qc = ntkv_quant_quantize_channel_bf16;
-    static constexpr auto dt = ntkv_quant_dequantize_token_bf16;
-    static constexpr auto dc = ntkv_quant_dequantize_channel_bf16;
-    static constexpr auto scan = ntkv_quant_scan_bf16;
-};
+// The entry points of one dtype: quantize / dequantize per token (qt, dt) and per channel (qc, dc).
+#define QUANT_ENTRY(T, S)                                                                                     \
+    template <> struct Entry<T> {                                                                             \
+        static constexpr const char* name = #S;                                                               \
+        static constexpr auto qt = ntkv_quant_quantize_token_##S, qc = ntkv_quant_quantize_channel_##S;       \
+        static constexpr auto dt = ntkv_quant_dequantize_token_##S, dc = ntkv_quant_dequantize_channel_##S;   \
+        static constexpr auto scan = ntkv_quant_scan_##S;                                                     \
+    };
+QUANT_ENTRY(float, f32)
+QUANT_ENTRY(__half, f16)
+QUANT_ENTRY(__nv_bfloat16, bf16)
 
 bool same_half(const std::vector<__half>& a, const std::vector<__half>& b) {
     if (a.size() != b.size()) return false;
     for (size_t i = 0; i < a.size(); ++i)
         if (a[i].bits != b[i].bits) return false;
     return true;
+}
+
+// Launches the per-channel or per-token quantize kernel of T on a (gx, gy) grid.
+template <typename T>
+void quantize(bool per_channel, unsigned gx, unsigned gy, unsigned threads, const NtkvQuantParams& p,
+              const std::vector<T>& x, std::vector<uint32_t>& codes, std::vector<__half>& scales,
+              std::vector<__half>& mins, unsigned long long* flags) {
+    const auto kernel = per_channel ? Entry<T>::qc : Entry<T>::qt;
+    emu::launch(gx, gy, threads, [&] { kernel(p, x.data(), codes.data(), scales.data(), mins.data(), flags); });
 }
 
 // Quantize + dequantize one dense tensor on the emulated device and compare with the reference.
@@ -223,12 +219,7 @@ void dense_case(Rng& rng, size_t H, size_t Tn, size_t D, int bits, size_t group,
     unsigned long long flags[2] = {0, 0};
     const size_t items = per_channel ? Tn * D / group : Tn * D / E;
     const unsigned gy = (unsigned)std::min<size_t>(H, gy_cap);
-    emu::launch(grid_x(items, threads, max_blocks), gy, threads, [&] {
-        if (per_channel)
-            Entry<T>::qc(p, x.data(), codes.data(), scales.data(), mins.data(), flags);
-        else
-            Entry<T>::qt(p, x.data(), codes.data(), scales.data(), mins.data(), flags);
-    });
+    quantize(per_channel, grid_x(items, threads, max_blocks), gy, threads, p, x, codes, scales, mins, flags);
     Quantized want = ref_quantize(x, H, Tn, D, bits, group, per_channel);
     const std::string what = std::string(Entry<T>::name) + " bits " + std::to_string(bits) + " group " +
                              std::to_string(group) + (per_channel ? " per_channel" : " per_token") + " [" +
@@ -241,12 +232,9 @@ void dense_case(Rng& rng, size_t H, size_t Tn, size_t D, int bits, size_t group,
     CHECK(same_half(mins, want.mins), "%s: mins differ", what.c_str());
     CHECK(flags[0] == 0 && flags[1] == 0, "%s: flags set on finite input", what.c_str());
     std::vector<T> out(n, cast<T>(12345.0f));
-    emu::launch(grid_x(Tn * D / E, threads, max_blocks), gy, threads, [&] {
-        if (per_channel)
-            Entry<T>::dc(p, codes.data(), scales.data(), mins.data(), out.data());
-        else
-            Entry<T>::dt(p, codes.data(), scales.data(), mins.data(), out.data());
-    });
+    const auto dequantize = per_channel ? Entry<T>::dc : Entry<T>::dt;
+    emu::launch(grid_x(Tn * D / E, threads, max_blocks), gy, threads,
+                [&] { dequantize(p, codes.data(), scales.data(), mins.data(), out.data()); });
     std::vector<T> ref = ref_dequantize<T>(want, H, Tn, D, bits, group, per_channel);
     bad = 0;
     for (size_t i = 0; i < n; ++i)
@@ -317,12 +305,7 @@ void flag_cases() {
         std::vector<uint32_t> codes(H * Tn * D / 8);
         std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
         unsigned long long flags[2] = {0, 0};
-        emu::launch(2, 2, 64, [&] {
-            if (per_channel)
-                ntkv_quant_quantize_channel_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
-            else
-                ntkv_quant_quantize_token_f32(p, x.data(), codes.data(), s.data(), m.data(), flags);
-        });
+        quantize(per_channel, 2, 2, 64, p, x, codes, s, m, flags);
         CHECK(flags[0] == ~3000ull && flags[1] == ~1000ull, "quantize flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1], per_channel);
         unsigned long long sf[2] = {0, 0};
         NtkvQuantScanParams sp{H * Tn * D - 3};
@@ -361,12 +344,7 @@ void region_case() {
         p.group = group;
         p.bits = bits;
         unsigned long long flags[2] = {0, 0};
-        emu::launch(2, 2, 64, [&] {
-            if (per_channel)
-                ntkv_quant_quantize_channel_f16(p, x.data(), codes.data(), s.data(), m.data(), flags);
-            else
-                ntkv_quant_quantize_token_f16(p, x.data(), codes.data(), s.data(), m.data(), flags);
-        });
+        quantize(per_channel, 2, 2, 64, p, x, codes, s, m, flags);
         std::vector<__half> dense(H * Tn * D);
         for (size_t h = 0; h < H; ++h)
             for (size_t i = 0; i < Tn * D; ++i) dense[h * Tn * D + i] = x[h * ring * D + slot0 * D + i];
