@@ -1145,7 +1145,7 @@ extern "C" __global__ void ntkv_select_expand_count(uint32_t rows, uint32_t kb, 
                                                     const uint32_t* __restrict__ ranges,
                                                     unsigned long long* __restrict__ iv, uint32_t* __restrict__ off,
                                                     uint32_t* __restrict__ n_iv, uint32_t* __restrict__ counts) {
-    extern __shared__ unsigned long long sel_iv[];  // kbpad words
+    NTKV_DYNAMIC_SMEM(unsigned long long, sel_iv);  // kbpad words
     const unsigned long long kEmpty = ~0ull;       // sorts after every real interval
     for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const uint64_t len = lengths[r] < t ? lengths[r] : t;

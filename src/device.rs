@@ -261,14 +261,6 @@ impl Device {
         Ok(())
     }
 
-    /// Transitional: the old by-string lookup, kept only until every launcher builds a
-    /// [`KernelId`]. Parses `name` as `ntkv_{op}` with no specialisation.
-    pub(crate) fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
-        let op =
-            name.strip_prefix("ntkv_").ok_or_else(|| Error::internal(format!("kernel name {name} lacks ntkv_")))?;
-        self.kernel(KernelId::new(module, op))
-    }
-
     /// Loads (once) and returns the kernel `id`.
     ///
     /// The fast path takes a read lock; the module is loaded under the write lock the first

@@ -282,12 +282,6 @@ impl<T> DeviceTensor<T> {
         &self.data
     }
 
-    /// The underlying slice, mutably, for ntkv's own launchers. Not public: a `&mut
-    /// CudaSlice` could be swapped for a slice of another length behind the shape.
-    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.data
-    }
-
     /// A mutable view of the elements (for launches: pass `&mut` for outputs). A view can
     /// be written through but not replaced, so the length stays that of the shape.
     pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {

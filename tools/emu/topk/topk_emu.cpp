@@ -498,20 +498,21 @@ std::vector<uint32_t> random_keep(size_t hkv, size_t t, size_t budget, int mode)
     return keep;
 }
 
-bool check_keep_case(const char* name, size_t hkv, size_t t, size_t budget, std::vector<uint32_t> keep, uint32_t want) {
+bool check_keep_case(const char* name, size_t hkv, size_t t, size_t budget, std::vector<uint32_t> keep,
+                     unsigned long long want) {
     ++g_cases;
     ntkv_emu::arena_reset();
-    std::printf("check_keep %-16s hkv=%zu t=%zu budget=%zu expect=%d\n", name, hkv, t, budget, (int)want);
+    std::printf("check_keep %-16s hkv=%zu t=%zu budget=%zu expect=%lld\n", name, hkv, t, budget, (long long)want);
     uint32_t* dk = dev_alloc<uint32_t>(keep.size());
     std::memcpy(dk, keep.data(), keep.size() * 4);
-    uint32_t* flag = dev_alloc<uint32_t>(1);
-    *flag = 0xffffffffu;
+    unsigned long long* flag = dev_alloc<unsigned long long>(1);
+    *flag = ~0ull;
     NtkvKeepCheckParams p{(uint32_t)hkv, (uint32_t)budget, (uint32_t)t, 0};
     const size_t blocks = std::clamp<size_t>((hkv * budget + 255) / 256, 1, 4096);
     CHECK(ntkv_emu::launch(dim3_{(unsigned)blocks, 1, 1}, dim3_{256, 1, 1}, 0, [&] { ntkv_h2o_check_keep(p, dk, flag); },
                            LaunchOpts{3, true, 5, 60}),
           "launch failed");
-    CHECK(*flag == want, "first_bad %u, expected %u", *flag, want);
+    CHECK(*flag == want, "first_bad %llu, expected %llu", *flag, want);
     return true;
 }
 
@@ -792,7 +793,7 @@ int main(int argc, char** argv) {
         deadlock_control();
     }
     if (want("evict")) {
-        check_keep_case("ok", 3, 100, 20, random_keep(3, 100, 20, 0), 0xffffffffu);
+        check_keep_case("ok", 3, 100, 20, random_keep(3, 100, 20, 0), ~0ull);
         {
             auto k = random_keep(3, 100, 20, 0);
             k[45] = 100;  // out of range
