@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use ntkv::attention::{BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, PvPrecision};
-use ntkv::decode::{self, DecodeConfig};
+use ntkv::decode::{self, DecodeOptions, DecodeShape};
 use ntkv::quant::{Axis, QuantSpec};
 use ntkv::topk::TopkLayout;
 use ntkv::DType;
@@ -23,6 +23,12 @@ use serde_json::{json, Value};
 pub const SM_COUNT: usize = 132;
 /// Opt-in shared memory per block on sm_90 (227 KiB), as `max_shared_mem_per_block_optin`.
 const SMEM_OPTIN: usize = 232_448;
+/// Copies of `TopkPlan::run`'s private constants (src/topk/gpu.rs): the static shared memory
+/// budgeted next to the finalize's (fused kernel's) dynamic part, and the cap on staged
+/// candidates. `tools/kernel-report` checks that both files hold the same values.
+const FINAL_STATIC_SMEM: usize = 2048;
+const FUSED_STATIC_SMEM: usize = 18432;
+const CAND_STAGE_MAX: usize = 8192;
 
 /// One launch of one bench shape.
 #[derive(Clone, Debug)]
@@ -120,8 +126,8 @@ const TOPK_SPLIT_BLOCKS_PER_SM: usize = 3;
 
 /// The launches of one `TopkPlan::run` of `rows × n`, top-`k`: the layout is
 /// `TopkLayout::choose`; the finalize's dynamic shared memory mirrors `TopkPlan::run`
-/// (kpad sort words plus up to 8192 staged candidates within the opt-in limit, next to the
-/// launcher's rounded static shared memory of 2048 (finalize) or 18432 (fused) bytes).
+/// (kpad sort words plus up to `CAND_STAGE_MAX` staged candidates within the opt-in limit,
+/// next to the static shared memory the launcher budgets).
 fn topk_launches(g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize, k: usize, dt: &'static str) {
     let lay = match TopkLayout::choose(rows, n, k, SM_COUNT, TOPK_SPLIT_BLOCKS_PER_SM) {
         Ok(lay) => lay,
@@ -135,8 +141,8 @@ fn topk_launches(g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize,
     let batch = lay.rows_per_batch.min(rows);
     let note = if batches > 1 { format!("{batches} row batches (last {last} rows)") } else { String::new() };
     let fused = lay.blocks_per_row == 1;
-    let static_smem = if fused { 18432 } else { 2048 };
-    let cand_stage = (SMEM_OPTIN.saturating_sub(static_smem + lay.kpad * 8) / 8).min(8192);
+    let static_smem = if fused { FUSED_STATIC_SMEM } else { FINAL_STATIC_SMEM };
+    let cand_stage = (SMEM_OPTIN.saturating_sub(static_smem + lay.kpad * 8) / 8).min(CAND_STAGE_MAX);
     let fin_smem = (lay.kpad + cand_stage) * 8;
     if fused {
         g.push("topk", op, shape, dt, format!("ntkv_topk_fused_{dt}"), batch, batches, &note).dyn_smem = Some(fin_smem);
@@ -194,10 +200,10 @@ const DECODE_CASES: &[DecodeCase] = &[
 fn decode(g: &mut Geometry) {
     let (batch, cache) = (1, 131072);
     for &(op, shape, q_tokens, hq, hkv, selected) in DECODE_CASES {
-        let cfg = DecodeConfig::new(batch, q_tokens, hq, hkv, 128, cache);
+        let cfg = DecodeShape { batch, q_tokens, hq, hkv, head_dim: 128, capacity: cache };
         let lists = cfg.n_lists();
         let lens = vec![selected.unwrap_or(cache); lists];
-        let split = decode::plan_chunks(&lens, cfg.rows(), SM_COUNT, cfg.chunk_tokens);
+        let split = decode::plan_chunks(&lens, cfg.rows(), SM_COUNT, DecodeOptions::default().chunk_tokens);
         let row_tiles = cfg.rows().div_ceil(decode::ROWS_PER_CTA);
         let attn = lists * split.max_chunks * row_tiles;
         // The runner times the GQA case in bf16 and the others in f16.
@@ -261,16 +267,15 @@ fn attention(g: &mut Geometry) {
             for (precision, suffix, dt) in runs.into_iter().take(if f16_too { 3 } else { 2 }) {
                 let opts = PrefillOptions { causal, pv_precision: precision, ..Default::default() };
                 let plan = HostPlan::new(&shape, opts, &m)?;
-                let (block, smem, items) = (plan.block_rows * 2, plan.shared_mem_bytes(), plan.n_items());
-                out.push((suffix, dt.name(), plan.kernel_name(dt)?, block, smem, items));
+                let (block, smem, items) = (plan.block_rows() * 2, plan.shared_mem_bytes(), plan.n_items());
+                out.push((suffix, dt.name(), plan.kernel_id(dt)?.symbol(), block, smem, items));
             }
             Ok::<_, ntkv::Error>(out)
         })();
         match planned {
             Ok(list) => {
                 for (suffix, dt, kernel, block, smem, items) in list {
-                    let l =
-                        g.push("attention", &format!("{op}{suffix}"), &shape_key, dt, kernel.to_owned(), items, 1, "");
+                    let l = g.push("attention", &format!("{op}{suffix}"), &shape_key, dt, kernel, items, 1, "");
                     l.block = u32::try_from(block).ok();
                     l.dyn_smem = Some(smem);
                 }
@@ -287,7 +292,7 @@ fn quant(g: &mut Geometry) {
     // bench/src/quant.rs: 4M tokens × 128 channels, f16, one head, these specs.
     let (tokens, dim) = (4_194_304usize, 128usize);
     let specs = [(4, 32, Axis::PerToken), (2, 64, Axis::PerToken), (8, 128, Axis::PerToken), (4, 32, Axis::PerChannel)];
-    for (bits, group, axis) in specs {
+    for (i, (bits, group, axis)) in specs.into_iter().enumerate() {
         let Ok(spec) = QuantSpec::new(bits, group, axis) else { continue };
         let shape = format!("{tokens}x{dim} g{group} int{bits} {}", axis.name());
         let n = tokens * dim;
@@ -296,10 +301,12 @@ fn quant(g: &mut Geometry) {
             Axis::PerChannel => (n / spec.group, "channel"),
         };
         let note = "grid = min(work, blocks/SM × SMs): the launcher asks the driver (planner needs a device)";
-        for (op, kernel, items) in [
-            ("dequant", format!("ntkv_quant_dequantize_{kind}_f16"), n / spec.codes_per_word()),
-            ("quant_single_pass", format!("ntkv_quant_quantize_{kind}_f16"), quant_items),
-        ] {
+        let mut ops = vec![("dequant", format!("ntkv_quant_dequantize_{kind}_f16"), n / spec.codes_per_word())];
+        // The runner times the quantize (checked and single pass) at the first spec and per channel.
+        if i == 0 || axis == Axis::PerChannel {
+            ops.push(("quant, quant_single_pass", format!("ntkv_quant_quantize_{kind}_f16"), quant_items));
+        }
+        for (op, kernel, items) in ops {
             let l = g.push("quant", op, &shape, "f16", kernel, 0, 1, note);
             l.grid = None;
             l.work_blocks = Some(items.div_ceil(256));
@@ -409,5 +416,46 @@ mod tests {
             assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));
+    }
+
+    /// The shapes above are copies of the runner's private case lists: fail when a runner file
+    /// no longer lists one of them (update the copy here, or make the runner's list
+    /// `pub(crate)` and use it).
+    #[test]
+    fn shapes_match_the_bench_runner() {
+        let mut needles: Vec<(&str, &str, String)> = TOPK_CASES
+            .iter()
+            .map(|&(r, n, k, d)| ("topk.rs", include_str!("topk.rs"), format!("({r}, {n}, {k}, DType::{d:?})")))
+            .collect();
+        needles.push((
+            "topk.rs",
+            include_str!("topk.rs"),
+            "hq: 32, hkv: 32, tq: 16, t: 32768, d: 128 }, 2048, 64)".into(),
+        ));
+        needles.push(("topk.rs", include_str!("topk.rs"), "hq: 32, hkv: 32, tq: 32, t: 32768, d: 128 }, 2048)".into()));
+        for &(_, shape, ..) in DECODE_CASES {
+            needles.push(("decode.rs", include_str!("decode.rs"), format!("shape: {shape:?}")));
+        }
+        let attention = include_str!("attention.rs");
+        for needle in ["\"1x32x8192x128\"", "\"1x32x32768x128\"", "[128usize, 64]", "b128 {pct}", "b128 25%tri+diag"] {
+            needles.push(("attention.rs", attention, needle.into()));
+        }
+        needles.push(("attention.rs", attention, "(125u32, \"12.5%\"), (250, \"25%\"), (500, \"50%\")".into()));
+        let quant = include_str!("quant.rs");
+        needles.push(("quant.rs", quant, "TOKENS: usize = 4_194_304".into()));
+        for s in [
+            "(4, 32, Axis::PerToken)",
+            "(2, 64, Axis::PerToken)",
+            "(8, 128, Axis::PerToken)",
+            "(4, 32, Axis::PerChannel)",
+        ] {
+            needles.push(("quant.rs", quant, format!("QuantSpec::new{s}")));
+        }
+        let missing: Vec<String> = needles
+            .iter()
+            .filter(|(_, text, needle)| !text.contains(needle.as_str()))
+            .map(|(file, _, needle)| format!("bench/src/{file}: {needle}"))
+            .collect();
+        assert!(missing.is_empty(), "bench shapes changed; update geometry.rs: {missing:#?}");
     }
 }

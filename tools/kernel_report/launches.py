@@ -41,8 +41,11 @@ class LitBlock(int):
 
 
 class Entry:
-    def __init__(self, pattern, block, dyn=0, checks=(), source="", dyn_note=None):
+    def __init__(self, pattern, block, dyn=0, checks=(), source="", dyn_note=None, static_max=None):
         self.pattern = pattern
+        # The static shared memory the launcher budgets next to the dynamic part (it must be at
+        # least what ptxas reports, or the launcher's staging size is too large to launch).
+        self.static_max = static_max
         self._block = block
         self._dyn = dyn
         self.checks = checks
@@ -78,6 +81,12 @@ CONST_VALUES = {
     "SMEM_BF16": 40960,
     "SMEM_TF32_ASYNC": 110592,
     "SMEM_BF16_ASYNC": 81920,
+    # top-k finalize/fused: the static shared memory TopkPlan::run budgets, and the staging cap
+    # (bench/src/geometry.rs mirrors the same values).
+    "FINAL_STATIC_SMEM": 2048,
+    "FUSED_STATIC_SMEM": 18432,
+    "CAND_STAGE_MAX": 8192,
+    "SMEM_OPTIN": 232448,
 }
 
 TOPK = "src/topk/gpu.rs"
@@ -87,6 +96,10 @@ DECODE = "src/decode/gpu.rs"
 DECODE_MOD = "src/decode/mod.rs"
 ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
+GEOMETRY = "bench/src/geometry.rs"
+# The geometry step's copies of the top-k finalize constants must match the launcher's.
+TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
+                                                  "SMEM_OPTIN")]
 
 
 def _decode_smem(g):
@@ -122,8 +135,14 @@ LAUNCHES = [
     Entry(r"ntkv_mikv_(?:gather|scatter|residual|append)", 256, 0, [Const(QUANT, "THREADS")], "quant::gpu (MiKV)"),
     # top-k
     Entry(rf"ntkv_topk_(?:hist|filter)_{DT}", 512, 0, [Const(SELECT, "HIST_THREADS")], "select::TopkPlan::run"),
-    Entry(rf"ntkv_topk_(?:finalize|fused)_{DT}", 1024, None, [Const(SELECT, "FINAL_THREADS")], "select::TopkPlan::run",
-          dyn_note="(kpad+stage)·8"),
+    Entry(rf"ntkv_topk_finalize_{DT}", 1024, None,
+          [Const(SELECT, "FINAL_THREADS"), Const(SELECT, "FINAL_STATIC_SMEM"), Const(SELECT, "CAND_STAGE_MAX"),
+           *TOPK_FINAL_COPIES],
+          "select::TopkPlan::run", dyn_note="(kpad+stage)·8", static_max=CONST_VALUES["FINAL_STATIC_SMEM"]),
+    Entry(rf"ntkv_topk_fused_{DT}", 1024, None,
+          [Const(SELECT, "FINAL_THREADS"), Const(SELECT, "FUSED_STATIC_SMEM"), Const(SELECT, "CAND_STAGE_MAX"),
+           *TOPK_FINAL_COPIES],
+          "select::TopkPlan::run", dyn_note="(kpad+stage)·8", static_max=CONST_VALUES["FUSED_STATIC_SMEM"]),
     Entry(rf"ntkv_select_(?:pad_segments|truncate)_{DT}", 256, 0, [Const(SELECT, "SELECT_THREADS")],
           "select::SegmentTopkPlan::run"),
     Entry(r"ntkv_select_expand_count", 256, None, [Const(SELECT, "SELECT_THREADS")], "select::ExpandPlan::run",

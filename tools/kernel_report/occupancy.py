@@ -8,15 +8,17 @@ block of `T` threads using `R` registers per thread and `S` bytes of shared memo
 - warps per block      W = ceil(T / 32)
 - block limit          32 (max resident blocks per SM)
 - warp limit           floor(64 / W) (2048 threads per SM)
+- warps and threads    0 when T > 1024 (max threads per block)
 - registers per warp   Rw = roundup(R * 32, 256) (allocation unit 256 registers per warp)
 - register limit       registers are split over 4 sub-partitions of 16384; each holds
                        floor(16384 / Rw) warps, so floor(4 * floor(16384 / Rw) / W) blocks;
                        0 when Rw * roundup(W, 4) > 65536 (the hardware's per-block check,
-                       which assumes every sub-partition is allocated at once) or
-                       Rw * W > 65536
+                       which assumes every sub-partition is allocated at once),
+                       Rw * W > 65536, or R > 255
 - shared memory        per block roundup(S_static + S_dynamic + 1024, 128) (1 KiB reserved per
                        block by the system); limit floor(233472 / that); 0 when
-                       S_static + S_dynamic > 232448 (the 227 KiB opt-in maximum)
+                       S_static + S_dynamic > 232448 (the 227 KiB opt-in maximum; the
+                       launchers opt in with cuFuncSetAttribute before a launch above 48 KiB)
 - a block larger than its `__launch_bounds__` maximum does not launch (0).
 
 occupancy = blocks * W / 64.
@@ -27,7 +29,8 @@ from collections import namedtuple
 Device = namedtuple(
     "Device",
     "name sm_count max_threads_per_sm max_blocks_per_sm regs_per_sm regs_per_block reg_alloc_unit "
-    "sub_partitions smem_per_sm smem_per_block_optin smem_reserved_per_block smem_alloc_unit warp_size",
+    "sub_partitions max_threads_per_block max_regs_per_thread smem_per_sm smem_per_block_optin "
+    "smem_reserved_per_block smem_alloc_unit warp_size",
 )
 
 H200 = Device(
@@ -39,6 +42,8 @@ H200 = Device(
     regs_per_block=65536,
     reg_alloc_unit=256,
     sub_partitions=4,
+    max_threads_per_block=1024,
+    max_regs_per_thread=255,
     smem_per_sm=228 * 1024,
     smem_per_block_optin=227 * 1024,
     smem_reserved_per_block=1024,
@@ -60,12 +65,15 @@ def blocks_per_sm(dev, regs, smem_static, smem_dynamic, block, max_threads=None)
     warps = -(-block // dev.warp_size)
     max_warps = dev.max_threads_per_sm // dev.warp_size
     limits = {"blocks": dev.max_blocks_per_sm, "warps": max_warps // warps}
+    if block > dev.max_threads_per_block:
+        limits["warps"] = 0
 
     regs_per_warp = _round_up(regs * dev.warp_size, dev.reg_alloc_unit)
     if regs_per_warp == 0:
         limits["regs"] = dev.max_blocks_per_sm
     elif (regs_per_warp * _round_up(warps, dev.sub_partitions) > dev.regs_per_block
-          or regs_per_warp * warps > dev.regs_per_block):
+          or regs_per_warp * warps > dev.regs_per_block
+          or regs > dev.max_regs_per_thread):
         limits["regs"] = 0
     else:
         per_partition = (dev.regs_per_sm // dev.sub_partitions) // regs_per_warp
@@ -107,6 +115,11 @@ def self_test():
         ((32, 0, 232449, 128), 0),  # above the opt-in maximum
         ((32, 2048, 81920, 1024), 2),
         ((40, 2048, 131072, 1024), 1),
+        ((16, 0, 0, 1056), 0),  # above 1024 threads per block
+        ((256, 0, 0, 32), 0),  # above 255 registers per thread
+        ((36, 16528, 0, 512), 3),  # ntkv_topk_hist: the review's "3 fit, not 4"
+        ((32, 16528, 0, 512), 4),  # ... and at <= 32 registers
+        ((120, 0, 82752, 128), 2),  # decode attention, d128: shared-memory limited
     ]
     for (regs, s, d, b), want in cases:
         got = blocks_per_sm(H200, regs, s, d, b).blocks
