@@ -1,10 +1,10 @@
-//! Block-sparse prefill cases (ANCHORS: dense 1x32x8192x128 and 1x32x32768x128 bf16 against
-//! SDPA flash; 128x128 block masks of 12.5 / 25 / 50% over 32k tokens, D = 128 and 64, and a
+//! Block-sparse prefill cases (the peer table in docs/benchmarks.md: dense 1x32x8192x128 and
+//! 1x32x32768x128 bf16 against SDPA flash; 128x128 block masks of 12.5 / 25 / 50% over 32k tokens, D = 128 and 64, and a
 //! causal 25%-of-lower-triangle mask, against FlexAttention with the same mask).
 //!
 //! The block masks are the deterministic pattern of [`listed`], which tools/peers/attention.py
 //! reproduces, so both sides run the same mask. Throughput counts `4·D` FLOPs per query-key
-//! pair of every listed block (the "effective" FLOPs of ANCHORS).
+//! pair of every listed block (the "effective" FLOPs of the peer table).
 
 use half::{bf16, f16};
 use ntkv::attention::{cpu, BlockMask, MaskHeads, PrefillOptions, PrefillPlan, PrefillShape, PvPrecision};

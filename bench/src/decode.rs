@@ -1,4 +1,4 @@
-//! Sparse-index decode cases (ANCHORS: 32 heads, 2048 selected tokens of a 128k f16 cache,
+//! Sparse-index decode cases (the peer table in docs/benchmarks.md: 32 heads, 2048 selected tokens of a 128k f16 cache,
 //! D = 128, against torch gather + SDPA; and the full 128k cache against SDPA).
 //!
 //! The sparse case touches 33.5 MB, inside the 60 MB L2, so it rotates through

@@ -71,7 +71,7 @@
 //!   loops; heads run along grid y. No shared memory, no float atomics (error flags are
 //!   integer `atomicMax` of `!index`, so the lowest bad index is reported deterministically).
 //!
-//! `tools/emu-quant/run.sh` runs these kernels on the CPU (one thread per CUDA thread, with
+//! `tools/emu/run.sh quant` runs these kernels on the CPU (one thread per CUDA thread, with
 //! ASan/UBSan) against a scalar reference, for machines without a GPU.
 //!
 //! # Plan, then run
