@@ -96,6 +96,7 @@ DECODE = "src/decode/gpu.rs"
 DECODE_MOD = "src/decode/mod.rs"
 ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
+GEMM = "src/gemm/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
@@ -116,9 +117,9 @@ def _gemm_smem(g):
 
 
 def _gemm_checks():
-    return [Const(NTK, n) for n in ("SMEM_FFMA", "SMEM_TF32", "SMEM_BF16", "SMEM_TF32_ASYNC", "SMEM_BF16_ASYNC")] + [
-        Text(NTK, '"ntkv_ntk_gemm_f32_tf32_async", SMEM_TF32_ASYNC, 128'),
-        Text(NTK, '"ntkv_ntk_gemm_f32_ffma", SMEM_FFMA, 256'),
+    return [Const(GEMM, n) for n in ("SMEM_FFMA", "SMEM_TF32", "SMEM_BF16", "SMEM_TF32_ASYNC", "SMEM_BF16_ASYNC")] + [
+        Text(GEMM, '(id.variant("tf32_async"), SMEM_TF32_ASYNC, 128)'),
+        Text(GEMM, '(id.variant("ffma"), SMEM_FFMA, 256)'),
     ]
 
 
@@ -166,18 +167,21 @@ LAUNCHES = [
     # decode
     Entry(r"ntkv_decode_attn_(?P<dt>f16|bf16)_d(?P<d>\d+)", 128, _decode_smem,
           [Const(DECODE, "ATTN_THREADS"), Const(DECODE_MOD, "ROWS_PER_CTA"), Const(DECODE_MOD, "TILE_TOKENS"),
-           Text(DECODE, "r * d * 4 + r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * (d + 8) * 2")],
+           Text(DECODE, "let per_d = r * 4 + 2 * 2 * tk * 2;"),
+           Text(DECODE, "r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * 8 * 2")],
           "DecodePlan::run"),
     # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
     Entry(r"ntkv_decode_merge_(?P<dt>f16|bf16)", 128, 0,
-          [Text(DECODE, 'block_dim: (to_u32("config.head_dim", cfg.head_dim)?, 1, 1)')], "DecodePlan::run (D threads)"),
+          [Text(DECODE, 'let merge_threads = to_u32("head_dim", shape.head_dim)?;')], "DecodePlan::run (D threads)"),
     Entry(r"ntkv_decode_validate", 256, 0, [Const(DECODE, "VALIDATE_THREADS")], "decode index validator"),
     # ntk
-    Entry(r"ntkv_ntk_gemm_(?:f32|bf16)_(?P<prec>ffma|tf32|bf16)", 256, _gemm_smem, _gemm_checks(), "ntk::gpu::gemm"),
+    Entry(r"ntkv_(?:ntk_)?gemm_(?:f32|bf16)_(?P<prec>ffma|tf32|bf16)", 256, _gemm_smem, _gemm_checks(),
+          "gemm::GemmPlan::run"),
     Entry(r"ntkv_ntk_gemm_(?:f32|bf16)_(?P<prec>tf32|bf16)_(?P<async>async)", 128, _gemm_smem, _gemm_checks(),
-          "ntk::gpu::gemm (cp.async)"),
+          "gemm::GemmPlan::run (cp.async)"),
+    Entry(r"ntkv_gemm_reduce", 256, 0, [Const(GEMM, "THREADS")], "gemm split-K reduction"),
     Entry(r"ntkv_ntk_(?:reduce|presum_f32|presum_bf16|combine|bias_act|cotangent|jvp|stats|stats_finish|means"
-          r"|grand_mean)", 256, 0, [Lit(NTK, 256)], "ntk::gpu"),
+          r"|grand_mean)", 256, 0, [Const(GEMM, "THREADS")], "ntk::gpu (gemm::gpu::THREADS)"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
