@@ -357,17 +357,35 @@ impl<'a, T> TensorView<'a, T> {
     }
 }
 
-impl<T> TensorRef<T> for TensorView<'_, T> {
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn cuda_view(&self) -> CudaView<'_, T> {
-        self.view.slice(..)
-    }
-    fn alloc_stream(&self) -> &Arc<CudaStream> {
-        self.view.stream()
+/// The whole of a read-only view, reborrowed.
+trait Full<T> {
+    fn full(&self) -> CudaView<'_, T>;
+}
+
+impl<T> Full<T> for CudaView<'_, T> {
+    fn full(&self) -> CudaView<'_, T> {
+        self.slice(..)
     }
 }
+
+/// `TensorRef` of a view type: its shape, a reborrow of its cudarc view, its stream.
+macro_rules! view_tensor_ref {
+    ($ty:ident, $reborrow:ident) => {
+        impl<T> TensorRef<T> for $ty<'_, T> {
+            fn shape(&self) -> &[usize] {
+                &self.shape
+            }
+            fn cuda_view(&self) -> CudaView<'_, T> {
+                self.view.$reborrow()
+            }
+            fn alloc_stream(&self) -> &Arc<CudaStream> {
+                self.view.stream()
+            }
+        }
+    };
+}
+
+view_tensor_ref!(TensorView, full);
 
 /// A borrowed, writable tensor over device memory that ntkv does not own: a cudarc
 /// [`CudaViewMut`] plus a shape. No copy is made.
@@ -388,17 +406,7 @@ impl<'a, T> TensorViewMut<'a, T> {
     }
 }
 
-impl<T> TensorRef<T> for TensorViewMut<'_, T> {
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn cuda_view(&self) -> CudaView<'_, T> {
-        self.view.as_view()
-    }
-    fn alloc_stream(&self) -> &Arc<CudaStream> {
-        self.view.stream()
-    }
-}
+view_tensor_ref!(TensorViewMut, as_view);
 
 impl<T> TensorMut<T> for TensorViewMut<'_, T> {
     fn cuda_view_mut(&mut self) -> CudaViewMut<'_, T> {

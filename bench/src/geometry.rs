@@ -19,6 +19,8 @@ use ntkv::topk::TopkLayout;
 use ntkv::DType;
 use serde_json::{json, Value};
 
+use crate::topk::TOPK_CASES;
+
 /// SMs of the H200 the predictions are for.
 pub const SM_COUNT: usize = 132;
 /// Opt-in shared memory per block on sm_90 (227 KiB), as `max_shared_mem_per_block_optin`.
@@ -108,16 +110,6 @@ impl Geometry {
 
 // ---------------------------------------------------------------------------------------------
 // top-k, H2O, SnapKV
-
-/// The top-k shapes of bench/src/topk.rs (`TOPK_CASES`).
-const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
-    (32, 131072, 2048, DType::F32),
-    (32, 131072, 2048, DType::F16),
-    (32, 131072, 2048, DType::BF16),
-    (256, 32768, 1024, DType::F32),
-    (32, 1048576, 8192, DType::F32),
-    (1, 1048576, 4096, DType::F32),
-];
 
 /// Blocks per SM of the split path's histogram and filter kernels on sm_90 (36 and 40
 /// registers at 512 threads: the register file holds 3), as `tools/kernel-report` computes

@@ -58,6 +58,12 @@ fn specs() -> ntkv::Result<Vec<QuantSpec>> {
     ])
 }
 
+/// The timed MiKV layout: int4 keys per channel in groups of 32, f16 important rows, a
+/// residual of 128.
+fn mikv_config(capacity: usize) -> MikvConfig {
+    MikvConfig { lo_bits: 4, hi: HiPrecision::F16, group: 32, axis: Axis::PerChannel, residual: 128, capacity }
+}
+
 fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let shape = [TOKENS, DIM];
     let n = TOKENS * DIM;
@@ -99,14 +105,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         // 32 KV heads × 32768 tokens × 128, int4 keys (per channel, group 32), 10% important
         // tokens in f16, residual 128: rebuild the dense f16 tensor.
         let (heads, tokens) = (32usize, 32_768usize);
-        let cfg = MikvConfig {
-            lo_bits: 4,
-            hi: HiPrecision::F16,
-            group: 32,
-            axis: Axis::PerChannel,
-            residual: 128,
-            capacity: tokens + 1024,
-        };
+        let cfg = mikv_config(tokens + 1024);
         let kv = DeviceTensor::from_host(dev, &tiled_f16(heads * tokens * DIM, 2), &[heads, tokens, DIM])?;
         let important: Vec<Vec<u32>> =
             (0..heads).map(|h| (0..tokens as u32).filter(|t| (t + h as u32) % 10 == 0).collect()).collect();
@@ -139,14 +138,7 @@ fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
     }
     if b.wants(FAMILY, "mikv_dense") {
         let (heads, tokens) = (4usize, 1024usize);
-        let cfg = MikvConfig {
-            lo_bits: 4,
-            hi: HiPrecision::F16,
-            group: 32,
-            axis: Axis::PerChannel,
-            residual: 128,
-            capacity: tokens,
-        };
+        let cfg = mikv_config(tokens);
         let kv = tiled_f16(heads * tokens * DIM, 2);
         let important: Vec<Vec<u32>> = (0..heads).map(|_| (0..tokens as u32).step_by(10).collect()).collect();
         let cache = cpu::MikvCacheCpu::from_prefill(cfg, &kv, &[heads, tokens, DIM], &important)?;

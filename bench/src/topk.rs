@@ -13,8 +13,8 @@ use crate::harness::{Bench, Work};
 
 const FAMILY: &str = "topk";
 
-/// The top-k shapes of the family's bars: (rows, n, k, dtype).
-const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
+/// The top-k shapes of the family's bars: (rows, n, k, dtype). The geometry step uses them too.
+pub(crate) const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
     (32, 131072, 2048, DType::F32),
     (32, 131072, 2048, DType::F16),
     (32, 131072, 2048, DType::BF16),

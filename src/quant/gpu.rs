@@ -253,59 +253,48 @@ fn need(arg: &'static str, want: usize, have: usize) -> Result<()> {
     }
 }
 
-/// `dst[h, k] = src[h, idx[h, k]]` for `k < rows` (zero rows past `counts[h]`).
-pub(crate) fn gather_rows(
-    device: &Device,
-    m: &Rows,
-    src: &CudaView<'_, f16>,
-    idx: &CudaView<'_, u32>,
-    counts: &CudaView<'_, u32>,
-    dst: &mut CudaViewMut<'_, f16>,
-) -> Result<()> {
-    need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
-    need("dst", m.extent(m.dst_hs, m.rows), dst.len())?;
-    need("idx", m.heads.saturating_mul(m.rows), idx.len())?;
-    need("counts", m.heads, counts.len())?;
-    if m.heads == 0 || m.rows == 0 || m.dim == 0 {
-        return Ok(());
-    }
-    let params = m.params()?;
-    let f = device.kernel(rows_kernel("mikv_gather"))?;
-    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
-    let mut b = device.stream().launch_builder(&f);
-    b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
-    // SAFETY: ntkv_mikv_gather(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
-    // counts, half* dst) reads counts[h] and idx[h·rows + k] for h < heads, k < rows (lengths
-    // checked above), src rows only when idx < src_rows (src holds heads blocks of src_rows
-    // rows at stride src_hs), and writes dst[h·dst_hs + k·dim + d] for k < rows (checked).
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+/// Which way an indexed row move goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowMove {
+    /// `dst[h, k] = src[h, idx[h, k]]` for `k < rows` (zero rows past `counts[h]`).
+    Gather,
+    /// `dst[h, idx[h, k]] = src[h, k]` for `k < counts[h]` and `idx < dst_rows`.
+    Scatter,
 }
 
-/// `dst[h, idx[h, k]] = src[h, k]` for `k < counts[h]` and `idx < dst_rows`.
-pub(crate) fn scatter_rows(
+/// The gather or scatter of MiKV's important rows.
+pub(crate) fn move_rows(
     device: &Device,
+    dir: RowMove,
     m: &Rows,
     src: &CudaView<'_, f16>,
     idx: &CudaView<'_, u32>,
     counts: &CudaView<'_, u32>,
     dst: &mut CudaViewMut<'_, f16>,
 ) -> Result<()> {
-    need("src", m.extent(m.src_hs, m.rows), src.len())?;
-    need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+    // The dense side holds src_rows / dst_rows rows per head, the packed side `rows`.
+    let (src_rows, dst_rows, op) = match dir {
+        RowMove::Gather => (m.src_rows, m.rows, "mikv_gather"),
+        RowMove::Scatter => (m.rows, m.dst_rows, "mikv_scatter"),
+    };
+    need("src", m.extent(m.src_hs, src_rows), src.len())?;
+    need("dst", m.extent(m.dst_hs, dst_rows), dst.len())?;
     need("idx", m.heads.saturating_mul(m.rows), idx.len())?;
     need("counts", m.heads, counts.len())?;
     if m.heads == 0 || m.rows == 0 || m.dim == 0 {
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.kernel(rows_kernel("mikv_scatter"))?;
+    let f = device.kernel(rows_kernel(op))?;
     let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(idx).arg(counts).arg(dst);
-    // SAFETY: ntkv_mikv_scatter(NtkvMikvRowsParams, const half* src, const u32* idx, const u32*
-    // counts, half* dst) reads src[h·src_hs + k·dim + d] for k < rows, idx/counts as in gather,
-    // and writes dst rows only when idx < dst_rows; all extents are checked above.
+    // SAFETY: ntkv_mikv_{gather,scatter}(NtkvMikvRowsParams, const half* src, const u32* idx,
+    // const u32* counts, half* dst) reads counts[h] and idx[h·rows + k] for h < heads, k < rows
+    // (lengths checked above). Gather reads src rows only when idx < src_rows and writes the
+    // `rows` packed rows of dst; scatter reads the `rows` packed rows of src and writes dst rows
+    // only when idx < dst_rows. Both buffers hold heads blocks of the row counts checked above
+    // at their strides.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

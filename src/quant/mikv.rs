@@ -14,6 +14,26 @@ use crate::device::Device;
 use crate::error::{check_shape, to_u32, Error, Result};
 use crate::tensor::{TensorMut, TensorRef};
 
+/// `len`, `is_empty` and `quantized_len`, the same for the CPU and the device cache.
+macro_rules! len_accessors {
+    () => {
+        /// Tokens held, `T`.
+        pub fn len(&self) -> usize {
+            self.tokens
+        }
+
+        /// Whether the cache holds no token.
+        pub fn is_empty(&self) -> bool {
+            self.tokens == 0
+        }
+
+        /// Tokens in the low-precision codes, `Tq`.
+        pub fn quantized_len(&self) -> usize {
+            self.quantized
+        }
+    };
+}
+
 /// The precision of important tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HiPrecision {
@@ -317,20 +337,7 @@ impl MikvCacheCpu {
         Ok(())
     }
 
-    /// Tokens held, `T`.
-    pub fn len(&self) -> usize {
-        self.tokens
-    }
-
-    /// Whether the cache holds no token.
-    pub fn is_empty(&self) -> bool {
-        self.tokens == 0
-    }
-
-    /// Tokens in the low-precision codes, `Tq`.
-    pub fn quantized_len(&self) -> usize {
-        self.quantized
-    }
+    len_accessors!();
 
     /// Reconstructs `[Hkv, T, D]` as f16 (see the module docs for the order of the parts).
     pub fn dequantize_dense(&self) -> Result<Vec<f16>> {
@@ -551,7 +558,15 @@ impl MikvCache {
                 ring: 0,
                 to_ring: false,
             };
-            gpu::gather_rows(device, &m, &kv_view, &idx.as_view(), &counts.as_view(), &mut rows.as_view_mut())?;
+            gpu::move_rows(
+                device,
+                gpu::RowMove::Gather,
+                &m,
+                &kv_view,
+                &idx.as_view(),
+                &counts.as_view(),
+                &mut rows.as_view_mut(),
+            )?;
             if let Some(layout) = geo.hi_layout(kmax)? {
                 let mut codes = stream.alloc_zeros::<u32>(layout.n_words())?;
                 let mut scales = stream.alloc_zeros::<f16>(layout.n_groups())?;
@@ -647,20 +662,7 @@ impl MikvCache {
         &self.geo.cfg
     }
 
-    /// Tokens held, `T`.
-    pub fn len(&self) -> usize {
-        self.tokens
-    }
-
-    /// Whether the cache holds no token.
-    pub fn is_empty(&self) -> bool {
-        self.tokens == 0
-    }
-
-    /// Tokens in the low-precision codes, `Tq`.
-    pub fn quantized_len(&self) -> usize {
-        self.quantized
-    }
+    len_accessors!();
 
     /// Reconstructs the cache as `[Hkv, T, D]` f16 into `out`: the codes of `[0, Tq)`, then the
     /// important rows, then the residual rows.
@@ -716,7 +718,15 @@ impl MikvCache {
                 ring: 0,
                 to_ring: false,
             };
-            gpu::scatter_rows(device, &m, &rows.as_view(), &idx.as_view(), &counts.as_view(), &mut out_view)?;
+            gpu::move_rows(
+                device,
+                gpu::RowMove::Scatter,
+                &m,
+                &rows.as_view(),
+                &idx.as_view(),
+                &counts.as_view(),
+                &mut out_view,
+            )?;
         }
         let ring_rows = self.geo.cfg.ring_rows();
         let m = Rows {
