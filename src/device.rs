@@ -241,6 +241,23 @@ impl Device {
         self.check_key(arg, t.device_key())
     }
 
+    /// Checks that buffer `arg` lives on this device, has exactly `shape`, and holds exactly
+    /// as many elements as that shape: a shape alone is never trusted, since a [`TensorRef`]
+    /// implemented outside the crate could report one its length does not match, and every
+    /// launch relies on the length.
+    ///
+    /// # Errors
+    /// [`Error::DeviceMismatch`], [`Error::Shape`] or [`Error::TooLarge`] naming `arg`.
+    pub fn check_buffer<T>(&self, arg: &'static str, t: &(impl TensorRef<T> + ?Sized), shape: &[usize]) -> Result<()> {
+        self.check_tensor(arg, t)?;
+        crate::error::check_shape(arg, shape, t.shape())?;
+        let n = crate::tensor::checked_numel::<T>(arg, shape)?;
+        if t.len() != n {
+            return Err(Error::shape(arg, &[n], &[t.len()]));
+        }
+        Ok(())
+    }
+
     /// Checks that something made on the device with key `key` (a tensor, a plan) may be
     /// used on this device.
     ///

@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{BlockMask, MaskHeads, PrefillOptions, PrefillShape, PvPrecision, BLOCK_SIZES, HEAD_DIMS, NO_TOKEN_MASK};
 use crate::device::{Device, Module};
-use crate::error::{check_shape, to_u32, Error, Result};
+use crate::error::{to_u32, Error, Result};
 use crate::launch::{grid_for, KernelId};
 use crate::params::{NtkvAttnPrefillParams, NTKV_ATTN_BLOCK_WORDS, NTKV_ATTN_ITEM_WORDS};
 use crate::tensor::{DType, Float, TensorMut, TensorRef};
@@ -409,12 +409,7 @@ pub(crate) fn check_tensor<T>(
     shape: &[usize],
     t: &impl TensorRef<T>,
 ) -> Result<()> {
-    check_shape(arg, shape, t.shape())?;
-    let n = crate::tensor::numel(arg, shape)?;
-    if t.len() != n {
-        return Err(Error::shape(arg, &[n], &[t.len()]));
-    }
-    device.check_tensor(arg, t)
+    device.check_buffer(arg, t, shape)
 }
 
 /// Every kernel id this module's launchers can form (checked against the images by

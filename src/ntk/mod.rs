@@ -135,13 +135,7 @@ pub(crate) fn check_tensor<T>(
     t: &(impl TensorRef<T> + ?Sized),
     shape: &[usize],
 ) -> Result<()> {
-    device.check_tensor(arg, t)?;
-    check_shape(arg, shape, t.shape())?;
-    let n = checked_numel::<T>(arg, shape)?;
-    if t.len() != n {
-        return Err(Error::shape(arg, &[n], &[t.len()]));
-    }
-    Ok(())
+    device.check_buffer(arg, t, shape)
 }
 
 /// How one contraction mode maps onto the gemm module's `C_z = A_z·B_zᵀ` over `J` (pure: the

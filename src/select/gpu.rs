@@ -6,10 +6,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, 
 
 use super::{BlockMap, ExpandShape, SegmentShape, TopkLayout, TopkOptions, TopkOrder, TopkShape};
 use crate::device::{Device, Module};
-use crate::error::{check_shape, to_u32, to_u64, Error, Result};
+use crate::error::{to_u32, to_u64, Error, Result};
 use crate::launch::{blocks_per_sm, grid_2d, grid_for, KernelId};
 use crate::params::NtkvTopkParams;
-use crate::tensor::{numel, DType, Float, TensorMut, TensorRef};
+use crate::tensor::{DType, Float, TensorMut, TensorRef};
 
 const HIST_BINS: usize = 4096;
 const STATE_WORDS: usize = 8;
@@ -58,13 +58,7 @@ pub(crate) fn check_buf<T>(
     t: &(impl TensorRef<T> + ?Sized),
     shape: &[usize],
 ) -> Result<()> {
-    device.check_tensor(arg, t)?;
-    check_shape(arg, shape, t.shape())?;
-    let n = numel(arg, shape)?;
-    if t.len() != n {
-        return Err(Error::shape(arg, shape, &[t.len()]));
-    }
-    Ok(())
+    device.check_buffer(arg, t, shape)
 }
 
 /// Checks that a borrowed view starts at a multiple of `align` bytes, for kernels that load
