@@ -543,7 +543,7 @@ bool compact_case(const char* name, size_t hkv, size_t t, size_t row_words, size
     float* ao = dev_alloc<float>(has_acc ? hkv * budget : 1);
     const size_t gblocks = std::clamp<size_t>((hkv * budget * row_words + 255) / 256, 1, 65535);
     CHECK(ntkv_emu::launch(dim3_{(unsigned)gblocks, 1, 1}, dim3_{256, 1, 1}, 0,
-                           [&] { ntkv_h2o_gather(p, dkeep, kc, vc, acc, ko, vo, ao); }, LaunchOpts{3, false, 1, 60}),
+                           [&] { ntkv_h2o_gather(p, dkeep, kc, vc, acc, ko, vo, ao); }, LaunchOpts{3, false, 1, 600}),
           "gather launch failed");
     for (size_t h = 0; h < hkv; ++h)
         for (size_t i = 0; i < budget; ++i) {
@@ -558,7 +558,7 @@ bool compact_case(const char* name, size_t hkv, size_t t, size_t row_words, size
     const size_t chunk_rows = std::max<size_t>(8192 / row_words, 1);
     const uint32_t smem = (uint32_t)((2 * chunk_rows * row_words + chunk_rows) * 4);
     CHECK(ntkv_emu::launch(dim3_{(unsigned)hkv, 1, 1}, dim3_{256, 1, 1}, smem,
-                           [&] { ntkv_h2o_compact(p, dkeep, kc, vc, acc); }, LaunchOpts{2, true, 3, 60}),
+                           [&] { ntkv_h2o_compact(p, dkeep, kc, vc, acc); }, LaunchOpts{2, true, 3, 600}),
           "compact launch failed");
     // Reference: cpu.rs h2o_compact (rows budget.. unchanged).
     std::vector<uint32_t> rk = hk, rv = hv;
@@ -590,7 +590,7 @@ bool pool_case(size_t rows, size_t stride, size_t n_out) {
     NtkvPoolParams p{(uint32_t)rows, (uint32_t)stride, (uint32_t)n_out, 0};
     const size_t blocks = std::clamp<size_t>((rows * n_out + 255) / 256, 1, 8192);
     CHECK(ntkv_emu::launch(dim3_{(unsigned)blocks, 1, 1}, dim3_{256, 1, 1}, 0, [&] { ntkv_snapkv_pool(p, in, out); },
-                           LaunchOpts{3, false, 1, 60}),
+                           LaunchOpts{3, false, 1, 600}),
           "launch failed");
     for (size_t r = 0; r < rows; ++r)
         for (size_t j = 0; j < n_out; ++j) {
