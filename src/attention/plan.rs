@@ -349,11 +349,11 @@ impl PrefillPlan {
         let s = &self.host.shape;
         let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
         let dev = &self.device;
-        check_tensor(dev, "q", &s.q_shape(), q)?;
-        check_tensor(dev, "k", &s.kv_shape(), k)?;
-        check_tensor(dev, "v", &s.kv_shape(), v)?;
-        check_tensor(dev, "o", &s.q_shape(), o)?;
-        check_tensor(dev, "lse", &s.lse_shape(), lse)?;
+        dev.check_buffer("q", q, &s.q_shape())?;
+        dev.check_buffer("k", k, &s.kv_shape())?;
+        dev.check_buffer("v", v, &s.kv_shape())?;
+        dev.check_buffer("o", o, &s.q_shape())?;
+        dev.check_buffer("lse", lse, &s.lse_shape())?;
         let id = self.host.kernel_id(T::DTYPE)?;
         let n_items = self.host.n_items();
         if n_items == 0 {
@@ -400,16 +400,6 @@ impl PrefillPlan {
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
-}
-
-/// Checks that `t` has exactly `shape` (and as many elements) and lives on `device`.
-pub(crate) fn check_tensor<T>(
-    device: &Device,
-    arg: &'static str,
-    shape: &[usize],
-    t: &impl TensorRef<T>,
-) -> Result<()> {
-    device.check_buffer(arg, t, shape)
 }
 
 /// Every kernel id this module's launchers can form (checked against the images by

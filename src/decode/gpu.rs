@@ -7,7 +7,6 @@ use super::{
     decode_verdict, index_error, plan_chunks, validate_indptr, ChunkPlan, DecodeOptions, DecodeShape, HEAD_DIMS,
     ROWS_PER_CTA, TILE_TOKENS, VERDICT_NONE,
 };
-use crate::attention::plan::check_tensor;
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
 use crate::launch::{grid_2d, grid_for, KernelId};
@@ -121,7 +120,7 @@ impl<'a> DecodePlan<'a> {
         shape.validate()?;
         options.validate()?;
         let n_lists = shape.n_lists();
-        check_tensor(device, "indptr", &[n_lists + 1], indptr)?;
+        device.check_buffer("indptr", indptr, &[n_lists + 1])?;
         device.check_tensor("indices", indices)?;
         let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
         let stream = device.stream();
@@ -213,11 +212,11 @@ impl<'a> DecodePlan<'a> {
             DType::F32 => return Err(Error::invalid("q", "f32 is not supported; use f16 or bf16")),
         };
         let dev = &self.device;
-        check_tensor(dev, "q", &shape.q_shape(), q)?;
-        check_tensor(dev, "k", &shape.kv_shape(), k)?;
-        check_tensor(dev, "v", &shape.kv_shape(), v)?;
-        check_tensor(dev, "o", &shape.q_shape(), o)?;
-        check_tensor(dev, "lse", &shape.lse_shape(), lse)?;
+        dev.check_buffer("q", q, &shape.q_shape())?;
+        dev.check_buffer("k", k, &shape.kv_shape())?;
+        dev.check_buffer("v", v, &shape.kv_shape())?;
+        dev.check_buffer("o", o, &shape.q_shape())?;
+        dev.check_buffer("lse", lse, &shape.lse_shape())?;
 
         let row_tiles = shape.rows().div_ceil(ROWS_PER_CTA);
         let params = NtkvDecodeParams {

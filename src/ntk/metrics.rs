@@ -29,7 +29,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ntk::gpu::{self, StatsTarget};
-use crate::ntk::{check_tensor, cpu, Precision};
+use crate::ntk::{cpu, Precision};
 use crate::tensor::TensorRef;
 
 /// `N` of a square, non-empty kernel on `device` (shape and length checked).
@@ -39,7 +39,7 @@ fn square(device: &Device, arg: &'static str, k: &impl TensorRef<f32>) -> Result
         let n = s.first().copied().unwrap_or(0).max(1);
         return Err(Error::shape(arg, &[n, n], s));
     }
-    check_tensor(device, arg, k, s)?;
+    device.check_buffer(arg, k, s)?;
     Ok(s[0])
 }
 
@@ -131,7 +131,7 @@ pub fn alignment(device: &Device, k: &impl TensorRef<f32>, y: &impl TensorRef<f3
     if ys.len() != 2 || ys[0] != n || ys[1] == 0 {
         return Err(Error::shape("targets", &[n, ys.get(1).copied().unwrap_or(1).max(1)], ys));
     }
-    check_tensor(device, "targets", y, ys)?;
+    device.check_buffer("targets", y, ys)?;
     let yy = gpu::matmul_abt(device, &y.cuda_view(), n, None, ys[1], Precision::F32)?;
     let kv = k.cuda_view();
     let s = if centered {
@@ -197,7 +197,7 @@ pub fn ntk_regression(
     if t.len() != 2 || t[1] != n {
         return Err(Error::shape("theta_test", &[t.first().copied().unwrap_or(0), n], t));
     }
-    check_tensor(device, "theta_test", theta_test, t)?;
+    device.check_buffer("theta_test", theta_test, t)?;
     if y.is_empty() || y.len() % n != 0 {
         return Err(Error::shape("targets", &[n, (y.len() / n).max(1)], &[y.len()]));
     }

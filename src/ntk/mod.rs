@@ -128,16 +128,6 @@ fn check_dtype<T: Float>(arg: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a tensor's device, shape and length (a shape alone is never trusted).
-pub(crate) fn check_tensor<T>(
-    device: &Device,
-    arg: &'static str,
-    t: &(impl TensorRef<T> + ?Sized),
-    shape: &[usize],
-) -> Result<()> {
-    device.check_buffer(arg, t, shape)
-}
-
 /// How one contraction mode maps onto the gemm module's `C_z = A_z·B_zᵀ` over `J` (pure: the
 /// plan, the launches and the CPU emulation in the tests share it).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -367,7 +357,7 @@ impl GramPlan {
             return Err(Error::invalid("j2", "the plan is for a cross kernel; use run_cross"));
         }
         self.check("j1", j, self.shape.n1)?;
-        check_tensor(&self.device, "out", out, &self.output_shape())?;
+        self.device.check_buffer("out", out, &self.output_shape())?;
         self.run_views(j.cuda_view(), None, out.cuda_view_mut())
     }
 
@@ -387,13 +377,13 @@ impl GramPlan {
         }
         self.check("j1", j1, self.shape.n1)?;
         self.check("j2", j2, self.shape.n2)?;
-        check_tensor(&self.device, "out", out, &self.output_shape())?;
+        self.device.check_buffer("out", out, &self.output_shape())?;
         self.run_views(j1.cuda_view(), Some(j2.cuda_view()), out.cuda_view_mut())
     }
 
     fn check<T: Float>(&self, arg: &'static str, j: &impl TensorRef<T>, n: usize) -> Result<()> {
         check_dtype::<T>(arg)?;
-        check_tensor(&self.device, arg, j, &[n, self.shape.outputs, self.shape.params])
+        self.device.check_buffer(arg, j, &[n, self.shape.outputs, self.shape.params])
     }
 
     fn run_views<T: Float>(

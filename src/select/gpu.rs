@@ -49,18 +49,6 @@ fn dtype_slot(dtype: DType) -> usize {
     }
 }
 
-/// Checks that `t` lives on `device`, has exactly `shape`, and holds exactly the elements
-/// of that shape (a [`TensorRef`] implemented outside the crate could report a shape that
-/// its length does not match; the launch relies on the length).
-pub(crate) fn check_buf<T>(
-    device: &Device,
-    arg: &'static str,
-    t: &(impl TensorRef<T> + ?Sized),
-    shape: &[usize],
-) -> Result<()> {
-    device.check_buffer(arg, t, shape)
-}
-
 /// Checks that a borrowed view starts at a multiple of `align` bytes, for kernels that load
 /// it in wider words than its element (a view may start anywhere inside a larger buffer).
 ///
@@ -224,9 +212,9 @@ impl TopkPlan {
         indices: &mut impl TensorMut<u32>,
     ) -> Result<()> {
         let TopkShape { rows, n, k } = self.shape;
-        check_buf(&self.device, "scores", scores, &[rows, n])?;
-        check_buf(&self.device, "values", values, &[rows, k])?;
-        check_buf(&self.device, "indices", indices, &[rows, k])?;
+        self.device.check_buffer("scores", scores, &[rows, n])?;
+        self.device.check_buffer("values", values, &[rows, k])?;
+        self.device.check_buffer("indices", indices, &[rows, k])?;
         if let Some(l) = lengths {
             self.shape.validate_lengths(l)?;
             self.device.stream().memcpy_htod(l, &mut self.lengths)?;
@@ -428,9 +416,9 @@ impl<T: Float> SegmentTopkPlan<T> {
         indices: &mut impl TensorMut<u32>,
     ) -> Result<()> {
         let SegmentShape { segments, total, max_len, k } = self.shape;
-        check_buf(&self.device, "scores", scores, &[total])?;
-        check_buf(&self.device, "values", values, &[segments, k])?;
-        check_buf(&self.device, "indices", indices, &[segments, k])?;
+        self.device.check_buffer("scores", scores, &[total])?;
+        self.device.check_buffer("values", values, &[segments, k])?;
+        self.device.check_buffer("indices", indices, &[segments, k])?;
         self.shape.validate_indptr(indptr)?;
         if let Some(ks) = ks {
             self.shape.validate_ks(ks)?;
@@ -567,7 +555,7 @@ impl ExpandPlan {
         let Some(want) = self.shape.ranges_shape() else {
             return Err(Error::invalid("ranges", "this plan expands fixed-size blocks: call run"));
         };
-        check_buf(&self.device, "ranges", ranges, &want)?;
+        self.device.check_buffer("ranges", ranges, &want)?;
         self.enqueue(blocks, Some(&ranges.cuda_view()), lengths, indptr, indices)
     }
 
@@ -580,9 +568,9 @@ impl ExpandPlan {
         indices: &mut impl TensorMut<u32>,
     ) -> Result<()> {
         let ExpandShape { rows, kb, nb, t, map } = self.shape;
-        check_buf(&self.device, "blocks", blocks, &[rows, kb])?;
-        check_buf(&self.device, "lengths", lengths, &[rows])?;
-        check_buf(&self.device, "indptr", indptr, &[rows + 1])?;
+        self.device.check_buffer("blocks", blocks, &[rows, kb])?;
+        self.device.check_buffer("lengths", lengths, &[rows])?;
+        self.device.check_buffer("indptr", indptr, &[rows + 1])?;
         let cap = self.shape.capacity()?;
         self.device.check_tensor("indices", indices)?;
         if indices.shape().len() != 1 || indices.shape()[0] != indices.len() || indices.len() < cap {

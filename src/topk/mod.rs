@@ -86,7 +86,6 @@ pub(crate) mod gpu;
 
 use crate::device::Device;
 use crate::error::{check_shape, checked_mul, Error, Result};
-use crate::select::gpu::check_buf;
 use crate::tensor::{DeviceTensor, Float, TensorMut, TensorRef};
 
 pub use crate::select::{
@@ -274,8 +273,8 @@ fn check_attn_bufs<T: Float>(
     (q_name, q): (&'static str, &impl TensorRef<T>),
     k: &impl TensorRef<T>,
 ) -> Result<()> {
-    check_buf(device, q_name, q, &[s.hq, s.tq, s.d])?;
-    check_buf(device, "k", k, &[s.hkv, s.t, s.d])?;
+    device.check_buffer(q_name, q, &[s.hq, s.tq, s.d])?;
+    device.check_buffer("k", k, &[s.hkv, s.t, s.d])?;
     gpu::check_attn_support(s, T::DTYPE)
 }
 
@@ -300,7 +299,7 @@ pub fn h2o_accumulate<T: Float>(
 ) -> Result<()> {
     let shape = AttnShape::from_shapes(q.shape(), k.shape())?;
     check_attn_bufs(device, shape, ("q", q), k)?;
-    check_buf(device, "acc", acc, &[shape.hkv, shape.t])?;
+    device.check_buffer("acc", acc, &[shape.hkv, shape.t])?;
     let mut scratch = gpu::AttnScratch::new(device, shape)?;
     gpu::accumulate(device, &mut scratch, &q.cuda_view(), &k.cuda_view(), &mut acc.cuda_view_mut(), reduce, false)
 }
@@ -319,7 +318,7 @@ pub fn h2o_select(
 ) -> Result<DeviceTensor<u32>> {
     let &[hkv, t] = acc.shape() else { return Err(Error::shape("acc", &[0, 0], acc.shape())) };
     let mut plan = gpu::EvictionPlan::h2o(device, hkv, t, budget, recent)?;
-    check_buf(device, "acc", acc, &plan.scores_shape())?;
+    device.check_buffer("acc", acc, &plan.scores_shape())?;
     let mut keep = DeviceTensor::<u32>::zeros(device, &[hkv, budget])?;
     plan.run(Some(&acc.cuda_view()), &mut keep.cuda_view_mut())?;
     Ok(keep)
@@ -382,7 +381,7 @@ impl H2oPlan {
     ) -> Result<()> {
         let s = self.shape;
         check_attn_bufs(&self.device, s, ("q", q), k)?;
-        check_buf(&self.device, "acc", acc, &[s.hkv, s.t])?;
+        self.device.check_buffer("acc", acc, &[s.hkv, s.t])?;
         let (qv, kv) = (q.cuda_view(), k.cuda_view());
         gpu::accumulate(&self.device, &mut self.scratch, &qv, &kv, &mut acc.cuda_view_mut(), self.options.reduce, false)
     }
@@ -392,8 +391,8 @@ impl H2oPlan {
     /// # Errors
     /// [`Error::Shape`] naming `acc` or `keep`; [`Error::DeviceMismatch`].
     pub fn select(&mut self, acc: &impl TensorRef<f32>, keep: &mut impl TensorMut<u32>) -> Result<()> {
-        check_buf(&self.device, "acc", acc, &[self.shape.hkv, self.shape.t])?;
-        check_buf(&self.device, "keep", keep, &[self.shape.hkv, self.options.budget])?;
+        self.device.check_buffer("acc", acc, &[self.shape.hkv, self.shape.t])?;
+        self.device.check_buffer("keep", keep, &[self.shape.hkv, self.options.budget])?;
         self.evict.run(Some(&acc.cuda_view()), &mut keep.cuda_view_mut())
     }
 
@@ -409,8 +408,8 @@ impl H2oPlan {
         acc: Option<&mut dyn TensorMut<f32>>,
     ) -> Result<()> {
         let s = self.shape;
-        check_buf(&self.device, "keep", keep, &[s.hkv, self.options.budget])?;
-        check_buf(&self.device, "k_cache", k_cache, &[s.hkv, s.t, s.d])?;
+        self.device.check_buffer("keep", keep, &[s.hkv, self.options.budget])?;
+        self.device.check_buffer("k_cache", k_cache, &[s.hkv, s.t, s.d])?;
         h2o_compact(&self.device, keep, k_cache, v_cache, acc)
     }
 }
@@ -427,11 +426,11 @@ fn check_compact_bufs<T: Float>(
     let &[hkv, t, d] = k_cache.shape() else { return Err(Error::shape("k_cache", &[0, 0, 0], k_cache.shape())) };
     check_shape("v_cache", &[hkv, t, d], v_cache.shape())?;
     let budget = validate_compact(keep.len(), hkv, t, d, k_cache.len(), v_cache.len(), acc.map(|a| a.len()))?;
-    check_buf(device, "keep", keep, &[hkv, budget])?;
-    check_buf(device, "k_cache", k_cache, &[hkv, t, d])?;
-    check_buf(device, "v_cache", v_cache, &[hkv, t, d])?;
+    device.check_buffer("keep", keep, &[hkv, budget])?;
+    device.check_buffer("k_cache", k_cache, &[hkv, t, d])?;
+    device.check_buffer("v_cache", v_cache, &[hkv, t, d])?;
     if let Some(a) = acc {
-        check_buf(device, "acc", a, &[hkv, t])?;
+        device.check_buffer("acc", a, &[hkv, t])?;
     }
     Ok((hkv, t, d, budget))
 }
@@ -487,10 +486,10 @@ pub fn h2o_gather<T: Float>(
 ) -> Result<()> {
     let dims = check_compact_bufs(device, keep, k_cache, v_cache, acc.as_ref().map(|(a, _)| *a))?;
     let (hkv, _, d, budget) = dims;
-    check_buf(device, "k_out", k_out, &[hkv, budget, d])?;
-    check_buf(device, "v_out", v_out, &[hkv, budget, d])?;
+    device.check_buffer("k_out", k_out, &[hkv, budget, d])?;
+    device.check_buffer("v_out", v_out, &[hkv, budget, d])?;
     if let Some((_, o)) = acc.as_ref() {
-        check_buf(device, "acc_out", &**o, &[hkv, budget])?;
+        device.check_buffer("acc_out", &**o, &[hkv, budget])?;
     }
     let bufs = gpu::GatherBufs {
         keep: keep.cuda_view(),
@@ -602,7 +601,7 @@ impl SnapKvPlan {
         keep: &mut impl TensorMut<u32>,
     ) -> Result<()> {
         check_attn_bufs(&self.device, self.shape, ("q_window", q_window), k)?;
-        check_buf(&self.device, "keep", keep, &[self.shape.hkv, self.options.capacity])?;
+        self.device.check_buffer("keep", keep, &[self.shape.hkv, self.options.capacity])?;
         if self.options.capacity > self.shape.tq {
             self.scores(q_window, k)?;
             let pooled = self.pooled.as_ref().ok_or_else(|| Error::internal("selected tokens without older tokens"))?;
