@@ -11,6 +11,7 @@
 //! | [`decode`] | sparse-index decode attention over per-head token lists: the consumer of every selection method |
 //! | [`ntk`] | the empirical NTK from Jacobians, the factored MLP NTK, and kernel metrics (LGA, alignment, condition number, regression) |
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
+//! | [`cluster`] | k-means of keys per head (cosine or L2, deterministic, bit-exact labels) and cluster retrieval into decode-ready token lists |
 //! | [`gemm`] | shared primitive: deterministic split-K GEMM at F32, TF32 and BF16 with strided, batched, transposed operands |
 //!
 //! Every GPU operation has a CPU reference beside it (the `cpu` submodule of each family),
@@ -65,6 +66,7 @@
 
 pub mod attention;
 pub mod checks;
+pub mod cluster;
 pub mod decode;
 pub mod device;
 pub mod error;

@@ -590,3 +590,90 @@ const _: () = {
     ["Offset of field: NtkvNtkMeansParams::n"][::core::mem::offset_of!(NtkvNtkMeansParams, n) - 0usize];
     ["Offset of field: NtkvNtkMeansParams::_pad0"][::core::mem::offset_of!(NtkvNtkMeansParams, _pad0) - 4usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvKmeansParams {
+    pub seed: u64,
+    pub heads: u32,
+    pub tokens: u32,
+    pub capacity: u32,
+    pub clusters: u32,
+    pub head_dim: u32,
+    pub metric: u32,
+    pub first: u32,
+    pub track: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvKmeansParams"][::core::mem::size_of::<NtkvKmeansParams>() - 40usize];
+    ["Alignment of NtkvKmeansParams"][::core::mem::align_of::<NtkvKmeansParams>() - 8usize];
+    ["Offset of field: NtkvKmeansParams::seed"][::core::mem::offset_of!(NtkvKmeansParams, seed) - 0usize];
+    ["Offset of field: NtkvKmeansParams::heads"][::core::mem::offset_of!(NtkvKmeansParams, heads) - 8usize];
+    ["Offset of field: NtkvKmeansParams::tokens"][::core::mem::offset_of!(NtkvKmeansParams, tokens) - 12usize];
+    ["Offset of field: NtkvKmeansParams::capacity"][::core::mem::offset_of!(NtkvKmeansParams, capacity) - 16usize];
+    ["Offset of field: NtkvKmeansParams::clusters"][::core::mem::offset_of!(NtkvKmeansParams, clusters) - 20usize];
+    ["Offset of field: NtkvKmeansParams::head_dim"][::core::mem::offset_of!(NtkvKmeansParams, head_dim) - 24usize];
+    ["Offset of field: NtkvKmeansParams::metric"][::core::mem::offset_of!(NtkvKmeansParams, metric) - 28usize];
+    ["Offset of field: NtkvKmeansParams::first"][::core::mem::offset_of!(NtkvKmeansParams, first) - 32usize];
+    ["Offset of field: NtkvKmeansParams::track"][::core::mem::offset_of!(NtkvKmeansParams, track) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvClusterRetrieveParams {
+    pub n_indices: u64,
+    pub batch: u32,
+    pub q_tokens: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub clusters: u32,
+    pub capacity: u32,
+    pub group: u32,
+    pub rows: u32,
+    pub combine: u32,
+    pub cluster_budget: u32,
+    pub sinks: u32,
+    pub window: u32,
+    pub words: u32,
+    pub n_lists: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvClusterRetrieveParams"][::core::mem::size_of::<NtkvClusterRetrieveParams>() - 72usize];
+    ["Alignment of NtkvClusterRetrieveParams"][::core::mem::align_of::<NtkvClusterRetrieveParams>() - 8usize];
+    ["Offset of field: NtkvClusterRetrieveParams::n_indices"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, n_indices) - 0usize];
+    ["Offset of field: NtkvClusterRetrieveParams::batch"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, batch) - 8usize];
+    ["Offset of field: NtkvClusterRetrieveParams::q_tokens"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, q_tokens) - 12usize];
+    ["Offset of field: NtkvClusterRetrieveParams::q_heads"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, q_heads) - 16usize];
+    ["Offset of field: NtkvClusterRetrieveParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, kv_heads) - 20usize];
+    ["Offset of field: NtkvClusterRetrieveParams::head_dim"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, head_dim) - 24usize];
+    ["Offset of field: NtkvClusterRetrieveParams::clusters"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, clusters) - 28usize];
+    ["Offset of field: NtkvClusterRetrieveParams::capacity"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, capacity) - 32usize];
+    ["Offset of field: NtkvClusterRetrieveParams::group"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, group) - 36usize];
+    ["Offset of field: NtkvClusterRetrieveParams::rows"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, rows) - 40usize];
+    ["Offset of field: NtkvClusterRetrieveParams::combine"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, combine) - 44usize];
+    ["Offset of field: NtkvClusterRetrieveParams::cluster_budget"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, cluster_budget) - 48usize];
+    ["Offset of field: NtkvClusterRetrieveParams::sinks"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, sinks) - 52usize];
+    ["Offset of field: NtkvClusterRetrieveParams::window"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, window) - 56usize];
+    ["Offset of field: NtkvClusterRetrieveParams::words"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, words) - 60usize];
+    ["Offset of field: NtkvClusterRetrieveParams::n_lists"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, n_lists) - 64usize];
+    ["Offset of field: NtkvClusterRetrieveParams::_pad0"]
+        [::core::mem::offset_of!(NtkvClusterRetrieveParams, _pad0) - 68usize];
+};

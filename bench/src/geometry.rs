@@ -321,6 +321,37 @@ fn ntk(g: &mut Geometry) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// cluster: k-means and cluster retrieval (bench/src/cluster.rs cases)
+
+fn cluster(g: &mut Geometry) {
+    use ntkv::cluster::{self as gpu, RetrieveOptions, RetrieveShape};
+    for &(op, shape, h, t, c, _d, it) in crate::cluster::KMEANS_CASES {
+        let tiles = t.div_ceil(gpu::ASSIGN_KEYS);
+        g.push("cluster", op, shape, "f32", "ntkv_kmeans_init_f32".into(), h * c, 1, "").block = Some(gpu::ROW_THREADS);
+        let a = g.push("cluster", op, shape, "f32", "ntkv_kmeans_assign_f32".into(), h * tiles, it, "per iteration");
+        a.block = Some(gpu::ASSIGN_THREADS);
+        a.dyn_smem = Some(0);
+        g.push("cluster", op, shape, "f32", "ntkv_kmeans_sort".into(), h, it, "one CTA per head").block =
+            Some(gpu::LIST_THREADS);
+        g.push("cluster", op, shape, "f32", "ntkv_kmeans_update_f32".into(), h * c, it, "one CTA per cluster").block =
+            Some(gpu::ROW_THREADS);
+    }
+    for &(op, shape, batch, hq, hkv, c, cap, budget, sinks, window) in crate::cluster::RETRIEVE_CASES {
+        let rs = RetrieveShape { batch, q_tokens: 1, hq, hkv, head_dim: 128, clusters: c, capacity: cap };
+        let l = rs.n_lists();
+        let score = g.push("cluster", op, shape, "f16", "ntkv_cluster_score_f16".into(), l * c.div_ceil(128), 1, "");
+        score.block = Some(gpu::ROW_THREADS);
+        let note = format!("ranking: select top-k of [{l}, {c}], k = {c} (topk rows)");
+        let m = g.push("cluster", op, shape, "f16", "ntkv_cluster_mark".into(), l, 1, &note);
+        m.block = Some(gpu::LIST_THREADS);
+        m.dyn_smem = Some(gpu::mark_smem_bytes(c));
+        let o = RetrieveOptions { budget, sinks, window, ..Default::default() };
+        let cap_note = format!("indices capacity {}", rs.indices_capacity(&o).unwrap_or(0));
+        g.push("cluster", op, shape, "f16", "ntkv_cluster_write".into(), l, 1, &cap_note).block = Some(gpu::LIST_THREADS);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn collect() -> Geometry {
     let mut g = Geometry::default();
@@ -329,6 +360,7 @@ fn collect() -> Geometry {
     attention(&mut g);
     quant(&mut g);
     ntk(&mut g);
+    cluster(&mut g);
     g
 }
 

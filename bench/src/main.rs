@@ -9,6 +9,7 @@
 //! peers' timings from `tools/peers/run.py`.
 
 mod attention;
+mod cluster;
 mod decode;
 mod geometry;
 mod harness;
@@ -56,6 +57,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("attention", attention::run),
     ("decode", decode::run),
     ("ntk", ntk::run),
+    ("cluster", cluster::run),
 ];
 
 fn main() -> ExitCode {

@@ -364,4 +364,50 @@ typedef struct NtkvNtkMeansParams {
     uint32_t _pad0;
 } NtkvNtkMeansParams;
 
+/* ---- cluster: k-means of keys and cluster retrieval (src/cluster) ------ */
+
+/* k-means over `heads` rows of keys [heads][capacity][head_dim] (the first `tokens` of each
+ * row), labels and members [heads][capacity] (u32), centroids [heads][clusters][head_dim]
+ * (f32). metric 0 = cosine (centroids unit length, argmax of x.c), 1 = L2 (argmin of
+ * |c|^2 - 2 x.c). first: the assignment kernel labels tokens [first, tokens) only. track:
+ * 0 = incremental (done / changed flags ignored), 1 = fixed iterations, 2 = a head stops at
+ * the first assignment pass that changes no label. */
+typedef struct NtkvKmeansParams {
+    uint64_t seed;
+    uint32_t heads;
+    uint32_t tokens;
+    uint32_t capacity;
+    uint32_t clusters;
+    uint32_t head_dim;
+    uint32_t metric;
+    uint32_t first;
+    uint32_t track;
+} NtkvKmeansParams;
+
+/* Cluster retrieval for n_lists = batch * kv_heads lists (sequence b, kv head h: list
+ * b * kv_heads + h). q [batch][q_tokens][q_heads][head_dim]; centroids
+ * [n_lists][clusters][head_dim] f32; cluster_indptr [n_lists][clusters + 1] and members
+ * [n_lists][capacity]. combine 0 = max, 1 = sum over the group * q_tokens query rows
+ * (row r = tq * group + g). cluster_budget: tokens taken from ranked clusters (the budget
+ * less sinks and window, at least 0). words = ceil(capacity / 32), bitmap words per list. */
+typedef struct NtkvClusterRetrieveParams {
+    uint64_t n_indices;
+    uint32_t batch;
+    uint32_t q_tokens;
+    uint32_t q_heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t clusters;
+    uint32_t capacity;
+    uint32_t group;
+    uint32_t rows;
+    uint32_t combine;
+    uint32_t cluster_budget;
+    uint32_t sinks;
+    uint32_t window;
+    uint32_t words;
+    uint32_t n_lists;
+    uint32_t _pad0;
+} NtkvClusterRetrieveParams;
+
 #endif /* NTKV_PARAMS_H */

@@ -98,6 +98,7 @@ ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
 GEMM = "src/gemm/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
+CLUSTER = "src/cluster/gpu.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
                                                   "SMEM_OPTIN")]
@@ -182,6 +183,16 @@ LAUNCHES = [
     Entry(r"ntkv_gemm_reduce", 256, 0, [Const(GEMM, "THREADS")], "gemm split-K reduction"),
     Entry(r"ntkv_ntk_(?:reduce|presum_f32|presum_bf16|combine|bias_act|cotangent|jvp|stats|stats_finish|means"
           r"|grand_mean)", 256, 0, [Const(GEMM, "THREADS")], "ntk::gpu (gemm::gpu::THREADS)"),
+    # cluster: k-means and cluster retrieval
+    Entry(rf"ntkv_kmeans_(?:init|norms|update)_{DT}", 128, 0, [Const(CLUSTER, "ROW_THREADS")],
+          "cluster::KmeansPlan::run"),
+    Entry(rf"ntkv_kmeans_assign_{DT}", 256, 0, [Const(CLUSTER, "ASSIGN_THREADS")],
+          "cluster::KmeansPlan::run / assign_appended"),
+    Entry(r"ntkv_kmeans_sort", 256, 0, [Const(CLUSTER, "LIST_THREADS")], "cluster::KmeansPlan (one CTA per head)"),
+    Entry(rf"ntkv_cluster_score_{DT}", 128, 0, [Const(CLUSTER, "ROW_THREADS")], "cluster::RetrievePlan::run"),
+    Entry(r"ntkv_cluster_mark", 256, None, [Const(CLUSTER, "LIST_THREADS"), Text(CLUSTER, "(clusters + 1) * 4")],
+          "cluster::RetrievePlan::run", dyn_note="(C+1)·4"),
+    Entry(r"ntkv_cluster_write", 256, 0, [Const(CLUSTER, "LIST_THREADS")], "cluster::RetrievePlan::run"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs

@@ -200,6 +200,7 @@ inline void __nanosleep(unsigned) { sched_yield(); }
 // ---- Atomics --------------------------------------------------------------------------------
 template <typename T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 inline unsigned atomicAdd(unsigned* p, int v) { return std::atomic_ref<unsigned>(*p).fetch_add((unsigned)v); }
+template <typename T> inline T atomicOr(T* p, T v) { return std::atomic_ref<T>(*p).fetch_or(v); }
 template <typename T> inline T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v); }
 template <typename T> inline T atomicCAS(T* p, T expected, T desired) {
     std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);

@@ -1,0 +1,153 @@
+//! The cluster kernels on the GPU against the CPU references, bit for bit: k-means labels,
+//! sizes, CSR members, iteration counts and centroids (cosine and L2, f32/f16/bf16, T not a
+//! tile multiple, C = 1, C = T, all-equal keys, empty clusters, stop when stable), the
+//! incremental assignment, and retrieved token lists (GQA 1, 3, 8; budgets below S + W);
+//! buffer errors before any launch; run-to-run determinism.
+
+mod cluster_support;
+mod common;
+
+use cluster_support::{keys, normal, Keys};
+use half::{bf16, f16};
+use ntkv::cluster::cpu::{self, KmeansResult};
+use ntkv::cluster::{
+    ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions, RetrievePlan, RetrieveShape,
+};
+use ntkv::decode::{DecodeOptions, DecodePlan, DecodeShape};
+use ntkv::{Device, DeviceTensor, Error, Float};
+
+/// Compares the written parts of a device state with the reference (labels `0..t`, members
+/// up to each head's total).
+fn assert_state_eq(s: &KmeansShape, got: &KmeansResult, want: &KmeansResult, t: usize, what: &str) {
+    for h in 0..s.heads {
+        let r = h * s.capacity..h * s.capacity + t;
+        assert_eq!(got.labels[r.clone()], want.labels[r], "{what}: labels of head {h}");
+        let n = want.indptr[h * (s.clusters + 1) + s.clusters] as usize;
+        let m = h * s.capacity..h * s.capacity + n;
+        assert_eq!(got.members[m.clone()], want.members[m], "{what}: members of head {h}");
+    }
+    assert_eq!(got.sizes, want.sizes, "{what}: sizes");
+    assert_eq!(got.indptr, want.indptr, "{what}: indptr");
+    assert_eq!(got.iterations, want.iterations, "{what}: iterations");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got.centroids), bits(&want.centroids), "{what}: centroid bits");
+}
+
+fn kmeans_case<T: Float>(dev: &Device, s: KmeansShape, o: KmeansOptions, kind: Keys, seed: u64) -> Result<(), Error> {
+    let k = keys::<T>(&s, kind, seed);
+    let want = cpu::kmeans(&s, &o, &k)?;
+    let keys_dev = DeviceTensor::from_host(dev, &k, &s.keys_shape())?;
+    let mut state = ClusterState::zeros(dev, &s)?;
+    let mut plan = KmeansPlan::new(dev, &s, o)?;
+    plan.run(&keys_dev, &mut state)?;
+    let got = state.to_host()?;
+    let what = format!("{s:?} {o:?} {kind:?} {}", T::DTYPE);
+    assert_state_eq(&s, &got, &want, s.tokens, &what);
+    // Same inputs, same bits.
+    plan.run(&keys_dev, &mut state)?;
+    assert_eq!(state.to_host()?, got, "{what}: determinism");
+    if s.capacity > s.tokens {
+        let mut want = want;
+        cpu::assign_appended(&s, o.metric, &k, s.tokens, s.capacity, &mut want)?;
+        plan.assign_appended(&keys_dev, s.tokens, s.capacity, &mut state)?;
+        assert_state_eq(&s, &state.to_host()?, &want, s.capacity, &format!("{what} appended"));
+    }
+    Ok(())
+}
+
+fn ks(heads: usize, tokens: usize, capacity: usize, clusters: usize, head_dim: usize) -> KmeansShape {
+    KmeansShape { heads, tokens, capacity, clusters, head_dim }
+}
+
+#[test]
+fn kmeans_matches_the_reference_bit_for_bit() -> Result<(), Error> {
+    let dev = gpu_or_skip!();
+    for metric in [Metric::Cosine, Metric::L2] {
+        let o = KmeansOptions { metric, iterations: 4, ..Default::default() };
+        kmeans_case::<f16>(dev, ks(3, 1000, 1100, 37, 128), o, Keys::Normal, 1)?;
+        kmeans_case::<bf16>(dev, ks(2, 333, 333, 9, 64), o, Keys::Blobs, 2)?;
+        kmeans_case::<f32>(dev, ks(2, 257, 300, 1, 40), o, Keys::Normal, 3)?;
+        kmeans_case::<f32>(dev, ks(1, 130, 130, 130, 16), o, Keys::Normal, 4)?;
+        kmeans_case::<f16>(dev, ks(1, 200, 200, 8, 32), o, Keys::Equal, 5)?;
+        kmeans_case::<f32>(dev, ks(2, 500, 520, 20, 24), o, Keys::Ternary, 6)?;
+        let stop = KmeansOptions { stop_when_stable: true, iterations: 50, ..o };
+        kmeans_case::<f32>(dev, ks(4, 700, 700, 16, 48), stop, Keys::Blobs, 7)?;
+    }
+    Ok(())
+}
+
+fn retrieve_case<T: Float>(dev: &Device, rs: RetrieveShape, o: RetrieveOptions, seed: u64) -> Result<(), Error> {
+    let km = rs.kmeans_shape();
+    let k = keys::<T>(&km, Keys::Normal, seed);
+    let kplan_opts = KmeansOptions { iterations: 3, ..Default::default() };
+    let mut kplan = KmeansPlan::new(dev, &km, kplan_opts)?;
+    let keys_dev = DeviceTensor::from_host(dev, &k, &km.keys_shape())?;
+    let mut state = ClusterState::zeros(dev, &km)?;
+    kplan.run(&keys_dev, &mut state)?;
+    let st = state.to_host()?;
+    let q = normal::<T>(rs.batch * rs.q_tokens * rs.hq * rs.head_dim, seed + 1);
+    let lens: Vec<u32> = (0..rs.batch).map(|b| (rs.capacity - (b * 13) % rs.capacity) as u32).collect();
+    let (want_ip, want_ix) = cpu::retrieve(&rs, &o, &q, &st.centroids, &st.indptr, &st.members, &lens)?;
+    let mut plan = RetrievePlan::new(dev, &rs, o)?;
+    let q_dev = DeviceTensor::from_host(dev, &q, &rs.q_shape())?;
+    let lens_dev = DeviceTensor::from_host(dev, &lens, &[rs.batch])?;
+    let mut ip = DeviceTensor::<u32>::zeros(dev, &[rs.n_lists() + 1])?;
+    let mut ix = DeviceTensor::<u32>::zeros(dev, &[plan.indices_capacity()])?;
+    plan.run(&q_dev, &state, &lens_dev, &mut ip, &mut ix)?;
+    let got_ip = ip.to_host()?;
+    let got_ix = ix.to_host()?;
+    assert_eq!(got_ip, want_ip, "{rs:?} {o:?}: indptr");
+    assert_eq!(got_ix[..want_ix.len()], want_ix[..], "{rs:?} {o:?}: indices");
+    // The lists feed the sparse decode as they are (its plan validates them on the device).
+    if rs.head_dim == 64 || rs.head_dim == 128 {
+        let ds = DecodeShape {
+            batch: rs.batch,
+            q_tokens: rs.q_tokens,
+            hq: rs.hq,
+            hkv: rs.hkv,
+            head_dim: rs.head_dim,
+            capacity: rs.capacity,
+        };
+        DecodePlan::new(dev, &ds, DecodeOptions::default(), &lens, &ip, &ix)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn retrieval_matches_the_reference() -> Result<(), Error> {
+    let dev = gpu_or_skip!();
+    let rs = |b, tq, hq, hkv, d, c, cap| RetrieveShape {
+        batch: b,
+        q_tokens: tq,
+        hq,
+        hkv,
+        head_dim: d,
+        clusters: c,
+        capacity: cap,
+    };
+    let o = |combine, budget, sinks, window| RetrieveOptions { combine, budget, sinks, window };
+    retrieve_case::<f16>(dev, rs(2, 1, 8, 8, 128, 64, 4000), o(Combine::Max, 600, 4, 64), 10)?;
+    retrieve_case::<bf16>(dev, rs(3, 4, 6, 2, 64, 30, 777), o(Combine::Sum, 200, 2, 16), 11)?;
+    retrieve_case::<f32>(dev, rs(1, 16, 16, 2, 64, 17, 513), o(Combine::Max, 100, 1, 8), 12)?;
+    retrieve_case::<f16>(dev, rs(2, 2, 4, 1, 128, 40, 1000), o(Combine::Max, 20, 16, 64), 13)?;
+    retrieve_case::<f32>(dev, rs(1, 1, 4, 4, 40, 300, 900), o(Combine::Sum, 100_000, 0, 0), 14)?;
+    retrieve_case::<f16>(dev, rs(1, 1, 3, 3, 64, 1, 200), o(Combine::Max, 50, 0, 0), 15)?;
+    Ok(())
+}
+
+#[test]
+fn bad_buffers_are_rejected_before_any_launch() -> Result<(), Error> {
+    let dev = gpu_or_skip!();
+    let s = ks(2, 100, 100, 4, 16);
+    let mut plan = KmeansPlan::new(dev, &s, KmeansOptions::default())?;
+    let keys_dev = DeviceTensor::<f32>::zeros(dev, &[2, 99, 16])?;
+    let mut state = ClusterState::zeros(dev, &s)?;
+    let before = state.to_host()?;
+    assert!(matches!(plan.run(&keys_dev, &mut state), Err(Error::Shape { arg: "keys", .. })));
+    let good = DeviceTensor::<f32>::zeros(dev, &s.keys_shape())?;
+    assert!(matches!(plan.assign_appended(&good, 50, 101, &mut state), Err(Error::InvalidArgument { arg: "to", .. })));
+    let mut small = ClusterState::zeros(dev, &ks(2, 100, 100, 3, 16))?;
+    assert!(matches!(plan.run(&good, &mut small), Err(Error::Shape { arg: "centroids", .. })));
+    assert_eq!(state.to_host()?, before, "nothing written");
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Every validator of the cluster family at its boundary, absurd sizes, and the CPU
+//! references' argument errors: typed errors naming the argument, never a panic.
+
+use ntkv::cluster::cpu;
+use ntkv::cluster::{
+    validate_append, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape, MAX_CLUSTERS, MAX_HEAD_DIM,
+    MAX_ITERATIONS,
+};
+use ntkv::Error;
+
+fn arg_of(e: Error) -> &'static str {
+    match e {
+        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
+        other => panic!("unexpected error {other:?}"),
+    }
+}
+
+const GOOD: KmeansShape = KmeansShape { heads: 2, tokens: 10, capacity: 12, clusters: 3, head_dim: 8 };
+const GOOD_R: RetrieveShape =
+    RetrieveShape { batch: 2, q_tokens: 1, hq: 4, hkv: 2, head_dim: 8, clusters: 3, capacity: 12 };
+
+#[test]
+fn kmeans_shape_boundaries() {
+    assert!(GOOD.validate().is_ok());
+    let cases: Vec<(KmeansShape, &str)> = vec![
+        (KmeansShape { heads: 0, ..GOOD }, "heads"),
+        (KmeansShape { tokens: 0, ..GOOD }, "tokens"),
+        (KmeansShape { capacity: 9, ..GOOD }, "capacity"),
+        (KmeansShape { clusters: 0, ..GOOD }, "clusters"),
+        (KmeansShape { clusters: 11, ..GOOD }, "clusters"),
+        (KmeansShape { head_dim: 0, ..GOOD }, "head_dim"),
+        (KmeansShape { head_dim: MAX_HEAD_DIM + 1, ..GOOD }, "head_dim"),
+        (KmeansShape { capacity: u32::MAX as usize + 1, ..GOOD }, "capacity"),
+        (KmeansShape { tokens: 1 << 20, capacity: 1 << 20, clusters: MAX_CLUSTERS + 1, ..GOOD }, "clusters"),
+        (KmeansShape { heads: usize::MAX, ..GOOD }, "keys"),
+        (KmeansShape { heads: 1 << 40, tokens: 1 << 20, capacity: 1 << 20, head_dim: 1024, ..GOOD }, "keys"),
+    ];
+    for (s, arg) in cases {
+        assert_eq!(arg_of(s.validate().unwrap_err()), arg, "{s:?}");
+    }
+    assert!(KmeansShape { clusters: 10, ..GOOD }.validate().is_ok(), "C = T");
+    assert!(KmeansShape { head_dim: MAX_HEAD_DIM, ..GOOD }.validate().is_ok());
+}
+
+#[test]
+fn kmeans_options_and_append_boundaries() {
+    for it in [0, MAX_ITERATIONS + 1] {
+        let o = KmeansOptions { iterations: it, ..Default::default() };
+        assert_eq!(arg_of(o.validate().unwrap_err()), "iterations");
+    }
+    assert!(KmeansOptions { iterations: MAX_ITERATIONS, ..Default::default() }.validate().is_ok());
+    assert_eq!(arg_of(validate_append(&GOOD, 0, 0).unwrap_err()), "to");
+    assert_eq!(arg_of(validate_append(&GOOD, 0, 13).unwrap_err()), "to");
+    assert_eq!(arg_of(validate_append(&GOOD, 6, 5).unwrap_err()), "from");
+    assert!(validate_append(&GOOD, 10, 12).is_ok());
+    assert!(validate_append(&GOOD, 12, 12).is_ok());
+}
+
+#[test]
+fn kmeans_reference_rejects_bad_buffers() {
+    let keys = vec![0.0f32; 2 * 12 * 8];
+    assert_eq!(arg_of(cpu::kmeans(&GOOD, &KmeansOptions::default(), &keys[1..]).unwrap_err()), "keys");
+    let bad = KmeansShape { clusters: 0, ..GOOD };
+    assert_eq!(arg_of(cpu::kmeans(&bad, &KmeansOptions::default(), &keys).unwrap_err()), "clusters");
+    let o = KmeansOptions { iterations: 0, ..Default::default() };
+    assert_eq!(arg_of(cpu::kmeans(&GOOD, &o, &keys).unwrap_err()), "iterations");
+    let mut st = cpu::kmeans(&GOOD, &KmeansOptions::default(), &keys).unwrap();
+    let before = st.clone();
+    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 13, &mut st).unwrap_err()), "to");
+    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys[..5], 10, 12, &mut st).unwrap_err()), "keys");
+    st.members.pop();
+    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 12, &mut st).unwrap_err()), "members");
+    st.members.push(before.members[before.members.len() - 1]);
+    assert_eq!(st, before, "nothing written on an error");
+}
+
+#[test]
+fn retrieve_shape_and_option_boundaries() {
+    assert!(GOOD_R.validate().is_ok());
+    let cases: Vec<(RetrieveShape, &str)> = vec![
+        (RetrieveShape { batch: 0, ..GOOD_R }, "batch"),
+        (RetrieveShape { q_tokens: 0, ..GOOD_R }, "q_tokens"),
+        (RetrieveShape { q_tokens: 17, ..GOOD_R }, "q_tokens"),
+        (RetrieveShape { hq: 0, ..GOOD_R }, "hq"),
+        (RetrieveShape { hkv: 0, ..GOOD_R }, "hkv"),
+        (RetrieveShape { hq: 5, ..GOOD_R }, "hq"),
+        (RetrieveShape { head_dim: 0, ..GOOD_R }, "head_dim"),
+        (RetrieveShape { head_dim: 1025, ..GOOD_R }, "head_dim"),
+        (RetrieveShape { clusters: 0, ..GOOD_R }, "clusters"),
+        (RetrieveShape { clusters: MAX_CLUSTERS + 1, ..GOOD_R }, "clusters"),
+        (RetrieveShape { capacity: 0, ..GOOD_R }, "capacity"),
+        (RetrieveShape { capacity: u32::MAX as usize + 1, ..GOOD_R }, "capacity"),
+        (RetrieveShape { batch: 40000, hq: 4, hkv: 2, ..GOOD_R }, "batch"),
+        (RetrieveShape { batch: usize::MAX, ..GOOD_R }, "q"),
+    ];
+    for (s, arg) in cases {
+        assert_eq!(arg_of(s.validate().unwrap_err()), arg, "{s:?}");
+    }
+    for (o, arg) in [
+        (RetrieveOptions { budget: u32::MAX as usize + 1, ..Default::default() }, "budget"),
+        (RetrieveOptions { sinks: u32::MAX as usize + 1, ..Default::default() }, "sinks"),
+        (RetrieveOptions { window: usize::MAX, ..Default::default() }, "window"),
+    ] {
+        assert_eq!(arg_of(o.validate().unwrap_err()), arg);
+    }
+    let big = RetrieveShape { batch: 65535, hq: 1, hkv: 1, capacity: u32::MAX as usize, ..GOOD_R };
+    let o = RetrieveOptions { budget: 1 << 20, ..Default::default() };
+    assert_eq!(arg_of(big.indices_capacity(&o).unwrap_err()), "indices");
+    let o = RetrieveOptions { budget: 5, sinks: 4, window: 4, ..Default::default() };
+    assert_eq!(GOOD_R.indices_capacity(&o).unwrap(), 4 * 8, "max(budget, S + W) per list");
+    assert_eq!(o.cluster_budget(), 0);
+}
+
+#[test]
+fn retrieve_reference_rejects_bad_buffers() {
+    let km = GOOD_R.kmeans_shape();
+    let q = vec![0.0f32; 2 * 4 * 8];
+    let cent = vec![0.0f32; 4 * 3 * 8];
+    let ip = vec![0u32; 4 * 4];
+    let mem = vec![0u32; 4 * 12];
+    let lens = vec![12u32, 12];
+    let o = RetrieveOptions { budget: 4, ..Default::default() };
+    assert_eq!(km.heads, 4);
+    assert!(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip, &mem, &lens).is_ok());
+    let err = |r: ntkv::Result<(Vec<u32>, Vec<u32>)>| arg_of(r.unwrap_err());
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q[1..], &cent, &ip, &mem, &lens)), "q");
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent[1..], &ip, &mem, &lens)), "centroids");
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip[1..], &mem, &lens)), "cluster_indptr");
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip, &mem[1..], &lens)), "members");
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip, &mem, &lens[1..])), "seq_lens");
+    let bad = RetrieveOptions { budget: usize::MAX, ..o };
+    assert_eq!(err(cpu::retrieve(&GOOD_R, &bad, &q, &cent, &ip, &mem, &lens)), "budget");
+    // Corrupt offsets and lengths never panic: they are clamped as on the GPU.
+    let wild_ip = vec![u32::MAX; 4 * 4];
+    let wild_mem = vec![u32::MAX; 4 * 12];
+    let wild_lens = vec![u32::MAX, 3];
+    assert!(cpu::retrieve(&GOOD_R, &o, &q, &cent, &wild_ip, &wild_mem, &wild_lens).is_ok());
+}

@@ -1,0 +1,454 @@
+// Runs the real kernel source cuda/cluster.cu on the CPU (one std::thread per CUDA thread,
+// see tools/emu/include/emu_runtime.h) against a host transliteration of the same f32
+// operations in the same order (the contract of src/cluster): labels, members, sizes,
+// indptr, centroids, scores and the retrieved token lists must be equal bit for bit. Build
+// and run with tools/emu/run.sh cluster (AddressSanitizer on).
+//
+// The ranking between the score and mark kernels is src/select's top-k, emulated by the topk
+// harness; here the host ranks the kernel's scores (descending, ties to the lower index, NaN
+// last, -0 == +0) and feeds that to the mark kernel.
+#include "cluster.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+namespace {
+
+std::mt19937_64 rng(20261202);
+
+template <typename T>
+std::unique_ptr<T[]> dup(const std::vector<T>& x) {
+    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
+    std::copy(x.begin(), x.end(), p.get());
+    return p;
+}
+template <typename T>
+std::vector<T> back(const std::unique_ptr<T[]>& p, size_t n) {
+    return std::vector<T>(p.get(), p.get() + n);
+}
+
+float dotf(const float* a, const float* b, uint32_t n) {
+    float acc = 0.0f;
+    for (uint32_t d = 0; d < n; ++d) acc = std::fma(a[d], b[d], acc);
+    return acc;
+}
+float inv_norm(const float* x, uint32_t n) {
+    const float ss = dotf(x, x, n);
+    return ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
+}
+bool same_bits(float a, float b) {
+    uint32_t x, y;
+    std::memcpy(&x, &a, 4);
+    std::memcpy(&y, &b, 4);
+    return x == y;
+}
+
+struct KCfg {
+    uint32_t H, T, cap, C, D, metric, iters;
+    bool stop;
+    int keys;  // 0 normal, 1 all equal, 2 few distinct values (ties), 3 clustered blobs
+};
+
+struct State {
+    std::vector<float> cent;
+    std::vector<uint32_t> labels, sizes, indptr, members, iters;
+};
+
+// Host reference of one k-means (the Rust reference's order).
+State ref_kmeans(const KCfg& c, const std::vector<float>& x, uint64_t seed) {
+    State s;
+    s.cent.assign((size_t)c.H * c.C * c.D, 0.0f);
+    s.labels.assign((size_t)c.H * c.cap, NONE);
+    s.sizes.assign((size_t)c.H * c.C, 0);
+    s.indptr.assign((size_t)c.H * (c.C + 1), 0);
+    s.members.assign((size_t)c.H * c.cap, NONE);
+    s.iters.assign(c.H, 0);
+    const uint32_t D = c.D;
+    for (uint32_t h = 0; h < c.H; ++h) {
+        const float* xh = &x[(size_t)h * c.cap * D];
+        float* ch = &s.cent[(size_t)h * c.C * D];
+        std::vector<float> cn(c.C, 0.0f), inv(c.T);
+        for (uint32_t t = 0; t < c.T; ++t) inv[t] = inv_norm(xh + (size_t)t * D, D);
+        auto store = [&](uint32_t ci, const float* row) {
+            if (c.metric == 0) {
+                const float iv = inv_norm(row, D);
+                for (uint32_t d = 0; d < D; ++d) ch[ci * D + d] = row[d] * iv;
+            } else {
+                for (uint32_t d = 0; d < D; ++d) ch[ci * D + d] = row[d];
+                cn[ci] = dotf(row, row, D);
+            }
+        };
+        const uint64_t off = mix64(seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(h + 1))) % c.T;
+        for (uint32_t ci = 0; ci < c.C; ++ci) store(ci, xh + ((off + (uint64_t)ci * c.T / c.C) % c.T) * D);
+        uint32_t* lab = &s.labels[(size_t)h * c.cap];
+        for (uint32_t it = 0; it < c.iters; ++it) {
+            bool moved = false;
+            for (uint32_t t = 0; t < c.T; ++t) {
+                float bs = -INFINITY;
+                uint32_t bi = NONE;
+                for (uint32_t ci = 0; ci < c.C; ++ci) {
+                    const float dt = dotf(xh + (size_t)t * D, ch + (size_t)ci * D, D);
+                    const float sc = (c.metric == 1 ? -std::fma(-2.0f, dt, cn[ci]) : dt) + 0.0f;
+                    if (sc > bs || (sc == bs && ci < bi)) {
+                        bs = sc;
+                        bi = ci;
+                    }
+                }
+                const uint32_t l = bi == NONE ? 0 : bi;
+                moved |= lab[t] != l;
+                lab[t] = l;
+            }
+            s.iters[h]++;
+            if (c.stop && !moved) break;
+            uint32_t* sz = &s.sizes[(size_t)h * c.C];
+            uint32_t* ip = &s.indptr[(size_t)h * (c.C + 1)];
+            uint32_t* mem = &s.members[(size_t)h * c.cap];
+            std::fill(sz, sz + c.C, 0u);
+            for (uint32_t t = 0; t < c.T; ++t) sz[lab[t]]++;
+            ip[0] = 0;
+            for (uint32_t ci = 0; ci < c.C; ++ci) ip[ci + 1] = ip[ci] + sz[ci];
+            std::vector<uint32_t> cur(ip, ip + c.C);
+            for (uint32_t t = 0; t < c.T; ++t) mem[cur[lab[t]]++] = t;
+            std::vector<float> row(D);
+            for (uint32_t ci = 0; ci < c.C; ++ci) {
+                if (sz[ci] == 0) continue;
+                for (uint32_t d = 0; d < D; ++d) {
+                    float acc = 0.0f;
+                    for (uint32_t j = ip[ci]; j < ip[ci + 1]; ++j) {
+                        const uint32_t m = mem[j];
+                        acc = c.metric == 0 ? std::fma(xh[(size_t)m * D + d], inv[m], acc) : acc + xh[(size_t)m * D + d];
+                    }
+                    row[d] = c.metric == 0 ? acc : acc / (float)sz[ci];
+                }
+                if (c.metric == 0 && !(dotf(row.data(), row.data(), D) > 0.0f)) continue;
+                store(ci, row.data());
+            }
+        }
+    }
+    return s;
+}
+
+template <typename T>
+struct Dev {
+    std::unique_ptr<T[]> keys;
+    std::unique_ptr<float[]> cent, inv;
+    std::unique_ptr<uint32_t[]> labels, sizes, indptr, members, iters, done, changed, cursor;
+};
+
+template <typename T> struct K;
+#define EMU_K(TT, SUF)                                                                                   \
+    template <> struct K<TT> {                                                                           \
+        static void init(const NtkvKmeansParams& p, const TT* k, float* c, uint32_t* l, uint32_t* it,   \
+                         uint32_t* dn, uint32_t* ch) { ntkv_kmeans_init_##SUF(p, k, c, l, it, dn, ch); } \
+        static void norms(const NtkvKmeansParams& p, const TT* k, float* inv) { ntkv_kmeans_norms_##SUF(p, k, inv); } \
+        static void assign(const NtkvKmeansParams& p, const TT* k, const float* c, const uint32_t* dn,   \
+                           uint32_t* l, uint32_t* ch) { ntkv_kmeans_assign_##SUF(p, k, c, dn, l, ch); }  \
+        static void update(const NtkvKmeansParams& p, const TT* k, const float* inv, const uint32_t* ip, \
+                           const uint32_t* m, const uint32_t* dn, float* c) {                           \
+            ntkv_kmeans_update_##SUF(p, k, inv, ip, m, dn, c);                                           \
+        }                                                                                                \
+        static void score(const NtkvClusterRetrieveParams& p, const TT* q, const float* c, float* s) {   \
+            ntkv_cluster_score_##SUF(p, q, c, s);                                                        \
+        }                                                                                                \
+    };
+EMU_K(float, f32)
+EMU_K(__half, f16)
+EMU_K(__nv_bfloat16, bf16)
+
+template <typename T>
+void launch_assign(const KCfg& c, const NtkvKmeansParams& p, Dev<T>& d) {
+    const uint32_t tiles = (p.tokens - p.first + TK - 1) / TK;
+    ntkv_emu::launch(dim3_{c.H * std::max(tiles, 1u), 1, 1}, dim3_{ASSIGN_THREADS, 1, 1}, 0,
+                     [&] { K<T>::assign(p, d.keys.get(), d.cent.get(), d.done.get(), d.labels.get(), d.changed.get()); });
+}
+template <typename T>
+void launch_sort(const KCfg& c, const NtkvKmeansParams& p, Dev<T>& d) {
+    ntkv_emu::launch(dim3_{c.H, 1, 1}, dim3_{LIST_THREADS, 1, 1}, 0, [&] {
+        ntkv_kmeans_sort(p, d.labels.get(), d.done.get(), d.changed.get(), d.iters.get(), d.sizes.get(),
+                         d.indptr.get(), d.members.get(), d.cursor.get());
+    });
+}
+
+template <typename T>
+bool compare(const char* what, const KCfg& c, const State& want, Dev<T>& d, uint32_t labelled) {
+    bool ok = true;
+    size_t bad_l = 0, bad_m = 0, bad_c = 0;
+    for (uint32_t h = 0; h < c.H; ++h) {
+        for (uint32_t t = 0; t < labelled; ++t) bad_l += d.labels[(size_t)h * c.cap + t] != want.labels[(size_t)h * c.cap + t];
+        for (uint32_t i = 0; i <= c.C; ++i) bad_m += d.indptr[(size_t)h * (c.C + 1) + i] != want.indptr[(size_t)h * (c.C + 1) + i];
+        for (uint32_t i = 0; i < c.C; ++i) bad_m += d.sizes[(size_t)h * c.C + i] != want.sizes[(size_t)h * c.C + i];
+        const uint32_t n = want.indptr[(size_t)h * (c.C + 1) + c.C];
+        for (uint32_t j = 0; j < n; ++j) bad_m += d.members[(size_t)h * c.cap + j] != want.members[(size_t)h * c.cap + j];
+        bad_m += d.iters[h] != want.iters[h];
+    }
+    for (size_t i = 0; i < want.cent.size(); ++i) bad_c += !same_bits(d.cent[i], want.cent[i]);
+    ok = bad_l == 0 && bad_m == 0 && bad_c == 0;
+    uint32_t empty = 0;
+    for (uint32_t v : want.sizes) empty += v == 0;
+    std::printf("%-4s %-44s H%u T%u cap%u C%u D%u %s it%u%s: %zu label, %zu csr, %zu centroid diffs (%u empty, iters h0 %u)\n",
+                ok ? "ok" : "FAIL", what, c.H, labelled, c.cap, c.C, c.D, c.metric ? "L2" : "cos", c.iters,
+                c.stop ? " stop" : "", bad_l, bad_m, bad_c, empty, d.iters[0]);
+    return ok;
+}
+
+template <typename T>
+bool kmeans_case(const KCfg& c, const char* name, uint32_t append_to = 0) {
+    const uint64_t seed = rng();
+    const size_t nk = (size_t)c.H * c.cap * c.D;
+    std::vector<T> keys(nk);
+    std::normal_distribution<float> nd;
+    std::vector<float> centers(8 * c.D);
+    for (auto& v : centers) v = nd(rng) * 4.0f;
+    for (size_t i = 0; i < nk; ++i) {
+        float v = nd(rng);
+        if (c.keys == 1) v = 0.5f + (float)(i % c.D) * 0.25f;
+        if (c.keys == 2) v = (float)((int)(rng() % 3) - 1);
+        if (c.keys == 3) v = centers[((i / c.D) % 8) * c.D + i % c.D] + 0.1f * v;
+        keys[i] = ntkv::from_f32<T>(v);
+    }
+    std::vector<float> xf(nk);
+    for (size_t i = 0; i < nk; ++i) xf[i] = ntkv::to_f32(keys[i]);
+    State want = ref_kmeans(c, xf, seed);
+
+    Dev<T> d;
+    d.keys = dup(keys);
+    d.cent = dup(std::vector<float>((size_t)c.H * c.C * c.D, 0.0f));
+    d.inv = dup(std::vector<float>((size_t)c.H * c.cap, 0.0f));
+    d.labels = dup(std::vector<uint32_t>((size_t)c.H * c.cap, 7u));
+    d.sizes = dup(std::vector<uint32_t>((size_t)c.H * c.C, 0));
+    d.indptr = dup(std::vector<uint32_t>((size_t)c.H * (c.C + 1), 0));
+    d.members = dup(std::vector<uint32_t>((size_t)c.H * c.cap, 0));
+    d.iters = dup(std::vector<uint32_t>(c.H, 99));
+    d.done = dup(std::vector<uint32_t>(c.H, 1));
+    d.changed = dup(std::vector<uint32_t>(c.H, 1));
+    d.cursor = dup(std::vector<uint32_t>((size_t)c.H * c.C, 0));
+    NtkvKmeansParams p{};
+    p.seed = seed;
+    p.heads = c.H;
+    p.tokens = c.T;
+    p.capacity = c.cap;
+    p.clusters = c.C;
+    p.head_dim = c.D;
+    p.metric = c.metric;
+    p.first = 0;
+    p.track = c.stop ? 2 : 1;
+    ntkv_emu::launch(dim3_{c.H * c.C, 1, 1}, dim3_{ROW_THREADS, 1, 1}, 0, [&] {
+        K<T>::init(p, d.keys.get(), d.cent.get(), d.labels.get(), d.iters.get(), d.done.get(), d.changed.get());
+    });
+    if (c.metric == 0)
+        ntkv_emu::launch(dim3_{3, 1, 1}, dim3_{ROW_THREADS, 1, 1}, 0, [&] { K<T>::norms(p, d.keys.get(), d.inv.get()); });
+    for (uint32_t it = 0; it < c.iters; ++it) {
+        launch_assign(c, p, d);
+        launch_sort(c, p, d);
+        ntkv_emu::launch(dim3_{c.H * c.C, 1, 1}, dim3_{ROW_THREADS, 1, 1}, 0, [&] {
+            K<T>::update(p, d.keys.get(), d.inv.get(), d.indptr.get(), d.members.get(), d.done.get(), d.cent.get());
+        });
+    }
+    bool ok = compare(name, c, want, d, c.T);
+    if (append_to > c.T) {
+        // Incremental: label T..append_to with the final centroids, rebuild the member lists.
+        for (uint32_t h = 0; h < c.H; ++h) {
+            const float* xh = &xf[(size_t)h * c.cap * c.D];
+            const float* ch = &want.cent[(size_t)h * c.C * c.D];
+            for (uint32_t t = c.T; t < append_to; ++t) {
+                float bs = -INFINITY;
+                uint32_t bi = NONE;
+                for (uint32_t ci = 0; ci < c.C; ++ci) {
+                    const float dt = dotf(xh + (size_t)t * c.D, ch + (size_t)ci * c.D, c.D);
+                    const float cn = dotf(ch + (size_t)ci * c.D, ch + (size_t)ci * c.D, c.D);
+                    const float sc = (c.metric == 1 ? -std::fma(-2.0f, dt, cn) : dt) + 0.0f;
+                    if (sc > bs || (sc == bs && ci < bi)) {
+                        bs = sc;
+                        bi = ci;
+                    }
+                }
+                want.labels[(size_t)h * c.cap + t] = bi == NONE ? 0 : bi;
+            }
+            uint32_t* lab = &want.labels[(size_t)h * c.cap];
+            uint32_t* sz = &want.sizes[(size_t)h * c.C];
+            uint32_t* ip = &want.indptr[(size_t)h * (c.C + 1)];
+            std::fill(sz, sz + c.C, 0u);
+            for (uint32_t t = 0; t < append_to; ++t) sz[lab[t]]++;
+            for (uint32_t ci = 0; ci < c.C; ++ci) ip[ci + 1] = ip[ci] + sz[ci];
+            std::vector<uint32_t> cur(ip, ip + c.C);
+            for (uint32_t t = 0; t < append_to; ++t) want.members[(size_t)h * c.cap + cur[lab[t]]++] = t;
+        }
+        NtkvKmeansParams q = p;
+        q.tokens = append_to;
+        q.first = c.T;
+        q.track = 0;
+        launch_assign(c, q, d);
+        launch_sort(c, q, d);
+        ok &= compare("  + incremental append", c, want, d, append_to);
+    }
+    return ok;
+}
+
+struct RCfg {
+    uint32_t B, Tq, Hq, Hkv, D, C, cap, combine, budget, sinks, window;
+};
+
+uint32_t rank_key(float x) {
+    if (x != x) return 0;
+    if (x == 0.0f) x = 0.0f;
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <typename T>
+bool retrieve_case(const RCfg& c, const char* name) {
+    const uint32_t L = c.B * c.Hkv, g = c.Hq / c.Hkv, rows = g * c.Tq;
+    std::normal_distribution<float> nd;
+    std::vector<T> q((size_t)c.B * c.Tq * c.Hq * c.D);
+    for (auto& v : q) v = ntkv::from_f32<T>(nd(rng));
+    std::vector<float> cent((size_t)L * c.C * c.D);
+    for (auto& v : cent) v = nd(rng);
+    // A few clusters share a centroid (score ties), one list gets a NaN centroid.
+    if (c.C > 3) std::copy(cent.begin(), cent.begin() + c.D, cent.begin() + 2 * c.D);
+    if (L > 1) cent[(size_t)(1 * c.C + 1) * c.D] = NAN;
+    std::vector<uint32_t> seq(c.B);
+    for (auto& s : seq) s = c.cap - (uint32_t)(rng() % std::max(1u, c.cap / 4));
+    // Random labels of the tokens below each length -> CSR (some clusters empty).
+    std::vector<uint32_t> cip((size_t)L * (c.C + 1), 0), mem((size_t)L * c.cap, 0);
+    for (uint32_t l = 0; l < L; ++l) {
+        const uint32_t len = seq[l / c.Hkv];
+        std::vector<uint32_t> lab(len), sz(c.C, 0);
+        for (auto& x : lab) x = (uint32_t)(rng() % c.C) / (c.C > 4 ? 2 : 1) * (c.C > 4 ? 2 : 1);
+        for (auto x : lab) sz[x]++;
+        uint32_t* ip = &cip[(size_t)l * (c.C + 1)];
+        for (uint32_t i = 0; i < c.C; ++i) ip[i + 1] = ip[i] + sz[i];
+        std::vector<uint32_t> cur(ip, ip + c.C);
+        for (uint32_t t = 0; t < len; ++t) mem[(size_t)l * c.cap + cur[lab[t]]++] = t;
+    }
+    NtkvClusterRetrieveParams p{};
+    p.batch = c.B;
+    p.q_tokens = c.Tq;
+    p.q_heads = c.Hq;
+    p.kv_heads = c.Hkv;
+    p.head_dim = c.D;
+    p.clusters = c.C;
+    p.capacity = c.cap;
+    p.group = g;
+    p.rows = rows;
+    p.combine = c.combine;
+    const uint32_t sw = c.sinks + c.window;
+    p.cluster_budget = c.budget > sw ? c.budget - sw : 0;
+    p.sinks = c.sinks;
+    p.window = c.window;
+    p.words = (c.cap + 31) / 32;
+    p.n_lists = L;
+    const uint32_t per = std::min(c.cap, std::max(c.budget, sw));
+    p.n_indices = (uint64_t)L * per;
+
+    // Reference scores.
+    std::vector<float> want_s((size_t)L * c.C);
+    for (uint32_t l = 0; l < L; ++l) {
+        const uint32_t b = l / c.Hkv, hk = l % c.Hkv;
+        for (uint32_t ci = 0; ci < c.C; ++ci) {
+            float s = 0.0f;
+            for (uint32_t r = 0; r < rows; ++r) {
+                const uint32_t tq = r / g, j = r % g;
+                const size_t row = ((size_t)b * c.Tq + tq) * c.Hq + hk * g + j;
+                std::vector<float> qr(c.D);
+                for (uint32_t d = 0; d < c.D; ++d) qr[d] = ntkv::to_f32(q[row * c.D + d]);
+                const float v = dotf(qr.data(), &cent[((size_t)l * c.C + ci) * c.D], c.D);
+                if (r == 0) s = v;
+                else if (c.combine == 1) s = s + v;
+                else if (s != s || v != v) s = NAN;
+                else if (v > s) s = v;
+            }
+            want_s[(size_t)l * c.C + ci] = s + 0.0f;
+        }
+    }
+    auto dq = dup(q);
+    auto dc = dup(cent);
+    auto ds = dup(std::vector<float>((size_t)L * c.C, 0.0f));
+    const uint32_t ctiles = (c.C + ROW_THREADS - 1) / ROW_THREADS;
+    ntkv_emu::launch(dim3_{L * ctiles, 1, 1}, dim3_{ROW_THREADS, 1, 1}, 0,
+                     [&] { K<T>::score(p, dq.get(), dc.get(), ds.get()); });
+    size_t bad_s = 0;
+    for (size_t i = 0; i < want_s.size(); ++i) bad_s += !same_bits(ds[i], want_s[i]);
+
+    // Rank on the host, then the reference lists.
+    std::vector<uint32_t> ranked((size_t)L * c.C);
+    std::vector<uint32_t> want_ip{0}, want_ix;
+    for (uint32_t l = 0; l < L; ++l) {
+        uint32_t* rk = &ranked[(size_t)l * c.C];
+        for (uint32_t i = 0; i < c.C; ++i) rk[i] = i;
+        const float* sc = &ds[(size_t)l * c.C];
+        std::sort(rk, rk + c.C, [&](uint32_t a, uint32_t b) {
+            const uint32_t ka = rank_key(sc[a]), kb = rank_key(sc[b]);
+            return ka != kb ? ka > kb : a < b;
+        });
+        const uint32_t len = seq[l / c.Hkv];
+        std::vector<bool> keep(len, false);
+        for (uint32_t t = 0; t < std::min(c.sinks, len); ++t) keep[t] = true;
+        for (uint32_t t = len - std::min(c.window, len); t < len; ++t) keep[t] = true;
+        uint32_t left = p.cluster_budget;
+        for (uint32_t i = 0; i < c.C && left > 0; ++i) {
+            const uint32_t* ip = &cip[(size_t)l * (c.C + 1)];
+            const uint32_t n = std::min(ip[rk[i] + 1] - ip[rk[i]], left);
+            for (uint32_t j = 0; j < n; ++j) keep[mem[(size_t)l * c.cap + ip[rk[i]] + j]] = true;
+            left -= n;
+        }
+        for (uint32_t t = 0; t < len; ++t)
+            if (keep[t]) want_ix.push_back(t);
+        want_ip.push_back((uint32_t)want_ix.size());
+    }
+    auto drk = dup(ranked);
+    auto dcip = dup(cip);
+    auto dmem = dup(mem);
+    auto dseq = dup(seq);
+    auto dbm = dup(std::vector<uint32_t>((size_t)L * p.words, 0xdeadbeefu));
+    auto dcnt = dup(std::vector<uint32_t>(L, 0));
+    auto dip = dup(std::vector<uint32_t>(L + 1, 0xffffffffu));
+    auto dix = dup(std::vector<uint32_t>(std::max<uint64_t>(p.n_indices, 1), 0xffffffffu));
+    ntkv_emu::launch(dim3_{L, 1, 1}, dim3_{LIST_THREADS, 1, 1}, (c.C + 1) * 4, [&] {
+        ntkv_cluster_mark(p, drk.get(), dcip.get(), dmem.get(), dseq.get(), dbm.get(), dcnt.get());
+    });
+    ntkv_emu::launch(dim3_{L, 1, 1}, dim3_{LIST_THREADS, 1, 1}, 0,
+                     [&] { ntkv_cluster_write(p, dseq.get(), dbm.get(), dcnt.get(), dip.get(), dix.get()); });
+    bool lists_ok = back(dip, L + 1) == want_ip && want_ix.size() <= p.n_indices;
+    if (lists_ok)
+        for (size_t i = 0; i < want_ix.size(); ++i) lists_ok &= dix[i] == want_ix[i];
+    const bool ok = bad_s == 0 && lists_ok;
+    std::printf("%-4s %-44s B%u Tq%u Hq%u Hkv%u D%u C%u cap%u %s budget%u S%u W%u: %zu score diffs, lists %s (%zu tokens)\n",
+                ok ? "ok" : "FAIL", name, c.B, c.Tq, c.Hq, c.Hkv, c.D, c.C, c.cap, c.combine ? "sum" : "max", c.budget,
+                c.sinks, c.window, bad_s, lists_ok ? "equal" : "DIFFER", want_ix.size());
+    return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
+    bool ok = true;
+    // k-means: T not a tile multiple, C = 1, C = T, all-equal keys, ties, empty clusters,
+    // D not a multiple of the 32-deep slice, both metrics, all dtypes, stop when stable.
+    ok &= kmeans_case<__half>({2, 300, 310, 7, 40, 0, 3, false, 0}, "f16 cosine, T 300 (3 tiles, tail 44)", 333);
+    ok &= kmeans_case<float>({1, 200, 200, 13, 24, 1, 4, false, 3}, "f32 L2, blobs (empty clusters), D 24");
+    ok &= kmeans_case<__nv_bfloat16>({2, 130, 140, 1, 33, 0, 2, false, 0}, "bf16 cosine, C = 1, D 33", 140);
+    ok &= kmeans_case<float>({1, 65, 65, 65, 16, 1, 2, false, 0}, "f32 L2, C = T = 65 (two centroid tiles)");
+    ok &= kmeans_case<__half>({1, 150, 150, 5, 32, 0, 3, false, 1}, "f16 cosine, all keys equal (ties)");
+    ok &= kmeans_case<float>({2, 257, 257, 9, 8, 1, 3, false, 2}, "f32 L2, values in {-1,0,1} (ties)");
+    ok &= kmeans_case<float>({2, 180, 200, 6, 20, 1, 30, true, 3}, "f32 L2, stop when stable", 200);
+    if (!quick) {
+        ok &= kmeans_case<__nv_bfloat16>({1, 400, 400, 70, 128, 0, 2, false, 0}, "bf16 cosine, D 128, C 70");
+        ok &= kmeans_case<__half>({1, 300, 300, 10, 64, 1, 12, true, 3}, "f16 L2, stop when stable, D 64");
+    }
+    // Retrieval: GQA 1, 3, 8; Tq up to 16; budget below sinks + window; budget above all.
+    ok &= retrieve_case<__half>({2, 1, 4, 4, 64, 20, 300, 0, 100, 4, 16}, "f16 GQA 1, max");
+    ok &= retrieve_case<float>({1, 2, 6, 2, 40, 9, 200, 1, 60, 2, 8}, "f32 GQA 3, Tq 2, sum");
+    ok &= retrieve_case<__nv_bfloat16>({2, 3, 16, 2, 128, 33, 500, 0, 150, 8, 32}, "bf16 GQA 8, Tq 3 (24 rows), max");
+    ok &= retrieve_case<__half>({1, 16, 2, 1, 32, 5, 100, 1, 10, 6, 20}, "f16 Tq 16, budget < sinks + window");
+    ok &= retrieve_case<float>({1, 1, 3, 3, 16, 130, 260, 0, 10000, 1, 1}, "f32 budget above every token, C 130");
+    ok &= retrieve_case<float>({3, 1, 8, 8, 8, 1, 70, 0, 30, 0, 0}, "f32 C = 1 (cut), no sinks or window");
+    std::printf(ok ? "ALL OK\n" : "FAILURES\n");
+    return ok ? 0 : 1;
+}
