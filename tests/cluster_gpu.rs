@@ -60,8 +60,12 @@ fn ks(heads: usize, tokens: usize, capacity: usize, clusters: usize, head_dim: u
 }
 
 #[test]
-fn kmeans_matches_the_reference_bit_for_bit() -> Result<(), Error> {
+fn kmeans_matches_the_reference_bit_for_bit() {
     let dev = gpu_or_skip!();
+    kmeans_all(dev).expect("k-means cases");
+}
+
+fn kmeans_all(dev: &Device) -> Result<(), Error> {
     for metric in [Metric::Cosine, Metric::L2] {
         let o = KmeansOptions { metric, iterations: 4, ..Default::default() };
         kmeans_case::<f16>(dev, ks(3, 1000, 1100, 37, 128), o, Keys::Normal, 1)?;
@@ -114,8 +118,12 @@ fn retrieve_case<T: Float>(dev: &Device, rs: RetrieveShape, o: RetrieveOptions, 
 }
 
 #[test]
-fn retrieval_matches_the_reference() -> Result<(), Error> {
+fn retrieval_matches_the_reference() {
     let dev = gpu_or_skip!();
+    retrieval_all(dev).expect("retrieval cases");
+}
+
+fn retrieval_all(dev: &Device) -> Result<(), Error> {
     let rs = |b, tq, hq, hkv, d, c, cap| RetrieveShape {
         batch: b,
         q_tokens: tq,
@@ -136,8 +144,12 @@ fn retrieval_matches_the_reference() -> Result<(), Error> {
 }
 
 #[test]
-fn bad_buffers_are_rejected_before_any_launch() -> Result<(), Error> {
+fn bad_buffers_are_rejected_before_any_launch() {
     let dev = gpu_or_skip!();
+    bad_buffers(dev).expect("setup");
+}
+
+fn bad_buffers(dev: &Device) -> Result<(), Error> {
     let s = ks(2, 100, 100, 4, 16);
     let mut plan = KmeansPlan::new(dev, &s, KmeansOptions::default())?;
     let keys_dev = DeviceTensor::<f32>::zeros(dev, &[2, 99, 16])?;

@@ -73,18 +73,21 @@ pub fn check_csr(shape: &KmeansShape, r: &KmeansResult, h: usize, t: usize) {
     assert!(seen.iter().all(|&s| s));
 }
 
-/// Checks that every label of head `h` over `from..to` is the best score, ties lower.
+/// Checks that every label of `r`'s head `h` over `from..to` is the best score against
+/// `centroids` (`[H, C, D]`: those the labelling pass used), ties to the lower index.
+#[allow(clippy::too_many_arguments)]
 pub fn check_argmax<T: Float>(
     shape: &KmeansShape,
     metric: Metric,
     keys: &[T],
     r: &KmeansResult,
+    centroids: &[f32],
     h: usize,
     from: usize,
     to: usize,
 ) {
     let d = shape.head_dim;
-    let cents = &r.centroids[h * shape.clusters * d..(h + 1) * shape.clusters * d];
+    let cents = &centroids[h * shape.clusters * d..(h + 1) * shape.clusters * d];
     for t in from..to {
         let x: Vec<f32> = keys[(h * shape.capacity + t) * d..][..d].iter().map(|v| v.to_f32()).collect();
         let l = r.labels[h * shape.capacity + t] as usize;
