@@ -110,9 +110,9 @@ fn equal_keys_tie_to_cluster_zero_and_empty_clusters_keep_their_centroid() {
         let x: Vec<f32> = k[..8].to_vec();
         let inv = cpu::inv_norm(&x);
         for c in 1..4 {
-            for d in 0..8 {
-                let want = if metric == Metric::Cosine { x[d] * inv } else { x[d] };
-                assert_eq!(r.centroids[c * 8 + d].to_bits(), want.to_bits());
+            for (got, &xd) in r.centroids[c * 8..(c + 1) * 8].iter().zip(&x) {
+                let want = if metric == Metric::Cosine { xd * inv } else { xd };
+                assert_eq!(got.to_bits(), want.to_bits());
             }
         }
     }

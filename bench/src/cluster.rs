@@ -17,12 +17,52 @@ use crate::harness::{Bench, Work};
 
 const FAMILY: &str = "cluster";
 
-/// (op, shape, heads, tokens, clusters, head dim, iterations) of the k-means cases.
-pub const KMEANS_CASES: &[(&str, &str, usize, usize, usize, usize, usize)] =
-    &[("kmeans", "H32 T32768 D128 C256 it10", 32, 32768, 256, 128, 10)];
-/// (op, shape, batch, hq, hkv, clusters, capacity, budget, sinks, window) of the retrieval cases.
-pub const RETRIEVE_CASES: &[(&str, &str, usize, usize, usize, usize, usize, usize, usize, usize)] =
-    &[("cluster_retrieve", "B1 Hq32 Hkv32 C1024 T131072 D128 budget2048", 1, 32, 32, 1024, 131072, 2048, 4, 64)];
+/// A k-means case: `heads` × `tokens` keys of `head_dim` into `clusters`, `iterations`.
+pub struct KmeansCase {
+    pub op: &'static str,
+    pub shape: &'static str,
+    pub heads: usize,
+    pub tokens: usize,
+    pub clusters: usize,
+    pub head_dim: usize,
+    pub iterations: usize,
+}
+
+/// A retrieval case: one query token per sequence, D = 128.
+pub struct RetrieveCase {
+    pub op: &'static str,
+    pub shape: &'static str,
+    pub batch: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub clusters: usize,
+    pub capacity: usize,
+    pub budget: usize,
+    pub sinks: usize,
+    pub window: usize,
+}
+
+pub const KMEANS_CASES: &[KmeansCase] = &[KmeansCase {
+    op: "kmeans",
+    shape: "H32 T32768 D128 C256 it10",
+    heads: 32,
+    tokens: 32768,
+    clusters: 256,
+    head_dim: 128,
+    iterations: 10,
+}];
+pub const RETRIEVE_CASES: &[RetrieveCase] = &[RetrieveCase {
+    op: "cluster_retrieve",
+    shape: "B1 Hq32 Hkv32 C1024 T131072 D128 budget2048",
+    batch: 1,
+    hq: 32,
+    hkv: 32,
+    clusters: 1024,
+    capacity: 131072,
+    budget: 2048,
+    sinks: 4,
+    window: 64,
+}];
 /// Tokens appended per head in the incremental-assignment case.
 const APPEND: usize = 16;
 
@@ -78,7 +118,9 @@ fn retrieve_shape(batch: usize, hq: usize, hkv: usize, c: usize, cap: usize) -> 
 }
 
 fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
-    for &(op, shape, h, t, c, d, it) in KMEANS_CASES {
+    for kc in KMEANS_CASES {
+        let (op, shape, h, t, c, d, it) =
+            (kc.op, kc.shape, kc.heads, kc.tokens, kc.clusters, kc.head_dim, kc.iterations);
         let s = KmeansShape { heads: h, tokens: t, capacity: t + APPEND, clusters: c, head_dim: d };
         let keys = DeviceTensor::from_host(dev, &random_keys(h * (t + APPEND) * d, 1), &s.keys_shape())?;
         let mut state = ClusterState::zeros(dev, &s)?;
@@ -98,7 +140,9 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
             b.gpu(FAMILY, "kmeans_append", &sh, "f32", w, |_| plan.assign_appended(&keys, t, t + APPEND, &mut state))?;
         }
     }
-    for &(op, shape, batch, hq, hkv, c, cap, budget, sinks, window) in RETRIEVE_CASES {
+    for rc in RETRIEVE_CASES {
+        let (op, shape, batch, hq, hkv) = (rc.op, rc.shape, rc.batch, rc.hq, rc.hkv);
+        let (c, cap, budget, sinks, window) = (rc.clusters, rc.capacity, rc.budget, rc.sinks, rc.window);
         if !b.wants(FAMILY, op) {
             continue;
         }

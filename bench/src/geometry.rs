@@ -325,7 +325,8 @@ fn ntk(g: &mut Geometry) {
 
 fn cluster(g: &mut Geometry) {
     use ntkv::cluster::{self as gpu, RetrieveOptions, RetrieveShape};
-    for &(op, shape, h, t, c, _d, it) in crate::cluster::KMEANS_CASES {
+    for kc in crate::cluster::KMEANS_CASES {
+        let (op, shape, h, t, c, it) = (kc.op, kc.shape, kc.heads, kc.tokens, kc.clusters, kc.iterations);
         let tiles = t.div_ceil(gpu::ASSIGN_KEYS);
         g.push("cluster", op, shape, "f32", "ntkv_kmeans_init_f32".into(), h * c, 1, "").block = Some(gpu::ROW_THREADS);
         let a = g.push("cluster", op, shape, "f32", "ntkv_kmeans_assign_f32".into(), h * tiles, it, "per iteration");
@@ -336,7 +337,9 @@ fn cluster(g: &mut Geometry) {
         g.push("cluster", op, shape, "f32", "ntkv_kmeans_update_f32".into(), h * c, it, "one CTA per cluster").block =
             Some(gpu::ROW_THREADS);
     }
-    for &(op, shape, batch, hq, hkv, c, cap, budget, sinks, window) in crate::cluster::RETRIEVE_CASES {
+    for rc in crate::cluster::RETRIEVE_CASES {
+        let (op, shape, batch, hq, hkv) = (rc.op, rc.shape, rc.batch, rc.hq, rc.hkv);
+        let (c, cap, budget, sinks, window) = (rc.clusters, rc.capacity, rc.budget, rc.sinks, rc.window);
         let rs = RetrieveShape { batch, q_tokens: 1, hq, hkv, head_dim: 128, clusters: c, capacity: cap };
         let l = rs.n_lists();
         let score = g.push("cluster", op, shape, "f16", "ntkv_cluster_score_f16".into(), l * c.div_ceil(128), 1, "");
@@ -347,7 +350,8 @@ fn cluster(g: &mut Geometry) {
         m.dyn_smem = Some(gpu::mark_smem_bytes(c));
         let o = RetrieveOptions { budget, sinks, window, ..Default::default() };
         let cap_note = format!("indices capacity {}", rs.indices_capacity(&o).unwrap_or(0));
-        g.push("cluster", op, shape, "f16", "ntkv_cluster_write".into(), l, 1, &cap_note).block = Some(gpu::LIST_THREADS);
+        g.push("cluster", op, shape, "f16", "ntkv_cluster_write".into(), l, 1, &cap_note).block =
+            Some(gpu::LIST_THREADS);
     }
 }
 

@@ -204,7 +204,8 @@ pub fn kmeans<T: Float>(shape: &KmeansShape, options: &KmeansOptions, keys: &[T]
                         Metric::L2 => m.iter().fold(0.0f32, |acc, &t| acc + x[t as usize * d + dd]) / m.len() as f32,
                     };
                 }
-                if metric == Metric::Cosine && !(dot(&row, &row) > 0.0) {
+                let ss = dot(&row, &row);
+                if metric == Metric::Cosine && (ss.is_nan() || ss <= 0.0) {
                     continue;
                 }
                 head.store(metric, c, &row);
