@@ -438,23 +438,8 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
     }
     __syncthreads();
 
-    // Bitonic sort, descending, of kpad (a power of two) words.
-    for (uint32_t size = 2; size <= kpad; size <<= 1) {
-        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
-            for (uint32_t t = threadIdx.x; t < (kpad >> 1); t += blockDim.x) {
-                const uint32_t i = 2u * t - (t & (stride - 1u));
-                const uint32_t j = i + stride;
-                const bool desc = (i & size) == 0u;
-                const unsigned long long a = sort_buf[i];
-                const unsigned long long c = sort_buf[j];
-                if (desc ? (a < c) : (a > c)) {
-                    sort_buf[i] = c;
-                    sort_buf[j] = a;
-                }
-            }
-            __syncthreads();
-        }
-    }
+    // Descending, kpad is a power of two.
+    ntkv::block_bitonic_sort(sort_buf, kpad, true);
 
     const uint64_t obase = (uint64_t)row * p.out_stride;
     for (uint32_t s = threadIdx.x; s < p.k; s += blockDim.x) {
@@ -1061,27 +1046,6 @@ extern "C" __global__ void ntkv_h2o_gather(const NtkvCompactParams p, const uint
 
 namespace {
 
-// Bitonic sort of n (a power of two) 64-bit words in shared memory, ascending, by the whole
-// block. Every thread of the block must call it.
-__device__ __forceinline__ void select_sort_asc(unsigned long long* buf, uint32_t n) {
-    for (uint32_t size = 2; size <= n; size <<= 1) {
-        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
-            for (uint32_t t = threadIdx.x; t < (n >> 1); t += blockDim.x) {
-                const uint32_t i = 2u * t - (t & (stride - 1u));
-                const uint32_t j = i + stride;
-                const bool asc = (i & size) == 0u;
-                const unsigned long long a = buf[i];
-                const unsigned long long c = buf[j];
-                if (asc ? (a > c) : (a < c)) {
-                    buf[i] = c;
-                    buf[j] = a;
-                }
-            }
-            __syncthreads();
-        }
-    }
-}
-
 template <typename T>
 __device__ void select_pad_segments(uint32_t segments, uint32_t max_len, unsigned long long total,
                                     const uint32_t* __restrict__ indptr, const T* __restrict__ x,
@@ -1170,7 +1134,7 @@ extern "C" __global__ void ntkv_select_expand_count(uint32_t rows, uint32_t kb, 
             sel_iv[i] = w;
         }
         __syncthreads();
-        select_sort_asc(sel_iv, kbpad);
+        ntkv::block_bitonic_sort(sel_iv, kbpad, false);
         if (threadIdx.x == 0) {
             uint32_t m = 0, total = 0;
             uint64_t cs = 0, ce = 0;

@@ -92,6 +92,7 @@ struct TopkKernels {
 /// copy of `lengths` when given).
 ///
 /// The contract (order, ties, NaN, padding) is the module's; see [`crate::select`].
+#[derive(Debug)]
 pub struct TopkPlan {
     device: Device,
     shape: TopkShape,
@@ -109,16 +110,6 @@ pub struct TopkPlan {
     dummy_values: CudaSlice<f32>,
     /// Set while launches are being enqueued; a run that finds it set re-zeroes the scratch.
     dirty: bool,
-}
-
-impl std::fmt::Debug for TopkPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TopkPlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("layout", &self.layout)
-            .finish()
-    }
 }
 
 impl TopkPlan {
