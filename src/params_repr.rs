@@ -30,5 +30,8 @@ unsafe impl DeviceRepr for NtkvH2oParams {}
 unsafe impl DeviceRepr for NtkvPoolParams {}
 unsafe impl DeviceRepr for NtkvKeepCheckParams {}
 unsafe impl DeviceRepr for NtkvCompactParams {}
+unsafe impl DeviceRepr for NtkvSelectPadParams {}
+unsafe impl DeviceRepr for NtkvSelectTruncateParams {}
+unsafe impl DeviceRepr for NtkvSelectExpandParams {}
 unsafe impl DeviceRepr for NtkvKmeansParams {}
 unsafe impl DeviceRepr for NtkvClusterRetrieveParams {}

@@ -371,25 +371,20 @@ impl RetrieveShape {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `batch`, `q_tokens`, `hq`, `hkv`, `head_dim`,
-    /// `clusters` or `capacity`; [`Error::TooLarge`] naming `capacity`, `q` or `members`.
+    /// `clusters` or `capacity`; [`Error::TooLarge`] naming `capacity`, `q`, `k` (the size
+    /// the sparse decode checks for a cache of this shape) or `members`.
     pub fn validate(&self) -> Result<()> {
-        for (arg, v) in [("batch", self.batch), ("hq", self.hq), ("hkv", self.hkv), ("capacity", self.capacity)] {
-            if v == 0 {
-                return Err(Error::invalid(arg, "must be at least 1"));
-            }
+        // The lists are the sparse decode's, so are the rules on sequences, query tokens,
+        // heads and capacity (errors named alike); the head dim is checked on its own below.
+        crate::decode::DecodeShape {
+            batch: self.batch,
+            q_tokens: self.q_tokens,
+            hq: self.hq,
+            hkv: self.hkv,
+            head_dim: crate::decode::HEAD_DIMS[0],
+            capacity: self.capacity,
         }
-        if !(1..=MAX_Q_TOKENS).contains(&self.q_tokens) {
-            return Err(Error::invalid(
-                "q_tokens",
-                format!("{} query tokens; 1 to {MAX_Q_TOKENS} are supported", self.q_tokens),
-            ));
-        }
-        if self.hq % self.hkv != 0 {
-            return Err(Error::invalid(
-                "hq",
-                format!("{} query heads is not a multiple of {} kv heads", self.hq, self.hkv),
-            ));
-        }
+        .validate()?;
         if self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
             return Err(Error::invalid("head_dim", format!("{}; 1 to {MAX_HEAD_DIM} are supported", self.head_dim)));
         }
@@ -398,9 +393,6 @@ impl RetrieveShape {
                 "clusters",
                 format!("{} clusters; 1 to {MAX_CLUSTERS} are supported", self.clusters),
             ));
-        }
-        if self.capacity > u32::MAX as usize {
-            return Err(Error::too_large("capacity", "token indices are u32"));
         }
         crate::tensor::checked_numel::<f32>("q", &self.q_shape())?;
         crate::tensor::checked_numel::<u32>("members", &[self.n_lists(), self.capacity])?;
