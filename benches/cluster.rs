@@ -1,7 +1,7 @@
 //! Criterion benches for the k-means: 32 heads × 32768 keys × 128 into 256 clusters, 10
 //! iterations, f32, L2, timed with CUDA events through `iter_custom`. Without a GPU, the CPU
 //! reference at a small size (2 heads × 1024 keys × 64 into 16 clusters, 2 iterations).
-use std::time::Duration;
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ntkv::cluster::{cpu, ClusterState, KmeansOptions, KmeansPlan, KmeansShape, Metric};
@@ -17,28 +17,15 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let s = KmeansShape { heads: 32, tokens: 32768, capacity: 32768, clusters: 256, head_dim: 128 };
     let k = DeviceTensor::from_host(dev, &keys(32 * 32768 * 128, 1), &s.keys_shape())?;
     let mut state = ClusterState::zeros(dev, &s)?;
-    let mut plan =
-        KmeansPlan::new(dev, &s, KmeansOptions { metric: Metric::L2, iterations: 10, ..Default::default() })?;
+    let opts = KmeansOptions { metric: Metric::L2, iterations: 10, ..Default::default() };
+    let mut plan = KmeansPlan::new(dev, &s, opts)?;
     plan.run(&k, &mut state)?;
     dev.synchronize()?;
-    c.bench_function("kmeans H32 T32768 D128 C256 it10 f32 (gpu)", |bch| {
-        bch.iter_custom(|iters| {
-            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
-                for _ in 0..iters {
-                    plan.run(&k, &mut state)?;
-                }
-                Ok(())
-            })
-            .map(|t| t.first().copied().unwrap_or(0.0))
-            .unwrap_or(f64::NAN);
-            Duration::from_secs_f64(ms * 1e-3)
-        })
-    });
+    common::bench_gpu(c, "kmeans H32 T32768 D128 C256 it10 f32 (gpu)", dev, || plan.run(&k, &mut state));
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("cluster bench: no GPU; timing the CPU reference at a small size");
     let s = KmeansShape { heads: 2, tokens: 1024, capacity: 1024, clusters: 16, head_dim: 64 };
     let k = keys(2 * 1024 * 64, 2);
@@ -46,18 +33,11 @@ fn cpu_bench(c: &mut Criterion) {
     c.bench_function("kmeans H2 T1024 D64 C16 it2 f32 (cpu reference)", |b| {
         b.iter(|| cpu::kmeans(&s, &o, &k).map(|r| r.labels.len()).unwrap_or(0))
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    match dev {
-        Some(dev) => {
-            if let Err(e) = gpu_bench(c, &dev) {
-                eprintln!("cluster GPU bench failed: {e}");
-            }
-        }
-        None => cpu_bench(c),
-    }
+    common::gpu_or_cpu(c, "cluster", gpu_bench, cpu_bench);
 }
 
 criterion_group!(cluster, benches);

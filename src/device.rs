@@ -64,8 +64,16 @@ impl std::str::FromStr for Module {
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] =
-        &[Module::Common, Module::Quant, Module::Topk, Module::Select, Module::Attention, Module::Decode, Module::Ntk, Module::Cluster];
+    pub const ALL: &'static [Module] = &[
+        Module::Common,
+        Module::Quant,
+        Module::Topk,
+        Module::Select,
+        Module::Attention,
+        Module::Decode,
+        Module::Ntk,
+        Module::Cluster,
+    ];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {

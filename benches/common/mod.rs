@@ -29,3 +29,22 @@ pub fn gpu_or_cpu(
         eprintln!("{family} benches failed: {e}");
     }
 }
+
+/// Benches `run` on the device with CUDA events through `iter_custom`: one timed span of
+/// `iters` back-to-back calls (a failed call times as NaN).
+pub fn bench_gpu(c: &mut Criterion, name: &str, dev: &Device, mut run: impl FnMut() -> ntkv::Result<()>) {
+    c.bench_function(name, |bch| {
+        bch.iter_custom(|iters| {
+            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
+            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
+                for _ in 0..iters {
+                    run()?;
+                }
+                Ok(())
+            })
+            .map(|t| t.first().copied().unwrap_or(0.0))
+            .unwrap_or(f64::NAN);
+            std::time::Duration::from_secs_f64(ms * 1e-3)
+        })
+    });
+}

@@ -325,21 +325,33 @@ pub struct RetrieveShape {
 }
 
 impl RetrieveShape {
+    /// The sparse-decode shape of the same sequences, heads and cache (the consumer of the
+    /// lists; the decode itself takes head dims 64 and 128 only).
+    pub fn decode_shape(&self) -> crate::decode::DecodeShape {
+        crate::decode::DecodeShape {
+            batch: self.batch,
+            q_tokens: self.q_tokens,
+            hq: self.hq,
+            hkv: self.hkv,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+        }
+    }
     /// `Hq / Hkv` (0 for `Hkv = 0`).
     pub fn group(&self) -> usize {
-        self.hq.checked_div(self.hkv).unwrap_or(0)
+        self.decode_shape().group()
     }
     /// Query rows per list, `group · Tq`.
     pub fn rows(&self) -> usize {
-        self.group().saturating_mul(self.q_tokens)
+        self.decode_shape().rows()
     }
     /// `B·Hkv`.
     pub fn n_lists(&self) -> usize {
-        self.batch.saturating_mul(self.hkv)
+        self.decode_shape().n_lists()
     }
     /// `[B, Tq, Hq, D]`.
     pub fn q_shape(&self) -> [usize; 4] {
-        [self.batch, self.q_tokens, self.hq, self.head_dim]
+        self.decode_shape().q_shape()
     }
     /// The k-means shape whose state this retrieval reads (its `tokens` is the capacity:
     /// only the sizes of the state's buffers matter here).
@@ -376,15 +388,7 @@ impl RetrieveShape {
     pub fn validate(&self) -> Result<()> {
         // The lists are the sparse decode's, so are the rules on sequences, query tokens,
         // heads and capacity (errors named alike); the head dim is checked on its own below.
-        crate::decode::DecodeShape {
-            batch: self.batch,
-            q_tokens: self.q_tokens,
-            hq: self.hq,
-            hkv: self.hkv,
-            head_dim: crate::decode::HEAD_DIMS[0],
-            capacity: self.capacity,
-        }
-        .validate()?;
+        crate::decode::DecodeShape { head_dim: crate::decode::HEAD_DIMS[0], ..self.decode_shape() }.validate()?;
         if self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
             return Err(Error::invalid("head_dim", format!("{}; 1 to {MAX_HEAD_DIM} are supported", self.head_dim)));
         }

@@ -8,6 +8,7 @@
 // harness; here the host ranks the kernel's scores (descending, ties to the lower index, NaN
 // last, -0 == +0) and feeds that to the mark kernel.
 #include "cluster.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,12 +22,7 @@ namespace {
 
 std::mt19937_64 rng(20261202);
 
-template <typename T>
-std::unique_ptr<T[]> dup(const std::vector<T>& x) {
-    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
-    std::copy(x.begin(), x.end(), p.get());
-    return p;
-}
+using ntkv_emu::dup;
 template <typename T>
 std::vector<T> back(const std::unique_ptr<T[]>& p, size_t n) {
     return std::vector<T>(p.get(), p.get() + n);
@@ -46,6 +42,16 @@ bool same_bits(float a, float b) {
     std::memcpy(&x, &a, 4);
     std::memcpy(&y, &b, 4);
     return x == y;
+}
+
+// Counting sort of n labels (< C) into sizes, indptr (C + 1) and members, as the kernel.
+void csr(const uint32_t* lab, uint32_t n, uint32_t C, uint32_t* sz, uint32_t* ip, uint32_t* mem) {
+    std::fill(sz, sz + C, 0u);
+    for (uint32_t t = 0; t < n; ++t) sz[lab[t]]++;
+    ip[0] = 0;
+    for (uint32_t ci = 0; ci < C; ++ci) ip[ci + 1] = ip[ci] + sz[ci];
+    std::vector<uint32_t> cur(ip, ip + C);
+    for (uint32_t t = 0; t < n; ++t) mem[cur[lab[t]]++] = t;
 }
 
 struct KCfg {
@@ -108,12 +114,7 @@ State ref_kmeans(const KCfg& c, const std::vector<float>& x, uint64_t seed) {
             uint32_t* sz = &s.sizes[(size_t)h * c.C];
             uint32_t* ip = &s.indptr[(size_t)h * (c.C + 1)];
             uint32_t* mem = &s.members[(size_t)h * c.cap];
-            std::fill(sz, sz + c.C, 0u);
-            for (uint32_t t = 0; t < c.T; ++t) sz[lab[t]]++;
-            ip[0] = 0;
-            for (uint32_t ci = 0; ci < c.C; ++ci) ip[ci + 1] = ip[ci] + sz[ci];
-            std::vector<uint32_t> cur(ip, ip + c.C);
-            for (uint32_t t = 0; t < c.T; ++t) mem[cur[lab[t]]++] = t;
+            csr(lab, c.T, c.C, sz, ip, mem);
             std::vector<float> row(D);
             for (uint32_t ci = 0; ci < c.C; ++ci) {
                 if (sz[ci] == 0) continue;
@@ -269,14 +270,8 @@ bool kmeans_case(const KCfg& c, const char* name, uint32_t append_to = 0) {
                 }
                 want.labels[(size_t)h * c.cap + t] = bi == NONE ? 0 : bi;
             }
-            uint32_t* lab = &want.labels[(size_t)h * c.cap];
-            uint32_t* sz = &want.sizes[(size_t)h * c.C];
-            uint32_t* ip = &want.indptr[(size_t)h * (c.C + 1)];
-            std::fill(sz, sz + c.C, 0u);
-            for (uint32_t t = 0; t < append_to; ++t) sz[lab[t]]++;
-            for (uint32_t ci = 0; ci < c.C; ++ci) ip[ci + 1] = ip[ci] + sz[ci];
-            std::vector<uint32_t> cur(ip, ip + c.C);
-            for (uint32_t t = 0; t < append_to; ++t) want.members[(size_t)h * c.cap + cur[lab[t]]++] = t;
+            csr(&want.labels[(size_t)h * c.cap], append_to, c.C, &want.sizes[(size_t)h * c.C],
+                &want.indptr[(size_t)h * (c.C + 1)], &want.members[(size_t)h * c.cap]);
         }
         NtkvKmeansParams q = p;
         q.tokens = append_to;
@@ -318,13 +313,10 @@ bool retrieve_case(const RCfg& c, const char* name) {
     std::vector<uint32_t> cip((size_t)L * (c.C + 1), 0), mem((size_t)L * c.cap, 0);
     for (uint32_t l = 0; l < L; ++l) {
         const uint32_t len = seq[l / c.Hkv];
+        // Even labels only when C > 4: the odd clusters stay empty.
         std::vector<uint32_t> lab(len), sz(c.C, 0);
         for (auto& x : lab) x = (uint32_t)(rng() % c.C) / (c.C > 4 ? 2 : 1) * (c.C > 4 ? 2 : 1);
-        for (auto x : lab) sz[x]++;
-        uint32_t* ip = &cip[(size_t)l * (c.C + 1)];
-        for (uint32_t i = 0; i < c.C; ++i) ip[i + 1] = ip[i] + sz[i];
-        std::vector<uint32_t> cur(ip, ip + c.C);
-        for (uint32_t t = 0; t < len; ++t) mem[(size_t)l * c.cap + cur[lab[t]]++] = t;
+        csr(lab.data(), len, c.C, sz.data(), &cip[(size_t)l * (c.C + 1)], &mem[(size_t)l * c.cap]);
     }
     NtkvClusterRetrieveParams p{};
     p.batch = c.B;

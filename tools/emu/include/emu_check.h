@@ -2,7 +2,10 @@
 // kernel's output with a reference (not part of the CUDA stand-in).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
+#include <vector>
 
 namespace ntkv_emu {
 
@@ -16,5 +19,14 @@ struct RelL2 {
     }
     double value() const { return den > 0 ? std::sqrt(num / den) : std::sqrt(num); }
 };
+
+// A heap copy of exactly x's size (at least one element), so AddressSanitizer sees every
+// overrun of a kernel's buffer.
+template <typename T>
+std::unique_ptr<T[]> dup(const std::vector<T>& x) {
+    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
+    std::copy(x.begin(), x.end(), p.get());
+    return p;
+}
 
 }  // namespace ntkv_emu
