@@ -30,3 +30,7 @@ unsafe impl DeviceRepr for NtkvH2oParams {}
 unsafe impl DeviceRepr for NtkvPoolParams {}
 unsafe impl DeviceRepr for NtkvKeepCheckParams {}
 unsafe impl DeviceRepr for NtkvCompactParams {}
+unsafe impl DeviceRepr for NtkvPagesMetaParams {}
+unsafe impl DeviceRepr for NtkvPagesLandmarkParams {}
+unsafe impl DeviceRepr for NtkvPagesScoreParams {}
+unsafe impl DeviceRepr for NtkvPagesShadowParams {}
