@@ -146,6 +146,19 @@ __device__ __forceinline__ Groups groups_of(uint32_t lanes_pow2) {
     return Groups{threadIdx.x % lanes_pow2, threadIdx.x / lanes_pow2, blockDim.x / lanes_pow2};
 }
 
+// Calls f(g, item, block, row, in_range) for this lane group's items (item = row * n_blocks +
+// block) block step by block step. In the last step a group may get item >= n_items
+// (in_range false): f must then touch no memory but still run its butterflies.
+template <typename F>
+__device__ __forceinline__ void for_group_items(uint32_t lanes_pow2, uint64_t n_items64, uint32_t n_blocks, F&& f) {
+    const Groups g = groups_of(lanes_pow2);
+    const uint32_t n_items = (uint32_t)n_items64;
+    for (uint32_t base = blockIdx.x * g.per_block; base < n_items; base += gridDim.x * g.per_block) {
+        const uint32_t item = base + g.slot;
+        f(g, item, item % n_blocks, item / n_blocks, item < n_items);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void quest_score(const NtkvPagesScoreParams& p, const T* __restrict__ q,
                                             const T* __restrict__ page_max, const T* __restrict__ page_min,
@@ -156,14 +169,10 @@ __device__ __forceinline__ void quest_score(const NtkvPagesScoreParams& p, const
         const uint32_t np = ceil_div(lens[r / p.kv_heads], p.page_size);
         blocks[(uint64_t)r * p.blocks_stride + p.last_col] = np == 0 ? 0xffffffffu : np - 1;
     }
-    const Groups g = groups_of(p.lanes_pow2);
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t base = blockIdx.x * g.per_block; base < n_items; base += gridDim.x * g.per_block) {
-        const uint32_t item = base + g.slot;  // row * n_pages + page
-        const uint32_t page = item % p.n_pages;
-        const uint32_t row = item / p.n_pages;
+    for_group_items(p.lanes_pow2, p.n_items, p.n_pages, [&](const Groups& g, uint32_t item, uint32_t page,
+                                                           uint32_t row, bool in_range) {
         const uint32_t b = row / p.kv_heads, hk = row % p.kv_heads;
-        const bool valid = item < n_items && page + 1 < ceil_div(lens[min(b, p.batch - 1)], p.page_size);
+        const bool valid = in_range && page + 1 < ceil_div(lens[min(b, p.batch - 1)], p.page_size);
         const bool loads = valid && g.lane < p.lanes;
         float mx[8], mn[8];
         if (loads) {
@@ -186,7 +195,7 @@ __device__ __forceinline__ void quest_score(const NtkvPagesScoreParams& p, const
             }
         }
         if (valid && g.lane == 0) scores[item] = best;
-    }
+    });
 }
 
 // ---- ShadowKV landmarks --------------------------------------------------------------------
@@ -195,16 +204,11 @@ template <typename T>
 __device__ __forceinline__ void landmark(const NtkvPagesLandmarkParams& p, const T* __restrict__ keys,
                                          const uint32_t* __restrict__ lens, float* __restrict__ landmarks,
                                          float* __restrict__ min_cos, float* __restrict__ neg_cos) {
-    const Groups g = groups_of(p.lanes_pow2);
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t base = blockIdx.x * g.per_block; base < n_items; base += gridDim.x * g.per_block) {
-        const uint32_t item = base + g.slot;  // row * n_chunks + chunk
-        const uint32_t chunk = item % p.n_chunks;
-        const uint32_t row = item / p.n_chunks;
-        const uint32_t b = min(row / p.kv_heads, p.batch - 1);
-        const uint32_t len = lens[b];
+    for_group_items(p.lanes_pow2, p.n_items, p.n_chunks, [&](const Groups& g, uint32_t item, uint32_t chunk,
+                                                            uint32_t row, bool in_range) {
+        const uint32_t len = lens[min(row / p.kv_heads, p.batch - 1)];
         const uint32_t t0 = chunk * CHUNK;
-        const bool valid = item < n_items && t0 < len;
+        const bool valid = in_range && t0 < len;
         const uint32_t n = valid ? min((uint32_t)CHUNK, len - t0) : 0u;
         const bool loads = valid && g.lane < p.lanes;
         float kv[CHUNK][8];
@@ -260,7 +264,7 @@ __device__ __forceinline__ void landmark(const NtkvPagesLandmarkParams& p, const
             min_cos[item] = worst;
             neg_cos[item] = -worst;
         }
-    }
+    });
 }
 
 __device__ __forceinline__ uint32_t chunks_of_row(const NtkvPagesShadowParams& p, const uint32_t* lens, uint32_t row) {
@@ -271,33 +275,30 @@ template <typename T>
 __device__ __forceinline__ void shadow_logits(const NtkvPagesShadowParams& p, const T* __restrict__ q,
                                               const float* __restrict__ landmarks, const uint32_t* __restrict__ lens,
                                               float* __restrict__ logits) {
-    const Groups g = groups_of(p.lanes_pow2);
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t base = blockIdx.x * g.per_block; base < n_items; base += gridDim.x * g.per_block) {
-        const uint32_t item = base + g.slot;  // row * n_chunks + chunk
-        const uint32_t chunk = item % p.n_chunks;
-        const uint32_t row = item / p.n_chunks;
+    for_group_items(p.lanes_pow2, p.n_items, p.n_chunks, [&](const Groups& g, uint32_t item, uint32_t chunk,
+                                                            uint32_t row, bool in_range) {
         const uint32_t b = row / p.kv_heads, hk = row % p.kv_heads;
-        const bool valid = item < n_items && chunk < chunks_of_row(p, lens, row);
+        const bool valid = in_range && chunk < chunks_of_row(p, lens, row);
         const bool loads = valid && g.lane < p.lanes;
         float l[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (loads) ld8(landmarks + (uint64_t)item * p.head_dim + g.lane * 8u, l);
         const T* qb = q + ((uint64_t)b * p.q_tokens * p.q_heads + hk * p.group) * p.head_dim + g.lane * 8u;
         float* out = logits + ((uint64_t)b * p.q_heads + hk * p.group) * p.q_tokens * p.n_chunks + chunk;
-        for (uint32_t gi = 0; gi < p.group; ++gi) {
-            for (uint32_t t = 0; t < p.q_tokens; ++t) {
-                float part = 0.0f;
-                if (loads) {
-                    float qv[8];
-                    ld8(qb + ((uint64_t)t * p.q_heads + gi) * p.head_dim, qv);
+        // One loop over (group head, token) pairs: two nested loops made ptxas spill the f32 path.
+        for (uint32_t j = 0; j < p.group * p.q_tokens; ++j) {
+            const uint32_t gi = j / p.q_tokens, t = j % p.q_tokens;
+            float part = 0.0f;
+            if (loads) {
+                float qv[8];
+                ld8(qb + ((uint64_t)t * p.q_heads + gi) * p.head_dim, qv);
 #pragma unroll
-                    for (int c = 0; c < 8; ++c) part = __fadd_rn(part, __fmul_rn(qv[c], l[c]));
-                }
-                const float dot = group_sum(part, p.lanes_pow2);
-                if (valid && g.lane == 0) out[((uint64_t)gi * p.q_tokens + t) * p.n_chunks] = __fmul_rn(dot, p.scale);
+                for (int c = 0; c < 8; ++c) part = __fadd_rn(part, __fmul_rn(qv[c], l[c]));
             }
+            const float dot = group_sum(part, p.lanes_pow2);
+            // out + (gi Tq + t) NC is logits row (b, hk group + gi, t) at this chunk.
+            if (valid && g.lane == 0) out[((uint64_t)gi * p.q_tokens + t) * p.n_chunks] = __fmul_rn(dot, p.scale);
         }
-    }
+    });
 }
 
 // Tree over the block's THREADS partials in shared memory: s[i] = op(s[i], s[i + h]) for

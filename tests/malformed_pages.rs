@@ -87,7 +87,7 @@ fn select_shape_boundaries() {
     assert_eq!(badl(&|s| s.budget = 0), "budget");
     assert_eq!(badl(&|s| s.budget = 16384), "budget"); // plus one outlier
     assert_eq!(badl(&|s| s.outliers = 16385), "outliers");
-    assert_eq!(badl(&|s| s.hq = 6), "hq");
+    assert_eq!(badl(&|s| s.hq = 5), "hq");
     assert_eq!(badl(&|s| s.q_tokens = 17), "q_tokens");
     let mut l = lmark();
     l.outliers = 16385;
@@ -132,7 +132,10 @@ fn references_reject_bad_buffers_and_write_nothing() {
         names(cpu::landmark_select(&l, &q2, &lm.landmarks[1..], &lm.outliers, &[40, 33]).unwrap_err()),
         "landmarks"
     );
-    assert_eq!(names(cpu::landmark_select(&l, &q2, &lm.landmarks, &lm.outliers[1..], &[40, 33]).unwrap_err()), "outliers");
+    assert_eq!(
+        names(cpu::landmark_select(&l, &q2, &lm.landmarks, &lm.outliers[1..], &[40, 33]).unwrap_err()),
+        "outliers"
+    );
     assert_eq!(names(cpu::landmark_select(&l, &q2[1..], &lm.landmarks, &lm.outliers, &[40, 33]).unwrap_err()), "q");
     let mut bad = lsel();
     bad.budget = 0;

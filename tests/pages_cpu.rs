@@ -11,15 +11,12 @@ use ntkv::pages::cpu::{self, exp_det, lane_sum};
 use ntkv::pages::{LandmarkSelectShape, LandmarkShape, QuestMetaShape, QuestSelectShape, CHUNK_TOKENS};
 use ntkv::rng::Rng;
 use ntkv::Float;
-use pages_support::{assert_csr, landmark_problem, quest_problem, Keys};
+use pages_support::{assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, Keys};
 
-fn qshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, p: usize, k: usize) -> QuestSelectShape {
-    QuestSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, page_size: p, budget: k }
-}
 
 fn meta_naive<T: Float>(s: &QuestMetaShape, keys: &[T], lens: &[u32]) -> Vec<Option<(f32, f32)>> {
     let np = s.n_pages();
-    let mut out = vec![None; s.batch * s.hkv * np * s.head_dim];
+    let mut out: Vec<Option<(f32, f32)>> = vec![None; s.batch * s.hkv * np * s.head_dim];
     for row in 0..s.batch * s.hkv {
         let len = lens[row / s.hkv] as usize;
         for t in 0..len {
@@ -148,13 +145,7 @@ fn check_quest<T: Float>(seed: u64, s: QuestSelectShape, keys: Keys) {
         let want: Vec<u32> = order.iter().take(k - 1).map(|&x| x as u32).collect();
         assert_eq!(ranked, want, "row {row}");
         // The list is every valid token of the kept pages.
-        let mut tokens: Vec<u32> = blocks
-            .iter()
-            .filter(|&&b| b != u32::MAX)
-            .flat_map(|&b| (b as usize * s.page_size..((b as usize + 1) * s.page_size).min(len)).map(|t| t as u32))
-            .collect();
-        tokens.sort_unstable();
-        tokens.dedup();
+        let tokens = block_tokens(blocks, s.page_size, pages, len);
         assert_eq!(list, &tokens[..]);
         if k >= pages {
             assert_eq!(list.len(), len, "a budget of all pages keeps every token");
@@ -241,7 +232,8 @@ fn check_landmarks<T: Float>(seed: u64, s: LandmarkShape) {
         for chunk in 0..len.div_ceil(CHUNK_TOKENS) {
             let toks: Vec<usize> = (chunk * CHUNK_TOKENS..((chunk + 1) * CHUNK_TOKENS).min(len)).collect();
             let key = |t: usize, c: usize| f64::from(p.keys[(row * s.capacity + t) * d + c].to_f32());
-            let mean: Vec<f64> = (0..d).map(|c| toks.iter().map(|&t| key(t, c)).sum::<f64>() / toks.len() as f64).collect();
+            let mean: Vec<f64> =
+                (0..d).map(|c| toks.iter().map(|&t| key(t, c)).sum::<f64>() / toks.len() as f64).collect();
             for c in 0..d {
                 let got = f64::from(r.landmarks[(row * nc + chunk) * d + c]);
                 assert!((got - mean[c]).abs() <= 1e-5 * (1.0 + mean[c].abs()), "landmark {row} {chunk} {c}");
@@ -296,7 +288,9 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
                 let qo = ((b * s.q_tokens + t) * s.hq + hk * group + g) * d;
                 let logits: Vec<f64> = (0..chunks)
                     .map(|c| {
-                        (0..d).map(|x| f64::from(p.q[qo + x].to_f32()) * f64::from(lm.landmarks[(row * nc + c) * d + x])).sum::<f64>()
+                        (0..d)
+                            .map(|x| f64::from(p.q[qo + x].to_f32()) * f64::from(lm.landmarks[(row * nc + c) * d + x]))
+                            .sum::<f64>()
                             / (d as f64).sqrt()
                     })
                     .collect();
@@ -330,20 +324,11 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
         }
         let list = &sel.indices[sel.indptr[row] as usize..sel.indptr[row + 1] as usize];
         let len = p.lens[b] as usize;
-        let mut tokens: Vec<u32> = blocks
-            .iter()
-            .filter(|&&x| (x as usize) < chunks)
-            .flat_map(|&x| (x as usize * CHUNK_TOKENS..((x as usize + 1) * CHUNK_TOKENS).min(len)).map(|t| t as u32))
-            .collect();
-        tokens.sort_unstable();
-        tokens.dedup();
+        let tokens = block_tokens(blocks, CHUNK_TOKENS, chunks, len);
         assert_eq!(list, &tokens[..]);
     }
 }
 
-fn lshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, out: usize, k: usize) -> LandmarkSelectShape {
-    LandmarkSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, outliers: out, budget: k }
-}
 
 #[test]
 fn landmark_selection_gqa_groups_and_edges() {

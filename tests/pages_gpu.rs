@@ -13,7 +13,7 @@ use ntkv::pages::{
 };
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Error, Float};
-use pages_support::{landmark_problem, quest_problem, Keys};
+use pages_support::{landmark_problem, lshape, qshape, quest_problem, Keys};
 
 fn bits<T: Float>(x: &[T]) -> Vec<u32> {
     x.iter().map(|v| v.to_f32().to_bits()).collect()
@@ -33,7 +33,21 @@ fn csr_out(dev: &Device, rows: usize, cap: usize) -> Result<(DeviceTensor<u32>, 
     Ok((DeviceTensor::zeros(dev, &[rows + 1])?, DeviceTensor::zeros(dev, &[cap.max(1)])?))
 }
 
-fn quest_gpu<T: Float>(dev: &Device, s: &QuestSelectShape, keys: &[T], lens: &[u32], q: &[T]) -> Result<(Vec<T>, Vec<T>, Csr), Error> {
+/// Reads a selection back: the blocks, `indptr`, and the used prefix of `indices`.
+fn fetch(blocks: &DeviceTensor<u32>, ip: &DeviceTensor<u32>, ix: &DeviceTensor<u32>, rows: usize) -> Result<Csr, Error> {
+    let indptr = ip.to_host()?;
+    let mut indices = ix.to_host()?;
+    indices.truncate(indptr[rows] as usize);
+    Ok(Csr { blocks: blocks.to_host()?, indptr, indices })
+}
+
+fn quest_gpu<T: Float>(
+    dev: &Device,
+    s: &QuestSelectShape,
+    keys: &[T],
+    lens: &[u32],
+    q: &[T],
+) -> Result<(Vec<T>, Vec<T>, Csr), Error> {
     let meta = s.meta();
     let k = DeviceTensor::from_host(dev, keys, &meta.keys_shape())?;
     let mut mx = DeviceTensor::<T>::zeros(dev, &meta.meta_shape())?;
@@ -49,10 +63,7 @@ fn quest_gpu<T: Float>(dev: &Device, s: &QuestSelectShape, keys: &[T], lens: &[u
     let (mut ip, mut ix) = csr_out(dev, s.rows(), s.capacity_tokens()?)?;
     let mut plan = QuestSelectPlan::new(dev, s)?;
     plan.run(&qd, &mx, &mn, &full, &mut pages, &mut ip, &mut ix)?;
-    let indptr = ip.to_host()?;
-    let mut indices = ix.to_host()?;
-    indices.truncate(indptr[s.rows()] as usize);
-    Ok((mx.to_host()?, mn.to_host()?, Csr { blocks: pages.to_host()?, indptr, indices }))
+    Ok((mx.to_host()?, mn.to_host()?, fetch(&pages, &ip, &ix, s.rows())?))
 }
 
 fn check_quest<T: Float>(dev: &Device, seed: u64, s: QuestSelectShape, keys: Keys) {
@@ -70,9 +81,6 @@ fn check_quest<T: Float>(dev: &Device, seed: u64, s: QuestSelectShape, keys: Key
     assert_eq!(got.indices, want.indices, "indices of {s:?}");
 }
 
-fn qshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, p: usize, k: usize) -> QuestSelectShape {
-    QuestSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, page_size: p, budget: k }
-}
 
 #[test]
 fn quest_differential() {
@@ -107,11 +115,8 @@ fn landmark_gpu<T: Float>(
     let (mut ip, mut ix) = csr_out(dev, s.rows(), s.capacity_tokens()?)?;
     let mut plan = LandmarkSelectPlan::new(dev, s)?;
     plan.run(&qd, &lm, &outl, lens, &mut chunks, &mut ip, &mut ix)?;
-    let indptr = ip.to_host()?;
-    let mut indices = ix.to_host()?;
-    indices.truncate(indptr[s.rows()] as usize);
     let outs = if ls.outliers > 0 { outl.to_host()? } else { Vec::new() };
-    Ok((lm.to_host()?, mc.to_host()?, outs, Csr { blocks: chunks.to_host()?, indptr, indices }))
+    Ok((lm.to_host()?, mc.to_host()?, outs, fetch(&chunks, &ip, &ix, s.rows())?))
 }
 
 fn check_landmarks<T: Float>(dev: &Device, seed: u64, s: LandmarkSelectShape, keys: Keys) {
@@ -128,9 +133,6 @@ fn check_landmarks<T: Float>(dev: &Device, seed: u64, s: LandmarkSelectShape, ke
     assert_eq!(got.indices, sel.indices, "indices of {s:?}");
 }
 
-fn lshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, out: usize, k: usize) -> LandmarkSelectShape {
-    LandmarkSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, outliers: out, budget: k }
-}
 
 #[test]
 fn landmark_differential() {

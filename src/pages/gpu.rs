@@ -71,7 +71,12 @@ fn check_vec<T>(device: &Device, arg: &'static str, t: &impl TensorRef<T>, shape
 
 /// Checks CSR outputs as the expansion will: `indptr [rows + 1]`, `indices` 1-D with room for
 /// the longest output.
-fn check_csr(device: &Device, es: &ExpandShape, indptr: &impl TensorRef<u32>, indices: &impl TensorRef<u32>) -> Result<()> {
+fn check_csr(
+    device: &Device,
+    es: &ExpandShape,
+    indptr: &impl TensorRef<u32>,
+    indices: &impl TensorRef<u32>,
+) -> Result<()> {
     device.check_buffer("indptr", indptr, &[es.rows + 1])?;
     let cap = es.capacity()?;
     device.check_tensor("indices", indices)?;

@@ -90,7 +90,7 @@
 //! let keys = DeviceTensor::<f16>::zeros(&device, &meta.keys_shape())?;
 //! let mut page_max = DeviceTensor::<f16>::zeros(&device, &meta.meta_shape())?;
 //! let mut page_min = DeviceTensor::<f16>::zeros(&device, &meta.meta_shape())?;
-//! let meta_plan = QuestMetaPlan::new(&device, &meta)?;
+//! let mut meta_plan = QuestMetaPlan::new(&device, &meta)?;
 //! meta_plan.build(&keys, &[30000], &mut page_max, &mut page_min)?;
 //!
 //! // Each decode step: keep 64 pages (1024 tokens) per kv head.

@@ -2,6 +2,31 @@
 #![allow(dead_code)]
 
 use ntkv::pages::{LandmarkSelectShape, QuestSelectShape};
+
+/// A Quest selection shape, fields in declaration order.
+#[allow(clippy::too_many_arguments)]
+pub fn qshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, p: usize, k: usize) -> QuestSelectShape {
+    QuestSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, page_size: p, budget: k }
+}
+
+/// A ShadowKV selection shape, fields in declaration order.
+#[allow(clippy::too_many_arguments)]
+pub fn lshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, out: usize, k: usize) -> LandmarkSelectShape {
+    LandmarkSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, outliers: out, budget: k }
+}
+
+/// The sorted unique valid tokens (below `len`) of the blocks (of `block` tokens) that are
+/// below `n_blocks`.
+pub fn block_tokens(blocks: &[u32], block: usize, n_blocks: usize, len: usize) -> Vec<u32> {
+    let mut tokens: Vec<u32> = blocks
+        .iter()
+        .filter(|&&b| (b as usize) < n_blocks)
+        .flat_map(|&b| (b as usize * block..((b as usize + 1) * block).min(len)).map(|t| t as u32))
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    tokens
+}
 use ntkv::rng::Rng;
 use ntkv::Float;
 

@@ -98,6 +98,7 @@ ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
 GEMM = "src/gemm/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
+PAGES = "src/pages/gpu.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
                                                   "SMEM_OPTIN")]
@@ -182,6 +183,11 @@ LAUNCHES = [
     Entry(r"ntkv_gemm_reduce", 256, 0, [Const(GEMM, "THREADS")], "gemm split-K reduction"),
     Entry(r"ntkv_ntk_(?:reduce|presum_f32|presum_bf16|combine|bias_act|cotangent|jvp|stats|stats_finish|means"
           r"|grand_mean)", 256, 0, [Const(GEMM, "THREADS")], "ntk::gpu (gemm::gpu::THREADS)"),
+    # pages: every kernel 256 threads, grid-stride over a resident grid, no dynamic shared memory
+    Entry(rf"ntkv_pages_(?:quest_meta|quest_score|landmark|shadow_logits)_{DT}", 256, 0,
+          [Const(PAGES, "PAGES_THREADS")], "pages plans (Typed::load grids)"),
+    Entry(r"ntkv_pages_shadow_(?:softmax|score|mark)", 256, 0, [Const(PAGES, "PAGES_THREADS")],
+          "pages::LandmarkSelectPlan::run"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
