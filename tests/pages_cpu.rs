@@ -13,7 +13,6 @@ use ntkv::rng::Rng;
 use ntkv::Float;
 use pages_support::{assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, Keys};
 
-
 fn meta_naive<T: Float>(s: &QuestMetaShape, keys: &[T], lens: &[u32]) -> Vec<Option<(f32, f32)>> {
     let np = s.n_pages();
     let mut out: Vec<Option<(f32, f32)>> = vec![None; s.batch * s.hkv * np * s.head_dim];
@@ -234,9 +233,9 @@ fn check_landmarks<T: Float>(seed: u64, s: LandmarkShape) {
             let key = |t: usize, c: usize| f64::from(p.keys[(row * s.capacity + t) * d + c].to_f32());
             let mean: Vec<f64> =
                 (0..d).map(|c| toks.iter().map(|&t| key(t, c)).sum::<f64>() / toks.len() as f64).collect();
-            for c in 0..d {
+            for (c, m) in mean.iter().enumerate() {
                 let got = f64::from(r.landmarks[(row * nc + chunk) * d + c]);
-                assert!((got - mean[c]).abs() <= 1e-5 * (1.0 + mean[c].abs()), "landmark {row} {chunk} {c}");
+                assert!((got - m).abs() <= 1e-5 * (1.0 + m.abs()), "landmark {row} {chunk} {c}");
             }
             let ln = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-8);
             let want = toks
@@ -296,17 +295,17 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
                     .collect();
                 let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-                for c in 0..chunks {
-                    acc[c] += (logits[c] - m).exp() / z;
+                for (a, l) in acc.iter_mut().zip(&logits) {
+                    *a += (l - m).exp() / z;
                 }
             }
-            for c in 0..chunks {
-                want[c] = want[c].max(acc[c]);
+            for (w, a) in want.iter_mut().zip(&acc) {
+                *w = w.max(*a);
             }
         }
-        for c in 0..chunks {
+        for (c, w) in want.iter().enumerate() {
             let got = f64::from(scores[row * nc + c]);
-            assert!((got - want[c]).abs() <= 1e-5 * (1.0 + want[c]), "score {row} {c}: {got} vs {}", want[c]);
+            assert!((got - w).abs() <= 1e-5 * (1.0 + w), "score {row} {c}: {got} vs {w}");
         }
         let blocks = &sel.blocks[row * stride..(row + 1) * stride];
         let outs = &blocks[s.budget..];
@@ -328,7 +327,6 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
         assert_eq!(list, &tokens[..]);
     }
 }
-
 
 #[test]
 fn landmark_selection_gqa_groups_and_edges() {

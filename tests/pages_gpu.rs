@@ -34,7 +34,12 @@ fn csr_out(dev: &Device, rows: usize, cap: usize) -> Result<(DeviceTensor<u32>, 
 }
 
 /// Reads a selection back: the blocks, `indptr`, and the used prefix of `indices`.
-fn fetch(blocks: &DeviceTensor<u32>, ip: &DeviceTensor<u32>, ix: &DeviceTensor<u32>, rows: usize) -> Result<Csr, Error> {
+fn fetch(
+    blocks: &DeviceTensor<u32>,
+    ip: &DeviceTensor<u32>,
+    ix: &DeviceTensor<u32>,
+    rows: usize,
+) -> Result<Csr, Error> {
     let indptr = ip.to_host()?;
     let mut indices = ix.to_host()?;
     indices.truncate(indptr[rows] as usize);
@@ -81,7 +86,6 @@ fn check_quest<T: Float>(dev: &Device, seed: u64, s: QuestSelectShape, keys: Key
     assert_eq!(got.indices, want.indices, "indices of {s:?}");
 }
 
-
 #[test]
 fn quest_differential() {
     let dev = gpu_or_skip!("quest_differential");
@@ -94,13 +98,16 @@ fn quest_differential() {
     check_quest::<f16>(dev, 7, qshape(4, 16, 2, 16, 256, 300, 32, 4), Keys::Normal);
 }
 
+/// A landmark build and selection read back: landmarks, min_cos, outliers, the selection.
+type LandmarkRun = (Vec<f32>, Vec<f32>, Vec<u32>, Csr);
+
 fn landmark_gpu<T: Float>(
     dev: &Device,
     s: &LandmarkSelectShape,
     keys: &[T],
     lens: &[u32],
     q: &[T],
-) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, Csr), Error> {
+) -> Result<LandmarkRun, Error> {
     let ls = s.landmarks();
     let k = DeviceTensor::from_host(dev, keys, &ls.keys_shape())?;
     let mut lm = DeviceTensor::<f32>::zeros(dev, &ls.landmarks_shape())?;
@@ -132,7 +139,6 @@ fn check_landmarks<T: Float>(dev: &Device, seed: u64, s: LandmarkSelectShape, ke
     assert_eq!(got.indptr, sel.indptr, "indptr of {s:?}");
     assert_eq!(got.indices, sel.indices, "indices of {s:?}");
 }
-
 
 #[test]
 fn landmark_differential() {

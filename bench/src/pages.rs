@@ -10,8 +10,8 @@
 
 use half::f16;
 use ntkv::pages::{
-    cpu, LandmarkPlan, LandmarkSelectPlan, LandmarkSelectShape, LandmarkShape, QuestMetaPlan, QuestMetaShape,
-    QuestSelectPlan, QuestSelectShape,
+    cpu, LandmarkPlan, LandmarkSelectPlan, LandmarkSelectShape, QuestMetaPlan, QuestMetaShape, QuestSelectPlan,
+    QuestSelectShape,
 };
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Float};

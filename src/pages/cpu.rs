@@ -15,9 +15,7 @@ const SOFTMAX_PARTIALS: usize = 256;
 
 /// The larger of two floats, ignoring a NaN unless both are NaN; a tie keeps `a`.
 pub fn nanmax(a: f32, b: f32) -> f32 {
-    if a.is_nan() {
-        b
-    } else if b > a {
+    if a.is_nan() || b > a {
         b
     } else {
         a
@@ -26,9 +24,7 @@ pub fn nanmax(a: f32, b: f32) -> f32 {
 
 /// The smaller of two floats, ignoring a NaN unless both are NaN; a tie keeps `a`.
 pub fn nanmin(a: f32, b: f32) -> f32 {
-    if a.is_nan() {
-        b
-    } else if b < a {
+    if a.is_nan() || b < a {
         b
     } else {
         a
@@ -342,8 +338,8 @@ pub fn landmark_scores<T: Float>(
     // The softmax of every query row (b, h, t), its exp values and row sum.
     let mut expd = vec![0.0f32; shape.batch * hq * tq * nc];
     let mut sums = vec![0.0f32; shape.batch * hq * tq];
-    for b in 0..shape.batch {
-        let n = (lens[b] as usize).div_ceil(CHUNK_TOKENS);
+    for (b, &len) in lens.iter().enumerate() {
+        let n = (len as usize).div_ceil(CHUNK_TOKENS);
         for h in 0..hq {
             let row = b * hkv + h / group;
             for t in 0..tq {

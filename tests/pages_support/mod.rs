@@ -5,13 +5,31 @@ use ntkv::pages::{LandmarkSelectShape, QuestSelectShape};
 
 /// A Quest selection shape, fields in declaration order.
 #[allow(clippy::too_many_arguments)]
-pub fn qshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, p: usize, k: usize) -> QuestSelectShape {
+pub fn qshape(
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    d: usize,
+    cap: usize,
+    p: usize,
+    k: usize,
+) -> QuestSelectShape {
     QuestSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, page_size: p, budget: k }
 }
 
 /// A ShadowKV selection shape, fields in declaration order.
 #[allow(clippy::too_many_arguments)]
-pub fn lshape(batch: usize, hq: usize, hkv: usize, tq: usize, d: usize, cap: usize, out: usize, k: usize) -> LandmarkSelectShape {
+pub fn lshape(
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    d: usize,
+    cap: usize,
+    out: usize,
+    k: usize,
+) -> LandmarkSelectShape {
     LandmarkSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, outliers: out, budget: k }
 }
 
