@@ -69,9 +69,14 @@
 //! # Plans
 //! Every plan validates its shape, loads its kernels, sizes its grids from the kernels'
 //! occupancy and allocates its workspace in `new`; a `run` checks every buffer (device, shape,
-//! length, alignment) and the host `lens`, copies the per-row lengths into the plan's device
-//! buffers and only enqueues launches: no allocation and no host synchronization. A plan
-//! serves every layer and every decode step of its shape.
+//! length, alignment) and the host `lens`, copies the per-row lengths from plan-owned host
+//! buffers into the plan's device buffers (host-to-device only, as [`crate::select::TopkPlan`]
+//! does) and enqueues launches: no allocation and no device-to-host read-back. A plan serves
+//! every layer and every decode step of its shape.
+//!
+//! The only device-resident index input is `outliers`; it needs no validation pass: an id at or
+//! past its row's chunk count (the `u32::MAX` padding included) excludes nothing and expands to
+//! no token, so no value can make a kernel read or write out of bounds.
 //!
 //! # Errors
 //! Every argument is checked before any launch: [`Error::InvalidArgument`],
