@@ -121,6 +121,9 @@ __device__ __forceinline__ void quest_meta(const NtkvPagesMetaParams& p, const T
 #pragma unroll
         for (int c = 0; c < 8; ++c) mx[c] = mn[c] = CUDART_NAN_F;
         const T* src = keys + ((uint64_t)row * p.capacity + t0) * p.head_dim + lane * 8u;
+        // Unrolled so that several 16-byte loads are in flight per thread (the pass is
+        // bandwidth-bound); the fold order stays token order.
+#pragma unroll 4
         for (uint32_t t = t0; t < t1; ++t, src += p.head_dim) {
             float v[8];
             ld8(src, v);
