@@ -48,6 +48,8 @@ pub enum Module {
     Select,
     /// `cuda/cluster.cu`: k-means of keys and cluster retrieval.
     Cluster,
+    /// `cuda/pages.cu`: Quest page bounds and ShadowKV chunk landmarks.
+    Pages,
 }
 
 /// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
@@ -73,6 +75,7 @@ impl Module {
         Module::Decode,
         Module::Ntk,
         Module::Cluster,
+        Module::Pages,
     ];
 
     /// The module's name: the stem of its `.cu` file.
@@ -86,6 +89,7 @@ impl Module {
             Module::Topk => "topk",
             Module::Select => "select",
             Module::Cluster => "cluster",
+            Module::Pages => "pages",
         }
     }
 
@@ -100,6 +104,7 @@ impl Module {
             Module::Topk => kernels::TOPK,
             Module::Select => kernels::SELECT,
             Module::Cluster => kernels::CLUSTER,
+            Module::Pages => kernels::PAGES,
         }
     }
 }

@@ -102,6 +102,7 @@ pub fn registered_kernels() -> Vec<KernelId> {
     all.extend(crate::ntk::gpu::kernels());
     all.extend(crate::gemm::kernels());
     all.extend(crate::cluster::gpu::kernels());
+    all.extend(crate::pages::kernels());
     all.sort();
     all.dedup();
     all

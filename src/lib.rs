@@ -10,6 +10,7 @@
 //! | [`attention`] | block-sparse FA2-style prefill attention with BSR masks (FlexAttention `BlockMask`, Graph-KV) |
 //! | [`decode`] | sparse-index decode attention over per-head token lists: the consumer of every selection method |
 //! | [`ntk`] | the empirical NTK from Jacobians, the factored MLP NTK, and kernel metrics (LGA, alignment, condition number, regression) |
+//! | [`pages`] | Quest page min/max bounds and ShadowKV chunk landmarks: build, score, select pages or chunks and expand them to decode token lists |
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
 //! | [`cluster`] | k-means of keys per head (cosine or L2, deterministic, bit-exact labels) and cluster retrieval into decode-ready token lists |
 //! | [`gemm`] | shared primitive: deterministic split-K GEMM at F32, TF32 and BF16 with strided, batched, transposed operands |
@@ -73,6 +74,7 @@ pub mod error;
 pub mod gemm;
 pub mod launch;
 pub mod ntk;
+pub mod pages;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;

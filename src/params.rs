@@ -741,3 +741,161 @@ const _: () = {
     ["Offset of field: NtkvClusterRetrieveParams::_pad0"]
         [::core::mem::offset_of!(NtkvClusterRetrieveParams, _pad0) - 68usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvPagesMetaParams {
+    pub n_items: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub capacity: u32,
+    pub head_dim: u32,
+    pub page_size: u32,
+    pub n_pages: u32,
+    pub lanes: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPagesMetaParams"][::core::mem::size_of::<NtkvPagesMetaParams>() - 40usize];
+    ["Alignment of NtkvPagesMetaParams"][::core::mem::align_of::<NtkvPagesMetaParams>() - 8usize];
+    ["Offset of field: NtkvPagesMetaParams::n_items"][::core::mem::offset_of!(NtkvPagesMetaParams, n_items) - 0usize];
+    ["Offset of field: NtkvPagesMetaParams::batch"][::core::mem::offset_of!(NtkvPagesMetaParams, batch) - 8usize];
+    ["Offset of field: NtkvPagesMetaParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvPagesMetaParams, kv_heads) - 12usize];
+    ["Offset of field: NtkvPagesMetaParams::capacity"]
+        [::core::mem::offset_of!(NtkvPagesMetaParams, capacity) - 16usize];
+    ["Offset of field: NtkvPagesMetaParams::head_dim"]
+        [::core::mem::offset_of!(NtkvPagesMetaParams, head_dim) - 20usize];
+    ["Offset of field: NtkvPagesMetaParams::page_size"]
+        [::core::mem::offset_of!(NtkvPagesMetaParams, page_size) - 24usize];
+    ["Offset of field: NtkvPagesMetaParams::n_pages"][::core::mem::offset_of!(NtkvPagesMetaParams, n_pages) - 28usize];
+    ["Offset of field: NtkvPagesMetaParams::lanes"][::core::mem::offset_of!(NtkvPagesMetaParams, lanes) - 32usize];
+    ["Offset of field: NtkvPagesMetaParams::_pad0"][::core::mem::offset_of!(NtkvPagesMetaParams, _pad0) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvPagesLandmarkParams {
+    pub n_items: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub capacity: u32,
+    pub head_dim: u32,
+    pub n_chunks: u32,
+    pub lanes: u32,
+    pub lanes_pow2: u32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPagesLandmarkParams"][::core::mem::size_of::<NtkvPagesLandmarkParams>() - 40usize];
+    ["Alignment of NtkvPagesLandmarkParams"][::core::mem::align_of::<NtkvPagesLandmarkParams>() - 8usize];
+    ["Offset of field: NtkvPagesLandmarkParams::n_items"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, n_items) - 0usize];
+    ["Offset of field: NtkvPagesLandmarkParams::batch"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, batch) - 8usize];
+    ["Offset of field: NtkvPagesLandmarkParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, kv_heads) - 12usize];
+    ["Offset of field: NtkvPagesLandmarkParams::capacity"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, capacity) - 16usize];
+    ["Offset of field: NtkvPagesLandmarkParams::head_dim"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, head_dim) - 20usize];
+    ["Offset of field: NtkvPagesLandmarkParams::n_chunks"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, n_chunks) - 24usize];
+    ["Offset of field: NtkvPagesLandmarkParams::lanes"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, lanes) - 28usize];
+    ["Offset of field: NtkvPagesLandmarkParams::lanes_pow2"]
+        [::core::mem::offset_of!(NtkvPagesLandmarkParams, lanes_pow2) - 32usize];
+    ["Offset of field: NtkvPagesLandmarkParams::eps"][::core::mem::offset_of!(NtkvPagesLandmarkParams, eps) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvPagesScoreParams {
+    pub n_items: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub q_heads: u32,
+    pub q_tokens: u32,
+    pub head_dim: u32,
+    pub page_size: u32,
+    pub n_pages: u32,
+    pub lanes: u32,
+    pub lanes_pow2: u32,
+    pub group: u32,
+    pub blocks_stride: u32,
+    pub last_col: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPagesScoreParams"][::core::mem::size_of::<NtkvPagesScoreParams>() - 56usize];
+    ["Alignment of NtkvPagesScoreParams"][::core::mem::align_of::<NtkvPagesScoreParams>() - 8usize];
+    ["Offset of field: NtkvPagesScoreParams::n_items"][::core::mem::offset_of!(NtkvPagesScoreParams, n_items) - 0usize];
+    ["Offset of field: NtkvPagesScoreParams::batch"][::core::mem::offset_of!(NtkvPagesScoreParams, batch) - 8usize];
+    ["Offset of field: NtkvPagesScoreParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, kv_heads) - 12usize];
+    ["Offset of field: NtkvPagesScoreParams::q_heads"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, q_heads) - 16usize];
+    ["Offset of field: NtkvPagesScoreParams::q_tokens"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, q_tokens) - 20usize];
+    ["Offset of field: NtkvPagesScoreParams::head_dim"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, head_dim) - 24usize];
+    ["Offset of field: NtkvPagesScoreParams::page_size"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, page_size) - 28usize];
+    ["Offset of field: NtkvPagesScoreParams::n_pages"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, n_pages) - 32usize];
+    ["Offset of field: NtkvPagesScoreParams::lanes"][::core::mem::offset_of!(NtkvPagesScoreParams, lanes) - 36usize];
+    ["Offset of field: NtkvPagesScoreParams::lanes_pow2"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, lanes_pow2) - 40usize];
+    ["Offset of field: NtkvPagesScoreParams::group"][::core::mem::offset_of!(NtkvPagesScoreParams, group) - 44usize];
+    ["Offset of field: NtkvPagesScoreParams::blocks_stride"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, blocks_stride) - 48usize];
+    ["Offset of field: NtkvPagesScoreParams::last_col"]
+        [::core::mem::offset_of!(NtkvPagesScoreParams, last_col) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvPagesShadowParams {
+    pub n_items: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub q_heads: u32,
+    pub q_tokens: u32,
+    pub head_dim: u32,
+    pub n_chunks: u32,
+    pub lanes: u32,
+    pub lanes_pow2: u32,
+    pub group: u32,
+    pub k: u32,
+    pub n_outliers: u32,
+    pub blocks_stride: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPagesShadowParams"][::core::mem::size_of::<NtkvPagesShadowParams>() - 64usize];
+    ["Alignment of NtkvPagesShadowParams"][::core::mem::align_of::<NtkvPagesShadowParams>() - 8usize];
+    ["Offset of field: NtkvPagesShadowParams::n_items"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, n_items) - 0usize];
+    ["Offset of field: NtkvPagesShadowParams::batch"][::core::mem::offset_of!(NtkvPagesShadowParams, batch) - 8usize];
+    ["Offset of field: NtkvPagesShadowParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, kv_heads) - 12usize];
+    ["Offset of field: NtkvPagesShadowParams::q_heads"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, q_heads) - 16usize];
+    ["Offset of field: NtkvPagesShadowParams::q_tokens"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, q_tokens) - 20usize];
+    ["Offset of field: NtkvPagesShadowParams::head_dim"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, head_dim) - 24usize];
+    ["Offset of field: NtkvPagesShadowParams::n_chunks"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, n_chunks) - 28usize];
+    ["Offset of field: NtkvPagesShadowParams::lanes"][::core::mem::offset_of!(NtkvPagesShadowParams, lanes) - 32usize];
+    ["Offset of field: NtkvPagesShadowParams::lanes_pow2"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, lanes_pow2) - 36usize];
+    ["Offset of field: NtkvPagesShadowParams::group"][::core::mem::offset_of!(NtkvPagesShadowParams, group) - 40usize];
+    ["Offset of field: NtkvPagesShadowParams::k"][::core::mem::offset_of!(NtkvPagesShadowParams, k) - 44usize];
+    ["Offset of field: NtkvPagesShadowParams::n_outliers"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, n_outliers) - 48usize];
+    ["Offset of field: NtkvPagesShadowParams::blocks_stride"]
+        [::core::mem::offset_of!(NtkvPagesShadowParams, blocks_stride) - 52usize];
+    ["Offset of field: NtkvPagesShadowParams::scale"][::core::mem::offset_of!(NtkvPagesShadowParams, scale) - 56usize];
+    ["Offset of field: NtkvPagesShadowParams::_pad0"][::core::mem::offset_of!(NtkvPagesShadowParams, _pad0) - 60usize];
+};

@@ -35,3 +35,7 @@ unsafe impl DeviceRepr for NtkvSelectTruncateParams {}
 unsafe impl DeviceRepr for NtkvSelectExpandParams {}
 unsafe impl DeviceRepr for NtkvKmeansParams {}
 unsafe impl DeviceRepr for NtkvClusterRetrieveParams {}
+unsafe impl DeviceRepr for NtkvPagesMetaParams {}
+unsafe impl DeviceRepr for NtkvPagesLandmarkParams {}
+unsafe impl DeviceRepr for NtkvPagesScoreParams {}
+unsafe impl DeviceRepr for NtkvPagesShadowParams {}

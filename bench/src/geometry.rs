@@ -357,6 +357,44 @@ fn cluster(g: &mut Geometry) {
 
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// pages (Quest, ShadowKV)
+
+/// The launches of bench/src/pages.rs at its GPU shapes (`pages::quest_shape(131072, 32)`,
+/// `pages::landmark_shape(131072, 32)`): the pages kernels' work in blocks (the launcher caps the
+/// grid at one resident wave from the driver's occupancy), then the select primitives they call.
+fn pages(g: &mut Geometry) {
+    use ntkv::pages::lanes;
+    let note = "grid = min(work, blocks/SM × SMs): Typed::load asks the driver";
+    let push = |g: &mut Geometry, op: &str, shape: &str, kernel: String, work: usize| {
+        let l = g.push("pages", op, shape, "f16", kernel, 0, 1, note);
+        l.grid = None;
+        l.work_blocks = Some(work);
+        l.dyn_smem = Some(0);
+        l.block = Some(256);
+    };
+    let q = crate::pages::quest_shape(131072, 32);
+    let (rows, np) = (q.rows(), q.meta().n_pages());
+    let gpb = 256 / lanes(q.head_dim).1;
+    let meta_shape = "B1 Hkv32 T131072 D128 P16";
+    push(g, "quest_meta", meta_shape, "ntkv_pages_quest_meta_f16".into(), (rows * np * q.head_dim / 8).div_ceil(256));
+    let sel_shape = "B1 Hq32 Hkv32 NP8192 D128 top128";
+    push(g, "quest_select", sel_shape, "ntkv_pages_quest_score_f16".into(), (rows * np).div_ceil(gpb));
+    topk_launches(g, "quest_select", sel_shape, rows, np, q.budget - 1, "f32");
+    let l = crate::pages::landmark_shape(131072, 32);
+    let (rows, nc) = (l.rows(), l.landmarks().n_chunks());
+    let qrows = l.batch * l.hq * l.q_tokens;
+    let build_shape = "B1 Hkv8 T131072 D128 out16";
+    push(g, "landmark_build", build_shape, "ntkv_pages_landmark_f16".into(), (rows * nc).div_ceil(gpb));
+    topk_launches(g, "landmark_build", build_shape, rows, nc, l.outliers, "f32");
+    let ls = "B1 Hq32 Hkv8 NC16384 D128 top256+16";
+    push(g, "landmark_select", ls, "ntkv_pages_shadow_logits_f16".into(), (rows * nc).div_ceil(gpb));
+    push(g, "landmark_select", ls, "ntkv_pages_shadow_softmax".into(), qrows);
+    push(g, "landmark_select", ls, "ntkv_pages_shadow_score".into(), (rows * nc).div_ceil(256));
+    push(g, "landmark_select", ls, "ntkv_pages_shadow_mark".into(), (rows * l.outliers).div_ceil(256));
+    topk_launches(g, "landmark_select", ls, rows, nc, l.budget, "f32");
+}
+
 fn collect() -> Geometry {
     let mut g = Geometry::default();
     topk(&mut g);
@@ -365,6 +403,7 @@ fn collect() -> Geometry {
     quant(&mut g);
     ntk(&mut g);
     cluster(&mut g);
+    pages(&mut g);
     g
 }
 
@@ -440,7 +479,7 @@ mod tests {
     #[test]
     fn every_bench_family_has_geometry_or_a_reason() {
         let g = collect();
-        for fam in ["topk", "decode", "attention", "quant", "ntk"] {
+        for fam in ["topk", "decode", "attention", "quant", "ntk", "pages"] {
             assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));

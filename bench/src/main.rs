@@ -14,6 +14,7 @@ mod decode;
 mod geometry;
 mod harness;
 mod ntk;
+mod pages;
 mod quant;
 mod topk;
 
@@ -58,6 +59,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("decode", decode::run),
     ("ntk", ntk::run),
     ("cluster", cluster::run),
+    ("pages", pages::run),
 ];
 
 fn main() -> ExitCode {

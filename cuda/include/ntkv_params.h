@@ -444,5 +444,79 @@ typedef struct NtkvClusterRetrieveParams {
     uint32_t n_lists;
     uint32_t _pad0;
 } NtkvClusterRetrieveParams;
+/* ---- pages: Quest page bounds and ShadowKV chunk landmarks (src/pages) ----- */
+
+/* Quest page metadata: for every (sequence b, kv head, page) with old[b] / page_size <= page
+ * < ceil(new[b] / page_size) and every 8-channel group, the max and min over the page's
+ * valid tokens (those below new[b]) of keys [batch, kv_heads, capacity, head_dim]; one item
+ * per (row, page, group), n_items = batch * kv_heads * n_pages * lanes, lanes = head_dim / 8. */
+typedef struct NtkvPagesMetaParams {
+    uint64_t n_items;
+    uint32_t batch;
+    uint32_t kv_heads;
+    uint32_t capacity;
+    uint32_t head_dim;
+    uint32_t page_size;
+    uint32_t n_pages;         /* ceil(capacity / page_size) */
+    uint32_t lanes;           /* head_dim / 8 */
+    uint32_t _pad0;
+} NtkvPagesMetaParams;
+
+/* Chunk landmarks (ShadowKV): one lane group of lanes_pow2 threads per (row, chunk of 8
+ * tokens) below ceil(lens[b] / 8); the landmark is the mean of the chunk's valid keys and
+ * min_cos the lowest cosine between it and those keys, with norms clamped below at eps. */
+typedef struct NtkvPagesLandmarkParams {
+    uint64_t n_items;         /* batch * kv_heads * n_chunks */
+    uint32_t batch;
+    uint32_t kv_heads;
+    uint32_t capacity;
+    uint32_t head_dim;
+    uint32_t n_chunks;        /* ceil(capacity / 8) */
+    uint32_t lanes;           /* head_dim / 8 */
+    uint32_t lanes_pow2;      /* lanes rounded up to a power of two (<= 32) */
+    float eps;
+} NtkvPagesLandmarkParams;
+
+/* Quest page scores: one lane group per (row, page) below ceil(lens[b] / page_size) - 1 (the
+ * last page is forced, not ranked); score = max over the group's query heads and the query
+ * tokens of sum_d max(q_d * max_d, q_d * min_d), summed per lane then over the lanes by a
+ * butterfly. Also writes the forced last page to blocks[row * blocks_stride + last_col]. */
+typedef struct NtkvPagesScoreParams {
+    uint64_t n_items;         /* batch * kv_heads * n_pages */
+    uint32_t batch;
+    uint32_t kv_heads;
+    uint32_t q_heads;
+    uint32_t q_tokens;
+    uint32_t head_dim;
+    uint32_t page_size;
+    uint32_t n_pages;
+    uint32_t lanes;
+    uint32_t lanes_pow2;
+    uint32_t group;           /* q_heads / kv_heads */
+    uint32_t blocks_stride;   /* columns of the blocks buffer */
+    uint32_t last_col;        /* the column of the forced last page */
+} NtkvPagesScoreParams;
+
+/* ShadowKV selection: logits [batch * q_heads * q_tokens, n_chunks] = scale * q . landmark,
+ * a per-row softmax (exp written in place, row sums apart), chunk scores = max over the group
+ * of the sum over query tokens of the probabilities, outlier chunks marked NaN and copied to
+ * blocks[row * blocks_stride + k + j]. */
+typedef struct NtkvPagesShadowParams {
+    uint64_t n_items;
+    uint32_t batch;
+    uint32_t kv_heads;
+    uint32_t q_heads;
+    uint32_t q_tokens;
+    uint32_t head_dim;
+    uint32_t n_chunks;
+    uint32_t lanes;
+    uint32_t lanes_pow2;
+    uint32_t group;
+    uint32_t k;               /* ranked chunks per row */
+    uint32_t n_outliers;
+    uint32_t blocks_stride;   /* k + n_outliers */
+    float scale;              /* 1 / sqrt(head_dim) unless overridden */
+    uint32_t _pad0;
+} NtkvPagesShadowParams;
 
 #endif /* NTKV_PARAMS_H */

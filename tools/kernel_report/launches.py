@@ -99,6 +99,7 @@ NTK = "src/ntk/gpu.rs"
 GEMM = "src/gemm/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
 CLUSTER = "src/cluster/gpu.rs"
+PAGES = "src/pages/gpu.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
                                                   "SMEM_OPTIN")]
@@ -193,6 +194,11 @@ LAUNCHES = [
     Entry(r"ntkv_cluster_mark", 256, None, [Const(CLUSTER, "LIST_THREADS"), Text(CLUSTER, "(clusters + 1) * 4")],
           "cluster::RetrievePlan::run", dyn_note="(C+1)·4"),
     Entry(r"ntkv_cluster_write", 256, 0, [Const(CLUSTER, "LIST_THREADS")], "cluster::RetrievePlan::run"),
+    # pages: every kernel 256 threads, grid-stride over a resident grid, no dynamic shared memory
+    Entry(rf"ntkv_pages_(?:quest_meta|quest_score|landmark|shadow_logits)_{DT}", 256, 0,
+          [Const(PAGES, "PAGES_THREADS")], "pages plans (Typed::load grids)"),
+    Entry(r"ntkv_pages_shadow_(?:softmax|score|mark)", 256, 0, [Const(PAGES, "PAGES_THREADS")],
+          "pages::LandmarkSelectPlan::run"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs

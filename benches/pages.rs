@@ -1,0 +1,90 @@
+//! Criterion benches for Quest selection: page bounds plus the top 128 of 8192 pages per head
+//! (32 heads, D = 128, f16 metadata), timed with CUDA events through `iter_custom`. Without a
+//! GPU, the CPU reference at a small size (4 heads, 512 pages).
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::f16;
+use ntkv::pages::{cpu, QuestSelectPlan, QuestSelectShape};
+use ntkv::rng::Rng;
+use ntkv::{Device, DeviceTensor};
+
+fn shape(heads: usize, capacity: usize) -> QuestSelectShape {
+    QuestSelectShape {
+        batch: 1,
+        hq: heads,
+        hkv: heads,
+        q_tokens: 1,
+        head_dim: 128,
+        capacity,
+        page_size: 16,
+        budget: 128,
+    }
+}
+
+/// Random page bounds (max ≥ min per channel) and queries.
+fn inputs(rng: &mut Rng, s: &QuestSelectShape) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
+    let n: usize = s.meta().meta_shape().iter().product();
+    let (mut hi, mut lo) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (a, b) = (rng.normal(), rng.normal());
+        hi.push(f16::from_f32(a.max(b)));
+        lo.push(f16::from_f32(a.min(b)));
+    }
+    let q = (0..s.q_shape().iter().product::<usize>()).map(|_| f16::from_f32(rng.normal())).collect();
+    (hi, lo, q)
+}
+
+fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
+    let s = shape(32, 131072);
+    let (hi, lo, qh) = inputs(&mut Rng::new(1), &s);
+    let mx = DeviceTensor::from_host(dev, &hi, &s.meta().meta_shape())?;
+    let mn = DeviceTensor::from_host(dev, &lo, &s.meta().meta_shape())?;
+    let q = DeviceTensor::from_host(dev, &qh, &s.q_shape())?;
+    let mut pages = DeviceTensor::<u32>::zeros(dev, &s.pages_shape())?;
+    let mut ip = DeviceTensor::<u32>::zeros(dev, &[s.rows() + 1])?;
+    let mut ix = DeviceTensor::<u32>::zeros(dev, &[s.capacity_tokens()?])?;
+    let mut plan = QuestSelectPlan::new(dev, &s)?;
+    let lens = [131072u32];
+    plan.run(&q, &mx, &mn, &lens, &mut pages, &mut ip, &mut ix)?;
+    dev.synchronize()?;
+    c.bench_function("quest_select B1 Hq32 Hkv32 NP8192 D128 top128 f16 (gpu)", |bch| {
+        bch.iter_custom(|iters| {
+            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
+            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
+                for _ in 0..iters {
+                    plan.run(&q, &mx, &mn, &lens, &mut pages, &mut ip, &mut ix)?;
+                }
+                Ok(())
+            })
+            .map(|t| t.first().copied().unwrap_or(0.0))
+            .unwrap_or(f64::NAN);
+            Duration::from_secs_f64(ms * 1e-3)
+        })
+    });
+    Ok(())
+}
+
+fn cpu_bench(c: &mut Criterion) {
+    println!("pages bench: no GPU; timing the CPU reference at a small size");
+    let s = shape(4, 8192);
+    let (hi, lo, q) = inputs(&mut Rng::new(2), &s);
+    c.bench_function("quest_select B1 Hq4 Hkv4 NP512 D128 top128 f16 (cpu reference)", |b| {
+        b.iter(|| cpu::quest_select(&s, &q, &hi, &lo, &[8192]).map(|r| r.indices.len()).unwrap_or(0))
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
+    match dev {
+        Some(dev) => {
+            if let Err(e) = gpu_bench(c, &dev) {
+                eprintln!("pages GPU bench failed: {e}");
+            }
+        }
+        None => cpu_bench(c),
+    }
+}
+
+criterion_group!(pages, benches);
+criterion_main!(pages);
