@@ -30,3 +30,6 @@ unsafe impl DeviceRepr for NtkvH2oParams {}
 unsafe impl DeviceRepr for NtkvPoolParams {}
 unsafe impl DeviceRepr for NtkvKeepCheckParams {}
 unsafe impl DeviceRepr for NtkvCompactParams {}
+unsafe impl DeviceRepr for NtkvLowrankRopeParams {}
+unsafe impl DeviceRepr for NtkvLowrankGatherParams {}
+unsafe impl DeviceRepr for NtkvLowrankCastParams {}
