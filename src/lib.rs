@@ -11,6 +11,7 @@
 //! | [`decode`] | sparse-index decode attention over per-head token lists: the consumer of every selection method |
 //! | [`ntk`] | the empirical NTK from Jacobians, the factored MLP NTK, and kernel metrics (LGA, alignment, condition number, regression) |
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
+//! | [`lowrank`] | ShadowKV low-rank keys: deterministic randomized SVD of the pre-RoPE keys and fused gather + GEMM + RoPE reconstruction of the selected ones |
 //! | [`gemm`] | shared primitive: deterministic split-K GEMM at F32, TF32 and BF16 with strided, batched, transposed operands |
 //!
 //! Every GPU operation has a CPU reference beside it (the `cpu` submodule of each family),
@@ -70,6 +71,7 @@ pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod launch;
+pub mod lowrank;
 pub mod ntk;
 #[allow(missing_docs)]
 pub mod params;

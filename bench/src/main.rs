@@ -12,6 +12,7 @@ mod attention;
 mod decode;
 mod geometry;
 mod harness;
+mod lowrank;
 mod ntk;
 mod quant;
 mod topk;
@@ -56,6 +57,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("attention", attention::run),
     ("decode", decode::run),
     ("ntk", ntk::run),
+    ("lowrank", lowrank::run),
 ];
 
 fn main() -> ExitCode {

@@ -97,6 +97,7 @@ DECODE_MOD = "src/decode/mod.rs"
 ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
 GEMM = "src/gemm/gpu.rs"
+LOWRANK = "src/lowrank/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
@@ -182,6 +183,11 @@ LAUNCHES = [
     Entry(r"ntkv_gemm_reduce", 256, 0, [Const(GEMM, "THREADS")], "gemm split-K reduction"),
     Entry(r"ntkv_ntk_(?:reduce|presum_f32|presum_bf16|combine|bias_act|cotangent|jvp|stats|stats_finish|means"
           r"|grand_mean)", 256, 0, [Const(GEMM, "THREADS")], "ntk::gpu (gemm::gpu::THREADS)"),
+    # lowrank: static shared memory only (the rank chunk, U tile and SV chunk)
+    Entry(r"ntkv_lowrank_rope_(?P<dt>f16|bf16|f32)_d(?P<d>\d+)", 256, 0, [Const(LOWRANK, "THREADS")],
+          "ReconstructPlan::run", static_max=48 * 1024),
+    Entry(r"ntkv_lowrank_(?:gather|widen|narrow)_(?:f16|bf16|f32)", 256, 0, [Const(LOWRANK, "THREADS")],
+          "lowrank::gpu (gather_values, FactorPlan casts)"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs

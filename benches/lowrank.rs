@@ -1,0 +1,88 @@
+//! Criterion benches for the lowrank reconstruction: 2048 selected tokens × 8 kv heads from
+//! `U [128k, 160]`, `SV [160, 8·128]` bf16 with RoPE, timed with CUDA events through
+//! `iter_custom`. Without a GPU, the CPU reference at a small size (256 tokens × 2 heads).
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use half::bf16;
+use ntkv::lowrank::{cpu, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptions};
+use ntkv::rng::Rng;
+use ntkv::{Device, DeviceTensor};
+
+/// `n` sorted positions below `t` for each of `heads` lists, as CSR.
+fn lists(rng: &mut Rng, t: usize, heads: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut indptr = vec![0u32];
+    let mut idx = Vec::new();
+    for _ in 0..heads {
+        let mut need = n;
+        for i in 0..t {
+            if need > 0 && rng.below(t - i) < need {
+                idx.push(i as u32);
+                need -= 1;
+            }
+        }
+        indptr.push(idx.len() as u32);
+    }
+    (indptr, idx)
+}
+
+fn bf(v: Vec<f32>) -> Vec<bf16> {
+    v.into_iter().map(bf16::from_f32).collect()
+}
+
+fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
+    let shape = ReconstructShape { batch: 1, capacity: 131072, kv_heads: 8, head_dim: 128, rank: 160 };
+    let mut rng = Rng::new(1);
+    let u = DeviceTensor::from_host(dev, &bf(rng.normal_vec(131072 * 160)), &shape.u_shape())?;
+    let sv = DeviceTensor::from_host(dev, &bf(rng.normal_vec(160 * 1024)), &shape.sv_shape())?;
+    let (p, i) = lists(&mut rng, 131072, 8, 2048);
+    let ip = DeviceTensor::from_host(dev, &p, &[p.len()])?;
+    let ix = DeviceTensor::from_host(dev, &i, &[i.len()])?;
+    let layout = KeyLayout::Gathered { budget: 2048 };
+    let plan = ReconstructPlan::new(dev, &shape, RopeOptions::default(), layout, &[131072], &ip, &ix)?;
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &shape.gathered_shape(2048))?;
+    plan.run(&u, &sv, &mut out)?;
+    dev.synchronize()?;
+    c.bench_function("lowrank_rope T131072 Hkv8 D128 r160 sel2048 bf16 (gpu)", |bch| {
+        bch.iter_custom(|iters| {
+            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
+            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
+                for _ in 0..iters {
+                    plan.run(&u, &sv, &mut out)?;
+                }
+                Ok(())
+            })
+            .map(|t| t.first().copied().unwrap_or(0.0))
+            .unwrap_or(f64::NAN);
+            Duration::from_secs_f64(ms * 1e-3)
+        })
+    });
+    Ok(())
+}
+
+fn cpu_bench(c: &mut Criterion) {
+    println!("lowrank bench: no GPU; timing the CPU reference at a small size");
+    let shape = ReconstructShape { batch: 1, capacity: 4096, kv_heads: 2, head_dim: 128, rank: 160 };
+    let mut rng = Rng::new(2);
+    let u = bf(rng.normal_vec(4096 * 160));
+    let sv = bf(rng.normal_vec(160 * 256));
+    let (p, i) = lists(&mut rng, 4096, 2, 256);
+    c.bench_function("lowrank_rope T4096 Hkv2 D128 r160 sel256 bf16 (cpu reference)", |b| {
+        b.iter(|| cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0))
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
+    match dev {
+        Some(dev) => {
+            if let Err(e) = gpu_bench(c, &dev) {
+                eprintln!("lowrank GPU bench failed: {e}");
+            }
+        }
+        None => cpu_bench(c),
+    }
+}
+
+criterion_group!(lowrank, benches);
+criterion_main!(lowrank);
