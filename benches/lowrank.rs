@@ -68,7 +68,9 @@ fn cpu_bench(c: &mut Criterion) {
     let sv = bf(rng.normal_vec(160 * 256));
     let (p, i) = lists(&mut rng, 4096, 2, 256);
     c.bench_function("lowrank_rope T4096 Hkv2 D128 r160 sel256 bf16 (cpu reference)", |b| {
-        b.iter(|| cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0))
+        b.iter(|| {
+            cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0)
+        })
     });
 }
 

@@ -7,7 +7,9 @@
 
 use half::bf16;
 use ntkv::decode::{DecodeOptions, DecodePlan, DecodeShape};
-use ntkv::lowrank::{cpu, FactorOptions, FactorPlan, FactorShape, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptions};
+use ntkv::lowrank::{
+    cpu, FactorOptions, FactorPlan, FactorShape, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptions,
+};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
@@ -18,8 +20,14 @@ fn bf(v: Vec<f32>) -> Vec<bf16> {
 fn main() -> anyhow::Result<()> {
     let device = match Device::new(0) {
         Ok(d) if ntkv::kernels_built() => d,
-        Ok(_) => return Ok(println!("kernels not built (no nvcc at build time): nothing to run")),
-        Err(e) => return Ok(println!("no GPU: {e}")),
+        Ok(_) => {
+            println!("kernels not built (no nvcc at build time): nothing to run");
+            return Ok(());
+        }
+        Err(e) => {
+            println!("no GPU: {e}");
+            return Ok(());
+        }
     };
     let (t, hkv, hq, d, r, chunk, kept) = (4096usize, 8, 32, 128, 160, 8, 64);
     let mut rng = Rng::new(1);
@@ -64,7 +72,8 @@ fn main() -> anyhow::Result<()> {
     let rope = RopeOptions::default();
     let plan = ReconstructPlan::new(&device, &shape, rope, KeyLayout::Gathered { budget }, &[t as u32], &ip, &ix)?;
     let dshape = DecodeShape { batch: 1, q_tokens: 1, hq, hkv, head_dim: d, capacity: budget };
-    let mut decode = DecodePlan::new(&device, &dshape, DecodeOptions::default(), &[budget as u32], &ip, plan.decode_indices())?;
+    let mut decode =
+        DecodePlan::new(&device, &dshape, DecodeOptions::default(), &[budget as u32], &ip, plan.decode_indices())?;
     let v_host = bf(rng.normal_vec(hkv * t * d));
     let q_host = bf(rng.normal_vec(hq * d));
     let v = DeviceTensor::from_host(&device, &v_host, &shape.v_shape())?;
@@ -79,10 +88,22 @@ fn main() -> anyhow::Result<()> {
     let got = o.to_host()?;
 
     let (uh, svh) = (u.to_host()?, sv.to_host()?);
-    let x = cpu::StepInputs { q: &q_host, u: &uh, sv: &svh, v: &v_host, seq_lens: &[t as u32], indptr: &indptr, indices: &indices };
+    let x = cpu::StepInputs {
+        q: &q_host,
+        u: &uh,
+        sv: &svh,
+        v: &v_host,
+        seq_lens: &[t as u32],
+        indptr: &indptr,
+        indices: &indices,
+    };
     let (want, _) = cpu::shadowkv_step(&shape, &rope, &dshape, &DecodeOptions::default(), budget, &x)?;
     let num: f64 = got.iter().zip(&want).map(|(g, w)| (f64::from(g.to_f32()) - w).powi(2)).sum();
     let den: f64 = want.iter().map(|w| w * w).sum();
-    println!("ShadowKV step over {} selected tokens per head: rel L2 vs CPU reference {:.2e}", budget, (num / den).sqrt());
+    println!(
+        "ShadowKV step over {} selected tokens per head: rel L2 vs CPU reference {:.2e}",
+        budget,
+        (num / den).sqrt()
+    );
     Ok(())
 }

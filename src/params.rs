@@ -613,12 +613,10 @@ const _: () = {
         [::core::mem::offset_of!(NtkvLowrankRopeParams, u_batch_stride) - 8usize];
     ["Offset of field: NtkvLowrankRopeParams::sv_batch_stride"]
         [::core::mem::offset_of!(NtkvLowrankRopeParams, sv_batch_stride) - 16usize];
-    ["Offset of field: NtkvLowrankRopeParams::batch"]
-        [::core::mem::offset_of!(NtkvLowrankRopeParams, batch) - 24usize];
+    ["Offset of field: NtkvLowrankRopeParams::batch"][::core::mem::offset_of!(NtkvLowrankRopeParams, batch) - 24usize];
     ["Offset of field: NtkvLowrankRopeParams::kv_heads"]
         [::core::mem::offset_of!(NtkvLowrankRopeParams, kv_heads) - 28usize];
-    ["Offset of field: NtkvLowrankRopeParams::rank"]
-        [::core::mem::offset_of!(NtkvLowrankRopeParams, rank) - 32usize];
+    ["Offset of field: NtkvLowrankRopeParams::rank"][::core::mem::offset_of!(NtkvLowrankRopeParams, rank) - 32usize];
     ["Offset of field: NtkvLowrankRopeParams::capacity"]
         [::core::mem::offset_of!(NtkvLowrankRopeParams, capacity) - 36usize];
     ["Offset of field: NtkvLowrankRopeParams::budget"]
@@ -669,14 +667,10 @@ pub struct NtkvLowrankCastParams {
 const _: () = {
     ["Size of NtkvLowrankCastParams"][::core::mem::size_of::<NtkvLowrankCastParams>() - 24usize];
     ["Alignment of NtkvLowrankCastParams"][::core::mem::align_of::<NtkvLowrankCastParams>() - 8usize];
-    ["Offset of field: NtkvLowrankCastParams::total"]
-        [::core::mem::offset_of!(NtkvLowrankCastParams, total) - 0usize];
-    ["Offset of field: NtkvLowrankCastParams::batch"]
-        [::core::mem::offset_of!(NtkvLowrankCastParams, batch) - 8usize];
-    ["Offset of field: NtkvLowrankCastParams::rows"]
-        [::core::mem::offset_of!(NtkvLowrankCastParams, rows) - 12usize];
-    ["Offset of field: NtkvLowrankCastParams::cols"]
-        [::core::mem::offset_of!(NtkvLowrankCastParams, cols) - 16usize];
+    ["Offset of field: NtkvLowrankCastParams::total"][::core::mem::offset_of!(NtkvLowrankCastParams, total) - 0usize];
+    ["Offset of field: NtkvLowrankCastParams::batch"][::core::mem::offset_of!(NtkvLowrankCastParams, batch) - 8usize];
+    ["Offset of field: NtkvLowrankCastParams::rows"][::core::mem::offset_of!(NtkvLowrankCastParams, rows) - 12usize];
+    ["Offset of field: NtkvLowrankCastParams::cols"][::core::mem::offset_of!(NtkvLowrankCastParams, cols) - 16usize];
     ["Offset of field: NtkvLowrankCastParams::masked"]
         [::core::mem::offset_of!(NtkvLowrankCastParams, masked) - 20usize];
 };

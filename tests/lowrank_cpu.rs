@@ -111,7 +111,10 @@ fn factorization_is_deterministic_batched_and_shaped() {
     let lens = [90u32, 61];
     let f1 = cpu::factorize(&shape, &FactorOptions::default(), &lens, &k).unwrap();
     let f2 = cpu::factorize(&shape, &FactorOptions::default(), &lens, &k).unwrap();
-    assert_eq!(f1.u.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), f2.u.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        f1.u.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        f2.u.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
     assert_eq!(f1.sv, f2.sv);
     // Rows past a sequence's length are zero, and the second sequence only sees its rows.
     assert!(f1.u[(t + 61) * r..2 * t * r].iter().all(|&x| x == 0.0));
@@ -169,7 +172,11 @@ fn reconstruct_matches_the_definition_and_layouts() {
         for j in indptr[l] as usize..indptr[l + 1] as usize {
             let pos = indices[j] as usize;
             let mut want: Vec<f64> = (0..64)
-                .map(|c| (0..7).map(|q| f64::from(u[(b * 77 + pos) * 7 + q]) * f64::from(sv[(b * 7 + q) * 192 + h * 64 + c])).sum())
+                .map(|c| {
+                    (0..7)
+                        .map(|q| f64::from(u[(b * 77 + pos) * 7 + q]) * f64::from(sv[(b * 7 + q) * 192 + h * 64 + c]))
+                        .sum()
+                })
                 .collect();
             cpu::rope_row(&mut want, pos as u32, &inv);
             assert_eq!(&rows[j * 64..(j + 1) * 64], &want[..]);
@@ -199,7 +206,8 @@ fn shadowkv_step_equals_decode_over_the_full_post_rope_cache() {
     let shape = ReconstructShape { batch: b, capacity: t, kv_heads: hkv, head_dim: d, rank: r };
     let mut rng = Rng::new(6);
     let u: Vec<bf16> = to_storage(&rng.normal_vec(b * t * r).into_iter().map(f64::from).collect::<Vec<_>>());
-    let sv: Vec<bf16> = to_storage(&rng.normal_vec(b * r * hkv * d).into_iter().map(|x| f64::from(x) * 0.3).collect::<Vec<_>>());
+    let sv: Vec<bf16> =
+        to_storage(&rng.normal_vec(b * r * hkv * d).into_iter().map(|x| f64::from(x) * 0.3).collect::<Vec<_>>());
     let v: Vec<bf16> = to_storage(&rng.normal_vec(b * hkv * t * d).into_iter().map(f64::from).collect::<Vec<_>>());
     let q: Vec<bf16> = to_storage(&rng.normal_vec(b * hq * d).into_iter().map(f64::from).collect::<Vec<_>>());
     let lens = [50u32, 33];

@@ -108,7 +108,10 @@ fn shapes_options_layouts() {
     let indptr = [0u32, 3, 3, 10, 12];
     assert!(validate_layout(&rshape(), KeyLayout::Gathered { budget: 7 }, &indptr).is_ok());
     assert_eq!(arg(&validate_layout(&rshape(), KeyLayout::Gathered { budget: 6 }, &indptr).unwrap_err()), "budget");
-    assert_eq!(arg(&validate_layout(&rshape(), KeyLayout::Gathered { budget: 0 }, &[0, 0, 0, 0, 0]).unwrap_err()), "budget");
+    assert_eq!(
+        arg(&validate_layout(&rshape(), KeyLayout::Gathered { budget: 0 }, &[0, 0, 0, 0, 0]).unwrap_err()),
+        "budget"
+    );
     assert!(validate_layout(&rshape(), KeyLayout::Gathered { budget: usize::MAX }, &indptr).is_err());
     // The reference checks the factor lengths.
     let u = vec![0f32; 2 * 100 * 4];
@@ -144,8 +147,16 @@ fn gpu_plans_refuse_and_write_nothing() {
     // A good plan refuses wrong buffers and leaves the output untouched.
     let indptr = DeviceTensor::from_host(dev, &[0u32, 2, 3, 5, 5], &[5]).unwrap();
     let indices = DeviceTensor::from_host(dev, &[0u32, 99, 5, 0, 49], &[5]).unwrap();
-    let plan = ReconstructPlan::new(dev, &s, RopeOptions::default(), KeyLayout::Gathered { budget: 2 }, &seq, &indptr, &indices)
-        .unwrap();
+    let plan = ReconstructPlan::new(
+        dev,
+        &s,
+        RopeOptions::default(),
+        KeyLayout::Gathered { budget: 2 },
+        &seq,
+        &indptr,
+        &indices,
+    )
+    .unwrap();
     let sentinel = vec![7.5f32; 2 * 2 * 2 * 64];
     let mut out = DeviceTensor::from_host(dev, &sentinel, &[2, 2, 2, 64]).unwrap();
     let short_u = DeviceTensor::<f32>::zeros(dev, &[2, 100, 3]).unwrap();

@@ -331,7 +331,8 @@ fn ntk(g: &mut Geometry) {
 fn lowrank(g: &mut Geometry) {
     let (op, shape, _t, hkv, d, _r, sel) = crate::lowrank::ROPE_CASE;
     let tile = 8192 / d;
-    let l = g.push("lowrank", op, shape, "bf16", format!("ntkv_lowrank_rope_bf16_d{d}"), hkv * sel.div_ceil(tile), 1, "");
+    let l =
+        g.push("lowrank", op, shape, "bf16", format!("ntkv_lowrank_rope_bf16_d{d}"), hkv * sel.div_ceil(tile), 1, "");
     l.block = Some(256);
     l.dyn_smem = Some(0);
     let (fop, fshape, ..) = crate::lowrank::FACTOR_CASE;

@@ -8,7 +8,9 @@
 //! [`ROTATE`] position selections, as tools/peers/lowrank.py does.
 
 use half::bf16;
-use ntkv::lowrank::{cpu, FactorOptions, FactorPlan, FactorShape, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptions};
+use ntkv::lowrank::{
+    cpu, FactorOptions, FactorPlan, FactorShape, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptions,
+};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Float};
 

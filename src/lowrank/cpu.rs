@@ -130,7 +130,10 @@ pub fn sym_eigen(m: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     }
     let total: f64 = a.iter().map(|x| x * x).sum();
     for _sweep in 0..64 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j] * a[i * n + j]).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j] * a[i * n + j])
+            .sum();
         if off <= 1e-30 * total || off == 0.0 {
             break;
         }
@@ -341,13 +344,7 @@ pub fn reconstruct<T: Float>(
 /// # Errors
 /// [`Error::InvalidArgument`] naming `budget` when a list is longer than it;
 /// [`Error::Shape`] naming `rows` for a length that does not match `indptr`.
-pub fn place_rows<V: Copy>(
-    rows: &[V],
-    head_dim: usize,
-    indptr: &[u32],
-    layout: KeyLayout,
-    fill: V,
-) -> Result<Vec<V>> {
+pub fn place_rows<V: Copy>(rows: &[V], head_dim: usize, indptr: &[u32], layout: KeyLayout, fill: V) -> Result<Vec<V>> {
     let total = indptr.last().copied().unwrap_or(0) as usize * head_dim;
     check_shape("rows", &[total], &[rows.len()])?;
     let KeyLayout::Gathered { budget } = layout else { return Ok(rows.to_vec()) };
@@ -421,7 +418,8 @@ pub fn shadowkv_step<T: Float>(
     let v_sel = place_rows(&v_rows, d, x.indptr, layout, zero)?;
     let lists = decode_indices(x.indptr);
     let dshape = DecodeShape { capacity: budget, ..decode.clone() };
-    let cache_lens = vec![u32::try_from(budget).map_err(|_| Error::too_large("budget", "budget must fit u32"))?; shape.batch];
+    let cache_lens =
+        vec![u32::try_from(budget).map_err(|_| Error::too_large("budget", "budget must fit u32"))?; shape.batch];
     let r = crate::decode::cpu::sparse_decode(&dshape, options, x.q, &k_sel, &v_sel, &cache_lens, x.indptr, &lists)?;
     Ok((r.o, r.lse))
 }

@@ -62,7 +62,11 @@ struct PerDtype([CudaFunction; 3]);
 
 impl PerDtype {
     fn load(device: &Device, id: impl Fn(DType) -> Result<KernelId>) -> Result<Self> {
-        Ok(PerDtype([device.kernel(id(DType::F16)?)?, device.kernel(id(DType::BF16)?)?, device.kernel(id(DType::F32)?)?]))
+        Ok(PerDtype([
+            device.kernel(id(DType::F16)?)?,
+            device.kernel(id(DType::BF16)?)?,
+            device.kernel(id(DType::F32)?)?,
+        ]))
     }
     fn get(&self, dtype: DType) -> &CudaFunction {
         &self.0[dtype_slot(dtype)]
@@ -199,7 +203,12 @@ impl<'a> ReconstructPlan<'a> {
     /// # Errors
     /// [`Error::Shape`] naming `u`, `sv` or `out`; [`Error::DeviceMismatch`]; driver errors.
     /// Nothing is written on error.
-    pub fn run<T: Float>(&self, u: &impl TensorRef<T>, sv: &impl TensorRef<T>, out: &mut impl TensorMut<T>) -> Result<()> {
+    pub fn run<T: Float>(
+        &self,
+        u: &impl TensorRef<T>,
+        sv: &impl TensorRef<T>,
+        out: &mut impl TensorMut<T>,
+    ) -> Result<()> {
         let s = &self.shape;
         let dev = &self.device;
         dev.check_buffer("u", u, &s.u_shape())?;
@@ -490,21 +499,11 @@ impl FactorPlan {
         orth_t.run(&dev, &mut b.y, &mut b.y2, t, &valid_t)?;
         for _ in 0..self.options.power_iters {
             g.at_q.run(&b.a, &b.y, &mut b.z)?;
-            Orth { gram: &mut g.gram_n, apply: &mut g.apply_n, g: &mut b.g, rinv: &mut b.rinv, l }.run(
-                &dev,
-                &mut b.z,
-                &mut b.z2,
-                n,
-                &valid_n,
-            )?;
+            Orth { gram: &mut g.gram_n, apply: &mut g.apply_n, g: &mut b.g, rinv: &mut b.rinv, l }
+                .run(&dev, &mut b.z, &mut b.z2, n, &valid_n)?;
             g.a_z.run(&b.a, &b.z, &mut b.y)?;
-            Orth { gram: &mut g.gram_t, apply: &mut g.apply_t, g: &mut b.g, rinv: &mut b.rinv, l }.run(
-                &dev,
-                &mut b.y,
-                &mut b.y2,
-                t,
-                &valid_t,
-            )?;
+            Orth { gram: &mut g.gram_t, apply: &mut g.apply_t, g: &mut b.g, rinv: &mut b.rinv, l }
+                .run(&dev, &mut b.y, &mut b.y2, t, &valid_t)?;
         }
         g.qt_a.run(&b.y, &b.a, &mut b.bc)?;
         let bc = b.bc.to_host()?;

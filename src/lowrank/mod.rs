@@ -24,9 +24,9 @@
 //! `A ≈ U·SV`, `SV = diag(s)·Vᵀ`, the rank-`r` truncated SVD:
 //! 1. `Ω [N, ℓ]` is standard normal from [`crate::rng::Rng`] with [`FactorOptions::seed`],
 //!    `ℓ = min(r + p, min_b seq_lens[b], N)` with `p` = [`FactorOptions::oversample`]
-//!    (default 10); the same `Ω` serves every sequence.
-//! 2. `Q = orth(A·Ω)`; then `q` = [`FactorOptions::power_iters`] times (default 2, as
-//!    `torch.svd_lowrank(niter=2)`): `Q = orth(A·orth(Aᵀ·Q))`.
+//!    (default 16); the same `Ω` serves every sequence.
+//! 2. `Q = orth(A·Ω)`; then `q` = [`FactorOptions::power_iters`] times (default 3):
+//!    `Q = orth(A·orth(Aᵀ·Q))`.
 //! 3. `Bc = Qᵀ·A` (`ℓ × N`); the core SVD `Bc = W·Σ·Vᵀ` runs in f64 on the host from the
 //!    eigen-decomposition of `Bc·Bcᵀ` (`ℓ × ℓ`, cyclic Jacobi); the columns of `W` are sorted
 //!    by descending singular value (ties by index) and each is signed so that its entry of
@@ -200,9 +200,12 @@ impl FactorShape {
 /// The knobs of the randomized SVD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FactorOptions {
-    /// `p`, extra sketch columns beyond the rank (default 10).
+    /// `p`, extra sketch columns beyond the rank (default 16).
     pub oversample: usize,
-    /// `q`, power iterations (default 2), at most 16.
+    /// `q`, power iterations (default 3), at most 16. `torch.svd_lowrank(niter=2)`'s `q = 2`
+    /// with `p = 10` is about 1.7x cheaper, and is within 1% of optimal on fast-decaying
+    /// spectra, but not on a key-like spectrum at `r = 160` of `N = 512` (2% above optimal,
+    /// against 0.8% with the defaults).
     pub power_iters: usize,
     /// Seed of the Gaussian sketch (default `0x5EED`).
     pub seed: u64,
@@ -213,7 +216,7 @@ pub struct FactorOptions {
 
 impl Default for FactorOptions {
     fn default() -> Self {
-        FactorOptions { oversample: 10, power_iters: 2, seed: 0x5EED, precision: Precision::F32 }
+        FactorOptions { oversample: 16, power_iters: 3, seed: 0x5EED, precision: Precision::F32 }
     }
 }
 
@@ -346,7 +349,10 @@ impl ReconstructShape {
             return Err(Error::shape("seq_lens", &[self.batch], &[seq_lens.len()]));
         }
         if let Some((b, &l)) = seq_lens.iter().enumerate().find(|(_, &l)| l as usize > self.capacity) {
-            return Err(Error::invalid("seq_lens", format!("seq_lens[{b}] = {l} exceeds the capacity {}", self.capacity)));
+            return Err(Error::invalid(
+                "seq_lens",
+                format!("seq_lens[{b}] = {l} exceeds the capacity {}", self.capacity),
+            ));
         }
         crate::decode::validate_lists(&self.list_shape(), seq_lens, indptr, indices)
     }

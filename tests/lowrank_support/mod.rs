@@ -71,11 +71,18 @@ pub fn widen<T: Float>(a: &[T]) -> Vec<f64> {
 /// Random strictly ascending lists per (b, h) over `0..seq_lens[b]`, each of length up to
 /// `max_len` (`full`: exactly min(max_len, len)); `extra` adds the positions given to every
 /// list that can hold them.
-pub fn random_lists(rng: &mut Rng, seq_lens: &[u32], hkv: usize, max_len: usize, full: bool, extra: &[u32]) -> (Vec<u32>, Vec<u32>) {
+pub fn random_lists(
+    rng: &mut Rng,
+    seq_lens: &[u32],
+    hkv: usize,
+    max_len: usize,
+    full: bool,
+    extra: &[u32],
+) -> (Vec<u32>, Vec<u32>) {
     let mut indptr = vec![0u32];
     let mut indices = Vec::new();
-    for b in 0..seq_lens.len() {
-        let n = seq_lens[b] as usize;
+    for &len in seq_lens {
+        let n = len as usize;
         for _ in 0..hkv {
             let want = if full { max_len.min(n) } else { rng.below(max_len.min(n) + 1) };
             let mut list: Vec<u32> = Vec::new();
@@ -103,5 +110,9 @@ pub fn random_lists(rng: &mut Rng, seq_lens: &[u32], hkv: usize, max_len: usize,
 pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
     let den: f64 = want.iter().map(|w| w * w).sum();
-    if den > 0.0 { (num / den).sqrt() } else { num.sqrt() }
+    if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    }
 }
