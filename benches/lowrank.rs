@@ -9,22 +9,9 @@ use ntkv::lowrank::{cpu, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptio
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
-/// `n` sorted positions below `t` for each of `heads` lists, as CSR.
-fn lists(rng: &mut Rng, t: usize, heads: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut indptr = vec![0u32];
-    let mut idx = Vec::new();
-    for _ in 0..heads {
-        let mut need = n;
-        for i in 0..t {
-            if need > 0 && rng.below(t - i) < need {
-                idx.push(i as u32);
-                need -= 1;
-            }
-        }
-        indptr.push(idx.len() as u32);
-    }
-    (indptr, idx)
-}
+/// The lowrank tests' list generators (one copy for tests, benches and the runner).
+#[path = "../tests/lowrank_support/mod.rs"]
+mod lowrank_support;
 
 fn bf(v: Vec<f32>) -> Vec<bf16> {
     v.into_iter().map(bf16::from_f32).collect()
@@ -35,7 +22,7 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(1);
     let u = DeviceTensor::from_host(dev, &bf(rng.normal_vec(131072 * 160)), &shape.u_shape())?;
     let sv = DeviceTensor::from_host(dev, &bf(rng.normal_vec(160 * 1024)), &shape.sv_shape())?;
-    let (p, i) = lists(&mut rng, 131072, 8, 2048);
+    let (p, i) = lowrank_support::fixed_lists(&mut rng, 131072, 8, 2048);
     let ip = DeviceTensor::from_host(dev, &p, &[p.len()])?;
     let ix = DeviceTensor::from_host(dev, &i, &[i.len()])?;
     let layout = KeyLayout::Gathered { budget: 2048 };
@@ -66,7 +53,7 @@ fn cpu_bench(c: &mut Criterion) {
     let mut rng = Rng::new(2);
     let u = bf(rng.normal_vec(4096 * 160));
     let sv = bf(rng.normal_vec(160 * 256));
-    let (p, i) = lists(&mut rng, 4096, 2, 256);
+    let (p, i) = lowrank_support::fixed_lists(&mut rng, 4096, 2, 256);
     c.bench_function("lowrank_rope T4096 Hkv2 D128 r160 sel256 bf16 (cpu reference)", |b| {
         b.iter(|| {
             cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0)

@@ -16,6 +16,10 @@ use ntkv::{Device, DeviceTensor, Float};
 
 use crate::harness::{Bench, Work};
 
+/// The lowrank tests' list generators (one copy for tests, benches and the runner).
+#[path = "../../tests/lowrank_support/mod.rs"]
+mod lowrank_support;
+
 const FAMILY: &str = "lowrank";
 const ROTATE: usize = 4;
 
@@ -36,22 +40,6 @@ fn factor_work(t: usize, n: usize, l: usize, r: usize, q: usize) -> Work {
 fn rope_work(rows: usize, r: usize, d: usize, hkv: usize, elem: usize) -> Work {
     let bytes = (rows * (r + d) * elem + rows * 4 + r * hkv * d * elem) as f64;
     Work { bytes, flops: 2.0 * (rows * r * d) as f64 }
-}
-
-fn lists(rng: &mut Rng, t: usize, hkv: usize, sel: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut indptr = vec![0u32];
-    let mut indices = Vec::new();
-    for _ in 0..hkv {
-        let mut need = sel;
-        for i in 0..t {
-            if need > 0 && rng.below(t - i) < need {
-                indices.push(i as u32);
-                need -= 1;
-            }
-        }
-        indptr.push(indices.len() as u32);
-    }
-    (indptr, indices)
 }
 
 fn gpu_factor(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
@@ -81,7 +69,7 @@ fn gpu_rope(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let sv = DeviceTensor::from_host(dev, &to_bf16(rng.normal_vec(r * hkv * d)), &shape.sv_shape())?;
     let mut sels = Vec::new();
     for _ in 0..ROTATE {
-        let (p, i) = lists(&mut rng, t, hkv, sel);
+        let (p, i) = lowrank_support::fixed_lists(&mut rng, t, hkv, sel);
         sels.push((DeviceTensor::from_host(dev, &p, &[p.len()])?, DeviceTensor::from_host(dev, &i, &[i.len()])?));
     }
     let layout = KeyLayout::Gathered { budget: sel };
@@ -111,7 +99,7 @@ fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
         let rs = ReconstructShape { batch: 1, capacity: t, kv_heads: hkv, head_dim: d, rank: r };
         let u: Vec<bf16> = rng.normal_vec(t * r).into_iter().map(bf16::from_f32).collect();
         let sv: Vec<bf16> = rng.normal_vec(r * hkv * d).into_iter().map(bf16::from_f32).collect();
-        let (p, i) = lists(&mut rng, t, hkv, 256);
+        let (p, i) = lowrank_support::fixed_lists(&mut rng, t, hkv, 256);
         let w = rope_work(hkv * 256, r, d, hkv, 2);
         b.cpu(FAMILY, ROPE_CASE.0, "T1024 Hkv2 D128 r16 sel256", bf16::DTYPE.name(), w, |_| {
             cpu::reconstruct(&rs, &RopeOptions::default(), &[t as u32], &u, &sv, &p, &i).map(|_| ())

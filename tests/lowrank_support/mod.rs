@@ -106,6 +106,12 @@ pub fn random_lists(
     (indptr, indices)
 }
 
+/// Exactly `n` sorted positions below `t` for each of `heads` lists of one sequence, as CSR
+/// (the bench cases' selections).
+pub fn fixed_lists(rng: &mut Rng, t: usize, heads: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
+    random_lists(rng, &[t as u32], heads, n, true, &[])
+}
+
 /// Relative L2 error of `got` against `want`.
 pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
