@@ -11,7 +11,7 @@ use ntkv::lowrank::{cpu, FactorOptions, FactorShape, KeyLayout, ReconstructShape
 use ntkv::rng::Rng;
 
 #[test]
-fn jacobi_eigen_reconstructs_and_orders() {
+fn sym_eigen_reconstructs_and_orders() {
     let mut rng = Rng::new(1);
     let n = 23;
     let x: Vec<f64> = rng.normal_vec(n * n).into_iter().map(f64::from).collect();

@@ -359,10 +359,10 @@ struct Buffers {
 /// lengths, the sketch, every GEMM plan and every workspace, allocated once.
 ///
 /// [`run`](Self::run) synchronizes with the stream several times: the CholeskyQR2 Grams and
-/// the core SVD are small host steps in f64 (`ℓ × ℓ` and `ℓ × N`). The core SVD's cyclic
-/// Jacobi costs `O(ℓ³)` per sweep on one CPU thread (about 0.4 s at `ℓ = 176`, `N = 1024`
-/// measured on a loaded machine), so at the 32768 × 1024, `r = 160` bench shape it dominates
-/// the GEMMs; a tridiagonal QR or a GPU core would remove that.
+/// the core SVD are small host steps in f64 (`ℓ × ℓ` and `ℓ × N`). The core SVD (the
+/// `ℓ × ℓ` Gram of `Bc`, then tridiagonal QL) runs on one CPU thread, about 0.1 s at
+/// `ℓ = 176`, `N = 1024` as measured on a heavily loaded machine, so at the 32768 × 1024,
+/// `r = 160` bench shape it can dominate the GEMMs; a GPU core would remove that.
 pub struct FactorPlan {
     device: Device,
     shape: FactorShape,

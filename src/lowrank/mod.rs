@@ -28,7 +28,8 @@
 //! 2. `Q = orth(A·Ω)`; then `q` = [`FactorOptions::power_iters`] times (default 3):
 //!    `Q = orth(A·orth(Aᵀ·Q))`.
 //! 3. `Bc = Qᵀ·A` (`ℓ × N`); the core SVD `Bc = W·Σ·Vᵀ` runs in f64 on the host from the
-//!    eigen-decomposition of `Bc·Bcᵀ` (`ℓ × ℓ`, cyclic Jacobi); the columns of `W` are sorted
+//!    eigen-decomposition of `Bc·Bcᵀ` (`ℓ × ℓ`: Householder tridiagonalization and implicit QL,
+//!    cyclic Jacobi as the fallback); the columns of `W` are sorted
 //!    by descending singular value (ties by index) and each is signed so that its entry of
 //!    largest magnitude (the first, on ties) is positive.
 //! 4. `U = Q·W[:, :r]`, `SV = W[:, :r]ᵀ·Bc`.
