@@ -3,6 +3,8 @@
 //! the CPU reference at 1x4x256x64 (printed as such).
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use ntkv::attention::{cpu, BlockMask, MaskHeads, PrefillOptions, PrefillPlan, PrefillShape};
@@ -60,14 +62,7 @@ fn cpu_benches(c: &mut Criterion) -> anyhow::Result<()> {
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    let result = match &dev {
-        Some(dev) => gpu_benches(c, dev),
-        None => cpu_benches(c),
-    };
-    if let Err(e) = result {
-        eprintln!("attention benches failed: {e}");
-    }
+    common::gpu_or_cpu(c, "attention", gpu_benches, cpu_benches);
 }
 
 criterion_group! {

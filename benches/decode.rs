@@ -3,6 +3,8 @@
 //! reference at a small size (8 heads, 256 of 4096 tokens).
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
 use ntkv::decode::{cpu, DecodeOptions, DecodePlan, DecodeShape};
@@ -67,15 +69,10 @@ fn cpu_bench(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    match dev {
-        Some(dev) => {
-            if let Err(e) = gpu_bench(c, &dev) {
-                eprintln!("decode GPU bench failed: {e}");
-            }
-        }
-        None => cpu_bench(c),
-    }
+    common::gpu_or_cpu(c, "decode", gpu_bench, |c| {
+        cpu_bench(c);
+        Ok(())
+    });
 }
 
 criterion_group!(decode, benches);

@@ -3,17 +3,14 @@
 //! the CPU reference at small sizes (and say so).
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use ntkv::ntk::{self, cpu, Activation, GramPlan, GramShape, NtkMode, Precision};
 use ntkv::rng::Rng;
 use ntkv::{timing, Device, DeviceTensor};
 
-fn device() -> Option<Device> {
-    if !ntkv::kernels_built() {
-        return None;
-    }
-    Device::new(0).ok()
-}
+use common::gpu_device as device;
 
 fn gpu_time(dev: &Device, iters: u64, mut f: impl FnMut() -> ntkv::Result<()>) -> Duration {
     let ms = timing::time_gpu_ms(dev, 1, iters as usize, |_| f()).map(|t| t.iter().sum::<f64>()).unwrap_or(f64::NAN);

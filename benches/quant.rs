@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
 use ntkv::quant::{cpu, Axis, QuantPlan, QuantShape, QuantSpec, QuantizedTensor};
@@ -53,14 +55,7 @@ fn cpu_benches(c: &mut Criterion) -> anyhow::Result<()> {
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    let result = match &dev {
-        Some(d) => gpu_benches(c, d),
-        None => cpu_benches(c),
-    };
-    if let Err(e) = result {
-        eprintln!("quant benches failed: {e}");
-    }
+    common::gpu_or_cpu(c, "quant", gpu_benches, cpu_benches);
 }
 
 criterion_group!(quant, benches);

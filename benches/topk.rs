@@ -2,17 +2,14 @@
 //! events through `iter_custom`; without a GPU, the CPU reference at a small size.
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use ntkv::rng::Rng;
 use ntkv::topk::{cpu, TopkOptions, TopkPlan, TopkShape};
-use ntkv::{timing, Device, DeviceTensor};
+use ntkv::{timing, DeviceTensor};
 
-fn gpu_device() -> Option<Device> {
-    if !ntkv::kernels_built() {
-        return None;
-    }
-    Device::new(0).ok()
-}
+use common::gpu_device;
 
 fn benches(c: &mut Criterion) {
     let mut rng = Rng::new(1);

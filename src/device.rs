@@ -43,6 +43,9 @@ pub enum Module {
     Ntk,
     /// `cuda/topk.cu`: radix top-k, H2O accumulation and eviction, SnapKV selection.
     Topk,
+    /// `cuda/select.cu`: the shared selection module's segment padding, truncation and
+    /// block-to-token expansion.
+    Select,
     /// `cuda/lowrank.cu`: ShadowKV low-rank key reconstruction (fused gather + GEMM + RoPE).
     Lowrank,
 }
@@ -61,8 +64,16 @@ impl std::str::FromStr for Module {
 
 impl Module {
     /// Every module, in file order.
-    pub const ALL: &'static [Module] =
-        &[Module::Common, Module::Quant, Module::Topk, Module::Attention, Module::Decode, Module::Ntk, Module::Lowrank];
+    pub const ALL: &'static [Module] = &[
+        Module::Common,
+        Module::Quant,
+        Module::Topk,
+        Module::Select,
+        Module::Attention,
+        Module::Decode,
+        Module::Ntk,
+        Module::Lowrank,
+    ];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
@@ -73,6 +84,7 @@ impl Module {
             Module::Attention => "attention",
             Module::Ntk => "ntk",
             Module::Topk => "topk",
+            Module::Select => "select",
             Module::Lowrank => "lowrank",
         }
     }
@@ -86,6 +98,7 @@ impl Module {
             Module::Attention => kernels::ATTENTION,
             Module::Ntk => kernels::NTK,
             Module::Topk => kernels::TOPK,
+            Module::Select => kernels::SELECT,
             Module::Lowrank => kernels::LOWRANK,
         }
     }

@@ -168,3 +168,19 @@ pub fn check_shape(arg: &'static str, expected: &[usize], actual: &[usize]) -> R
         Err(Error::shape(arg, expected, actual))
     }
 }
+
+/// Checks a per-row list of counts: exactly `rows` entries, each at most `max` (`what` names
+/// the limit in the message).
+///
+/// # Errors
+/// [`Error::Shape`] for another length; [`Error::InvalidArgument`] naming `arg` and the first
+/// entry above `max`.
+pub fn check_counts(arg: &'static str, counts: &[u32], rows: usize, max: usize, what: &str) -> Result<()> {
+    if counts.len() != rows {
+        return Err(Error::shape(arg, &[rows], &[counts.len()]));
+    }
+    match counts.iter().enumerate().find(|&(_, &v)| v as usize > max) {
+        Some((i, &v)) => Err(Error::invalid(arg, format!("{arg}[{i}] = {v} exceeds {what} {max}"))),
+        None => Ok(()),
+    }
+}

@@ -592,6 +592,70 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvSelectPadParams {
+    pub total: u64,
+    pub segments: u32,
+    pub max_len: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvSelectPadParams"][::core::mem::size_of::<NtkvSelectPadParams>() - 16usize];
+    ["Alignment of NtkvSelectPadParams"][::core::mem::align_of::<NtkvSelectPadParams>() - 8usize];
+    ["Offset of field: NtkvSelectPadParams::total"][::core::mem::offset_of!(NtkvSelectPadParams, total) - 0usize];
+    ["Offset of field: NtkvSelectPadParams::segments"][::core::mem::offset_of!(NtkvSelectPadParams, segments) - 8usize];
+    ["Offset of field: NtkvSelectPadParams::max_len"][::core::mem::offset_of!(NtkvSelectPadParams, max_len) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvSelectTruncateParams {
+    pub rows: u32,
+    pub k: u32,
+    pub write_values: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvSelectTruncateParams"][::core::mem::size_of::<NtkvSelectTruncateParams>() - 16usize];
+    ["Alignment of NtkvSelectTruncateParams"][::core::mem::align_of::<NtkvSelectTruncateParams>() - 4usize];
+    ["Offset of field: NtkvSelectTruncateParams::rows"]
+        [::core::mem::offset_of!(NtkvSelectTruncateParams, rows) - 0usize];
+    ["Offset of field: NtkvSelectTruncateParams::k"][::core::mem::offset_of!(NtkvSelectTruncateParams, k) - 4usize];
+    ["Offset of field: NtkvSelectTruncateParams::write_values"]
+        [::core::mem::offset_of!(NtkvSelectTruncateParams, write_values) - 8usize];
+    ["Offset of field: NtkvSelectTruncateParams::_pad0"]
+        [::core::mem::offset_of!(NtkvSelectTruncateParams, _pad0) - 12usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvSelectExpandParams {
+    pub rows: u32,
+    pub kb: u32,
+    pub nb: u32,
+    pub t: u32,
+    pub block_size: u32,
+    pub map_shared: u32,
+    pub kbpad: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvSelectExpandParams"][::core::mem::size_of::<NtkvSelectExpandParams>() - 32usize];
+    ["Alignment of NtkvSelectExpandParams"][::core::mem::align_of::<NtkvSelectExpandParams>() - 4usize];
+    ["Offset of field: NtkvSelectExpandParams::rows"][::core::mem::offset_of!(NtkvSelectExpandParams, rows) - 0usize];
+    ["Offset of field: NtkvSelectExpandParams::kb"][::core::mem::offset_of!(NtkvSelectExpandParams, kb) - 4usize];
+    ["Offset of field: NtkvSelectExpandParams::nb"][::core::mem::offset_of!(NtkvSelectExpandParams, nb) - 8usize];
+    ["Offset of field: NtkvSelectExpandParams::t"][::core::mem::offset_of!(NtkvSelectExpandParams, t) - 12usize];
+    ["Offset of field: NtkvSelectExpandParams::block_size"]
+        [::core::mem::offset_of!(NtkvSelectExpandParams, block_size) - 16usize];
+    ["Offset of field: NtkvSelectExpandParams::map_shared"]
+        [::core::mem::offset_of!(NtkvSelectExpandParams, map_shared) - 20usize];
+    ["Offset of field: NtkvSelectExpandParams::kbpad"]
+        [::core::mem::offset_of!(NtkvSelectExpandParams, kbpad) - 24usize];
+    ["Offset of field: NtkvSelectExpandParams::_pad0"]
+        [::core::mem::offset_of!(NtkvSelectExpandParams, _pad0) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct NtkvLowrankRopeParams {
     pub n_indices: u64,
     pub u_batch_stride: u64,

@@ -30,6 +30,9 @@ unsafe impl DeviceRepr for NtkvH2oParams {}
 unsafe impl DeviceRepr for NtkvPoolParams {}
 unsafe impl DeviceRepr for NtkvKeepCheckParams {}
 unsafe impl DeviceRepr for NtkvCompactParams {}
+unsafe impl DeviceRepr for NtkvSelectPadParams {}
+unsafe impl DeviceRepr for NtkvSelectTruncateParams {}
+unsafe impl DeviceRepr for NtkvSelectExpandParams {}
 unsafe impl DeviceRepr for NtkvLowrankRopeParams {}
 unsafe impl DeviceRepr for NtkvLowrankGatherParams {}
 unsafe impl DeviceRepr for NtkvLowrankCastParams {}

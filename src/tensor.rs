@@ -84,25 +84,23 @@ impl Float for f32 {
     }
 }
 
-impl Float for f16 {
-    const DTYPE: DType = DType::F16;
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
+/// `Float` of a `half` type, through its own f32 conversions (round to nearest even).
+macro_rules! half_float {
+    ($ty:ident, $dtype:ident) => {
+        impl Float for $ty {
+            const DTYPE: DType = DType::$dtype;
+            fn to_f32(self) -> f32 {
+                $ty::to_f32(self)
+            }
+            fn from_f32(x: f32) -> Self {
+                $ty::from_f32(x)
+            }
+        }
+    };
 }
 
-impl Float for bf16 {
-    const DTYPE: DType = DType::BF16;
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
+half_float!(f16, F16);
+half_float!(bf16, BF16);
 
 /// A contiguous row-major tensor in device memory that ntkv owns: a `CudaSlice<T>` plus its
 /// shape (outermost first).
@@ -337,25 +335,43 @@ fn view_shape<T>(len: usize, shape: &[usize]) -> Result<Vec<usize>> {
     Ok(shape.to_vec())
 }
 
-/// A borrowed, read-only tensor over device memory that ntkv does not own: a cudarc
-/// [`CudaView`] (for example `slice.slice(a..b)`, one layer of a larger cache) plus a shape.
-/// No copy is made.
-#[derive(Debug)]
-pub struct TensorView<'a, T> {
-    view: CudaView<'a, T>,
-    shape: Vec<usize>,
+/// A view type: a cudarc view plus a checked shape, and its constructor.
+macro_rules! view_type {
+    ($(#[$doc:meta])* $name:ident, $view:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name<'a, T> {
+            view: $view<'a, T>,
+            shape: Vec<usize>,
+        }
+
+        impl<'a, T> $name<'a, T> {
+            /// Wraps `view` with `shape`; the view's length must equal the product of the shape.
+            ///
+            /// # Errors
+            /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
+            pub fn new(view: $view<'a, T>, shape: &[usize]) -> Result<Self> {
+                let shape = view_shape::<T>(view.len(), shape)?;
+                Ok($name { view, shape })
+            }
+        }
+    };
 }
 
-impl<'a, T> TensorView<'a, T> {
-    /// Wraps `view` with `shape`; the view's length must equal the product of the shape.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
-    pub fn new(view: CudaView<'a, T>, shape: &[usize]) -> Result<Self> {
-        let shape = view_shape::<T>(view.len(), shape)?;
-        Ok(TensorView { view, shape })
-    }
-}
+view_type!(
+    /// A borrowed, read-only tensor over device memory that ntkv does not own: a cudarc
+    /// [`CudaView`] (for example `slice.slice(a..b)`, one layer of a larger cache) plus a shape.
+    /// No copy is made.
+    TensorView,
+    CudaView
+);
+
+view_type!(
+    /// A borrowed, writable tensor over device memory that ntkv does not own: a cudarc
+    /// [`CudaViewMut`] plus a shape. No copy is made.
+    TensorViewMut,
+    CudaViewMut
+);
 
 /// The whole of a read-only view, reborrowed.
 trait Full<T> {
@@ -386,25 +402,6 @@ macro_rules! view_tensor_ref {
 }
 
 view_tensor_ref!(TensorView, full);
-
-/// A borrowed, writable tensor over device memory that ntkv does not own: a cudarc
-/// [`CudaViewMut`] plus a shape. No copy is made.
-#[derive(Debug)]
-pub struct TensorViewMut<'a, T> {
-    view: CudaViewMut<'a, T>,
-    shape: Vec<usize>,
-}
-
-impl<'a, T> TensorViewMut<'a, T> {
-    /// Wraps `view` with `shape`; the view's length must equal the product of the shape.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] on a length mismatch, [`Error::TooLarge`] on overflow.
-    pub fn new(view: CudaViewMut<'a, T>, shape: &[usize]) -> Result<Self> {
-        let shape = view_shape::<T>(view.len(), shape)?;
-        Ok(TensorViewMut { view, shape })
-    }
-}
 
 view_tensor_ref!(TensorViewMut, as_view);
 

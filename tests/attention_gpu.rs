@@ -50,34 +50,33 @@ fn check<T: Float>(dev: &Device, rng: &mut Rng, c: &Case, tol: f64, what: &str) 
     }
 }
 
-#[test]
-fn prefill_f16_matches_reference() {
-    let dev = gpu_or_skip!("prefill_f16_matches_reference");
-    let mut rng = Rng::new(101);
-    for (i, c) in random_cases(1, 16).iter().enumerate() {
-        check::<f16>(dev, &mut rng, c, 5e-4, &format!("f16 case {i}"));
+/// Runs `n` random cases of case set `set` at precision `T`, with `tweak` applied to each.
+fn check_random<T: Float>(test: &str, set: u64, n: usize, tol: f64, tweak: fn(&mut Case)) {
+    let dev = gpu_or_skip!(test);
+    let mut rng = Rng::new(100 + set);
+    for (i, mut c) in random_cases(set, n).into_iter().enumerate() {
+        tweak(&mut c);
+        check::<T>(dev, &mut rng, &c, tol, &format!("{test}: case {i}"));
     }
 }
 
 #[test]
+fn prefill_f16_matches_reference() {
+    check_random::<f16>("prefill_f16_matches_reference", 1, 16, 5e-4, |_| ());
+}
+
+#[test]
 fn prefill_bf16_matches_reference() {
-    let dev = gpu_or_skip!("prefill_bf16_matches_reference");
-    let mut rng = Rng::new(102);
-    for (i, c) in random_cases(2, 16).iter().enumerate() {
-        check::<bf16>(dev, &mut rng, c, 2e-3, &format!("bf16 case {i}"));
-    }
+    check_random::<bf16>("prefill_bf16_matches_reference", 2, 16, 2e-3, |_| ());
 }
 
 #[test]
 fn prefill_bf16_storage_precision_is_close() {
     // PvPrecision::Storage rounds P to bf16 once (FlashAttention-2 behaviour): documented at
     // about 2.2e-3 relative L2 on N(0, 1) inputs.
-    let dev = gpu_or_skip!("prefill_bf16_storage_precision_is_close");
-    let mut rng = Rng::new(103);
-    for (i, mut c) in random_cases(3, 6).into_iter().enumerate() {
+    check_random::<bf16>("prefill_bf16_storage_precision_is_close", 3, 6, 4e-3, |c| {
         c.opts.pv_precision = PvPrecision::Storage;
-        check::<bf16>(dev, &mut rng, &c, 4e-3, &format!("bf16 storage case {i}"));
-    }
+    });
 }
 
 #[test]

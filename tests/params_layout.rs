@@ -6,47 +6,39 @@
 
 use std::collections::BTreeMap;
 
-fn header_structs(src: &str) -> BTreeMap<String, Vec<String>> {
+/// Every `{marker}Name { … }` in `src`, with the field names `field` finds in each body line.
+fn structs(src: &str, marker: &str, field: fn(&str) -> Option<String>) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     let mut rest = src;
-    while let Some(pos) = rest.find("typedef struct ") {
-        rest = &rest[pos + "typedef struct ".len()..];
+    while let Some(pos) = rest.find(marker) {
+        rest = &rest[pos + marker.len()..];
         let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
         let (Some(open), Some(close)) = (rest.find('{'), rest.find('}')) else { break };
-        let body = &rest[open + 1..close];
-        let fields = body
-            .lines()
-            .map(|l| l.split("/*").next().unwrap_or("").split("//").next().unwrap_or("").trim())
-            .filter(|l| l.ends_with(';'))
-            .filter_map(|l| {
-                let decl = l.trim_end_matches(';');
-                let last = decl.split_whitespace().last()?;
-                Some(last.split('[').next().unwrap_or(last).trim_start_matches('*').to_owned())
-            })
-            .collect();
-        out.insert(name, fields);
+        out.insert(name, rest[open + 1..close].lines().filter_map(field).collect());
         rest = &rest[close..];
     }
     out
 }
 
+/// C: `type name;` or `type name[N];`, comments stripped.
+fn c_field(line: &str) -> Option<String> {
+    let l = line.split("/*").next().unwrap_or("").split("//").next().unwrap_or("").trim();
+    let decl = l.strip_suffix(';')?;
+    let last = decl.split_whitespace().last()?;
+    Some(last.split('[').next().unwrap_or(last).trim_start_matches('*').to_owned())
+}
+
+/// Rust: `pub name: Type,`.
+fn rust_field(line: &str) -> Option<String> {
+    line.trim().strip_prefix("pub ").and_then(|f| f.split(':').next()).map(|f| f.trim().to_owned())
+}
+
+fn header_structs(src: &str) -> BTreeMap<String, Vec<String>> {
+    structs(src, "typedef struct ", c_field)
+}
+
 fn rust_structs(src: &str) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    let mut rest = src;
-    while let Some(pos) = rest.find("pub struct ") {
-        rest = &rest[pos + "pub struct ".len()..];
-        let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        let (Some(open), Some(close)) = (rest.find('{'), rest.find('}')) else { break };
-        let fields = rest[open + 1..close]
-            .lines()
-            .filter_map(|l| {
-                l.trim().strip_prefix("pub ").and_then(|f| f.split(':').next()).map(|f| f.trim().to_owned())
-            })
-            .collect();
-        out.insert(name, fields);
-        rest = &rest[close..];
-    }
-    out
+    structs(src, "pub struct ", rust_field)
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! trips, validation, and the MiKV cache (appends equal prefill, nothing dropped).
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use half::{bf16, f16};
 use ntkv::quant::cpu::{self, MikvCacheCpu, QuantizedHost};
 use ntkv::quant::{Axis, HiPrecision, MikvConfig, QuantLayout, QuantSpec};
@@ -20,20 +22,7 @@ fn axis_of(i: usize) -> Axis {
     }
 }
 
-/// Random values with a per-row scale and offset, so groups have very different ranges.
-fn data<T: Float>(rng: &mut Rng, n: usize, dim: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    let mut amp = 1.0f32;
-    let mut off = 0.0f32;
-    for i in 0..n {
-        if i % dim == 0 {
-            amp = 10f32.powf(rng.uniform_in(-3.0, 2.5));
-            off = rng.normal() * amp;
-        }
-        out.push(T::from_f32(off + amp * rng.normal()));
-    }
-    out
-}
+use common::ranged_rows as data;
 
 /// (group index, code) of each element, found from the layout independently of the library.
 fn group_of(spec: &QuantSpec, h: usize, t: usize, c: usize, tokens: usize, dim: usize) -> usize {

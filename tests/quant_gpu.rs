@@ -16,18 +16,7 @@ use ntkv::{Device, DeviceTensor, Error, Float};
 const BITS: [u32; 3] = [2, 4, 8];
 const GROUPS: [usize; 3] = [32, 64, 128];
 
-fn data<T: Float>(rng: &mut Rng, n: usize, dim: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    let (mut amp, mut off) = (1.0f32, 0.0f32);
-    for i in 0..n {
-        if i % dim == 0 {
-            amp = 10f32.powf(rng.uniform_in(-3.0, 2.5));
-            off = rng.normal() * amp;
-        }
-        out.push(T::from_f32(off + amp * rng.normal()));
-    }
-    out
-}
+use common::ranged_rows as data;
 
 fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
     v.iter().map(|x| x.to_f32().to_bits()).collect()

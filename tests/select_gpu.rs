@@ -134,9 +134,8 @@ fn expand_matches_reference() {
     let dev = gpu_or_skip!("expand_matches_reference");
     let mut rng = Rng::new(33);
     for case in 0..16 {
-        let rows = 1 + rng.below(200);
+        let (rows, t) = (1 + rng.below(200), 1 + rng.below(70_000));
         let kb = 1 + rng.below(if case % 4 == 0 { 5000 } else { 64 });
-        let t = 1 + rng.below(70_000);
         let lengths: Vec<u32> = (0..rows).map(|_| rng.below(t + 100) as u32).collect();
         if case % 2 == 0 {
             let bs = [1usize, 8, 16, 64][case % 4 / 2 + 2 * (case % 3 == 0) as usize];

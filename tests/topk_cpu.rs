@@ -139,16 +139,18 @@ fn layout_uses_the_real_occupancy() {
     assert_eq!(TopkLayout::choose(4096, 4096, 64, 132, 3).unwrap().waves(132, 3), 0.0, "the fused path");
 }
 
-fn half_vec(rng: &mut Rng, n: usize) -> Vec<f16> {
-    (0..n).map(|_| f16::from_f32(rng.normal())).collect()
+/// Standard-normal f16 queries `[hq, tq, d]` and keys `[hkv, t, d]` for `shape`.
+fn random_qk(seed: u64, shape: AttnShape) -> (Vec<f16>, Vec<f16>) {
+    let mut rng = Rng::new(seed);
+    let mut half_vec = |n: usize| (0..n).map(|_| f16::from_f32(rng.normal())).collect::<Vec<_>>();
+    let q = half_vec(shape.hq * shape.tq * shape.d);
+    (q, half_vec(shape.hkv * shape.t * shape.d))
 }
 
 #[test]
 fn attention_mass_sums_to_the_number_of_queries() {
-    let mut rng = Rng::new(3);
     let shape = AttnShape { hq: 4, hkv: 2, tq: 5, t: 37, d: 16 };
-    let q = half_vec(&mut rng, shape.hq * shape.tq * shape.d);
-    let k = half_vec(&mut rng, shape.hkv * shape.t * shape.d);
+    let (q, k) = random_qk(3, shape);
     let sum = cpu::attention_mass(&q, &k, shape, GqaReduce::Sum).unwrap();
     let max = cpu::attention_mass(&q, &k, shape, GqaReduce::Max).unwrap();
     for h in 0..shape.hkv {
@@ -193,8 +195,7 @@ fn attn_shape_validation() {
 fn h2o_select_keeps_recent_and_heavy_hitters() {
     let mut rng = Rng::new(4);
     for _ in 0..50 {
-        let hkv = 1 + rng.below(3);
-        let t = 1 + rng.below(200);
+        let (hkv, t) = (1 + rng.below(3), 1 + rng.below(200));
         let recent = rng.below(t + 1);
         let budget = recent.max(1) + rng.below(t - recent.max(1) + 1);
         // Coarse values so there are ties.
@@ -281,10 +282,8 @@ fn pool5_counts_padding() {
 
 #[test]
 fn snapkv_select_keeps_window_and_top_pooled() {
-    let mut rng = Rng::new(6);
     let shape = AttnShape { hq: 4, hkv: 2, tq: 4, t: 50, d: 16 };
-    let q = half_vec(&mut rng, shape.hq * shape.tq * shape.d);
-    let k = half_vec(&mut rng, shape.hkv * shape.t * shape.d);
+    let (q, k) = random_qk(6, shape);
     let pooled = cpu::snapkv_scores(&q, &k, shape, GqaReduce::Max).unwrap();
     assert_eq!(pooled.len(), 2 * 46);
     let keep = cpu::snapkv_select(&q, &k, shape, 12, GqaReduce::Max).unwrap();

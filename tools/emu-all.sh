@@ -8,7 +8,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(decode attention quant ntk topk)
+if [ ${#families[@]} -eq 0 ]; then
+    # Every family with a harness, tools/emu/<family>/<family>_emu.cpp (as tools/emu/run.sh).
+    for d in "$root"/tools/emu/*/; do
+        f="$(basename "$d")"
+        [ -f "$d/${f}_emu.cpp" ] && families+=("$f")
+    done
+fi
 for f in "${families[@]}"; do
     echo "== $f"
     log=$(mktemp)

@@ -7,6 +7,13 @@
 
 use ntkv::{timing, Device};
 
+/// What a timed case runs: called with the repetition index.
+pub trait Body: FnMut(usize) -> ntkv::Result<()> {}
+impl<F: FnMut(usize) -> ntkv::Result<()>> Body for F {}
+
+/// The result of recording a case.
+pub type Done = ntkv::Result<()>;
+
 /// One timed case.
 #[derive(Clone, Debug)]
 pub struct Record {
@@ -122,41 +129,17 @@ impl Bench {
     }
 
     /// Times a GPU case: `warmup` untimed calls, then the median of `reps` event-timed calls.
-    pub fn gpu<F>(
-        &mut self,
-        family: &'static str,
-        op: &str,
-        shape: &str,
-        dtype: &str,
-        work: Work,
-        f: F,
-    ) -> ntkv::Result<()>
-    where
-        F: FnMut(usize) -> ntkv::Result<()>,
-    {
+    pub fn gpu(&mut self, family: &'static str, op: &str, shape: &str, dtype: &str, work: Work, f: impl Body) -> Done {
         let Some(dev) = &self.device else { return Ok(()) };
         let ms = timing::median_gpu_ms(dev, self.warmup, self.reps, f)?;
-        let reps = self.reps;
-        self.records.push(Record::new(family, op, shape, dtype, "gpu", ms, reps, work));
+        self.records.push(Record::new(family, op, shape, dtype, "gpu", ms, self.reps, work));
         Ok(())
     }
 
-    /// Times the CPU reference of a case (used when there is no GPU; fewer repetitions).
-    pub fn cpu<F>(
-        &mut self,
-        family: &'static str,
-        op: &str,
-        shape: &str,
-        dtype: &str,
-        work: Work,
-        f: F,
-    ) -> ntkv::Result<()>
-    where
-        F: FnMut(usize) -> ntkv::Result<()>,
-    {
-        let reps = self.reps.clamp(1, 5);
-        let ms = timing::median_cpu_ms(1, reps, f)?;
-        self.records.push(Record::new(family, op, shape, dtype, "cpu", ms, reps, work));
+    /// Times the CPU reference of a case (used when there is no GPU; at most 5 repetitions).
+    pub fn cpu(&mut self, family: &'static str, op: &str, shape: &str, dtype: &str, work: Work, f: impl Body) -> Done {
+        let ms = timing::median_cpu_ms(1, self.reps.clamp(1, 5), f)?;
+        self.records.push(Record::new(family, op, shape, dtype, "cpu", ms, self.reps.clamp(1, 5), work));
         Ok(())
     }
 

@@ -87,4 +87,26 @@ __device__ __forceinline__ float warp_min(float v) {
 
 __device__ __forceinline__ bool is_finite_f32(float x) { return isfinite(x); }
 
+// Bitonic sort of n (a power of two) 64-bit words in shared memory, by the whole block, in
+// descending or ascending order. Equal words are never swapped. Every thread of the block must
+// call it; it ends with a __syncthreads(), so the sorted words are visible to every thread.
+__device__ __forceinline__ void block_bitonic_sort(unsigned long long* buf, uint32_t n, bool descending) {
+    for (uint32_t size = 2; size <= n; size <<= 1) {
+        for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
+            for (uint32_t t = threadIdx.x; t < (n >> 1); t += blockDim.x) {
+                const uint32_t i = 2u * t - (t & (stride - 1u));
+                const uint32_t j = i + stride;
+                const bool ascending_run = ((i & size) == 0u) != descending;
+                const unsigned long long a = buf[i];
+                const unsigned long long c = buf[j];
+                if (ascending_run ? (a > c) : (a < c)) {
+                    buf[i] = c;
+                    buf[j] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
 }  // namespace ntkv

@@ -364,6 +364,41 @@ typedef struct NtkvNtkMeansParams {
     uint32_t _pad0;
 } NtkvNtkMeansParams;
 
+/* ---- select (cuda/select.cu) --------------------------------------------------------------- */
+
+/* ntkv_select_pad_segments_<T>: segment s of the ragged x [total] (CSR indptr [segments + 1],
+ * clamped to total and to max_len) into row s of out [segments, max_len]; lengths[s] = its
+ * length. */
+typedef struct NtkvSelectPadParams {
+    uint64_t total;
+    uint32_t segments;
+    uint32_t max_len;
+} NtkvSelectPadParams;
+
+/* ntkv_select_truncate_<T>: slots j >= ks[r] of indices (and, when write_values, values)
+ * [rows, k] become UINT32_MAX (and -inf). */
+typedef struct NtkvSelectTruncateParams {
+    uint32_t rows;
+    uint32_t k;
+    uint32_t write_values;
+    uint32_t _pad0;
+} NtkvSelectTruncateParams;
+
+/* ntkv_select_expand_{count,scan,write}: blocks [rows, kb] of ids < nb become token intervals,
+ * [b * block_size, (b + 1) * block_size) or, with block_size = 0, ranges [nb, 2] (map_shared)
+ * or [rows, nb, 2], clipped to [0, min(lengths[r], t)); kbpad is kb rounded up to a power of
+ * two (the count pass's shared sort words). */
+typedef struct NtkvSelectExpandParams {
+    uint32_t rows;
+    uint32_t kb;
+    uint32_t nb;
+    uint32_t t;
+    uint32_t block_size;
+    uint32_t map_shared;
+    uint32_t kbpad;
+    uint32_t _pad0;
+} NtkvSelectExpandParams;
+
 /* ---- lowrank: ShadowKV low-rank keys (src/lowrank) ---------------------- */
 
 /* Fused reconstruction. List l = b*kv_heads + h holds the sorted positions

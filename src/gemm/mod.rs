@@ -271,6 +271,7 @@ impl GemmShape {
 /// A planned GEMM: validated shape, split-K choice, workspace, and the device it runs on.
 ///
 /// Workspace: `splits · batch · m · n` f32 partials, allocated once by [`GemmPlan::new`].
+#[derive(Debug)]
 pub struct GemmPlan {
     device: Device,
     shape: GemmShape,
@@ -279,17 +280,6 @@ pub struct GemmPlan {
     geometry: gpu::Geometry,
     split: gpu::Split,
     workspace: CudaSlice<f32>,
-}
-
-impl std::fmt::Debug for GemmPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GemmPlan")
-            .field("shape", &self.shape)
-            .field("precision", &self.precision)
-            .field("splits", &self.split.splits)
-            .field("k_chunk", &self.split.k_chunk)
-            .finish()
-    }
 }
 
 impl GemmPlan {

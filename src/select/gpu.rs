@@ -1,5 +1,5 @@
-//! Launch code for the selection kernels of `cuda/topk.cu`: the radix top-k
-//! (`ntkv_topk_*`) and the `ntkv_select_*` section. Every plan validates its shape in `new`;
+//! Launch code for the selection kernels: the radix top-k of `cuda/topk.cu` (`ntkv_topk_*`)
+//! and the `ntkv_select_*` kernels of `cuda/select.cu`. Every plan validates its shape in `new`;
 //! every run checks the device, shape and length of each buffer before anything is enqueued.
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
@@ -8,7 +8,7 @@ use super::{BlockMap, ExpandShape, SegmentShape, TopkLayout, TopkOptions, TopkOr
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
 use crate::launch::{blocks_per_sm, grid_2d, grid_for, KernelId};
-use crate::params::NtkvTopkParams;
+use crate::params::{NtkvSelectExpandParams, NtkvSelectPadParams, NtkvSelectTruncateParams, NtkvTopkParams};
 use crate::tensor::{DType, Float, TensorMut, TensorRef};
 
 const HIST_BINS: usize = 4096;
@@ -32,13 +32,13 @@ fn topk_id(op: &'static str, dtype: DType) -> KernelId {
     KernelId::new(Module::Topk, op).dtype(dtype)
 }
 const TOPK_OPS: [&str; 4] = ["topk_hist", "topk_filter", "topk_finalize", "topk_fused"];
-/// The typed kernels of the select section.
+/// The typed kernels of `cuda/select.cu`.
 const SELECT_TYPED_OPS: [&str; 2] = ["select_pad_segments", "select_truncate"];
-/// The untyped kernels of the select section.
+/// The untyped kernels of `cuda/select.cu`.
 const SELECT_OPS: [&str; 3] = ["select_expand_count", "select_expand_scan", "select_expand_write"];
 
 fn select_id(op: &'static str) -> KernelId {
-    KernelId::new(Module::Topk, op)
+    KernelId::new(Module::Select, op)
 }
 
 fn dtype_slot(dtype: DType) -> usize {
@@ -92,6 +92,7 @@ struct TopkKernels {
 /// copy of `lengths` when given).
 ///
 /// The contract (order, ties, NaN, padding) is the module's; see [`crate::select`].
+#[derive(Debug)]
 pub struct TopkPlan {
     device: Device,
     shape: TopkShape,
@@ -109,16 +110,6 @@ pub struct TopkPlan {
     dummy_values: CudaSlice<f32>,
     /// Set while launches are being enqueued; a run that finds it set re-zeroes the scratch.
     dirty: bool,
-}
-
-impl std::fmt::Debug for TopkPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TopkPlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("layout", &self.layout)
-            .finish()
-    }
 }
 
 impl TopkPlan {
@@ -426,12 +417,16 @@ impl<T: Float> SegmentTopkPlan<T> {
         let stream = self.device.stream().clone();
         stream.memcpy_htod(indptr, &mut self.indptr)?;
         let cfg = grid_for(&self.device, &self.pad, SELECT_THREADS, 0, segments, true)?;
-        let (segs, len, tot) = (to_u32("indptr", segments)?, to_u32("max_len", max_len)?, to_u64("scores", total)?);
+        let pad = NtkvSelectPadParams {
+            total: to_u64("scores", total)?,
+            segments: to_u32("indptr", segments)?,
+            max_len: to_u32("max_len", max_len)?,
+        };
         let sv = scores.cuda_view();
         let mut b = stream.launch_builder(&self.pad);
-        b.arg(&segs).arg(&len).arg(&tot).arg(&self.indptr).arg(&sv).arg(&mut self.padded).arg(self.topk.lengths_mut());
-        // SAFETY: ntkv_select_pad_segments_<T>(u32 segments, u32 max_len, u64 total, const u32*
-        // indptr, const T* x, T* out, u32* lengths). For s < segments it reads indptr[s] and
+        b.arg(&pad).arg(&self.indptr).arg(&sv).arg(&mut self.padded).arg(self.topk.lengths_mut());
+        // SAFETY: ntkv_select_pad_segments_<T>(NtkvSelectPadParams {total, segments, max_len},
+        // const u32* indptr, const T* x, T* out, u32* lengths). For s < segments it reads indptr[s] and
         // indptr[s + 1] (segments + 1 entries), clamps both to total (scores holds total
         // elements) and the length to max_len, reads x[start + i] for i < len (start + len <=
         // total), writes out[s * max_len + i] (padded holds segments * max_len) and lengths[s]
@@ -444,11 +439,11 @@ impl<T: Float> SegmentTopkPlan<T> {
         if let Some(ks) = ks {
             stream.memcpy_htod(ks, &mut self.ks)?;
             let cfg = grid_for(&self.device, &self.truncate, SELECT_THREADS, 0, (segments * k).div_ceil(256), true)?;
-            let (rows, kk, wv) = (segs, to_u32("k", k)?, 1u32);
+            let trunc = NtkvSelectTruncateParams { rows: pad.segments, k: to_u32("k", k)?, write_values: 1, _pad0: 0 };
             let mut b = stream.launch_builder(&self.truncate);
-            b.arg(&rows).arg(&kk).arg(&wv).arg(&self.ks).arg(&mut vv).arg(&mut iv);
-            // SAFETY: ntkv_select_truncate_<T>(u32 rows, u32 k, u32 write_values, const u32* ks,
-            // T* values, u32* indices) reads ks[r] for r < rows (segments entries) and writes
+            b.arg(&trunc).arg(&self.ks).arg(&mut vv).arg(&mut iv);
+            // SAFETY: ntkv_select_truncate_<T>(NtkvSelectTruncateParams {rows, k, write_values},
+            // const u32* ks, T* values, u32* indices) reads ks[r] for r < rows (segments entries) and writes
             // values[e], indices[e] for e < rows * k, the length of both outputs (checked above).
             unsafe { b.launch(cfg) }?;
         }
@@ -580,30 +575,28 @@ impl ExpandPlan {
             BlockMap::Fixed { block_size } => (block_size, false),
             BlockMap::Ranges { shared } => (0, shared),
         };
-        let args = [
-            to_u32("blocks", rows)?,
-            to_u32("blocks", kb)?,
-            to_u32("blocks", nb)?,
-            to_u32("lengths", t)?,
-            to_u32("block_size", block_size)?,
-            u32::from(shared),
-            to_u32("blocks", self.kbpad)?,
-        ];
+        let params = NtkvSelectExpandParams {
+            rows: to_u32("blocks", rows)?,
+            kb: to_u32("blocks", kb)?,
+            nb: to_u32("blocks", nb)?,
+            t: to_u32("lengths", t)?,
+            block_size: to_u32("block_size", block_size)?,
+            map_shared: u32::from(shared),
+            kbpad: to_u32("blocks", self.kbpad)?,
+            _pad0: 0,
+        };
         let stream = self.device.stream().clone();
         let (bv, lv) = (blocks.cuda_view(), lengths.cuda_view());
         let cfg = grid_for(&self.device, &self.count, SELECT_THREADS, self.smem, rows, true)?;
         let mut b = stream.launch_builder(&self.count);
-        for a in &args {
-            b.arg(a);
-        }
-        b.arg(&bv).arg(&lv);
+        b.arg(&params).arg(&bv).arg(&lv);
         match ranges {
             Some(r) => b.arg(r),
             None => b.arg(&self.dummy_ranges),
         };
         b.arg(&mut self.iv).arg(&mut self.off).arg(&mut self.n_iv).arg(&mut self.counts);
-        // SAFETY: ntkv_select_expand_count(u32 rows, u32 kb, u32 nb, u32 t, u32 block_size,
-        // u32 map_shared, u32 kbpad, const u32* blocks, const u32* lengths, const u32* ranges,
+        // SAFETY: ntkv_select_expand_count(NtkvSelectExpandParams {rows, kb, nb, t, block_size,
+        // map_shared, kbpad}, const u32* blocks, const u32* lengths, const u32* ranges,
         // u64* iv, u32* off, u32* n_iv, u32* counts). For r < rows it reads blocks[r * kb + i]
         // (i < kb; blocks is [rows, kb]) and lengths[r] ([rows]); for an id b < nb in ranges mode
         // (block_size = 0) it reads ranges[(m * nb + b) * 2 + {0, 1}] with m = 0 (shared, [nb, 2])
@@ -612,12 +605,11 @@ impl ExpandPlan {
         // n_iv, counts [rows] at r. Dynamic shared memory: kbpad words of 8 bytes, prepared.
         unsafe { b.launch(cfg) }?;
 
-        let rows32 = args[0];
         let mut ipv = indptr.cuda_view_mut();
         let scan = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SCAN_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = stream.launch_builder(&self.scan);
-        b.arg(&rows32).arg(&self.counts).arg(&mut ipv);
-        // SAFETY: ntkv_select_expand_scan(u32 rows, const u32* counts, u32* indptr), one block:
+        b.arg(&params).arg(&self.counts).arg(&mut ipv);
+        // SAFETY: ntkv_select_expand_scan(NtkvSelectExpandParams, const u32* counts, u32* indptr), one block:
         // reads counts[r] for r < rows and writes indptr[0 ..= rows] ([rows + 1], checked). Each
         // count is at most max_tokens_per_row and rows * that fits u32 (ExpandShape::capacity),
         // so no sum wraps.
@@ -627,8 +619,8 @@ impl ExpandPlan {
         let mut iov = indices.cuda_view_mut();
         let ipr = ipv.as_view();
         let mut b = stream.launch_builder(&self.write);
-        b.arg(&rows32).arg(&args[1]).arg(&self.iv).arg(&self.off).arg(&self.n_iv).arg(&ipr).arg(&mut iov);
-        // SAFETY: ntkv_select_expand_write(u32 rows, u32 kb, const u64* iv, const u32* off,
+        b.arg(&params).arg(&self.iv).arg(&self.off).arg(&self.n_iv).arg(&ipr).arg(&mut iov);
+        // SAFETY: ntkv_select_expand_write(NtkvSelectExpandParams, const u64* iv, const u32* off,
         // const u32* n_iv, const u32* indptr, u32* indices). For r < rows it reads n_iv[r]
         // (clamped to kb), iv and off at r * kb + i, indptr[r]; it writes indices[indptr[r] +
         // off + j] for the j below each merged interval's length. Those positions are below

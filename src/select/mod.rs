@@ -121,13 +121,7 @@ impl TopkShape {
     /// [`Error::Shape`] for another count; [`Error::InvalidArgument`] naming `lengths` for an
     /// entry above `n`.
     pub fn validate_lengths(&self, lengths: &[u32]) -> Result<()> {
-        if lengths.len() != self.rows {
-            return Err(Error::shape("lengths", &[self.rows], &[lengths.len()]));
-        }
-        if let Some((r, &v)) = lengths.iter().enumerate().find(|&(_, &v)| v as usize > self.n) {
-            return Err(Error::invalid("lengths", format!("lengths[{r}] = {v} exceeds the row length {}", self.n)));
-        }
-        Ok(())
+        crate::error::check_counts("lengths", lengths, self.rows, self.n, "the row length")
     }
 }
 
@@ -298,13 +292,7 @@ impl SegmentShape {
     /// # Errors
     /// [`Error::Shape`] for another length; [`Error::InvalidArgument`] naming `ks`.
     pub fn validate_ks(&self, ks: &[u32]) -> Result<()> {
-        if ks.len() != self.segments {
-            return Err(Error::shape("ks", &[self.segments], &[ks.len()]));
-        }
-        if let Some((s, &v)) = ks.iter().enumerate().find(|&(_, &v)| v as usize > self.k) {
-            return Err(Error::invalid("ks", format!("ks[{s}] = {v} exceeds the output width k = {}", self.k)));
-        }
-        Ok(())
+        crate::error::check_counts("ks", ks, self.segments, self.k, "the output width k =")
     }
 }
 

@@ -76,6 +76,7 @@ pub(super) fn fill_recent(
 /// A validated eviction selection: keep lists `[rows, budget]` from scores `[rows, stride]`,
 /// the top-`(budget − recent)` of the first `older` columns of each row (ties by lower index),
 /// ascending, then `older .. older + recent`. Holds the top-k plan it runs.
+#[derive(Debug)]
 pub(crate) struct EvictionPlan {
     device: Device,
     rows: usize,
@@ -84,18 +85,6 @@ pub(crate) struct EvictionPlan {
     budget: usize,
     recent: usize,
     topk: Option<TopkPlan>,
-}
-
-impl std::fmt::Debug for EvictionPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EvictionPlan")
-            .field("rows", &self.rows)
-            .field("stride", &self.stride)
-            .field("older", &self.older)
-            .field("budget", &self.budget)
-            .field("recent", &self.recent)
-            .finish()
-    }
 }
 
 impl EvictionPlan {

@@ -121,3 +121,18 @@ pub fn assert_rel_l2(what: &str, got: &[f64], want: &[f64], tol: f64) {
         panic!("{what}: relative L2 error {e:e} > {tol:e}; worst element {i}: got {g} want {w}");
     }
 }
+
+/// Random values with a fresh scale (10^-3 … 10^2.5) and offset every `dim` elements, so that
+/// quantization groups see very different ranges.
+pub fn ranged_rows<T: ntkv::Float>(rng: &mut ntkv::rng::Rng, n: usize, dim: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    let (mut amp, mut off) = (1.0f32, 0.0f32);
+    for i in 0..n {
+        if i % dim == 0 {
+            amp = 10f32.powf(rng.uniform_in(-3.0, 2.5));
+            off = rng.normal() * amp;
+        }
+        out.push(T::from_f32(off + amp * rng.normal()));
+    }
+    out
+}
