@@ -9,6 +9,8 @@ use ntkv::lowrank::{cpu, KeyLayout, ReconstructPlan, ReconstructShape, RopeOptio
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
 
+mod common;
+
 /// The lowrank tests' list generators (one copy for tests, benches and the runner).
 #[path = "../tests/lowrank_support/mod.rs"]
 mod lowrank_support;
@@ -62,15 +64,10 @@ fn cpu_bench(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    match dev {
-        Some(dev) => {
-            if let Err(e) = gpu_bench(c, &dev) {
-                eprintln!("lowrank GPU bench failed: {e}");
-            }
-        }
-        None => cpu_bench(c),
-    }
+    common::gpu_or_cpu(c, "lowrank", gpu_bench, |c| {
+        cpu_bench(c);
+        Ok(())
+    });
 }
 
 criterion_group!(lowrank, benches);
