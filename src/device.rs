@@ -50,6 +50,8 @@ pub enum Module {
     Cluster,
     /// `cuda/pages.cu`: Quest page bounds and ShadowKV chunk landmarks.
     Pages,
+    /// `cuda/lowrank.cu`: ShadowKV low-rank key reconstruction (fused gather + GEMM + RoPE).
+    Lowrank,
 }
 
 /// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
@@ -76,6 +78,7 @@ impl Module {
         Module::Ntk,
         Module::Cluster,
         Module::Pages,
+        Module::Lowrank,
     ];
 
     /// The module's name: the stem of its `.cu` file.
@@ -90,6 +93,7 @@ impl Module {
             Module::Select => "select",
             Module::Cluster => "cluster",
             Module::Pages => "pages",
+            Module::Lowrank => "lowrank",
         }
     }
 
@@ -105,6 +109,7 @@ impl Module {
             Module::Select => kernels::SELECT,
             Module::Cluster => kernels::CLUSTER,
             Module::Pages => kernels::PAGES,
+            Module::Lowrank => kernels::LOWRANK,
         }
     }
 }

@@ -13,6 +13,7 @@
 //! | [`pages`] | Quest page min/max bounds and ShadowKV chunk landmarks: build, score, select pages or chunks and expand them to decode token lists |
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
 //! | [`cluster`] | k-means of keys per head (cosine or L2, deterministic, bit-exact labels) and cluster retrieval into decode-ready token lists |
+//! | [`lowrank`] | ShadowKV low-rank keys: deterministic randomized SVD of the pre-RoPE keys and fused gather + GEMM + RoPE reconstruction of the selected ones |
 //! | [`gemm`] | shared primitive: deterministic split-K GEMM at F32, TF32 and BF16 with strided, batched, transposed operands |
 //!
 //! Every GPU operation has a CPU reference beside it (the `cpu` submodule of each family),
@@ -73,6 +74,7 @@ pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod launch;
+pub mod lowrank;
 pub mod ntk;
 pub mod pages;
 #[allow(missing_docs)]

@@ -899,3 +899,87 @@ const _: () = {
     ["Offset of field: NtkvPagesShadowParams::scale"][::core::mem::offset_of!(NtkvPagesShadowParams, scale) - 56usize];
     ["Offset of field: NtkvPagesShadowParams::_pad0"][::core::mem::offset_of!(NtkvPagesShadowParams, _pad0) - 60usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvLowrankRopeParams {
+    pub n_indices: u64,
+    pub u_batch_stride: u64,
+    pub sv_batch_stride: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub rank: u32,
+    pub capacity: u32,
+    pub budget: u32,
+    pub tiles_per_list: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvLowrankRopeParams"][::core::mem::size_of::<NtkvLowrankRopeParams>() - 48usize];
+    ["Alignment of NtkvLowrankRopeParams"][::core::mem::align_of::<NtkvLowrankRopeParams>() - 8usize];
+    ["Offset of field: NtkvLowrankRopeParams::n_indices"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, n_indices) - 0usize];
+    ["Offset of field: NtkvLowrankRopeParams::u_batch_stride"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, u_batch_stride) - 8usize];
+    ["Offset of field: NtkvLowrankRopeParams::sv_batch_stride"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, sv_batch_stride) - 16usize];
+    ["Offset of field: NtkvLowrankRopeParams::batch"][::core::mem::offset_of!(NtkvLowrankRopeParams, batch) - 24usize];
+    ["Offset of field: NtkvLowrankRopeParams::kv_heads"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, kv_heads) - 28usize];
+    ["Offset of field: NtkvLowrankRopeParams::rank"][::core::mem::offset_of!(NtkvLowrankRopeParams, rank) - 32usize];
+    ["Offset of field: NtkvLowrankRopeParams::capacity"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, capacity) - 36usize];
+    ["Offset of field: NtkvLowrankRopeParams::budget"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, budget) - 40usize];
+    ["Offset of field: NtkvLowrankRopeParams::tiles_per_list"]
+        [::core::mem::offset_of!(NtkvLowrankRopeParams, tiles_per_list) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvLowrankGatherParams {
+    pub n_indices: u64,
+    pub n_lists: u32,
+    pub capacity: u32,
+    pub budget: u32,
+    pub head_dim: u32,
+    pub tiles_per_list: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvLowrankGatherParams"][::core::mem::size_of::<NtkvLowrankGatherParams>() - 32usize];
+    ["Alignment of NtkvLowrankGatherParams"][::core::mem::align_of::<NtkvLowrankGatherParams>() - 8usize];
+    ["Offset of field: NtkvLowrankGatherParams::n_indices"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, n_indices) - 0usize];
+    ["Offset of field: NtkvLowrankGatherParams::n_lists"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, n_lists) - 8usize];
+    ["Offset of field: NtkvLowrankGatherParams::capacity"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, capacity) - 12usize];
+    ["Offset of field: NtkvLowrankGatherParams::budget"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, budget) - 16usize];
+    ["Offset of field: NtkvLowrankGatherParams::head_dim"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, head_dim) - 20usize];
+    ["Offset of field: NtkvLowrankGatherParams::tiles_per_list"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, tiles_per_list) - 24usize];
+    ["Offset of field: NtkvLowrankGatherParams::_pad0"]
+        [::core::mem::offset_of!(NtkvLowrankGatherParams, _pad0) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvLowrankCastParams {
+    pub total: u64,
+    pub batch: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub masked: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvLowrankCastParams"][::core::mem::size_of::<NtkvLowrankCastParams>() - 24usize];
+    ["Alignment of NtkvLowrankCastParams"][::core::mem::align_of::<NtkvLowrankCastParams>() - 8usize];
+    ["Offset of field: NtkvLowrankCastParams::total"][::core::mem::offset_of!(NtkvLowrankCastParams, total) - 0usize];
+    ["Offset of field: NtkvLowrankCastParams::batch"][::core::mem::offset_of!(NtkvLowrankCastParams, batch) - 8usize];
+    ["Offset of field: NtkvLowrankCastParams::rows"][::core::mem::offset_of!(NtkvLowrankCastParams, rows) - 12usize];
+    ["Offset of field: NtkvLowrankCastParams::cols"][::core::mem::offset_of!(NtkvLowrankCastParams, cols) - 16usize];
+    ["Offset of field: NtkvLowrankCastParams::masked"]
+        [::core::mem::offset_of!(NtkvLowrankCastParams, masked) - 20usize];
+};

@@ -39,3 +39,6 @@ unsafe impl DeviceRepr for NtkvPagesMetaParams {}
 unsafe impl DeviceRepr for NtkvPagesLandmarkParams {}
 unsafe impl DeviceRepr for NtkvPagesScoreParams {}
 unsafe impl DeviceRepr for NtkvPagesShadowParams {}
+unsafe impl DeviceRepr for NtkvLowrankRopeParams {}
+unsafe impl DeviceRepr for NtkvLowrankGatherParams {}
+unsafe impl DeviceRepr for NtkvLowrankCastParams {}

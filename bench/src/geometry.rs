@@ -395,6 +395,28 @@ fn pages(g: &mut Geometry) {
     topk_launches(g, "landmark_select", ls, rows, nc, l.budget, "f32");
 }
 
+// ---------------------------------------------------------------------------------------------
+// lowrank
+
+/// The reconstruction case of bench/src/lowrank.rs: one block per (kv head, tile of
+/// `tile_tokens(D)` selected positions), 256 threads, static shared memory only; the
+/// factorization's launches are the shared GEMM's (device-planned) and grid-stride casts.
+fn lowrank(g: &mut Geometry) {
+    let (op, shape, _t, hkv, d, _r, sel) = crate::lowrank::ROPE_CASE;
+    let tile = 8192 / d;
+    let l =
+        g.push("lowrank", op, shape, "bf16", format!("ntkv_lowrank_rope_bf16_d{d}"), hkv * sel.div_ceil(tile), 1, "");
+    l.block = Some(256);
+    l.dyn_smem = Some(0);
+    let (fop, fshape, ..) = crate::lowrank::FACTOR_CASE;
+    g.unplanned(
+        "lowrank",
+        fop,
+        fshape,
+        "planner needs a device: the factorization's products are gemm::GemmPlan (split-K from the SM occupancy)",
+    );
+}
+
 fn collect() -> Geometry {
     let mut g = Geometry::default();
     topk(&mut g);
@@ -404,6 +426,7 @@ fn collect() -> Geometry {
     ntk(&mut g);
     cluster(&mut g);
     pages(&mut g);
+    lowrank(&mut g);
     g
 }
 
@@ -479,7 +502,7 @@ mod tests {
     #[test]
     fn every_bench_family_has_geometry_or_a_reason() {
         let g = collect();
-        for fam in ["topk", "decode", "attention", "quant", "ntk", "pages"] {
+        for fam in ["topk", "decode", "attention", "quant", "ntk", "cluster", "pages", "lowrank"] {
             assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));

@@ -13,6 +13,7 @@ mod cluster;
 mod decode;
 mod geometry;
 mod harness;
+mod lowrank;
 mod ntk;
 mod pages;
 mod quant;
@@ -60,6 +61,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("ntk", ntk::run),
     ("cluster", cluster::run),
     ("pages", pages::run),
+    ("lowrank", lowrank::run),
 ];
 
 fn main() -> ExitCode {

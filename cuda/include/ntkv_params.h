@@ -518,5 +518,49 @@ typedef struct NtkvPagesShadowParams {
     float scale;              /* 1 / sqrt(head_dim) unless overridden */
     uint32_t _pad0;
 } NtkvPagesShadowParams;
+/* ---- lowrank: ShadowKV low-rank keys (src/lowrank) ---------------------- */
+
+/* Fused reconstruction. List l = b*kv_heads + h holds the sorted positions
+ * indices[indptr[l] .. indptr[l+1]] (each < seq_lens[b] <= capacity). Entry n of list l
+ * writes the row RoPE(U[b, pos, :] . SV[b, :, h*D:(h+1)*D], pos), pos its position, to
+ * out row indptr[l] + n (budget = 0: the compact CSR layout [n_indices, D]) or to row
+ * l*budget + n (budget > 0: the gathered cache [B, kv_heads, budget, D]). inv_freq [D/2] f32
+ * holds theta_i = base^(-2i/D); the angle is the f32 product (float)pos * theta_i. The grid
+ * is n_lists * tiles_per_list blocks, tile t of list l covering entries [t*TT, (t+1)*TT). */
+typedef struct NtkvLowrankRopeParams {
+    uint64_t n_indices;       /* length of indices */
+    uint64_t u_batch_stride;  /* capacity * rank */
+    uint64_t sv_batch_stride; /* rank * kv_heads * head_dim */
+    uint32_t batch;
+    uint32_t kv_heads;
+    uint32_t rank;
+    uint32_t capacity;        /* rows of U per sequence */
+    uint32_t budget;          /* 0: compact rows; else rows per list of the gathered cache */
+    uint32_t tiles_per_list;  /* ceil(longest list / tile tokens) */
+} NtkvLowrankRopeParams;
+
+/* Row gather of a head-major cache v [B, kv_heads, capacity, D] into the gathered layout
+ * [B, kv_heads, budget, D] by the same lists: out row l*budget + n = v row
+ * (l*capacity + indices[indptr[l] + n]). Positions are clamped below capacity. */
+typedef struct NtkvLowrankGatherParams {
+    uint64_t n_indices;
+    uint32_t n_lists;         /* batch * kv_heads */
+    uint32_t capacity;
+    uint32_t budget;
+    uint32_t head_dim;
+    uint32_t tiles_per_list;  /* ceil(longest list / rows per block) */
+    uint32_t _pad0;
+} NtkvLowrankGatherParams;
+
+/* Elementwise cast between a storage dtype and f32 over [batch, rows, cols]: element
+ * (b, t, c) at b*rows*cols + t*cols + c. masked = 1: rows t >= seq_lens[b] are written as
+ * zero (and not read). Grid-stride over total = batch*rows*cols elements. */
+typedef struct NtkvLowrankCastParams {
+    uint64_t total;
+    uint32_t batch;
+    uint32_t rows;
+    uint32_t cols;
+    uint32_t masked;
+} NtkvLowrankCastParams;
 
 #endif /* NTKV_PARAMS_H */

@@ -97,6 +97,7 @@ DECODE_MOD = "src/decode/mod.rs"
 ATTN = "src/attention/plan.rs"
 NTK = "src/ntk/gpu.rs"
 GEMM = "src/gemm/gpu.rs"
+LOWRANK = "src/lowrank/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
 CLUSTER = "src/cluster/gpu.rs"
 PAGES = "src/pages/gpu.rs"
@@ -199,6 +200,11 @@ LAUNCHES = [
           [Const(PAGES, "PAGES_THREADS")], "pages plans (Typed::load grids)"),
     Entry(r"ntkv_pages_shadow_(?:softmax|score|mark)", 256, 0, [Const(PAGES, "PAGES_THREADS")],
           "pages::LandmarkSelectPlan::run"),
+    # lowrank: static shared memory only (the rank chunk, U tile and SV chunk)
+    Entry(r"ntkv_lowrank_rope_(?P<dt>f16|bf16|f32)_d(?P<d>\d+)", 256, 0, [Const(LOWRANK, "THREADS")],
+          "ReconstructPlan::run", static_max=48 * 1024),
+    Entry(r"ntkv_lowrank_(?:gather|widen|narrow)_(?:f16|bf16|f32)", 256, 0, [Const(LOWRANK, "THREADS")],
+          "lowrank::gpu (gather_values, FactorPlan casts)"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
