@@ -457,7 +457,8 @@ impl<T: Float> SegmentTopkPlan<T> {
 pub struct ExpandPlan {
     device: Device,
     shape: ExpandShape,
-    kbpad: usize,
+    /// The kernels' parameters, fixed by the shape (converted and checked once, here).
+    params: NtkvSelectExpandParams,
     smem: u32,
     iv: CudaSlice<u64>,
     off: CudaSlice<u32>,
@@ -490,10 +491,24 @@ impl ExpandPlan {
         let smem = device.prepare_shared_mem(&count, kbpad * 8)?;
         let stream = device.stream();
         let n = shape.rows * shape.kb;
+        let (block_size, shared) = match shape.map {
+            BlockMap::Fixed { block_size } => (block_size, false),
+            BlockMap::Ranges { shared } => (0, shared),
+        };
+        let params = NtkvSelectExpandParams {
+            rows: to_u32("blocks", shape.rows)?,
+            kb: to_u32("blocks", shape.kb)?,
+            nb: to_u32("blocks", shape.nb)?,
+            t: to_u32("lengths", shape.t)?,
+            block_size: to_u32("block_size", block_size)?,
+            map_shared: u32::from(shared),
+            kbpad: to_u32("blocks", kbpad)?,
+            _pad0: 0,
+        };
         Ok(ExpandPlan {
             device: device.clone(),
             shape: *shape,
-            kbpad,
+            params,
             smem,
             iv: stream.alloc_zeros::<u64>(n)?,
             off: stream.alloc_zeros::<u32>(n)?,
@@ -562,7 +577,7 @@ impl ExpandPlan {
         indptr: &mut impl TensorMut<u32>,
         indices: &mut impl TensorMut<u32>,
     ) -> Result<()> {
-        let ExpandShape { rows, kb, nb, t, map } = self.shape;
+        let ExpandShape { rows, kb, .. } = self.shape;
         self.device.check_buffer("blocks", blocks, &[rows, kb])?;
         self.device.check_buffer("lengths", lengths, &[rows])?;
         self.device.check_buffer("indptr", indptr, &[rows + 1])?;
@@ -571,20 +586,7 @@ impl ExpandPlan {
         if indices.shape().len() != 1 || indices.shape()[0] != indices.len() || indices.len() < cap {
             return Err(Error::shape("indices", &[cap], indices.shape()));
         }
-        let (block_size, shared) = match map {
-            BlockMap::Fixed { block_size } => (block_size, false),
-            BlockMap::Ranges { shared } => (0, shared),
-        };
-        let params = NtkvSelectExpandParams {
-            rows: to_u32("blocks", rows)?,
-            kb: to_u32("blocks", kb)?,
-            nb: to_u32("blocks", nb)?,
-            t: to_u32("lengths", t)?,
-            block_size: to_u32("block_size", block_size)?,
-            map_shared: u32::from(shared),
-            kbpad: to_u32("blocks", self.kbpad)?,
-            _pad0: 0,
-        };
+        let params = self.params;
         let stream = self.device.stream().clone();
         let (bv, lv) = (blocks.cuda_view(), lengths.cuda_view());
         let cfg = grid_for(&self.device, &self.count, SELECT_THREADS, self.smem, rows, true)?;
