@@ -13,8 +13,20 @@ use ntkv::cluster::cpu::{self, KmeansResult};
 use ntkv::cluster::{
     ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions, RetrievePlan, RetrieveShape,
 };
-use ntkv::decode::{DecodeOptions, DecodePlan, DecodeShape};
+use ntkv::decode::{DecodeOptions, DecodePlan};
 use ntkv::{Device, DeviceTensor, Error, Float};
+
+/// A test of `$body` on the device (skipped without one), failing with `$what` on its first
+/// error.
+macro_rules! gpu_test {
+    ($name:ident, $body:ident, $what:expr) => {
+        #[test]
+        fn $name() {
+            let dev = gpu_or_skip!();
+            $body(dev).expect($what);
+        }
+    };
+}
 
 /// Compares the written parts of a device state with the reference (labels `0..t`, members
 /// up to each head's total).
@@ -59,11 +71,7 @@ fn ks(heads: usize, tokens: usize, capacity: usize, clusters: usize, head_dim: u
     KmeansShape { heads, tokens, capacity, clusters, head_dim }
 }
 
-#[test]
-fn kmeans_matches_the_reference_bit_for_bit() {
-    let dev = gpu_or_skip!();
-    kmeans_all(dev).expect("k-means cases");
-}
+gpu_test!(kmeans_matches_the_reference_bit_for_bit, kmeans_all, "k-means cases");
 
 fn kmeans_all(dev: &Device) -> Result<(), Error> {
     for metric in [Metric::Cosine, Metric::L2] {
@@ -104,24 +112,13 @@ fn retrieve_case<T: Float>(dev: &Device, rs: RetrieveShape, o: RetrieveOptions, 
     assert_eq!(got_ix[..want_ix.len()], want_ix[..], "{rs:?} {o:?}: indices");
     // The lists feed the sparse decode as they are (its plan validates them on the device).
     if rs.head_dim == 64 || rs.head_dim == 128 {
-        let ds = DecodeShape {
-            batch: rs.batch,
-            q_tokens: rs.q_tokens,
-            hq: rs.hq,
-            hkv: rs.hkv,
-            head_dim: rs.head_dim,
-            capacity: rs.capacity,
-        };
+        let ds = rs.decode_shape();
         DecodePlan::new(dev, &ds, DecodeOptions::default(), &lens, &ip, &ix)?;
     }
     Ok(())
 }
 
-#[test]
-fn retrieval_matches_the_reference() {
-    let dev = gpu_or_skip!();
-    retrieval_all(dev).expect("retrieval cases");
-}
+gpu_test!(retrieval_matches_the_reference, retrieval_all, "retrieval cases");
 
 fn retrieval_all(dev: &Device) -> Result<(), Error> {
     let rs = |b, tq, hq, hkv, d, c, cap| RetrieveShape {
@@ -143,11 +140,7 @@ fn retrieval_all(dev: &Device) -> Result<(), Error> {
     Ok(())
 }
 
-#[test]
-fn bad_buffers_are_rejected_before_any_launch() {
-    let dev = gpu_or_skip!();
-    bad_buffers(dev).expect("setup");
-}
+gpu_test!(bad_buffers_are_rejected_before_any_launch, bad_buffers, "setup");
 
 fn bad_buffers(dev: &Device) -> Result<(), Error> {
     let s = ks(2, 100, 100, 4, 16);

@@ -19,24 +19,48 @@ const GOOD: KmeansShape = KmeansShape { heads: 2, tokens: 10, capacity: 12, clus
 const GOOD_R: RetrieveShape =
     RetrieveShape { batch: 2, q_tokens: 1, hq: 4, hkv: 2, head_dim: 8, clusters: 3, capacity: 12 };
 
+/// A shape with what its validation said, so that a failing row names its shape.
+macro_rules! checked {
+    ($shape:expr) => {{
+        let s = $shape;
+        (format!("{s:?}"), s.validate())
+    }};
+}
+
 #[test]
-fn kmeans_shape_boundaries() {
+fn shape_boundaries() {
     assert!(GOOD.validate().is_ok());
-    let cases: Vec<(KmeansShape, &str)> = vec![
-        (KmeansShape { heads: 0, ..GOOD }, "heads"),
-        (KmeansShape { tokens: 0, ..GOOD }, "tokens"),
-        (KmeansShape { capacity: 9, ..GOOD }, "capacity"),
-        (KmeansShape { clusters: 0, ..GOOD }, "clusters"),
-        (KmeansShape { clusters: 11, ..GOOD }, "clusters"),
-        (KmeansShape { head_dim: 0, ..GOOD }, "head_dim"),
-        (KmeansShape { head_dim: MAX_HEAD_DIM + 1, ..GOOD }, "head_dim"),
-        (KmeansShape { capacity: u32::MAX as usize + 1, ..GOOD }, "capacity"),
-        (KmeansShape { tokens: 1 << 20, capacity: 1 << 20, clusters: MAX_CLUSTERS + 1, ..GOOD }, "clusters"),
-        (KmeansShape { heads: usize::MAX, ..GOOD }, "keys"),
-        (KmeansShape { heads: 1 << 40, tokens: 1 << 20, capacity: 1 << 20, head_dim: 1024, ..GOOD }, "keys"),
+    assert!(GOOD_R.validate().is_ok());
+    // Grouped by the argument named: the k-means and the retrieval rows of each together.
+    let cases: Vec<((String, ntkv::Result<()>), &str)> = vec![
+        (checked!(KmeansShape { heads: 0, ..GOOD }), "heads"),
+        (checked!(KmeansShape { tokens: 0, ..GOOD }), "tokens"),
+        (checked!(KmeansShape { capacity: 9, ..GOOD }), "capacity"),
+        (checked!(KmeansShape { capacity: u32::MAX as usize + 1, ..GOOD }), "capacity"),
+        (checked!(RetrieveShape { capacity: 0, ..GOOD_R }), "capacity"),
+        (checked!(RetrieveShape { capacity: u32::MAX as usize + 1, ..GOOD_R }), "capacity"),
+        (checked!(KmeansShape { clusters: 0, ..GOOD }), "clusters"),
+        (checked!(KmeansShape { clusters: 11, ..GOOD }), "clusters"),
+        (checked!(KmeansShape { tokens: 1 << 20, capacity: 1 << 20, clusters: MAX_CLUSTERS + 1, ..GOOD }), "clusters"),
+        (checked!(RetrieveShape { clusters: 0, ..GOOD_R }), "clusters"),
+        (checked!(RetrieveShape { clusters: MAX_CLUSTERS + 1, ..GOOD_R }), "clusters"),
+        (checked!(KmeansShape { head_dim: 0, ..GOOD }), "head_dim"),
+        (checked!(KmeansShape { head_dim: MAX_HEAD_DIM + 1, ..GOOD }), "head_dim"),
+        (checked!(RetrieveShape { head_dim: 0, ..GOOD_R }), "head_dim"),
+        (checked!(RetrieveShape { head_dim: 1025, ..GOOD_R }), "head_dim"),
+        (checked!(KmeansShape { heads: usize::MAX, ..GOOD }), "keys"),
+        (checked!(KmeansShape { heads: 1 << 40, tokens: 1 << 20, capacity: 1 << 20, head_dim: 1024, ..GOOD }), "keys"),
+        (checked!(RetrieveShape { batch: 0, ..GOOD_R }), "batch"),
+        (checked!(RetrieveShape { batch: 40000, hq: 4, hkv: 2, ..GOOD_R }), "batch"),
+        (checked!(RetrieveShape { q_tokens: 0, ..GOOD_R }), "q_tokens"),
+        (checked!(RetrieveShape { q_tokens: 17, ..GOOD_R }), "q_tokens"),
+        (checked!(RetrieveShape { hq: 0, ..GOOD_R }), "hq"),
+        (checked!(RetrieveShape { hq: 5, ..GOOD_R }), "hq"),
+        (checked!(RetrieveShape { hkv: 0, ..GOOD_R }), "hkv"),
+        (checked!(RetrieveShape { batch: usize::MAX, ..GOOD_R }), "q"),
     ];
-    for (s, arg) in cases {
-        assert_eq!(arg_of(s.validate().unwrap_err()), arg, "{s:?}");
+    for ((s, r), arg) in cases {
+        assert_eq!(arg_of(r.unwrap_err()), arg, "{s}");
     }
     assert!(KmeansShape { clusters: 10, ..GOOD }.validate().is_ok(), "C = T");
     assert!(KmeansShape { head_dim: MAX_HEAD_DIM, ..GOOD }.validate().is_ok());
@@ -75,27 +99,7 @@ fn kmeans_reference_rejects_bad_buffers() {
 }
 
 #[test]
-fn retrieve_shape_and_option_boundaries() {
-    assert!(GOOD_R.validate().is_ok());
-    let cases: Vec<(RetrieveShape, &str)> = vec![
-        (RetrieveShape { batch: 0, ..GOOD_R }, "batch"),
-        (RetrieveShape { q_tokens: 0, ..GOOD_R }, "q_tokens"),
-        (RetrieveShape { q_tokens: 17, ..GOOD_R }, "q_tokens"),
-        (RetrieveShape { hq: 0, ..GOOD_R }, "hq"),
-        (RetrieveShape { hkv: 0, ..GOOD_R }, "hkv"),
-        (RetrieveShape { hq: 5, ..GOOD_R }, "hq"),
-        (RetrieveShape { head_dim: 0, ..GOOD_R }, "head_dim"),
-        (RetrieveShape { head_dim: 1025, ..GOOD_R }, "head_dim"),
-        (RetrieveShape { clusters: 0, ..GOOD_R }, "clusters"),
-        (RetrieveShape { clusters: MAX_CLUSTERS + 1, ..GOOD_R }, "clusters"),
-        (RetrieveShape { capacity: 0, ..GOOD_R }, "capacity"),
-        (RetrieveShape { capacity: u32::MAX as usize + 1, ..GOOD_R }, "capacity"),
-        (RetrieveShape { batch: 40000, hq: 4, hkv: 2, ..GOOD_R }, "batch"),
-        (RetrieveShape { batch: usize::MAX, ..GOOD_R }, "q"),
-    ];
-    for (s, arg) in cases {
-        assert_eq!(arg_of(s.validate().unwrap_err()), arg, "{s:?}");
-    }
+fn retrieve_option_boundaries() {
     for (o, arg) in [
         (RetrieveOptions { budget: u32::MAX as usize + 1, ..Default::default() }, "budget"),
         (RetrieveOptions { sinks: u32::MAX as usize + 1, ..Default::default() }, "sinks"),

@@ -17,15 +17,21 @@ use crate::harness::{Bench, Work};
 
 const FAMILY: &str = "cluster";
 
-/// A k-means case: `heads` × `tokens` keys of `head_dim` into `clusters`, `iterations`.
+/// A k-means case: the shape (`capacity` leaves room for the appended tokens of the
+/// incremental case) and the iterations.
 pub struct KmeansCase {
     pub op: &'static str,
     pub shape: &'static str,
-    pub heads: usize,
-    pub tokens: usize,
-    pub clusters: usize,
-    pub head_dim: usize,
+    pub dims: KmeansShape,
     pub iterations: usize,
+}
+
+/// A case reads as its shape (`kc.heads`, `kc.tokens`), as the resource report uses it.
+impl std::ops::Deref for KmeansCase {
+    type Target = KmeansShape;
+    fn deref(&self) -> &KmeansShape {
+        &self.dims
+    }
 }
 
 /// A retrieval case: one query token per sequence, D = 128.
@@ -45,10 +51,7 @@ pub struct RetrieveCase {
 pub const KMEANS_CASES: &[KmeansCase] = &[KmeansCase {
     op: "kmeans",
     shape: "H32 T32768 D128 C256 it10",
-    heads: 32,
-    tokens: 32768,
-    clusters: 256,
-    head_dim: 128,
+    dims: KmeansShape { heads: 32, tokens: 32768, capacity: 32768 + APPEND, clusters: 256, head_dim: 128 },
     iterations: 10,
 }];
 pub const RETRIEVE_CASES: &[RetrieveCase] = &[RetrieveCase {
@@ -119,10 +122,9 @@ fn retrieve_shape(batch: usize, hq: usize, hkv: usize, c: usize, cap: usize) -> 
 
 fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     for kc in KMEANS_CASES {
-        let (op, shape, h, t, c, d, it) =
-            (kc.op, kc.shape, kc.heads, kc.tokens, kc.clusters, kc.head_dim, kc.iterations);
-        let s = KmeansShape { heads: h, tokens: t, capacity: t + APPEND, clusters: c, head_dim: d };
-        let keys = DeviceTensor::from_host(dev, &random_keys(h * (t + APPEND) * d, 1), &s.keys_shape())?;
+        let (op, shape, s, it) = (kc.op, kc.shape, kc.dims, kc.iterations);
+        let (h, t, c, d) = (s.heads, s.tokens, s.clusters, s.head_dim);
+        let keys = DeviceTensor::from_host(dev, &random_keys(h * s.capacity * d, 1), &s.keys_shape())?;
         let mut state = ClusterState::zeros(dev, &s)?;
         // L2, as the torch peer (cdist); f32 keys.
         let mut plan =

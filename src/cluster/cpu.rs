@@ -3,7 +3,9 @@
 //! and token lists are compared with `==`. Written for clarity, not speed. Every function
 //! validates its arguments as the GPU plans do and never panics.
 
-use super::{validate_append, Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape};
+use super::{
+    validate_append, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape,
+};
 use crate::error::{check_shape, Error, Result};
 use crate::tensor::{checked_numel, Float};
 
@@ -11,21 +13,7 @@ use crate::tensor::{checked_numel, Float};
 pub const NO_LABEL: u32 = u32::MAX;
 
 /// A k-means state on the host, laid out as [`super::ClusterState`] on the device.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KmeansResult {
-    /// `[H, C, D]`.
-    pub centroids: Vec<f32>,
-    /// `[H, Tcap]`; [`NO_LABEL`] past the labelled tokens.
-    pub labels: Vec<u32>,
-    /// `[H, C]`.
-    pub sizes: Vec<u32>,
-    /// `[H, C + 1]`, offsets local to each head's row of `members`.
-    pub indptr: Vec<u32>,
-    /// `[H, Tcap]`; [`NO_LABEL`] past each head's `indptr[h, C]`.
-    pub members: Vec<u32>,
-    /// `[H]`, assignment passes run.
-    pub iterations: Vec<u32>,
-}
+pub type KmeansResult = KmeansBuffers<Vec<f32>, Vec<u32>>;
 
 impl KmeansResult {
     /// The members of cluster `c` of head `h` (empty when out of range).

@@ -4,7 +4,9 @@
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cpu::KmeansResult;
-use super::{validate_append, Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape};
+use super::{
+    validate_append, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape,
+};
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Result};
 use crate::launch::{grid_for, KernelId};
@@ -47,21 +49,7 @@ pub fn mark_smem_bytes(clusters: usize) -> usize {
 /// A k-means state on the device (see the [module docs](super) for every layout): the output
 /// of [`KmeansPlan::run`], grown by [`KmeansPlan::assign_appended`], read by
 /// [`RetrievePlan::run`].
-#[derive(Debug)]
-pub struct ClusterState {
-    /// `[H, C, D]` f32.
-    pub centroids: DeviceTensor<f32>,
-    /// `[H, Tcap]`.
-    pub labels: DeviceTensor<u32>,
-    /// `[H, C]`.
-    pub sizes: DeviceTensor<u32>,
-    /// `[H, C + 1]`, offsets local to each head's row of `members`.
-    pub indptr: DeviceTensor<u32>,
-    /// `[H, Tcap]`.
-    pub members: DeviceTensor<u32>,
-    /// `[H]`, assignment passes run.
-    pub iterations: DeviceTensor<u32>,
-}
+pub type ClusterState = KmeansBuffers<DeviceTensor<f32>, DeviceTensor<u32>>;
 
 impl ClusterState {
     /// Zeroed buffers of the shapes `shape` gives.
@@ -85,14 +73,7 @@ impl ClusterState {
     /// # Errors
     /// Driver errors.
     pub fn to_host(&self) -> Result<KmeansResult> {
-        Ok(KmeansResult {
-            centroids: self.centroids.to_host()?,
-            labels: self.labels.to_host()?,
-            sizes: self.sizes.to_host()?,
-            indptr: self.indptr.to_host()?,
-            members: self.members.to_host()?,
-            iterations: self.iterations.to_host()?,
-        })
+        self.try_map(DeviceTensor::to_host, DeviceTensor::to_host)
     }
 
     fn check(&self, device: &Device, shape: &KmeansShape) -> Result<()> {
@@ -340,6 +321,7 @@ impl KmeansPlan {
 
 /// A validated cluster retrieval with its workspace (scores, the top-k plan, the token
 /// bitmaps), reusable across decode steps and layers: [`Self::run`] only enqueues.
+#[derive(Debug)]
 pub struct RetrievePlan {
     device: Device,
     shape: RetrieveShape,
@@ -355,12 +337,6 @@ pub struct RetrievePlan {
     bitmap: CudaSlice<u32>,
     counts: CudaSlice<u32>,
     capacity: usize,
-}
-
-impl std::fmt::Debug for RetrievePlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RetrievePlan").field("shape", &self.shape).field("options", &self.options).finish()
-    }
 }
 
 impl RetrievePlan {

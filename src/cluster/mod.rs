@@ -137,6 +137,43 @@ pub use gpu::{
 
 use crate::error::{Error, Result};
 
+/// The buffers of a k-means state, one layout on the host ([`cpu::KmeansResult`], `Vec`s) and
+/// on the device ([`ClusterState`], device tensors): `F` holds f32 values, `U` u32 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KmeansBuffers<F, U> {
+    /// `[H, C, D]`.
+    pub centroids: F,
+    /// `[H, Tcap]`; [`cpu::NO_LABEL`] past the labelled tokens (host reference).
+    pub labels: U,
+    /// `[H, C]`.
+    pub sizes: U,
+    /// `[H, C + 1]`, offsets local to each head's row of `members`.
+    pub indptr: U,
+    /// `[H, Tcap]`; [`cpu::NO_LABEL`] past each head's `indptr[h, C]` (host reference).
+    pub members: U,
+    /// `[H]`, assignment passes run.
+    pub iterations: U,
+}
+
+impl<F, U> KmeansBuffers<F, U> {
+    /// The same state with every buffer converted (a copy between host and device), the
+    /// first error returned.
+    pub fn try_map<G, V, E>(
+        &self,
+        f: impl FnOnce(&F) -> std::result::Result<G, E>,
+        mut u: impl FnMut(&U) -> std::result::Result<V, E>,
+    ) -> std::result::Result<KmeansBuffers<G, V>, E> {
+        Ok(KmeansBuffers {
+            centroids: f(&self.centroids)?,
+            labels: u(&self.labels)?,
+            sizes: u(&self.sizes)?,
+            indptr: u(&self.indptr)?,
+            members: u(&self.members)?,
+            iterations: u(&self.iterations)?,
+        })
+    }
+}
+
 /// The most clusters per head: the retrieval ranks all of them with one top-k
 /// ([`crate::select::MAX_K`]).
 pub const MAX_CLUSTERS: usize = crate::select::MAX_K;

@@ -228,16 +228,8 @@ bool kmeans_case(const KCfg& c, const char* name, uint32_t append_to = 0) {
     d.done = dup(std::vector<uint32_t>(c.H, 1));
     d.changed = dup(std::vector<uint32_t>(c.H, 1));
     d.cursor = dup(std::vector<uint32_t>((size_t)c.H * c.C, 0));
-    NtkvKmeansParams p{};
-    p.seed = seed;
-    p.heads = c.H;
-    p.tokens = c.T;
-    p.capacity = c.cap;
-    p.clusters = c.C;
-    p.head_dim = c.D;
-    p.metric = c.metric;
-    p.first = 0;
-    p.track = c.stop ? 2 : 1;
+    // KCfg lists the shape in the params' field order; first 0, track: 2 stops when stable.
+    const NtkvKmeansParams p{seed, c.H, c.T, c.cap, c.C, c.D, c.metric, 0, c.stop ? 2u : 1u};
     ntkv_emu::launch(dim3_{c.H * c.C, 1, 1}, dim3_{ROW_THREADS, 1, 1}, 0, [&] {
         K<T>::init(p, d.keys.get(), d.cent.get(), d.labels.get(), d.iters.get(), d.done.get(), d.changed.get());
     });
