@@ -43,6 +43,8 @@ pub enum Module {
     Ntk,
     /// `cuda/topk.cu`: radix top-k, H2O accumulation and eviction, SnapKV selection.
     Topk,
+    /// `cuda/qdecode.cu`: fused decode attention over quantized KV caches.
+    Qdecode,
 }
 
 /// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
@@ -60,7 +62,7 @@ impl std::str::FromStr for Module {
 impl Module {
     /// Every module, in file order.
     pub const ALL: &'static [Module] =
-        &[Module::Common, Module::Quant, Module::Topk, Module::Attention, Module::Decode, Module::Ntk];
+        &[Module::Common, Module::Quant, Module::Topk, Module::Attention, Module::Decode, Module::Ntk, Module::Qdecode];
 
     /// The module's name: the stem of its `.cu` file.
     pub fn name(self) -> &'static str {
@@ -71,6 +73,7 @@ impl Module {
             Module::Attention => "attention",
             Module::Ntk => "ntk",
             Module::Topk => "topk",
+            Module::Qdecode => "qdecode",
         }
     }
 
@@ -83,6 +86,7 @@ impl Module {
             Module::Attention => kernels::ATTENTION,
             Module::Ntk => kernels::NTK,
             Module::Topk => kernels::TOPK,
+            Module::Qdecode => kernels::QDECODE,
         }
     }
 }

@@ -101,6 +101,7 @@ pub fn registered_kernels() -> Vec<KernelId> {
     all.extend(crate::decode::gpu::kernels());
     all.extend(crate::ntk::gpu::kernels());
     all.extend(crate::gemm::kernels());
+    all.extend(crate::qdecode::gpu::kernels());
     all.sort();
     all.dedup();
     all

@@ -30,3 +30,5 @@ unsafe impl DeviceRepr for NtkvH2oParams {}
 unsafe impl DeviceRepr for NtkvPoolParams {}
 unsafe impl DeviceRepr for NtkvKeepCheckParams {}
 unsafe impl DeviceRepr for NtkvCompactParams {}
+unsafe impl DeviceRepr for NtkvQdecodeOperand {}
+unsafe impl DeviceRepr for NtkvQdecodeParams {}

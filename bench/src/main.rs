@@ -13,6 +13,7 @@ mod decode;
 mod geometry;
 mod harness;
 mod ntk;
+mod qdecode;
 mod quant;
 mod topk;
 
@@ -56,6 +57,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("attention", attention::run),
     ("decode", decode::run),
     ("ntk", ntk::run),
+    ("qdecode", qdecode::run),
 ];
 
 fn main() -> ExitCode {

@@ -7,7 +7,7 @@
 # Needs g++ >= 12; no GPU, no CUDA toolkit.
 #
 # Usage: tools/emu/run.sh [family[=arg,arg...]]...   (no family: all of them)
-#   families: decode attention quant ntk topk; the args go to the harness, e.g. attention=causal
+#   families: decode attention quant ntk topk qdecode; the args go to the harness, e.g. attention=causal
 #   (cases whose name contains it), quant=100 (random cases per dtype), ntk=quick, topk=h2o.
 # Families that use cp.async (decode, attention, ntk) run twice: NTKV_EMU_CP_ASYNC=lazy (copies
 # land only when a covering wait_group returns) and eager (at issue).
@@ -19,7 +19,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cuda="${NTKV_EMU_CUDA_DIR:-$here/../../cuda}"
 work="${TMPDIR:-/tmp}/ntkv-emu-$(id -u)"
 mkdir -p "$work"
-all=(decode attention quant ntk topk)
+all=(decode attention quant ntk topk qdecode)
 [ $# -gt 0 ] || set -- "${all[@]}"
 sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
 # shellcheck disable=SC2206
