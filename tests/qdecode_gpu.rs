@@ -201,6 +201,7 @@ struct MikvPair {
     v_cpu: ntkv::quant::cpu::MikvCacheCpu,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mikv_upload(
     dev: &Device,
     h: usize,
@@ -211,7 +212,7 @@ fn mikv_upload(
     rng: &mut Rng,
     which: Important,
 ) -> MikvPair {
-    let (kx, vx, ki, vi) = mikv_pair(rng, h, d, t, kcfg, vcfg, which);
+    let MikvPrefill { k: kx, v: vx, k_important: ki, v_important: vi } = mikv_pair(rng, h, d, t, kcfg, vcfg, which);
     let kxd = DeviceTensor::from_host(dev, &kx, &[h, t, d]).unwrap();
     let vxd = DeviceTensor::from_host(dev, &vx, &[h, t, d]).unwrap();
     use ntkv::quant::cpu::MikvCacheCpu;

@@ -144,6 +144,15 @@ pub struct QdecodePlan {
     dummy: Dummies,
 }
 
+/// What the operand checks need of the plan (borrowed field by field, so the workspace can
+/// be borrowed mutably beside it).
+#[derive(Clone, Copy)]
+struct Ctx<'b> {
+    device: &'b Device,
+    shape: &'b QdecodeShape,
+    dummy: &'b Dummies,
+}
+
 /// One-element buffers that absent operand parts point at (never read by the kernel).
 struct Dummies {
     u32: CudaSlice<u32>,
@@ -247,15 +256,14 @@ impl QdecodePlan {
 
     /// Checks a quantized tensor of a KIVI cache against the plan: `B·Hkv` heads of `D`.
     fn kivi_operand<'b>(
-        device: &Device,
-        shape: &QdecodeShape,
-        dummy: &'b Dummies,
+        ctx: &Ctx<'b>,
         arg: &'static str,
         t: &'b QuantizedTensor,
         res: &'b DeviceTensor<f16>,
         res_arg: &'static str,
         residual_len: usize,
     ) -> Result<OperandArgs<'b>> {
+        let Ctx { device, shape, dummy } = *ctx;
         let (heads, d) = (shape.cache_heads(), shape.head_dim);
         let layout = t.layout();
         device.check_key(arg, t.device_key())?;
@@ -302,13 +310,8 @@ impl QdecodePlan {
     }
 
     /// Checks a MiKV cache against the plan: `B·Hkv` heads of `D`.
-    fn mikv_operand<'b>(
-        device: &Device,
-        shape: &QdecodeShape,
-        dummy: &'b Dummies,
-        arg: &'static str,
-        m: &'b MikvParts<'b>,
-    ) -> Result<OperandArgs<'b>> {
+    fn mikv_operand<'b>(ctx: &Ctx<'b>, arg: &'static str, m: &'b MikvParts<'b>) -> Result<OperandArgs<'b>> {
+        let Ctx { device, shape, dummy } = *ctx;
         let (heads, d) = (shape.cache_heads(), shape.head_dim);
         device.check_key(arg, DeviceKey::of_stream(m.ring.stream()))?;
         if m.heads != heads || m.dim != d {
@@ -393,14 +396,15 @@ impl QdecodePlan {
         let shape = &self.shape;
         let dev = &self.device;
         let dummy = &self.dummy;
+        let ctx = Ctx { device: dev, shape, dummy };
         dev.check_buffer("q", q, &shape.q_shape())?;
         dev.check_buffer("o", o, &shape.q_shape())?;
         dev.check_buffer("lse", lse, &shape.lse_shape())?;
         let (kp, vp);
         let (k, v, tokens) = match cache {
             QdecodeCache::Kivi(c) => {
-                let k = Self::kivi_operand(dev, shape, dummy, "k", c.k, c.k_residual, "k_residual", c.residual_len)?;
-                let v = Self::kivi_operand(dev, shape, dummy, "v", c.v, c.v_residual, "v_residual", c.residual_len)?;
+                let k = Self::kivi_operand(&ctx, "k", c.k, c.k_residual, "k_residual", c.residual_len)?;
+                let v = Self::kivi_operand(&ctx, "v", c.v, c.v_residual, "v_residual", c.residual_len)?;
                 if c.k.layout().tokens != c.v.layout().tokens {
                     return Err(Error::invalid(
                         "v",
@@ -415,11 +419,7 @@ impl QdecodePlan {
                 if kp.tokens != vp.tokens {
                     return Err(Error::invalid("v", format!("{} tokens but k has {}", vp.tokens, kp.tokens)));
                 }
-                (
-                    Self::mikv_operand(dev, shape, dummy, "k", &kp)?,
-                    Self::mikv_operand(dev, shape, dummy, "v", &vp)?,
-                    kp.tokens,
-                )
+                (Self::mikv_operand(&ctx, "k", &kp)?, Self::mikv_operand(&ctx, "v", &vp)?, kp.tokens)
             }
         };
         if tokens > shape.capacity {

@@ -137,7 +137,16 @@ pub fn reference<T: Float>(
     cpu::reference(s, opts, q, k, v, tokens, lists).unwrap()
 }
 
-/// A MiKV key and value cache pair (CPU reference caches) from one random prefill each.
+/// Random key and value prefills `[H, T, D]` and their important lists, both valid for the
+/// configs.
+pub struct MikvPrefill {
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
+    pub k_important: Vec<Vec<u32>>,
+    pub v_important: Vec<Vec<u32>>,
+}
+
+/// A random MiKV key and value prefill, checked against the CPU reference caches.
 pub fn mikv_pair(
     rng: &mut Rng,
     heads: usize,
@@ -146,7 +155,7 @@ pub fn mikv_pair(
     k_cfg: MikvConfig,
     v_cfg: MikvConfig,
     which: Important,
-) -> (Vec<f16>, Vec<f16>, Vec<Vec<u32>>, Vec<Vec<u32>>) {
+) -> MikvPrefill {
     let kx = f16_vec(rng, heads * tokens * dim);
     let vx = f16_vec(rng, heads * tokens * dim);
     let ki = important_lists(rng, heads, tokens, which);
@@ -154,5 +163,5 @@ pub fn mikv_pair(
     // Both configs must be valid for the shape.
     MikvCacheCpu::from_prefill(k_cfg, &kx, &[heads, tokens, dim], &ki).unwrap();
     MikvCacheCpu::from_prefill(v_cfg, &vx, &[heads, tokens, dim], &vi).unwrap();
-    (kx, vx, ki, vi)
+    MikvPrefill { k: kx, v: vx, k_important: ki, v_important: vi }
 }
