@@ -328,25 +328,12 @@ template <typename T>
 __device__ __forceinline__ void decode_merge(const NtkvDecodeParams& p, const uint32_t* __restrict__ indptr,
                                              const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                              T* __restrict__ o, float* __restrict__ lse) {
-    const uint64_t blk = blockIdx.x;
-    const uint32_t gr = (uint32_t)(blk % p.rows);
-    const uint64_t list64 = blk / p.rows;
-    if (list64 >= (uint64_t)p.batch * p.kv_heads) return;
-    const uint32_t list = (uint32_t)list64;
-    const uint32_t d = threadIdx.x;
-    if (d >= p.head_dim) return;
-    const uint32_t b = list / p.kv_heads;
-    const uint32_t hkv = list % p.kv_heads;
-
-    uint64_t list_begin, list_end;
-    list_bounds(indptr, list, p.n_indices, list_begin, list_end);
-    const uint32_t n = chunks_of(list_end - list_begin, p.chunk_tokens, p.max_chunks);
-    const uint64_t base = (uint64_t)list * p.max_chunks * p.rows + gr;  // chunk c: base + c * rows
-    float out, row_lse;
-    ntkv::fd_merge_workspace(n, base, p.rows, p.head_dim, d, ws_acc, ws_ml, out, row_lse);
-    const uint64_t row = row_offset(p, b, hkv, gr);
-    o[row * p.head_dim + d] = ntkv::from_f32<T>(out);
-    if (d == 0) lse[row] = row_lse;
+    auto len_of = [&](uint32_t list) {
+        uint64_t begin, end;
+        list_bounds(indptr, list, p.n_indices, begin, end);
+        return end - begin;
+    };
+    ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
 }
 
 }  // namespace

@@ -178,6 +178,20 @@ __device__ __forceinline__ void load_token(const NtkvQdecodeOperand& op, const O
     }
 }
 
+// The positions of cache head `head`: tokens [0, tokens), or its CSR list (clamped to the
+// buffer so a corrupted indptr cannot make a kernel read outside it; the plan validated it).
+__device__ __forceinline__ void positions_of(const NtkvQdecodeParams& p, const uint32_t* __restrict__ indptr,
+                                             uint32_t head, uint64_t& begin, uint64_t& end) {
+    begin = 0;
+    end = p.tokens;
+    if (!p.indexed) return;
+    uint64_t e = indptr[head + 1];
+    uint64_t s = indptr[head];
+    e = e < p.n_indices ? e : p.n_indices;
+    begin = s < e ? s : e;
+    end = e;
+}
+
 template <typename T, int D, int R>
 __device__ __forceinline__ void qdecode_attn(const NtkvQdecodeParams& p, const T* __restrict__ q, const OpPtrs& KP,
                                              const OpPtrs& VP, const uint32_t* __restrict__ indptr,
@@ -199,17 +213,8 @@ __device__ __forceinline__ void qdecode_attn(const NtkvQdecodeParams& p, const T
     const uint32_t b = head / p.kv_heads;
     const uint32_t hkv = head % p.kv_heads;
 
-    // Positions of this head: tokens [0, tokens), or its CSR list (clamped to the buffer so a
-    // corrupted indptr cannot make the kernel read outside it; the plan validated it).
-    uint64_t begin = 0, end = p.tokens;
-    if (p.indexed) {
-        uint64_t e = indptr[head + 1];
-        uint64_t s = indptr[head];
-        e = e < p.n_indices ? e : p.n_indices;
-        s = s < e ? s : e;
-        begin = s;
-        end = e;
-    }
+    uint64_t begin, end;
+    positions_of(p, indptr, head, begin, end);
     if (chunk >= ntkv::fd_chunks_of(end - begin, p.chunk_tokens, p.max_chunks)) return;
     uint64_t c_begin = begin + (uint64_t)chunk * p.chunk_tokens;
     c_begin = c_begin < end ? c_begin : end;
@@ -355,28 +360,12 @@ template <typename T>
 __device__ __forceinline__ void qdecode_merge(const NtkvQdecodeParams& p, const uint32_t* __restrict__ indptr,
                                               const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                               T* __restrict__ o, float* __restrict__ lse) {
-    const uint64_t blk = blockIdx.x;
-    const uint32_t gr = (uint32_t)(blk % p.rows);
-    const uint64_t head64 = blk / p.rows;
-    if (head64 >= (uint64_t)p.batch * p.kv_heads) return;
-    const uint32_t head = (uint32_t)head64;
-    const uint32_t d = threadIdx.x;
-    if (d >= p.head_dim) return;
-    uint64_t len = p.tokens;
-    if (p.indexed) {
-        uint64_t e = indptr[head + 1];
-        uint64_t s = indptr[head];
-        e = e < p.n_indices ? e : p.n_indices;
-        s = s < e ? s : e;
-        len = e - s;
-    }
-    const uint32_t n = ntkv::fd_chunks_of(len, p.chunk_tokens, p.max_chunks);
-    const uint64_t base = (uint64_t)head * p.max_chunks * p.rows + gr;
-    float out, row_lse;
-    ntkv::fd_merge_workspace(n, base, p.rows, p.head_dim, d, ws_acc, ws_ml, out, row_lse);
-    const uint64_t row = ntkv::fd_row_offset(head / p.kv_heads, head % p.kv_heads, gr, p.group, p.q_tokens, p.q_heads);
-    o[row * p.head_dim + d] = ntkv::from_f32<T>(out);
-    if (d == 0) lse[row] = row_lse;
+    auto len_of = [&](uint32_t head) {
+        uint64_t begin, end;
+        positions_of(p, indptr, head, begin, end);
+        return end - begin;
+    };
+    ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
 }
 
 }  // namespace

@@ -7,7 +7,7 @@ mod qdecode_support;
 
 use half::{bf16, f16};
 use ntkv::decode::{self, DecodeOptions, DecodeShape};
-use ntkv::qdecode::{cpu, plan_split, QdecodeOptions, CHUNK_QUANTUM, MAX_CHUNKS, MIN_CHUNK_TOKENS};
+use ntkv::qdecode::{cpu, plan_split, QdecodeOptions, MAX_CHUNKS, MIN_CHUNK_TOKENS};
 use ntkv::quant::cpu::{dequantize, MikvCacheCpu};
 use ntkv::quant::{Axis, HiPrecision, QuantSpec};
 use ntkv::rng::Rng;
@@ -168,7 +168,7 @@ fn split_covers_the_capacity() {
     {
         let s = shape(1, rows.min(16), heads * rows.div_ceil(16).max(1), heads, 128, cap);
         let sp = plan_split(&s, sms, None);
-        assert_eq!(sp.chunk_tokens % CHUNK_QUANTUM, 0);
+        assert_eq!(sp.chunk_tokens % ntkv::decode::TILE_TOKENS, 0);
         assert!(sp.chunk_tokens >= MIN_CHUNK_TOKENS);
         assert!(sp.max_chunks <= MAX_CHUNKS);
         assert!(sp.max_chunks * sp.chunk_tokens >= cap);

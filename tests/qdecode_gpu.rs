@@ -128,70 +128,44 @@ fn kivi_every_bit_width_and_group() {
     }
 }
 
+/// A KIVI case: (shape (B, Tq, Hq, Hkv, D, capacity), causal, forced chunk, quantized
+/// tokens, K spec (bits, group), V spec, residual rows, residual rows in use, bf16).
+type KiviRow = (
+    (usize, usize, usize, usize, usize, usize),
+    bool,
+    Option<usize>,
+    usize,
+    (u32, usize),
+    (u32, usize),
+    usize,
+    usize,
+    bool,
+);
+
 #[test]
 fn kivi_gqa_residual_and_queries() {
-    // GQA 1, 3, 8; residual empty, partial, full; Tq 1, 4, 16; bf16 and f16; D 64 and 128.
-    kivi_case::<f16>(
-        1,
-        shape(2, 1, 4, 4, 64, 1024),
-        QdecodeOptions::default(),
-        256,
-        spec(4, 32, Axis::PerChannel),
-        spec(4, 32, Axis::PerToken),
-        32,
-        0,
-    );
-    kivi_case::<bf16>(
-        2,
-        shape(1, 1, 6, 2, 128, 1024),
-        QdecodeOptions::default(),
-        320,
-        spec(2, 64, Axis::PerChannel),
-        spec(2, 32, Axis::PerToken),
-        48,
-        48,
-    );
-    kivi_case::<f16>(
-        3,
-        shape(1, 4, 16, 2, 128, 4096),
-        QdecodeOptions { causal: true, ..Default::default() },
-        1024,
-        spec(4, 128, Axis::PerChannel),
-        spec(8, 64, Axis::PerToken),
-        128,
-        100,
-    );
-    kivi_case::<bf16>(
-        4,
-        shape(1, 16, 8, 1, 64, 700),
-        QdecodeOptions { causal: true, ..Default::default() },
-        640,
-        spec(8, 32, Axis::PerChannel),
-        spec(4, 64, Axis::PerToken),
-        16,
-        16,
-    );
-    kivi_case::<f16>(
-        5,
-        shape(1, 2, 3, 1, 128, 600),
-        QdecodeOptions { chunk_tokens: Some(64), scale: Some(0.05), ..Default::default() },
-        512,
-        spec(2, 32, Axis::PerChannel),
-        spec(2, 128, Axis::PerToken),
-        80,
-        77,
-    );
-    // A long cache, automatic split.
-    kivi_case::<f16>(
-        6,
-        shape(1, 1, 32, 8, 128, 1 << 15),
-        QdecodeOptions::default(),
-        32000,
-        spec(4, 32, Axis::PerChannel),
-        spec(4, 32, Axis::PerToken),
-        128,
-        100,
-    );
+    // GQA 1, 3, 8; residual empty, partial, full; Tq 1 to 16; f16 and bf16; D 64 and 128;
+    // forced splits; a long cache with the automatic split.
+    let rows: &[KiviRow] = &[
+        ((2, 1, 4, 4, 64, 1024), false, None, 256, (4, 32), (4, 32), 32, 0, false),
+        ((1, 1, 6, 2, 128, 1024), false, None, 320, (2, 64), (2, 32), 48, 48, true),
+        ((1, 4, 16, 2, 128, 4096), true, None, 1024, (4, 128), (8, 64), 128, 100, false),
+        ((1, 16, 8, 1, 64, 700), true, None, 640, (8, 32), (4, 64), 16, 16, true),
+        ((1, 2, 3, 1, 128, 600), false, Some(64), 512, (2, 32), (2, 128), 80, 77, false),
+        ((1, 1, 32, 8, 128, 1 << 15), false, None, 32000, (4, 32), (4, 32), 128, 100, false),
+    ];
+    for (i, &((b, tq, hq, hkv, d, cap), causal, chunk, n, (kb, kg), (vb, vg), rcap, rlen, bf)) in
+        rows.iter().enumerate()
+    {
+        let s = shape(b, tq, hq, hkv, d, cap);
+        let opts = QdecodeOptions { causal, chunk_tokens: chunk, scale: if i == 4 { Some(0.05) } else { None } };
+        let (ks, vs) = (spec(kb, kg, Axis::PerChannel), spec(vb, vg, Axis::PerToken));
+        if bf {
+            kivi_case::<bf16>(i as u64 + 1, s, opts, n, ks, vs, rcap, rlen);
+        } else {
+            kivi_case::<f16>(i as u64 + 1, s, opts, n, ks, vs, rcap, rlen);
+        }
+    }
 }
 
 struct MikvPair {
@@ -235,7 +209,7 @@ fn mikv_case<T: Float>(
 ) {
     let dev = gpu_or_skip!("mikv_case");
     let mut rng = Rng::new(seed);
-    let p = mikv_upload(dev, s.cache_heads(), s.head_dim, t, kcfg, vcfg, &mut rng, which);
+    let p = mikv_upload(dev, s.n_lists(), s.head_dim, t, kcfg, vcfg, &mut rng, which);
     let q = q_vec::<T>(&mut rng, &s);
     let (kd, vd) = (p.k_cpu.dequantize_dense().unwrap(), p.v_cpu.dequantize_dense().unwrap());
     let want = reference(&s, &opts, &q, &kd, &vd, t, None);
@@ -244,69 +218,47 @@ fn mikv_case<T: Float>(
     check::<T>(&format!("mikv seed {seed} {s:?} T {t} K {kcfg:?} V {vcfg:?} {which:?}"), &got, &want);
 }
 
+/// A MiKV case: (shape (B, Tq, Hq, Hkv, D, capacity), causal, forced chunk, tokens, K
+/// (bits, hi, group, residual), V likewise, important tokens, bf16).
+type MikvRow = (
+    (usize, usize, usize, usize, usize, usize),
+    bool,
+    Option<usize>,
+    usize,
+    (u32, HiPrecision, usize, usize),
+    (u32, HiPrecision, usize, usize),
+    Important,
+    bool,
+);
+
 #[test]
 fn mikv_important_rows_and_lengths() {
-    let k = |bits, hi, g, r, cap| mikv_cfg(bits, hi, g, Axis::PerChannel, r, cap);
-    let v = |bits, hi, g, r, cap| mikv_cfg(bits, hi, g, Axis::PerToken, r, cap);
-    let d = QdecodeOptions::default();
-    // 10% important f16 rows, int4, T not a group multiple.
-    mikv_case::<f16>(
-        11,
-        shape(1, 1, 8, 8, 128, 4096),
-        d,
-        3001,
-        k(4, HiPrecision::F16, 32, 128, 4096),
-        v(4, HiPrecision::F16, 32, 128, 4096),
-        Important::Every(10),
-    );
-    // int2 with int8 important rows, GQA 3.
-    mikv_case::<bf16>(
-        12,
-        shape(1, 1, 6, 2, 64, 2048),
-        d,
-        1500,
-        k(2, HiPrecision::Int8, 64, 64, 2048),
-        v(2, HiPrecision::Int8, 64, 64, 2048),
-        Important::Every(5),
-    );
-    // All tokens important / none important, GQA 8, several queries.
-    mikv_case::<f16>(
-        13,
-        shape(1, 3, 8, 1, 128, 1024),
-        QdecodeOptions { causal: true, ..d },
-        777,
-        k(4, HiPrecision::Int8, 128, 0, 1024),
-        v(2, HiPrecision::F16, 32, 0, 1024),
-        Important::All,
-    );
-    mikv_case::<f16>(
-        14,
-        shape(2, 1, 2, 2, 64, 1024),
-        d,
-        999,
-        k(4, HiPrecision::F16, 32, 32, 1024),
-        v(4, HiPrecision::F16, 32, 32, 1024),
-        Important::None,
-    );
-    // Residual window full (T < R: nothing quantized yet) and exactly at a block edge.
-    mikv_case::<f16>(
-        15,
-        shape(1, 1, 4, 4, 128, 512),
-        d,
-        100,
-        k(4, HiPrecision::F16, 64, 128, 512),
-        v(4, HiPrecision::F16, 64, 128, 512),
-        Important::Every(3),
-    );
-    mikv_case::<bf16>(
-        16,
-        shape(1, 1, 4, 4, 128, 512),
-        QdecodeOptions { chunk_tokens: Some(96), ..d },
-        256,
-        k(2, HiPrecision::F16, 64, 64, 512),
-        v(2, HiPrecision::Int8, 64, 64, 512),
-        Important::Every(7),
-    );
+    use HiPrecision::{Int8, F16};
+    let rows: &[MikvRow] = &[
+        // 10% important f16 rows, int4, T not a group multiple.
+        ((1, 1, 8, 8, 128, 4096), false, None, 3001, (4, F16, 32, 128), (4, F16, 32, 128), Important::Every(10), false),
+        // int2 with int8 important rows, GQA 3.
+        ((1, 1, 6, 2, 64, 2048), false, None, 1500, (2, Int8, 64, 64), (2, Int8, 64, 64), Important::Every(5), true),
+        // All tokens important, GQA 8, several causal queries; then none important.
+        ((1, 3, 8, 1, 128, 1024), true, None, 777, (4, Int8, 128, 0), (2, F16, 32, 0), Important::All, false),
+        ((2, 1, 2, 2, 64, 1024), false, None, 999, (4, F16, 32, 32), (4, F16, 32, 32), Important::None, false),
+        // Residual window full (T < R: nothing quantized yet) and exactly at a block edge.
+        ((1, 1, 4, 4, 128, 512), false, None, 100, (4, F16, 64, 128), (4, F16, 64, 128), Important::Every(3), false),
+        ((1, 1, 4, 4, 128, 512), false, Some(128), 256, (2, F16, 64, 64), (2, Int8, 64, 64), Important::Every(7), true),
+    ];
+    for (i, &((b, tq, hq, hkv, d, cap), causal, chunk, t, (kb, kh, kg, kr), (vb, vh, vg, vr), which, bf)) in
+        rows.iter().enumerate()
+    {
+        let s = shape(b, tq, hq, hkv, d, cap);
+        let opts = QdecodeOptions { causal, chunk_tokens: chunk, scale: None };
+        let kcfg = mikv_cfg(kb, kh, kg, Axis::PerChannel, kr, cap);
+        let vcfg = mikv_cfg(vb, vh, vg, Axis::PerToken, vr, cap);
+        if bf {
+            mikv_case::<bf16>(i as u64 + 11, s, opts, t, kcfg, vcfg, which);
+        } else {
+            mikv_case::<f16>(i as u64 + 11, s, opts, t, kcfg, vcfg, which);
+        }
+    }
 }
 
 #[test]

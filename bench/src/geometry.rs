@@ -329,7 +329,7 @@ fn qdecode(g: &mut Geometry) {
     use crate::qdecode::{shape, KIVI_CASES, MIKV_OP, SHAPE, TOKENS};
     let s = shape(TOKENS);
     let split = ntkv::qdecode::plan_split(&s, SM_COUNT, None);
-    let heads = s.cache_heads();
+    let heads = s.n_lists();
     let note = format!("chunk {} tokens, {} chunks", split.chunk_tokens, split.max_chunks);
     for op in KIVI_CASES.iter().map(|c| c.0).chain([MIKV_OP]) {
         g.push(

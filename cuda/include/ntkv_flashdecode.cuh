@@ -88,4 +88,49 @@ __device__ __forceinline__ void fd_merge_workspace(uint32_t n, uint64_t base, ui
         [&](uint32_t c) { return ws_acc[(base + (uint64_t)c * stride) * head_dim + d]; }, out, lse);
 }
 
+// The geometry a split decode's merge needs: lists (cache heads) of `rows` query rows each,
+// their states at (list * max_chunks + chunk) * rows + row, and the [B, Tq, Hq] row space.
+struct FdGeometry {
+    uint32_t n_lists;
+    uint32_t rows;
+    uint32_t head_dim;
+    uint32_t chunk_tokens;
+    uint32_t max_chunks;
+    uint32_t kv_heads;
+    uint32_t group;
+    uint32_t q_tokens;
+    uint32_t q_heads;
+};
+
+// The merge geometry of a kernel parameter struct with the decode fields (batch, kv_heads,
+// rows, head_dim, chunk_tokens, max_chunks, group, q_tokens, q_heads).
+template <typename P>
+__device__ __forceinline__ FdGeometry fd_geometry(const P& p) {
+    return FdGeometry{p.batch * p.kv_heads, p.rows,  p.head_dim, p.chunk_tokens, p.max_chunks,
+                      p.kv_heads,           p.group, p.q_tokens, p.q_heads};
+}
+
+// The whole merge kernel: one CTA of head_dim threads per (list, query row), blockIdx.x =
+// list * rows + row. len_of(list) is the list's length, from which its chunk count follows
+// exactly as the attention kernel split it. Writes o and lse of the row.
+template <typename T, typename LEN>
+__device__ __forceinline__ void fd_merge_rows(const FdGeometry& g, LEN&& len_of, const float* __restrict__ ws_acc,
+                                              const float* __restrict__ ws_ml, T* __restrict__ o,
+                                              float* __restrict__ lse) {
+    const uint64_t blk = blockIdx.x;
+    const uint32_t gr = (uint32_t)(blk % g.rows);
+    const uint64_t list64 = blk / g.rows;
+    if (list64 >= g.n_lists) return;
+    const uint32_t list = (uint32_t)list64;
+    const uint32_t d = threadIdx.x;
+    if (d >= g.head_dim) return;
+    const uint32_t n = fd_chunks_of(len_of(list), g.chunk_tokens, g.max_chunks);
+    const uint64_t base = (uint64_t)list * g.max_chunks * g.rows + gr;  // chunk c: base + c * rows
+    float out, row_lse;
+    fd_merge_workspace(n, base, g.rows, g.head_dim, d, ws_acc, ws_ml, out, row_lse);
+    const uint64_t row = fd_row_offset(list / g.kv_heads, list % g.kv_heads, gr, g.group, g.q_tokens, g.q_heads);
+    o[row * g.head_dim + d] = from_f32<T>(out);
+    if (d == 0) lse[row] = row_lse;
+}
+
 }  // namespace ntkv

@@ -5,7 +5,6 @@
 use half::f16;
 
 use super::{QdecodeOptions, QdecodeShape};
-use crate::decode::DecodeShape;
 use crate::error::{check_shape, to_u32, Error, Result};
 use crate::quant::cpu::{dequantize, QuantizedHost};
 use crate::quant::QuantSpec;
@@ -77,12 +76,11 @@ pub fn reference<T: Float>(
     }
     let (b_n, tq_n, hq, hkv, d) = (shape.batch, shape.q_tokens, shape.hq, shape.hkv, shape.head_dim);
     check_shape("q", &[checked_numel::<T>("q", &shape.q_shape())?], &[q.len()])?;
-    let kv_len = checked_numel::<f16>("k", &[shape.cache_heads(), tokens, d])?;
+    let kv_len = checked_numel::<f16>("k", &[shape.n_lists(), tokens, d])?;
     check_shape("k", &[kv_len], &[k.len()])?;
     check_shape("v", &[kv_len], &[v.len()])?;
     if let Some((indptr, indices)) = lists {
-        let dshape = DecodeShape { batch: b_n, q_tokens: tq_n, hq, hkv, head_dim: d, capacity: shape.capacity };
-        crate::decode::validate_lists(&dshape, &vec![to_u32("tokens", tokens)?; b_n], indptr, indices)?;
+        crate::decode::validate_lists(shape, &vec![to_u32("tokens", tokens)?; b_n], indptr, indices)?;
     }
     let group = shape.group();
     let scale = f64::from(options.scale_for(d));

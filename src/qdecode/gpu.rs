@@ -5,8 +5,8 @@
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{plan_split, QdecodeOptions, QdecodeShape, Split, HEAD_DIMS, ROWS_PER_CTA};
-use crate::decode::DecodeShape;
+use super::{plan_split, QdecodeOptions, QdecodeShape, Split, ROWS_PER_CTA};
+use crate::decode::HEAD_DIMS;
 use crate::device::{Device, Module};
 use crate::error::{check_shape, to_u32, to_u64, Error, Result};
 use crate::launch::{grid_for, KernelId};
@@ -104,22 +104,9 @@ impl<'a> QdecodeLists<'a> {
         if tokens > shape.capacity {
             return Err(Error::invalid("tokens", format!("{tokens} exceeds the capacity {}", shape.capacity)));
         }
-        let dshape = DecodeShape {
-            batch: shape.batch,
-            q_tokens: shape.q_tokens,
-            hq: shape.hq,
-            hkv: shape.hkv,
-            head_dim: shape.head_dim,
-            capacity: shape.capacity,
-        };
         let cache_lens = vec![to_u32("tokens", tokens)?; shape.batch];
-        crate::decode::gpu::validate_lists_on_device(device, &dshape, &cache_lens, indptr, indices)?;
-        Ok(QdecodeLists {
-            indptr: indptr.cuda_view(),
-            indices: indices.cuda_view(),
-            tokens,
-            heads: shape.cache_heads(),
-        })
+        crate::decode::gpu::validate_lists_on_device(device, shape, &cache_lens, indptr, indices)?;
+        Ok(QdecodeLists { indptr: indptr.cuda_view(), indices: indices.cuda_view(), tokens, heads: shape.n_lists() })
     }
 
     /// The cache length the lists were validated for.
@@ -204,7 +191,7 @@ impl QdecodePlan {
         let split = plan_split(shape, device.props().sm_count as usize, options.chunk_tokens);
         let rows = shape.rows();
         let row_tiles = rows.div_ceil(if rows <= 1 { 1 } else { ROWS_PER_CTA });
-        let heads = shape.cache_heads();
+        let heads = shape.n_lists();
         let blocks = heads
             .checked_mul(split.max_chunks)
             .and_then(|x| x.checked_mul(row_tiles))
@@ -264,7 +251,7 @@ impl QdecodePlan {
         residual_len: usize,
     ) -> Result<OperandArgs<'b>> {
         let Ctx { device, shape, dummy } = *ctx;
-        let (heads, d) = (shape.cache_heads(), shape.head_dim);
+        let (heads, d) = (shape.n_lists(), shape.head_dim);
         let layout = t.layout();
         device.check_key(arg, t.device_key())?;
         device.check_tensor(res_arg, res)?;
@@ -312,7 +299,7 @@ impl QdecodePlan {
     /// Checks a MiKV cache against the plan: `B·Hkv` heads of `D`.
     fn mikv_operand<'b>(ctx: &Ctx<'b>, arg: &'static str, m: &'b MikvParts<'b>) -> Result<OperandArgs<'b>> {
         let Ctx { device, shape, dummy } = *ctx;
-        let (heads, d) = (shape.cache_heads(), shape.head_dim);
+        let (heads, d) = (shape.n_lists(), shape.head_dim);
         device.check_key(arg, DeviceKey::of_stream(m.ring.stream()))?;
         if m.heads != heads || m.dim != d {
             return Err(Error::shape(arg, &[heads, m.tokens, d], &[m.heads, m.tokens, m.dim]));
@@ -430,10 +417,10 @@ impl QdecodePlan {
         }
         let (indptr, indices, n_indices) = match lists {
             Some(l) => {
-                if l.heads != shape.cache_heads() {
+                if l.heads != shape.n_lists() {
                     return Err(Error::invalid(
                         "lists",
-                        format!("made for {} heads, the plan has {}", l.heads, shape.cache_heads()),
+                        format!("made for {} heads, the plan has {}", l.heads, shape.n_lists()),
                     ));
                 }
                 if l.tokens > tokens {

@@ -101,143 +101,31 @@ pub(crate) mod gpu;
 
 pub use gpu::{KiviCache, QdecodeCache, QdecodeLists, QdecodePlan};
 
-use crate::error::{Error, Result};
+use crate::decode::TILE_TOKENS;
+pub use crate::decode::{DecodeOptions, DecodeShape};
 #[allow(unused_imports)] // rustdoc links
 use crate::quant::{Axis, MikvCache, QuantSpec, QuantizedTensor};
 
-/// Most query tokens per sequence.
-pub const MAX_Q_TOKENS: usize = 16;
-/// The head dimensions the kernels support.
-pub const HEAD_DIMS: [usize; 2] = [64, 128];
+/// The sizes of a quantized decode: the sparse-index decode's shape, with the same fields,
+/// limits and errors ([`DecodeShape::validate`]): `batch` sequences, `q_tokens` query tokens
+/// per sequence (1 to 16), `hq` query heads over `hkv` kv heads (`hkv | hq`), `head_dim`
+/// 64 or 128, and `capacity`, the most tokens `T` a cache may hold when run (it sizes the
+/// split). The cache has [`DecodeShape::n_lists`] = `B·Hkv` heads.
+pub type QdecodeShape = DecodeShape;
+
+/// The options of a quantized decode: the sparse-index decode's ([`DecodeOptions`]):
+/// `causal` (query `t` sees token `i` iff `i ≤ T − Tq + t`), `scale` (default `1/√D`, must be
+/// finite) and `chunk_tokens` (positions per CTA, a positive multiple of
+/// [`TILE_TOKENS`](crate::decode::TILE_TOKENS); `None` lets the plan choose, [`plan_split`]).
+pub type QdecodeOptions = DecodeOptions;
+
 /// Query rows per CTA of the multi-row kernel (a kv head with more rows is split in tiles,
 /// each of which reads the head's bytes).
 pub const ROWS_PER_CTA: usize = 8;
-/// Positions per CTA step (4 warps × 8); chunks are a multiple of it.
-pub const CHUNK_QUANTUM: usize = 32;
 /// Smallest automatic chunk.
 pub const MIN_CHUNK_TOKENS: usize = 256;
-/// Most chunks per cache head.
+/// Most chunks per cache head of an automatic split.
 pub const MAX_CHUNKS: usize = 1024;
-
-/// The sizes of a quantized decode: what one plan serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QdecodeShape {
-    /// `B`, sequences (at least 1).
-    pub batch: usize,
-    /// `Tq`, query tokens per sequence, `1..=16`.
-    pub q_tokens: usize,
-    /// `Hq`, query heads (at least 1).
-    pub hq: usize,
-    /// `Hkv`, key/value heads; divides `Hq`.
-    pub hkv: usize,
-    /// `D`, 64 or 128.
-    pub head_dim: usize,
-    /// Most tokens `T` a cache may hold when run (`1..=u32::MAX`); sizes the split.
-    pub capacity: usize,
-}
-
-impl QdecodeShape {
-    /// `Hq / Hkv` (0 for an invalid shape with `Hkv = 0`).
-    pub fn group(&self) -> usize {
-        self.hq.checked_div(self.hkv).unwrap_or(0)
-    }
-
-    /// Query rows per kv head, `group · Tq`.
-    pub fn rows(&self) -> usize {
-        self.group().saturating_mul(self.q_tokens)
-    }
-
-    /// Cache heads, `B·Hkv` (saturating).
-    pub fn cache_heads(&self) -> usize {
-        self.batch.saturating_mul(self.hkv)
-    }
-
-    /// `[B, Tq, Hq, D]`: `q` and `o`.
-    pub fn q_shape(&self) -> [usize; 4] {
-        [self.batch, self.q_tokens, self.hq, self.head_dim]
-    }
-
-    /// `[B, Tq, Hq]`: `lse`.
-    pub fn lse_shape(&self) -> [usize; 3] {
-        [self.batch, self.q_tokens, self.hq]
-    }
-
-    /// Checks every field: counts positive, `Tq ≤ 16`, `D ∈ {64, 128}`, `Hkv | Hq`,
-    /// `capacity ≤ u32::MAX`, and the sizes the kernels index fit.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] naming `batch`, `q_tokens`, `hq`, `hkv`, `head_dim` or
-    /// `capacity`; [`Error::TooLarge`] naming `capacity`, `q` or `hq`.
-    pub fn validate(&self) -> Result<()> {
-        for (arg, v) in [("batch", self.batch), ("hq", self.hq), ("hkv", self.hkv), ("capacity", self.capacity)] {
-            if v == 0 {
-                return Err(Error::invalid(arg, "must be at least 1"));
-            }
-        }
-        if !(1..=MAX_Q_TOKENS).contains(&self.q_tokens) {
-            return Err(Error::invalid(
-                "q_tokens",
-                format!("{} query tokens; 1 to {MAX_Q_TOKENS} are supported", self.q_tokens),
-            ));
-        }
-        if !HEAD_DIMS.contains(&self.head_dim) {
-            return Err(Error::invalid("head_dim", format!("{}; 64 and 128 are supported", self.head_dim)));
-        }
-        if self.hq % self.hkv != 0 {
-            return Err(Error::invalid(
-                "hq",
-                format!("{} query heads is not a multiple of {} kv heads", self.hq, self.hkv),
-            ));
-        }
-        if self.capacity > u32::MAX as usize {
-            return Err(Error::too_large("capacity", "token indices are u32"));
-        }
-        crate::tensor::checked_numel::<u16>("q", &self.q_shape())?;
-        crate::error::to_i32("hkv", self.cache_heads())?;
-        crate::error::to_i32("hq", self.cache_heads().saturating_mul(self.rows()))?;
-        Ok(())
-    }
-}
-
-/// The options of a quantized decode.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct QdecodeOptions {
-    /// Causal among the `Tq` queries: query `t` sees token `i` iff `i ≤ T − Tq + t`.
-    pub causal: bool,
-    /// Softmax scale; `None` means `1/√D`. Must be finite.
-    pub scale: Option<f32>,
-    /// Positions per chunk; `None` lets the plan choose ([`plan_split`]). A positive
-    /// multiple of [`CHUNK_QUANTUM`] below 2^32. For tests and tuning.
-    pub chunk_tokens: Option<usize>,
-}
-
-impl QdecodeOptions {
-    /// The softmax scale in effect for head dimension `head_dim`.
-    pub fn scale_for(&self, head_dim: usize) -> f32 {
-        self.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt())
-    }
-
-    /// Checks the options.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] naming `scale` (not finite) or `chunk_tokens`.
-    pub fn validate(&self) -> Result<()> {
-        if let Some(s) = self.scale {
-            if !s.is_finite() {
-                return Err(Error::invalid("scale", format!("{s} is not finite")));
-            }
-        }
-        if let Some(c) = self.chunk_tokens {
-            if c == 0 || c % CHUNK_QUANTUM != 0 || c > u32::MAX as usize {
-                return Err(Error::invalid(
-                    "chunk_tokens",
-                    format!("{c} is not a positive multiple of {CHUNK_QUANTUM} below 2^32"),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The split of a plan: positions per chunk and chunks per cache head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,18 +143,19 @@ impl Split {
     }
 }
 
-/// The split for `shape` on a GPU of `sm_count` SMs: chunks sized so that the heads' chunks
-/// give about eight CTAs per SM at `capacity` tokens, at least [`MIN_CHUNK_TOKENS`] long and
-/// at most [`MAX_CHUNKS`] per head; `forced` is taken as is. Deterministic.
+/// The split for `shape` on a GPU of `sm_count` SMs: chunks (a multiple of
+/// [`TILE_TOKENS`](crate::decode::TILE_TOKENS)) sized so that the heads' chunks give about
+/// eight CTAs per SM at `capacity` tokens, at least [`MIN_CHUNK_TOKENS`] long and at most
+/// [`MAX_CHUNKS`] per head; `forced` is taken as is. Deterministic.
 pub fn plan_split(shape: &QdecodeShape, sm_count: usize, forced: Option<usize>) -> Split {
     let cap = shape.capacity.max(1);
     let chunk_tokens = match forced {
         Some(c) => c.max(1),
         None => {
-            let tiles = shape.cache_heads().saturating_mul(shape.rows().div_ceil(ROWS_PER_CTA).max(1)).max(1);
+            let tiles = shape.n_lists().saturating_mul(shape.rows().div_ceil(ROWS_PER_CTA).max(1)).max(1);
             let want_chunks = sm_count.max(1).saturating_mul(8).div_ceil(tiles).max(1);
-            let aim = cap.div_ceil(want_chunks).div_ceil(CHUNK_QUANTUM).saturating_mul(CHUNK_QUANTUM);
-            let floor = cap.div_ceil(MAX_CHUNKS).div_ceil(CHUNK_QUANTUM).saturating_mul(CHUNK_QUANTUM);
+            let aim = cap.div_ceil(want_chunks).div_ceil(TILE_TOKENS).saturating_mul(TILE_TOKENS);
+            let floor = cap.div_ceil(MAX_CHUNKS).div_ceil(TILE_TOKENS).saturating_mul(TILE_TOKENS);
             aim.max(MIN_CHUNK_TOKENS).max(floor)
         }
     };

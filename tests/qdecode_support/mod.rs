@@ -46,7 +46,7 @@ impl Kivi {
         rcap: usize,
         residual_len: usize,
     ) -> Self {
-        let h = s.cache_heads();
+        let h = s.n_lists();
         let d = s.head_dim;
         let dims = [h, tq, d];
         let k = quantize(k_spec, &dims, &f16_vec(rng, h * tq * d)).unwrap();
