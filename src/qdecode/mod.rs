@@ -116,7 +116,7 @@ pub type QdecodeShape = DecodeShape;
 /// The options of a quantized decode: the sparse-index decode's ([`DecodeOptions`]):
 /// `causal` (query `t` sees token `i` iff `i ≤ T − Tq + t`), `scale` (default `1/√D`, must be
 /// finite) and `chunk_tokens` (positions per CTA, a positive multiple of
-/// [`TILE_TOKENS`](crate::decode::TILE_TOKENS); `None` lets the plan choose, [`plan_split`]).
+/// [`TILE_TOKENS`]; `None` lets the plan choose, [`plan_split`]).
 pub type QdecodeOptions = DecodeOptions;
 
 /// Query rows per CTA of the multi-row kernel (a kv head with more rows is split in tiles,
@@ -144,7 +144,7 @@ impl Split {
 }
 
 /// The split for `shape` on a GPU of `sm_count` SMs: chunks (a multiple of
-/// [`TILE_TOKENS`](crate::decode::TILE_TOKENS)) sized so that the heads' chunks give about
+/// [`TILE_TOKENS`]) sized so that the heads' chunks give about
 /// eight CTAs per SM at `capacity` tokens, at least [`MIN_CHUNK_TOKENS`] long and at most
 /// [`MAX_CHUNKS`] per head; `forced` is taken as is. Deterministic.
 pub fn plan_split(shape: &QdecodeShape, sm_count: usize, forced: Option<usize>) -> Split {
