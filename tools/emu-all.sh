@@ -8,7 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(decode attention quant ntk topk)
+[ ${#families[@]} -gt 0 ] || families=(decode attention quant ntk topk qdecode)
 for f in "${families[@]}"; do
     echo "== $f"
     log=$(mktemp)
