@@ -16,6 +16,7 @@
 #include <math_constants.h>
 
 #include "ntkv_common.cuh"
+#include "ntkv_flashdecode.cuh"
 
 namespace {
 
@@ -53,16 +54,12 @@ __device__ __forceinline__ void list_bounds(const uint32_t* __restrict__ indptr,
 }
 
 __device__ __forceinline__ uint32_t chunks_of(uint64_t len, uint32_t chunk_tokens, uint32_t max_chunks) {
-    if (len == 0) return 1u;
-    const uint64_t n = (len + chunk_tokens - 1) / chunk_tokens;
-    return n < max_chunks ? (uint32_t)n : max_chunks;
+    return ntkv::fd_chunks_of(len, chunk_tokens, max_chunks);
 }
 
 // Flat offset of query row (b, tq, head) in q / o, in elements (times head_dim) or in lse.
 __device__ __forceinline__ uint64_t row_offset(const NtkvDecodeParams& p, uint32_t b, uint32_t hkv, uint32_t gr) {
-    const uint32_t tq = gr / p.group;
-    const uint32_t g = gr % p.group;
-    return ((uint64_t)b * p.q_tokens + tq) * p.q_heads + (uint64_t)hkv * p.group + g;
+    return ntkv::fd_row_offset(b, hkv, gr, p.group, p.q_tokens, p.q_heads);
 }
 
 // Calls f(it, r, c) for this thread's items it < ITEMS of a grid of rows of N items dealt out
@@ -331,40 +328,12 @@ template <typename T>
 __device__ __forceinline__ void decode_merge(const NtkvDecodeParams& p, const uint32_t* __restrict__ indptr,
                                              const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                              T* __restrict__ o, float* __restrict__ lse) {
-    const uint64_t blk = blockIdx.x;
-    const uint32_t gr = (uint32_t)(blk % p.rows);
-    const uint64_t list64 = blk / p.rows;
-    if (list64 >= (uint64_t)p.batch * p.kv_heads) return;
-    const uint32_t list = (uint32_t)list64;
-    const uint32_t d = threadIdx.x;
-    if (d >= p.head_dim) return;
-    const uint32_t b = list / p.kv_heads;
-    const uint32_t hkv = list % p.kv_heads;
-
-    uint64_t list_begin, list_end;
-    list_bounds(indptr, list, p.n_indices, list_begin, list_end);
-    const uint32_t n = chunks_of(list_end - list_begin, p.chunk_tokens, p.max_chunks);
-    const uint64_t base = (uint64_t)list * p.max_chunks * p.rows + gr;  // chunk c: base + c * rows
-
-    float m_max = -CUDART_INF_F;
-    for (uint32_t c = 0; c < n; ++c) m_max = fmaxf(m_max, ws_ml[2 * (base + (uint64_t)c * p.rows)]);
-    // A chunk whose scores were all NaN keeps m = -inf with a NaN l: shift by 0 then, so that
-    // its NaN reaches l_sum (exp2(-inf - 0) = 0 and fmaf(NaN, 0, x) is NaN).
-    const float m_base = m_max == -CUDART_INF_F ? 0.f : m_max;
-    float l_sum = 0.f;
-    float a_sum = 0.f;
-    for (uint32_t c = 0; c < n; ++c) {
-        const uint64_t s = base + (uint64_t)c * p.rows;
-        const float l = ws_ml[2 * s + 1];
-        if (l == 0.f) continue;  // a chunk with no visible token
-        const float w = exp2f(ws_ml[2 * s] - m_base);
-        l_sum = fmaf(l, w, l_sum);
-        a_sum = fmaf(ws_acc[s * p.head_dim + d], w, a_sum);
-    }
-    // l_sum == 0 only when no chunk saw a visible token; a NaN l_sum stays NaN in o and lse.
-    const uint64_t row = row_offset(p, b, hkv, gr);
-    o[row * p.head_dim + d] = ntkv::from_f32<T>(l_sum == 0.f ? 0.f : a_sum / l_sum);
-    if (d == 0) lse[row] = l_sum == 0.f ? -CUDART_INF_F : (m_max + log2f(l_sum)) * LN2;
+    auto len_of = [&](uint32_t list) {
+        uint64_t begin, end;
+        list_bounds(indptr, list, p.n_indices, begin, end);
+        return end - begin;
+    };
+    ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
 }
 
 }  // namespace

@@ -52,6 +52,8 @@ pub enum Module {
     Pages,
     /// `cuda/lowrank.cu`: ShadowKV low-rank key reconstruction (fused gather + GEMM + RoPE).
     Lowrank,
+    /// `cuda/qdecode.cu`: fused decode attention over quantized KV caches.
+    Qdecode,
 }
 
 /// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
@@ -79,6 +81,7 @@ impl Module {
         Module::Cluster,
         Module::Pages,
         Module::Lowrank,
+        Module::Qdecode,
     ];
 
     /// The module's name: the stem of its `.cu` file.
@@ -94,6 +97,7 @@ impl Module {
             Module::Cluster => "cluster",
             Module::Pages => "pages",
             Module::Lowrank => "lowrank",
+            Module::Qdecode => "qdecode",
         }
     }
 
@@ -110,6 +114,7 @@ impl Module {
             Module::Cluster => kernels::CLUSTER,
             Module::Pages => kernels::PAGES,
             Module::Lowrank => kernels::LOWRANK,
+            Module::Qdecode => kernels::QDECODE,
         }
     }
 }

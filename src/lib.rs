@@ -9,6 +9,7 @@
 //! | [`topk`] | exact top-k over rows, H2O heavy-hitter accumulation and eviction, SnapKV selection |
 //! | [`attention`] | block-sparse FA2-style prefill attention with BSR masks (FlexAttention `BlockMask`, Graph-KV) |
 //! | [`decode`] | sparse-index decode attention over per-head token lists: the consumer of every selection method |
+//! | [`qdecode`] | fused decode attention over quantized KV caches (KIVI layout, the MiKV mixed-precision cache), optionally over token lists |
 //! | [`ntk`] | the empirical NTK from Jacobians, the factored MLP NTK, and kernel metrics (LGA, alignment, condition number, regression) |
 //! | [`pages`] | Quest page min/max bounds and ShadowKV chunk landmarks: build, score, select pages or chunks and expand them to decode token lists |
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
@@ -80,6 +81,7 @@ pub mod pages;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;
+pub mod qdecode;
 pub mod quant;
 pub mod rng;
 pub mod select;

@@ -983,3 +983,93 @@ const _: () = {
     ["Offset of field: NtkvLowrankCastParams::masked"]
         [::core::mem::offset_of!(NtkvLowrankCastParams, masked) - 20usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvQdecodeOperand {
+    pub codes_hs: u64,
+    pub groups_hs: u64,
+    pub ring_hs: u64,
+    pub hi_hs: u64,
+    pub hi_groups_hs: u64,
+    pub bits: u32,
+    pub group: u32,
+    pub per_channel: u32,
+    pub quantized: u32,
+    pub ring_rows: u32,
+    pub ring_base: u32,
+    pub kmax: u32,
+    pub hi_kind: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvQdecodeOperand"][::core::mem::size_of::<NtkvQdecodeOperand>() - 72usize];
+    ["Alignment of NtkvQdecodeOperand"][::core::mem::align_of::<NtkvQdecodeOperand>() - 8usize];
+    ["Offset of field: NtkvQdecodeOperand::codes_hs"][::core::mem::offset_of!(NtkvQdecodeOperand, codes_hs) - 0usize];
+    ["Offset of field: NtkvQdecodeOperand::groups_hs"][::core::mem::offset_of!(NtkvQdecodeOperand, groups_hs) - 8usize];
+    ["Offset of field: NtkvQdecodeOperand::ring_hs"][::core::mem::offset_of!(NtkvQdecodeOperand, ring_hs) - 16usize];
+    ["Offset of field: NtkvQdecodeOperand::hi_hs"][::core::mem::offset_of!(NtkvQdecodeOperand, hi_hs) - 24usize];
+    ["Offset of field: NtkvQdecodeOperand::hi_groups_hs"]
+        [::core::mem::offset_of!(NtkvQdecodeOperand, hi_groups_hs) - 32usize];
+    ["Offset of field: NtkvQdecodeOperand::bits"][::core::mem::offset_of!(NtkvQdecodeOperand, bits) - 40usize];
+    ["Offset of field: NtkvQdecodeOperand::group"][::core::mem::offset_of!(NtkvQdecodeOperand, group) - 44usize];
+    ["Offset of field: NtkvQdecodeOperand::per_channel"]
+        [::core::mem::offset_of!(NtkvQdecodeOperand, per_channel) - 48usize];
+    ["Offset of field: NtkvQdecodeOperand::quantized"]
+        [::core::mem::offset_of!(NtkvQdecodeOperand, quantized) - 52usize];
+    ["Offset of field: NtkvQdecodeOperand::ring_rows"]
+        [::core::mem::offset_of!(NtkvQdecodeOperand, ring_rows) - 56usize];
+    ["Offset of field: NtkvQdecodeOperand::ring_base"]
+        [::core::mem::offset_of!(NtkvQdecodeOperand, ring_base) - 60usize];
+    ["Offset of field: NtkvQdecodeOperand::kmax"][::core::mem::offset_of!(NtkvQdecodeOperand, kmax) - 64usize];
+    ["Offset of field: NtkvQdecodeOperand::hi_kind"][::core::mem::offset_of!(NtkvQdecodeOperand, hi_kind) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvQdecodeParams {
+    pub k: NtkvQdecodeOperand,
+    pub v: NtkvQdecodeOperand,
+    pub n_indices: u64,
+    pub scale_log2: f32,
+    pub tokens: u32,
+    pub batch: u32,
+    pub q_tokens: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub group: u32,
+    pub rows: u32,
+    pub row_tiles: u32,
+    pub chunk_tokens: u32,
+    pub max_chunks: u32,
+    pub causal: u32,
+    pub direct: u32,
+    pub indexed: u32,
+    pub _pad0: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvQdecodeParams"][::core::mem::size_of::<NtkvQdecodeParams>() - 216usize];
+    ["Alignment of NtkvQdecodeParams"][::core::mem::align_of::<NtkvQdecodeParams>() - 8usize];
+    ["Offset of field: NtkvQdecodeParams::k"][::core::mem::offset_of!(NtkvQdecodeParams, k) - 0usize];
+    ["Offset of field: NtkvQdecodeParams::v"][::core::mem::offset_of!(NtkvQdecodeParams, v) - 72usize];
+    ["Offset of field: NtkvQdecodeParams::n_indices"][::core::mem::offset_of!(NtkvQdecodeParams, n_indices) - 144usize];
+    ["Offset of field: NtkvQdecodeParams::scale_log2"]
+        [::core::mem::offset_of!(NtkvQdecodeParams, scale_log2) - 152usize];
+    ["Offset of field: NtkvQdecodeParams::tokens"][::core::mem::offset_of!(NtkvQdecodeParams, tokens) - 156usize];
+    ["Offset of field: NtkvQdecodeParams::batch"][::core::mem::offset_of!(NtkvQdecodeParams, batch) - 160usize];
+    ["Offset of field: NtkvQdecodeParams::q_tokens"][::core::mem::offset_of!(NtkvQdecodeParams, q_tokens) - 164usize];
+    ["Offset of field: NtkvQdecodeParams::q_heads"][::core::mem::offset_of!(NtkvQdecodeParams, q_heads) - 168usize];
+    ["Offset of field: NtkvQdecodeParams::kv_heads"][::core::mem::offset_of!(NtkvQdecodeParams, kv_heads) - 172usize];
+    ["Offset of field: NtkvQdecodeParams::head_dim"][::core::mem::offset_of!(NtkvQdecodeParams, head_dim) - 176usize];
+    ["Offset of field: NtkvQdecodeParams::group"][::core::mem::offset_of!(NtkvQdecodeParams, group) - 180usize];
+    ["Offset of field: NtkvQdecodeParams::rows"][::core::mem::offset_of!(NtkvQdecodeParams, rows) - 184usize];
+    ["Offset of field: NtkvQdecodeParams::row_tiles"][::core::mem::offset_of!(NtkvQdecodeParams, row_tiles) - 188usize];
+    ["Offset of field: NtkvQdecodeParams::chunk_tokens"]
+        [::core::mem::offset_of!(NtkvQdecodeParams, chunk_tokens) - 192usize];
+    ["Offset of field: NtkvQdecodeParams::max_chunks"]
+        [::core::mem::offset_of!(NtkvQdecodeParams, max_chunks) - 196usize];
+    ["Offset of field: NtkvQdecodeParams::causal"][::core::mem::offset_of!(NtkvQdecodeParams, causal) - 200usize];
+    ["Offset of field: NtkvQdecodeParams::direct"][::core::mem::offset_of!(NtkvQdecodeParams, direct) - 204usize];
+    ["Offset of field: NtkvQdecodeParams::indexed"][::core::mem::offset_of!(NtkvQdecodeParams, indexed) - 208usize];
+    ["Offset of field: NtkvQdecodeParams::_pad0"][::core::mem::offset_of!(NtkvQdecodeParams, _pad0) - 212usize];
+};

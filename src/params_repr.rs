@@ -42,3 +42,5 @@ unsafe impl DeviceRepr for NtkvPagesShadowParams {}
 unsafe impl DeviceRepr for NtkvLowrankRopeParams {}
 unsafe impl DeviceRepr for NtkvLowrankGatherParams {}
 unsafe impl DeviceRepr for NtkvLowrankCastParams {}
+unsafe impl DeviceRepr for NtkvQdecodeOperand {}
+unsafe impl DeviceRepr for NtkvQdecodeParams {}

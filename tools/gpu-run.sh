@@ -56,7 +56,7 @@ if command -v compute-sanitizer > /dev/null; then
     [[ -e "$t" ]] || continue
     name=$(basename "$t")
     tools=(memcheck)
-    case "$name" in attention_gpu|decode_gpu) tools+=(racecheck) ;; esac
+    case "$name" in attention_gpu|decode_gpu|qdecode_gpu) tools+=(racecheck) ;; esac
     for tool in "${tools[@]}"; do
       log="$out/sanitizer-$tool-$name.log"
       timeout "$(limit 150 330)" compute-sanitizer --tool "$tool" --error-exitcode 99 \

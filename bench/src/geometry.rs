@@ -356,6 +356,37 @@ fn cluster(g: &mut Geometry) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// qdecode
+
+/// The cases of bench/src/qdecode.rs: the KIVI caches and the MiKV pair share one shape (1
+/// query, 32 heads, 128k tokens, D = 128); the f16 decode's geometry is decode's.
+fn qdecode(g: &mut Geometry) {
+    use crate::qdecode::{shape, KIVI_CASES, MIKV_OP, SHAPE, TOKENS};
+    let s = shape(TOKENS);
+    let split = ntkv::qdecode::plan_split(&s, SM_COUNT, None);
+    let heads = s.n_lists();
+    let note = format!("chunk {} tokens, {} chunks", split.chunk_tokens, split.max_chunks);
+    for op in KIVI_CASES.iter().map(|c| c.0).chain([MIKV_OP]) {
+        g.push(
+            "qdecode",
+            op,
+            SHAPE,
+            "f16",
+            "ntkv_qdecode_attn_f16_d128_r1".into(),
+            heads * split.max_chunks,
+            1,
+            &note,
+        )
+        .dyn_smem = Some(0);
+        if !split.direct() {
+            let m = g.push("qdecode", op, SHAPE, "f16", "ntkv_qdecode_merge_f16".into(), heads * s.rows(), 1, "");
+            m.block = Some(128);
+            m.dyn_smem = Some(0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------------------------
 // pages (Quest, ShadowKV)
@@ -427,6 +458,7 @@ fn collect() -> Geometry {
     cluster(&mut g);
     pages(&mut g);
     lowrank(&mut g);
+    qdecode(&mut g);
     g
 }
 
@@ -502,7 +534,7 @@ mod tests {
     #[test]
     fn every_bench_family_has_geometry_or_a_reason() {
         let g = collect();
-        for fam in ["topk", "decode", "attention", "quant", "ntk", "cluster", "pages", "lowrank"] {
+        for fam in ["topk", "decode", "attention", "quant", "ntk", "cluster", "pages", "lowrank", "qdecode"] {
             assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));

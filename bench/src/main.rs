@@ -16,6 +16,7 @@ mod harness;
 mod lowrank;
 mod ntk;
 mod pages;
+mod qdecode;
 mod quant;
 mod topk;
 
@@ -62,6 +63,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("cluster", cluster::run),
     ("pages", pages::run),
     ("lowrank", lowrank::run),
+    ("qdecode", qdecode::run),
 ];
 
 fn main() -> ExitCode {

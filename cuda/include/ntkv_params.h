@@ -563,4 +563,54 @@ typedef struct NtkvLowrankCastParams {
     uint32_t masked;
 } NtkvLowrankCastParams;
 
+/* ---- qdecode: decode attention over quantized KV caches (KIVI layout, MiKV) ---- */
+
+/* One quantized operand (the keys or the values) of the B * kv_heads cache heads, head
+ * h = b * kv_heads + kv head. Token t < quantized reads its codes (bits, group, axis) or,
+ * when it is in head h's sorted important list (imp_idx[h * kmax + i], i < imp_counts[h]),
+ * its high-precision row i; a token t >= quantized reads the f16 residual row
+ * (t - ring_base) % ring_rows. Head strides are in elements of the buffer they index. */
+typedef struct NtkvQdecodeOperand {
+    uint64_t codes_hs;        /* u32 code words per head */
+    uint64_t groups_hs;       /* scales (= mins) per head */
+    uint64_t ring_hs;         /* f16 residual elements per head */
+    uint64_t hi_hs;           /* important rows per head: f16 elements (hi_kind 1) or u32 words (2) */
+    uint64_t hi_groups_hs;    /* int8 important rows: scales (= mins) per head */
+    uint32_t bits;            /* 2, 4 or 8 */
+    uint32_t group;           /* 32, 64 or 128 (also the group of int8 important rows) */
+    uint32_t per_channel;     /* 1: groups of `group` tokens per channel; 0: of `group` channels */
+    uint32_t quantized;       /* tokens [0, quantized) are in the codes */
+    uint32_t ring_rows;       /* rows of the residual per head (at least 1) */
+    uint32_t ring_base;       /* token of residual row 0 (modulo ring_rows), <= quantized */
+    uint32_t kmax;            /* stride of the important lists; 0: none */
+    uint32_t hi_kind;         /* 0: no important rows, 1: f16 rows, 2: int8 rows grouped along D */
+} NtkvQdecodeOperand;
+
+/* Decode attention of q [B, Tq, Hq, D] over one quantized K and V operand each. One CTA per
+ * (cache head, chunk of chunk_tokens positions, tile of query rows). Positions are tokens
+ * [0, tokens) or, with indexed = 1, the entries of a sorted CSR list per head
+ * (indptr [B*kv_heads + 1], indices of length n_indices). direct = 1 (max_chunks == 1):
+ * write o and lse; otherwise one partial state per (head, chunk, row) into the workspace. */
+typedef struct NtkvQdecodeParams {
+    NtkvQdecodeOperand k;
+    NtkvQdecodeOperand v;
+    uint64_t n_indices;       /* indexed mode: length of indices */
+    float scale_log2;         /* softmax scale times log2(e) */
+    uint32_t tokens;          /* T: tokens in the cache (every head) */
+    uint32_t batch;
+    uint32_t q_tokens;
+    uint32_t q_heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t group;           /* q_heads / kv_heads */
+    uint32_t rows;            /* group * q_tokens */
+    uint32_t row_tiles;       /* ceil(rows / rows per CTA) */
+    uint32_t chunk_tokens;    /* positions per CTA */
+    uint32_t max_chunks;      /* workspace stride: chunks per head */
+    uint32_t causal;          /* query tq sees token t iff t <= tokens - q_tokens + tq */
+    uint32_t direct;
+    uint32_t indexed;
+    uint32_t _pad0;
+} NtkvQdecodeParams;
+
 #endif /* NTKV_PARAMS_H */

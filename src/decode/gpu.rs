@@ -120,17 +120,10 @@ impl<'a> DecodePlan<'a> {
         shape.validate()?;
         options.validate()?;
         let n_lists = shape.n_lists();
-        device.check_buffer("indptr", indptr, &[n_lists + 1])?;
-        device.check_tensor("indices", indices)?;
+        let (indptr_host, cache_lens_dev) = validate_lists_on_device(device, shape, cache_lens, indptr, indices)?;
         let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
         let stream = device.stream();
-        let indptr_host = stream.clone_dtoh(&indptr)?;
-        validate_indptr(shape, cache_lens, &indptr_host, indices.len())?;
-        let cache_lens_dev = stream.clone_htod(cache_lens)?;
-
         let list_lens: Vec<usize> = indptr_host.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-        let lists = Lists { host: &indptr_host, lens: &list_lens, indptr: &indptr, indices: &indices };
-        validate_indices_on_device(device, shape, cache_lens, &lists, &cache_lens_dev)?;
 
         let split = plan_chunks(&list_lens, shape.rows(), device.props().sm_count as usize, options.chunk_tokens);
         // Launch geometry must fit the kernels' block index (one CTA per work item).
@@ -286,6 +279,30 @@ impl<'a> DecodePlan<'a> {
         }
         Ok(())
     }
+}
+
+/// Validates device-resident CSR lists (`indptr` on the host after one read-back, `indices`
+/// with the device validator) for `shape` and `cache_lens`; returns `indptr` on the host and
+/// `cache_lens` on the device. Also the list check of [`crate::qdecode::QdecodeLists`].
+pub(crate) fn validate_lists_on_device(
+    device: &Device,
+    shape: &DecodeShape,
+    cache_lens: &[u32],
+    indptr: &impl TensorRef<u32>,
+    indices: &impl TensorRef<u32>,
+) -> Result<(Vec<u32>, CudaSlice<u32>)> {
+    shape.validate()?;
+    device.check_buffer("indptr", indptr, &[shape.n_lists() + 1])?;
+    device.check_tensor("indices", indices)?;
+    let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
+    let stream = device.stream();
+    let indptr_host = stream.clone_dtoh(&indptr)?;
+    validate_indptr(shape, cache_lens, &indptr_host, indices.len())?;
+    let cache_lens_dev = stream.clone_htod(cache_lens)?;
+    let list_lens: Vec<usize> = indptr_host.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let lists = Lists { host: &indptr_host, lens: &list_lens, indptr: &indptr, indices: &indices };
+    validate_indices_on_device(device, shape, cache_lens, &lists, &cache_lens_dev)?;
+    Ok((indptr_host, cache_lens_dev))
 }
 
 /// The lists as the plan holds them: `indptr` on the host and both arrays on the device.

@@ -744,6 +744,23 @@ impl MikvCache {
         gpu::copy_residual(device, &m, &self.ring.as_view(), &mut out_view)
     }
 
+    /// The device buffers and geometry a fused decode reads (see [`crate::qdecode`]).
+    pub(crate) fn decode_parts(&self) -> MikvParts<'_> {
+        MikvParts {
+            cfg: self.geo.cfg,
+            heads: self.geo.heads,
+            dim: self.geo.dim,
+            tokens: self.tokens,
+            quantized: self.quantized,
+            kmax: self.important.kmax,
+            lo: (&self.lo_codes, &self.lo_scales, &self.lo_mins),
+            ring: &self.ring,
+            important: self.imp_dev.as_ref().map(|(i, c)| (i, c)),
+            hi_f16: self.hi_f16.as_ref(),
+            hi_q: self.hi_q.as_ref().map(|(c, s, m)| (c, s, m)),
+        }
+    }
+
     /// Downloads every buffer into the CPU reference's form, for bit-exact comparison
     /// ([`MikvCacheCpu::same_bits`]). Synchronizes.
     pub fn to_cpu(&self) -> Result<MikvCacheCpu> {
@@ -776,4 +793,22 @@ impl MikvCache {
             hi_q,
         })
     }
+}
+
+/// A borrowed view of a [`MikvCache`]'s buffers for the fused decode: the geometry, the
+/// low-precision codes, scales and mins (`[Hkv, code_capacity, D]` layout), the residual ring
+/// (`[Hkv, R + block, D]`), the important lists (`[Hkv, Kmax]`, counts `[Hkv]`) and their f16
+/// rows or int8 codes, scales and mins (`[Hkv, Kmax, D]` layout).
+pub(crate) struct MikvParts<'a> {
+    pub cfg: MikvConfig,
+    pub heads: usize,
+    pub dim: usize,
+    pub tokens: usize,
+    pub quantized: usize,
+    pub kmax: usize,
+    pub lo: (&'a CudaSlice<u32>, &'a CudaSlice<f16>, &'a CudaSlice<f16>),
+    pub ring: &'a CudaSlice<f16>,
+    pub important: Option<(&'a CudaSlice<u32>, &'a CudaSlice<u32>)>,
+    pub hi_f16: Option<&'a CudaSlice<f16>>,
+    pub hi_q: Option<(&'a CudaSlice<u32>, &'a CudaSlice<f16>, &'a CudaSlice<f16>)>,
 }

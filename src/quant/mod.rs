@@ -94,6 +94,7 @@ pub mod cpu;
 pub(crate) mod gpu;
 mod mikv;
 
+pub(crate) use mikv::MikvParts;
 pub use mikv::{HiPrecision, MikvCache, MikvConfig};
 
 use half::f16;

@@ -101,6 +101,7 @@ LOWRANK = "src/lowrank/gpu.rs"
 GEOMETRY = "bench/src/geometry.rs"
 CLUSTER = "src/cluster/gpu.rs"
 PAGES = "src/pages/gpu.rs"
+QDECODE = "src/qdecode/gpu.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
                                                   "SMEM_OPTIN")]
@@ -205,6 +206,12 @@ LAUNCHES = [
           "ReconstructPlan::run", static_max=48 * 1024),
     Entry(r"ntkv_lowrank_(?:gather|widen|narrow)_(?:f16|bf16|f32)", 256, 0, [Const(LOWRANK, "THREADS")],
           "lowrank::gpu (gather_values, FactorPlan casts)"),
+    # qdecode: 128 threads, static shared memory only (the warps' partial states)
+    Entry(r"ntkv_qdecode_attn_(?P<dt>f16|bf16)_d(?P<d>\d+)_r(?P<r>1|8)", 128, 0, [Const(QDECODE, "ATTN_THREADS")],
+          "QdecodePlan::run"),
+    # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
+    Entry(r"ntkv_qdecode_merge_(?P<dt>f16|bf16)", 128, 0,
+          [Text(QDECODE, 'to_u32("head_dim", shape.head_dim)?, 0, heads * rows, false)')], "QdecodePlan::run (D threads)"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
