@@ -11,7 +11,9 @@ use ntkv::pages::cpu::{self, exp_det, lane_sum};
 use ntkv::pages::{LandmarkSelectShape, LandmarkShape, QuestMetaShape, QuestSelectShape, CHUNK_TOKENS};
 use ntkv::rng::Rng;
 use ntkv::Float;
-use pages_support::{assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, Keys};
+use pages_support::{
+    assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, run_cases, Case, Checks, Keys, Ty,
+};
 
 fn meta_naive<T: Float>(s: &QuestMetaShape, keys: &[T], lens: &[u32]) -> Vec<Option<(f32, f32)>> {
     let np = s.n_pages();
@@ -150,17 +152,6 @@ fn check_quest<T: Float>(seed: u64, s: QuestSelectShape, keys: Keys) {
             assert_eq!(list.len(), len, "a budget of all pages keeps every token");
         }
     }
-}
-
-#[test]
-fn quest_selection_gqa_groups_and_edges() {
-    // GQA 1, 3, 8; T not a page multiple; several query tokens; budgets 1, below, at and above
-    // the page count.
-    check_quest::<f32>(10, qshape(2, 2, 2, 1, 16, 53, 16, 3), Keys::Normal);
-    check_quest::<f16>(11, qshape(3, 6, 2, 2, 24, 100, 16, 4), Keys::Normal);
-    check_quest::<bf16>(12, qshape(2, 8, 1, 3, 32, 77, 8, 100), Keys::Normal);
-    check_quest::<f16>(13, qshape(2, 3, 1, 1, 8, 40, 16, 1), Keys::Normal);
-    check_quest::<f32>(14, qshape(1, 4, 4, 1, 40, 129, 4, 2), Keys::Coarse);
 }
 
 #[test]
@@ -329,10 +320,23 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
 }
 
 #[test]
-fn landmark_selection_gqa_groups_and_edges() {
-    check_landmark_select::<f32>(50, lshape(2, 2, 2, 1, 16, 61, 2, 3), Keys::Normal);
-    check_landmark_select::<f16>(51, lshape(3, 6, 2, 4, 24, 100, 1, 5), Keys::Normal);
-    check_landmark_select::<bf16>(52, lshape(2, 8, 1, 2, 32, 77, 3, 100), Keys::Normal);
-    check_landmark_select::<f16>(53, lshape(2, 3, 1, 1, 8, 40, 0, 1), Keys::Normal);
-    check_landmark_select::<f16>(54, lshape(1, 3, 1, 1, 16, 64, 2, 2), Keys::AllEqual);
+fn selection_gqa_groups_and_edges() {
+    // GQA 1, 3, 8; T not a page or chunk multiple; several query tokens; budgets 1, below, at
+    // and above the page or chunk count; no outliers.
+    let cases = [
+        (Ty::F32, 10, Case::Quest(qshape(2, 2, 2, 1, 16, 53, 16, 3), Keys::Normal)),
+        (Ty::F16, 11, Case::Quest(qshape(3, 6, 2, 2, 24, 100, 16, 4), Keys::Normal)),
+        (Ty::Bf16, 12, Case::Quest(qshape(2, 8, 1, 3, 32, 77, 8, 100), Keys::Normal)),
+        (Ty::F16, 13, Case::Quest(qshape(2, 3, 1, 1, 8, 40, 16, 1), Keys::Normal)),
+        (Ty::F32, 14, Case::Quest(qshape(1, 4, 4, 1, 40, 129, 4, 2), Keys::Coarse)),
+        (Ty::F32, 50, Case::Landmark(lshape(2, 2, 2, 1, 16, 61, 2, 3), Keys::Normal)),
+        (Ty::F16, 51, Case::Landmark(lshape(3, 6, 2, 4, 24, 100, 1, 5), Keys::Normal)),
+        (Ty::Bf16, 52, Case::Landmark(lshape(2, 8, 1, 2, 32, 77, 3, 100), Keys::Normal)),
+        (Ty::F16, 53, Case::Landmark(lshape(2, 3, 1, 1, 8, 40, 0, 1), Keys::Normal)),
+        (Ty::F16, 54, Case::Landmark(lshape(1, 3, 1, 1, 16, 64, 2, 2), Keys::AllEqual)),
+    ];
+    let quest: Checks<u64, QuestSelectShape> = [check_quest::<f32>, check_quest::<f16>, check_quest::<bf16>];
+    let landmark: Checks<u64, LandmarkSelectShape> =
+        [check_landmark_select::<f32>, check_landmark_select::<f16>, check_landmark_select::<bf16>];
+    run_cases(&cases, quest, landmark);
 }
