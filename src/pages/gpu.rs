@@ -19,19 +19,12 @@ use crate::tensor::{DType, DeviceTensor, Float, TensorMut, TensorRef};
 /// Threads per block of every pages kernel (`THREADS` in cuda/pages.cu).
 pub const PAGES_THREADS: u32 = 256;
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const _: () = assert!(DTYPES[0] as usize == 0 && DTYPES[1] as usize == 1 && DTYPES[2] as usize == 2);
 const TYPED_OPS: [&str; 4] = ["pages_quest_meta", "pages_quest_score", "pages_landmark", "pages_shadow_logits"];
 const UNTYPED_OPS: [&str; 3] = ["pages_shadow_softmax", "pages_shadow_score", "pages_shadow_mark"];
 
 fn typed_id(op: &'static str, dtype: DType) -> KernelId {
     KernelId::new(Module::Pages, op).dtype(dtype)
-}
-
-fn slot(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-    }
 }
 
 /// One typed kernel in every dtype, with its grid for `work` blocks of work (grid-stride,
@@ -52,7 +45,9 @@ impl Typed {
     }
 
     fn get<T: Float>(&self) -> (&CudaFunction, LaunchConfig) {
-        (&self.f[slot(T::DTYPE)], self.cfg[slot(T::DTYPE)])
+        // DTYPES lists the variants in declaration order, so the discriminant is the slot.
+        let slot = T::DTYPE as usize;
+        (&self.f[slot], self.cfg[slot])
     }
 }
 
