@@ -57,14 +57,6 @@ fn check_meta<T: Float>(seed: u64, s: QuestMetaShape) {
 }
 
 #[test]
-fn quest_meta_matches_naive_min_max_with_partial_pages() {
-    check_meta::<f32>(1, QuestMetaShape { batch: 3, hkv: 2, capacity: 37, head_dim: 16, page_size: 16 });
-    check_meta::<f16>(2, QuestMetaShape { batch: 2, hkv: 3, capacity: 50, head_dim: 24, page_size: 7 });
-    check_meta::<bf16>(3, QuestMetaShape { batch: 2, hkv: 1, capacity: 16, head_dim: 8, page_size: 16 });
-    check_meta::<f16>(4, QuestMetaShape { batch: 1, hkv: 2, capacity: 5, head_dim: 128, page_size: 1 });
-}
-
-#[test]
 fn quest_append_equals_rebuild() {
     let s = QuestMetaShape { batch: 3, hkv: 2, capacity: 70, head_dim: 32, page_size: 16 };
     let mut rng = Rng::new(7);
@@ -250,12 +242,35 @@ fn check_landmarks<T: Float>(seed: u64, s: LandmarkShape) {
     }
 }
 
+/// A metadata build case: Quest page bounds or ShadowKV landmarks.
+#[derive(Clone, Copy)]
+enum Build {
+    Meta(QuestMetaShape),
+    Landmarks(LandmarkShape),
+}
+
 #[test]
-fn landmarks_and_outliers_match_f64() {
-    check_landmarks::<f32>(40, LandmarkShape { batch: 2, hkv: 2, capacity: 45, head_dim: 16, outliers: 2 });
-    check_landmarks::<f16>(41, LandmarkShape { batch: 3, hkv: 1, capacity: 64, head_dim: 24, outliers: 3 });
-    check_landmarks::<bf16>(42, LandmarkShape { batch: 2, hkv: 3, capacity: 30, head_dim: 128, outliers: 1 });
-    check_landmarks::<f16>(43, LandmarkShape { batch: 2, hkv: 2, capacity: 21, head_dim: 8, outliers: 0 });
+fn builds_match_naive_min_max_and_f64() {
+    // Quest bounds against a naive min/max (partial pages); landmarks and outliers against f64.
+    let meta: [fn(u64, QuestMetaShape); 3] = [check_meta::<f32>, check_meta::<f16>, check_meta::<bf16>];
+    let landmarks: [fn(u64, LandmarkShape); 3] =
+        [check_landmarks::<f32>, check_landmarks::<f16>, check_landmarks::<bf16>];
+    let cases = [
+        (Ty::F32, 1, Build::Meta(QuestMetaShape { batch: 3, hkv: 2, capacity: 37, head_dim: 16, page_size: 16 })),
+        (Ty::F16, 2, Build::Meta(QuestMetaShape { batch: 2, hkv: 3, capacity: 50, head_dim: 24, page_size: 7 })),
+        (Ty::Bf16, 3, Build::Meta(QuestMetaShape { batch: 2, hkv: 1, capacity: 16, head_dim: 8, page_size: 16 })),
+        (Ty::F16, 4, Build::Meta(QuestMetaShape { batch: 1, hkv: 2, capacity: 5, head_dim: 128, page_size: 1 })),
+        (Ty::F32, 40, Build::Landmarks(LandmarkShape { batch: 2, hkv: 2, capacity: 45, head_dim: 16, outliers: 2 })),
+        (Ty::F16, 41, Build::Landmarks(LandmarkShape { batch: 3, hkv: 1, capacity: 64, head_dim: 24, outliers: 3 })),
+        (Ty::Bf16, 42, Build::Landmarks(LandmarkShape { batch: 2, hkv: 3, capacity: 30, head_dim: 128, outliers: 1 })),
+        (Ty::F16, 43, Build::Landmarks(LandmarkShape { batch: 2, hkv: 2, capacity: 21, head_dim: 8, outliers: 0 })),
+    ];
+    for (ty, seed, build) in cases {
+        match build {
+            Build::Meta(s) => ty.pick(meta)(seed, s),
+            Build::Landmarks(s) => ty.pick(landmarks)(seed, s),
+        }
+    }
 }
 
 fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys) {
