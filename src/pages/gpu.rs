@@ -102,9 +102,17 @@ fn fill_rows(buf: &mut [u32], lens: &[u32], hkv: usize, f: impl Fn(u32) -> u32) 
     }
 }
 
-/// `Debug` for plans: the shape (the kernels and workspaces have nothing worth printing).
-macro_rules! debug_by_shape {
-    ($($plan:ident),*) => {$(
+/// A plan's `shape()` accessor, and `Debug` by the shape alone (the kernels and workspaces
+/// have nothing worth printing).
+macro_rules! by_shape {
+    ($($plan:ident: $shape:ident),*) => {$(
+        impl $plan {
+            /// The shape this plan serves.
+            pub fn shape(&self) -> $shape {
+                self.shape
+            }
+        }
+
         impl std::fmt::Debug for $plan {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.debug_struct(stringify!($plan)).field("shape", &self.shape).finish()
@@ -112,7 +120,12 @@ macro_rules! debug_by_shape {
         }
     )*};
 }
-debug_by_shape!(QuestMetaPlan, QuestSelectPlan, LandmarkPlan, LandmarkSelectPlan);
+by_shape!(
+    QuestMetaPlan: QuestMetaShape,
+    QuestSelectPlan: QuestSelectShape,
+    LandmarkPlan: LandmarkShape,
+    LandmarkSelectPlan: LandmarkSelectShape
+);
 
 /// The key geometry of the metadata kernels as `[batch, kv_heads, capacity, head_dim]`.
 fn key_dims(batch: usize, hkv: usize, capacity: usize, head_dim: usize) -> Result<[u32; 4]> {
@@ -195,11 +208,6 @@ impl QuestMetaPlan {
             lens: device.stream().alloc_zeros::<u32>(2 * shape.batch)?,
             host_lens: vec![0; 2 * shape.batch],
         })
-    }
-
-    /// The shape this plan serves.
-    pub fn shape(&self) -> QuestMetaShape {
-        self.shape
     }
 
     /// Builds the metadata of every page of `keys [B, Hkv, Tcap, D]` holding `lens[b]` valid
@@ -328,11 +336,6 @@ impl QuestSelectPlan {
         })
     }
 
-    /// The shape this plan serves.
-    pub fn shape(&self) -> QuestSelectShape {
-        self.shape
-    }
-
     /// Selects the pages of every row for the queries `q [B, Tq, Hq, D]` against `page_max`
     /// and `page_min` (`[B, Hkv, NP, D]`, from a [`QuestMetaPlan`] over the same `lens`):
     /// writes `pages [B·Hkv, budget]` (ranked pages, then the last page) and the CSR
@@ -446,11 +449,6 @@ impl LandmarkPlan {
         })
     }
 
-    /// The shape this plan serves.
-    pub fn shape(&self) -> LandmarkShape {
-        self.shape
-    }
-
     /// Computes, for `keys [B, Hkv, Tcap, D]` with `lens[b]` valid tokens, `landmarks [B, Hkv,
     /// NC, D]` and `min_cos [B, Hkv, NC]` (f32; chunks past a row's last are not written) and
     /// `outliers [B·Hkv, n_out]` (u32, lowest `min_cos` first, `u32::MAX` padding).
@@ -562,11 +560,6 @@ impl LandmarkSelectPlan {
             sums: stream.alloc_zeros::<f32>(qrows)?,
             scores: stream.alloc_zeros::<f32>(rows * nc)?,
         })
-    }
-
-    /// The shape this plan serves.
-    pub fn shape(&self) -> LandmarkSelectShape {
-        self.shape
     }
 
     /// Selects the chunks of every row for `q [B, Tq, Hq, D]` against `landmarks [B, Hkv, NC,
