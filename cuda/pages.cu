@@ -27,6 +27,10 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int CHUNK = 8;  // tokens per ShadowKV chunk
 
+// Grid-stride loop, one thread per item `it` below `n` (a 32-bit count).
+#define PAGES_FOR_EACH_ITEM(it, n) \
+    for (uint32_t it = blockIdx.x * blockDim.x + threadIdx.x; it < (n); it += gridDim.x * blockDim.x)
+
 // The larger of two floats, ignoring a NaN unless both are NaN; a tie keeps `a`. The same rule
 // as src/pages/cpu.rs, so that max and min are bit-identical on both sides.
 __device__ __forceinline__ float nanmax(float a, float b) { return (a != a) ? b : (b > a ? b : a); }
@@ -106,8 +110,7 @@ template <typename T>
 __device__ __forceinline__ void quest_meta(const NtkvPagesMetaParams& p, const T* __restrict__ keys,
                                            const uint32_t* __restrict__ lens, T* __restrict__ page_max,
                                            T* __restrict__ page_min) {
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t it = blockIdx.x * blockDim.x + threadIdx.x; it < n_items; it += gridDim.x * blockDim.x) {
+    PAGES_FOR_EACH_ITEM(it, (uint32_t)p.n_items) {
         const uint32_t lane = it % p.lanes;
         const uint32_t pg_row = it / p.lanes;  // row * n_pages + page
         const uint32_t page = pg_row % p.n_pages;
@@ -168,7 +171,7 @@ __device__ __forceinline__ void quest_score(const NtkvPagesScoreParams& p, const
                                             const uint32_t* __restrict__ lens, float* __restrict__ scores,
                                             uint32_t* __restrict__ blocks) {
     const uint32_t rows = p.batch * p.kv_heads;
-    for (uint32_t r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+    PAGES_FOR_EACH_ITEM(r, rows) {
         const uint32_t np = ceil_div(lens[r / p.kv_heads], p.page_size);
         blocks[(uint64_t)r * p.blocks_stride + p.last_col] = np == 0 ? 0xffffffffu : np - 1;
     }
@@ -346,8 +349,7 @@ __device__ __forceinline__ void shadow_softmax(const NtkvPagesShadowParams& p, c
 __device__ __forceinline__ void shadow_score(const NtkvPagesShadowParams& p, const uint32_t* __restrict__ lens,
                                              const float* __restrict__ expd, const float* __restrict__ sums,
                                              float* __restrict__ scores) {
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t item = blockIdx.x * blockDim.x + threadIdx.x; item < n_items; item += gridDim.x * blockDim.x) {
+    PAGES_FOR_EACH_ITEM(item, (uint32_t)p.n_items) {
         const uint32_t chunk = item % p.n_chunks;
         const uint32_t row = item / p.n_chunks;
         if (chunk >= chunks_of_row(p, lens, row)) continue;
@@ -370,8 +372,7 @@ __device__ __forceinline__ void shadow_score(const NtkvPagesShadowParams& p, con
 __device__ __forceinline__ void shadow_mark(const NtkvPagesShadowParams& p, const uint32_t* __restrict__ lens,
                                             const uint32_t* __restrict__ outliers, float* __restrict__ scores,
                                             uint32_t* __restrict__ blocks) {
-    const uint32_t n_items = (uint32_t)p.n_items;
-    for (uint32_t it = blockIdx.x * blockDim.x + threadIdx.x; it < n_items; it += gridDim.x * blockDim.x) {
+    PAGES_FOR_EACH_ITEM(it, (uint32_t)p.n_items) {
         const uint32_t j = it % p.n_outliers;
         const uint32_t row = it / p.n_outliers;
         const uint32_t x = outliers[it];

@@ -30,25 +30,33 @@ fn names(e: Error) -> &'static str {
     }
 }
 
+/// An argument name and the edits of a valid shape that its validation must reject naming it.
+type Rejects<'a, S> = (&'a str, &'a [fn(&mut S)]);
+
+/// Asserts that `base` validates and that each edit listed under an argument fails naming it.
+fn assert_rejects<S: Copy>(base: S, validate: fn(&S) -> Result<(), Error>, rejects: &[Rejects<'_, S>]) {
+    assert!(validate(&base).is_ok());
+    for &(arg, edits) in rejects {
+        for (i, edit) in edits.iter().enumerate() {
+            let mut s = base;
+            edit(&mut s);
+            assert_eq!(names(validate(&s).unwrap_err()), arg, "edit {i} under {arg}");
+        }
+    }
+}
+
 #[test]
 fn meta_shape_boundaries() {
-    assert!(meta().validate().is_ok());
-    let bad = |f: &dyn Fn(&mut QuestMetaShape)| {
-        let mut s = meta();
-        f(&mut s);
-        names(s.validate().unwrap_err())
-    };
-    assert_eq!(bad(&|s| s.batch = 0), "keys");
-    assert_eq!(bad(&|s| s.hkv = 0), "keys");
-    assert_eq!(bad(&|s| s.capacity = 0), "capacity");
-    assert_eq!(bad(&|s| s.head_dim = 0), "head_dim");
-    assert_eq!(bad(&|s| s.head_dim = 12), "head_dim");
-    assert_eq!(bad(&|s| s.head_dim = MAX_HEAD_DIM + 8), "head_dim");
-    assert_eq!(bad(&|s| s.page_size = 0), "page_size");
-    assert_eq!(bad(&|s| s.page_size = MAX_PAGE_SIZE + 1), "page_size");
-    assert_eq!(bad(&|s| s.batch = usize::MAX), "keys");
-    assert_eq!(bad(&|s| s.capacity = usize::MAX), "capacity");
-    assert_eq!(bad(&|s| s.hkv = 1 << 40), "keys");
+    assert_rejects(
+        meta(),
+        QuestMetaShape::validate,
+        &[
+            ("keys", &[|s| s.batch = 0, |s| s.hkv = 0, |s| s.batch = usize::MAX, |s| s.hkv = 1 << 40]),
+            ("capacity", &[|s| s.capacity = 0, |s| s.capacity = usize::MAX]),
+            ("head_dim", &[|s| s.head_dim = 0, |s| s.head_dim = 12, |s| s.head_dim = MAX_HEAD_DIM + 8]),
+            ("page_size", &[|s| s.page_size = 0, |s| s.page_size = MAX_PAGE_SIZE + 1]),
+        ],
+    );
     let mut s = meta();
     s.head_dim = MAX_HEAD_DIM;
     s.page_size = MAX_PAGE_SIZE;
@@ -57,19 +65,16 @@ fn meta_shape_boundaries() {
 
 #[test]
 fn select_shape_boundaries() {
-    assert!(quest().validate().is_ok());
-    let bad = |f: &dyn Fn(&mut QuestSelectShape)| {
-        let mut s = quest();
-        f(&mut s);
-        names(s.validate().unwrap_err())
-    };
-    assert_eq!(bad(&|s| s.hq = 3), "hq");
-    assert_eq!(bad(&|s| s.hq = 0), "hq");
-    assert_eq!(bad(&|s| s.q_tokens = 0), "q_tokens");
-    assert_eq!(bad(&|s| s.q_tokens = 17), "q_tokens");
-    assert_eq!(bad(&|s| s.budget = 0), "budget");
-    assert_eq!(bad(&|s| s.budget = 16385), "budget");
-    assert_eq!(bad(&|s| s.head_dim = 20), "head_dim");
+    assert_rejects(
+        quest(),
+        QuestSelectShape::validate,
+        &[
+            ("hq", &[|s| s.hq = 3, |s| s.hq = 0]),
+            ("q_tokens", &[|s| s.q_tokens = 0, |s| s.q_tokens = 17]),
+            ("budget", &[|s| s.budget = 0, |s| s.budget = 16385]),
+            ("head_dim", &[|s| s.head_dim = 20]),
+        ],
+    );
     let mut s = quest();
     s.budget = 16384;
     assert!(s.validate().is_ok());
@@ -78,17 +83,17 @@ fn select_shape_boundaries() {
     s.page_size = 1;
     assert!(s.validate().is_err());
 
-    assert!(lsel().validate().is_ok());
-    let badl = |f: &dyn Fn(&mut LandmarkSelectShape)| {
-        let mut s = lsel();
-        f(&mut s);
-        names(s.validate().unwrap_err())
-    };
-    assert_eq!(badl(&|s| s.budget = 0), "budget");
-    assert_eq!(badl(&|s| s.budget = 16384), "budget"); // plus one outlier
-    assert_eq!(badl(&|s| s.outliers = 16385), "outliers");
-    assert_eq!(badl(&|s| s.hq = 5), "hq");
-    assert_eq!(badl(&|s| s.q_tokens = 17), "q_tokens");
+    assert_rejects(
+        lsel(),
+        LandmarkSelectShape::validate,
+        &[
+            // 16384 chunks plus one outlier
+            ("budget", &[|s| s.budget = 0, |s| s.budget = 16384]),
+            ("outliers", &[|s| s.outliers = 16385]),
+            ("hq", &[|s| s.hq = 5]),
+            ("q_tokens", &[|s| s.q_tokens = 17]),
+        ],
+    );
     let mut l = lmark();
     l.outliers = 16385;
     assert_eq!(names(l.validate().unwrap_err()), "outliers");

@@ -11,7 +11,9 @@ use ntkv::pages::cpu::{self, exp_det, lane_sum};
 use ntkv::pages::{LandmarkSelectShape, LandmarkShape, QuestMetaShape, QuestSelectShape, CHUNK_TOKENS};
 use ntkv::rng::Rng;
 use ntkv::Float;
-use pages_support::{assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, Keys};
+use pages_support::{
+    assert_csr, block_tokens, landmark_problem, lshape, qshape, quest_problem, run_cases, Case, Checks, Keys, Ty,
+};
 
 fn meta_naive<T: Float>(s: &QuestMetaShape, keys: &[T], lens: &[u32]) -> Vec<Option<(f32, f32)>> {
     let np = s.n_pages();
@@ -52,14 +54,6 @@ fn check_meta<T: Float>(seed: u64, s: QuestMetaShape) {
             None => assert_eq!((mx[i].to_f32(), mn[i].to_f32()), (0.0, 0.0), "untouched element {i}"),
         }
     }
-}
-
-#[test]
-fn quest_meta_matches_naive_min_max_with_partial_pages() {
-    check_meta::<f32>(1, QuestMetaShape { batch: 3, hkv: 2, capacity: 37, head_dim: 16, page_size: 16 });
-    check_meta::<f16>(2, QuestMetaShape { batch: 2, hkv: 3, capacity: 50, head_dim: 24, page_size: 7 });
-    check_meta::<bf16>(3, QuestMetaShape { batch: 2, hkv: 1, capacity: 16, head_dim: 8, page_size: 16 });
-    check_meta::<f16>(4, QuestMetaShape { batch: 1, hkv: 2, capacity: 5, head_dim: 128, page_size: 1 });
 }
 
 #[test]
@@ -150,17 +144,6 @@ fn check_quest<T: Float>(seed: u64, s: QuestSelectShape, keys: Keys) {
             assert_eq!(list.len(), len, "a budget of all pages keeps every token");
         }
     }
-}
-
-#[test]
-fn quest_selection_gqa_groups_and_edges() {
-    // GQA 1, 3, 8; T not a page multiple; several query tokens; budgets 1, below, at and above
-    // the page count.
-    check_quest::<f32>(10, qshape(2, 2, 2, 1, 16, 53, 16, 3), Keys::Normal);
-    check_quest::<f16>(11, qshape(3, 6, 2, 2, 24, 100, 16, 4), Keys::Normal);
-    check_quest::<bf16>(12, qshape(2, 8, 1, 3, 32, 77, 8, 100), Keys::Normal);
-    check_quest::<f16>(13, qshape(2, 3, 1, 1, 8, 40, 16, 1), Keys::Normal);
-    check_quest::<f32>(14, qshape(1, 4, 4, 1, 40, 129, 4, 2), Keys::Coarse);
 }
 
 #[test]
@@ -259,12 +242,35 @@ fn check_landmarks<T: Float>(seed: u64, s: LandmarkShape) {
     }
 }
 
+/// A metadata build case: Quest page bounds or ShadowKV landmarks.
+#[derive(Clone, Copy)]
+enum Build {
+    Meta(QuestMetaShape),
+    Landmarks(LandmarkShape),
+}
+
 #[test]
-fn landmarks_and_outliers_match_f64() {
-    check_landmarks::<f32>(40, LandmarkShape { batch: 2, hkv: 2, capacity: 45, head_dim: 16, outliers: 2 });
-    check_landmarks::<f16>(41, LandmarkShape { batch: 3, hkv: 1, capacity: 64, head_dim: 24, outliers: 3 });
-    check_landmarks::<bf16>(42, LandmarkShape { batch: 2, hkv: 3, capacity: 30, head_dim: 128, outliers: 1 });
-    check_landmarks::<f16>(43, LandmarkShape { batch: 2, hkv: 2, capacity: 21, head_dim: 8, outliers: 0 });
+fn builds_match_naive_min_max_and_f64() {
+    // Quest bounds against a naive min/max (partial pages); landmarks and outliers against f64.
+    let meta: [fn(u64, QuestMetaShape); 3] = [check_meta::<f32>, check_meta::<f16>, check_meta::<bf16>];
+    let landmarks: [fn(u64, LandmarkShape); 3] =
+        [check_landmarks::<f32>, check_landmarks::<f16>, check_landmarks::<bf16>];
+    let cases = [
+        (Ty::F32, 1, Build::Meta(QuestMetaShape { batch: 3, hkv: 2, capacity: 37, head_dim: 16, page_size: 16 })),
+        (Ty::F16, 2, Build::Meta(QuestMetaShape { batch: 2, hkv: 3, capacity: 50, head_dim: 24, page_size: 7 })),
+        (Ty::Bf16, 3, Build::Meta(QuestMetaShape { batch: 2, hkv: 1, capacity: 16, head_dim: 8, page_size: 16 })),
+        (Ty::F16, 4, Build::Meta(QuestMetaShape { batch: 1, hkv: 2, capacity: 5, head_dim: 128, page_size: 1 })),
+        (Ty::F32, 40, Build::Landmarks(LandmarkShape { batch: 2, hkv: 2, capacity: 45, head_dim: 16, outliers: 2 })),
+        (Ty::F16, 41, Build::Landmarks(LandmarkShape { batch: 3, hkv: 1, capacity: 64, head_dim: 24, outliers: 3 })),
+        (Ty::Bf16, 42, Build::Landmarks(LandmarkShape { batch: 2, hkv: 3, capacity: 30, head_dim: 128, outliers: 1 })),
+        (Ty::F16, 43, Build::Landmarks(LandmarkShape { batch: 2, hkv: 2, capacity: 21, head_dim: 8, outliers: 0 })),
+    ];
+    for (ty, seed, build) in cases {
+        match build {
+            Build::Meta(s) => ty.pick(meta)(seed, s),
+            Build::Landmarks(s) => ty.pick(landmarks)(seed, s),
+        }
+    }
 }
 
 fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys) {
@@ -329,10 +335,23 @@ fn check_landmark_select<T: Float>(seed: u64, s: LandmarkSelectShape, keys: Keys
 }
 
 #[test]
-fn landmark_selection_gqa_groups_and_edges() {
-    check_landmark_select::<f32>(50, lshape(2, 2, 2, 1, 16, 61, 2, 3), Keys::Normal);
-    check_landmark_select::<f16>(51, lshape(3, 6, 2, 4, 24, 100, 1, 5), Keys::Normal);
-    check_landmark_select::<bf16>(52, lshape(2, 8, 1, 2, 32, 77, 3, 100), Keys::Normal);
-    check_landmark_select::<f16>(53, lshape(2, 3, 1, 1, 8, 40, 0, 1), Keys::Normal);
-    check_landmark_select::<f16>(54, lshape(1, 3, 1, 1, 16, 64, 2, 2), Keys::AllEqual);
+fn selection_gqa_groups_and_edges() {
+    // GQA 1, 3, 8; T not a page or chunk multiple; several query tokens; budgets 1, below, at
+    // and above the page or chunk count; no outliers.
+    let cases = [
+        (Ty::F32, 10, Case::Quest(qshape(2, 2, 2, 1, 16, 53, 16, 3), Keys::Normal)),
+        (Ty::F16, 11, Case::Quest(qshape(3, 6, 2, 2, 24, 100, 16, 4), Keys::Normal)),
+        (Ty::Bf16, 12, Case::Quest(qshape(2, 8, 1, 3, 32, 77, 8, 100), Keys::Normal)),
+        (Ty::F16, 13, Case::Quest(qshape(2, 3, 1, 1, 8, 40, 16, 1), Keys::Normal)),
+        (Ty::F32, 14, Case::Quest(qshape(1, 4, 4, 1, 40, 129, 4, 2), Keys::Coarse)),
+        (Ty::F32, 50, Case::Landmark(lshape(2, 2, 2, 1, 16, 61, 2, 3), Keys::Normal)),
+        (Ty::F16, 51, Case::Landmark(lshape(3, 6, 2, 4, 24, 100, 1, 5), Keys::Normal)),
+        (Ty::Bf16, 52, Case::Landmark(lshape(2, 8, 1, 2, 32, 77, 3, 100), Keys::Normal)),
+        (Ty::F16, 53, Case::Landmark(lshape(2, 3, 1, 1, 8, 40, 0, 1), Keys::Normal)),
+        (Ty::F16, 54, Case::Landmark(lshape(1, 3, 1, 1, 16, 64, 2, 2), Keys::AllEqual)),
+    ];
+    let quest: Checks<u64, QuestSelectShape> = [check_quest::<f32>, check_quest::<f16>, check_quest::<bf16>];
+    let landmark: Checks<u64, LandmarkSelectShape> =
+        [check_landmark_select::<f32>, check_landmark_select::<f16>, check_landmark_select::<bf16>];
+    run_cases(&cases, quest, landmark);
 }

@@ -13,7 +13,7 @@ use ntkv::pages::{
 };
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor, Error, Float};
-use pages_support::{landmark_problem, lshape, qshape, quest_problem, Keys};
+use pages_support::{landmark_problem, lshape, qshape, quest_problem, run_cases, Case, Checks, Keys, Ty};
 
 fn bits<T: Float>(x: &[T]) -> Vec<u32> {
     x.iter().map(|v| v.to_f32().to_bits()).collect()
@@ -46,6 +46,13 @@ fn fetch(
     Ok(Csr { blocks: blocks.to_host()?, indptr, indices })
 }
 
+/// The GPU selection equals the CPU reference: blocks (named `blocks`), `indptr`, `indices`.
+fn assert_selection(got: &Csr, want: &cpu::Selection, blocks: &str, s: &dyn std::fmt::Debug) {
+    assert_eq!(got.blocks, want.blocks, "{blocks} of {s:?}");
+    assert_eq!(got.indptr, want.indptr, "indptr of {s:?}");
+    assert_eq!(got.indices, want.indices, "indices of {s:?}");
+}
+
 fn quest_gpu<T: Float>(
     dev: &Device,
     s: &QuestSelectShape,
@@ -71,7 +78,7 @@ fn quest_gpu<T: Float>(
     Ok((mx.to_host()?, mn.to_host()?, fetch(&pages, &ip, &ix, s.rows())?))
 }
 
-fn check_quest<T: Float>(dev: &Device, seed: u64, s: QuestSelectShape, keys: Keys) {
+fn check_quest<T: Float>((dev, seed): Ctx, s: QuestSelectShape, keys: Keys) {
     let mut rng = Rng::new(seed);
     let p = quest_problem::<T>(&mut rng, &s, keys, true);
     let (gmx, gmn, got) = quest_gpu(dev, &s, &p.keys, &p.lens, &p.q).unwrap();
@@ -81,21 +88,7 @@ fn check_quest<T: Float>(dev: &Device, seed: u64, s: QuestSelectShape, keys: Key
     assert_eq!(bits(&gmx), bits(&mx), "page_max of {s:?}");
     assert_eq!(bits(&gmn), bits(&mn), "page_min of {s:?}");
     let want = cpu::quest_select(&s, &p.q, &mx, &mn, &full).unwrap();
-    assert_eq!(got.blocks, want.blocks, "pages of {s:?}");
-    assert_eq!(got.indptr, want.indptr, "indptr of {s:?}");
-    assert_eq!(got.indices, want.indices, "indices of {s:?}");
-}
-
-#[test]
-fn quest_differential() {
-    let dev = gpu_or_skip!("quest_differential");
-    check_quest::<f16>(dev, 1, qshape(2, 8, 8, 1, 128, 1000, 16, 8), Keys::Normal);
-    check_quest::<bf16>(dev, 2, qshape(3, 6, 2, 2, 64, 777, 16, 5), Keys::Normal);
-    check_quest::<f32>(dev, 3, qshape(2, 8, 1, 4, 96, 333, 16, 1000), Keys::Normal);
-    check_quest::<f16>(dev, 4, qshape(2, 3, 1, 1, 40, 129, 7, 1), Keys::Normal);
-    check_quest::<f16>(dev, 5, qshape(1, 32, 8, 1, 128, 4100, 16, 64), Keys::Coarse);
-    check_quest::<bf16>(dev, 6, qshape(2, 4, 4, 1, 8, 64, 16, 3), Keys::AllEqual);
-    check_quest::<f16>(dev, 7, qshape(4, 16, 2, 16, 256, 300, 32, 4), Keys::Normal);
+    assert_selection(&got, &want, "pages", &s);
 }
 
 /// A landmark build and selection read back: landmarks, min_cos, outliers, the selection.
@@ -126,7 +119,7 @@ fn landmark_gpu<T: Float>(
     Ok((lm.to_host()?, mc.to_host()?, outs, fetch(&chunks, &ip, &ix, s.rows())?))
 }
 
-fn check_landmarks<T: Float>(dev: &Device, seed: u64, s: LandmarkSelectShape, keys: Keys) {
+fn check_landmarks<T: Float>((dev, seed): Ctx, s: LandmarkSelectShape, keys: Keys) {
     let mut rng = Rng::new(seed);
     let p = landmark_problem::<T>(&mut rng, &s, keys, true);
     let (glm, gmc, gout, got) = landmark_gpu(dev, &s, &p.keys, &p.lens, &p.q).unwrap();
@@ -135,20 +128,55 @@ fn check_landmarks<T: Float>(dev: &Device, seed: u64, s: LandmarkSelectShape, ke
     assert_eq!(fbits(&gmc), fbits(&want.min_cos), "min_cos of {s:?}");
     assert_eq!(gout, want.outliers, "outliers of {s:?}");
     let sel = cpu::landmark_select(&s, &p.q, &want.landmarks, &want.outliers, &p.lens).unwrap();
-    assert_eq!(got.blocks, sel.blocks, "chunks of {s:?}");
-    assert_eq!(got.indptr, sel.indptr, "indptr of {s:?}");
-    assert_eq!(got.indices, sel.indices, "indices of {s:?}");
+    assert_selection(&got, &sel, "chunks", &s);
+}
+
+/// A GPU case's context: the device and the seed.
+type Ctx = (&'static Device, u64);
+
+/// Runs the `(type, case)` table against the references, each case seeded by its position.
+fn differential(dev: &'static Device, table: &[(Ty, Case)]) {
+    let cases: Vec<_> = table.iter().enumerate().map(|(i, &(ty, case))| (ty, (dev, i as u64 + 1), case)).collect();
+    let quest: Checks<Ctx, QuestSelectShape> = [check_quest::<f32>, check_quest::<f16>, check_quest::<bf16>];
+    let landmark: Checks<Ctx, LandmarkSelectShape> =
+        [check_landmarks::<f32>, check_landmarks::<f16>, check_landmarks::<bf16>];
+    run_cases(&cases, quest, landmark);
 }
 
 #[test]
-fn landmark_differential() {
-    let dev = gpu_or_skip!("landmark_differential");
-    check_landmarks::<f16>(dev, 11, lshape(2, 8, 8, 1, 128, 1001, 4, 16), Keys::Normal);
-    check_landmarks::<bf16>(dev, 12, lshape(3, 6, 2, 3, 64, 613, 2, 7), Keys::Normal);
-    check_landmarks::<f32>(dev, 13, lshape(2, 8, 1, 2, 24, 99, 1, 100), Keys::Normal);
-    check_landmarks::<f16>(dev, 14, lshape(2, 3, 1, 1, 8, 70, 0, 1), Keys::Normal);
-    check_landmarks::<f16>(dev, 15, lshape(1, 4, 2, 1, 128, 256, 3, 4), Keys::AllEqual);
-    check_landmarks::<f16>(dev, 16, lshape(1, 32, 8, 16, 128, 5000, 8, 32), Keys::Coarse);
+fn selection_differential() {
+    let dev = gpu_or_skip!("selection_differential");
+    differential(
+        dev,
+        &[
+            (Ty::F16, Case::Quest(qshape(2, 8, 8, 1, 128, 1000, 16, 8), Keys::Normal)),
+            (Ty::Bf16, Case::Quest(qshape(3, 6, 2, 2, 64, 777, 16, 5), Keys::Normal)),
+            (Ty::F32, Case::Quest(qshape(2, 8, 1, 4, 96, 333, 16, 1000), Keys::Normal)),
+            (Ty::F16, Case::Quest(qshape(2, 3, 1, 1, 40, 129, 7, 1), Keys::Normal)),
+            (Ty::F16, Case::Quest(qshape(4, 16, 2, 16, 256, 300, 32, 4), Keys::Normal)),
+            (Ty::F16, Case::Landmark(lshape(2, 8, 8, 1, 128, 1001, 4, 16), Keys::Normal)),
+            (Ty::Bf16, Case::Landmark(lshape(3, 6, 2, 3, 64, 613, 2, 7), Keys::Normal)),
+            (Ty::F32, Case::Landmark(lshape(2, 8, 1, 2, 24, 99, 1, 100), Keys::Normal)),
+            (Ty::F16, Case::Landmark(lshape(2, 3, 1, 1, 8, 70, 0, 1), Keys::Normal)),
+        ],
+    );
+}
+
+#[test]
+fn selection_differential_with_ties() {
+    let dev = gpu_or_skip!("selection_differential_with_ties");
+    // Every shape under both kinds of tied keys.
+    for keys in [Keys::AllEqual, Keys::Coarse] {
+        differential(
+            dev,
+            &[
+                (Ty::F16, Case::Quest(qshape(1, 32, 8, 1, 128, 4100, 16, 64), keys)),
+                (Ty::Bf16, Case::Quest(qshape(2, 4, 4, 1, 8, 64, 16, 3), keys)),
+                (Ty::F16, Case::Landmark(lshape(1, 4, 2, 1, 128, 256, 3, 4), keys)),
+                (Ty::F16, Case::Landmark(lshape(1, 32, 8, 16, 128, 5000, 8, 32), keys)),
+            ],
+        );
+    }
 }
 
 #[test]

@@ -19,19 +19,12 @@ use crate::tensor::{DType, DeviceTensor, Float, TensorMut, TensorRef};
 /// Threads per block of every pages kernel (`THREADS` in cuda/pages.cu).
 pub const PAGES_THREADS: u32 = 256;
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const _: () = assert!(DTYPES[0] as usize == 0 && DTYPES[1] as usize == 1 && DTYPES[2] as usize == 2);
 const TYPED_OPS: [&str; 4] = ["pages_quest_meta", "pages_quest_score", "pages_landmark", "pages_shadow_logits"];
 const UNTYPED_OPS: [&str; 3] = ["pages_shadow_softmax", "pages_shadow_score", "pages_shadow_mark"];
 
 fn typed_id(op: &'static str, dtype: DType) -> KernelId {
     KernelId::new(Module::Pages, op).dtype(dtype)
-}
-
-fn slot(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-    }
 }
 
 /// One typed kernel in every dtype, with its grid for `work` blocks of work (grid-stride,
@@ -52,7 +45,9 @@ impl Typed {
     }
 
     fn get<T: Float>(&self) -> (&CudaFunction, LaunchConfig) {
-        (&self.f[slot(T::DTYPE)], self.cfg[slot(T::DTYPE)])
+        // DTYPES lists the variants in declaration order, so the discriminant is the slot.
+        let slot = T::DTYPE as usize;
+        (&self.f[slot], self.cfg[slot])
     }
 }
 
@@ -107,6 +102,86 @@ fn fill_rows(buf: &mut [u32], lens: &[u32], hkv: usize, f: impl Fn(u32) -> u32) 
     }
 }
 
+/// A plan's `shape()` accessor, and `Debug` by the shape alone (the kernels and workspaces
+/// have nothing worth printing).
+macro_rules! by_shape {
+    ($($plan:ident: $shape:ident),*) => {$(
+        impl $plan {
+            /// The shape this plan serves.
+            pub fn shape(&self) -> $shape {
+                self.shape
+            }
+        }
+
+        impl std::fmt::Debug for $plan {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($plan)).field("shape", &self.shape).finish()
+            }
+        }
+    )*};
+}
+by_shape!(
+    QuestMetaPlan: QuestMetaShape,
+    QuestSelectPlan: QuestSelectShape,
+    LandmarkPlan: LandmarkShape,
+    LandmarkSelectPlan: LandmarkSelectShape
+);
+
+/// The key geometry of the metadata kernels as `[batch, kv_heads, capacity, head_dim]`.
+fn key_dims(batch: usize, hkv: usize, capacity: usize, head_dim: usize) -> Result<[u32; 4]> {
+    Ok([to_u32("keys", batch)?, to_u32("keys", hkv)?, to_u32("capacity", capacity)?, to_u32("head_dim", head_dim)?])
+}
+
+/// The query geometry of the selection kernels as `[batch, kv_heads, q_heads, q_tokens,
+/// head_dim, lanes, lanes_pow2, group]`.
+fn query_dims(batch: usize, hkv: usize, hq: usize, q_tokens: usize, head_dim: usize) -> Result<[u32; 8]> {
+    let (l, lp) = lanes(head_dim);
+    Ok([
+        to_u32("q", batch)?,
+        to_u32("q", hkv)?,
+        to_u32("q", hq)?,
+        to_u32("q", q_tokens)?,
+        to_u32("head_dim", head_dim)?,
+        to_u32("head_dim", l)?,
+        to_u32("head_dim", lp)?,
+        to_u32("hq", hq / hkv)?,
+    ])
+}
+
+/// What both selection plans share: the sequence lengths on the device, a per-row host
+/// scratch, and the expansion of the selected blocks into sorted CSR token lists.
+struct Selection {
+    expand: ExpandPlan,
+    lens: CudaSlice<u32>,
+    row_lens: DeviceTensor<u32>,
+    host_rows: Vec<u32>,
+}
+
+impl Selection {
+    fn new(device: &Device, es: &ExpandShape, batch: usize) -> Result<Self> {
+        Ok(Selection {
+            expand: ExpandPlan::new(device, es)?,
+            lens: device.stream().alloc_zeros::<u32>(batch)?,
+            row_lens: DeviceTensor::zeros(device, &[es.rows])?,
+            host_rows: vec![0; es.rows],
+        })
+    }
+
+    /// Expands `blocks` with each row's token count (`lens[b]` for its sequence).
+    fn expand(
+        &mut self,
+        blocks: &impl TensorRef<u32>,
+        lens: &[u32],
+        hkv: usize,
+        indptr: &mut impl TensorMut<u32>,
+        indices: &mut impl TensorMut<u32>,
+    ) -> Result<()> {
+        fill_rows(&mut self.host_rows, lens, hkv, |n| n);
+        self.row_lens.copy_from_host(&self.host_rows)?;
+        self.expand.run(blocks, &self.row_lens, indptr, indices)
+    }
+}
+
 /// Builds and refreshes Quest page metadata (see the [module docs](super) for the contract):
 /// one kernel pass over the keys, 8 channels per thread in 16-byte loads.
 pub struct QuestMetaPlan {
@@ -115,12 +190,6 @@ pub struct QuestMetaPlan {
     meta: Typed,
     lens: CudaSlice<u32>,
     host_lens: Vec<u32>,
-}
-
-impl std::fmt::Debug for QuestMetaPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuestMetaPlan").field("shape", &self.shape).finish()
-    }
 }
 
 impl QuestMetaPlan {
@@ -139,11 +208,6 @@ impl QuestMetaPlan {
             lens: device.stream().alloc_zeros::<u32>(2 * shape.batch)?,
             host_lens: vec![0; 2 * shape.batch],
         })
-    }
-
-    /// The shape this plan serves.
-    pub fn shape(&self) -> QuestMetaShape {
-        self.shape
     }
 
     /// Builds the metadata of every page of `keys [B, Hkv, Tcap, D]` holding `lens[b]` valid
@@ -206,12 +270,13 @@ impl QuestMetaPlan {
         hi.copy_from_slice(new);
         let stream = self.device.stream().clone();
         stream.memcpy_htod(&self.host_lens, &mut self.lens)?;
+        let [batch, kv_heads, capacity, head_dim] = key_dims(s.batch, s.hkv, s.capacity, s.head_dim)?;
         let params = NtkvPagesMetaParams {
             n_items: to_u64("page_max", items(&[s.batch, s.hkv, s.n_pages(), s.head_dim / 8]))?,
-            batch: to_u32("keys", s.batch)?,
-            kv_heads: to_u32("keys", s.hkv)?,
-            capacity: to_u32("capacity", s.capacity)?,
-            head_dim: to_u32("head_dim", s.head_dim)?,
+            batch,
+            kv_heads,
+            capacity,
+            head_dim,
             page_size: to_u32("page_size", s.page_size)?,
             n_pages: to_u32("page_max", s.n_pages())?,
             lanes: to_u32("head_dim", s.head_dim / 8)?,
@@ -241,17 +306,8 @@ pub struct QuestSelectPlan {
     shape: QuestSelectShape,
     score: Typed,
     topk: Option<TopkPlan>,
-    expand: ExpandPlan,
+    sel: Selection,
     scores: CudaSlice<f32>,
-    lens: CudaSlice<u32>,
-    row_lens: DeviceTensor<u32>,
-    host_rows: Vec<u32>,
-}
-
-impl std::fmt::Debug for QuestSelectPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuestSelectPlan").field("shape", &self.shape).finish()
-    }
 }
 
 impl QuestSelectPlan {
@@ -275,17 +331,9 @@ impl QuestSelectPlan {
             shape: *shape,
             score: Typed::load(device, "pages_quest_score", (rows * np).div_ceil(gpb))?,
             topk,
-            expand: ExpandPlan::new(device, &shape.expand_shape())?,
+            sel: Selection::new(device, &shape.expand_shape(), shape.batch)?,
             scores: stream.alloc_zeros::<f32>(rows * np)?,
-            lens: stream.alloc_zeros::<u32>(shape.batch)?,
-            row_lens: DeviceTensor::zeros(device, &[rows])?,
-            host_rows: vec![0; rows],
         })
-    }
-
-    /// The shape this plan serves.
-    pub fn shape(&self) -> QuestSelectShape {
-        self.shape
     }
 
     /// Selects the pages of every row for the queries `q [B, Tq, Hq, D]` against `page_max`
@@ -316,21 +364,22 @@ impl QuestSelectPlan {
         self.device.check_buffer("pages", pages, &s.pages_shape())?;
         check_csr(&self.device, &s.expand_shape(), indptr, indices)?;
         let (rows, np, k) = (s.rows(), meta.n_pages(), s.budget);
-        let (l, lp) = lanes(s.head_dim);
         let stream = self.device.stream().clone();
-        stream.memcpy_htod(lens, &mut self.lens)?;
+        stream.memcpy_htod(lens, &mut self.sel.lens)?;
+        let [batch, kv_heads, q_heads, q_tokens, head_dim, lanes, lanes_pow2, group] =
+            query_dims(s.batch, s.hkv, s.hq, s.q_tokens, s.head_dim)?;
         let params = NtkvPagesScoreParams {
             n_items: to_u64("page_max", rows * np)?,
-            batch: to_u32("q", s.batch)?,
-            kv_heads: to_u32("q", s.hkv)?,
-            q_heads: to_u32("q", s.hq)?,
-            q_tokens: to_u32("q", s.q_tokens)?,
-            head_dim: to_u32("head_dim", s.head_dim)?,
+            batch,
+            kv_heads,
+            q_heads,
+            q_tokens,
+            head_dim,
             page_size: to_u32("page_size", s.page_size)?,
             n_pages: to_u32("page_max", np)?,
-            lanes: to_u32("head_dim", l)?,
-            lanes_pow2: to_u32("head_dim", lp)?,
-            group: to_u32("hq", s.hq / s.hkv)?,
+            lanes,
+            lanes_pow2,
+            group,
             blocks_stride: to_u32("budget", k)?,
             last_col: to_u32("budget", k - 1)?,
         };
@@ -339,7 +388,7 @@ impl QuestSelectPlan {
         {
             let mut pv = pages.cuda_view_mut();
             let mut b = stream.launch_builder(f);
-            b.arg(&params).arg(&qv).arg(&mxv).arg(&mnv).arg(&self.lens).arg(&mut self.scores).arg(&mut pv);
+            b.arg(&params).arg(&qv).arg(&mxv).arg(&mnv).arg(&self.sel.lens).arg(&mut self.scores).arg(&mut pv);
             // SAFETY: ntkv_pages_quest_score_<T>(NtkvPagesScoreParams, const T* q, const T*
             // page_max, const T* page_min, const u32* lens, float* scores, u32* blocks). Item
             // (row, page) < rows * NP reads 8 elements at item * D + 8 lane of the metadata ([B,
@@ -351,15 +400,13 @@ impl QuestSelectPlan {
         }
         if let Some(topk) = self.topk.as_mut() {
             let pp = s.page_size as u32;
-            fill_rows(&mut self.host_rows, lens, s.hkv, |n| n.div_ceil(pp).saturating_sub(1));
-            stream.memcpy_htod(&self.host_rows, topk.lengths_mut())?;
+            fill_rows(&mut self.sel.host_rows, lens, s.hkv, |n| n.div_ceil(pp).saturating_sub(1));
+            stream.memcpy_htod(&self.sel.host_rows, topk.lengths_mut())?;
             let out = TopkOutput { uniform_len: np, has_lengths: true, out_stride: k, tail_count: 0, tail_first: 0 };
             let mut pv = pages.cuda_view_mut();
             topk.launch::<f32>(&self.scores.as_view(), out, None, &mut pv)?;
         }
-        fill_rows(&mut self.host_rows, lens, s.hkv, |n| n);
-        self.row_lens.copy_from_host(&self.host_rows)?;
-        self.expand.run(&*pages, &self.row_lens, indptr, indices)
+        self.sel.expand(&*pages, lens, s.hkv, indptr, indices)
     }
 }
 
@@ -374,12 +421,6 @@ pub struct LandmarkPlan {
     neg: CudaSlice<f32>,
     lens: CudaSlice<u32>,
     host_rows: Vec<u32>,
-}
-
-impl std::fmt::Debug for LandmarkPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LandmarkPlan").field("shape", &self.shape).finish()
-    }
 }
 
 impl LandmarkPlan {
@@ -408,11 +449,6 @@ impl LandmarkPlan {
         })
     }
 
-    /// The shape this plan serves.
-    pub fn shape(&self) -> LandmarkShape {
-        self.shape
-    }
-
     /// Computes, for `keys [B, Hkv, Tcap, D]` with `lens[b]` valid tokens, `landmarks [B, Hkv,
     /// NC, D]` and `min_cos [B, Hkv, NC]` (f32; chunks past a row's last are not written) and
     /// `outliers [B·Hkv, n_out]` (u32, lowest `min_cos` first, `u32::MAX` padding).
@@ -438,12 +474,13 @@ impl LandmarkPlan {
         let (l, lp) = lanes(s.head_dim);
         let stream = self.device.stream().clone();
         stream.memcpy_htod(lens, &mut self.lens)?;
+        let [batch, kv_heads, capacity, head_dim] = key_dims(s.batch, s.hkv, s.capacity, s.head_dim)?;
         let params = NtkvPagesLandmarkParams {
             n_items: to_u64("landmarks", rows * nc)?,
-            batch: to_u32("keys", s.batch)?,
-            kv_heads: to_u32("keys", s.hkv)?,
-            capacity: to_u32("capacity", s.capacity)?,
-            head_dim: to_u32("head_dim", s.head_dim)?,
+            batch,
+            kv_heads,
+            capacity,
+            head_dim,
             n_chunks: to_u32("landmarks", nc)?,
             lanes: to_u32("head_dim", l)?,
             lanes_pow2: to_u32("head_dim", lp)?,
@@ -486,19 +523,10 @@ pub struct LandmarkSelectPlan {
     score: (CudaFunction, LaunchConfig),
     mark: Option<(CudaFunction, LaunchConfig)>,
     topk: TopkPlan,
-    expand: ExpandPlan,
+    sel: Selection,
     logits: CudaSlice<f32>,
     sums: CudaSlice<f32>,
     scores: CudaSlice<f32>,
-    lens: CudaSlice<u32>,
-    row_lens: DeviceTensor<u32>,
-    host_rows: Vec<u32>,
-}
-
-impl std::fmt::Debug for LandmarkSelectPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LandmarkSelectPlan").field("shape", &self.shape).finish()
-    }
 }
 
 impl LandmarkSelectPlan {
@@ -527,19 +555,11 @@ impl LandmarkSelectPlan {
             score: untyped(device, "pages_shadow_score", (rows * nc).div_ceil(threads))?,
             mark,
             topk: TopkPlan::new(device, &TopkShape { rows, n: nc, k: shape.budget }, TopkOptions::default())?,
-            expand: ExpandPlan::new(device, &shape.expand_shape())?,
+            sel: Selection::new(device, &shape.expand_shape(), shape.batch)?,
             logits: stream.alloc_zeros::<f32>(qrows * nc)?,
             sums: stream.alloc_zeros::<f32>(qrows)?,
             scores: stream.alloc_zeros::<f32>(rows * nc)?,
-            lens: stream.alloc_zeros::<u32>(shape.batch)?,
-            row_lens: DeviceTensor::zeros(device, &[rows])?,
-            host_rows: vec![0; rows],
         })
-    }
-
-    /// The shape this plan serves.
-    pub fn shape(&self) -> LandmarkSelectShape {
-        self.shape
     }
 
     /// Selects the chunks of every row for `q [B, Tq, Hq, D]` against `landmarks [B, Hkv, NC,
@@ -570,20 +590,21 @@ impl LandmarkSelectPlan {
         self.device.check_buffer("chunks", chunks, &s.chunks_shape())?;
         check_csr(&self.device, &s.expand_shape(), indptr, indices)?;
         let (rows, nc, k) = (s.rows(), lm.n_chunks(), s.budget);
-        let (l, lp) = lanes(s.head_dim);
         let stream = self.device.stream().clone();
-        stream.memcpy_htod(lens, &mut self.lens)?;
+        stream.memcpy_htod(lens, &mut self.sel.lens)?;
+        let [batch, kv_heads, q_heads, q_tokens, head_dim, lanes, lanes_pow2, group] =
+            query_dims(s.batch, s.hkv, s.hq, s.q_tokens, s.head_dim)?;
         let mut params = NtkvPagesShadowParams {
             n_items: to_u64("landmarks", rows * nc)?,
-            batch: to_u32("q", s.batch)?,
-            kv_heads: to_u32("q", s.hkv)?,
-            q_heads: to_u32("q", s.hq)?,
-            q_tokens: to_u32("q", s.q_tokens)?,
-            head_dim: to_u32("head_dim", s.head_dim)?,
+            batch,
+            kv_heads,
+            q_heads,
+            q_tokens,
+            head_dim,
             n_chunks: to_u32("landmarks", nc)?,
-            lanes: to_u32("head_dim", l)?,
-            lanes_pow2: to_u32("head_dim", lp)?,
-            group: to_u32("hq", s.hq / s.hkv)?,
+            lanes,
+            lanes_pow2,
+            group,
             k: to_u32("budget", k)?,
             n_outliers: to_u32("outliers", s.outliers)?,
             blocks_stride: to_u32("budget", k + s.outliers)?,
@@ -593,7 +614,7 @@ impl LandmarkSelectPlan {
         let (f, cfg) = self.logits_k.get::<T>();
         let (qv, lv) = (q.cuda_view(), landmarks.cuda_view());
         let mut b = stream.launch_builder(f);
-        b.arg(&params).arg(&qv).arg(&lv).arg(&self.lens).arg(&mut self.logits);
+        b.arg(&params).arg(&qv).arg(&lv).arg(&self.sel.lens).arg(&mut self.logits);
         // SAFETY: ntkv_pages_shadow_logits_<T>(NtkvPagesShadowParams, const T* q, const float*
         // landmarks, const u32* lens, float* logits). Item (row, chunk) < rows * NC reads 8
         // floats at item * D + 8 lane of landmarks ([B, Hkv, NC, D], checked, aligned) and 8
@@ -603,7 +624,7 @@ impl LandmarkSelectPlan {
 
         let (f, cfg) = &self.softmax;
         let mut b = stream.launch_builder(f);
-        b.arg(&params).arg(&self.lens).arg(&mut self.logits).arg(&mut self.sums);
+        b.arg(&params).arg(&self.sel.lens).arg(&mut self.logits).arg(&mut self.sums);
         // SAFETY: ntkv_pages_shadow_softmax(NtkvPagesShadowParams, const u32* lens, float*
         // logits, float* sums). Block row qrow < B Hq Tq reads and rewrites logits[qrow NC + c]
         // for c < ceil(lens[b] / 8) <= NC and writes sums[qrow] (B Hq Tq floats); static shared
@@ -612,7 +633,7 @@ impl LandmarkSelectPlan {
 
         let (f, cfg) = &self.score;
         let mut b = stream.launch_builder(f);
-        b.arg(&params).arg(&self.lens).arg(&self.logits).arg(&self.sums).arg(&mut self.scores);
+        b.arg(&params).arg(&self.sel.lens).arg(&self.logits).arg(&self.sums).arg(&mut self.scores);
         // SAFETY: ntkv_pages_shadow_score(NtkvPagesShadowParams, const u32* lens, const float*
         // expd, const float* sums, float* scores). Item (row, chunk) < rows * NC reads expd and
         // sums of the row's query rows (inside both workspaces) and writes scores[item].
@@ -623,7 +644,7 @@ impl LandmarkSelectPlan {
             params.n_items = to_u64("outliers", rows * s.outliers)?;
             let mut cv = chunks.cuda_view_mut();
             let mut b = stream.launch_builder(f);
-            b.arg(&params).arg(&self.lens).arg(&ov).arg(&mut self.scores).arg(&mut cv);
+            b.arg(&params).arg(&self.sel.lens).arg(&ov).arg(&mut self.scores).arg(&mut cv);
             // SAFETY: ntkv_pages_shadow_mark(NtkvPagesShadowParams, const u32* lens, const u32*
             // outliers, float* scores, u32* blocks). Item (row, j) < rows * n_out reads
             // outliers[item] ([rows, n_out], checked), writes blocks[row (k + n_out) + k + j]
@@ -631,8 +652,8 @@ impl LandmarkSelectPlan {
             // row's chunk count <= NC.
             unsafe { b.launch(*cfg) }?;
         }
-        fill_rows(&mut self.host_rows, lens, s.hkv, |n| n.div_ceil(CHUNK_TOKENS as u32));
-        stream.memcpy_htod(&self.host_rows, self.topk.lengths_mut())?;
+        fill_rows(&mut self.sel.host_rows, lens, s.hkv, |n| n.div_ceil(CHUNK_TOKENS as u32));
+        stream.memcpy_htod(&self.sel.host_rows, self.topk.lengths_mut())?;
         let out =
             TopkOutput { uniform_len: nc, has_lengths: true, out_stride: k + s.outliers, tail_count: 0, tail_first: 0 };
         {
@@ -640,9 +661,7 @@ impl LandmarkSelectPlan {
             let sv: CudaView<'_, f32> = self.scores.as_view();
             self.topk.launch::<f32>(&sv, out, None, &mut cv)?;
         }
-        fill_rows(&mut self.host_rows, lens, s.hkv, |n| n);
-        self.row_lens.copy_from_host(&self.host_rows)?;
-        self.expand.run(&*chunks, &self.row_lens, indptr, indices)
+        self.sel.expand(&*chunks, lens, s.hkv, indptr, indices)
     }
 }
 

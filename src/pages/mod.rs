@@ -265,6 +265,21 @@ pub struct QuestSelectShape {
     pub budget: usize,
 }
 
+/// `rows()` and `q_shape()` of the selection shapes, which share the query fields.
+macro_rules! query_rows_and_shape {
+    () => {
+        /// Rows: `batch · hkv`.
+        pub fn rows(&self) -> usize {
+            self.batch.saturating_mul(self.hkv)
+        }
+
+        /// `[batch, q_tokens, hq, head_dim]`.
+        pub fn q_shape(&self) -> Vec<usize> {
+            vec![self.batch, self.q_tokens, self.hq, self.head_dim]
+        }
+    };
+}
+
 impl QuestSelectShape {
     /// The metadata shape this selection reads.
     pub fn meta(&self) -> QuestMetaShape {
@@ -294,15 +309,7 @@ impl QuestSelectShape {
         self.expand_shape().validate()
     }
 
-    /// Rows: `batch · hkv`.
-    pub fn rows(&self) -> usize {
-        self.batch.saturating_mul(self.hkv)
-    }
-
-    /// `[batch, q_tokens, hq, head_dim]`.
-    pub fn q_shape(&self) -> Vec<usize> {
-        vec![self.batch, self.q_tokens, self.hq, self.head_dim]
-    }
+    query_rows_and_shape!();
 
     /// `[batch · hkv, budget]`, the shape of `pages`.
     pub fn pages_shape(&self) -> Vec<usize> {
@@ -449,15 +456,7 @@ impl LandmarkSelectShape {
         self.expand_shape().validate()
     }
 
-    /// Rows: `batch · hkv`.
-    pub fn rows(&self) -> usize {
-        self.batch.saturating_mul(self.hkv)
-    }
-
-    /// `[batch, q_tokens, hq, head_dim]`.
-    pub fn q_shape(&self) -> Vec<usize> {
-        vec![self.batch, self.q_tokens, self.hq, self.head_dim]
-    }
+    query_rows_and_shape!();
 
     /// `[batch · hkv, budget + outliers]`, the shape of `chunks`.
     pub fn chunks_shape(&self) -> Vec<usize> {

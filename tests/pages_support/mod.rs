@@ -3,35 +3,35 @@
 
 use ntkv::pages::{LandmarkSelectShape, QuestSelectShape};
 
-/// A Quest selection shape, fields in declaration order.
-#[allow(clippy::too_many_arguments)]
-pub fn qshape(
-    batch: usize,
-    hq: usize,
-    hkv: usize,
-    tq: usize,
-    d: usize,
-    cap: usize,
-    p: usize,
-    k: usize,
-) -> QuestSelectShape {
-    QuestSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, page_size: p, budget: k }
+/// A positional constructor `name(batch, hq, hkv, tq, d, cap, extra, k)` of a selection shape,
+/// fields in declaration order; the two shapes differ only in their seventh field.
+macro_rules! select_shape {
+    ($(#[$doc:meta])* $name:ident -> $shape:ident { $extra:ident }) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name(
+            batch: usize,
+            hq: usize,
+            hkv: usize,
+            tq: usize,
+            d: usize,
+            cap: usize,
+            $extra: usize,
+            k: usize,
+        ) -> $shape {
+            $shape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, $extra, budget: k }
+        }
+    };
 }
 
-/// A ShadowKV selection shape, fields in declaration order.
-#[allow(clippy::too_many_arguments)]
-pub fn lshape(
-    batch: usize,
-    hq: usize,
-    hkv: usize,
-    tq: usize,
-    d: usize,
-    cap: usize,
-    out: usize,
-    k: usize,
-) -> LandmarkSelectShape {
-    LandmarkSelectShape { batch, hq, hkv, q_tokens: tq, head_dim: d, capacity: cap, outliers: out, budget: k }
-}
+select_shape!(
+    /// A Quest selection shape (seventh field: page size).
+    qshape -> QuestSelectShape { page_size }
+);
+select_shape!(
+    /// A ShadowKV selection shape (seventh field: outliers).
+    lshape -> LandmarkSelectShape { outliers }
+);
 
 /// The sorted unique valid tokens (below `len`) of the blocks (of `block` tokens) that are
 /// below `n_blocks`.
@@ -112,6 +112,46 @@ pub fn quest_problem<T: Float>(rng: &mut Rng, s: &QuestSelectShape, keys: Keys, 
 
 pub fn landmark_problem<T: Float>(rng: &mut Rng, s: &LandmarkSelectShape, keys: Keys, empty: bool) -> Problem<T> {
     problem(rng, (s.batch, s.hkv, s.capacity, s.head_dim), (s.q_tokens, s.hq), keys, empty)
+}
+
+/// The element type of a table-driven case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Ty {
+    /// This type's entry of `[f32, f16, bf16]` (the instantiations of one generic check).
+    pub fn pick<F: Copy>(self, by_type: [F; 3]) -> F {
+        by_type[self as usize]
+    }
+}
+
+/// One selection case of a differential table.
+#[derive(Clone, Copy, Debug)]
+pub enum Case {
+    Quest(QuestSelectShape, Keys),
+    Landmark(LandmarkSelectShape, Keys),
+}
+
+/// The `[f32, f16, bf16]` instantiations of one generic check of a selection shape `S`, called
+/// with the case's context (its seed, and the device on the GPU) and its keys.
+pub type Checks<C, S> = [fn(C, S, Keys); 3];
+
+/// Runs every `(type, context, case)` through the check of its kind and type.
+pub fn run_cases<C: Copy>(
+    cases: &[(Ty, C, Case)],
+    quest: Checks<C, QuestSelectShape>,
+    landmark: Checks<C, LandmarkSelectShape>,
+) {
+    for &(ty, ctx, case) in cases {
+        match case {
+            Case::Quest(s, keys) => ty.pick(quest)(ctx, s, keys),
+            Case::Landmark(s, keys) => ty.pick(landmark)(ctx, s, keys),
+        }
+    }
 }
 
 /// Checks a CSR selection's structure: indptr starts at 0 and is non-decreasing, each row is

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace ntkv_emu {
@@ -30,3 +31,18 @@ std::unique_ptr<T[]> dup(const std::vector<T>& x) {
 }
 
 }  // namespace ntkv_emu
+
+// The extern "C" entry point `name##_<suffix>` of dtype T (float, __half or __nv_bfloat16), so a
+// harness templated on T reaches the right instantiation without a per-dtype table.
+template <typename T, typename F32, typename F16, typename BF16>
+constexpr auto emu_pick_dtype(F32 f32, F16 f16, BF16 bf16) {
+    if constexpr (std::is_same_v<T, float>) {
+        return f32;
+    } else if constexpr (std::is_same_v<T, __half>) {
+        return f16;
+    } else {
+        static_assert(std::is_same_v<T, __nv_bfloat16>, "kernels come in f32, f16 and bf16");
+        return bf16;
+    }
+}
+#define EMU_KERNEL(T, name) emu_pick_dtype<T>(name##_f32, name##_f16, name##_bf16)

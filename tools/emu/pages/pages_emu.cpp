@@ -6,6 +6,7 @@
 // not multiples of any tile; GQA groups 1, 3 and 8. Build and run with tools/emu/run.sh pages
 // (AddressSanitizer on: any access outside a buffer aborts the run).
 #include "pages.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+#include "emu_check.h"
 
 #include <cstdio>
 #include <random>
@@ -14,17 +15,12 @@
 namespace {
 
 // The real extern "C" entry points of each dtype.
-template <typename T> struct K;
-#define PAGES_ENTRIES(T, SUFFIX)                                              \
-    template <> struct K<T> {                                                 \
-        static constexpr auto meta = ntkv_pages_quest_meta_##SUFFIX;          \
-        static constexpr auto score = ntkv_pages_quest_score_##SUFFIX;        \
-        static constexpr auto landmark = ntkv_pages_landmark_##SUFFIX;        \
-        static constexpr auto logits = ntkv_pages_shadow_logits_##SUFFIX;     \
-    };
-PAGES_ENTRIES(float, f32)
-PAGES_ENTRIES(__half, f16)
-PAGES_ENTRIES(__nv_bfloat16, bf16)
+template <typename T> struct K {
+    static constexpr auto meta = EMU_KERNEL(T, ntkv_pages_quest_meta);
+    static constexpr auto score = EMU_KERNEL(T, ntkv_pages_quest_score);
+    static constexpr auto landmark = EMU_KERNEL(T, ntkv_pages_landmark);
+    static constexpr auto logits = EMU_KERNEL(T, ntkv_pages_shadow_logits);
+};
 
 template <typename T> const char* dtype_name() {
     return std::is_same_v<T, float> ? "f32" : std::is_same_v<T, __half> ? "f16" : "bf16";
