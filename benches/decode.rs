@@ -1,7 +1,6 @@
 //! Criterion benches for sparse-index decode: 32 heads, 2048 selected tokens of a 128k f16
 //! cache (D = 128), timed with CUDA events through `iter_custom`. Without a GPU, the CPU
 //! reference at a small size (8 heads, 256 of 4096 tokens).
-use std::time::Duration;
 
 mod common;
 
@@ -37,19 +36,8 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let mut plan = DecodePlan::new(dev, &cfg, DecodeOptions::default(), &[131072], &indptr, &indices)?;
     plan.run(&q, &k, &v, &mut o, &mut lse)?;
     dev.synchronize()?;
-    c.bench_function("decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", |bch| {
-        bch.iter_custom(|iters| {
-            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
-                for _ in 0..iters {
-                    plan.run(&q, &k, &v, &mut o, &mut lse)?;
-                }
-                Ok(())
-            })
-            .map(|t| t.first().copied().unwrap_or(0.0))
-            .unwrap_or(f64::NAN);
-            Duration::from_secs_f64(ms * 1e-3)
-        })
+    common::bench_gpu(c, "decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", dev, || {
+        plan.run(&q, &k, &v, &mut o, &mut lse)
     });
     Ok(())
 }
