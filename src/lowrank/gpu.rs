@@ -57,6 +57,22 @@ fn dtype_slot(dtype: DType) -> usize {
     }
 }
 
+/// `Debug` for a plan: its name and the listed fields (`label = field` where they differ);
+/// device handles and buffers are left out.
+macro_rules! plan_debug {
+    ($plan:ty, $name:literal, $($label:ident $(= $field:ident)?),+) => {
+        impl std::fmt::Debug for $plan {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut s = f.debug_struct($name);
+                $(s.field(stringify!($label), plan_debug!(@field self, $label $(, $field)?));)+
+                s.finish()
+            }
+        }
+    };
+    (@field $plan:ident, $label:ident) => { &$plan.$label };
+    (@field $plan:ident, $label:ident, $field:ident) => { &$plan.$field };
+}
+
 /// One function per storage dtype, loaded once.
 struct PerDtype([CudaFunction; 3]);
 
@@ -94,15 +110,7 @@ pub struct ReconstructPlan<'a> {
     gather_cfg: LaunchConfig,
 }
 
-impl std::fmt::Debug for ReconstructPlan<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReconstructPlan")
-            .field("shape", &self.shape)
-            .field("layout", &self.layout)
-            .field("rows", &self.rows)
-            .finish()
-    }
-}
+plan_debug!(ReconstructPlan<'_>, "ReconstructPlan", shape, layout, rows);
 
 impl<'a> ReconstructPlan<'a> {
     /// Validates the shape, the options, the layout and the lists, and plans the launch.
@@ -376,15 +384,7 @@ pub struct FactorPlan {
     narrow: PerDtype,
 }
 
-impl std::fmt::Debug for FactorPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FactorPlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("sketch_cols", &self.l)
-            .finish()
-    }
-}
+plan_debug!(FactorPlan, "FactorPlan", shape, options, sketch_cols = l);
 
 /// Row-major operand with batch stride `bs`.
 const fn rm(ld: usize, bs: usize) -> Operand {
