@@ -112,6 +112,25 @@ pub struct ReconstructPlan<'a> {
 
 plan_debug!(ReconstructPlan<'_>, "ReconstructPlan", shape, layout, rows);
 
+/// Checks the device-resident position lists' buffers against the (validated) shape, reads
+/// them back (one synchronization) and validates every entry on the host: the lists' views
+/// and the host copy of `indptr`.
+fn read_lists<'a>(
+    device: &Device,
+    shape: &ReconstructShape,
+    seq_lens: &[u32],
+    indptr: &'a impl TensorRef<u32>,
+    indices: &'a impl TensorRef<u32>,
+) -> Result<(CudaView<'a, u32>, CudaView<'a, u32>, Vec<u32>)> {
+    shape.validate()?;
+    device.check_buffer("indptr", indptr, &[shape.n_lists() + 1])?;
+    device.check_tensor("indices", indices)?;
+    let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
+    let indptr_host = device.stream().clone_dtoh(&indptr)?;
+    shape.validate_lists(seq_lens, &indptr_host, &device.stream().clone_dtoh(&indices)?)?;
+    Ok((indptr, indices, indptr_host))
+}
+
 impl<'a> ReconstructPlan<'a> {
     /// Validates the shape, the options, the layout and the lists, and plans the launch.
     ///
@@ -135,16 +154,10 @@ impl<'a> ReconstructPlan<'a> {
         indptr: &'a impl TensorRef<u32>,
         indices: &'a impl TensorRef<u32>,
     ) -> Result<Self> {
-        shape.validate()?;
         options.validate()?;
-        device.check_buffer("indptr", indptr, &[shape.n_lists() + 1])?;
-        device.check_tensor("indices", indices)?;
-        let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
-        let stream = device.stream();
-        let indptr_host = stream.clone_dtoh(&indptr)?;
-        let indices_host = stream.clone_dtoh(&indices)?;
-        shape.validate_lists(seq_lens, &indptr_host, &indices_host)?;
+        let (indptr, indices, indptr_host) = read_lists(device, shape, seq_lens, indptr, indices)?;
         super::validate_layout(shape, layout, &indptr_host)?;
+        let stream = device.stream();
         let rows = indptr_host[shape.n_lists()] as usize;
         let longest = indptr_host.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         let tiles_per_list = longest.div_ceil(tile_tokens(shape.head_dim)).max(1);
