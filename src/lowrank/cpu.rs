@@ -343,13 +343,12 @@ pub fn reconstruct<T: Float>(
     indptr: &[u32],
     indices: &[u32],
 ) -> Result<Vec<f64>> {
-    options.validate()?;
+    let inv = super::rope_table(shape, options)?;
     shape.validate_lists(seq_lens, indptr, indices)?;
     check_shape("u", &[checked_numel::<T>("u", &shape.u_shape())?], &[u.len()])?;
     check_shape("sv", &[checked_numel::<T>("sv", &shape.sv_shape())?], &[sv.len()])?;
     let (d, r, hkv, tcap) = (shape.head_dim, shape.rank, shape.kv_heads, shape.capacity);
     let n = hkv * d;
-    let inv = rope_inv_freq(d, options.base);
     let total = indptr[shape.n_lists()] as usize;
     let mut out = vec![0.0; total * d];
     for l in 0..shape.n_lists() {

@@ -390,6 +390,17 @@ impl RopeOptions {
     }
 }
 
+/// Validates the shape and then the options of a reconstruction, and returns the RoPE
+/// frequency table `θᵢ` of [`cpu::rope_inv_freq`] (`D/2` entries) both paths use.
+///
+/// # Errors
+/// As [`ReconstructShape::validate`], then as [`RopeOptions::validate`].
+pub(crate) fn rope_table(shape: &ReconstructShape, options: &RopeOptions) -> Result<Vec<f32>> {
+    shape.validate()?;
+    options.validate()?;
+    Ok(cpu::rope_inv_freq(shape.head_dim, options.base))
+}
+
 /// Checks a layout against the lists: a gathered `budget` must be at least 1 and cover the
 /// longest list, and `B·Hkv·budget·D` must fit.
 ///
