@@ -42,7 +42,7 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("decode bench: no GPU; timing the CPU reference at a small size");
     let cfg = DecodeShape { batch: 1, q_tokens: 1, hq: 8, hkv: 8, head_dim: 128, capacity: 4096 };
     let mut rng = Rng::new(2);
@@ -54,13 +54,11 @@ fn cpu_bench(c: &mut Criterion) {
     c.bench_function("decode_sparse B1 Hq8 Hkv8 T4096 D128 sel256 f16 (cpu reference)", |b| {
         b.iter(|| cpu::sparse_decode(&cfg, &opts, &q, &k, &v, &[4096], &ptr, &idx).map(|r| r.lse.len()).unwrap_or(0))
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    common::gpu_or_cpu(c, "decode", gpu_bench, |c| {
-        cpu_bench(c);
-        Ok(())
-    });
+    common::gpu_or_cpu(c, "decode", gpu_bench, cpu_bench);
 }
 
 criterion_group!(decode, benches);

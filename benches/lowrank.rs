@@ -35,7 +35,7 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("lowrank bench: no GPU; timing the CPU reference at a small size");
     let shape = ReconstructShape { batch: 1, capacity: 4096, kv_heads: 2, head_dim: 128, rank: 160 };
     let mut rng = Rng::new(2);
@@ -47,13 +47,11 @@ fn cpu_bench(c: &mut Criterion) {
             cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0)
         })
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    common::gpu_or_cpu(c, "lowrank", gpu_bench, |c| {
-        cpu_bench(c);
-        Ok(())
-    });
+    common::gpu_or_cpu(c, "lowrank", gpu_bench, cpu_bench);
 }
 
 criterion_group!(lowrank, benches);

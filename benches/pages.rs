@@ -55,20 +55,18 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("pages bench: no GPU; timing the CPU reference at a small size");
     let s = shape(4, 8192);
     let (hi, lo, q) = inputs(&mut Rng::new(2), &s);
     c.bench_function("quest_select B1 Hq4 Hkv4 NP512 D128 top128 f16 (cpu reference)", |b| {
         b.iter(|| cpu::quest_select(&s, &q, &hi, &lo, &[8192]).map(|r| r.indices.len()).unwrap_or(0))
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    common::gpu_or_cpu(c, "pages", gpu_bench, |c| {
-        cpu_bench(c);
-        Ok(())
-    });
+    common::gpu_or_cpu(c, "pages", gpu_bench, cpu_bench);
 }
 
 criterion_group!(pages, benches);
