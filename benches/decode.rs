@@ -1,7 +1,6 @@
 //! Criterion benches for sparse-index decode: 32 heads, 2048 selected tokens of a 128k f16
 //! cache (D = 128), timed with CUDA events through `iter_custom`. Without a GPU, the CPU
 //! reference at a small size (8 heads, 256 of 4096 tokens).
-use std::time::Duration;
 
 mod common;
 
@@ -37,24 +36,13 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let mut plan = DecodePlan::new(dev, &cfg, DecodeOptions::default(), &[131072], &indptr, &indices)?;
     plan.run(&q, &k, &v, &mut o, &mut lse)?;
     dev.synchronize()?;
-    c.bench_function("decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", |bch| {
-        bch.iter_custom(|iters| {
-            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
-                for _ in 0..iters {
-                    plan.run(&q, &k, &v, &mut o, &mut lse)?;
-                }
-                Ok(())
-            })
-            .map(|t| t.first().copied().unwrap_or(0.0))
-            .unwrap_or(f64::NAN);
-            Duration::from_secs_f64(ms * 1e-3)
-        })
+    common::bench_gpu(c, "decode_sparse B1 Hq32 Hkv32 T131072 D128 sel2048 f16 (gpu)", dev, || {
+        plan.run(&q, &k, &v, &mut o, &mut lse)
     });
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("decode bench: no GPU; timing the CPU reference at a small size");
     let cfg = DecodeShape { batch: 1, q_tokens: 1, hq: 8, hkv: 8, head_dim: 128, capacity: 4096 };
     let mut rng = Rng::new(2);
@@ -66,13 +54,11 @@ fn cpu_bench(c: &mut Criterion) {
     c.bench_function("decode_sparse B1 Hq8 Hkv8 T4096 D128 sel256 f16 (cpu reference)", |b| {
         b.iter(|| cpu::sparse_decode(&cfg, &opts, &q, &k, &v, &[4096], &ptr, &idx).map(|r| r.lse.len()).unwrap_or(0))
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    common::gpu_or_cpu(c, "decode", gpu_bench, |c| {
-        cpu_bench(c);
-        Ok(())
-    });
+    common::gpu_or_cpu(c, "decode", gpu_bench, cpu_bench);
 }
 
 criterion_group!(decode, benches);

@@ -1,7 +1,6 @@
 //! Criterion benches for the lowrank reconstruction: 2048 selected tokens × 8 kv heads from
 //! `U [128k, 160]`, `SV [160, 8·128]` bf16 with RoPE, timed with CUDA events through
 //! `iter_custom`. Without a GPU, the CPU reference at a small size (256 tokens × 2 heads).
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
@@ -32,24 +31,11 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let mut out = DeviceTensor::<bf16>::zeros(dev, &shape.gathered_shape(2048))?;
     plan.run(&u, &sv, &mut out)?;
     dev.synchronize()?;
-    c.bench_function("lowrank_rope T131072 Hkv8 D128 r160 sel2048 bf16 (gpu)", |bch| {
-        bch.iter_custom(|iters| {
-            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
-                for _ in 0..iters {
-                    plan.run(&u, &sv, &mut out)?;
-                }
-                Ok(())
-            })
-            .map(|t| t.first().copied().unwrap_or(0.0))
-            .unwrap_or(f64::NAN);
-            Duration::from_secs_f64(ms * 1e-3)
-        })
-    });
+    common::bench_gpu(c, "lowrank_rope T131072 Hkv8 D128 r160 sel2048 bf16 (gpu)", dev, || plan.run(&u, &sv, &mut out));
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("lowrank bench: no GPU; timing the CPU reference at a small size");
     let shape = ReconstructShape { batch: 1, capacity: 4096, kv_heads: 2, head_dim: 128, rank: 160 };
     let mut rng = Rng::new(2);
@@ -61,13 +47,11 @@ fn cpu_bench(c: &mut Criterion) {
             cpu::reconstruct(&shape, &RopeOptions::default(), &[4096], &u, &sv, &p, &i).map(|r| r.len()).unwrap_or(0)
         })
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    common::gpu_or_cpu(c, "lowrank", gpu_bench, |c| {
-        cpu_bench(c);
-        Ok(())
-    });
+    common::gpu_or_cpu(c, "lowrank", gpu_bench, cpu_bench);
 }
 
 criterion_group!(lowrank, benches);

@@ -1,13 +1,14 @@
 //! Criterion benches for Quest selection: page bounds plus the top 128 of 8192 pages per head
 //! (32 heads, D = 128, f16 metadata), timed with CUDA events through `iter_custom`. Without a
 //! GPU, the CPU reference at a small size (4 heads, 512 pages).
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
 use ntkv::pages::{cpu, QuestSelectPlan, QuestSelectShape};
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
+
+mod common;
 
 fn shape(heads: usize, capacity: usize) -> QuestSelectShape {
     QuestSelectShape {
@@ -48,42 +49,24 @@ fn gpu_bench(c: &mut Criterion, dev: &Device) -> anyhow::Result<()> {
     let lens = [131072u32];
     plan.run(&q, &mx, &mn, &lens, &mut pages, &mut ip, &mut ix)?;
     dev.synchronize()?;
-    c.bench_function("quest_select B1 Hq32 Hkv32 NP8192 D128 top128 f16 (gpu)", |bch| {
-        bch.iter_custom(|iters| {
-            let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-            let ms = ntkv::timing::time_gpu_ms(dev, 0, 1, |_| {
-                for _ in 0..iters {
-                    plan.run(&q, &mx, &mn, &lens, &mut pages, &mut ip, &mut ix)?;
-                }
-                Ok(())
-            })
-            .map(|t| t.first().copied().unwrap_or(0.0))
-            .unwrap_or(f64::NAN);
-            Duration::from_secs_f64(ms * 1e-3)
-        })
+    common::bench_gpu(c, "quest_select B1 Hq32 Hkv32 NP8192 D128 top128 f16 (gpu)", dev, || {
+        plan.run(&q, &mx, &mn, &lens, &mut pages, &mut ip, &mut ix)
     });
     Ok(())
 }
 
-fn cpu_bench(c: &mut Criterion) {
+fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     println!("pages bench: no GPU; timing the CPU reference at a small size");
     let s = shape(4, 8192);
     let (hi, lo, q) = inputs(&mut Rng::new(2), &s);
     c.bench_function("quest_select B1 Hq4 Hkv4 NP512 D128 top128 f16 (cpu reference)", |b| {
         b.iter(|| cpu::quest_select(&s, &q, &hi, &lo, &[8192]).map(|r| r.indices.len()).unwrap_or(0))
     });
+    Ok(())
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = if ntkv::kernels_built() { Device::new(0).ok() } else { None };
-    match dev {
-        Some(dev) => {
-            if let Err(e) = gpu_bench(c, &dev) {
-                eprintln!("pages GPU bench failed: {e}");
-            }
-        }
-        None => cpu_bench(c),
-    }
+    common::gpu_or_cpu(c, "pages", gpu_bench, cpu_bench);
 }
 
 criterion_group!(pages, benches);

@@ -237,15 +237,12 @@ __device__ __forceinline__ void lowrank_narrow(const NtkvLowrankCastParams& p, c
         lowrank_narrow<T>(p, seq_lens, x, y);                                                                  \
     }
 
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f16_d64, __half, 64)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f16_d128, __half, 128)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f16_d256, __half, 256)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_bf16_d64, __nv_bfloat16, 64)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_bf16_d128, __nv_bfloat16, 128)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_bf16_d256, __nv_bfloat16, 256)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f32_d64, float, 64)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f32_d128, float, 128)
-NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_f32_d256, float, 256)
-NTKV_LOWRANK_ELEMENTWISE(f16, __half)
-NTKV_LOWRANK_ELEMENTWISE(bf16, __nv_bfloat16)
-NTKV_LOWRANK_ELEMENTWISE(f32, float)
+// One RoPE kernel per dtype and head dimension; the elementwise casts per dtype.
+#define NTKV_LOWRANK_DTYPE(S, T)                                                                              \
+    NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_##S##_d64, T, 64)                                                     \
+    NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_##S##_d128, T, 128)                                                   \
+    NTKV_LOWRANK_ROPE(ntkv_lowrank_rope_##S##_d256, T, 256)                                                   \
+    NTKV_LOWRANK_ELEMENTWISE(S, T)
+NTKV_LOWRANK_DTYPE(f16, __half)
+NTKV_LOWRANK_DTYPE(bf16, __nv_bfloat16)
+NTKV_LOWRANK_DTYPE(f32, float)

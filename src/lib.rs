@@ -75,6 +75,7 @@ pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod launch;
+mod linalg;
 pub mod lowrank;
 pub mod ntk;
 pub mod pages;

@@ -38,6 +38,24 @@ struct Case {
     extra: Vec<u32>,
 }
 
+/// Device copies of the CSR lists `(indptr, indices)`.
+fn upload_lists(dev: &Device, indptr: &[u32], indices: &[u32]) -> (DeviceTensor<u32>, DeviceTensor<u32>) {
+    let ip = DeviceTensor::from_host(dev, indptr, &[indptr.len()]).unwrap();
+    (ip, DeviceTensor::from_host(dev, indices, &[indices.len()]).unwrap())
+}
+
+/// A reconstruction plan of the gathered layout with `budget` rows per list.
+fn gathered_plan<'a>(
+    dev: &Device,
+    shape: &ReconstructShape,
+    budget: usize,
+    lens: &[u32],
+    ip: &'a DeviceTensor<u32>,
+    ix: &'a DeviceTensor<u32>,
+) -> ReconstructPlan<'a> {
+    ReconstructPlan::new(dev, shape, RopeOptions::default(), KeyLayout::Gathered { budget }, lens, ip, ix).unwrap()
+}
+
 fn reconstruct_case<T: Float>(dev: &Device, c: &Case, seed: u64) {
     let shape = ReconstructShape {
         batch: c.batch,
@@ -63,8 +81,7 @@ fn reconstruct_case<T: Float>(dev: &Device, c: &Case, seed: u64) {
     let svd = DeviceTensor::from_host(dev, &sv, &shape.sv_shape()).unwrap();
     let mut idx = indices.clone();
     idx.push(0); // non-empty buffer; the tail entry is unused
-    let ip = DeviceTensor::from_host(dev, &indptr, &[indptr.len()]).unwrap();
-    let ix = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let (ip, ix) = upload_lists(dev, &indptr, &idx);
     let longest = indptr.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
     let rows = indices.len();
     for layout in [KeyLayout::Compact, KeyLayout::Gathered { budget: longest + 3 }] {
@@ -142,11 +159,8 @@ fn gather_values_is_exact() {
     let lens = [123u32, 99];
     let (indptr, indices) = random_lists(&mut rng, &lens, 3, 70, false, &[0]);
     let budget = 71;
-    let ip = DeviceTensor::from_host(dev, &indptr, &[indptr.len()]).unwrap();
-    let ix = DeviceTensor::from_host(dev, &indices, &[indices.len()]).unwrap();
-    let plan =
-        ReconstructPlan::new(dev, &shape, RopeOptions::default(), KeyLayout::Gathered { budget }, &lens, &ip, &ix)
-            .unwrap();
+    let (ip, ix) = upload_lists(dev, &indptr, &indices);
+    let plan = gathered_plan(dev, &shape, budget, &lens, &ip, &ix);
     let vd = DeviceTensor::from_host(dev, &v, &shape.v_shape()).unwrap();
     let mut out = DeviceTensor::<f16>::zeros(dev, &shape.gathered_shape(budget)).unwrap();
     plan.gather_values(&vd, &mut out).unwrap();
@@ -243,11 +257,8 @@ fn shadowkv_step_end_to_end() {
     let (indptr, indices) = random_lists(&mut rng, &lens, hkv, 256, true, &[0]);
     let budget = 260;
     // Decode step: reconstruct -> gather values -> sparse decode, no host sync in between.
-    let ip = DeviceTensor::from_host(dev, &indptr, &[indptr.len()]).unwrap();
-    let ix = DeviceTensor::from_host(dev, &indices, &[indices.len()]).unwrap();
-    let plan =
-        ReconstructPlan::new(dev, &shape, RopeOptions::default(), KeyLayout::Gathered { budget }, &lens, &ip, &ix)
-            .unwrap();
+    let (ip, ix) = upload_lists(dev, &indptr, &indices);
+    let plan = gathered_plan(dev, &shape, budget, &lens, &ip, &ix);
     let dshape = DecodeShape { batch: b, q_tokens: 1, hq, hkv, head_dim: d, capacity: budget };
     let vd = DeviceTensor::from_host(dev, &v, &shape.v_shape()).unwrap();
     let qd = DeviceTensor::from_host(dev, &q, &dshape.q_shape()).unwrap();

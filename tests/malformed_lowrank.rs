@@ -9,10 +9,16 @@ use ntkv::lowrank::{
 };
 use ntkv::{DeviceTensor, Error};
 
-fn arg(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error {other:?}"),
+/// Asserts that `r` is a typed refusal naming `name`; acceptance or any other kind of error
+/// fails the test (`context` says which case of a table it was).
+#[track_caller]
+fn refuses<T>(r: Result<T, Error>, name: &str, context: &dyn std::fmt::Debug) {
+    match r {
+        Err(Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. }) => {
+            assert_eq!(arg, name, "{context:?}")
+        }
+        Err(other) => panic!("expected a refusal naming {name}, got {other:?} ({context:?})"),
+        Ok(_) => panic!("expected a refusal naming {name}, but it was accepted ({context:?})"),
     }
 }
 
@@ -24,17 +30,17 @@ fn fshape(t: usize, hkv: usize, d: usize, r: usize) -> FactorShape {
 fn rank_above_min_t_n_is_refused() {
     // min(T, N) = min(10, 2*4) = 8.
     assert!(fshape(10, 2, 4, 8).validate().is_ok());
-    assert_eq!(arg(&fshape(10, 2, 4, 9).validate().unwrap_err()), "rank");
-    assert_eq!(arg(&fshape(6, 2, 4, 7).validate().unwrap_err()), "rank");
+    refuses(fshape(10, 2, 4, 9).validate(), "rank", &"");
+    refuses(fshape(6, 2, 4, 7).validate(), "rank", &"");
     // Per-sequence lengths: rank 5 with a 4-token sequence.
     let s = FactorShape { batch: 2, capacity: 10, kv_heads: 2, head_dim: 4, rank: 5 };
-    assert_eq!(arg(&s.validate_seq_lens(&[10, 4]).unwrap_err()), "rank");
+    refuses(s.validate_seq_lens(&[10, 4]), "rank", &"");
     assert!(s.validate_seq_lens(&[10, 5]).is_ok());
-    assert_eq!(arg(&s.validate_seq_lens(&[10, 0]).unwrap_err()), "seq_lens");
-    assert_eq!(arg(&s.validate_seq_lens(&[10, 11]).unwrap_err()), "seq_lens");
-    assert_eq!(arg(&s.validate_seq_lens(&[10]).unwrap_err()), "seq_lens");
+    refuses(s.validate_seq_lens(&[10, 0]), "seq_lens", &"");
+    refuses(s.validate_seq_lens(&[10, 11]), "seq_lens", &"");
+    refuses(s.validate_seq_lens(&[10]), "seq_lens", &"");
     let big = FactorShape { batch: 1, capacity: 5000, kv_heads: 16, head_dim: 128, rank: MAX_RANK + 1 };
-    assert_eq!(arg(&big.validate().unwrap_err()), "rank");
+    refuses(big.validate(), "rank", &"");
     for (s, name) in [
         (FactorShape { batch: 0, ..fshape(10, 2, 4, 2) }, "batch"),
         (fshape(0, 2, 4, 1), "capacity"),
@@ -42,18 +48,18 @@ fn rank_above_min_t_n_is_refused() {
         (fshape(10, 2, 0, 1), "head_dim"),
         (fshape(10, 2, 4, 0), "rank"),
     ] {
-        assert_eq!(arg(&s.validate().unwrap_err()), name);
+        refuses(s.validate(), name, &"");
     }
     let absurd = FactorShape { batch: usize::MAX, capacity: usize::MAX / 2, kv_heads: 3, head_dim: 3, rank: 1 };
     assert!(absurd.validate().is_err());
     // The CPU reference refuses the same way and checks k's length.
     let k = vec![0f32; 10 * 8];
-    assert_eq!(arg(&cpu::factorize(&fshape(10, 2, 4, 9), &FactorOptions::default(), &[10], &k).unwrap_err()), "rank");
-    assert_eq!(arg(&cpu::factorize(&fshape(10, 2, 4, 2), &FactorOptions::default(), &[10], &k[1..]).unwrap_err()), "k");
+    refuses(cpu::factorize(&fshape(10, 2, 4, 9), &FactorOptions::default(), &[10], &k), "rank", &"");
+    refuses(cpu::factorize(&fshape(10, 2, 4, 2), &FactorOptions::default(), &[10], &k[1..]), "k", &"");
     let bad_q = FactorOptions { power_iters: 17, ..FactorOptions::default() };
-    assert_eq!(arg(&bad_q.validate().unwrap_err()), "power_iters");
+    refuses(bad_q.validate(), "power_iters", &"");
     let bad_p = FactorOptions { oversample: 5000, ..FactorOptions::default() };
-    assert_eq!(arg(&bad_p.validate().unwrap_err()), "oversample");
+    refuses(bad_p.validate(), "oversample", &"");
 }
 
 fn rshape() -> ReconstructShape {
@@ -69,10 +75,10 @@ fn lists_out_of_range_unsorted_duplicate() {
     assert!(check_lists(&[0, 2, 3, 5, 5], &[0, 99, 5, 0, 49]).is_ok());
     // Position 50 in sequence 1 (seq_lens[1] = 50).
     let e = check_lists(&[0, 2, 3, 5, 5], &[0, 99, 5, 0, 50]).unwrap_err();
-    assert_eq!(arg(&e), "indices");
     assert!(e.to_string().contains("not below"), "{e}");
+    refuses(Err::<(), _>(e), "indices", &"");
     // Position 100 in sequence 0.
-    assert_eq!(arg(&check_lists(&[0, 2, 3, 3, 3], &[0, 100, 5]).unwrap_err()), "indices");
+    refuses(check_lists(&[0, 2, 3, 3, 3], &[0, 100, 5]), "indices", &"");
     // Unsorted.
     let e = check_lists(&[0, 2, 3, 3, 3], &[9, 3, 5]).unwrap_err();
     assert!(e.to_string().contains("sorted"), "{e}");
@@ -80,13 +86,13 @@ fn lists_out_of_range_unsorted_duplicate() {
     let e = check_lists(&[0, 2, 3, 3, 3], &[9, 9, 5]).unwrap_err();
     assert!(e.to_string().contains("repeats"), "{e}");
     // indptr problems.
-    assert_eq!(arg(&check_lists(&[0, 2, 3, 3], &[1, 2, 3]).unwrap_err()), "indptr");
-    assert_eq!(arg(&check_lists(&[1, 2, 3, 3, 3], &[1, 2, 3]).unwrap_err()), "indptr");
-    assert_eq!(arg(&check_lists(&[0, 2, 1, 3, 3], &[1, 2, 3]).unwrap_err()), "indptr");
-    assert_eq!(arg(&check_lists(&[0, 2, 3, 3, 9], &[1, 2, 3]).unwrap_err()), "indptr");
+    refuses(check_lists(&[0, 2, 3, 3], &[1, 2, 3]), "indptr", &"");
+    refuses(check_lists(&[1, 2, 3, 3, 3], &[1, 2, 3]), "indptr", &"");
+    refuses(check_lists(&[0, 2, 1, 3, 3], &[1, 2, 3]), "indptr", &"");
+    refuses(check_lists(&[0, 2, 3, 3, 9], &[1, 2, 3]), "indptr", &"");
     // seq_lens.
-    assert_eq!(arg(&rshape().validate_lists(&[100], &[0, 0, 0, 0, 0], &[]).unwrap_err()), "seq_lens");
-    assert_eq!(arg(&rshape().validate_lists(&[101, 1], &[0, 0, 0, 0, 0], &[]).unwrap_err()), "seq_lens");
+    refuses(rshape().validate_lists(&[100], &[0, 0, 0, 0, 0], &[]), "seq_lens", &"");
+    refuses(rshape().validate_lists(&[101, 1], &[0, 0, 0, 0, 0], &[]), "seq_lens", &"");
 }
 
 #[test]
@@ -100,18 +106,15 @@ fn shapes_options_layouts() {
         (ReconstructShape { kv_heads: 0, ..rshape() }, "kv_heads"),
         (ReconstructShape { capacity: (1 << 24) + 1, ..rshape() }, "capacity"),
     ] {
-        assert_eq!(arg(&s.validate().unwrap_err()), name, "{s:?}");
+        refuses(s.validate(), name, &s);
     }
     for base in [f32::NAN, f32::INFINITY, 1.0, -3.0] {
-        assert_eq!(arg(&RopeOptions { base }.validate().unwrap_err()), "base");
+        refuses(RopeOptions { base }.validate(), "base", &"");
     }
     let indptr = [0u32, 3, 3, 10, 12];
     assert!(validate_layout(&rshape(), KeyLayout::Gathered { budget: 7 }, &indptr).is_ok());
-    assert_eq!(arg(&validate_layout(&rshape(), KeyLayout::Gathered { budget: 6 }, &indptr).unwrap_err()), "budget");
-    assert_eq!(
-        arg(&validate_layout(&rshape(), KeyLayout::Gathered { budget: 0 }, &[0, 0, 0, 0, 0]).unwrap_err()),
-        "budget"
-    );
+    refuses(validate_layout(&rshape(), KeyLayout::Gathered { budget: 6 }, &indptr), "budget", &"");
+    refuses(validate_layout(&rshape(), KeyLayout::Gathered { budget: 0 }, &[0, 0, 0, 0, 0]), "budget", &"");
     assert!(validate_layout(&rshape(), KeyLayout::Gathered { budget: usize::MAX }, &indptr).is_err());
     // The reference checks the factor lengths.
     let u = vec![0f32; 2 * 100 * 4];
@@ -119,9 +122,9 @@ fn shapes_options_layouts() {
     let ok = cpu::reconstruct(&rshape(), &RopeOptions::default(), &[100, 50], &u, &sv, &[0, 1, 1, 1, 1], &[3]);
     assert!(ok.is_ok());
     let e = cpu::reconstruct(&rshape(), &RopeOptions::default(), &[100, 50], &u[1..], &sv, &[0, 1, 1, 1, 1], &[3]);
-    assert_eq!(arg(&e.unwrap_err()), "u");
+    refuses(e, "u", &"");
     let e = cpu::reconstruct(&rshape(), &RopeOptions::default(), &[100, 50], &u, &sv[1..], &[0, 1, 1, 1, 1], &[3]);
-    assert_eq!(arg(&e.unwrap_err()), "sv");
+    refuses(e, "sv", &"");
 }
 
 #[test]
@@ -140,9 +143,8 @@ fn gpu_plans_refuse_and_write_nothing() {
     for (ip, ix, name) in bad {
         let indptr = DeviceTensor::from_host(dev, ip, &[ip.len()]).unwrap();
         let indices = DeviceTensor::from_host(dev, ix, &[ix.len()]).unwrap();
-        let e = ReconstructPlan::new(dev, &s, RopeOptions::default(), KeyLayout::Compact, &seq, &indptr, &indices)
-            .unwrap_err();
-        assert_eq!(arg(&e), name);
+        let plan = ReconstructPlan::new(dev, &s, RopeOptions::default(), KeyLayout::Compact, &seq, &indptr, &indices);
+        refuses(plan, name, &(ip, ix));
     }
     // A good plan refuses wrong buffers and leaves the output untouched.
     let indptr = DeviceTensor::from_host(dev, &[0u32, 2, 3, 5, 5], &[5]).unwrap();
@@ -160,12 +162,11 @@ fn gpu_plans_refuse_and_write_nothing() {
     let sentinel = vec![7.5f32; 2 * 2 * 2 * 64];
     let mut out = DeviceTensor::from_host(dev, &sentinel, &[2, 2, 2, 64]).unwrap();
     let short_u = DeviceTensor::<f32>::zeros(dev, &[2, 100, 3]).unwrap();
-    assert_eq!(arg(&plan.run(&short_u, &sv, &mut out).unwrap_err()), "u");
+    refuses(plan.run(&short_u, &sv, &mut out), "u", &"");
     let mut wrong = DeviceTensor::<f32>::zeros(dev, &[2, 2, 3, 64]).unwrap();
-    assert_eq!(arg(&plan.run(&u, &sv, &mut wrong).unwrap_err()), "out");
+    refuses(plan.run(&u, &sv, &mut wrong), "out", &"");
     assert_eq!(out.to_host().unwrap(), sentinel);
     // Factorization: rank above min(T, N) of a sequence.
     let fs = FactorShape { batch: 2, capacity: 20, kv_heads: 1, head_dim: 8, rank: 6 };
-    let e = FactorPlan::new(dev, &fs, FactorOptions::default(), &[20, 5]).unwrap_err();
-    assert_eq!(arg(&e), "rank");
+    refuses(FactorPlan::new(dev, &fs, FactorOptions::default(), &[20, 5]), "rank", &"");
 }

@@ -7,6 +7,7 @@
 use super::{FactorOptions, FactorShape, KeyLayout, ReconstructShape, RopeOptions, MAX_GRAM_COND};
 use crate::decode::{DecodeOptions, DecodeShape};
 use crate::error::{check_shape, Error, Result};
+use crate::linalg;
 use crate::rng::Rng;
 use crate::tensor::{checked_numel, Float};
 
@@ -133,137 +134,10 @@ pub fn sym_eigen(m: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
 /// eigenvalues on the diagonal, eigenvectors in columns)`, or `None` without convergence.
 fn tridiagonal_ql(m: &[f64], n: usize) -> Option<(Vec<f64>, Vec<f64>)> {
     let mut a = m.to_vec();
-    let mut d = vec![0.0; n];
-    let mut e = vec![0.0; n];
-    for i in (1..n).rev() {
-        let l = i - 1;
-        let mut h = 0.0;
-        if l > 0 {
-            let scale: f64 = (0..=l).map(|k| a[i * n + k].abs()).sum();
-            if scale == 0.0 {
-                e[i] = a[i * n + l];
-            } else {
-                for k in 0..=l {
-                    a[i * n + k] /= scale;
-                    h += a[i * n + k] * a[i * n + k];
-                }
-                let f = a[i * n + l];
-                let g = if f >= 0.0 { -h.sqrt() } else { h.sqrt() };
-                e[i] = scale * g;
-                h -= f * g;
-                a[i * n + l] = f - g;
-                let mut f = 0.0;
-                for j in 0..=l {
-                    a[j * n + i] = a[i * n + j] / h;
-                    let mut g = 0.0;
-                    for k in 0..=j {
-                        g += a[j * n + k] * a[i * n + k];
-                    }
-                    for k in j + 1..=l {
-                        g += a[k * n + j] * a[i * n + k];
-                    }
-                    e[j] = g / h;
-                    f += e[j] * a[i * n + j];
-                }
-                let hh = f / (h + h);
-                for j in 0..=l {
-                    let f = a[i * n + j];
-                    let g = e[j] - hh * f;
-                    e[j] = g;
-                    for k in 0..=j {
-                        a[j * n + k] -= f * e[k] + g * a[i * n + k];
-                    }
-                }
-            }
-        } else {
-            e[i] = a[i * n + l];
-        }
-        d[i] = h;
-    }
-    if n > 0 {
-        d[0] = 0.0;
-        e[0] = 0.0;
-    }
-    for i in 0..n {
-        if d[i] != 0.0 {
-            for j in 0..i {
-                let g: f64 = (0..i).map(|k| a[i * n + k] * a[k * n + j]).sum();
-                for k in 0..i {
-                    a[k * n + j] -= g * a[k * n + i];
-                }
-            }
-        }
-        d[i] = a[i * n + i];
-        a[i * n + i] = 1.0;
-        for j in 0..i {
-            a[j * n + i] = 0.0;
-            a[i * n + j] = 0.0;
-        }
-    }
-    // a now holds the orthogonal reduction; QL accumulates the rotations into it.
-    let z = &mut a;
-    for i in 1..n {
-        e[i - 1] = e[i];
-    }
-    if n > 0 {
-        e[n - 1] = 0.0;
-    }
-    for l in 0..n {
-        let mut iter = 0;
-        loop {
-            let mut m = l;
-            while m + 1 < n {
-                let dd = d[m].abs() + d[m + 1].abs();
-                if e[m].abs() <= f64::EPSILON * dd {
-                    break;
-                }
-                m += 1;
-            }
-            if m == l {
-                break;
-            }
-            iter += 1;
-            if iter > 60 {
-                return None;
-            }
-            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-            let mut r = g.hypot(1.0);
-            g = d[m] - d[l] + e[l] / (g + if g >= 0.0 { r.abs() } else { -r.abs() });
-            let (mut s, mut c, mut p) = (1.0, 1.0, 0.0);
-            let mut early = false;
-            for i in (l..m).rev() {
-                let f = s * e[i];
-                let b = c * e[i];
-                r = f.hypot(g);
-                e[i + 1] = r;
-                if r == 0.0 {
-                    d[i + 1] -= p;
-                    e[m] = 0.0;
-                    early = true;
-                    break;
-                }
-                s = f / r;
-                c = g / r;
-                g = d[i + 1] - p;
-                r = (d[i] - g) * s + 2.0 * c * b;
-                p = s * r;
-                d[i + 1] = g + p;
-                g = c * r - b;
-                for k in 0..n {
-                    let f = z[k * n + i + 1];
-                    z[k * n + i + 1] = s * z[k * n + i] + c * f;
-                    z[k * n + i] = c * z[k * n + i] - s * f;
-                }
-            }
-            if early {
-                continue;
-            }
-            d[l] -= p;
-            e[l] = g;
-            e[m] = 0.0;
-        }
-    }
-    if d.iter().chain(z.iter()).any(|x| !x.is_finite()) {
+    let (h, mut e) = linalg::householder_tridiagonalize(&mut a, n);
+    // a becomes the orthogonal reduction; QL accumulates its rotations into it.
+    let mut d = linalg::accumulate_reflectors(&mut a, n, &h);
+    if !linalg::tridiagonal_ql(&mut d, &mut e, Some(&mut a)) || d.iter().chain(a.iter()).any(|x| !x.is_finite()) {
         return None;
     }
     let mut diag = vec![0.0; n * n];
@@ -469,13 +343,12 @@ pub fn reconstruct<T: Float>(
     indptr: &[u32],
     indices: &[u32],
 ) -> Result<Vec<f64>> {
-    options.validate()?;
+    let inv = super::rope_table(shape, options)?;
     shape.validate_lists(seq_lens, indptr, indices)?;
     check_shape("u", &[checked_numel::<T>("u", &shape.u_shape())?], &[u.len()])?;
     check_shape("sv", &[checked_numel::<T>("sv", &shape.sv_shape())?], &[sv.len()])?;
     let (d, r, hkv, tcap) = (shape.head_dim, shape.rank, shape.kv_heads, shape.capacity);
     let n = hkv * d;
-    let inv = rope_inv_freq(d, options.base);
     let total = indptr[shape.n_lists()] as usize;
     let mut out = vec![0.0; total * d];
     for l in 0..shape.n_lists() {

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::cpu::{cholesky_upper, core_svd, decode_indices, householder_q, rope_inv_freq, sketch, upper_inverse};
+use super::cpu::{cholesky_upper, core_svd, decode_indices, householder_q, sketch, upper_inverse};
 use super::{FactorOptions, FactorShape, KeyLayout, ReconstructShape, RopeOptions, HEAD_DIMS};
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
@@ -57,6 +57,22 @@ fn dtype_slot(dtype: DType) -> usize {
     }
 }
 
+/// `Debug` for a plan: its name and the listed fields (`label = field` where they differ);
+/// device handles and buffers are left out.
+macro_rules! plan_debug {
+    ($plan:ty, $name:literal, $($label:ident $(= $field:ident)?),+) => {
+        impl std::fmt::Debug for $plan {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut s = f.debug_struct($name);
+                $(s.field(stringify!($label), plan_debug!(@field self, $label $(, $field)?));)+
+                s.finish()
+            }
+        }
+    };
+    (@field $plan:ident, $label:ident) => { &$plan.$label };
+    (@field $plan:ident, $label:ident, $field:ident) => { &$plan.$field };
+}
+
 /// One function per storage dtype, loaded once.
 struct PerDtype([CudaFunction; 3]);
 
@@ -81,8 +97,7 @@ pub struct ReconstructPlan<'a> {
     device: Device,
     shape: ReconstructShape,
     layout: KeyLayout,
-    indptr: CudaView<'a, u32>,
-    indices: CudaView<'a, u32>,
+    lists: DeviceLists<'a>,
     rows: usize,
     tiles_per_list: usize,
     gather_tiles: usize,
@@ -94,14 +109,30 @@ pub struct ReconstructPlan<'a> {
     gather_cfg: LaunchConfig,
 }
 
-impl std::fmt::Debug for ReconstructPlan<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReconstructPlan")
-            .field("shape", &self.shape)
-            .field("layout", &self.layout)
-            .field("rows", &self.rows)
-            .finish()
-    }
+plan_debug!(ReconstructPlan<'_>, "ReconstructPlan", shape, layout, rows);
+
+/// The borrowed, validated CSR position lists of a plan.
+struct DeviceLists<'a> {
+    indptr: CudaView<'a, u32>,
+    indices: CudaView<'a, u32>,
+}
+
+/// Checks the device-resident position lists' buffers against the (validated) shape, reads
+/// them back (one synchronization) and validates every entry on the host: the lists' views
+/// and the host copy of `indptr`.
+fn read_lists<'a>(
+    device: &Device,
+    shape: &ReconstructShape,
+    seq_lens: &[u32],
+    indptr: &'a impl TensorRef<u32>,
+    indices: &'a impl TensorRef<u32>,
+) -> Result<(DeviceLists<'a>, Vec<u32>)> {
+    device.check_buffer("indptr", indptr, &[shape.n_lists() + 1])?;
+    device.check_tensor("indices", indices)?;
+    let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
+    let indptr_host = device.stream().clone_dtoh(&indptr)?;
+    shape.validate_lists(seq_lens, &indptr_host, &device.stream().clone_dtoh(&indices)?)?;
+    Ok((DeviceLists { indptr, indices }, indptr_host))
 }
 
 impl<'a> ReconstructPlan<'a> {
@@ -127,16 +158,10 @@ impl<'a> ReconstructPlan<'a> {
         indptr: &'a impl TensorRef<u32>,
         indices: &'a impl TensorRef<u32>,
     ) -> Result<Self> {
-        shape.validate()?;
-        options.validate()?;
-        device.check_buffer("indptr", indptr, &[shape.n_lists() + 1])?;
-        device.check_tensor("indices", indices)?;
-        let (indptr, indices) = (indptr.cuda_view(), indices.cuda_view());
-        let stream = device.stream();
-        let indptr_host = stream.clone_dtoh(&indptr)?;
-        let indices_host = stream.clone_dtoh(&indices)?;
-        shape.validate_lists(seq_lens, &indptr_host, &indices_host)?;
+        let inv_freq = super::rope_table(shape, &options)?;
+        let (lists, indptr_host) = read_lists(device, shape, seq_lens, indptr, indices)?;
         super::validate_layout(shape, layout, &indptr_host)?;
+        let stream = device.stream();
         let rows = indptr_host[shape.n_lists()] as usize;
         let longest = indptr_host.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         let tiles_per_list = longest.div_ceil(tile_tokens(shape.head_dim)).max(1);
@@ -149,16 +174,15 @@ impl<'a> ReconstructPlan<'a> {
         let gather = PerDtype::load(device, |dt| Ok(gather_id(dt)))?;
         let rope_cfg = grid_for(device, rope.get(DType::F16), THREADS, 0, work(tiles_per_list)?, false)?;
         let gather_cfg = grid_for(device, gather.get(DType::F16), THREADS, 0, work(gather_tiles)?, false)?;
-        let inv_freq = stream.clone_htod(&rope_inv_freq(shape.head_dim, options.base))?;
-        let lists = decode_indices(&indptr_host);
-        let padded = if lists.is_empty() { vec![0] } else { lists };
+        let inv_freq = stream.clone_htod(&inv_freq)?;
+        let decode_list = decode_indices(&indptr_host);
+        let padded = if decode_list.is_empty() { vec![0] } else { decode_list };
         let decode_indices = DeviceTensor::from_host(device, &padded, &[padded.len()])?;
         Ok(ReconstructPlan {
             device: device.clone(),
             shape: shape.clone(),
             layout,
-            indptr,
-            indices,
+            lists,
             rows,
             tiles_per_list,
             gather_tiles,
@@ -218,7 +242,7 @@ impl<'a> ReconstructPlan<'a> {
             return Ok(());
         }
         let params = NtkvLowrankRopeParams {
-            n_indices: to_u64("indices", self.indices.len())?,
+            n_indices: to_u64("indices", self.lists.indices.len())?,
             u_batch_stride: to_u64("u", s.capacity * s.rank)?,
             sv_batch_stride: to_u64("sv", s.rank * s.kv_heads * s.head_dim)?,
             batch: to_u32("batch", s.batch)?,
@@ -234,7 +258,13 @@ impl<'a> ReconstructPlan<'a> {
         let (uv, svv) = (u.cuda_view(), sv.cuda_view());
         let mut ov = out.cuda_view_mut();
         let mut b = dev.stream().launch_builder(self.rope.get(T::DTYPE));
-        b.arg(&params).arg(&uv).arg(&svv).arg(&self.inv_freq).arg(&self.indptr).arg(&self.indices).arg(&mut ov);
+        b.arg(&params)
+            .arg(&uv)
+            .arg(&svv)
+            .arg(&self.inv_freq)
+            .arg(&self.lists.indptr)
+            .arg(&self.lists.indices)
+            .arg(&mut ov);
         // SAFETY: ntkv_lowrank_rope_<T>_d<D>(NtkvLowrankRopeParams, const T* u, const T* sv,
         // const float* inv_freq, const u32* indptr, const u32* indices, T* out), T and D the
         // plan's. Block x = list * tiles_per_list + tile with list < B*Hkv (blocks past it
@@ -266,7 +296,7 @@ impl<'a> ReconstructPlan<'a> {
             return Ok(());
         }
         let params = NtkvLowrankGatherParams {
-            n_indices: to_u64("indices", self.indices.len())?,
+            n_indices: to_u64("indices", self.lists.indices.len())?,
             n_lists: to_u32("kv_heads", s.n_lists())?,
             capacity: to_u32("capacity", s.capacity)?,
             budget: to_u32("budget", budget)?,
@@ -277,7 +307,7 @@ impl<'a> ReconstructPlan<'a> {
         let vv = v.cuda_view();
         let mut ov = out.cuda_view_mut();
         let mut b = self.device.stream().launch_builder(self.gather.get(T::DTYPE));
-        b.arg(&params).arg(&self.indptr).arg(&self.indices).arg(&vv).arg(&mut ov);
+        b.arg(&params).arg(&self.lists.indptr).arg(&self.lists.indices).arg(&vv).arg(&mut ov);
         // SAFETY: ntkv_lowrank_gather_<T>(NtkvLowrankGatherParams, const u32* indptr,
         // const u32* indices, const T* v, T* out). Block x = list * tiles + tile, list <
         // n_lists (others return); indptr has n_lists+1 entries and indices are read below
@@ -376,15 +406,7 @@ pub struct FactorPlan {
     narrow: PerDtype,
 }
 
-impl std::fmt::Debug for FactorPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FactorPlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("sketch_cols", &self.l)
-            .finish()
-    }
-}
+plan_debug!(FactorPlan, "FactorPlan", shape, options, sketch_cols = l);
 
 /// Row-major operand with batch stride `bs`.
 const fn rm(ld: usize, bs: usize) -> Operand {

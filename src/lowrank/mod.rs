@@ -176,25 +176,15 @@ impl FactorShape {
     /// (`r > seq_lens[b]`: the rank exceeds `min(T, Hkv·D)` of that sequence).
     pub fn validate_seq_lens(&self, seq_lens: &[u32]) -> Result<()> {
         self.validate()?;
-        if seq_lens.len() != self.batch {
-            return Err(Error::shape("seq_lens", &[self.batch], &[seq_lens.len()]));
-        }
-        for (b, &len) in seq_lens.iter().enumerate() {
-            let len = len as usize;
-            if len == 0 || len > self.capacity {
-                return Err(Error::invalid(
-                    "seq_lens",
-                    format!("seq_lens[{b}] = {len} is not in 1..={}", self.capacity),
-                ));
-            }
+        check_seq_lens(seq_lens, self.batch, 1, self.capacity, |b, len| {
             if self.rank > len {
                 return Err(Error::invalid(
                     "rank",
                     format!("rank {} exceeds min(T = {len}, Hkv·D = {}) of sequence {b}", self.rank, self.cols()),
                 ));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -346,17 +336,32 @@ impl ReconstructShape {
     /// `seq_lens[b]`), duplicate, or below the previous entry).
     pub fn validate_lists(&self, seq_lens: &[u32], indptr: &[u32], indices: &[u32]) -> Result<()> {
         self.validate()?;
-        if seq_lens.len() != self.batch {
-            return Err(Error::shape("seq_lens", &[self.batch], &[seq_lens.len()]));
-        }
-        if let Some((b, &l)) = seq_lens.iter().enumerate().find(|(_, &l)| l as usize > self.capacity) {
-            return Err(Error::invalid(
-                "seq_lens",
-                format!("seq_lens[{b}] = {l} exceeds the capacity {}", self.capacity),
-            ));
-        }
+        check_seq_lens(seq_lens, self.batch, 0, self.capacity, |_, _| Ok(()))?;
         crate::decode::validate_lists(&self.list_shape(), seq_lens, indptr, indices)
     }
+}
+
+/// Checks that `seq_lens` has `batch` entries, each in `min..=capacity`, and runs `also` on
+/// each `(b, seq_lens[b])` in order once its range is checked (so the first fault in batch
+/// order is the one reported).
+fn check_seq_lens(
+    seq_lens: &[u32],
+    batch: usize,
+    min: usize,
+    capacity: usize,
+    mut also: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    if seq_lens.len() != batch {
+        return Err(Error::shape("seq_lens", &[batch], &[seq_lens.len()]));
+    }
+    for (b, &len) in seq_lens.iter().enumerate() {
+        let len = len as usize;
+        if !(min..=capacity).contains(&len) {
+            return Err(Error::invalid("seq_lens", format!("seq_lens[{b}] = {len} is not in {min}..={capacity}")));
+        }
+        also(b, len)?;
+    }
+    Ok(())
 }
 
 /// The options of a reconstruction.
@@ -383,6 +388,17 @@ impl RopeOptions {
         }
         Ok(())
     }
+}
+
+/// Validates the shape and then the options of a reconstruction, and returns the RoPE
+/// frequency table `θᵢ` of [`cpu::rope_inv_freq`] (`D/2` entries) both paths use.
+///
+/// # Errors
+/// As [`ReconstructShape::validate`], then as [`RopeOptions::validate`].
+pub(crate) fn rope_table(shape: &ReconstructShape, options: &RopeOptions) -> Result<Vec<f32>> {
+    shape.validate()?;
+    options.validate()?;
+    Ok(cpu::rope_inv_freq(shape.head_dim, options.base))
 }
 
 /// Checks a layout against the lists: a gathered `budget` must be at least 1 and cover the

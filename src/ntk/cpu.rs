@@ -8,6 +8,7 @@
 //! [`Error::TooLarge`] or [`Error::Shape`], never a panic or an abort.
 
 use crate::error::{check_shape, checked_mul, Error, Result};
+use crate::linalg;
 use crate::ntk::{Activation, NtkMode};
 
 /// Output shape of a Jacobian contraction: `Full` `[n1, n2, o, o]`, `Trace` and `Pseudo`
@@ -688,8 +689,11 @@ pub fn eigenvalues_symmetric(k: &[f64], n: usize) -> Result<Vec<f64>> {
             a[j * n + i] = v;
         }
     }
-    let (mut d, mut e) = tridiagonalize(&mut a, n);
-    tridiagonal_ql(&mut d, &mut e)?;
+    let (_, mut e) = linalg::householder_tridiagonalize(&mut a, n);
+    let mut d = linalg::diagonal(&a, n);
+    if !linalg::tridiagonal_ql(&mut d, &mut e, None) {
+        return Err(Error::invalid("kernel", "the QL eigenvalue iteration did not converge in 60 sweeps"));
+    }
     for v in d.iter_mut() {
         *v *= scale;
         if !v.is_finite() {
@@ -698,127 +702,6 @@ pub fn eigenvalues_symmetric(k: &[f64], n: usize) -> Result<Vec<f64>> {
     }
     d.sort_by(f64::total_cmp);
     Ok(d)
-}
-
-/// Householder tridiagonalization (eigenvalues only): returns the diagonal `d` and the
-/// sub-diagonal `e` (`e[0] = 0`, `e[i]` couples `i-1` and `i`).
-fn tridiagonalize(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut d = vec![0.0; n];
-    let mut e = vec![0.0; n];
-    for i in (1..n).rev() {
-        let l = i - 1;
-        let mut h = 0.0;
-        if l > 0 {
-            let scale: f64 = (0..=l).map(|q| a[i * n + q].abs()).sum();
-            if scale == 0.0 {
-                e[i] = a[i * n + l];
-            } else {
-                for q in 0..=l {
-                    a[i * n + q] /= scale;
-                    h += a[i * n + q] * a[i * n + q];
-                }
-                let f = a[i * n + l];
-                let g = if f >= 0.0 { -h.sqrt() } else { h.sqrt() };
-                e[i] = scale * g;
-                h -= f * g;
-                a[i * n + l] = f - g;
-                let mut ff = 0.0;
-                for j in 0..=l {
-                    let mut gg = 0.0;
-                    for q in 0..=j {
-                        gg += a[j * n + q] * a[i * n + q];
-                    }
-                    for q in j + 1..=l {
-                        gg += a[q * n + j] * a[i * n + q];
-                    }
-                    e[j] = gg / h;
-                    ff += e[j] * a[i * n + j];
-                }
-                let hh = ff / (h + h);
-                for j in 0..=l {
-                    let f = a[i * n + j];
-                    let g = e[j] - hh * f;
-                    e[j] = g;
-                    for q in 0..=j {
-                        a[j * n + q] -= f * e[q] + g * a[i * n + q];
-                    }
-                }
-            }
-        } else {
-            e[i] = a[i * n + l];
-        }
-        d[i] = h;
-    }
-    e[0] = 0.0;
-    for (i, di) in d.iter_mut().enumerate() {
-        *di = a[i * n + i];
-    }
-    (d, e)
-}
-
-/// Implicit QL with shifts on a symmetric tridiagonal matrix; `d` becomes the eigenvalues.
-fn tridiagonal_ql(d: &mut [f64], e: &mut [f64]) -> Result<()> {
-    let n = d.len();
-    if n == 0 {
-        return Ok(());
-    }
-    for i in 1..n {
-        e[i - 1] = e[i];
-    }
-    e[n - 1] = 0.0;
-    for l in 0..n {
-        let mut iter = 0;
-        loop {
-            let mut m = l;
-            while m + 1 < n {
-                let dd = d[m].abs() + d[m + 1].abs();
-                if e[m].abs() <= f64::EPSILON * dd {
-                    break;
-                }
-                m += 1;
-            }
-            if m == l {
-                break;
-            }
-            iter += 1;
-            if iter > 60 {
-                return Err(Error::invalid("kernel", "the QL eigenvalue iteration did not converge in 60 sweeps"));
-            }
-            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-            let mut r = g.hypot(1.0);
-            g = d[m] - d[l] + e[l] / (g + if g >= 0.0 { r.abs() } else { -r.abs() });
-            let (mut s, mut c, mut p) = (1.0, 1.0, 0.0);
-            let mut i = m;
-            let mut underflow = false;
-            while i > l {
-                i -= 1;
-                let f = s * e[i];
-                let b = c * e[i];
-                r = f.hypot(g);
-                e[i + 1] = r;
-                if r == 0.0 {
-                    d[i + 1] -= p;
-                    e[m] = 0.0;
-                    underflow = true;
-                    break;
-                }
-                s = f / r;
-                c = g / r;
-                g = d[i + 1] - p;
-                r = (d[i] - g) * s + 2.0 * c * b;
-                p = s * r;
-                d[i + 1] = g + p;
-                g = c * r - b;
-            }
-            if underflow {
-                continue;
-            }
-            d[l] -= p;
-            e[l] = g;
-            e[m] = 0.0;
-        }
-    }
-    Ok(())
 }
 
 /// `λ_max / λ_min` of the eigenvalues (sorted ascending) of an `n × n` symmetric matrix,
