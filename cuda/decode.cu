@@ -41,18 +41,6 @@ __host__ __device__ constexpr uint32_t attn_smem_bytes(int D) {
                       + 2 * 2 * TK * (D + KPAD) * 2);  // k_s, v_s: 2 stages each
 }
 
-// The bounds of list `list` in indices, clamped to the buffer so that a corrupted indptr can
-// never make a kernel read outside it (the plan has validated indptr on the host).
-__device__ __forceinline__ void list_bounds(const uint32_t* __restrict__ indptr, uint32_t list, uint64_t n_indices,
-                                            uint64_t& begin, uint64_t& end) {
-    uint64_t e = indptr[list + 1];
-    uint64_t s = indptr[list];
-    e = e < n_indices ? e : n_indices;
-    s = s < e ? s : e;
-    begin = s;
-    end = e;
-}
-
 __device__ __forceinline__ uint32_t chunks_of(uint64_t len, uint32_t chunk_tokens, uint32_t max_chunks) {
     return ntkv::fd_chunks_of(len, chunk_tokens, max_chunks);
 }
@@ -118,7 +106,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
     const uint32_t hkv = list % p.kv_heads;
 
     uint64_t list_begin, list_end;
-    list_bounds(indptr, list, p.n_indices, list_begin, list_end);
+    ntkv::csr_bounds(indptr, list, p.n_indices, list_begin, list_end);
     if (chunk >= chunks_of(list_end - list_begin, p.chunk_tokens, p.max_chunks)) return;
     uint64_t c_begin = list_begin + (uint64_t)chunk * p.chunk_tokens;
     c_begin = c_begin < list_end ? c_begin : list_end;
@@ -330,7 +318,7 @@ __device__ __forceinline__ void decode_merge(const NtkvDecodeParams& p, const ui
                                              T* __restrict__ o, float* __restrict__ lse) {
     auto len_of = [&](uint32_t list) {
         uint64_t begin, end;
-        list_bounds(indptr, list, p.n_indices, begin, end);
+        ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
         return end - begin;
     };
     ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
@@ -375,7 +363,7 @@ extern "C" __global__ void ntkv_decode_validate(const NtkvDecodeValidateParams p
     if (list >= p.n_lists) return;
     const uint32_t cache_len = cache_lens[list / p.kv_heads];
     uint64_t begin, end;
-    list_bounds(indptr, list, p.n_indices, begin, end);
+    ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
     const uint64_t stride = (uint64_t)gridDim.y * blockDim.x;
     for (uint64_t j = begin + (uint64_t)blockIdx.y * blockDim.x + threadIdx.x; j < end; j += stride) {
         const uint32_t x = indices[j];

@@ -32,18 +32,6 @@ struct Tile {
     static_assert(PAIRS % PPT == 0 && THREADS % CG == 0, "tile does not divide");
 };
 
-// Bounds of list `list`, clamped to the buffer so that a corrupted indptr can never make a
-// kernel read outside indices (the plan validated the lists before any launch).
-__device__ __forceinline__ void bounds(const uint32_t* __restrict__ indptr, uint32_t list, uint64_t n_indices,
-                                       uint64_t& begin, uint64_t& end) {
-    uint64_t e = indptr[list + 1];
-    uint64_t s = indptr[list];
-    e = e < n_indices ? e : n_indices;
-    s = s < e ? s : e;
-    begin = s;
-    end = e;
-}
-
 // sin and cos of an f32 angle without the library's large-argument path (which needs a
 // local stack array): the angle (|ang| < 2^25 for positions below 2^24) is reduced by pi/2
 // in f64 with a two-part Cody-Waite constant and fma, exact to ~1e-19 at 2^25, then the
@@ -82,7 +70,7 @@ __device__ __forceinline__ void lowrank_rope(const NtkvLowrankRopeParams& p, con
     const uint32_t tile = blockIdx.x % p.tiles_per_list;
     if (list >= n_lists) return;
     uint64_t begin, end;
-    bounds(indptr, list, p.n_indices, begin, end);
+    ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
     const uint64_t t0 = (uint64_t)tile * L::TT;
     if (begin + t0 >= end) return;  // uniform over the block: no barrier is skipped by some
     const uint32_t cnt = (uint32_t)((end - begin - t0) < (uint64_t)L::TT ? (end - begin - t0) : L::TT);
@@ -170,7 +158,7 @@ __device__ __forceinline__ void lowrank_gather(const NtkvLowrankGatherParams& p,
     const uint32_t tile = blockIdx.x % p.tiles_per_list;
     if (list >= p.n_lists) return;
     uint64_t begin, end;
-    bounds(indptr, list, p.n_indices, begin, end);
+    ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
     const uint64_t t0 = (uint64_t)tile * GATHER_ROWS;
     if (begin + t0 >= end) return;
     const uint64_t left = end - begin - t0;

@@ -109,4 +109,17 @@ __device__ __forceinline__ void block_bitonic_sort(unsigned long long* buf, uint
     }
 }
 
+// The bounds of CSR list `list` in an index buffer of n_indices entries, clamped to that
+// buffer so that a corrupted indptr can never make a kernel read outside it (plans validate
+// indptr before any launch; this is the device-side guard).
+__device__ __forceinline__ void csr_bounds(const uint32_t* __restrict__ indptr, uint32_t list, uint64_t n_indices,
+                                           uint64_t& begin, uint64_t& end) {
+    uint64_t e = indptr[list + 1];
+    uint64_t s = indptr[list];
+    e = e < n_indices ? e : n_indices;
+    s = s < e ? s : e;
+    begin = s;
+    end = e;
+}
+
 }  // namespace ntkv

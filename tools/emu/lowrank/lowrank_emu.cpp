@@ -17,12 +17,7 @@ std::mt19937_64 rng(2468);
 
 uint32_t below(uint32_t n) { return n == 0 ? 0 : (uint32_t)(rng() % n); }
 
-template <typename T>
-std::unique_ptr<T[]> dup(const std::vector<T>& x) {
-    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
-    std::copy(x.begin(), x.end(), p.get());
-    return p;
-}
+using ntkv_emu::dup;
 
 struct Lists {
     std::vector<uint32_t> indptr, indices;

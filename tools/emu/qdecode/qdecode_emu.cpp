@@ -20,12 +20,7 @@ namespace {
 std::mt19937_64 rng(20261202);
 uint32_t below(uint32_t n) { return n == 0 ? 0 : (uint32_t)(rng() % n); }
 
-template <typename T>
-std::unique_ptr<T[]> dup(const std::vector<T>& x) {
-    std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
-    std::copy(x.begin(), x.end(), p.get());
-    return p;
-}
+using ntkv_emu::dup;
 
 float f16r(float x) { return __half2float(__float2half_rn(x)); }
 
