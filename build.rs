@@ -10,6 +10,10 @@
 //!   emitted for each, PTX for the last.
 //! - `NTKV_NVCC_FLAGS`: extra flags, split on whitespace.
 //! - `NTKV_REQUIRE_KERNELS=1`: fail the build when nvcc is missing.
+//! - `NTKV_KERNEL_CACHE`: a folder of compiled images keyed by the hash of source, headers,
+//!   compiler and flags; default `<target dir>/ntkv-kernels`. Every profile (dev, release,
+//!   clippy's check) and every checkout that shares it reuses an image instead of running
+//!   nvcc again, since a full build of every family takes minutes.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -27,6 +31,7 @@ const ENV_VARS: &[&str] = &[
     "NTKV_NVCC_FLAGS",
     "NTKV_REQUIRE_KERNELS",
     "NTKV_CUDA_TOOLCHAIN",
+    "NTKV_KERNEL_CACHE",
     "PATH",
 ];
 
@@ -82,17 +87,20 @@ fn main() {
             let extra_flags: Vec<String> = env::var("NTKV_NVCC_FLAGS")
                 .map(|s| s.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default();
+            let cache_dir = kernel_cache_dir(&out_dir);
             let jobs: Vec<_> = sources
                 .iter()
                 .map(|src| {
                     let nvcc = nvcc.clone();
                     let src = src.clone();
                     let out_dir = out_dir.clone();
+                    let cache_dir = cache_dir.clone();
                     let include_dir = include_dir.clone();
                     let archs = archs.clone();
                     let extra = extra_flags.clone();
                     std::thread::spawn(move || {
-                        compile(&nvcc, &src, &out_dir, &include_dir, &archs, &extra, header_hash)
+                        let job = Job { nvcc: &nvcc, src: &src, out_dir: &out_dir, cache_dir: cache_dir.as_deref() };
+                        compile(&job, &include_dir, &archs, &extra, header_hash)
                     })
                 })
                 .collect();
@@ -196,17 +204,36 @@ fn hash_files(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+/// `$NTKV_KERNEL_CACHE`, else `<target dir>/ntkv-kernels`: OUT_DIR is
+/// `<target dir>/<profile>/build/<pkg>-<hash>/out`, so the cache sits four levels up and is
+/// shared by every profile. `None` (no cache, compile into OUT_DIR only) when it cannot be made.
+fn kernel_cache_dir(out_dir: &Path) -> Option<PathBuf> {
+    let dir = match env::var_os("NTKV_KERNEL_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => out_dir.ancestors().nth(4)?.join("ntkv-kernels"),
+    };
+    fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+struct Job<'a> {
+    nvcc: &'a Path,
+    src: &'a Path,
+    out_dir: &'a Path,
+    cache_dir: Option<&'a Path>,
+}
+
 /// Compiles one source unless an image built from the same source, headers, compiler and flags
-/// is already in OUT_DIR. Returns the image path and the compiler's diagnostics.
+/// is already in OUT_DIR or in the shared cache. Returns the image path and the compiler's
+/// diagnostics.
 fn compile(
-    nvcc: &Path,
-    src: &Path,
-    out_dir: &Path,
+    job: &Job<'_>,
     include_dir: &Path,
     archs: &[u32],
     extra: &[String],
     header_hash: u64,
 ) -> Result<(PathBuf, String), String> {
+    let Job { nvcc, src, out_dir, cache_dir } = *job;
     let name = stem(src);
     let out = out_dir.join(format!("{name}.fatbin"));
     let mut args: Vec<String> = vec![
@@ -221,7 +248,6 @@ fn compile(
         "-prec-div=true".into(),
         "-prec-sqrt=true".into(),
         "-fmad=true".into(),
-        format!("-I{}", include_dir.display()),
     ];
     for a in archs {
         args.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
@@ -231,6 +257,8 @@ fn compile(
     }
     args.extend(extra.iter().cloned());
 
+    // The include folder's path is left out of the key (its files are in `header_hash`), so
+    // another checkout of the same sources hits the cache.
     let mut h = DefaultHasher::new();
     fs::read(src).map_err(|e| format!("read {}: {e}", src.display()))?.hash(&mut h);
     header_hash.hash(&mut h);
@@ -242,9 +270,19 @@ fn compile(
     if out.exists() && fs::read_to_string(&stamp).is_ok_and(|k| k == key) {
         return Ok((out, fs::read_to_string(&cached_log).unwrap_or_default()));
     }
+    let shared = cache_dir.map(|d| (d.join(format!("{name}-{key}.fatbin")), d.join(format!("{name}-{key}.log"))));
+    if let Some((image, log)) = &shared {
+        if image.exists() && log.exists() && fs::copy(image, &out).is_ok() {
+            let diagnostics = fs::read_to_string(log).unwrap_or_default();
+            fs::write(&cached_log, &diagnostics).map_err(|e| e.to_string())?;
+            fs::write(&stamp, key).map_err(|e| e.to_string())?;
+            return Ok((out, diagnostics));
+        }
+    }
 
     let output = Command::new(nvcc)
         .args(&args)
+        .arg(format!("-I{}", include_dir.display()))
         .arg("-o")
         .arg(&out)
         .arg(src)
@@ -255,6 +293,18 @@ fn compile(
         return Err(diagnostics);
     }
     fs::write(&cached_log, &diagnostics).map_err(|e| e.to_string())?;
-    fs::write(&stamp, key).map_err(|e| e.to_string())?;
+    fs::write(&stamp, &key).map_err(|e| e.to_string())?;
+    if let Some((image, log)) = &shared {
+        // Write then rename, so a concurrent build never reads a half-written image; a failure
+        // here only loses the cache entry.
+        let tmp = image.with_extension(format!("fatbin.tmp{}", std::process::id()));
+        let tmp_log = log.with_extension(format!("log.tmp{}", std::process::id()));
+        if fs::copy(&out, &tmp).is_ok() && fs::write(&tmp_log, &diagnostics).is_ok() {
+            let _ = fs::rename(&tmp_log, log);
+            let _ = fs::rename(&tmp, image);
+        }
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(&tmp_log);
+    }
     Ok((out, diagnostics))
 }
