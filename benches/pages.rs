@@ -10,17 +10,10 @@ use ntkv::{Device, DeviceTensor};
 
 mod common;
 
+/// The bench runner's Quest shape (D = 128, pages of 16, the top 128 pages, one query).
 fn shape(heads: usize, capacity: usize) -> QuestSelectShape {
-    QuestSelectShape {
-        batch: 1,
-        hq: heads,
-        hkv: heads,
-        q_tokens: 1,
-        head_dim: 128,
-        capacity,
-        page_size: 16,
-        budget: 128,
-    }
+    let (page_size, budget) = (16, 128);
+    QuestSelectShape { batch: 1, hq: heads, hkv: heads, q_tokens: 1, head_dim: 128, capacity, page_size, budget }
 }
 
 /// Random page bounds (max ≥ min per channel) and queries.

@@ -51,22 +51,12 @@ fn cpu_bench(c: &mut Criterion) -> anyhow::Result<()> {
     let mut rng = Rng::new(2);
     let x: Vec<f16> = rng.normal_vec(h * t * d).into_iter().map(f16::from_f32).collect();
     let (ks, vs) = (QuantSpec::new(4, 32, Axis::PerChannel)?, QuantSpec::new(4, 32, Axis::PerToken)?);
-    let k = cpu::kivi_dense(
-        ks,
-        [h, t, d],
-        &ntkv::quant::cpu::quantize(ks, &[h, t, d], &x)?,
-        &vec![f16::ZERO; h * d],
-        1,
-        0,
-    )?;
-    let v = cpu::kivi_dense(
-        vs,
-        [h, t, d],
-        &ntkv::quant::cpu::quantize(vs, &[h, t, d], &x)?,
-        &vec![f16::ZERO; h * d],
-        1,
-        0,
-    )?;
+    // The CPU reference reads dense caches: quantize, then dequantize as the kernel would.
+    let dense = |spec: QuantSpec| -> ntkv::Result<Vec<f16>> {
+        let codes = ntkv::quant::cpu::quantize(spec, &[h, t, d], &x)?;
+        cpu::kivi_dense(spec, [h, t, d], &codes, &vec![f16::ZERO; h * d], 1, 0)
+    };
+    let (k, v) = (dense(ks)?, dense(vs)?);
     let q: Vec<f16> = rng.normal_vec(h * d).into_iter().map(f16::from_f32).collect();
     let opts = QdecodeOptions::default();
     c.bench_function("qdecode_kivi_int4 B1 Hq8 Hkv8 T4096 D128 g32 f16 (cpu reference)", |b| {

@@ -41,10 +41,6 @@ __host__ __device__ constexpr uint32_t attn_smem_bytes(int D) {
                       + 2 * 2 * TK * (D + KPAD) * 2);  // k_s, v_s: 2 stages each
 }
 
-__device__ __forceinline__ uint32_t chunks_of(uint64_t len, uint32_t chunk_tokens, uint32_t max_chunks) {
-    return ntkv::fd_chunks_of(len, chunk_tokens, max_chunks);
-}
-
 // Flat offset of query row (b, tq, head) in q / o, in elements (times head_dim) or in lse.
 __device__ __forceinline__ uint64_t row_offset(const NtkvDecodeParams& p, uint32_t b, uint32_t hkv, uint32_t gr) {
     return ntkv::fd_row_offset(b, hkv, gr, p.group, p.q_tokens, p.q_heads);
@@ -94,24 +90,13 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
     T* k_s = reinterpret_cast<T*>(idx_s + 2 * TK);      // [2][TK][KS]
     T* v_s = k_s + 2 * TK * KS;                         // [2][TK][KS]
 
-    const uint32_t n_lists = p.batch * p.kv_heads;
-    uint64_t blk = blockIdx.x;
-    const uint32_t row_tile = (uint32_t)(blk % p.row_tiles);
-    blk /= p.row_tiles;
-    const uint32_t chunk = (uint32_t)(blk % p.max_chunks);
-    blk /= p.max_chunks;
-    if (blk >= n_lists) return;
-    const uint32_t list = (uint32_t)blk;
-    const uint32_t b = list / p.kv_heads;
-    const uint32_t hkv = list % p.kv_heads;
+    const ntkv::FdItem item = ntkv::fd_work_item(p);
+    if (!item.valid) return;
+    const uint32_t list = item.list, chunk = item.chunk, row_tile = item.row_tile, b = item.b, hkv = item.hkv;
 
-    uint64_t list_begin, list_end;
+    uint64_t list_begin, list_end, c_begin, c_end;
     ntkv::csr_bounds(indptr, list, p.n_indices, list_begin, list_end);
-    if (chunk >= chunks_of(list_end - list_begin, p.chunk_tokens, p.max_chunks)) return;
-    uint64_t c_begin = list_begin + (uint64_t)chunk * p.chunk_tokens;
-    c_begin = c_begin < list_end ? c_begin : list_end;
-    uint64_t c_end = c_begin + p.chunk_tokens;
-    c_end = c_end < list_end ? c_end : list_end;
+    if (!ntkv::fd_chunk_range(p, chunk, list_begin, list_end, c_begin, c_end)) return;
 
     const uint32_t row0 = row_tile * R_TILE;
     if (row0 >= p.rows) return;
@@ -311,17 +296,10 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
     }
 }
 
-// One CTA of head_dim threads per (list, query row): merges the list's chunks in order.
-template <typename T>
-__device__ __forceinline__ void decode_merge(const NtkvDecodeParams& p, const uint32_t* __restrict__ indptr,
-                                             const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                             T* __restrict__ o, float* __restrict__ lse) {
-    auto len_of = [&](uint32_t list) {
-        uint64_t begin, end;
-        ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
-        return end - begin;
-    };
-    ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
+// A list's positions [begin, end) in indices, clamped to the buffer (the merge's BOUNDS).
+__device__ __forceinline__ void list_bounds(const NtkvDecodeParams& p, const uint32_t* __restrict__ indptr,
+                                            uint32_t list, uint64_t& begin, uint64_t& end) {
+    ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
 }
 
 }  // namespace
@@ -340,16 +318,8 @@ NTKV_DECODE_ATTN(ntkv_decode_attn_f16_d128, __half, 128)
 NTKV_DECODE_ATTN(ntkv_decode_attn_bf16_d64, __nv_bfloat16, 64)
 NTKV_DECODE_ATTN(ntkv_decode_attn_bf16_d128, __nv_bfloat16, 128)
 
-extern "C" __global__ void ntkv_decode_merge_f16(const NtkvDecodeParams p, const uint32_t* __restrict__ indptr,
-                                                 const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                                 __half* __restrict__ o, float* __restrict__ lse) {
-    decode_merge<__half>(p, indptr, ws_acc, ws_ml, o, lse);
-}
-extern "C" __global__ void ntkv_decode_merge_bf16(const NtkvDecodeParams p, const uint32_t* __restrict__ indptr,
-                                                  const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                                  __nv_bfloat16* __restrict__ o, float* __restrict__ lse) {
-    decode_merge<__nv_bfloat16>(p, indptr, ws_acc, ws_ml, o, lse);
-}
+// One CTA of head_dim threads per (list, query row): merges the list's chunks in order.
+NTKV_FD_MERGE_KERNELS(ntkv_decode_merge, NtkvDecodeParams, list_bounds)
 
 // grid (n_lists, segments): block (list, seg) checks positions list_begin + seg * blockDim.x
 // + tid, striding by segments * blockDim.x. Each bad position reports (pos << 2 | code) in 64

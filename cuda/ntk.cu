@@ -507,12 +507,18 @@ __device__ void gemm_mma_async(const NtkvNtkGemmParams& p, const void* __restric
         BODY;                                                                                         \
     }
 
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_ffma, float, 1, (gemm_ffma<float, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_ffma, __nv_bfloat16, 2, (gemm_ffma<__nv_bfloat16, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_tf32, float, 1, (gemm_mma<float, false, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_f32_bf16, float, 1, (gemm_mma<float, true, false>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_ntk_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true, false>(p, a, b, part)))
+// The six (input dtype × arithmetic) entry points of one operand layout: PREFIX_<dtype>_<arith>,
+// kStrided = STRIDED; BF16_FFMA_MIN_BLOCKS is the bf16 FFMA tile's __launch_bounds__ minimum.
+#define NTKV_NTK_GEMM_SET(PREFIX, STRIDED, BF16_FFMA_MIN_BLOCKS)                                          \
+    NTKV_NTK_GEMM(PREFIX##_f32_ffma, float, 1, (gemm_ffma<float, STRIDED>(p, a, b, part)))                    \
+    NTKV_NTK_GEMM(PREFIX##_bf16_ffma, __nv_bfloat16, BF16_FFMA_MIN_BLOCKS,                                 \
+                  (gemm_ffma<__nv_bfloat16, STRIDED>(p, a, b, part)))                                      \
+    NTKV_NTK_GEMM(PREFIX##_f32_tf32, float, 1, (gemm_mma<float, false, STRIDED>(p, a, b, part)))             \
+    NTKV_NTK_GEMM(PREFIX##_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, STRIDED>(p, a, b, part))) \
+    NTKV_NTK_GEMM(PREFIX##_f32_bf16, float, 1, (gemm_mma<float, true, STRIDED>(p, a, b, part)))              \
+    NTKV_NTK_GEMM(PREFIX##_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true, STRIDED>(p, a, b, part)))
+
+NTKV_NTK_GEMM_SET(ntkv_ntk_gemm, false, 2)
 // cp.async pipelines (host picks them when rows, batches and k are multiples of 16 bytes);
 // dynamic shared memory kTf32AsyncSmem / kBf16AsyncSmem (110592 / 81920 bytes);
 // 128 threads per block.
@@ -587,12 +593,7 @@ extern "C" __global__ void ntkv_ntk_reduce(const NtkvNtkReduceParams p, const fl
 // same arithmetic); the host uses ntkv_ntk_gemm_* whenever both operands are k-contiguous. The
 // strided bf16 FFMA tile asks for one block per SM, not two: at two (128 registers) the
 // run-time k-major branch spills.
-NTKV_NTK_GEMM(ntkv_gemm_f32_ffma, float, 1, (gemm_ffma<float, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_bf16_ffma, __nv_bfloat16, 1, (gemm_ffma<__nv_bfloat16, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_f32_tf32, float, 1, (gemm_mma<float, false, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_bf16_tf32, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, false, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_f32_bf16, float, 1, (gemm_mma<float, true, true>(p, a, b, part)))
-NTKV_NTK_GEMM(ntkv_gemm_bf16_bf16, __nv_bfloat16, 1, (gemm_mma<__nv_bfloat16, true, true>(p, a, b, part)))
+NTKV_NTK_GEMM_SET(ntkv_gemm, true, 1)
 
 // The gemm module's split-K reduction into a row-major C with leading dimension ldc and batch
 // stride c_batch_stride (kind 3 of split_reduce).

@@ -202,24 +202,13 @@ __device__ __forceinline__ void qdecode_attn(const NtkvQdecodeParams& p, const T
     __shared__ float red_ml[WARPS][R][2];
     __shared__ float red_acc[WARPS][R][D];
 
-    const uint32_t n_heads = p.batch * p.kv_heads;
-    uint64_t blk = blockIdx.x;
-    const uint32_t row_tile = (uint32_t)(blk % p.row_tiles);
-    blk /= p.row_tiles;
-    const uint32_t chunk = (uint32_t)(blk % p.max_chunks);
-    blk /= p.max_chunks;
-    if (blk >= n_heads) return;
-    const uint32_t head = (uint32_t)blk;
-    const uint32_t b = head / p.kv_heads;
-    const uint32_t hkv = head % p.kv_heads;
+    const ntkv::FdItem item = ntkv::fd_work_item(p);
+    if (!item.valid) return;
+    const uint32_t head = item.list, chunk = item.chunk, row_tile = item.row_tile, b = item.b, hkv = item.hkv;
 
-    uint64_t begin, end;
+    uint64_t begin, end, c_begin, c_end;
     positions_of(p, indptr, head, begin, end);
-    if (chunk >= ntkv::fd_chunks_of(end - begin, p.chunk_tokens, p.max_chunks)) return;
-    uint64_t c_begin = begin + (uint64_t)chunk * p.chunk_tokens;
-    c_begin = c_begin < end ? c_begin : end;
-    uint64_t c_end = c_begin + p.chunk_tokens;
-    c_end = c_end < end ? c_end : end;
+    if (!ntkv::fd_chunk_range(p, chunk, begin, end, c_begin, c_end)) return;
 
     const uint32_t row0 = row_tile * R;
     if (row0 >= p.rows) return;
@@ -355,18 +344,6 @@ __device__ __forceinline__ void qdecode_attn(const NtkvQdecodeParams& p, const T
     }
 }
 
-// One CTA of head_dim threads per (cache head, query row): merges the head's chunks in order.
-template <typename T>
-__device__ __forceinline__ void qdecode_merge(const NtkvQdecodeParams& p, const uint32_t* __restrict__ indptr,
-                                              const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                              T* __restrict__ o, float* __restrict__ lse) {
-    auto len_of = [&](uint32_t head) {
-        uint64_t begin, end;
-        positions_of(p, indptr, head, begin, end);
-        return end - begin;
-    };
-    ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);
-}
 
 }  // namespace
 
@@ -391,22 +368,14 @@ __device__ __forceinline__ void qdecode_merge(const NtkvQdecodeParams& p, const 
                               ws_acc, ws_ml);                                                                 \
     }
 
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_f16_d64_r1, __half, 64, 1)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_f16_d64_r8, __half, 64, 8)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_f16_d128_r1, __half, 128, 1)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_f16_d128_r8, __half, 128, 8)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_bf16_d64_r1, __nv_bfloat16, 64, 1)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_bf16_d64_r8, __nv_bfloat16, 64, 8)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_bf16_d128_r1, __nv_bfloat16, 128, 1)
-NTKV_QDECODE_ATTN(ntkv_qdecode_attn_bf16_d128_r8, __nv_bfloat16, 128, 8)
+// ntkv_qdecode_attn_<dtype>_d{64,128}_r{1,8}.
+#define NTKV_QDECODE_ATTN_DIMS(SUFFIX, T)                        \
+    NTKV_QDECODE_ATTN(ntkv_qdecode_attn_##SUFFIX##_d64_r1, T, 64, 1)   \
+    NTKV_QDECODE_ATTN(ntkv_qdecode_attn_##SUFFIX##_d64_r8, T, 64, 8)   \
+    NTKV_QDECODE_ATTN(ntkv_qdecode_attn_##SUFFIX##_d128_r1, T, 128, 1) \
+    NTKV_QDECODE_ATTN(ntkv_qdecode_attn_##SUFFIX##_d128_r8, T, 128, 8)
+NTKV_QDECODE_ATTN_DIMS(f16, __half)
+NTKV_QDECODE_ATTN_DIMS(bf16, __nv_bfloat16)
 
-extern "C" __global__ void ntkv_qdecode_merge_f16(const NtkvQdecodeParams p, const uint32_t* __restrict__ indptr,
-                                                  const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                                  __half* __restrict__ o, float* __restrict__ lse) {
-    qdecode_merge<__half>(p, indptr, ws_acc, ws_ml, o, lse);
-}
-extern "C" __global__ void ntkv_qdecode_merge_bf16(const NtkvQdecodeParams p, const uint32_t* __restrict__ indptr,
-                                                   const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                                   __nv_bfloat16* __restrict__ o, float* __restrict__ lse) {
-    qdecode_merge<__nv_bfloat16>(p, indptr, ws_acc, ws_ml, o, lse);
-}
+// One CTA of head_dim threads per (cache head, query row): merges the head's chunks in order.
+NTKV_FD_MERGE_KERNELS(ntkv_qdecode_merge, NtkvQdecodeParams, positions_of)

@@ -925,12 +925,13 @@ __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const
         h2o_queue<T, D>(p, q, k, order, partial, stats, acc, queue, done, ready, error);                            \
     }
 
-NTKV_H2O_KERNELS(f16, __half, 64, 4)
-NTKV_H2O_KERNELS(f16, __half, 128, 4)
-NTKV_H2O_KERNELS(f16, __half, 256, 2)
-NTKV_H2O_KERNELS(bf16, __nv_bfloat16, 64, 4)
-NTKV_H2O_KERNELS(bf16, __nv_bfloat16, 128, 4)
-NTKV_H2O_KERNELS(bf16, __nv_bfloat16, 256, 2)
+// D = 64, 128 (4 queue blocks per SM) and 256 (2).
+#define NTKV_H2O_DIMS(SUFFIX, T)          \
+    NTKV_H2O_KERNELS(SUFFIX, T, 64, 4)  \
+    NTKV_H2O_KERNELS(SUFFIX, T, 128, 4) \
+    NTKV_H2O_KERNELS(SUFFIX, T, 256, 2)
+NTKV_H2O_DIMS(f16, __half)
+NTKV_H2O_DIMS(bf16, __nv_bfloat16)
 
 // Merges the per-tile (max, sum) of every (query head, query) in a fixed order into
 // stats = (max, 1 / sum). One warp per row; 8 warps per block.

@@ -136,6 +136,21 @@ impl Error {
     pub fn too_large(arg: &'static str, reason: impl Into<String>) -> Self {
         Error::TooLarge { arg, reason: reason.into() }
     }
+
+    /// The argument this error names: the field, buffer or parameter of the call that was
+    /// rejected ([`Error::Shape`], [`Error::InvalidArgument`], [`Error::NonFinite`],
+    /// [`Error::TooLarge`], [`Error::DeviceMismatch`]); `None` for the device, driver and
+    /// internal errors, which are not about one argument.
+    pub fn arg(&self) -> Option<&'static str> {
+        match self {
+            Error::Shape { arg, .. }
+            | Error::InvalidArgument { arg, .. }
+            | Error::NonFinite { arg, .. }
+            | Error::TooLarge { arg, .. }
+            | Error::DeviceMismatch { arg, .. } => Some(arg),
+            _ => None,
+        }
+    }
 }
 
 /// Converts a size to `u32` for a kernel argument, naming the argument on overflow

@@ -167,6 +167,15 @@ pub fn grid_for(
     Ok(LaunchConfig { grid_dim: (to_u32("grid", blocks)?, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem })
 }
 
+/// [`grid_for`] for a grid-stride kernel with one item per thread: `items` items in blocks of
+/// `block` threads, no dynamic shared memory, capped at one resident wave.
+///
+/// # Errors
+/// As [`grid_for`].
+pub fn grid_stride(device: &Device, f: &CudaFunction, block: u32, items: usize) -> Result<LaunchConfig> {
+    grid_for(device, f, block, 0, items.div_ceil(block.max(1) as usize), true)
+}
+
 /// The grid-stride form of [`grid_for`] with a second axis: `y` rows of work (heads; at most
 /// 65535, the kernels stride over the rest) times `x_items` items per row at one item per
 /// thread. The whole grid is one resident wave: `x` is capped so that `x · y` blocks do not
@@ -206,6 +215,23 @@ pub fn grid_2d(x: usize, y: usize, block: u32, smem: u32) -> Result<LaunchConfig
         shared_mem_bytes: smem,
     })
 }
+
+/// `Debug` for a plan: its name and the listed fields (`label = field` where they differ);
+/// device handles and buffers are left out.
+macro_rules! plan_debug {
+    ($plan:ty, $name:expr, $($label:ident $(= $field:ident)?),+) => {
+        impl std::fmt::Debug for $plan {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut s = f.debug_struct($name);
+                $(s.field(stringify!($label), $crate::launch::plan_debug!(@field self, $label $(, $field)?));)+
+                s.finish()
+            }
+        }
+    };
+    (@field $plan:ident, $label:ident) => { &$plan.$label };
+    (@field $plan:ident, $label:ident, $field:ident) => { &$plan.$field };
+}
+pub(crate) use plan_debug;
 
 #[cfg(test)]
 mod tests {

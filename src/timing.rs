@@ -24,10 +24,24 @@ pub fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
-/// Times `f` on the device's stream: `warmup` untimed calls, then `reps` calls each bracketed
-/// by timing events. Returns the per-call times in milliseconds (unsorted).
+/// The shortest span one timed sample should cover, in milliseconds. After the start event is
+/// recorded the GPU idles until the host has enqueued the first kernel (argument checks,
+/// small uploads, the launch itself: microseconds), so a sample of one microsecond-scale call
+/// would time the host. A sample therefore runs enough back-to-back calls to cover this span,
+/// and the per-call time is the sample over the calls, which amortizes that gap.
+pub const MIN_SAMPLE_MS: f64 = 0.5;
+
+/// The most back-to-back calls in one sample.
+pub const MAX_CALLS_PER_SAMPLE: usize = 64;
+
+/// Times `f` on the device's stream: `warmup` untimed calls, one calibration call bracketed by
+/// timing events, then `reps` samples, each a run of back-to-back calls (enough to span
+/// [`MIN_SAMPLE_MS`], at most [`MAX_CALLS_PER_SAMPLE`]; one for calls that long already)
+/// bracketed by one pair of timing events. Returns the per-call time of each sample in
+/// milliseconds (unsorted).
 ///
-/// `f` receives the repetition index so callers can rotate inputs larger than L2.
+/// `f` receives a running call index (distinct within the timed calls) so callers can rotate
+/// inputs larger than L2 between calls.
 pub fn time_gpu_ms<F>(device: &Device, warmup: usize, reps: usize, mut f: F) -> Result<Vec<f64>>
 where
     F: FnMut(usize) -> Result<()>,
@@ -38,14 +52,29 @@ where
     device.synchronize()?;
     let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let stream = device.stream();
+    let mut sample = |first: usize, calls: usize| -> Result<f64> {
+        let start = stream.record_event(flags)?;
+        for j in 0..calls {
+            f(first + j)?;
+        }
+        let stop = stream.record_event(flags)?;
+        Ok(f64::from(start.elapsed_ms(&stop)?) / calls as f64)
+    };
+    let probe = sample(0, 1)?;
+    let calls = calls_per_sample(probe);
     let mut times = Vec::with_capacity(reps);
     for i in 0..reps {
-        let start = stream.record_event(flags)?;
-        f(i)?;
-        let stop = stream.record_event(flags)?;
-        times.push(f64::from(start.elapsed_ms(&stop)?));
+        times.push(sample(1 + i * calls, calls)?);
     }
     Ok(times)
+}
+
+/// Back-to-back calls per sample for a call that took `probe_ms` alone.
+pub fn calls_per_sample(probe_ms: f64) -> usize {
+    if probe_ms.is_nan() || probe_ms <= 0.0 {
+        return MAX_CALLS_PER_SAMPLE;
+    }
+    ((MIN_SAMPLE_MS / probe_ms).ceil() as usize).clamp(1, MAX_CALLS_PER_SAMPLE)
 }
 
 /// Times `f` on the device's stream and returns the median in milliseconds.
@@ -84,7 +113,7 @@ pub fn copy_vec16(device: &Device, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>)
     let params = NtkvCopyParams { n_vec16: crate::error::to_u64("src", n)? };
     let f = device.kernel(COPY_VEC16)?;
     // Grid-stride: one resident wave of 256-thread blocks.
-    let cfg = crate::launch::grid_for(device, &f, 256, 0, n.div_ceil(256), true)?;
+    let cfg = crate::launch::grid_stride(device, &f, 256, n)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
     // SAFETY: ntkv_copy_vec16(NtkvCopyParams, const uint4*, uint4*) reads and writes
@@ -107,4 +136,19 @@ pub fn copy_bandwidth_gbps(device: &Device, bytes: usize, reps: usize) -> Result
 /// `tests/kernel_names.rs`).
 pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
     vec![COPY_VEC16]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_calls_are_timed_back_to_back() {
+        assert_eq!(calls_per_sample(2.0), 1);
+        assert_eq!(calls_per_sample(MIN_SAMPLE_MS), 1);
+        assert_eq!(calls_per_sample(0.1), 5);
+        assert_eq!(calls_per_sample(0.001), MAX_CALLS_PER_SAMPLE);
+        assert_eq!(calls_per_sample(0.0), MAX_CALLS_PER_SAMPLE);
+        assert_eq!(calls_per_sample(f64::NAN), MAX_CALLS_PER_SAMPLE);
+    }
 }

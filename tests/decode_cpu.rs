@@ -4,6 +4,8 @@
 //! against the reference.
 
 mod common;
+
+use common::arg_of;
 mod decode_support;
 
 use decode_support::{random_problem, sorted_subset, widen, Cfg, Lens, Problem};
@@ -15,13 +17,6 @@ use ntkv::decode::{
 use ntkv::rng::Rng;
 use ntkv::{Error, Float};
 use proptest::prelude::*;
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
-}
 
 // ---- the reference against independent formulas ---------------------------------------
 
@@ -293,30 +288,49 @@ fn emulate_kernel<T: Float>(p: &Problem<T>, chunk_tokens: usize) -> (Vec<f64>, V
 // ---- validation -------------------------------------------------------------------------
 
 #[test]
-fn shape_and_option_errors_name_the_field() {
+fn shape_errors_name_the_field_at_each_boundary() {
     let ok = DecodeShape { batch: 1, q_tokens: 1, hq: 8, hkv: 2, head_dim: 128, capacity: 100 };
     assert!(ok.validate().is_ok());
     let cases: Vec<(DecodeShape, &str)> = vec![
         (DecodeShape { batch: 0, ..ok.clone() }, "batch"),
+        (DecodeShape { hq: 0, ..ok.clone() }, "hq"),
+        (DecodeShape { hkv: 0, ..ok.clone() }, "hkv"),
+        (DecodeShape { capacity: 0, ..ok.clone() }, "capacity"),
         (DecodeShape { q_tokens: 0, ..ok.clone() }, "q_tokens"),
         (DecodeShape { q_tokens: 17, ..ok.clone() }, "q_tokens"),
         (DecodeShape { head_dim: 96, ..ok.clone() }, "head_dim"),
-        (DecodeShape { hq: 6, hkv: 4, ..ok.clone() }, "hq"),
-        (DecodeShape { hkv: 0, ..ok.clone() }, "hkv"),
-        (DecodeShape { capacity: 0, ..ok.clone() }, "capacity"),
+        (DecodeShape { head_dim: 256, ..ok.clone() }, "head_dim"),
+        (DecodeShape { hq: 9, ..ok.clone() }, "hq"),
+        (DecodeShape { capacity: u32::MAX as usize + 1, ..ok.clone() }, "capacity"),
+        (DecodeShape { batch: usize::MAX, ..ok.clone() }, "q"),
+        (DecodeShape { batch: 1 << 40, hq: 1 << 20, hkv: 1 << 20, q_tokens: 1, ..ok.clone() }, "q"),
     ];
-    for (shape, arg) in cases {
-        let e = shape.validate().unwrap_err();
-        assert_eq!(arg_of(&e), arg, "{shape:?}: {e}");
+    for (s, arg) in cases {
+        let e = s.validate().unwrap_err();
+        assert_eq!(arg_of(&e), arg, "{s:?}: {e}");
     }
-    let opts = [
+    // Boundaries that are fine.
+    for s in [
+        DecodeShape { q_tokens: 16, ..ok.clone() },
+        DecodeShape { head_dim: 64, ..ok.clone() },
+        DecodeShape { capacity: u32::MAX as usize, ..ok.clone() },
+    ] {
+        assert!(s.validate().is_ok(), "{s:?}");
+    }
+}
+
+#[test]
+fn option_errors_name_the_field_at_each_boundary() {
+    for (o, arg) in [
         (DecodeOptions { scale: Some(f32::NAN), ..Default::default() }, "scale"),
-        (DecodeOptions { chunk_tokens: Some(100), ..Default::default() }, "chunk_tokens"),
+        (DecodeOptions { scale: Some(f32::INFINITY), ..Default::default() }, "scale"),
         (DecodeOptions { chunk_tokens: Some(0), ..Default::default() }, "chunk_tokens"),
-    ];
-    for (o, arg) in opts {
-        assert_eq!(arg_of(&o.validate().unwrap_err()), arg, "{o:?}");
+        (DecodeOptions { chunk_tokens: Some(48), ..Default::default() }, "chunk_tokens"),
+        (DecodeOptions { chunk_tokens: Some(1 << 40), ..Default::default() }, "chunk_tokens"),
+    ] {
+        assert_eq!(arg_of(&o.validate().unwrap_err()), arg);
     }
+    assert!(DecodeOptions { chunk_tokens: Some(64), scale: Some(0.0), causal: true }.validate().is_ok());
 }
 
 fn list_err(cache_lens: &[u32], indptr: &[u32], indices: &[u32]) -> Error {

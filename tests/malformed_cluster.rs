@@ -1,19 +1,15 @@
 //! Every validator of the cluster family at its boundary, absurd sizes, and the CPU
 //! references' argument errors: typed errors naming the argument, never a panic.
 
+mod common;
+
+use common::arg_of;
+
 use ntkv::cluster::cpu;
 use ntkv::cluster::{
     validate_append, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape, MAX_CLUSTERS, MAX_HEAD_DIM,
     MAX_ITERATIONS,
 };
-use ntkv::Error;
-
-fn arg_of(e: Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error {other:?}"),
-    }
-}
 
 const GOOD: KmeansShape = KmeansShape { heads: 2, tokens: 10, capacity: 12, clusters: 3, head_dim: 8 };
 const GOOD_R: RetrieveShape =
@@ -60,7 +56,7 @@ fn shape_boundaries() {
         (checked!(RetrieveShape { batch: usize::MAX, ..GOOD_R }), "q"),
     ];
     for ((s, r), arg) in cases {
-        assert_eq!(arg_of(r.unwrap_err()), arg, "{s}");
+        assert_eq!(arg_of(&r.unwrap_err()), arg, "{s}");
     }
     assert!(KmeansShape { clusters: 10, ..GOOD }.validate().is_ok(), "C = T");
     assert!(KmeansShape { head_dim: MAX_HEAD_DIM, ..GOOD }.validate().is_ok());
@@ -70,12 +66,12 @@ fn shape_boundaries() {
 fn kmeans_options_and_append_boundaries() {
     for it in [0, MAX_ITERATIONS + 1] {
         let o = KmeansOptions { iterations: it, ..Default::default() };
-        assert_eq!(arg_of(o.validate().unwrap_err()), "iterations");
+        assert_eq!(arg_of(&o.validate().unwrap_err()), "iterations");
     }
     assert!(KmeansOptions { iterations: MAX_ITERATIONS, ..Default::default() }.validate().is_ok());
-    assert_eq!(arg_of(validate_append(&GOOD, 0, 0).unwrap_err()), "to");
-    assert_eq!(arg_of(validate_append(&GOOD, 0, 13).unwrap_err()), "to");
-    assert_eq!(arg_of(validate_append(&GOOD, 6, 5).unwrap_err()), "from");
+    assert_eq!(arg_of(&validate_append(&GOOD, 0, 0).unwrap_err()), "to");
+    assert_eq!(arg_of(&validate_append(&GOOD, 0, 13).unwrap_err()), "to");
+    assert_eq!(arg_of(&validate_append(&GOOD, 6, 5).unwrap_err()), "from");
     assert!(validate_append(&GOOD, 10, 12).is_ok());
     assert!(validate_append(&GOOD, 12, 12).is_ok());
 }
@@ -83,17 +79,17 @@ fn kmeans_options_and_append_boundaries() {
 #[test]
 fn kmeans_reference_rejects_bad_buffers() {
     let keys = vec![0.0f32; 2 * 12 * 8];
-    assert_eq!(arg_of(cpu::kmeans(&GOOD, &KmeansOptions::default(), &keys[1..]).unwrap_err()), "keys");
+    assert_eq!(arg_of(&cpu::kmeans(&GOOD, &KmeansOptions::default(), &keys[1..]).unwrap_err()), "keys");
     let bad = KmeansShape { clusters: 0, ..GOOD };
-    assert_eq!(arg_of(cpu::kmeans(&bad, &KmeansOptions::default(), &keys).unwrap_err()), "clusters");
+    assert_eq!(arg_of(&cpu::kmeans(&bad, &KmeansOptions::default(), &keys).unwrap_err()), "clusters");
     let o = KmeansOptions { iterations: 0, ..Default::default() };
-    assert_eq!(arg_of(cpu::kmeans(&GOOD, &o, &keys).unwrap_err()), "iterations");
+    assert_eq!(arg_of(&cpu::kmeans(&GOOD, &o, &keys).unwrap_err()), "iterations");
     let mut st = cpu::kmeans(&GOOD, &KmeansOptions::default(), &keys).unwrap();
     let before = st.clone();
-    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 13, &mut st).unwrap_err()), "to");
-    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys[..5], 10, 12, &mut st).unwrap_err()), "keys");
+    assert_eq!(arg_of(&cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 13, &mut st).unwrap_err()), "to");
+    assert_eq!(arg_of(&cpu::assign_appended(&GOOD, Metric::L2, &keys[..5], 10, 12, &mut st).unwrap_err()), "keys");
     st.members.pop();
-    assert_eq!(arg_of(cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 12, &mut st).unwrap_err()), "members");
+    assert_eq!(arg_of(&cpu::assign_appended(&GOOD, Metric::L2, &keys, 10, 12, &mut st).unwrap_err()), "members");
     st.members.push(before.members[before.members.len() - 1]);
     assert_eq!(st, before, "nothing written on an error");
 }
@@ -105,11 +101,11 @@ fn retrieve_option_boundaries() {
         (RetrieveOptions { sinks: u32::MAX as usize + 1, ..Default::default() }, "sinks"),
         (RetrieveOptions { window: usize::MAX, ..Default::default() }, "window"),
     ] {
-        assert_eq!(arg_of(o.validate().unwrap_err()), arg);
+        assert_eq!(arg_of(&o.validate().unwrap_err()), arg);
     }
     let big = RetrieveShape { batch: 65535, hq: 1, hkv: 1, capacity: u32::MAX as usize, ..GOOD_R };
     let o = RetrieveOptions { budget: 1 << 20, ..Default::default() };
-    assert_eq!(arg_of(big.indices_capacity(&o).unwrap_err()), "indices");
+    assert_eq!(arg_of(&big.indices_capacity(&o).unwrap_err()), "indices");
     let o = RetrieveOptions { budget: 5, sinks: 4, window: 4, ..Default::default() };
     assert_eq!(GOOD_R.indices_capacity(&o).unwrap(), 4 * 8, "max(budget, S + W) per list");
     assert_eq!(o.cluster_budget(), 0);
@@ -126,7 +122,7 @@ fn retrieve_reference_rejects_bad_buffers() {
     let o = RetrieveOptions { budget: 4, ..Default::default() };
     assert_eq!(km.heads, 4);
     assert!(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip, &mem, &lens).is_ok());
-    let err = |r: ntkv::Result<(Vec<u32>, Vec<u32>)>| arg_of(r.unwrap_err());
+    let err = |r: ntkv::Result<(Vec<u32>, Vec<u32>)>| arg_of(&r.unwrap_err());
     assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q[1..], &cent, &ip, &mem, &lens)), "q");
     assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent[1..], &ip, &mem, &lens)), "centroids");
     assert_eq!(err(cpu::retrieve(&GOOD_R, &o, &q, &cent, &ip[1..], &mem, &lens)), "cluster_indptr");

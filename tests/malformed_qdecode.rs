@@ -3,68 +3,19 @@
 //! checks of the cache against it, each leaving `o` and `lse` untouched.
 
 mod common;
+
+use common::arg_of;
 mod qdecode_support;
 
 use half::f16;
 use ntkv::qdecode::{cpu, KiviCache, QdecodeCache, QdecodeLists, QdecodeOptions, QdecodePlan, QdecodeShape};
 use ntkv::quant::{Axis, HiPrecision, MikvCache, QuantLayout, QuantSpec, QuantizedTensor};
 use ntkv::rng::Rng;
-use ntkv::{DeviceTensor, Error};
+use ntkv::DeviceTensor;
 use qdecode_support::*;
 
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        Error::DeviceMismatch { arg, .. } => arg,
-        other => panic!("unexpected error {other:?}"),
-    }
-}
-
-#[test]
-fn shape_validation_names_the_field() {
-    let ok = shape(1, 1, 8, 2, 128, 100);
-    assert!(ok.validate().is_ok());
-    let cases: Vec<(QdecodeShape, &str)> = vec![
-        (QdecodeShape { batch: 0, ..ok.clone() }, "batch"),
-        (QdecodeShape { hq: 0, ..ok.clone() }, "hq"),
-        (QdecodeShape { hkv: 0, ..ok.clone() }, "hkv"),
-        (QdecodeShape { capacity: 0, ..ok.clone() }, "capacity"),
-        (QdecodeShape { q_tokens: 0, ..ok.clone() }, "q_tokens"),
-        (QdecodeShape { q_tokens: 17, ..ok.clone() }, "q_tokens"),
-        (QdecodeShape { head_dim: 96, ..ok.clone() }, "head_dim"),
-        (QdecodeShape { head_dim: 256, ..ok.clone() }, "head_dim"),
-        (QdecodeShape { hq: 9, ..ok.clone() }, "hq"),
-        (QdecodeShape { capacity: u32::MAX as usize + 1, ..ok.clone() }, "capacity"),
-        (QdecodeShape { batch: usize::MAX, ..ok.clone() }, "q"),
-        (QdecodeShape { batch: 1 << 40, hq: 1 << 20, hkv: 1 << 20, q_tokens: 1, ..ok.clone() }, "q"),
-    ];
-    for (s, arg) in cases {
-        let e = s.validate().unwrap_err();
-        assert_eq!(arg_of(&e), arg, "{s:?}: {e}");
-    }
-    // Boundaries that are fine.
-    for s in [
-        QdecodeShape { q_tokens: 16, ..ok.clone() },
-        QdecodeShape { head_dim: 64, ..ok.clone() },
-        QdecodeShape { capacity: u32::MAX as usize, ..ok.clone() },
-    ] {
-        assert!(s.validate().is_ok(), "{s:?}");
-    }
-}
-
-#[test]
-fn option_validation_names_the_field() {
-    for (o, arg) in [
-        (QdecodeOptions { scale: Some(f32::NAN), ..Default::default() }, "scale"),
-        (QdecodeOptions { scale: Some(f32::INFINITY), ..Default::default() }, "scale"),
-        (QdecodeOptions { chunk_tokens: Some(0), ..Default::default() }, "chunk_tokens"),
-        (QdecodeOptions { chunk_tokens: Some(48), ..Default::default() }, "chunk_tokens"),
-        (QdecodeOptions { chunk_tokens: Some(1 << 40), ..Default::default() }, "chunk_tokens"),
-    ] {
-        assert_eq!(arg_of(&o.validate().unwrap_err()), arg);
-    }
-    assert!(QdecodeOptions { chunk_tokens: Some(64), scale: Some(0.0), causal: true }.validate().is_ok());
-}
+// The shape and the options are decode's (`QdecodeShape = DecodeShape`): tests/decode_cpu.rs
+// checks every field of both at its boundaries.
 
 #[test]
 fn reference_rejects_bad_inputs() {

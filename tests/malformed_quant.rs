@@ -2,6 +2,10 @@
 //! helpers: each gives a typed error naming the argument, and none panics or aborts.
 //! Every limit is tested at its boundary: at it, one below and one above.
 
+mod common;
+
+use common::arg_of;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use half::f16;
@@ -14,14 +18,6 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(_) => panic!("{what} panicked instead of returning an error"),
-    }
-}
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        Error::NonFinite { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
     }
 }
 

@@ -4,6 +4,10 @@
 //! values, and each validator's exact boundary (at the limit, one below, one above) is pinned.
 //! Runs anywhere (no GPU).
 
+mod common;
+
+use common::arg_of;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ntkv::select::{self, BlockMap, ExpandShape, SegmentShape, TopkShape};
@@ -27,13 +31,6 @@ fn rejects<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>) 
     match no_panic(what, f) {
         Err(e) => e,
         Ok(r) => panic!("{what}: accepted ({r:?})"),
-    }
-}
-
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
     }
 }
 

@@ -93,12 +93,24 @@ fn kivi_case<T: Float>(
     let d = upload_kivi(dev, &s, &kv);
     let cache =
         QdecodeCache::Kivi(KiviCache { k: &d.k, v: &d.v, k_residual: &d.kr, v_residual: &d.vr, residual_len: rlen });
-    let mut plan = QdecodePlan::new(dev, &s, opts).unwrap();
-    let got = run(dev, &mut plan, &q, &cache, None);
     let what = format!("kivi seed {seed} {s:?} K {kspec:?} V {vspec:?} residual {rlen}/{rcap} {opts:?}");
-    check::<T>(&what, &got, &want);
-    // Deterministic: the same bits again.
-    let again = run(dev, &mut plan, &q, &cache, None);
+    check_twice(dev, &what, (&s, opts), &q, &cache, &want);
+}
+
+/// Runs a fresh plan over `cache`, checks it against `want`, then runs it again and requires
+/// the same bits.
+fn check_twice<T: Float>(
+    dev: &Device,
+    what: &str,
+    (s, opts): (&QdecodeShape, QdecodeOptions),
+    q: &[T],
+    cache: &QdecodeCache<'_>,
+    want: &ntkv::qdecode::cpu::QdecodeReference,
+) {
+    let mut plan = QdecodePlan::new(dev, s, opts).unwrap();
+    let got = run(dev, &mut plan, q, cache, None);
+    check::<T>(what, &got, want);
+    let again = run(dev, &mut plan, q, cache, None);
     assert_eq!(got.bits, again.bits, "{what}: not deterministic");
 }
 
@@ -198,24 +210,23 @@ fn mikv_upload(
     }
 }
 
+/// A MiKV cache of `t` tokens with the K and V configurations `cfg`.
 fn mikv_case<T: Float>(
     seed: u64,
-    s: QdecodeShape,
-    opts: QdecodeOptions,
+    (s, opts): (QdecodeShape, QdecodeOptions),
     t: usize,
-    kcfg: MikvConfig,
-    vcfg: MikvConfig,
+    cfg: [MikvConfig; 2],
     which: Important,
 ) {
+    let [kcfg, vcfg] = cfg;
     let dev = gpu_or_skip!("mikv_case");
     let mut rng = Rng::new(seed);
     let p = mikv_upload(dev, s.n_lists(), s.head_dim, t, kcfg, vcfg, &mut rng, which);
     let q = q_vec::<T>(&mut rng, &s);
     let (kd, vd) = (p.k_cpu.dequantize_dense().unwrap(), p.v_cpu.dequantize_dense().unwrap());
     let want = reference(&s, &opts, &q, &kd, &vd, t, None);
-    let mut plan = QdecodePlan::new(dev, &s, opts).unwrap();
-    let got = run(dev, &mut plan, &q, &QdecodeCache::Mikv { k: &p.k, v: &p.v }, None);
-    check::<T>(&format!("mikv seed {seed} {s:?} T {t} K {kcfg:?} V {vcfg:?} {which:?}"), &got, &want);
+    let what = format!("mikv seed {seed} {s:?} T {t} K {kcfg:?} V {vcfg:?} {which:?}");
+    check_twice(dev, &what, (&s, opts), &q, &QdecodeCache::Mikv { k: &p.k, v: &p.v }, &want);
 }
 
 /// A MiKV case: (shape (B, Tq, Hq, Hkv, D, capacity), causal, forced chunk, tokens, K
@@ -254,9 +265,9 @@ fn mikv_important_rows_and_lengths() {
         let kcfg = mikv_cfg(kb, kh, kg, Axis::PerChannel, kr, cap);
         let vcfg = mikv_cfg(vb, vh, vg, Axis::PerToken, vr, cap);
         if bf {
-            mikv_case::<bf16>(i as u64 + 11, s, opts, t, kcfg, vcfg, which);
+            mikv_case::<bf16>(i as u64 + 11, (s, opts), t, [kcfg, vcfg], which);
         } else {
-            mikv_case::<f16>(i as u64 + 11, s, opts, t, kcfg, vcfg, which);
+            mikv_case::<f16>(i as u64 + 11, (s, opts), t, [kcfg, vcfg], which);
         }
     }
 }

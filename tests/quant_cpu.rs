@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::arg_of;
+
 use half::{bf16, f16};
 use ntkv::quant::cpu::{self, MikvCacheCpu, QuantizedHost};
 use ntkv::quant::{Axis, HiPrecision, MikvConfig, QuantLayout, QuantSpec};
@@ -201,14 +203,6 @@ fn layouts_per_axis() {
     assert_eq!(l.n_groups(), 4 * 2 * 7);
 }
 
-fn arg_of(e: &Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::NonFinite { arg, .. } => arg,
-        Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error {other:?}"),
-    }
-}
-
 #[test]
 fn bad_specs_and_shapes_are_errors() {
     assert_eq!(arg_of(&QuantSpec::new(3, 32, Axis::PerToken).unwrap_err()), "bits");
@@ -289,17 +283,6 @@ fn encode_rounds_half_to_even() {
 
 // ---- MiKV -------------------------------------------------------------------------------------
 
-fn mikv_config(
-    lo_bits: u32,
-    hi: HiPrecision,
-    group: usize,
-    axis: Axis,
-    residual: usize,
-    capacity: usize,
-) -> MikvConfig {
-    MikvConfig { lo_bits, hi, group, axis, residual, capacity }
-}
-
 fn random_important(rng: &mut Rng, heads: usize, tokens: usize) -> Vec<Vec<u32>> {
     (0..heads).map(|_| (0..tokens as u32).filter(|_| rng.below(5) == 0).collect()).collect()
 }
@@ -319,7 +302,7 @@ proptest! {
         let hi = if hi_i == 0 { HiPrecision::F16 } else { HiPrecision::Int8 };
         let (heads, dim) = (2usize, group);
         let total = t0 + extra;
-        let cfg = mikv_config([4, 2][lo_i], hi, group, axis, residual, total.max(1) + 3);
+        let cfg = MikvConfig { lo_bits: [4, 2][lo_i], hi, group, axis, residual, capacity: total.max(1) + 3 };
         let kv: Vec<f16> = data(&mut rng, heads * total * dim, dim);
         let important = random_important(&mut rng, heads, t0);
         let prefix: Vec<f16> = (0..heads)
@@ -398,7 +381,8 @@ proptest! {
 fn mikv_validation_errors() {
     let kv = vec![f16::ONE; 2 * 8 * 32];
     let shape = [2, 8, 32];
-    let ok = mikv_config(4, HiPrecision::F16, 32, Axis::PerChannel, 32, 64);
+    let ok =
+        MikvConfig { lo_bits: 4, hi: HiPrecision::F16, group: 32, axis: Axis::PerChannel, residual: 32, capacity: 64 };
     let imp = vec![vec![1u32, 3], vec![]];
     assert!(MikvCacheCpu::from_prefill(ok, &kv, &shape, &imp).is_ok());
     let err =
@@ -425,7 +409,8 @@ fn mikv_validation_errors() {
 
 #[test]
 fn mikv_append_errors_leave_cache_unchanged() {
-    let cfg = mikv_config(2, HiPrecision::Int8, 32, Axis::PerToken, 3, 10);
+    let cfg =
+        MikvConfig { lo_bits: 2, hi: HiPrecision::Int8, group: 32, axis: Axis::PerToken, residual: 3, capacity: 10 };
     let kv: Vec<f16> = data(&mut Rng::new(5), 2 * 9 * 32, 32);
     let mut cache = MikvCacheCpu::from_prefill(cfg, &kv, &[2, 9, 32], &[vec![0, 4], vec![8]]).unwrap();
     let before = cache.clone();
@@ -443,7 +428,8 @@ fn mikv_append_errors_leave_cache_unchanged() {
 
 #[test]
 fn mikv_empty_prefill_then_appends() {
-    let cfg = mikv_config(4, HiPrecision::F16, 32, Axis::PerChannel, 0, 100);
+    let cfg =
+        MikvConfig { lo_bits: 4, hi: HiPrecision::F16, group: 32, axis: Axis::PerChannel, residual: 0, capacity: 100 };
     let mut cache = MikvCacheCpu::from_prefill(cfg, &[], &[1, 0, 8], &[vec![]]).unwrap();
     assert!(cache.is_empty());
     let mut rng = Rng::new(9);

@@ -120,7 +120,7 @@ fn retrieve_shape(batch: usize, hq: usize, hkv: usize, c: usize, cap: usize) -> 
     RetrieveShape { batch, q_tokens: 1, hq, hkv, head_dim: 128, clusters: c, capacity: cap }
 }
 
-fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
+pub fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     for kc in KMEANS_CASES {
         let (op, shape, s, it) = (kc.op, kc.shape, kc.dims, kc.iterations);
         let (h, t, c, d) = (s.heads, s.tokens, s.clusters, s.head_dim);
@@ -167,7 +167,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     Ok(())
 }
 
-fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
+pub fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
     // Small stand-ins: 2 heads × 2048 keys × 64 into 32 clusters, 3 iterations; 256 centroids
     // over 8192 tokens.
     if b.wants(FAMILY, "kmeans") {
@@ -192,11 +192,4 @@ fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
         })?;
     }
     Ok(())
-}
-
-pub fn run(b: &mut Bench) -> ntkv::Result<()> {
-    match b.device.clone() {
-        Some(dev) => gpu_cases(b, &dev),
-        None => cpu_cases(b),
-    }
 }

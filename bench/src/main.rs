@@ -52,18 +52,33 @@ struct Args {
     geometry: bool,
 }
 
-type Family = fn(&mut Bench) -> ntkv::Result<()>;
+/// How a family runs its cases: one function that picks the GPU or the CPU cases itself, or
+/// a GPU and a CPU function that the runner picks between.
+enum Family {
+    Whole(fn(&mut Bench) -> ntkv::Result<()>),
+    Split(fn(&mut Bench, &ntkv::Device) -> ntkv::Result<()>, fn(&mut Bench) -> ntkv::Result<()>),
+}
+
+impl Family {
+    fn run(&self, b: &mut Bench) -> ntkv::Result<()> {
+        match (self, b.device.clone()) {
+            (Family::Whole(f), _) => f(b),
+            (Family::Split(gpu, _), Some(dev)) => gpu(b, &dev),
+            (Family::Split(_, cpu), None) => cpu(b),
+        }
+    }
+}
 
 const FAMILIES: &[(&str, Family)] = &[
-    ("quant", quant::run),
-    ("topk", topk::run),
-    ("attention", attention::run),
-    ("decode", decode::run),
-    ("ntk", ntk::run),
-    ("cluster", cluster::run),
-    ("pages", pages::run),
-    ("lowrank", lowrank::run),
-    ("qdecode", qdecode::run),
+    ("quant", Family::Split(quant::run_gpu, quant::run_cpu)),
+    ("topk", Family::Split(topk::run_gpu, topk::run_cpu)),
+    ("attention", Family::Whole(attention::run)),
+    ("decode", Family::Whole(decode::run)),
+    ("ntk", Family::Split(ntk::run_gpu, ntk::run_cpu)),
+    ("cluster", Family::Split(cluster::gpu_cases, cluster::cpu_cases)),
+    ("pages", Family::Split(pages::gpu_cases, pages::cpu_cases)),
+    ("lowrank", Family::Whole(lowrank::run)),
+    ("qdecode", Family::Whole(qdecode::run)),
 ];
 
 fn main() -> ExitCode {
@@ -120,8 +135,8 @@ fn main() -> ExitCode {
     }
     println!();
     let mut failed = false;
-    for (name, run) in FAMILIES {
-        if let Err(e) = run(&mut bench) {
+    for (name, family) in FAMILIES {
+        if let Err(e) = family.run(&mut bench) {
             eprintln!("error in family {name}: {e}");
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {

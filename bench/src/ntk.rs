@@ -40,14 +40,7 @@ fn mlp_shape(n: usize, widths: &[usize]) -> String {
     format!("{n} {}", w.join("-"))
 }
 
-pub fn run(b: &mut Bench) -> ntkv::Result<()> {
-    match b.device.clone() {
-        Some(dev) => run_gpu(b, &dev),
-        None => run_cpu(b),
-    }
-}
-
-fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
+pub fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let mut rng = Rng::new(0x004e_544b);
     if b.wants(FAMILY, "gram") {
         for &(n, p) in &[(1024usize, 1usize << 20), (4096, 1 << 18)] {
@@ -164,7 +157,7 @@ fn check_mlp_entk(dev: &Device, host: &cpu::Mlp, mlp: &ntk::Mlp, rng: &mut Rng) 
     Ok(())
 }
 
-fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
+pub fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
     let mut rng = Rng::new(0x004e_544b);
     if b.wants(FAMILY, "gram") {
         let (n, o, p) = (48, 2, 2048);

@@ -63,7 +63,7 @@ fn random<T: Float>(rng: &mut Rng, n: usize) -> Vec<T> {
     (0..n).map(|_| T::from_f32(rng.normal())).collect()
 }
 
-fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
+pub fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let s = quest_shape(131072, 32);
     let meta = s.meta();
     let lens = [s.capacity as u32];
@@ -125,7 +125,7 @@ fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     Ok(())
 }
 
-fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
+pub fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
     // Reduced stand-ins: 4 heads over 8192 tokens.
     let mut rng = Rng::new(5);
     let s = quest_shape(8192, 4);
@@ -162,11 +162,4 @@ fn cpu_cases(b: &mut Bench) -> ntkv::Result<()> {
         })?;
     }
     Ok(())
-}
-
-pub fn run(b: &mut Bench) -> ntkv::Result<()> {
-    match b.device.clone() {
-        Some(dev) => gpu_cases(b, &dev),
-        None => cpu_cases(b),
-    }
 }

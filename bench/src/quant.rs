@@ -42,13 +42,6 @@ fn tiled_f16(n: usize, seed: u64) -> Vec<f16> {
     (0..n).map(|i| block[i & ((1 << 20) - 1)]).collect()
 }
 
-pub fn run(b: &mut Bench) -> ntkv::Result<()> {
-    match b.device.clone() {
-        Some(dev) => run_gpu(b, &dev),
-        None => run_cpu(b),
-    }
-}
-
 fn specs() -> ntkv::Result<Vec<QuantSpec>> {
     Ok(vec![
         QuantSpec::new(4, 32, Axis::PerToken)?,
@@ -64,7 +57,7 @@ fn mikv_config(capacity: usize) -> MikvConfig {
     MikvConfig { lo_bits: 4, hi: HiPrecision::F16, group: 32, axis: Axis::PerChannel, residual: 128, capacity }
 }
 
-fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
+pub fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let shape = [TOKENS, DIM];
     let n = TOKENS * DIM;
     let x = DeviceTensor::from_host(dev, &tiled_f16(n, 1), &shape)?;
@@ -120,7 +113,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     Ok(())
 }
 
-fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
+pub fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
     let shape = [CPU_TOKENS, DIM];
     let n = CPU_TOKENS * DIM;
     let x: Vec<f16> = tiled_f16(n, 1);

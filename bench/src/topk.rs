@@ -40,13 +40,6 @@ pub fn snapkv_shape(s: AttnShape, capacity: usize) -> String {
     format!("hq{} hkv{} w{} t{} d{} keep{capacity} pool5", s.hq, s.hkv, s.tq, s.t, s.d)
 }
 
-pub fn run(b: &mut Bench) -> ntkv::Result<()> {
-    match b.device.clone() {
-        Some(dev) => run_gpu(b, &dev),
-        None => run_cpu(b),
-    }
-}
-
 /// Enough copies of an input of `bytes` to cycle through more than the 60 MB L2 (at most 8).
 fn rotation(bytes: usize) -> usize {
     (128usize << 20).div_ceil(bytes.max(1)).clamp(1, 8)
@@ -70,7 +63,7 @@ fn time_topk<T: Float>(b: &mut Bench, dev: &Device, rows: usize, n: usize, k: us
     })
 }
 
-fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
+pub fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     if b.wants(FAMILY, "topk") {
         for &(rows, n, k, dtype) in TOPK_CASES {
             match dtype {
@@ -116,7 +109,7 @@ fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
 }
 
 /// The CPU references at small sizes (no GPU): not comparable with the peers.
-fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
+pub fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
     let mut rng = Rng::new(3);
     if b.wants(FAMILY, "topk") {
         let (rows, n, k) = (8, 16384, 256);

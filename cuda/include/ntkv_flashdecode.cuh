@@ -110,6 +110,42 @@ __device__ __forceinline__ FdGeometry fd_geometry(const P& p) {
                       p.kv_heads,           p.group, p.q_tokens, p.q_heads};
 }
 
+// The work item of a split attention CTA: blockIdx.x = (list * max_chunks + chunk) *
+// row_tiles + row_tile over the batch * kv_heads lists; list = b * kv_heads + hkv. valid is
+// false for a CTA past the last list.
+struct FdItem {
+    uint32_t list, chunk, row_tile, b, hkv;
+    bool valid;
+};
+
+template <typename P>
+__device__ __forceinline__ FdItem fd_work_item(const P& p) {
+    uint64_t blk = blockIdx.x;
+    FdItem w{};
+    w.row_tile = (uint32_t)(blk % p.row_tiles);
+    blk /= p.row_tiles;
+    w.chunk = (uint32_t)(blk % p.max_chunks);
+    blk /= p.max_chunks;
+    w.valid = blk < (uint64_t)p.batch * p.kv_heads;
+    w.list = (uint32_t)blk;
+    w.b = w.list / p.kv_heads;
+    w.hkv = w.list % p.kv_heads;
+    return w;
+}
+
+// The positions [c_begin, c_end) of chunk `chunk` of the list [begin, end), cut to the list;
+// false when the list has fewer chunks, so the CTA has no work.
+template <typename P>
+__device__ __forceinline__ bool fd_chunk_range(const P& p, uint32_t chunk, uint64_t begin, uint64_t end,
+                                               uint64_t& c_begin, uint64_t& c_end) {
+    if (chunk >= fd_chunks_of(end - begin, p.chunk_tokens, p.max_chunks)) return false;
+    c_begin = begin + (uint64_t)chunk * p.chunk_tokens;
+    c_begin = c_begin < end ? c_begin : end;
+    c_end = c_begin + p.chunk_tokens;
+    c_end = c_end < end ? c_end : end;
+    return true;
+}
+
 // The whole merge kernel: one CTA of head_dim threads per (list, query row), blockIdx.x =
 // list * rows + row. len_of(list) is the list's length, from which its chunk count follows
 // exactly as the attention kernel split it. Writes o and lse of the row.
@@ -134,3 +170,23 @@ __device__ __forceinline__ void fd_merge_rows(const FdGeometry& g, LEN&& len_of,
 }
 
 }  // namespace ntkv
+
+// The merge kernels PREFIX_f16 and PREFIX_bf16 of a split decode: fd_merge_rows over the lists
+// of a PARAMS struct (with the decode fields of fd_geometry), where BOUNDS(p, indptr, list,
+// begin, end) gives list's positions [begin, end), exactly as its attention kernel split them.
+// Signature: (PARAMS, const u32* indptr, const float* ws_acc, const float* ws_ml, T* o,
+// float* lse); grid rows * lists, head_dim threads.
+#define NTKV_FD_MERGE_KERNEL(NAME, T, PARAMS, BOUNDS)                                                             \
+    extern "C" __global__ void NAME(const PARAMS p, const uint32_t* __restrict__ indptr,                          \
+                                    const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,            \
+                                    T* __restrict__ o, float* __restrict__ lse) {                                 \
+        auto len_of = [&](uint32_t list) {                                                                        \
+            uint64_t begin, end;                                                                                  \
+            BOUNDS(p, indptr, list, begin, end);                                                                  \
+            return end - begin;                                                                                   \
+        };                                                                                                        \
+        ntkv::fd_merge_rows<T>(ntkv::fd_geometry(p), len_of, ws_acc, ws_ml, o, lse);                             \
+    }
+#define NTKV_FD_MERGE_KERNELS(PREFIX, PARAMS, BOUNDS)                 \
+    NTKV_FD_MERGE_KERNEL(PREFIX##_f16, __half, PARAMS, BOUNDS)        \
+    NTKV_FD_MERGE_KERNEL(PREFIX##_bf16, __nv_bfloat16, PARAMS, BOUNDS)

@@ -376,7 +376,7 @@ impl BlockMask {
     /// Start of BSR `(b, m)` in `indptr` (the packed layout above).
     ///
     /// # Errors
-    /// The errors of [`PrefillShape::validate`] and of [`check_block_sizes`]-style block sizes;
+    /// The errors of [`PrefillShape::validate`] and of the block-size check (`BR`, `BC` in {64, 128});
     /// [`Error::InvalidArgument`] naming `b` (`≥ B`) or `m` (`≥ M`).
     pub fn bsr_base(&self, shape: &PrefillShape, b: usize, m: usize) -> Result<usize> {
         shape.validate()?;

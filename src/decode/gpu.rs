@@ -82,15 +82,7 @@ impl Kernels {
     }
 }
 
-impl std::fmt::Debug for DecodePlan<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecodePlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("split", &self.split)
-            .finish()
-    }
-}
+crate::launch::plan_debug!(DecodePlan<'_>, "DecodePlan", shape, options, split);
 
 impl<'a> DecodePlan<'a> {
     /// Validates the shape, the options and the lists and plans the launch.
@@ -128,27 +120,19 @@ impl<'a> DecodePlan<'a> {
         let split = plan_chunks(&list_lens, shape.rows(), device.props().sm_count as usize, options.chunk_tokens);
         // Launch geometry must fit the kernels' block index (one CTA per work item).
         let row_tiles = shape.rows().div_ceil(ROWS_PER_CTA);
-        let attn_blocks = n_lists
-            .checked_mul(split.max_chunks)
-            .and_then(|x| x.checked_mul(row_tiles))
-            .ok_or_else(|| Error::too_large("indices", "the launch grid overflows"))?;
-        let (ws_acc_len, ws_ml_len) = if split.direct() {
-            (1, 1)
-        } else {
-            let states = n_lists
-                .checked_mul(split.max_chunks)
-                .and_then(|x| x.checked_mul(shape.rows()))
-                .ok_or_else(|| Error::too_large("workspace", "partial states overflow usize"))?;
-            let acc = crate::tensor::checked_numel::<f32>("workspace", &[states, shape.head_dim])?;
-            (acc, crate::error::checked_mul("workspace", states, 2)?)
-        };
+        let sizes = crate::decode::split_sizes(
+            split.max_chunks,
+            "indices",
+            (n_lists, shape.rows(), row_tiles),
+            shape.head_dim,
+        )?;
         let (kernels_f16, attn_smem) = Kernels::load(device, DType::F16, shape.head_dim)?;
         let (kernels_bf16, _) = Kernels::load(device, DType::BF16, shape.head_dim)?;
-        let attn_cfg = grid_for(device, &kernels_f16.attn, ATTN_THREADS, attn_smem, attn_blocks, false)?;
+        let attn_cfg = grid_for(device, &kernels_f16.attn, ATTN_THREADS, attn_smem, sizes.blocks, false)?;
         let merge_threads = to_u32("head_dim", shape.head_dim)?;
         let merge_cfg = grid_for(device, &kernels_f16.merge, merge_threads, 0, n_lists * shape.rows(), false)?;
-        let ws_acc = stream.alloc_zeros::<f32>(ws_acc_len)?;
-        let ws_ml = stream.alloc_zeros::<f32>(ws_ml_len)?;
+        let ws_acc = stream.alloc_zeros::<f32>(sizes.acc_len)?;
+        let ws_ml = stream.alloc_zeros::<f32>(sizes.ml_len)?;
         Ok(DecodePlan {
             device: device.clone(),
             shape: shape.clone(),

@@ -456,6 +456,41 @@ impl ChunkPlan {
     }
 }
 
+/// The launch sizes of a split into `max_chunks` chunks per list (decode's [`ChunkPlan`] or
+/// the quantized decode's split) over `lists` lists of `rows` query rows in `row_tiles` tiles,
+/// `head_dim` channels: the attention grid (`lists · max_chunks · row_tiles` CTAs, one per
+/// work item) and the f32 lengths of the partial-state workspace (`[states, D]` accumulators
+/// and `[states, 2]` (max, sum) pairs; one element each for a single chunk, which writes the
+/// output directly).
+///
+/// # Errors
+/// [`Error::TooLarge`] naming `grid_arg` when the grid overflows, or `workspace`.
+pub(crate) fn split_sizes(
+    max_chunks: usize,
+    grid_arg: &'static str,
+    (lists, rows, row_tiles): (usize, usize, usize),
+    head_dim: usize,
+) -> Result<SplitSizes> {
+    let per_list = |x: usize| lists.checked_mul(max_chunks).and_then(|n| n.checked_mul(x));
+    let blocks = per_list(row_tiles).ok_or_else(|| Error::too_large(grid_arg, "the launch grid overflows"))?;
+    if max_chunks == 1 {
+        return Ok(SplitSizes { blocks, acc_len: 1, ml_len: 1 });
+    }
+    let states = per_list(rows).ok_or_else(|| Error::too_large("workspace", "partial states overflow usize"))?;
+    Ok(SplitSizes {
+        blocks,
+        acc_len: crate::tensor::checked_numel::<f32>("workspace", &[states, head_dim])?,
+        ml_len: crate::error::checked_mul("workspace", states, 2)?,
+    })
+}
+
+/// What [`split_sizes`] returns.
+pub(crate) struct SplitSizes {
+    pub blocks: usize,
+    pub acc_len: usize,
+    pub ml_len: usize,
+}
+
 /// Chunks of a list of `len` tokens (an empty list still has one, which writes the empty
 /// result).
 pub fn chunks_of(len: usize, chunk_tokens: usize) -> usize {

@@ -350,7 +350,7 @@ pub(crate) fn launch_reduce(
     }
     let f = device.kernel(id)?;
     let n_out = split.batch * split.m1 * split.m2;
-    let cfg = launch::grid_for(device, &f, THREADS, 0, n_out.div_ceil(THREADS as usize), true)?;
+    let cfg = launch::grid_stride(device, &f, THREADS, n_out)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(params).arg(partials).arg(out);
     // SAFETY: ntkv_{ntk,gemm}_reduce(NtkvNtkReduceParams, const float* partials, float* out)

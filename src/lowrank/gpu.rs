@@ -9,7 +9,7 @@ use super::{FactorOptions, FactorShape, KeyLayout, ReconstructShape, RopeOptions
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
 use crate::gemm::{GemmPlan, GemmShape, Operand};
-use crate::launch::{grid_for, KernelId};
+use crate::launch::{grid_for, grid_stride, KernelId};
 use crate::params::{NtkvLowrankCastParams, NtkvLowrankGatherParams, NtkvLowrankRopeParams};
 use crate::tensor::{DType, DeviceTensor, Float, TensorMut, TensorRef};
 
@@ -57,22 +57,6 @@ fn dtype_slot(dtype: DType) -> usize {
     }
 }
 
-/// `Debug` for a plan: its name and the listed fields (`label = field` where they differ);
-/// device handles and buffers are left out.
-macro_rules! plan_debug {
-    ($plan:ty, $name:literal, $($label:ident $(= $field:ident)?),+) => {
-        impl std::fmt::Debug for $plan {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                let mut s = f.debug_struct($name);
-                $(s.field(stringify!($label), plan_debug!(@field self, $label $(, $field)?));)+
-                s.finish()
-            }
-        }
-    };
-    (@field $plan:ident, $label:ident) => { &$plan.$label };
-    (@field $plan:ident, $label:ident, $field:ident) => { &$plan.$field };
-}
-
 /// One function per storage dtype, loaded once.
 struct PerDtype([CudaFunction; 3]);
 
@@ -109,7 +93,7 @@ pub struct ReconstructPlan<'a> {
     gather_cfg: LaunchConfig,
 }
 
-plan_debug!(ReconstructPlan<'_>, "ReconstructPlan", shape, layout, rows);
+crate::launch::plan_debug!(ReconstructPlan<'_>, "ReconstructPlan", shape, layout, rows);
 
 /// The borrowed, validated CSR position lists of a plan.
 struct DeviceLists<'a> {
@@ -343,7 +327,7 @@ fn launch_cast<A, B>(
         cols: to_u32("cols", cols)?,
         masked: u32::from(masked),
     };
-    let cfg = grid_for(device, f, THREADS, 0, total.div_ceil(THREADS as usize), true)?;
+    let cfg = grid_stride(device, f, THREADS, total)?;
     let mut yv = y.cuda_view_mut();
     let mut b = device.stream().launch_builder(f);
     b.arg(&params).arg(seq_lens).arg(x).arg(&mut yv);
@@ -406,7 +390,7 @@ pub struct FactorPlan {
     narrow: PerDtype,
 }
 
-plan_debug!(FactorPlan, "FactorPlan", shape, options, sketch_cols = l);
+crate::launch::plan_debug!(FactorPlan, "FactorPlan", shape, options, sketch_cols = l);
 
 /// Row-major operand with batch stride `bs`.
 const fn rm(ld: usize, bs: usize) -> Operand {

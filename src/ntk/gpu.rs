@@ -32,7 +32,7 @@ fn presum_id(dtype: DType) -> Result<KernelId> {
 /// A grid-stride kernel over `total` elements: the function and its one-wave grid.
 fn grid_stride(device: &Device, id: KernelId, total: usize) -> Result<(CudaFunction, LaunchConfig)> {
     let f = device.kernel(id)?;
-    let cfg = launch::grid_for(device, &f, THREADS, 0, total.div_ceil(THREADS as usize), true)?;
+    let cfg = launch::grid_stride(device, &f, THREADS, total)?;
     Ok((f, cfg))
 }
 

@@ -113,11 +113,7 @@ macro_rules! by_shape {
             }
         }
 
-        impl std::fmt::Debug for $plan {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_struct(stringify!($plan)).field("shape", &self.shape).finish()
-            }
-        }
+        crate::launch::plan_debug!($plan, stringify!($plan), shape);
     )*};
 }
 by_shape!(

@@ -242,28 +242,43 @@ impl QuestMetaShape {
     }
 }
 
-/// The shape of a Quest selection step: `q [batch, q_tokens, hq, head_dim]` against the
-/// metadata of a [`QuestMetaShape`] with the same `batch`, `hkv`, `capacity`, `head_dim`
-/// and `page_size`, keeping `budget` pages per row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct QuestSelectShape {
-    /// Sequences.
-    pub batch: usize,
-    /// Query heads, a multiple of `hkv`.
-    pub hq: usize,
-    /// Key/value heads.
-    pub hkv: usize,
-    /// Query tokens per sequence, `1 ..= 16`.
-    pub q_tokens: usize,
-    /// Channels, a multiple of 8 in `8 ..= 256`.
-    pub head_dim: usize,
-    /// Tokens of the cache per row.
-    pub capacity: usize,
-    /// Tokens per page.
-    pub page_size: usize,
-    /// Pages kept per row, the last page included, `1 ..= 16384`.
-    pub budget: usize,
+/// Declares a selection shape: the query fields every selection step shares (`batch`, `hq`,
+/// `hkv`, `q_tokens`, `head_dim`, `capacity`), then the step's own.
+macro_rules! selection_shape {
+    ($(#[$m:meta])* $name:ident, $head_dim_doc:literal, { $($(#[$fm:meta])* $field:ident,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub struct $name {
+            /// Sequences.
+            pub batch: usize,
+            /// Query heads, a multiple of `hkv`.
+            pub hq: usize,
+            /// Key/value heads.
+            pub hkv: usize,
+            /// Query tokens per sequence, `1 ..= 16`.
+            pub q_tokens: usize,
+            #[doc = $head_dim_doc]
+            pub head_dim: usize,
+            /// Tokens of the cache per row.
+            pub capacity: usize,
+            $($(#[$fm])* pub $field: usize,)*
+        }
+    };
 }
+
+selection_shape!(
+    /// The shape of a Quest selection step: `q [batch, q_tokens, hq, head_dim]` against the
+    /// metadata of a [`QuestMetaShape`] with the same `batch`, `hkv`, `capacity`, `head_dim`
+    /// and `page_size`, keeping `budget` pages per row.
+    QuestSelectShape,
+    "Channels, a multiple of 8 in `8 ..= 256`.",
+    {
+        /// Tokens per page.
+        page_size,
+        /// Pages kept per row, the last page included, `1 ..= 16384`.
+        budget,
+    }
+);
 
 /// `rows()` and `q_shape()` of the selection shapes, which share the query fields.
 macro_rules! query_rows_and_shape {
@@ -399,28 +414,19 @@ impl LandmarkShape {
     }
 }
 
-/// The shape of a ShadowKV selection step: `q [batch, q_tokens, hq, head_dim]` against the
-/// landmarks and outliers of a [`LandmarkShape`] with the same `batch`, `hkv`, `capacity`,
-/// `head_dim` and `outliers`, ranking `budget` chunks per row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LandmarkSelectShape {
-    /// Sequences.
-    pub batch: usize,
-    /// Query heads, a multiple of `hkv`.
-    pub hq: usize,
-    /// Key/value heads.
-    pub hkv: usize,
-    /// Query tokens per sequence, `1 ..= 16`.
-    pub q_tokens: usize,
-    /// Channels.
-    pub head_dim: usize,
-    /// Tokens of the cache per row.
-    pub capacity: usize,
-    /// Outlier chunks per row (kept on top of the budget).
-    pub outliers: usize,
-    /// Ranked chunks per row, `1 ..= 16384`.
-    pub budget: usize,
-}
+selection_shape!(
+    /// The shape of a ShadowKV selection step: `q [batch, q_tokens, hq, head_dim]` against the
+    /// landmarks and outliers of a [`LandmarkShape`] with the same `batch`, `hkv`, `capacity`,
+    /// `head_dim` and `outliers`, ranking `budget` chunks per row.
+    LandmarkSelectShape,
+    "Channels, as [`LandmarkShape::head_dim`].",
+    {
+        /// Outlier chunks per row (kept on top of the budget).
+        outliers,
+        /// Ranked chunks per row, `1 ..= 16384`.
+        budget,
+    }
+);
 
 impl LandmarkSelectShape {
     /// The landmark shape this selection reads.

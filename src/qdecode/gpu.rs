@@ -146,15 +146,7 @@ struct Dummies {
     f16: CudaSlice<f16>,
 }
 
-impl std::fmt::Debug for QdecodePlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QdecodePlan")
-            .field("shape", &self.shape)
-            .field("options", &self.options)
-            .field("split", &self.split)
-            .finish()
-    }
-}
+crate::launch::plan_debug!(QdecodePlan, "QdecodePlan", shape, options, split);
 
 /// One operand's buffers as the kernel takes them (absent parts point at a dummy).
 struct OperandArgs<'b> {
@@ -192,28 +184,13 @@ impl QdecodePlan {
         let rows = shape.rows();
         let row_tiles = rows.div_ceil(if rows <= 1 { 1 } else { ROWS_PER_CTA });
         let heads = shape.n_lists();
-        let blocks = heads
-            .checked_mul(split.max_chunks)
-            .and_then(|x| x.checked_mul(row_tiles))
-            .ok_or_else(|| Error::too_large("capacity", "the launch grid overflows"))?;
-        let (acc_len, ml_len) = if split.direct() {
-            (1, 1)
-        } else {
-            let states = heads
-                .checked_mul(split.max_chunks)
-                .and_then(|x| x.checked_mul(rows))
-                .ok_or_else(|| Error::too_large("workspace", "partial states overflow usize"))?;
-            (
-                crate::tensor::checked_numel::<f32>("workspace", &[states, shape.head_dim])?,
-                crate::error::checked_mul("workspace", states, 2)?,
-            )
-        };
+        let sizes = crate::decode::split_sizes(split.max_chunks, "capacity", (heads, rows, row_tiles), shape.head_dim)?;
         let load = |dt| -> Result<(CudaFunction, CudaFunction)> {
             Ok((device.kernel(attn_id(dt, shape.head_dim, rows)?)?, device.kernel(merge_id(dt))?))
         };
         let kernels_f16 = load(DType::F16)?;
         let kernels_bf16 = load(DType::BF16)?;
-        let attn_cfg = grid_for(device, &kernels_f16.0, ATTN_THREADS, 0, blocks, false)?;
+        let attn_cfg = grid_for(device, &kernels_f16.0, ATTN_THREADS, 0, sizes.blocks, false)?;
         let merge_cfg = grid_for(device, &kernels_f16.1, to_u32("head_dim", shape.head_dim)?, 0, heads * rows, false)?;
         let stream = device.stream();
         Ok(QdecodePlan {
@@ -225,8 +202,8 @@ impl QdecodePlan {
             kernels_bf16,
             attn_cfg,
             merge_cfg,
-            ws_acc: stream.alloc_zeros::<f32>(acc_len)?,
-            ws_ml: stream.alloc_zeros::<f32>(ml_len)?,
+            ws_acc: stream.alloc_zeros::<f32>(sizes.acc_len)?,
+            ws_ml: stream.alloc_zeros::<f32>(sizes.ml_len)?,
             dummy: Dummies { u32: stream.alloc_zeros::<u32>(1)?, f16: stream.alloc_zeros::<f16>(1)? },
         })
     }

@@ -212,7 +212,7 @@ pub(crate) struct Rows {
     pub dst_rows: usize,
     pub first: usize,
     pub ring: usize,
-    /// For [`copy_residual`]: copy dense rows into the ring instead of ring rows out.
+    /// For [`RowCopy::Residual`]: copy dense rows into the ring instead of ring rows out.
     pub to_ring: bool,
 }
 
@@ -299,55 +299,52 @@ pub(crate) fn move_rows(
     Ok(())
 }
 
-/// `dst[h, t] = src[h, t % ring]` for `first ≤ t < first + rows` (or, with `to_ring`,
-/// `dst[h, t % ring] = src[h, t]`); rows outside `src_rows` / `dst_rows` are skipped.
-pub(crate) fn copy_residual(
-    device: &Device,
-    m: &Rows,
-    src: &CudaView<'_, f16>,
-    dst: &mut CudaViewMut<'_, f16>,
-) -> Result<()> {
-    need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
-    need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
-    if m.heads == 0 || m.rows == 0 || m.dim == 0 || m.ring == 0 {
-        return Ok(());
-    }
-    let params = m.params()?;
-    let f = device.kernel(rows_kernel("mikv_residual"))?;
-    let cfg = grid(device, &f, m.heads, m.rows * m.dim)?;
-    let mut b = device.stream().launch_builder(&f);
-    b.arg(&params).arg(src).arg(dst);
-    // SAFETY: ntkv_mikv_residual(NtkvMikvRowsParams, const half* src, half* dst) reads src
-    // rows (t or t % ring) only when < src_rows and writes dst rows (t % ring or t) only when
-    // < dst_rows; both buffers hold heads blocks of that many rows at their strides (checked
-    // above).
-    unsafe { b.launch(cfg) }?;
-    Ok(())
+/// The row copies with one source and no index list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowCopy {
+    /// `dst[h, t] = src[h, t % ring]` for `first ≤ t < first + rows` (or, with `to_ring`,
+    /// `dst[h, t % ring] = src[h, t]`); rows outside `src_rows` / `dst_rows` are skipped.
+    Residual,
+    /// `dst[h, first] = src[h]`: one new token per head into its ring slot.
+    Append,
 }
 
-/// `dst[h, first] = src[h]` (one new token per head into its ring slot).
-pub(crate) fn append_row(
+/// Launches the [`RowCopy`] `what` over the heads of `m`.
+pub(crate) fn copy_rows(
     device: &Device,
+    what: RowCopy,
     m: &Rows,
     src: &CudaView<'_, f16>,
     dst: &mut CudaViewMut<'_, f16>,
 ) -> Result<()> {
-    need("token", m.extent(m.src_hs, 1), src.len())?;
-    need("ring", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
-    if m.first >= m.dst_rows {
-        return Err(Error::invalid("slot", "ring slot out of range"));
-    }
-    if m.heads == 0 || m.dim == 0 {
+    let (op, items) = match what {
+        RowCopy::Residual => {
+            need("src", m.extent(m.src_hs, m.src_rows), src.len())?;
+            need("dst", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+            ("mikv_residual", if m.ring == 0 { 0 } else { m.rows * m.dim })
+        }
+        RowCopy::Append => {
+            need("token", m.extent(m.src_hs, 1), src.len())?;
+            need("ring", m.extent(m.dst_hs, m.dst_rows), dst.len())?;
+            if m.first >= m.dst_rows {
+                return Err(Error::invalid("slot", "ring slot out of range"));
+            }
+            ("mikv_append", m.dim)
+        }
+    };
+    if m.heads == 0 || items == 0 {
         return Ok(());
     }
     let params = m.params()?;
-    let f = device.kernel(rows_kernel("mikv_append"))?;
-    let cfg = grid(device, &f, m.heads, m.dim)?;
+    let f = device.kernel(rows_kernel(op))?;
+    let cfg = grid(device, &f, m.heads, items)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
-    // SAFETY: ntkv_mikv_append(NtkvMikvRowsParams, const half* src, half* dst) reads
-    // src[h·src_hs + d] and writes dst[h·dst_hs + first·dim + d] for d < dim, h < heads, with
-    // first < dst_rows; both extents are checked above.
+    // SAFETY: ntkv_mikv_{residual,append}(NtkvMikvRowsParams, const half* src, half* dst).
+    // Residual reads src rows (t or t % ring) only when < src_rows and writes dst rows (t %
+    // ring or t) only when < dst_rows; append reads src[h·src_hs + d] and writes dst[h·dst_hs +
+    // first·dim + d] for d < dim, h < heads, with first < dst_rows. Both buffers hold heads
+    // blocks of those row counts at their strides (checked above).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

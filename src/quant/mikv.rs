@@ -523,8 +523,9 @@ impl MikvCache {
         )?;
         let ring_rows = cfg.ring_rows();
         let mut ring = stream.alloc_zeros::<f16>(geo.ring_len())?;
-        gpu::copy_residual(
+        gpu::copy_rows(
             device,
+            gpu::RowCopy::Residual,
             &Rows {
                 heads,
                 dim,
@@ -635,7 +636,7 @@ impl MikvCache {
             ring: ring_rows,
             to_ring: false,
         };
-        gpu::append_row(device, &m, &token_view, &mut self.ring.as_view_mut())?;
+        gpu::copy_rows(device, gpu::RowCopy::Append, &m, &token_view, &mut self.ring.as_view_mut())?;
         let target = self.geo.cfg.quantized_len(self.tokens + 1);
         if target > self.quantized {
             let n = target - self.quantized;
@@ -741,7 +742,7 @@ impl MikvCache {
             ring: ring_rows,
             to_ring: false,
         };
-        gpu::copy_residual(device, &m, &self.ring.as_view(), &mut out_view)
+        gpu::copy_rows(device, gpu::RowCopy::Residual, &m, &self.ring.as_view(), &mut out_view)
     }
 
     /// The device buffers and geometry a fused decode reads (see [`crate::qdecode`]).

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, 
 use super::{BlockMap, ExpandShape, SegmentShape, TopkLayout, TopkOptions, TopkOrder, TopkShape};
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Error, Result};
-use crate::launch::{blocks_per_sm, grid_2d, grid_for, KernelId};
+use crate::launch::{blocks_per_sm, grid_2d, grid_for, grid_stride, KernelId};
 use crate::params::{NtkvSelectExpandParams, NtkvSelectPadParams, NtkvSelectTruncateParams, NtkvTopkParams};
 use crate::tensor::{DType, Float, TensorMut, TensorRef};
 
@@ -438,7 +438,7 @@ impl<T: Float> SegmentTopkPlan<T> {
         self.topk.launch(&self.padded.as_view(), out, Some(&mut vv), &mut iv)?;
         if let Some(ks) = ks {
             stream.memcpy_htod(ks, &mut self.ks)?;
-            let cfg = grid_for(&self.device, &self.truncate, SELECT_THREADS, 0, (segments * k).div_ceil(256), true)?;
+            let cfg = grid_stride(&self.device, &self.truncate, SELECT_THREADS, segments * k)?;
             let trunc = NtkvSelectTruncateParams { rows: pad.segments, k: to_u32("k", k)?, write_values: 1, _pad0: 0 };
             let mut b = stream.launch_builder(&self.truncate);
             b.arg(&trunc).arg(&self.ks).arg(&mut vv).arg(&mut iv);
@@ -471,11 +471,7 @@ pub struct ExpandPlan {
     write: CudaFunction,
 }
 
-impl std::fmt::Debug for ExpandPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExpandPlan").field("shape", &self.shape).finish()
-    }
-}
+crate::launch::plan_debug!(ExpandPlan, "ExpandPlan", shape);
 
 impl ExpandPlan {
     /// Validates `shape`, loads the kernels, prepares `8 · kb.next_power_of_two()` bytes of

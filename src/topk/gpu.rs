@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelA
 use super::{AttnShape, GqaReduce};
 use crate::device::{Device, Module};
 use crate::error::{to_u32, Error, Result};
-use crate::launch::{grid_2d, grid_for, KernelId};
+use crate::launch::{grid_2d, grid_for, grid_stride, KernelId};
 use crate::params::{NtkvCompactParams, NtkvFillRecentParams, NtkvH2oParams, NtkvKeepCheckParams, NtkvPoolParams};
 use crate::select::gpu::{check_aligned, TopkOutput};
 use crate::select::{TopkOptions, TopkOrder, TopkPlan, TopkShape};
@@ -63,7 +63,7 @@ pub(super) fn fill_recent(
         _pad0: 0,
     };
     let f = device.kernel(plain_id("topk_fill_recent"))?;
-    let cfg = grid_for(device, &f, GRID_STRIDE_THREADS, 0, (rows * count).div_ceil(256), true)?;
+    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, rows * count)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(out);
     // SAFETY: ntkv_topk_fill_recent(NtkvFillRecentParams, u32* out) writes
@@ -270,7 +270,7 @@ pub(super) fn pool5(
         _pad0: 0,
     };
     let f = device.kernel(plain_id("snapkv_pool"))?;
-    let cfg = grid_for(device, &f, GRID_STRIDE_THREADS, 0, (rows * n_out).div_ceil(256), true)?;
+    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, rows * n_out)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(votes).arg(pooled);
     // SAFETY: ntkv_snapkv_pool(NtkvPoolParams, const float* in, float* out): for e < rows *
@@ -299,7 +299,7 @@ fn check_keep(device: &Device, keep: &CudaView<'_, u32>, hkv: usize, t: usize, b
     };
     let mut flag = stream.clone_htod(&[u64::MAX])?;
     let fc = device.kernel(plain_id("h2o_check_keep"))?;
-    let cfg = grid_for(device, &fc, GRID_STRIDE_THREADS, 0, (hkv * budget).div_ceil(256), true)?;
+    let cfg = grid_stride(device, &fc, GRID_STRIDE_THREADS, hkv * budget)?;
     let mut b = stream.launch_builder(&fc);
     b.arg(&check).arg(keep).arg(&mut flag);
     // SAFETY: ntkv_h2o_check_keep(NtkvKeepCheckParams, const u32* keep, u64* first_bad) reads
@@ -424,7 +424,7 @@ pub(super) fn gather<T: Float>(
     let params = compact_params(hkv, t, budget, row_words, acc.is_some())?;
     let stream = device.stream();
     let f = device.kernel(plain_id("h2o_gather"))?;
-    let cfg = grid_for(device, &f, GRID_STRIDE_THREADS, 0, (hkv * budget * row_words).div_ceil(256), true)?;
+    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, hkv * budget * row_words)?;
     let dummy_in = stream.alloc_zeros::<f32>(1)?;
     let mut dummy_out = stream.alloc_zeros::<f32>(1)?;
     let (acc_in, mut acc_out) = match acc {

@@ -21,11 +21,7 @@ pub fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>)
 
 /// The argument an argument error names.
 pub fn arg_of(e: &ntkv::Error) -> &'static str {
-    use ntkv::Error;
-    match e {
-        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } | Error::TooLarge { arg, .. } => arg,
-        other => panic!("unexpected error kind {other:?}"),
-    }
+    e.arg().unwrap_or_else(|| panic!("expected an error naming an argument, got {e:?}"))
 }
 
 /// Random sequence lengths (0 allowed when `allow_empty`) and their cu_seqlens.

@@ -5,6 +5,11 @@ use std::sync::OnceLock;
 
 use ntkv::Device;
 
+/// The argument a validation error names; fails the test on an error that names none.
+pub fn arg_of(e: &ntkv::Error) -> &'static str {
+    e.arg().unwrap_or_else(|| panic!("expected an error naming an argument, got {e:?}"))
+}
+
 /// Whether `NTKV_REQUIRE_GPU=1`: then a missing GPU fails the test instead of skipping it.
 pub fn gpu_required() -> bool {
     std::env::var("NTKV_REQUIRE_GPU").is_ok_and(|v| v == "1")

@@ -6,6 +6,7 @@ ntkv record (see src/bin/ntkv-bench/<family>.rs), so tools/compare.py can join t
 """
 
 import json
+import math
 import statistics
 
 import torch
@@ -23,24 +24,36 @@ class Peers:
     def wants(self, family, op):
         return not self.filters or any(f in op or f == family for f in self.filters)
 
+    # The same sampling as ntkv's bench runner (src/timing.rs): a sample is a run of
+    # back-to-back calls spanning at least MIN_SAMPLE_MS (at most MAX_CALLS_PER_SAMPLE), timed
+    # by one event pair, so the host's enqueue gap before the first kernel is amortized.
+    MIN_SAMPLE_MS = 0.5
+    MAX_CALLS_PER_SAMPLE = 64
+
     def time_ms(self, fn, reps=None, warmup=None):
-        """Median of `reps` CUDA-event-timed calls after `warmup` untimed ones.
-        `fn` takes the repetition index (to rotate inputs larger than L2)."""
+        """Median per-call time of `reps` CUDA-event-timed samples after `warmup` untimed
+        calls. `fn` takes a running call index (to rotate inputs larger than L2)."""
         reps = reps or self.reps
         warmup = self.warmup if warmup is None else warmup
         for i in range(warmup):
             fn(i)
         torch.cuda.synchronize()
-        times = []
-        for i in range(reps):
+
+        def sample(first, calls):
             s = torch.cuda.Event(enable_timing=True)
             e = torch.cuda.Event(enable_timing=True)
             s.record()
-            fn(i)
+            for j in range(calls):
+                fn(first + j)
             e.record()
             e.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
+            return s.elapsed_time(e) / calls
+
+        probe = sample(0, 1)
+        calls = self.MAX_CALLS_PER_SAMPLE
+        if probe > 0:
+            calls = max(1, min(self.MAX_CALLS_PER_SAMPLE, math.ceil(self.MIN_SAMPLE_MS / probe)))
+        return statistics.median(sample(1 + i * calls, calls) for i in range(reps))
 
     def record(self, family, op, shape, dtype, peer, ms, min_speedup=None, note=""):
         """One peer timing for the ntkv case (op, shape, dtype). `min_speedup` is the
