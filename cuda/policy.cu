@@ -64,7 +64,7 @@ extern "C" __global__ void ntkv_policy_window_sums(const NtkvPolicyWindowParams 
         const unsigned long long r = e / p.nw;
         const unsigned long long s = (e % p.nw) * p.window;
         const unsigned long long end = s + p.window < p.older ? s + p.window : p.older;
-        const float* row = scores + r * p.older;
+        const float* row = scores + r * p.stride;
         float acc = 0.0f;
         for (unsigned long long j = s; j < end; ++j) acc = acc + row[j];
         ws[e] = acc;

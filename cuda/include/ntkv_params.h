@@ -616,8 +616,9 @@ typedef struct NtkvQdecodeParams {
 /* ---- policy (cuda/policy.cu): WindowKV, LazyEviction, PrefixKV ---- */
 
 /* WindowKV window sums: ws[r * nw + i] is the f32 sum, ascending from 0.0f, of
- * scores[r * older + j] for j in [i * window, min((i + 1) * window, older)), r < rows, i < nw. */
+ * scores[r * stride + j] for j in [i * window, min((i + 1) * window, older)), r < rows, i < nw. */
 typedef struct NtkvPolicyWindowParams {
+    uint64_t stride;          /* scores between rows, >= older */
     uint32_t rows;
     uint32_t older;           /* scores per row: the tokens before the recent window */
     uint32_t window;          /* tokens per window, >= 1 */

@@ -98,9 +98,17 @@
 //! typed [`crate::Error`] naming it. No validator, reference or accessor panics.
 
 pub mod cpu;
+pub(crate) mod gpu;
 
 use crate::error::{checked_mul, Error, Result};
 use crate::select::{MAX_K, MAX_N};
+
+pub use gpu::{LazyPlan, LazyStateMut, PrefixBudgets, PrefixPlan, WindowKvPlan};
+
+/// Every kernel id the policy launchers can form.
+pub(crate) fn kernels() -> Vec<crate::launch::KernelId> {
+    gpu::kernels()
+}
 
 /// The chunks of PrefixKV's fixed-order cumulative sum (one per thread of the GPU's block).
 pub const PREFIX_SCAN_CHUNKS: usize = 1024;
@@ -171,7 +179,7 @@ impl WindowKvOptions {
 
     /// Checks the options for `rows` rows of a cache of `t` tokens: `rows ≥ 1`,
     /// `1 ≤ t ≤ 2^24`, `window ≥ 1`, `share_layers ≥ 1`, `recent ≤ budget ≤ t`, `budget ≥ 1`,
-    /// at most 16384 kept windows (the top-k limit) and `rows · t` within `u32` CSR offsets.
+    /// at most 16383 kept windows (with the recent window, the 16384 blocks of the shared expansion) and `rows · t` within `u32` CSR offsets.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `scores`, `window`, `share_layers`, `recent` or
@@ -205,10 +213,12 @@ impl WindowKvOptions {
             return Err(Error::invalid("budget", format!("{} exceeds the cache length {t}", self.budget)));
         }
         let m = self.kept_windows(t);
-        if m > MAX_K {
+        if m >= MAX_K {
             return Err(Error::invalid(
                 "budget",
-                format!("{m} kept windows exceed the top-k maximum {MAX_K}; use wider windows"),
+                format!(
+                    "{m} kept windows and the recent window exceed the expansion's {MAX_K} blocks; use wider windows"
+                ),
             ));
         }
         let cap = checked_mul("indices", rows, t)?;

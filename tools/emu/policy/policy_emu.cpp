@@ -33,21 +33,22 @@ bool report(const char* what, const char* name, size_t bad) {
     return bad == 0;
 }
 
-bool window_case(const char* name, uint32_t rows, uint32_t older, uint32_t window, uint32_t grid) {
+bool window_case(const char* name, uint32_t rows, uint32_t older, uint32_t window, uint32_t grid, uint32_t pad = 0) {
     const uint32_t nw = (older + window - 1) / window;
-    std::vector<float> scores((size_t)rows * older);
+    const uint32_t stride = older + pad;  // votes rows of the whole cache: the window is skipped
+    std::vector<float> scores((size_t)rows * stride);
     for (auto& s : scores) s = below(6) == 0 ? -uniform() : uniform() * 3.0f;
     if (!scores.empty() && below(2)) scores[below(scores.size())] = NAN;
     auto sc = ntkv_emu::dup(scores);
     std::vector<float> ws((size_t)rows * nw, 777.0f);
     auto wsd = ntkv_emu::dup(ws);
-    const NtkvPolicyWindowParams p{rows, older, window, nw};
+    const NtkvPolicyWindowParams p{stride, rows, older, window, nw};
     ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0, [&] { ntkv_policy_window_sums(p, sc.get(), wsd.get()); });
     size_t bad = 0;
     for (uint32_t r = 0; r < rows; ++r)
         for (uint32_t i = 0; i < nw; ++i) {
             float acc = 0.0f;
-            for (uint32_t j = i * window; j < std::min((i + 1) * window, older); ++j) acc = acc + scores[(size_t)r * older + j];
+            for (uint32_t j = i * window; j < std::min((i + 1) * window, older); ++j) acc = acc + scores[(size_t)r * stride + j];
             if (fbits(wsd[(size_t)r * nw + i]) != fbits(acc)) ++bad;
         }
     return report("window_sums", name, bad);
@@ -208,6 +209,7 @@ int main(int argc, char** argv) {
         ok &= window_case("w = 1, grid-stride", 5, 300, 1, 2);
         ok &= window_case("one window", 2, 7, 8, 1);
         ok &= window_case("many rows", 40, 129, 16, 3);
+        ok &= window_case("row stride t (recent 9)", 4, 50, 7, 2, 9);
     }
     if (want("lazy")) {
         ok &= lazy_case("scores", 3, 1000, 40, true, 2);
