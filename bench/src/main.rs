@@ -16,6 +16,7 @@ mod harness;
 mod lowrank;
 mod ntk;
 mod pages;
+mod policy;
 mod qdecode;
 mod quant;
 mod topk;
@@ -64,6 +65,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("pages", pages::run),
     ("lowrank", lowrank::run),
     ("qdecode", qdecode::run),
+    ("policy", policy::run),
 ];
 
 fn main() -> ExitCode {
