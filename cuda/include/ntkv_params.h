@@ -615,34 +615,33 @@ typedef struct NtkvQdecodeParams {
 
 /* ---- policy (cuda/policy.cu): WindowKV, LazyEviction, PrefixKV ---- */
 
+/* LazyEviction state update over the hkv * t elements of [hkv, t] buffers at decode step
+ * `step` (a whole number below 2^24, as every state entry). */
+typedef struct NtkvPolicyLazyParams {
+    float step;
+    float hit;                /* the threshold: a token with mass >= hit is hit */
+    uint32_t hkv;
+    uint32_t t;
+    uint32_t scores;          /* 1: also write the scores mri - (step - last_hit) */
+} NtkvPolicyLazyParams;
+
 /* WindowKV window sums: ws[r * nw + i] is the f32 sum, ascending from 0.0f, of
- * scores[r * stride + j] for j in [i * window, min((i + 1) * window, older)), r < rows, i < nw. */
+ * scores[r * ld + j] for j in [i * w, min((i + 1) * w, older)), r < rows, i < nw. */
 typedef struct NtkvPolicyWindowParams {
-    uint64_t stride;          /* scores between rows, >= older */
     uint32_t rows;
     uint32_t older;           /* scores per row: the tokens before the recent window */
-    uint32_t window;          /* tokens per window, >= 1 */
-    uint32_t nw;              /* ceil(older / window) */
+    uint32_t w;               /* tokens per window, >= 1 */
+    uint32_t nw;              /* ceil(older / w) */
+    uint64_t ld;              /* scores between rows, >= older */
 } NtkvPolicyWindowParams;
-
-/* LazyEviction state update over n = hkv * t elements at decode step `step` (a whole number
- * below 2^24, as every state entry). */
-typedef struct NtkvPolicyLazyParams {
-    uint64_t n;
-    float step;
-    float threshold;          /* a token with mass >= threshold is hit */
-    uint32_t write_scores;    /* 1: also write mri - (step - last_hit) */
-    uint32_t _pad0;
-} NtkvPolicyLazyParams;
 
 /* PrefixKV over rows of n sorted tokens: thresholds as the bits of non-negative f64 values. */
 typedef struct NtkvPolicyPrefixParams {
-    uint64_t prefix;          /* probe: the key bits chosen so far; split: the ratio's key */
-    uint64_t capacity;        /* keep: entries of the indices buffer */
+    uint64_t key;             /* probe: the key bits chosen so far; split: the ratio's key */
+    uint32_t cap;             /* keep: entries of the indices buffer */
     uint32_t rows;
     uint32_t n;               /* tokens per row, <= 16384 */
-    uint32_t shift;           /* probe: the lowest bit of the 8-bit digit searched (0 .. 56) */
-    uint32_t _pad0;
+    uint32_t bit;             /* probe: the lowest bit of the 8-bit digit searched (0 .. 56) */
 } NtkvPolicyPrefixParams;
 
 #endif /* NTKV_PARAMS_H */

@@ -20,15 +20,11 @@ use crate::topk::{AttnShape, GqaReduce};
 pub(crate) const POLICY_THREADS: u32 = 256;
 /// Candidate keys per round of the PrefixKV ratio search (8 bits).
 const PROBES: usize = 256;
-/// The kernels of `cuda/policy.cu`.
-const OPS: [&str; 6] = [
-    "policy_window_sums",
-    "policy_lazy_update",
-    "policy_prefix_cumsum",
-    "policy_prefix_probe",
-    "policy_prefix_split",
-    "policy_prefix_keep",
-];
+/// The WindowKV and LazyEviction kernels of `cuda/policy.cu`.
+const STEP_OPS: [&str; 2] = ["policy_window_sums", "policy_lazy_update"];
+/// The PrefixKV kernels, in the order a run launches them.
+const PREFIX_OPS: [&str; 4] =
+    ["policy_prefix_cumsum", "policy_prefix_probe", "policy_prefix_split", "policy_prefix_keep"];
 
 fn policy_id(op: &'static str) -> KernelId {
     KernelId::new(Module::Policy, op)
@@ -37,7 +33,7 @@ fn policy_id(op: &'static str) -> KernelId {
 /// Every kernel id this module's launchers can form (checked against the images by
 /// `tests/kernel_names.rs`).
 pub(crate) fn kernels() -> Vec<KernelId> {
-    OPS.iter().map(|op| policy_id(op)).collect()
+    STEP_OPS.iter().chain(&PREFIX_OPS).map(|op| policy_id(op)).collect()
 }
 
 /// A reusable WindowKV selection for `rows` rows of caches of `t` tokens (see
@@ -97,7 +93,7 @@ impl WindowKvPlan {
             options,
             nw,
             m,
-            sums: device.kernel(policy_id(OPS[0]))?,
+            sums: device.kernel(policy_id(STEP_OPS[0]))?,
             ws: device.stream().alloc_zeros::<f32>((rows * nw).max(1))?,
             topk,
             blocks: DeviceTensor::from_host(device, &fixed, &[rows, m + 1])?,
@@ -218,18 +214,18 @@ impl WindowKvPlan {
             return Err(Error::internal("window scores do not match the plan"));
         }
         let params = NtkvPolicyWindowParams {
-            stride: to_u64("scores", stride)?,
             rows: to_u32("scores", rows)?,
             older: to_u32("scores", older)?,
-            window: to_u32("window", self.options.window)?,
+            w: to_u32("window", self.options.window)?,
             nw: to_u32("window", nw)?,
+            ld: to_u64("scores", stride)?,
         };
         let cfg = grid_for(&self.device, &self.sums, POLICY_THREADS, 0, (rows * nw).div_ceil(256), true)?;
         let mut b = self.device.stream().launch_builder(&self.sums);
         b.arg(&params).arg(scores).arg(&mut self.ws);
         // SAFETY: ntkv_policy_window_sums(NtkvPolicyWindowParams, const float* scores, float* ws).
-        // For e < rows * nw (grid-stride) it reads scores[r * stride + j] for j < older, inside
-        // (rows - 1) * stride + older <= scores.len() (checked above), and writes ws[e], inside
+        // For e < rows * nw (grid-stride) it reads scores[r * ld + j] for j < older (ld = stride),
+        // inside (rows - 1) * stride + older <= scores.len() (checked above), and writes ws[e], inside
         // the plan's rows * nw buffer.
         unsafe { b.launch(cfg) }?;
         let plan = self.topk.as_mut().ok_or_else(|| Error::internal("ranking without competing windows"))?;
@@ -292,7 +288,7 @@ impl LazyPlan {
             scratch: AttnScratch::new(device, *shape)?,
             mass: DeviceTensor::zeros(device, &[hkv, t])?,
             scores: DeviceTensor::zeros(device, &[hkv, t])?,
-            update: device.kernel(policy_id(OPS[1]))?,
+            update: device.kernel(policy_id(STEP_OPS[1]))?,
             evict,
             keep,
         })
@@ -339,11 +335,11 @@ impl LazyPlan {
         let mut mv = self.mass.cuda_view_mut();
         accumulate(&self.device, &mut self.scratch, &q.cuda_view(), &k_cache.cuda_view(), &mut mv, self.reduce, true)?;
         let params = NtkvPolicyLazyParams {
-            n: to_u64("acc", hkv * t)?,
             step: step as f32,
-            threshold: self.options.threshold,
-            write_scores: u32::from(evict),
-            _pad0: 0,
+            hit: self.options.threshold,
+            hkv: to_u32("acc", hkv)?,
+            t: to_u32("acc", t)?,
+            scores: u32::from(evict),
         };
         let cfg = grid_for(&self.device, &self.update, POLICY_THREADS, 0, (hkv * t).div_ceil(256), true)?;
         let (mut acc, mut lh, mut mri) =
@@ -352,7 +348,7 @@ impl LazyPlan {
         let mut sv = self.scores.view_mut();
         b.arg(&params).arg(self.mass.slice()).arg(&mut acc).arg(&mut lh).arg(&mut mri).arg(&mut sv);
         // SAFETY: ntkv_policy_lazy_update(NtkvPolicyLazyParams, const float* mass, float* acc,
-        // float* last_hit, float* mri, float* scores) touches element e < n = hkv * t of each
+        // float* last_hit, float* mri, float* scores) touches element e < hkv * t of each
         // (grid-stride); every buffer is [hkv, t] (the plan's two by construction, the state's
         // checked above).
         unsafe { b.launch(cfg) }?;
@@ -425,12 +421,7 @@ impl PrefixPlan {
             counts: stream.alloc_zeros::<u64>(PROBES)?,
             split: stream.alloc_zeros::<u32>(rows * 2)?,
             budgets: stream.alloc_zeros::<u32>(rows)?,
-            fns: [
-                device.kernel(policy_id(OPS[2]))?,
-                device.kernel(policy_id(OPS[3]))?,
-                device.kernel(policy_id(OPS[4]))?,
-                device.kernel(policy_id(OPS[5]))?,
-            ],
+            fns: prefix_kernels(device)?,
         })
     }
 
@@ -454,12 +445,11 @@ impl PrefixPlan {
         self.topk.run(importance, None, &mut self.sorted, &mut self.order)?;
         let stream = self.device.stream().clone();
         let mut params = NtkvPolicyPrefixParams {
-            prefix: 0,
-            capacity: to_u64("indices", budget)?,
+            key: 0,
+            cap: to_u32("indices", budget)?,
             rows: to_u32("importance", rows)?,
             n: to_u32("importance", n)?,
-            shift: 0,
-            _pad0: 0,
+            bit: 0,
         };
         let [cumsum, probe, split, keep] = self.fns.clone();
         let row_grid = |f: &CudaFunction| grid_for(&self.device, f, POLICY_THREADS, 0, rows, true);
@@ -474,8 +464,8 @@ impl PrefixPlan {
         let mut prefix = 0u64;
         for shift in (0..8).rev().map(|d| d * 8) {
             stream.memset_zeros(&mut self.counts)?;
-            params.prefix = prefix;
-            params.shift = shift;
+            params.key = prefix;
+            params.bit = shift;
             let cfg = row_grid(&probe)?;
             let mut b = stream.launch_builder(&probe);
             b.arg(&params).arg(&self.keys).arg(&mut self.counts);
@@ -487,7 +477,7 @@ impl PrefixPlan {
             let d = counts.iter().position(|&c| c >= budget as u64).unwrap_or(PROBES - 1);
             prefix |= (d as u64) << shift;
         }
-        params.prefix = prefix;
+        params.key = prefix;
         let cfg = grid_for(&self.device, &split, POLICY_THREADS, 0, rows.div_ceil(256), true)?;
         let mut b = stream.launch_builder(&split);
         b.arg(&params).arg(&self.keys).arg(&mut self.split);
@@ -513,10 +503,16 @@ impl PrefixPlan {
         // SAFETY: ntkv_policy_prefix_keep(NtkvPolicyPrefixParams, const u32* order, const u32*
         // budgets, const u32* indptr, u32* indices): block r < rows reads order[r * n + i] for
         // i < min(budgets[r], n), budgets[r] and indptr[r] ([rows + 1], just written), and
-        // writes indices[pos] only for pos < capacity = budget = indices.len() (checked).
+        // writes indices[pos] only for pos < cap = budget = indices.len() (checked).
         unsafe { b.launch(cfg) }?;
         Ok(PrefixBudgets { budgets, ratio: f64::from_bits(prefix) })
     }
+}
+
+/// The PrefixKV kernels, loaded.
+fn prefix_kernels(device: &Device) -> Result<[CudaFunction; 4]> {
+    let [a, b, c, d] = PREFIX_OPS.map(|op| device.kernel(policy_id(op)));
+    Ok([a?, b?, c?, d?])
 }
 
 /// The host's share of the search: row `r` keeps its `below` entries plus, in row order, its
@@ -553,6 +549,6 @@ mod tests {
     fn every_kernel_is_registered() {
         let ids: Vec<String> = kernels().iter().map(|k| k.symbol()).collect();
         assert!(ids.contains(&"ntkv_policy_prefix_keep".to_string()), "{ids:?}");
-        assert_eq!(ids.len(), OPS.len());
+        assert_eq!(ids.len(), STEP_OPS.len() + PREFIX_OPS.len());
     }
 }

@@ -322,16 +322,9 @@ impl PrefixShape {
     /// `importance`.
     pub fn validate(&self) -> Result<()> {
         let PrefixShape { rows, n, budget } = *self;
-        if rows == 0 || n == 0 {
-            return Err(Error::invalid("importance", format!("shape [{rows}, {n}] is empty")));
-        }
-        if n > MAX_K {
-            return Err(Error::invalid(
-                "importance",
-                format!("rows of {n} tokens; at most {MAX_K} (the sort is a top-k)"),
-            ));
-        }
-        let total = checked_mul("importance", rows, n)?;
+        // The sort is the shared top-k with k = n: its limits, under this argument's name.
+        crate::select::validate_topk(rows, n, n, None).map_err(|e| renamed(e, "importance"))?;
+        let total = rows * n;
         if total > u32::MAX as usize {
             return Err(Error::too_large("importance", format!("{rows} x {n} tokens overflow u32 offsets")));
         }
@@ -339,5 +332,15 @@ impl PrefixShape {
             return Err(Error::invalid("budget", format!("{budget} must be in 1 ..= rows · n = {total}")));
         }
         Ok(())
+    }
+}
+
+/// The same error, naming `arg` instead (for a shared validator run on this family's behalf).
+fn renamed(e: Error, arg: &'static str) -> Error {
+    match e {
+        Error::InvalidArgument { reason, .. } => Error::InvalidArgument { arg, reason },
+        Error::TooLarge { reason, .. } => Error::TooLarge { arg, reason },
+        Error::Shape { expected, actual, .. } => Error::Shape { arg, expected, actual },
+        other => other,
     }
 }

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from topk import causal_mask
+
 FAMILY = "policy"
 
 # WindowKV: 32 heads, observation window 32 over 32k keys, D = 128, windows of 8, keep 2048.
@@ -18,31 +20,18 @@ LAZY = dict(hq=32, hkv=32, tq=1, t=32768, d=128, budget=2048, recent=64, thresho
 PREFIX = dict(rows=32, n=16384, budget=32 * 2048)
 
 
-def windowkv_shape(c):
-    return f"hq{c['hq']} hkv{c['hkv']} w{c['w']} t{c['t']} d{c['d']} win{c['win']} keep{c['budget']}"
-
-
-def lazy_shape(c):
-    return (f"hq{c['hq']} hkv{c['hkv']} tq{c['tq']} t{c['t']} d{c['d']} "
-            f"keep{c['budget']} recent{c['recent']} lag1")
-
-
-def prefix_shape(c):
-    return f"{c['rows']}x{c['n']} keep{c['budget']}"
-
-
-def causal_mask(tq, t, device):
-    pos = torch.arange(t - tq, t, device=device).unsqueeze(1)
-    return torch.arange(t, device=device).unsqueeze(0) <= pos  # [tq, t]
+# The bench runner's shape keys (bench/src/policy.rs).
+SHAPE = {
+    "windowkv_select": "hq{hq} hkv{hkv} w{w} t{t} d{d} win{win} keep{budget}".format(**WINDOWKV),
+    "lazy_step": "hq{hq} hkv{hkv} tq{tq} t{t} d{d} keep{budget} recent{recent} lag1".format(**LAZY),
+    "prefixkv_budgets": "{rows}x{n} keep{budget}".format(**PREFIX),
+}
 
 
 def windowkv_step(q, k, mask, c, scale):
-    s = torch.matmul(q, k.transpose(1, 2)).float() * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    a = torch.softmax(s, dim=-1)
-    older = c["t"] - c["w"]
-    votes = a[..., :older].sum(dim=1)  # [hkv, older]
-    w = c["win"]
+    older, w = c["t"] - c["w"], c["win"]
+    logits = (torch.matmul(q, k.transpose(1, 2)).float() * scale).masked_fill(~mask, float("-inf"))
+    votes = torch.softmax(logits, dim=-1)[..., :older].sum(dim=1)  # [hkv, older]
     nw = -(-older // w)
     padded = torch.nn.functional.pad(votes, (0, nw * w - older))
     sums = padded.view(votes.shape[0], nw, w).sum(dim=-1)
@@ -95,14 +84,11 @@ def run(p):
     dev = "cuda"
     if p.wants(FAMILY, "windowkv_select"):
         c = WINDOWKV
-        q = torch.randn(c["hq"], c["w"], c["d"], device=dev, dtype=torch.float16)
-        k = torch.randn(c["hkv"], c["t"], c["d"], device=dev, dtype=torch.float16)
-        mask = causal_mask(c["w"], c["t"], dev)
-        scale = 1.0 / math.sqrt(c["d"])
-        ms = p.time_ms(lambda i: windowkv_step(q, k, mask, c, scale))
-        p.record(FAMILY, "windowkv_select", windowkv_shape(c), "f16",
-                 "torch matmul+softmax+window sum+topk+expand", ms, min_speedup=4)
-        del q, k
+        qk = [torch.randn(h, n, c["d"], device=dev, dtype=torch.float16) for h, n in ((c["hq"], c["w"]), (c["hkv"], c["t"]))]
+        args = (*qk, causal_mask(c["w"], c["t"], dev), c, 1.0 / math.sqrt(c["d"]))
+        p.record(FAMILY, "windowkv_select", SHAPE["windowkv_select"], "f16", "torch matmul+softmax+window sum+topk+expand",
+                 p.time_ms(lambda i: windowkv_step(*args)), min_speedup=4)
+        del qk, args
     torch.cuda.empty_cache()
     if p.wants(FAMILY, "lazy_step"):
         c = LAZY
@@ -112,7 +98,7 @@ def run(p):
         acc, lh, mri = (torch.zeros(c["hkv"], c["t"], device=dev) for _ in range(3))
         scale = 1.0 / math.sqrt(c["d"])
         ms = p.time_ms(lambda i: lazy_step(q, k, v, acc, lh, mri, c, scale, 0.0))
-        p.record(FAMILY, "lazy_step", lazy_shape(c), "f16",
+        p.record(FAMILY, "lazy_step", SHAPE["lazy_step"], "f16",
                  "torch matmul+softmax+state update+topk+gather", ms, min_speedup=4)
         del q, k, v, acc, lh, mri
     torch.cuda.empty_cache()
@@ -120,7 +106,7 @@ def run(p):
         c = PREFIX
         imp = torch.rand(c["rows"], c["n"], device=dev)
         ms = p.time_ms(lambda i: prefix_step(imp, c))
-        p.record(FAMILY, "prefixkv_budgets", prefix_shape(c), "f32",
+        p.record(FAMILY, "prefixkv_budgets", SHAPE["prefixkv_budgets"], "f32",
                  "torch sort+cumsum+kthvalue+scatter", ms, min_speedup=4)
         del imp
     torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ bool window_case(const char* name, uint32_t rows, uint32_t older, uint32_t windo
     auto sc = ntkv_emu::dup(scores);
     std::vector<float> ws((size_t)rows * nw, 777.0f);
     auto wsd = ntkv_emu::dup(ws);
-    const NtkvPolicyWindowParams p{stride, rows, older, window, nw};
+    const NtkvPolicyWindowParams p{rows, older, window, nw, stride};
     ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0, [&] { ntkv_policy_window_sums(p, sc.get(), wsd.get()); });
     size_t bad = 0;
     for (uint32_t r = 0; r < rows; ++r)
@@ -65,7 +65,7 @@ bool lazy_case(const char* name, uint32_t hkv, uint32_t t, uint32_t step, bool s
         mri[e] = (float)below(step + 1);
     }
     auto md = ntkv_emu::dup(mass), ad = ntkv_emu::dup(acc), ld = ntkv_emu::dup(lh), rd = ntkv_emu::dup(mri), sd = ntkv_emu::dup(sc);
-    const NtkvPolicyLazyParams p{n, (float)step, th, scores_too ? 1u : 0u, 0};
+    const NtkvPolicyLazyParams p{(float)step, th, hkv, t, scores_too ? 1u : 0u};
     ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0,
                      [&] { ntkv_policy_lazy_update(p, md.get(), ad.get(), ld.get(), rd.get(), sd.get()); });
     size_t bad = 0;
@@ -136,7 +136,7 @@ bool prefix_case(const char* name, uint32_t rows, uint32_t n, uint64_t budget, u
     auto sd = ntkv_emu::dup(sorted);
     std::vector<unsigned long long> keys((size_t)rows * n, 0);
     auto kd = ntkv_emu::dup(keys);
-    NtkvPolicyPrefixParams p{0, 0, rows, n, 0, 0};
+    NtkvPolicyPrefixParams p{0, 0, rows, n, 0};
     ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0, [&] { ntkv_policy_prefix_cumsum(p, sd.get(), kd.get()); });
     const std::vector<uint64_t> want = host_thresholds(sorted, rows, n);
     size_t bad = 0;
@@ -148,8 +148,8 @@ bool prefix_case(const char* name, uint32_t rows, uint32_t n, uint64_t budget, u
     for (int shift = 56; shift >= 0; shift -= 8) {
         std::vector<unsigned long long> counts(256, 0);
         auto cd = ntkv_emu::dup(counts);
-        p.prefix = prefix;
-        p.shift = (uint32_t)shift;
+        p.key = prefix;
+        p.bit = (uint32_t)shift;
         ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0, [&] { ntkv_policy_prefix_probe(p, kd.get(), cd.get()); });
         uint32_t d = 0;
         while (d < 255 && cd[d] < budget) ++d;
@@ -166,7 +166,7 @@ bool prefix_case(const char* name, uint32_t rows, uint32_t n, uint64_t budget, u
 
     std::vector<uint32_t> split((size_t)rows * 2, 0);
     auto spd = ntkv_emu::dup(split);
-    p.prefix = prefix;
+    p.key = prefix;
     ntkv_emu::launch(dim3_{std::max(1u, grid / 2), 1, 1}, dim3_{32, 1, 1}, 0, [&] { ntkv_policy_prefix_split(p, kd.get(), spd.get()); });
     uint64_t rem = budget;
     for (uint32_t r = 0; r < rows; ++r) rem -= spd[(size_t)r * 2];
@@ -184,7 +184,7 @@ bool prefix_case(const char* name, uint32_t rows, uint32_t n, uint64_t budget, u
     const uint32_t sentinel = 0xdeadbeefu;
     std::vector<uint32_t> indices(budget + 3, sentinel);
     auto od = ntkv_emu::dup(order), bd = ntkv_emu::dup(budgets), ipd = ntkv_emu::dup(indptr), id = ntkv_emu::dup(indices);
-    p.capacity = budget;
+    p.cap = (uint32_t)budget;
     ntkv_emu::launch(dim3_{grid, 1, 1}, dim3_{kThreads, 1, 1}, 0,
                      [&] { ntkv_policy_prefix_keep(p, od.get(), bd.get(), ipd.get(), id.get()); });
     bad = 0;
@@ -198,33 +198,38 @@ bool prefix_case(const char* name, uint32_t rows, uint32_t n, uint64_t budget, u
     return ok;
 }
 
+bool window_cases() {
+    bool ok = window_case("short last window", 3, 37, 5, 1);
+    ok &= window_case("w = 1, grid-stride", 5, 300, 1, 2);
+    ok &= window_case("one window", 2, 7, 8, 1);
+    ok &= window_case("many rows", 40, 129, 16, 3);
+    return window_case("row stride t (recent 9)", 4, 50, 7, 2, 9) && ok;
+}
+
+bool lazy_cases() {
+    bool ok = lazy_case("scores", 3, 1000, 40, true, 2);
+    ok &= lazy_case("no scores", 2, 777, 7, false, 1);
+    return lazy_case("step 0", 1, 33, 0, true, 1) && ok;
+}
+
+bool prefix_cases() {
+    bool ok = prefix_case("small", 3, 7, 9, 2, 0);
+    ok &= prefix_case("chunks of 3 (n 2100)", 4, 2100, 3000, 3, 0);
+    ok &= prefix_case("integer ties, NaN", 5, 64, 100, 2, 1);
+    ok &= prefix_case("identical rows", 6, 40, 77, 4, 2);
+    ok &= prefix_case("budget 1", 2, 50, 1, 1, 0);
+    ok &= prefix_case("budget all", 3, 31, 93, 2, 1);
+    return prefix_case("n = 1", 9, 1, 4, 2, 0) && ok;
+}
+
 }  // namespace
 
+// Argument: one part (window, lazy, prefix) to run alone.
 int main(int argc, char** argv) {
-    const std::string only = argc > 1 ? argv[1] : "";
-    auto want = [&](const char* part) { return only.empty() || only == part; };
+    const std::pair<const char*, bool (*)()> parts[] = {{"window", window_cases}, {"lazy", lazy_cases}, {"prefix", prefix_cases}};
     bool ok = true;
-    if (want("window")) {
-        ok &= window_case("short last window", 3, 37, 5, 1);
-        ok &= window_case("w = 1, grid-stride", 5, 300, 1, 2);
-        ok &= window_case("one window", 2, 7, 8, 1);
-        ok &= window_case("many rows", 40, 129, 16, 3);
-        ok &= window_case("row stride t (recent 9)", 4, 50, 7, 2, 9);
-    }
-    if (want("lazy")) {
-        ok &= lazy_case("scores", 3, 1000, 40, true, 2);
-        ok &= lazy_case("no scores", 2, 777, 7, false, 1);
-        ok &= lazy_case("step 0", 1, 33, 0, true, 1);
-    }
-    if (want("prefix")) {
-        ok &= prefix_case("small", 3, 7, 9, 2, 0);
-        ok &= prefix_case("chunks of 3 (n 2100)", 4, 2100, 3000, 3, 0);
-        ok &= prefix_case("integer ties, NaN", 5, 64, 100, 2, 1);
-        ok &= prefix_case("identical rows", 6, 40, 77, 4, 2);
-        ok &= prefix_case("budget 1", 2, 50, 1, 1, 0);
-        ok &= prefix_case("budget all", 3, 31, 93, 2, 1);
-        ok &= prefix_case("n = 1", 9, 1, 4, 2, 0);
-    }
+    for (const auto& [part, run] : parts)
+        if (argc < 2 || std::string(argv[1]) == part) ok = run() && ok;
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
