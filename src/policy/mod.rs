@@ -93,6 +93,22 @@
 //! budget), with the tie rule above. It protects the first tokens and the last one; here
 //! nothing is protected (raise a token's importance to keep it).
 //!
+//! # GPU plans
+//! - [`WindowKvPlan`]: `new(device, rows, t, options)` then `run(scores, indptr, indices)`;
+//!   or `with_attention(device, shape, options)` then `run_attention(q_window, k, reduce,
+//!   indptr, indices)`, which computes the votes with the H2O accumulation first. Kernels:
+//!   the window sums, the shared top-k of the window scores (the recent window appended as one
+//!   more block), the shared expansion into CSR. `indices` holds at least `rows · t` entries.
+//! - [`LazyPlan`]: `new(device, shape, options, reduce)` for one cache length `t`, then
+//!   `step(step, q, k_cache, v_cache, LazyStateMut { acc, last_hit, mri })` per decode step;
+//!   [`LazyPlan::keep`] holds the last eviction's keep list.
+//! - [`PrefixPlan`]: `new(device, shape)` then `run(importance, indptr, indices)` returns the
+//!   budgets and the ratio ([`PrefixBudgets`]); `indices` holds `budget` entries.
+//!
+//! Each plan's output equals its CPU reference exactly (given the same token scores; the
+//! attention-fed paths share the H2O accumulation's `f32` rounding, within `1e-4` of the
+//! references' `f64` masses).
+//!
 //! # Errors
 //! Every argument is checked before anything is computed or written; a bad one returns a
 //! typed [`crate::Error`] naming it. No validator, reference or accessor panics.
