@@ -139,7 +139,7 @@ impl WindowKvPlan {
 
     /// Selects from token scores `scores [rows, t − recent]` into `indptr [rows + 1]` and
     /// `indices [≥ capacity]` (`u32`); the entries past `indptr[rows]` are left as they were.
-    /// `scores` is unread (any tensor of that shape) when all windows, or none, are kept.
+    /// `scores` is neither read nor checked when all windows, or none, are kept.
     ///
     /// # Errors
     /// [`Error::Shape`] for a buffer of another shape; [`Error::DeviceMismatch`]; driver errors.
