@@ -54,6 +54,8 @@ pub enum Module {
     Lowrank,
     /// `cuda/qdecode.cu`: fused decode attention over quantized KV caches.
     Qdecode,
+    /// `cuda/policy.cu`: WindowKV window sums, LazyEviction state, PrefixKV budgets.
+    Policy,
 }
 
 /// Finds a kernel module by its `.cu` stem (`"quant"`, `"topk"`, …).
@@ -82,6 +84,7 @@ impl Module {
         Module::Pages,
         Module::Lowrank,
         Module::Qdecode,
+        Module::Policy,
     ];
 
     /// The module's name: the stem of its `.cu` file.
@@ -98,6 +101,7 @@ impl Module {
             Module::Pages => "pages",
             Module::Lowrank => "lowrank",
             Module::Qdecode => "qdecode",
+            Module::Policy => "policy",
         }
     }
 
@@ -115,6 +119,7 @@ impl Module {
             Module::Pages => kernels::PAGES,
             Module::Lowrank => kernels::LOWRANK,
             Module::Qdecode => kernels::QDECODE,
+            Module::Policy => kernels::POLICY,
         }
     }
 }

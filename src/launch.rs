@@ -103,6 +103,7 @@ pub fn registered_kernels() -> Vec<KernelId> {
     all.extend(crate::gemm::kernels());
     all.extend(crate::cluster::gpu::kernels());
     all.extend(crate::pages::kernels());
+    all.extend(crate::policy::kernels());
     all.extend(crate::lowrank::gpu::kernels());
     all.extend(crate::qdecode::gpu::kernels());
     all.sort();

@@ -15,6 +15,7 @@
 //! | [`select`] | shared primitive: radix top-k over rows and ragged segments, and selected-block → CSR token-list expansion |
 //! | [`cluster`] | k-means of keys per head (cosine or L2, deterministic, bit-exact labels) and cluster retrieval into decode-ready token lists |
 //! | [`lowrank`] | ShadowKV low-rank keys: deterministic randomized SVD of the pre-RoPE keys and fused gather + GEMM + RoPE reconstruction of the selected ones |
+//! | [`policy`] | WindowKV window selection with layer-group index sharing, LazyEviction's lagged recurrence-aware eviction, PrefixKV's per-layer budgets |
 //! | [`gemm`] | shared primitive: deterministic split-K GEMM at F32, TF32 and BF16 with strided, batched, transposed operands |
 //!
 //! Every GPU operation has a CPU reference beside it (the `cpu` submodule of each family),
@@ -82,6 +83,7 @@ pub mod pages;
 #[allow(missing_docs)]
 pub mod params;
 mod params_repr;
+pub mod policy;
 pub mod qdecode;
 pub mod quant;
 pub mod rng;

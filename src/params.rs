@@ -1073,3 +1073,60 @@ const _: () = {
     ["Offset of field: NtkvQdecodeParams::indexed"][::core::mem::offset_of!(NtkvQdecodeParams, indexed) - 208usize];
     ["Offset of field: NtkvQdecodeParams::_pad0"][::core::mem::offset_of!(NtkvQdecodeParams, _pad0) - 212usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct NtkvPolicyLazyParams {
+    pub step: f32,
+    pub hit: f32,
+    pub hkv: u32,
+    pub t: u32,
+    pub scores: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPolicyLazyParams"][::core::mem::size_of::<NtkvPolicyLazyParams>() - 20usize];
+    ["Alignment of NtkvPolicyLazyParams"][::core::mem::align_of::<NtkvPolicyLazyParams>() - 4usize];
+    ["Offset of field: NtkvPolicyLazyParams::step"][::core::mem::offset_of!(NtkvPolicyLazyParams, step) - 0usize];
+    ["Offset of field: NtkvPolicyLazyParams::hit"][::core::mem::offset_of!(NtkvPolicyLazyParams, hit) - 4usize];
+    ["Offset of field: NtkvPolicyLazyParams::hkv"][::core::mem::offset_of!(NtkvPolicyLazyParams, hkv) - 8usize];
+    ["Offset of field: NtkvPolicyLazyParams::t"][::core::mem::offset_of!(NtkvPolicyLazyParams, t) - 12usize];
+    ["Offset of field: NtkvPolicyLazyParams::scores"][::core::mem::offset_of!(NtkvPolicyLazyParams, scores) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvPolicyWindowParams {
+    pub rows: u32,
+    pub older: u32,
+    pub w: u32,
+    pub nw: u32,
+    pub ld: u64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPolicyWindowParams"][::core::mem::size_of::<NtkvPolicyWindowParams>() - 24usize];
+    ["Alignment of NtkvPolicyWindowParams"][::core::mem::align_of::<NtkvPolicyWindowParams>() - 8usize];
+    ["Offset of field: NtkvPolicyWindowParams::rows"][::core::mem::offset_of!(NtkvPolicyWindowParams, rows) - 0usize];
+    ["Offset of field: NtkvPolicyWindowParams::older"][::core::mem::offset_of!(NtkvPolicyWindowParams, older) - 4usize];
+    ["Offset of field: NtkvPolicyWindowParams::w"][::core::mem::offset_of!(NtkvPolicyWindowParams, w) - 8usize];
+    ["Offset of field: NtkvPolicyWindowParams::nw"][::core::mem::offset_of!(NtkvPolicyWindowParams, nw) - 12usize];
+    ["Offset of field: NtkvPolicyWindowParams::ld"][::core::mem::offset_of!(NtkvPolicyWindowParams, ld) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct NtkvPolicyPrefixParams {
+    pub key: u64,
+    pub cap: u32,
+    pub rows: u32,
+    pub n: u32,
+    pub bit: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NtkvPolicyPrefixParams"][::core::mem::size_of::<NtkvPolicyPrefixParams>() - 24usize];
+    ["Alignment of NtkvPolicyPrefixParams"][::core::mem::align_of::<NtkvPolicyPrefixParams>() - 8usize];
+    ["Offset of field: NtkvPolicyPrefixParams::key"][::core::mem::offset_of!(NtkvPolicyPrefixParams, key) - 0usize];
+    ["Offset of field: NtkvPolicyPrefixParams::cap"][::core::mem::offset_of!(NtkvPolicyPrefixParams, cap) - 8usize];
+    ["Offset of field: NtkvPolicyPrefixParams::rows"][::core::mem::offset_of!(NtkvPolicyPrefixParams, rows) - 12usize];
+    ["Offset of field: NtkvPolicyPrefixParams::n"][::core::mem::offset_of!(NtkvPolicyPrefixParams, n) - 16usize];
+    ["Offset of field: NtkvPolicyPrefixParams::bit"][::core::mem::offset_of!(NtkvPolicyPrefixParams, bit) - 20usize];
+};

@@ -44,3 +44,6 @@ unsafe impl DeviceRepr for NtkvLowrankGatherParams {}
 unsafe impl DeviceRepr for NtkvLowrankCastParams {}
 unsafe impl DeviceRepr for NtkvQdecodeOperand {}
 unsafe impl DeviceRepr for NtkvQdecodeParams {}
+unsafe impl DeviceRepr for NtkvPolicyWindowParams {}
+unsafe impl DeviceRepr for NtkvPolicyLazyParams {}
+unsafe impl DeviceRepr for NtkvPolicyPrefixParams {}

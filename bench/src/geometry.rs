@@ -448,6 +448,47 @@ fn lowrank(g: &mut Geometry) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// policy (WindowKV, LazyEviction, PrefixKV)
+
+/// The launches of bench/src/policy.rs at its GPU shapes: the policy kernels (256 threads,
+/// grid-stride or one block per row; the work in blocks, the launcher caps grid-stride grids at
+/// one resident wave) and the shared top-k each op runs. The H2O accumulation (WindowKV's
+/// votes, LazyEviction's step mass) and the expansion and compaction are planned inside their
+/// launchers (device occupancy) and listed as unplanned.
+fn policy(g: &mut Geometry) {
+    use crate::policy::{LAZY, PREFIX, WINDOWKV};
+    let push = |g: &mut Geometry, op: &str, shape: &str, kernel: &str, grid: usize, count: usize| {
+        let l = g.push("policy", op, shape, "f32", format!("ntkv_policy_{kernel}"), grid, count, "");
+        l.block = Some(256);
+        l.dyn_smem = Some(0);
+    };
+    let topk_as_policy = |g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize, k: usize| {
+        let from = g.launches.len();
+        topk_launches(g, op, shape, rows, n, k, "f32");
+        g.launches[from..].iter_mut().for_each(|l| l.family = "policy");
+    };
+    let (s, w, budget) = WINDOWKV;
+    let shape = crate::policy::windowkv_shape(s, w, budget);
+    let older = s.t - s.tq;
+    let nw = older.div_ceil(w);
+    push(g, "windowkv_select", &shape, "window_sums", (s.hkv * nw).div_ceil(256), 1);
+    topk_as_policy(g, "windowkv_select", &shape, s.hkv, nw, (budget - s.tq) / w);
+    g.unplanned("policy", "windowkv_select", &shape, "votes (ntkv_h2o_pass1/merge/pass2_f16_d128) and the expansion (ntkv_select_expand_*): planned inside their launchers");
+    let (s, budget, recent) = LAZY;
+    let shape = crate::policy::lazy_shape(s, budget, recent);
+    push(g, "lazy_step", &shape, "lazy_update", (s.hkv * s.t).div_ceil(256), 1);
+    topk_as_policy(g, "lazy_step", &shape, s.hkv, s.t, budget - recent);
+    g.unplanned("policy", "lazy_step", &shape, "step mass (ntkv_h2o_pass1/merge/pass2_f16_d128) and the two compactions (ntkv_h2o_check_keep, ntkv_h2o_compact): planned inside their launchers");
+    let p = PREFIX;
+    let shape = crate::policy::prefix_shape(p);
+    topk_as_policy(g, "prefixkv_budgets", &shape, p.rows, p.n, p.n);
+    push(g, "prefixkv_budgets", &shape, "prefix_cumsum", p.rows, 1);
+    push(g, "prefixkv_budgets", &shape, "prefix_probe", p.rows, 8);
+    push(g, "prefixkv_budgets", &shape, "prefix_split", p.rows.div_ceil(256), 1);
+    push(g, "prefixkv_budgets", &shape, "prefix_keep", p.rows, 1);
+}
+
 fn collect() -> Geometry {
     let mut g = Geometry::default();
     topk(&mut g);
@@ -459,6 +500,7 @@ fn collect() -> Geometry {
     pages(&mut g);
     lowrank(&mut g);
     qdecode(&mut g);
+    policy(&mut g);
     g
 }
 
@@ -534,7 +576,7 @@ mod tests {
     #[test]
     fn every_bench_family_has_geometry_or_a_reason() {
         let g = collect();
-        for fam in ["topk", "decode", "attention", "quant", "ntk", "cluster", "pages", "lowrank", "qdecode"] {
+        for fam in ["topk", "decode", "attention", "quant", "ntk", "cluster", "pages", "lowrank", "qdecode", "policy"] {
             assert!(g.launches.iter().any(|l| l.family == fam) || g.unplanned.iter().any(|u| u.family == fam), "{fam}");
         }
         assert!(g.launches.iter().all(|l| l.grid.is_some() || l.work_blocks.is_some()));

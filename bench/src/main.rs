@@ -16,6 +16,7 @@ mod harness;
 mod lowrank;
 mod ntk;
 mod pages;
+mod policy;
 mod qdecode;
 mod quant;
 mod topk;
@@ -79,6 +80,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("pages", Family::Split(pages::gpu_cases, pages::cpu_cases)),
     ("lowrank", Family::Whole(lowrank::run)),
     ("qdecode", Family::Whole(qdecode::run)),
+    ("policy", Family::Split(policy::run_gpu, policy::run_cpu)),
 ];
 
 fn main() -> ExitCode {

@@ -613,4 +613,35 @@ typedef struct NtkvQdecodeParams {
     uint32_t _pad0;
 } NtkvQdecodeParams;
 
+/* ---- policy (cuda/policy.cu): WindowKV, LazyEviction, PrefixKV ---- */
+
+/* LazyEviction state update over the hkv * t elements of [hkv, t] buffers at decode step
+ * `step` (a whole number below 2^24, as every state entry). */
+typedef struct NtkvPolicyLazyParams {
+    float step;
+    float hit;                /* the threshold: a token with mass >= hit is hit */
+    uint32_t hkv;
+    uint32_t t;
+    uint32_t scores;          /* 1: also write the scores mri - (step - last_hit) */
+} NtkvPolicyLazyParams;
+
+/* WindowKV window sums: ws[r * nw + i] is the f32 sum, ascending from 0.0f, of
+ * scores[r * ld + j] for j in [i * w, min((i + 1) * w, older)), r < rows, i < nw. */
+typedef struct NtkvPolicyWindowParams {
+    uint32_t rows;
+    uint32_t older;           /* scores per row: the tokens before the recent window */
+    uint32_t w;               /* tokens per window, >= 1 */
+    uint32_t nw;              /* ceil(older / w) */
+    uint64_t ld;              /* scores between rows, >= older */
+} NtkvPolicyWindowParams;
+
+/* PrefixKV over rows of n sorted tokens: thresholds as the bits of non-negative f64 values. */
+typedef struct NtkvPolicyPrefixParams {
+    uint64_t key;             /* probe: the key bits chosen so far; split: the ratio's key */
+    uint32_t cap;             /* keep: entries of the indices buffer */
+    uint32_t rows;
+    uint32_t n;               /* tokens per row, <= 16384 */
+    uint32_t bit;             /* probe: the lowest bit of the 8-bit digit searched (0 .. 56) */
+} NtkvPolicyPrefixParams;
+
 #endif /* NTKV_PARAMS_H */

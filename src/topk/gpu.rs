@@ -141,7 +141,7 @@ impl EvictionPlan {
 }
 
 /// Whether the accumulation kernels support this shape and dtype.
-pub(super) fn check_attn_support(shape: AttnShape, dtype: DType) -> Result<()> {
+pub(crate) fn check_attn_support(shape: AttnShape, dtype: DType) -> Result<()> {
     if !ATTN_DTYPES.contains(&dtype) {
         return Err(Error::invalid("q", "f32 queries and keys are not supported; use f16 or bf16 (tensor cores)"));
     }
@@ -186,7 +186,7 @@ impl AttnScratch {
 /// statistics merge, pass 2 over all heads. Three launches, and no block ever waits for
 /// another (the single-launch queued kernel, whose cross-block wait could give up and leave
 /// wrong scores, is not launched).
-pub(super) fn accumulate<T: Float>(
+pub(crate) fn accumulate<T: Float>(
     device: &Device,
     scratch: &mut AttnScratch,
     q: &CudaView<'_, T>,
@@ -344,7 +344,7 @@ fn compact_params(hkv: usize, t: usize, budget: usize, row_words: usize, has_acc
 }
 
 /// The buffers of an in-place compaction, already checked against `(hkv, t, d, budget)`.
-pub(super) struct CompactBufs<'a, T> {
+pub(crate) struct CompactBufs<'a, T> {
     pub keep: CudaView<'a, u32>,
     pub k_cache: CudaViewMut<'a, T>,
     pub v_cache: CudaViewMut<'a, T>,
@@ -352,7 +352,7 @@ pub(super) struct CompactBufs<'a, T> {
 }
 
 /// Checks the keep list on the device, then compacts in place.
-pub(super) fn compact<T: Float>(
+pub(crate) fn compact<T: Float>(
     device: &Device,
     bufs: CompactBufs<'_, T>,
     (hkv, t, d, budget): (usize, usize, usize, usize),

@@ -102,6 +102,7 @@ GEOMETRY = "bench/src/geometry.rs"
 CLUSTER = "src/cluster/gpu.rs"
 PAGES = "src/pages/gpu.rs"
 QDECODE = "src/qdecode/gpu.rs"
+POLICY = "src/policy/gpu.rs"
 # The geometry step's copies of the top-k finalize constants must match the launcher's.
 TOPK_FINAL_COPIES = [Const(GEOMETRY, n) for n in ("FINAL_STATIC_SMEM", "FUSED_STATIC_SMEM", "CAND_STAGE_MAX",
                                                   "SMEM_OPTIN")]
@@ -212,6 +213,9 @@ LAUNCHES = [
     # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
     Entry(r"ntkv_qdecode_merge_(?P<dt>f16|bf16)", 128, 0,
           [Text(QDECODE, 'to_u32("head_dim", shape.head_dim)?, 0, heads * rows, false)')], "QdecodePlan::run (D threads)"),
+    # policy: 256 threads, grid-stride or one block per row, static shared memory only
+    Entry(r"ntkv_policy_(?:window_sums|lazy_update|prefix_cumsum|prefix_probe|prefix_split|prefix_keep)", 256, 0,
+          [Const(POLICY, "POLICY_THREADS")], "policy plans (WindowKvPlan, LazyPlan, PrefixPlan)"),
 ]
 
 # Cold kernels, exempt from the no-spill/no-stack rule. Keep this empty unless a kernel runs
