@@ -46,7 +46,8 @@ impl Gguf {
     /// Opens and parses the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let mut r = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
-        let content = Content::read(&mut r).with_context(|| format!("reading the GGUF header of {}", path.display()))?;
+        let content =
+            Content::read(&mut r).with_context(|| format!("reading the GGUF header of {}", path.display()))?;
         Ok(Gguf { content, path: path.to_path_buf() })
     }
 

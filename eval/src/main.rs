@@ -4,7 +4,7 @@
 //! ntkv-eval [run] [--context 4096] [--continuation 128] [--budgets 0.05,0.1,0.25,0.5]
 //!           [--policies full,streaming,h2o,snapkv,quest,kivi,mikv] [--kivi-bits 4,2]
 //!           [--mikv-bits 2] [--passkey 2048,4096,8192|none] [--passkey-depths 0.5]
-//!           [--window 32] [--model PATH] [--text PATH] [--out DIR] [--gpu]
+//!           [--window 32] [--threads 2] [--model PATH] [--text PATH] [--out DIR] [--gpu]
 //! ntkv-eval logits --tokens 512 --out DIR     # prefill logits for tools/llama-check.py
 //! ntkv-eval tokenize --chars 20000 --out DIR  # token ids for tools/llama-check.py
 //! ```
@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -39,7 +40,11 @@ impl Args {
         let mut opts = HashMap::new();
         while let Some(a) = it.next() {
             let key = a.strip_prefix("--").with_context(|| format!("unexpected argument `{a}`"))?.to_string();
-            let value = if key == "gpu" { "1".to_string() } else { it.next().with_context(|| format!("--{key} needs a value"))? };
+            let value = if key == "gpu" {
+                "1".to_string()
+            } else {
+                it.next().with_context(|| format!("--{key} needs a value"))?
+            };
             opts.insert(key, value);
         }
         Ok(Args { cmd, opts })
@@ -139,14 +144,16 @@ fn cmd_run(args: &Args) -> Result<()> {
     let prefill_secs = t.elapsed().as_secs_f64();
     eprintln!("prefill of {p} tokens: {prefill_secs:.1} s");
     let (fed, targets) = (&ids[p..p + n], &ids[p + 1..p + n + 1]);
-    let mut rows = Vec::new();
-    let mut reference: Option<(Vec<Vec<f32>>, Vec<u32>)> = None;
-    for (spec, frac) in specs(args, p)? {
+    let threads = args.usize("threads", 2)?.max(1);
+    let all = specs(args, p)?;
+    let score = |spec: Spec,
+                 frac: Option<f64>,
+                 reference: Option<&(Vec<Vec<f32>>, Vec<u32>)>|
+     -> Result<(Row, Option<Vec<Vec<f32>>>, Vec<u32>)> {
         let mut pol = policy::build(spec, &pre, p + n)?;
-        let refs = reference.as_ref().map(|r| r.0.as_slice());
-        let d = decode(&model, p, fed, targets, pol.as_mut(), refs, reference.is_none())?;
+        let d = decode(&model, p, fed, targets, pol.as_mut(), reference.map(|r| r.0.as_slice()), reference.is_none())?;
         let ppl = (d.nll.iter().sum::<f64>() / n as f64).exp();
-        let (agree, errs) = match &reference {
+        let (agree, errs) = match reference {
             Some((_, top)) => {
                 let same = d.top1.iter().zip(top).filter(|(a, b)| a == b).count();
                 (same as f64 / n as f64, d.attn_rel_err.clone())
@@ -173,10 +180,13 @@ fn cmd_run(args: &Args) -> Result<()> {
             row.attn_rel_err,
             d.total_secs
         );
-        rows.push(row);
-        if reference.is_none() {
-            reference = Some((d.attn.unwrap_or_default(), d.top1));
-        }
+        Ok((row, d.attn, d.top1))
+    };
+    let (full_row, attn, top1) = score(all[0].0, all[0].1, None)?;
+    let reference = (attn.unwrap_or_default(), top1);
+    let mut rows = vec![full_row];
+    for r in par_map(&all[1..], threads, |&(spec, frac)| score(spec, frac, Some(&reference))) {
+        rows.push(r?.0);
     }
     drop(pre);
     let lens: Vec<usize> = args.list("passkey", "2048,4096,8192")?;
@@ -192,12 +202,20 @@ fn cmd_run(args: &Args) -> Result<()> {
             eprintln!("passkey {len} (depth {depth}, {} tokens): prefill {:.1} s", pl + 1, t.elapsed().as_secs_f64());
             let mut fed = vec![trial.prompt[pl]];
             fed.extend_from_slice(&trial.answer[..trial.answer.len() - 1]);
-            for (j, (spec, _)) in specs(args, pl)?.into_iter().enumerate() {
+            let trial_specs = specs(args, pl)?;
+            let oks = par_map(&trial_specs, threads, |&(spec, _)| -> Result<bool> {
                 let mut pol = policy::build(spec, &pre, pl + fed.len())?;
                 let d = decode(&model, pl, &fed, &trial.answer, pol.as_mut(), None, false)?;
-                let ok = d.top1 == trial.answer;
+                Ok(d.top1 == trial.answer)
+            });
+            for (j, ((spec, frac), ok)) in trial_specs.iter().zip(oks).enumerate() {
+                let ok = ok?;
                 if passkey_rows.len() <= j {
-                    passkey_rows.push(PasskeyRow { label: spec.to_string().replace(&format!("({})", budget_of(spec)), ""), results: Vec::new() });
+                    let label = match frac {
+                        Some(f) => format!("{} ({:.0}%)", spec.family(), f * 100.0),
+                        None => spec.to_string(),
+                    };
+                    passkey_rows.push(PasskeyRow { label, results: Vec::new() });
                 }
                 let row = &mut passkey_rows[j];
                 match row.results.iter_mut().find(|r| r.0 == len) {
@@ -228,14 +246,27 @@ fn cmd_run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The budget a label shows, to name passkey rows by fraction rather than token count.
-fn budget_of(s: Spec) -> String {
-    match s {
-        Spec::Streaming { budget } | Spec::H2o { budget } | Spec::SnapKv { budget } | Spec::Quest { budget } => {
-            budget.to_string()
-        }
-        _ => String::new(),
-    }
+/// `f` over `items` on `threads` threads, results in the items' order.
+fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(items.len()).max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    out.sort_by_key(|r| r.0);
+    out.into_iter().map(|r| r.1).collect()
 }
 
 fn cmd_logits(args: &Args) -> Result<()> {

@@ -119,7 +119,7 @@ impl fmt::Display for Spec {
 }
 
 /// A per-layer KV cache under one policy.
-pub trait Policy {
+pub trait Policy: Send {
     /// Appends the token's `k`, `v` (`[Hkv·D]`, post-RoPE) to layer `layer` and returns
     /// `o [Hq·D]` for `q [Hq·D]`.
     fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
@@ -145,8 +145,7 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             ensure!(budget > pre.window, "a SnapKV budget must exceed its window {}", pre.window);
             let mut kept = Vec::with_capacity(pre.layers.len());
             for layer in &pre.layers {
-                let keep =
-                    snapkv_select_from_scores(&layer.snap_scores, pre.heads.hkv, pre.len, pre.window, budget)?;
+                let keep = snapkv_select_from_scores(&layer.snap_scores, pre.heads.hkv, pre.len, pre.window, budget)?;
                 kept.push(keep.chunks(budget).map(<[u32]>::to_vec).collect());
             }
             Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
@@ -251,9 +250,13 @@ impl Dense {
 
 enum Lists {
     All,
-    Streaming { budget: usize },
+    Streaming {
+        budget: usize,
+    },
     /// Per layer, per kv head: the prompt rows kept; every decoded row is kept too.
-    Kept { kept: Vec<Vec<Vec<u32>>> },
+    Kept {
+        kept: Vec<Vec<Vec<u32>>>,
+    },
 }
 
 /// The policies that only choose which rows of a complete cache a step reads.
@@ -280,13 +283,17 @@ impl Policy for Listed {
             Lists::All => cache.attend_all(q),
             Lists::Streaming { budget } => {
                 let b = *budget as u32;
-                let list: Vec<u32> =
-                    if len <= b { (0..len).collect() } else { (0..SINKS as u32).chain(len - (b - SINKS as u32)..len).collect() };
+                let list: Vec<u32> = if len <= b {
+                    (0..len).collect()
+                } else {
+                    (0..SINKS as u32).chain(len - (b - SINKS as u32)..len).collect()
+                };
                 cache.attend(q, &vec![list; hkv])
             }
             Lists::Kept { kept } => {
                 let p = self.prompt as u32;
-                let lists: Vec<Vec<u32>> = kept[layer].iter().map(|h| h.iter().copied().chain(p..len).collect()).collect();
+                let lists: Vec<Vec<u32>> =
+                    kept[layer].iter().map(|h| h.iter().copied().chain(p..len).collect()).collect();
                 cache.attend(q, &lists)
             }
         }
@@ -474,8 +481,18 @@ impl Mikv {
             // The important tokens: the top `budget` by prompt attention mass (no recent part).
             let keep = h2o_select(&l.mass, hkv, pre.len, budget, 0)?;
             let important: Vec<Vec<u32>> = keep.chunks(budget).map(<[u32]>::to_vec).collect();
-            let kc = MikvCacheCpu::from_prefill(Self::config(Axis::PerChannel, cap, lo_bits), &to_f16(&l.k), &dims, &important)?;
-            let vc = MikvCacheCpu::from_prefill(Self::config(Axis::PerToken, cap, lo_bits), &to_f16(&l.v), &dims, &important)?;
+            let kc = MikvCacheCpu::from_prefill(
+                Self::config(Axis::PerChannel, cap, lo_bits),
+                &to_f16(&l.k),
+                &dims,
+                &important,
+            )?;
+            let vc = MikvCacheCpu::from_prefill(
+                Self::config(Axis::PerToken, cap, lo_bits),
+                &to_f16(&l.v),
+                &dims,
+                &important,
+            )?;
             let mut dense = Dense::from_prefill(l, pre, cap);
             refresh(&mut dense.k, &kc, pre.heads, cap)?;
             refresh(&mut dense.v, &vc, pre.heads, cap)?;

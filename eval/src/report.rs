@@ -142,9 +142,8 @@ impl Report {
             }
         }
         s += "\nPlot (`quality.png`): x = fraction of the prompt kept (KIVI: bits/16), 0 to 0.55; y = perplexity \
-              relative to the full cache, 1.0 (bottom) to the top of the range; the grey line is 1.0. Colours: ";
-        let names: Vec<String> =
-            PLOT_FAMILIES.iter().zip(PLOT_COLOURS).map(|(f, (c, _))| format!("{f} {c}")).collect();
+              relative to the full cache (clipped to 0.5..4); the thick grey line is 1.0, the thin grey lines are x = 0.05, 0.10, ... Colours: ";
+        let names: Vec<String> = PLOT_FAMILIES.iter().zip(PLOT_COLOURS).map(|(f, (c, _))| format!("{f} {c}")).collect();
         s += &names.join(", ");
         s += ".\n";
         s
@@ -178,17 +177,20 @@ impl Report {
             })
             .collect();
         let ymax = series.iter().flatten().map(|p| p.1).fold(1.05, f64::max).min(4.0) * 1.02;
+        let ymin = series.iter().flatten().map(|p| p.1).fold(1.0, f64::min).max(0.5) - 0.02;
         let mut buf = vec![255u8; (w * h * 3) as usize];
         {
             let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
             let mut chart = ChartBuilder::on(&root)
                 .margin(20)
-                .build_cartesian_2d(0.0..0.55f64, 0.98..ymax)
+                .build_cartesian_2d(0.0..0.55f64, ymin..ymax)
                 .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
             let grey = RGBColor(180, 180, 180);
             for i in 0..=11 {
                 let x = i as f64 * 0.05;
-                chart.draw_series(LineSeries::new([(x, 0.98), (x, ymax)], grey.mix(0.4))).map_err(|e| anyhow::anyhow!("{e}"))?;
+                chart
+                    .draw_series(LineSeries::new([(x, ymin), (x, ymax)], grey.mix(0.4)))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             chart
                 .draw_series(LineSeries::new([(0.0, 1.0), (0.55, 1.0)], grey.stroke_width(2)))
@@ -203,7 +205,10 @@ impl Report {
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             chart
-                .draw_series(LineSeries::new([(0.0, 0.98), (0.0, ymax), (0.55, ymax), (0.55, 0.98), (0.0, 0.98)], BLACK))
+                .draw_series(LineSeries::new(
+                    [(0.0, ymin), (0.0, ymax), (0.55, ymax), (0.55, ymin), (0.0, ymin)],
+                    BLACK,
+                ))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         }

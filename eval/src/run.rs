@@ -109,7 +109,8 @@ pub fn decode(
     let mut nll = Vec::with_capacity(n);
     let mut top1 = Vec::with_capacity(n);
     for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
-        let (arg, m) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+        let (arg, m) =
+            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
         let z: f64 = row.iter().map(|&v| f64::from(v - m).exp()).sum();
         nll.push(z.ln() - f64::from(row[t as usize] - m));
         top1.push(arg as u32);

@@ -91,15 +91,15 @@ fn layer0_attention_matches_ntkv_references() {
         let indices: Vec<u32> = (0..hkv).flat_map(|_| list.iter().copied()).collect();
         let indptr: Vec<u32> = (0..=hkv as u32).map(|h| h * list.len() as u32).collect();
         let qrow = &q[t * hq * d..(t + 1) * hq * d];
-        let r = sparse_decode(&shape, &DecodeOptions::default(), qrow, &kh, &vh, &[n as u32], &indptr, &indices)
-            .unwrap();
+        let r =
+            sparse_decode(&shape, &DecodeOptions::default(), qrow, &kh, &vh, &[n as u32], &indptr, &indices).unwrap();
         let ours = &o[t * hq * d..(t + 1) * hq * d];
         let num: f64 = ours.iter().zip(&r.o).map(|(&a, &b)| (f64::from(a) - b).powi(2)).sum();
         let den: f64 = r.o.iter().map(|b| b * b).sum();
         assert!((num / den).sqrt() < 1e-5, "row {t}: relative error {}", (num / den).sqrt());
     }
-    let want = attention_mass(&head_major(&q, hq, d), &kh, AttnShape { hq, hkv, tq: n, t: n, d }, GqaReduce::Sum)
-        .unwrap();
+    let want =
+        attention_mass(&head_major(&q, hq, d), &kh, AttnShape { hq, hkv, tq: n, t: n, d }, GqaReduce::Sum).unwrap();
     for (i, (&a, &b)) in mass.iter().zip(&want).enumerate() {
         assert!((f64::from(a) - b).abs() <= 1e-4 * b.max(1.0), "mass {i}: {a} vs {b}");
     }
