@@ -17,6 +17,8 @@ import json, math, os, sys
 out = sys.argv[1]
 r = json.load(open(os.path.join(out, "report.json")))
 rows = {x["policy"]: x for x in r["rows"]}
+for x in rows.values():
+    x.update(x["quality"])
 assert set(rows) == {"full", "streaming"}, rows.keys()
 full, st = rows["full"], rows["streaming"]
 # The full cache on Pride and Prejudice: a 135M model is far better than uniform (49152).

@@ -20,7 +20,7 @@ use ntkv_eval::gguf::Gguf;
 use ntkv_eval::model::Model;
 use ntkv_eval::passkey;
 use ntkv_eval::policy::{self, Spec};
-use ntkv_eval::report::{PasskeyRow, Report, Row};
+use ntkv_eval::report::{Budget, PasskeyRow, Quality, Report, Row, Setup, Source, Timing};
 use ntkv_eval::run::{decode, prefill};
 use ntkv_eval::tokenizer::Bpe;
 use ntkv_eval::{repo_root, MODEL_FILE, TEXT_FILE};
@@ -163,21 +163,24 @@ fn cmd_run(args: &Args) -> Result<()> {
         let row = Row {
             policy: spec.family().to_string(),
             label: spec.to_string(),
-            budget_frac: frac,
-            bits: bits_of(spec),
-            ppl,
-            top1_agree: agree,
-            attn_rel_err: errs.iter().sum::<f64>() / errs.len() as f64,
-            attn_rel_err_layers: errs,
-            attn_ms_per_step: d.attn_secs * 1e3 / n as f64,
-            decode_ms_per_step: d.total_secs * 1e3 / n as f64,
+            budget: Budget { frac, bits: bits_of(spec) },
+            quality: Quality {
+                ppl,
+                top1_agree: agree,
+                attn_rel_err: errs.iter().sum::<f64>() / errs.len() as f64,
+                attn_rel_err_layers: errs,
+            },
+            timing: Timing {
+                attn_ms_per_step: d.attn_secs * 1e3 / n as f64,
+                decode_ms_per_step: d.total_secs * 1e3 / n as f64,
+            },
         };
         eprintln!(
             "{:<28} ppl {:8.3}  top-1 {:5.1}%  attn err {:.4}  {:.1} s",
             row.label,
-            row.ppl,
-            row.top1_agree * 100.0,
-            row.attn_rel_err,
+            row.quality.ppl,
+            row.quality.top1_agree * 100.0,
+            row.quality.attn_rel_err,
             d.total_secs
         );
         Ok((row, d.attn, d.top1))
@@ -229,16 +232,15 @@ fn cmd_run(args: &Args) -> Result<()> {
         }
     }
     let report = Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        text: "Jane Austen, Pride and Prejudice (public domain), from Debian's r-cran-janeaustenr 1.0.0-1".into(),
-        model: model_path,
-        device: "CPU (ntkv CPU references)".into(),
-        context: p,
-        continuation: n,
-        prefill_secs,
+        source: Source {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            text: "Jane Austen, Pride and Prejudice (public domain), from Debian's r-cran-janeaustenr 1.0.0-1".into(),
+            model: model_path,
+            device: "CPU (ntkv CPU references)".into(),
+        },
+        setup: Setup { context: p, continuation: n, prefill_secs, passkey_depths: depths },
         rows,
         passkey: passkey_rows,
-        passkey_depths: depths,
     };
     report.write(&out)?;
     println!("{}", report.markdown());

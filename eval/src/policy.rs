@@ -31,17 +31,6 @@ pub const RESIDUAL: usize = 128;
 /// Quantization group size.
 pub const GROUP: usize = 32;
 
-/// The head geometry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Heads {
-    /// Query heads.
-    pub hq: usize,
-    /// Key/value heads.
-    pub hkv: usize,
-    /// Head dimension.
-    pub d: usize,
-}
-
 /// What the prefill leaves for one layer.
 #[derive(Clone, Debug)]
 pub struct PrefillLayer {
@@ -53,6 +42,14 @@ pub struct PrefillLayer {
     pub mass: Vec<f32>,
     /// SnapKV's pooled votes of the last `window` prompt queries, `[Hkv, P − window]`.
     pub snap_scores: Vec<f32>,
+}
+
+/// The head geometry: `hq` query heads over `hkv` key/value heads, of dimension `d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
 }
 
 /// The shared prefill: every layer's cache and scores for a `len`-token prompt.
@@ -481,18 +478,10 @@ impl Mikv {
             // The important tokens: the top `budget` by prompt attention mass (no recent part).
             let keep = h2o_select(&l.mass, hkv, pre.len, budget, 0)?;
             let important: Vec<Vec<u32>> = keep.chunks(budget).map(<[u32]>::to_vec).collect();
-            let kc = MikvCacheCpu::from_prefill(
-                Self::config(Axis::PerChannel, cap, lo_bits),
-                &to_f16(&l.k),
-                &dims,
-                &important,
-            )?;
-            let vc = MikvCacheCpu::from_prefill(
-                Self::config(Axis::PerToken, cap, lo_bits),
-                &to_f16(&l.v),
-                &dims,
-                &important,
-            )?;
+            let cache = |axis, x: &[f32]| {
+                MikvCacheCpu::from_prefill(Self::config(axis, cap, lo_bits), &to_f16(x), &dims, &important)
+            };
+            let (kc, vc) = (cache(Axis::PerChannel, &l.k)?, cache(Axis::PerToken, &l.v)?);
             let mut dense = Dense::from_prefill(l, pre, cap);
             refresh(&mut dense.k, &kc, pre.heads, cap)?;
             refresh(&mut dense.v, &vc, pre.heads, cap)?;

@@ -11,30 +11,42 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
-/// One policy at one budget on the continuation.
+/// One policy at one budget on the continuation: `policy` is the family (`full`,
+/// `streaming`, `h2o`, ...) and `label` the policy with its budget.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    /// Policy family (`full`, `streaming`, `h2o`, ...).
     pub policy: String,
-    /// The policy with its budget, as printed.
     pub label: String,
-    /// Fraction of the prompt kept (or in f16 for MiKV); `None` for full and KIVI.
-    pub budget_frac: Option<f64>,
-    /// Bits of the quantized codes (KIVI, MiKV's low part).
+    pub budget: Budget,
+    pub quality: Quality,
+    pub timing: Timing,
+}
+
+/// `frac`: the fraction of the prompt kept (in f16 for MiKV; `None` for full and KIVI);
+/// `bits`: the bits of the codes (KIVI, MiKV's low part).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Budget {
+    pub frac: Option<f64>,
     pub bits: Option<u32>,
-    /// Perplexity of the continuation.
+}
+
+/// `ppl`: the continuation's perplexity; `top1_agree`: the fraction of positions whose
+/// argmax equals the full cache's; `attn_rel_err_layers`: per layer, the mean relative L2
+/// error of the attention output against the full-cache run at the same layer and step
+/// (errors of earlier layers included), and `attn_rel_err` its mean over layers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Quality {
     pub ppl: f64,
-    /// Fraction of continuation positions whose argmax equals the full cache's.
     pub top1_agree: f64,
-    /// Mean over layers of the mean relative L2 error of the attention output against the
-    /// full-cache run at the same layer and step (errors of earlier layers included).
     pub attn_rel_err: f64,
-    /// The same, per layer.
     pub attn_rel_err_layers: Vec<f64>,
-    /// Milliseconds per decode step in the policy's attention (all layers).
+}
+
+/// Wall milliseconds per decode step: `attn` in the policy's attention (all layers),
+/// `decode` the whole layer-major decode (projections, MLP, logits) divided by the steps.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
     pub attn_ms_per_step: f64,
-    /// Milliseconds per decode step of the whole layer-major decode (projections, MLP,
-    /// logits included), divided by the number of steps.
     pub decode_ms_per_step: f64,
 }
 
@@ -47,29 +59,33 @@ pub struct PasskeyRow {
     pub results: Vec<(usize, usize, usize)>,
 }
 
+/// Where a run's inputs came from: the exact `command`, the `text` source, the `model` file
+/// and the `device` that ran the attention.
+#[derive(Clone, Debug, Serialize)]
+pub struct Source {
+    pub command: String,
+    pub text: String,
+    pub model: String,
+    pub device: String,
+}
+
+/// Prompt (`context`) and scored (`continuation`) tokens, the shared prefill's seconds, and
+/// the passkey depths (fractions of the filler) tried at each passkey length.
+#[derive(Clone, Debug, Serialize)]
+pub struct Setup {
+    pub context: usize,
+    pub continuation: usize,
+    pub prefill_secs: f64,
+    pub passkey_depths: Vec<f64>,
+}
+
 /// Everything one evaluation run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// The exact command line.
-    pub command: String,
-    /// Where the text came from.
-    pub text: String,
-    /// The model file.
-    pub model: String,
-    /// What ran the attention.
-    pub device: String,
-    /// Prompt tokens.
-    pub context: usize,
-    /// Continuation tokens scored.
-    pub continuation: usize,
-    /// Seconds of the shared prefill.
-    pub prefill_secs: f64,
-    /// Continuation rows.
+    pub source: Source,
+    pub setup: Setup,
     pub rows: Vec<Row>,
-    /// Passkey rows.
     pub passkey: Vec<PasskeyRow>,
-    /// Passkey depths (fractions of the filler) tried at each length.
-    pub passkey_depths: Vec<f64>,
 }
 
 /// Colours of the plot's lines, in [`PLOT_FAMILIES`] order.
@@ -87,7 +103,7 @@ pub const PLOT_FAMILIES: [&str; 6] = ["streaming", "h2o", "snapkv", "quest", "mi
 
 impl Report {
     fn full_ppl(&self) -> Option<f64> {
-        self.rows.iter().find(|r| r.policy == "full").map(|r| r.ppl)
+        self.rows.iter().find(|r| r.policy == "full").map(|r| r.quality.ppl)
     }
 
     /// The markdown tables.
@@ -97,12 +113,12 @@ impl Report {
             "SmolLM2-135M-Instruct (Q4_1 GGUF, weights dequantized to f32), {} prompt tokens prefilled once with full \
              attention, then {} continuation tokens teacher-forced through each policy. Text: {}. Attention: {}. \
              Prefill: {:.1} s.\n\n",
-            self.context, self.continuation, self.text, self.device, self.prefill_secs
+            self.setup.context, self.setup.continuation, self.source.text, self.source.device, self.setup.prefill_secs
         );
         s += "| policy | kept | ppl | Δppl | top-1 = full | attn rel err | attn ms/step | decode ms/step |\n";
         s += "|---|---|---|---|---|---|---|---|\n";
         for r in &self.rows {
-            let kept = match (r.budget_frac, r.bits) {
+            let kept = match (r.budget.frac, r.budget.bits) {
                 (Some(f), Some(b)) => format!("{:.0}% f16, rest int{b}", f * 100.0),
                 (Some(f), None) => format!("{:.0}%", f * 100.0),
                 (None, Some(b)) => format!("int{b}"),
@@ -112,12 +128,12 @@ impl Report {
                 "| {} | {} | {:.3} | {:+.2}% | {:.1}% | {:.4} | {:.1} | {:.1} |\n",
                 r.policy,
                 kept,
-                r.ppl,
-                (r.ppl / full - 1.0) * 100.0,
-                r.top1_agree * 100.0,
-                r.attn_rel_err,
-                r.attn_ms_per_step,
-                r.decode_ms_per_step
+                r.quality.ppl,
+                (r.quality.ppl / full - 1.0) * 100.0,
+                r.quality.top1_agree * 100.0,
+                r.quality.attn_rel_err,
+                r.timing.attn_ms_per_step,
+                r.timing.decode_ms_per_step
             );
         }
         if !self.passkey.is_empty() {
@@ -125,7 +141,7 @@ impl Report {
             s += &format!(
                 "\nPasskey retrieval (a 5-digit number at depths {:?} of the filler; retrieved = every answer token \
                  is the argmax):\n\n| policy |",
-                self.passkey_depths
+                self.setup.passkey_depths
             );
             for l in &lens {
                 s += &format!(" {l} |");
@@ -168,8 +184,8 @@ impl Report {
                     .iter()
                     .filter(|r| r.policy == *f)
                     .filter_map(|r| {
-                        let x = r.budget_frac.or(r.bits.map(|b| f64::from(b) / 16.0))?;
-                        Some((x, r.ppl / full))
+                        let x = r.budget.frac.or(r.budget.bits.map(|b| f64::from(b) / 16.0))?;
+                        Some((x, r.quality.ppl / full))
                     })
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -32,7 +32,9 @@ pub fn model(test: &str) -> Option<&'static Loaded> {
             std::env::var("NTKV_REQUIRE_MODEL").as_deref() != Ok("1"),
             "{test}: {MODEL_FILE} is missing and NTKV_REQUIRE_MODEL=1 (run tools/fetch-model.sh)"
         );
-        println!("SKIP {test}: {MODEL_FILE} not fetched (tools/fetch-model.sh)");
+        // Straight to stderr, past libtest's capture, so a plain `cargo test` shows the skip.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP: {test}: {MODEL_FILE} not fetched (tools/fetch-model.sh)");
     }
     loaded.as_ref()
 }
