@@ -7,8 +7,10 @@
     perplexity within 1%;
 (c) the tokenizer: llama.cpp's tokens of the evaluation text equal ntkv-eval's.
 
-Usage: llama-check.py MODEL.gguf LOGITS_DIR TOKENS_DIR WORK_DIR
-  LOGITS_DIR from `ntkv-eval logits`, TOKENS_DIR from `ntkv-eval tokenize`.
+Usage: llama-check.py MODEL.gguf LOGITS_DIR TOKENS_DIR WORK_DIR [Q8_LOGITS_DIR]
+  LOGITS_DIR from `ntkv-eval logits`, TOKENS_DIR from `ntkv-eval tokenize`; Q8_LOGITS_DIR
+  from `ntkv-eval logits --act-q8` (activations rounded as llama.cpp's CPU path rounds them),
+  printed beside (b) for diagnosis.
 Exits non-zero when a bar is missed.
 """
 import json
@@ -65,7 +67,8 @@ def ppl(logits, tokens):
 
 
 def main():
-    model, logits_dir, tokens_dir, work = sys.argv[1:]
+    model, logits_dir, tokens_dir, work = sys.argv[1:5]
+    q8_dir = sys.argv[5] if len(sys.argv) > 5 else None
     os.makedirs(work, exist_ok=True)
     tokens = json.load(open(os.path.join(logits_dir, "tokens.json")))
     ours = np.fromfile(os.path.join(logits_dir, "logits.f32"), dtype=np.float32).astype(np.float64)
@@ -93,6 +96,9 @@ def main():
     print(f"(b) as shipped Q4_1 (llama.cpp's 8-bit activations, f16 KV): ppl llama.cpp {p_q:.4f} ours "
           f"{p_ours:.4f} ({rel_q * 100:.3f}%), top-1 equal {float((q.argmax(1) == ours.argmax(1)).mean()) * 100:.2f}%: "
           f"{'PASS' if b else 'FAIL'}")
+    if q8_dir:
+        q8 = np.fromfile(os.path.join(q8_dir, "logits.f32"), dtype=np.float32).astype(np.float64)
+        print(f"    ours with q8-rounded activations: ppl {ppl(q8.reshape(len(tokens), -1), tokens):.4f}")
 
     text = open(os.path.join(tokens_dir, "text.txt"), encoding="utf-8").read()
     ids = json.load(open(os.path.join(tokens_dir, "ids.json")))

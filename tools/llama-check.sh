@@ -20,6 +20,7 @@ bin="$root/target/release/ntkv-eval"
 work="$cache/llama-check"
 mkdir -p "$work"
 "$bin" logits --tokens "$tokens" --out "$work/logits"
+"$bin" logits --tokens "$tokens" --act-q8 --out "$work/logits-q8"
 "$bin" tokenize --chars 200000 --out "$work/tokens"
 "$venv/bin/python" "$root/tools/llama-check.py" "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
-  "$work/logits" "$work/tokens" "$work"
+  "$work/logits" "$work/tokens" "$work" "$work/logits-q8"

@@ -5,7 +5,7 @@
 //!           [--policies full,streaming,h2o,snapkv,quest,kivi,mikv] [--kivi-bits 4,2]
 //!           [--mikv-bits 2] [--passkey 2048,4096,8192|none] [--passkey-depths 0.5]
 //!           [--window 32] [--threads 2] [--model PATH] [--text PATH] [--out DIR] [--gpu]
-//! ntkv-eval logits --tokens 512 --out DIR     # prefill logits for tools/llama-check.py
+//! ntkv-eval logits --tokens 512 --out DIR [--act-q8]  # prefill logits for tools/llama-check.py
 //! ntkv-eval tokenize --chars 20000 --out DIR  # token ids for tools/llama-check.py
 //! ```
 
@@ -40,7 +40,7 @@ impl Args {
         let mut opts = HashMap::new();
         while let Some(a) = it.next() {
             let key = a.strip_prefix("--").with_context(|| format!("unexpected argument `{a}`"))?.to_string();
-            let value = if key == "gpu" {
+            let value = if key == "gpu" || key == "act-q8" {
                 "1".to_string()
             } else {
                 it.next().with_context(|| format!("--{key} needs a value"))?
@@ -272,7 +272,8 @@ fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + 
 }
 
 fn cmd_logits(args: &Args) -> Result<()> {
-    let (model, tok, _) = load(args)?;
+    let (mut model, tok, _) = load(args)?;
+    model.set_activation_q8(args.opts.contains_key("act-q8"));
     let n = args.usize("tokens", 512)?;
     let ids = tok.encode(&read_text(args)?)?;
     ensure!(ids.len() >= n, "the text has only {} tokens", ids.len());

@@ -39,6 +39,7 @@ pub struct Model {
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
     inv_freq: Vec<f64>,
+    act_q8: bool,
 }
 
 fn vec_of(g: &Gguf, name: &str) -> Result<Vec<f32>> {
@@ -55,6 +56,19 @@ fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
 pub fn linear(x: &[f32], n: usize, w: &Tensor) -> Result<Vec<f32>> {
     let xin = Tensor::from_slice(x, (n, w.dims()[1]), &Device::Cpu)?;
     Ok(xin.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// `x` rounded as llama.cpp's CPU path rounds a quantized matmul's activations: blocks of
+/// 32 along the row, `d = max|x| / 127`, `x ≈ d · round(x / d)` (q8_0 / q8_1).
+pub fn round_q8(x: &[f32]) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for block in out.chunks_mut(32) {
+        let amax = block.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.iter_mut().for_each(|v| *v = (*v * id).round() * d);
+    }
+    out
 }
 
 /// RMSNorm of each `width`-row of `x` times `w` (the sum of squares in f64).
@@ -98,7 +112,22 @@ impl Model {
         }
         let d = cfg.head_dim;
         let inv_freq = (0..d / 2).map(|i| f64::from(cfg.rope_base).powf(-2.0 * i as f64 / d as f64)).collect();
-        Ok(Model { embd, embd_rows, layers, out_norm: vec_of(g, "output_norm.weight")?, inv_freq, cfg })
+        Ok(Model { embd, embd_rows, layers, out_norm: vec_of(g, "output_norm.weight")?, inv_freq, cfg, act_q8: false })
+    }
+
+    /// With `on`, every projection's input is first rounded by [`round_q8`], to reproduce
+    /// llama.cpp's CPU path on the shipped quantized file (off by default: the evaluation
+    /// runs the exact f32 math).
+    pub fn set_activation_q8(&mut self, on: bool) {
+        self.act_q8 = on;
+    }
+
+    fn linear(&self, x: &[f32], n: usize, w: &Tensor) -> Result<Vec<f32>> {
+        if self.act_q8 {
+            linear(&round_q8(x), n, w)
+        } else {
+            linear(x, n, w)
+        }
     }
 
     /// The embedding rows of `tokens`, `[n, embd]`.
@@ -135,9 +164,9 @@ impl Model {
         let layer = &self.layers[l];
         let n = x.len() / self.cfg.embd;
         let h = rms_norm(x, &layer.attn_norm, self.cfg.rms_eps);
-        let mut q = linear(&h, n, &layer.wq)?;
-        let mut k = linear(&h, n, &layer.wk)?;
-        let v = linear(&h, n, &layer.wv)?;
+        let mut q = self.linear(&h, n, &layer.wq)?;
+        let mut k = self.linear(&h, n, &layer.wk)?;
+        let v = self.linear(&h, n, &layer.wv)?;
         self.rope(&mut q, self.cfg.hq, pos0);
         self.rope(&mut k, self.cfg.hkv, pos0);
         Ok((q, k, v))
@@ -148,13 +177,13 @@ impl Model {
     pub fn finish_layer(&self, l: usize, x: &mut [f32], o: &[f32]) -> Result<()> {
         let layer = &self.layers[l];
         let n = x.len() / self.cfg.embd;
-        let attn = linear(o, n, &layer.wo)?;
+        let attn = self.linear(o, n, &layer.wo)?;
         x.iter_mut().zip(&attn).for_each(|(r, a)| *r += a);
         let h = rms_norm(x, &layer.ffn_norm, self.cfg.rms_eps);
-        let gate = linear(&h, n, &layer.gate)?;
-        let up = linear(&h, n, &layer.up)?;
+        let gate = self.linear(&h, n, &layer.gate)?;
+        let up = self.linear(&h, n, &layer.up)?;
         let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-        let down = linear(&act, n, &layer.down)?;
+        let down = self.linear(&act, n, &layer.down)?;
         x.iter_mut().zip(&down).for_each(|(r, d)| *r += d);
         Ok(())
     }
@@ -164,6 +193,6 @@ impl Model {
     pub fn logits(&self, x: &[f32]) -> Result<Vec<f32>> {
         let n = x.len() / self.cfg.embd;
         let h = rms_norm(x, &self.out_norm, self.cfg.rms_eps);
-        linear(&h, n, &self.embd)
+        self.linear(&h, n, &self.embd)
     }
 }
