@@ -194,6 +194,19 @@ fn cmd_run(args: &Args) -> Result<()> {
     drop(pre);
     let lens: Vec<usize> = args.list("passkey", "2048,4096,8192")?;
     let depths: Vec<f64> = args.list("passkey-depths", "0.5")?;
+    let mut report = Report {
+        source: Source {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            text: "Jane Austen, Pride and Prejudice (public domain), from Debian's r-cran-janeaustenr 1.0.0-1".into(),
+            model: model_path,
+            device: "CPU (ntkv CPU references)".into(),
+        },
+        setup: Setup { context: p, continuation: n, prefill_secs, passkey_depths: depths.clone() },
+        rows,
+        passkey: Vec::new(),
+    };
+    // Written now and after each passkey length, so a long run leaves its results as it goes.
+    report.write(&out)?;
     let mut passkey_rows: Vec<PasskeyRow> = Vec::new();
     for &len in &lens {
         ensure!(len <= model.cfg.context, "passkey length {len} exceeds the model's context");
@@ -230,19 +243,9 @@ fn cmd_run(args: &Args) -> Result<()> {
                 }
             }
         }
+        report.passkey = passkey_rows.clone();
+        report.write(&out)?;
     }
-    let report = Report {
-        source: Source {
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            text: "Jane Austen, Pride and Prejudice (public domain), from Debian's r-cran-janeaustenr 1.0.0-1".into(),
-            model: model_path,
-            device: "CPU (ntkv CPU references)".into(),
-        },
-        setup: Setup { context: p, continuation: n, prefill_secs, passkey_depths: depths },
-        rows,
-        passkey: passkey_rows,
-    };
-    report.write(&out)?;
     println!("{}", report.markdown());
     eprintln!("wrote {}/report.json, report.md, quality.png", out.display());
     Ok(())
