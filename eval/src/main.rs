@@ -119,6 +119,9 @@ fn specs(args: &Args, p: usize) -> Result<Vec<(Spec, Option<f64>)>> {
     Ok(out)
 }
 
+/// A full-cache run's attention outputs per layer (`[N, Hq·D]` each) and argmax tokens.
+type Reference = (Vec<Vec<f32>>, Vec<u32>);
+
 fn bits_of(s: Spec) -> Option<u32> {
     match s {
         Spec::Kivi { bits } => Some(bits),
@@ -146,10 +149,7 @@ fn cmd_run(args: &Args) -> Result<()> {
     let (fed, targets) = (&ids[p..p + n], &ids[p + 1..p + n + 1]);
     let threads = args.usize("threads", 2)?.max(1);
     let all = specs(args, p)?;
-    let score = |spec: Spec,
-                 frac: Option<f64>,
-                 reference: Option<&(Vec<Vec<f32>>, Vec<u32>)>|
-     -> Result<(Row, Option<Vec<Vec<f32>>>, Vec<u32>)> {
+    let score = |spec: Spec, frac: Option<f64>, reference: Option<&Reference>| -> Result<(Row, Reference)> {
         let mut pol = policy::build(spec, &pre, p + n)?;
         let d = decode(&model, p, fed, targets, pol.as_mut(), reference.map(|r| r.0.as_slice()), reference.is_none())?;
         let ppl = (d.nll.iter().sum::<f64>() / n as f64).exp();
@@ -183,10 +183,9 @@ fn cmd_run(args: &Args) -> Result<()> {
             row.quality.attn_rel_err,
             d.total_secs
         );
-        Ok((row, d.attn, d.top1))
+        Ok((row, (d.attn.unwrap_or_default(), d.top1)))
     };
-    let (full_row, attn, top1) = score(all[0].0, all[0].1, None)?;
-    let reference = (attn.unwrap_or_default(), top1);
+    let (full_row, reference) = score(all[0].0, all[0].1, None)?;
     let mut rows = vec![full_row];
     for r in par_map(&all[1..], threads, |&(spec, frac)| score(spec, frac, Some(&reference))) {
         rows.push(r?.0);
