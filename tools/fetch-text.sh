@@ -14,7 +14,7 @@ fi
 mkdir -p "$cache" "$root/models"
 deb="$(ls "$cache"/r-cran-janeaustenr_*_all.deb 2>/dev/null | head -1 || true)"
 if [[ -z "$deb" ]]; then
-  # apt-get download works without root; apt-cache needs an index, so update once if empty.
+  # apt-get download needs a package index: update once when the first try finds none.
   (cd "$cache" && apt-get download r-cran-janeaustenr 2>/dev/null) \
     || { apt-get update -qq && (cd "$cache" && apt-get download r-cran-janeaustenr); }
   deb="$(ls "$cache"/r-cran-janeaustenr_*_all.deb | head -1)"
