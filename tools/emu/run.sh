@@ -12,8 +12,8 @@
 #   <family>-large (decode-large attention-large quant-large topk-large; `large` runs all of
 #   them): the production-scale index checks, tools/emu/<family>/<family>_large.cpp, not part
 #   of the default run.
-#   --tsan: a ThreadSanitizer build instead of ASan/UBSan (the deterministic race check:
-#   tools/emu-race.sh).
+#   --tsan (or NTKV_EMU_TSAN=1): a ThreadSanitizer build instead of ASan/UBSan, the
+#   deterministic race check (tools/emu-race.sh runs it over every family).
 # Families that use cp.async (decode, attention, ntk) run twice: NTKV_EMU_CP_ASYNC=lazy (copies
 # land only when a covering wait_group returns) and eager (at issue).
 # Environment: NTKV_EMU_CUDA_DIR=dir runs the kernel sources and headers of dir (a mutated copy
@@ -32,8 +32,8 @@ large=()
 for d in "$here"/*/; do f="$(basename "$d")"; [ -f "$d/${f}_large.cpp" ] && large+=("$f-large"); done
 sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
 tag=""
-if [ "${1:-}" = "--tsan" ]; then
-    shift
+if [ "${1:-}" = "--tsan" ]; then shift; NTKV_EMU_TSAN=1; fi
+if [ "${NTKV_EMU_TSAN:-0}" = 1 ]; then
     # TSan reports races between the emulated threads of a CTA (a missing __syncthreads).
     sanitize=(-fsanitize=thread)
     tag="-tsan"
@@ -65,6 +65,7 @@ for spec in "$@"; do
         decode|attention|ntk) modes=(lazy eager) ;;
         *) modes=(lazy) ;;
     esac
+    [ "${NTKV_EMU_RACE_LAZY_ONLY:-0}" = 1 ] && modes=(lazy)
     for mode in "${modes[@]}"; do
         [ ${#modes[@]} -eq 1 ] || echo "== $family: cp.async $mode"
         if ! NTKV_EMU_CP_ASYNC=$mode "$bin" "${args[@]}"; then
