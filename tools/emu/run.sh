@@ -37,7 +37,7 @@ if [ "${NTKV_EMU_TSAN:-0}" = 1 ]; then
     # TSan reports races between the emulated threads of a CTA (a missing __syncthreads).
     sanitize=(-fsanitize=thread)
     tag="-tsan"
-    export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1 exitcode=66 report_signal_unsafe=0}"
+    export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1 exitcode=66 report_signal_unsafe=0 suppressions=$here/tsan.supp}"
 fi
 [ $# -gt 0 ] || set -- "${all[@]}"
 specs=()

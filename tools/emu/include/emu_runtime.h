@@ -22,8 +22,10 @@
 //    symbol table (function-local statics of functions in an anonymous namespace, in namespace
 //    ntkv, or of the extern "C" ntkv_* kernels: a harness must not add function-local statics
 //    of its own there);
-//  - atomics (std::atomic_ref: lock-free, so also between processes on the shared arena),
-//    __threadfence as a seq_cst fence, __ldcg as a relaxed atomic load.
+//  - atomics (std::atomic_ref: lock-free, so also between processes on the shared arena) and
+//    __ldcg (a relaxed atomic load) on the shared view of global memory; __threadfence as a
+//    seq_cst fence that, in a concurrent launch, also publishes the CTA's stores (the weak
+//    global-memory model of emu_memory.h).
 //
 // Two ways to run a grid (ntkv_emu::launch, LaunchOpts::concurrent):
 //  - 0 (the default): in this process, one CTA after another (x fastest). Global memory may be
@@ -32,9 +34,11 @@
 //    order (with optional random start delays), so that inter-CTA protocols (tickets, queues,
 //    spin-waits on flags) run concurrently; a launch that runs past its timeout is reported as
 //    a deadlock and a CTA that crashes fails the launch. Global memory must then come from
-//    ntkv_emu::dev_alloc (one MAP_SHARED arena, gaps between buffers poisoned for ASan).
-// Not modelled: timing, a weak memory model (stores are visible at once), bank conflicts,
-// register limits, multi-dimensional blocks.
+//    ntkv_emu::dev_alloc (one MAP_SHARED arena, gaps between buffers poisoned for ASan), and
+//    another CTA sees a CTA's plain stores only after a fence or at the end of the launch.
+// LaunchOpts::only runs chosen CTAs of a full grid (the production-scale checks, over
+// ntkv_emu::Reserved address space). See docs/emulator.md.
+// Not modelled: timing, bank conflicts, register limits, multi-dimensional blocks.
 #pragma once
 
 #define NTKV_EMULATE 1
