@@ -22,8 +22,10 @@
 //    symbol table (function-local statics of functions in an anonymous namespace, in namespace
 //    ntkv, or of the extern "C" ntkv_* kernels: a harness must not add function-local statics
 //    of its own there);
-//  - atomics (std::atomic_ref: lock-free, so also between processes on the shared arena),
-//    __threadfence as a seq_cst fence, __ldcg as a relaxed atomic load.
+//  - atomics (std::atomic_ref: lock-free, so also between processes on the shared arena) and
+//    __ldcg (a relaxed atomic load) on the shared view of global memory; __threadfence as a
+//    seq_cst fence that, in a concurrent launch, also publishes the CTA's stores (the weak
+//    global-memory model of emu_memory.h).
 //
 // Two ways to run a grid (ntkv_emu::launch, LaunchOpts::concurrent):
 //  - 0 (the default): in this process, one CTA after another (x fastest). Global memory may be
@@ -32,9 +34,11 @@
 //    order (with optional random start delays), so that inter-CTA protocols (tickets, queues,
 //    spin-waits on flags) run concurrently; a launch that runs past its timeout is reported as
 //    a deadlock and a CTA that crashes fails the launch. Global memory must then come from
-//    ntkv_emu::dev_alloc (one MAP_SHARED arena, gaps between buffers poisoned for ASan).
-// Not modelled: timing, a weak memory model (stores are visible at once), bank conflicts,
-// register limits, multi-dimensional blocks.
+//    ntkv_emu::dev_alloc (one MAP_SHARED arena, gaps between buffers poisoned for ASan), and
+//    another CTA sees a CTA's plain stores only after a fence or at the end of the launch.
+// LaunchOpts::only runs chosen CTAs of a full grid (the production-scale checks, over
+// ntkv_emu::Reserved address space). See docs/emulator.md.
+// Not modelled: timing, bank conflicts, register limits, multi-dimensional blocks.
 #pragma once
 
 #define NTKV_EMULATE 1
@@ -194,32 +198,56 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     if (mask != 0xffffffffu) ntkv_emu::die("__syncwarp with a partial mask is not modelled");
     ntkv_emu::warp_sync();
 }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+#include "emu_memory.h"
+
+inline void __threadfence() {
+    if (ntkv_emu::weak_active) ntkv_emu::weak_publish();
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+}
 inline void __nanosleep(unsigned) { sched_yield(); }
 
 // ---- Atomics --------------------------------------------------------------------------------
-template <typename T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
-inline unsigned atomicAdd(unsigned* p, int v) { return std::atomic_ref<unsigned>(*p).fetch_add((unsigned)v); }
-template <typename T> inline T atomicOr(T* p, T v) { return std::atomic_ref<T>(*p).fetch_or(v); }
-template <typename T> inline T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v); }
+// Every atomic works on the shared view of global memory (ntkv_emu::sync_ptr: the L2 of the
+// weak model, emu_memory.h), and a CTA then sees its own result.
+namespace ntkv_emu {
+template <typename T, typename F> inline T atomic_op(T* p, F&& f) {
+    const T old = f(std::atomic_ref<T>(*sync_ptr(p)));
+    after_atomic(p);
+    return old;
+}
+}  // namespace ntkv_emu
+template <typename T> inline T atomicAdd(T* p, T v) {
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) { return a.fetch_add(v); });
+}
+inline unsigned atomicAdd(unsigned* p, int v) { return atomicAdd(p, (unsigned)v); }
+template <typename T> inline T atomicOr(T* p, T v) {
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) { return a.fetch_or(v); });
+}
+template <typename T> inline T atomicExch(T* p, T v) {
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) { return a.exchange(v); });
+}
 template <typename T> inline T atomicCAS(T* p, T expected, T desired) {
-    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
-    return expected;
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) {
+        a.compare_exchange_strong(expected, desired);
+        return expected;
+    });
 }
 template <typename T> inline T atomicMin(T* p, T v) {
-    std::atomic_ref<T> a(*p);
-    T old = a.load();
-    while (v < old && !a.compare_exchange_weak(old, v)) {}
-    return old;
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) {
+        T old = a.load();
+        while (v < old && !a.compare_exchange_weak(old, v)) {}
+        return old;
+    });
 }
 template <typename T> inline T atomicMax(T* p, T v) {
-    std::atomic_ref<T> a(*p);
-    T old = a.load();
-    while (v > old && !a.compare_exchange_weak(old, v)) {}
-    return old;
+    return ntkv_emu::atomic_op(p, [&](std::atomic_ref<T> a) {
+        T old = a.load();
+        while (v > old && !a.compare_exchange_weak(old, v)) {}
+        return old;
+    });
 }
 template <typename T> inline T __ldcg(const T* p) {
-    return std::atomic_ref<T>(*const_cast<T*>(p)).load(std::memory_order_relaxed);
+    return std::atomic_ref<T>(*const_cast<T*>(ntkv_emu::sync_ptr(p))).load(std::memory_order_relaxed);
 }
 
 namespace ntkv_emu {
@@ -274,15 +302,26 @@ inline const std::vector<Region>& static_shared() {
 }
 
 // ---- Device memory for concurrent launches --------------------------------------------------
-inline unsigned char* arena = nullptr;
-inline size_t arena_size = 0, arena_used = 0;
-
+// (arena, arena_alias, arena_size, arena_used: emu_memory.h)
 inline void arena_init(size_t bytes) {
-    arena_size = bytes;
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) die("mmap of the device arena failed");
+    arena_size = (bytes + PAGE - 1) / PAGE * PAGE;
+    arena_fd = memfd_create("ntkv-emu-arena", 0);
+    if (arena_fd < 0 || ftruncate(arena_fd, (off_t)arena_size) != 0) die("memfd of the device arena failed");
+    void* p = mmap(nullptr, arena_size, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0);
+    void* q = mmap(nullptr, arena_size, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0);
+    if (p == MAP_FAILED || q == MAP_FAILED) die("mmap of the device arena failed");
     arena = (unsigned char*)p;
-    NTKV_EMU_POISON(arena, bytes);
+    arena_alias = (unsigned char*)q;
+    if (weak_model_wanted()) {
+        // The log of stores no fence published: at most every arena byte once per CTA that
+        // wrote it, plus record headers; address space only.
+        const size_t cap = 4 * arena_size;
+        void* l = mmap(nullptr, sizeof(LogHeader) + cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (l == MAP_FAILED) die("mmap of the weak-model log failed");
+        weak_log = new (l) LogHeader{};
+        weak_log->cap = cap;
+    }
+    NTKV_EMU_POISON(arena, arena_size);
 }
 // Frees every buffer (the next case starts from an empty arena).
 inline void arena_reset() {
@@ -308,6 +347,9 @@ struct LaunchOpts {
     bool jitter = false;      // random start delays (concurrent), so tickets are taken in random order
     unsigned seed = 1;
     double timeout_s = 60.0;  // a concurrent launch that takes longer is reported as a deadlock
+    // Production-scale index checks: run only these CTAs of the grid (empty: all of them),
+    // in the order given; the kernel still sees the full gridDim.
+    std::vector<dim3_> only = {};
 };
 
 // Runs CTA (bx, by, bz) with block.x threads in this process.
@@ -343,7 +385,7 @@ inline void run_cta(dim3_ block, uint32_t smem_bytes, unsigned bx, unsigned by, 
 // Runs CTAs in forked processes, at most o.concurrent at once. False (after saying why) when a
 // CTA fails or the launch times out.
 inline bool launch_forked(dim3_ block, uint32_t smem_bytes, const std::function<void()>& kernel, const LaunchOpts& o) {
-    const unsigned total = gridDim.x * gridDim.y * gridDim.z;
+    const unsigned total = o.only.empty() ? gridDim.x * gridDim.y * gridDim.z : (unsigned)o.only.size();
     std::mt19937 rng(o.seed);
     std::vector<pid_t> running;
     const auto t0 = std::chrono::steady_clock::now();
@@ -353,13 +395,16 @@ inline bool launch_forked(dim3_ block, uint32_t smem_bytes, const std::function<
     std::fflush(stderr);
     while ((ok && next < total) || !running.empty()) {
         while (ok && next < total && running.size() < o.concurrent) {
-            const unsigned bx = next % gridDim.x, by = next / gridDim.x % gridDim.y, bz = next / gridDim.x / gridDim.y;
+            unsigned bx = next % gridDim.x, by = next / gridDim.x % gridDim.y, bz = next / gridDim.x / gridDim.y;
+            if (!o.only.empty()) bx = o.only[next].x, by = o.only[next].y, bz = o.only[next].z;
             const unsigned delay = o.jitter ? (unsigned)(rng() % 3000) : 0u;
             const pid_t pid = fork();
             if (pid < 0) die("fork failed");
             if (pid == 0) {
                 if (delay) usleep(delay);
+                weak_begin();
                 run_cta(block, smem_bytes, bx, by, bz, kernel);
+                weak_end();
                 std::fflush(stdout);
                 _exit(0);
             }
@@ -382,10 +427,13 @@ inline bool launch_forked(dim3_ block, uint32_t smem_bytes, const std::function<
                          running.size());
             for (pid_t p : running) kill(p, SIGKILL);
             for (pid_t p : running) waitpid(p, &status, 0);
+            if (weak_log != nullptr) weak_log->used.store(0);
             return false;
         }
         usleep(200);
     }
+    // The end of the launch: every store is visible now.
+    weak_apply_log();
     return ok;
 }
 
@@ -405,9 +453,16 @@ inline bool launch(dim3_ grid, dim3_ block, uint32_t smem_bytes, const std::func
     if (o.concurrent > 0) {
         ok = launch_forked(block, smem_bytes, kernel, o);
     } else {
-        for (unsigned bz = 0; bz < gridDim.z; ++bz)
-            for (unsigned by = 0; by < gridDim.y; ++by)
-                for (unsigned bx = 0; bx < gridDim.x; ++bx) run_cta(block, smem_bytes, bx, by, bz, kernel);
+        if (!o.only.empty()) {
+            for (const dim3_& c : o.only) {
+                if (c.x >= gridDim.x || c.y >= gridDim.y || c.z >= gridDim.z) throw std::runtime_error("chosen CTA outside the grid");
+                run_cta(block, smem_bytes, c.x, c.y, c.z, kernel);
+            }
+        } else {
+            for (unsigned bz = 0; bz < gridDim.z; ++bz)
+                for (unsigned by = 0; by < gridDim.y; ++by)
+                    for (unsigned bx = 0; bx < gridDim.x; ++bx) run_cta(block, smem_bytes, bx, by, bz, kernel);
+        }
     }
     NTKV_EMU_UNPOISON(smem_ptr, SMEM_CAP);
     return ok;
