@@ -294,49 +294,46 @@ void known_answers() {
     CHECK(__half2float(sc[0]) == 1.0f && __half2float(sc[1]) == 2.0f, "per-channel known answer scales");
 }
 
+// The flags of a 4-bit, group-32 quantize (per channel or per token) of x, [H, 64, 64] f32, and
+// of the f32 scan of its first n_scan values.
+void flags_of(bool per_channel, size_t H, const std::vector<float>& x, uint64_t n_scan, unsigned long long (&qf)[2],
+              unsigned long long (&sf)[2]) {
+    const size_t Tn = 64, D = 64;
+    NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
+    std::vector<uint32_t> codes(H * Tn * D / 8);
+    std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
+    qf[0] = qf[1] = sf[0] = sf[1] = 0;
+    quantize(per_channel, 2, 2, 64, p, x, codes, s, m, qf);
+    emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(NtkvQuantScanParams{n_scan}, x.data(), sf); });
+}
+
 void flag_cases() {
     Rng rng{2};
     // Flags hold ~(lowest bad flat index), 0 for none: NaN/Inf in slot 0, |x| >= 65520 in
-    // slot 1, in the quantize kernels and the scan alike.
-    for (int per_channel = 0; per_channel < 2; ++per_channel) {
-        const size_t H = 2, Tn = 64, D = 64;
-        std::vector<float> x = data<float>(rng, H * Tn * D, D);
-        x[3000] = NAN;
-        x[5000] = INFINITY;
-        x[1000] = -1e6f;
-        NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
-        std::vector<uint32_t> codes(H * Tn * D / 8);
-        std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
-        unsigned long long flags[2] = {0, 0};
-        quantize(per_channel, 2, 2, 64, p, x, codes, s, m, flags);
-        CHECK(flags[0] == ~3000ull && flags[1] == ~1000ull, "quantize flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1], per_channel);
-        unsigned long long sf[2] = {0, 0};
-        NtkvQuantScanParams sp{H * Tn * D - 3};
-        emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(sp, x.data(), sf); });
-        CHECK(sf[0] == ~3000ull && sf[1] == ~1000ull, "scan flags %llu %llu", ~sf[0], ~sf[1]);
-    }
-    // The range limit at its exact boundary: 65520 (the smallest f32 that rounds to infinity in
-    // f16) and -65520 are flagged, the f32 just below it is not, in the quantize kernels and the
-    // scan alike.
-    for (int per_channel = 0; per_channel < 2; ++per_channel) {
-        const size_t H = 1, Tn = 64, D = 64;
-        std::vector<float> x = data<float>(rng, H * Tn * D, D);
-        x[700] = std::nextafter(65520.0f, 0.0f);
-        x[701] = -std::nextafter(65520.0f, 0.0f);
-        x[1500] = 65520.0f;
-        x[2500] = -65520.0f;
-        NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
-        std::vector<uint32_t> codes(H * Tn * D / 8);
-        std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
-        unsigned long long flags[2] = {0, 0};
-        quantize(per_channel, 2, 1, 64, p, x, codes, s, m, flags);
-        CHECK(flags[0] == 0 && flags[1] == ~1500ull, "range boundary flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1],
-              per_channel);
-        x[1500] = 1.0f;
-        unsigned long long sf[2] = {0, 0};
-        emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(NtkvQuantScanParams{H * Tn * D}, x.data(), sf); });
-        CHECK(sf[0] == 0 && sf[1] == ~2500ull, "range boundary scan flags %llu %llu", ~sf[0], ~sf[1]);
-    }
+    // slot 1, in the quantize kernels and the scan alike. Second, the range limit at its exact
+    // boundary: 65520 (the smallest f32 that rounds to infinity in f16) and -65520 are
+    // flagged, the f32 just below it is not (the scan stops before 1500 there).
+    const float below = std::nextafter(65520.0f, 0.0f);
+    struct Scenario {
+        size_t H;
+        std::vector<std::pair<size_t, float>> set;
+        uint64_t scan_less;
+        unsigned long long q0, q1, s0, s1;
+    };
+    const Scenario scenarios[] = {
+        {2, {{3000, NAN}, {5000, INFINITY}, {1000, -1e6f}}, 3, ~3000ull, ~1000ull, ~3000ull, ~1000ull},
+        {1, {{700, below}, {701, -below}, {1500, 65520.0f}, {2500, -65520.0f}}, 0, 0, ~1500ull, 0, ~1500ull},
+        {1, {{700, below}, {701, -below}, {2500, -65520.0f}}, 0, 0, ~2500ull, 0, ~2500ull},
+    };
+    for (const Scenario& sc : scenarios)
+        for (int per_channel = 0; per_channel < 2; ++per_channel) {
+            std::vector<float> x = data<float>(rng, sc.H * 64 * 64, 64);
+            for (const auto& [i, v] : sc.set) x[i] = v;
+            unsigned long long qf[2], sf[2];
+            flags_of(per_channel, sc.H, x, sc.H * 64 * 64 - sc.scan_less, qf, sf);
+            CHECK(qf[0] == sc.q0 && qf[1] == sc.q1, "quantize flags: %llu %llu (per_channel %d)", ~qf[0], ~qf[1], per_channel);
+            CHECK(sf[0] == sc.s0 && sf[1] == sc.s1, "scan flags %llu %llu", ~sf[0], ~sf[1]);
+        }
     // The scan's scalar tail (n not a multiple of the vector width) in f16.
     std::vector<__half> h(37, __float2half_rn(1.0f));
     h[36] = __float2half_rn(INFINITY);
