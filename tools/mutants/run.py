@@ -15,6 +15,7 @@ Usage:
   tools/mutants/run.py --sample N --seed S  a rotating sample of N (CI: S = day number)
   tools/mutants/run.py --list               list them, run nothing
   tools/mutants/run.py --check              check that every mutant applies, run nothing
+  tools/mutants/run.py --cached             the table of cached verdicts, run nothing
 Results are cached under target/mutants-cache, keyed by the bytes of everything the run reads
 (the mutated cuda/, tools/emu/include, tools/emu/run.sh and the case's harness directory, the
 case and the environment), so an unchanged mutant or
@@ -34,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -137,10 +139,16 @@ class Outcome:
     cached: bool = False
 
 
+# A line of an emulator run that already decides the verdict: a failed check of any harness, or
+# a sanitizer / emulator abort.
+FAIL_MARKS = ("FAIL", "ERROR: AddressSanitizer", "runtime error:", "ThreadSanitizer", "emu: ")
+
+
 def emulate(cuda: Path, case: str, env: dict[str, str], modes: list[str], scratch: Path,
-            timeout: float, log: Path) -> tuple[int | None, bool]:
-    """Runs tools/emu/run.sh CASE on kernel tree CUDA. Returns (exit status or None on
-    timeout, whether the harness was built)."""
+            timeout: float, log: Path, stop_at_fail: bool) -> tuple[int | None, bool, bool]:
+    """Runs tools/emu/run.sh CASE on kernel tree CUDA. Returns (exit status, or None on
+    timeout; whether the harness was built; whether the run was cut short at its first
+    failure, which stop_at_fail asks for: a mutant needs one failing check, not all of them)."""
     tmp = scratch / "tmp"
     tmp.mkdir(exist_ok=True)
     full = dict(os.environ)
@@ -150,15 +158,43 @@ def emulate(cuda: Path, case: str, env: dict[str, str], modes: list[str], scratc
         # Honoured by run.sh where it supports a mode restriction; harmless otherwise.
         full["NTKV_EMU_MODES"] = " ".join(modes)
     family = case.split("=", 1)[0]
+    timed_out = threading.Event()
+    cut = False
     with log.open("wb") as out:
+        p = subprocess.Popen(["bash", str(RUN_SH), case], env=full, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+
+        def stop() -> None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        def expire() -> None:
+            timed_out.set()
+            stop()
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
         try:
-            p = subprocess.run(["bash", str(RUN_SH), case], env=full, stdout=out,
-                               stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True)
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+            for line in p.stdout:
+                out.write(line)
+                text = line.decode(errors="replace")
+                if stop_at_fail and not cut and (text.lstrip().startswith(FAIL_MARKS[0])
+                                                 or any(m in text for m in FAIL_MARKS[1:])):
+                    out.flush()
+                    cut = True
+                    stop()
+            rc = p.wait()
+        finally:
+            timer.cancel()
+            if p.poll() is None:
+                stop()
+                p.wait()
     built = any(tmp.glob(f"ntkv-emu-*/{family}-emu"))
-    return rc, built
+    if cut:
+        return 1, built, True
+    return (None if timed_out.is_set() else rc), built, False
 
 
 def cached(key: str, use_cache: bool) -> Outcome | None:
@@ -189,7 +225,7 @@ def baseline(m: Mutant, timeout: float, use_cache: bool, seen: dict) -> Outcome:
             scratch = Path(d)
             log = scratch / "log"
             t = time.monotonic()
-            rc, _ = emulate(ROOT / "cuda", m.case, m.env, m.modes, scratch, timeout, log)
+            rc, _, _ = emulate(ROOT / "cuda", m.case, m.env, m.modes, scratch, timeout, log, False)
             ok = rc == 0
             if rc is not None and rc < 0 and -rc in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP):
                 o = Outcome("error", time.monotonic() - t, f"the baseline run was stopped by signal {-rc}")
@@ -200,6 +236,20 @@ def baseline(m: Mutant, timeout: float, use_cache: bool, seen: dict) -> Outcome:
             store(key, o, log)
     seen[ident] = o
     return o
+
+
+def cached_one(m: Mutant) -> Outcome:
+    """The cached verdict of a mutant on the current tree, or `not run`."""
+    with tempfile.TemporaryDirectory(prefix="ntkv-mutant-") as d:
+        cuda = Path(d) / "cuda"
+        shutil.copytree(ROOT / "cuda", cuda)
+        target = cuda / m.file.removeprefix("cuda/")
+        try:
+            target.write_text(mutate(target.read_text(), m.edits))
+        except MutantError as e:
+            return Outcome("error", 0.0, str(e))
+        o = cached("mut-" + tree_digest(cuda, m.case, m.env | {"modes": ",".join(m.modes)}), True)
+        return o if o is not None else Outcome("not run", 0.0)
 
 
 def run_one(m: Mutant, timeout: float, use_cache: bool, keep: bool, seen: dict) -> Outcome:
@@ -221,7 +271,7 @@ def run_one(m: Mutant, timeout: float, use_cache: bool, keep: bool, seen: dict) 
             return o
         log = scratch / "log"
         t = time.monotonic()
-        rc, built = emulate(cuda, m.case, m.env, m.modes, scratch, timeout, log)
+        rc, built, _ = emulate(cuda, m.case, m.env, m.modes, scratch, timeout, log, True)
         secs = time.monotonic() - t
         if rc is None:
             # A hang is a failure the harness would report (launches time out on deadlock).
@@ -283,6 +333,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true",
                     help="only check that every selected mutant parses and its edits apply")
     ap.add_argument("--no-cache", action="store_true", help="ignore cached results")
+    ap.add_argument("--cached", action="store_true",
+                    help="report the cached verdicts on the current tree; run nothing")
     ap.add_argument("--keep-logs", action="store_true", help="copy each run's log to target/mutants-cache/logs")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per emulator run (default 1200)")
     ap.add_argument("--suite", type=Path, help="read mutants from this directory instead (held-out sets)")
@@ -315,7 +367,7 @@ def main() -> int:
     rows, seen = [], {}
     t0 = time.monotonic()
     for m in chosen:
-        o = run_one(m, args.timeout, not args.no_cache, args.keep_logs, seen)
+        o = cached_one(m) if args.cached else run_one(m, args.timeout, not args.no_cache, args.keep_logs, seen)
         rows.append((m, o))
         note = f"  [{o.detail}]" if o.detail else ""
         print(f"{o.status:8} {m.name} ({o.seconds:.0f} s{', cached' if o.cached else ''}){note}", flush=True)
@@ -323,7 +375,7 @@ def main() -> int:
     print(table(rows))
     killed = sum(o.status == "killed" for _, o in rows)
     survived = [m.name for m, o in rows if o.status == "survived"]
-    errors = [m.name for m, o in rows if o.status == "error"]
+    errors = [m.name for m, o in rows if o.status in ("error", "not run")]
     print(f"\n{killed} of {len(rows)} killed, {len(survived)} survived, {len(errors)} errors "
           f"({time.monotonic() - t0:.0f} s)")
     for m in survived:
