@@ -182,6 +182,16 @@ std::unique_ptr<T[]> dup(const std::vector<T>& x) {
     return p;
 }
 
+// Bounds from the measured error of each path (the largest over every case of the full run,
+// both cp.async modes), at a small multiple; see run_case for what each one measures.
+// lse: max |dlse| measured 2.05e-6 (the old bound, 1e-3 + 1e-4 |lse|, was about 500 times that).
+constexpr double kLseAbs = 1e-5, kLseRel = 0;
+// o against the reference rounded to the storage dtype, largest measured: f16 2.84e-4, bf16
+// Split 1.29e-4, bf16 Storage 2.2e-3. The Split bound matters most: against the unrounded
+// reference its error (1.5-1.7e-3) is the output rounding, so a Split that loses its residual
+// on some tiles stayed under 2e-3 there, and here shows as 1e-3 or more.
+constexpr double kRoundedTolF16 = 5e-4, kRoundedTolSplit = 3e-4, kRoundedTolBf16 = 3e-3;
+
 template <typename T>
 bool run_case(const Cfg& c, bool split) {
     std::vector<uint32_t> cu_q{0}, cu_k{0};
@@ -250,9 +260,25 @@ bool run_case(const Cfg& c, bool split) {
     ntkv_emu::launch(dim3_{n_items, 1, 1}, dim3_{c.BR * 2, 1, 1}, smem_bytes, [&] {
         kern(p, itd.get(), bld.get(), tmd.get(), qd.get(), kd.get(), vd.get(), od.get(), lsed.get());
     });
+    // Reproducibility (the fixed reduction order): a second launch writes the same bits.
+    {
+        auto o2 = dup(std::vector<T>(q.size(), ntkv::from_f32<T>(NAN)));
+        auto l2 = dup(std::vector<float>(rl.size(), NAN));
+        ntkv_emu::launch(dim3_{n_items, 1, 1}, dim3_{c.BR * 2, 1, 1}, smem_bytes, [&] {
+            kern(p, itd.get(), bld.get(), tmd.get(), qd.get(), kd.get(), vd.get(), o2.get(), l2.get());
+        });
+        if (std::memcmp(o2.get(), od.get(), q.size() * sizeof(T)) != 0 ||
+            std::memcmp(l2.get(), lsed.get(), rl.size() * sizeof(float)) != 0) {
+            std::printf("  a second launch wrote different bits\n");
+            return false;
+        }
+    }
 
-    ntkv_emu::RelL2 o_err;
-    double lse_err = 0;
+    // o_err: against the f64 reference; r_err: against that reference rounded to the storage
+    // dtype, which removes the output rounding every path shares and leaves the error of the
+    // path itself (P rounded to the storage dtype, or split into hi + lo, and f32 sums).
+    ntkv_emu::RelL2 o_err, r_err;
+    double lse_err = 0, lse_rel = 0;
     bool ok = true;
     size_t empty_rows = 0, bad_printed = 0;
     size_t nan_rows = 0;
@@ -272,6 +298,7 @@ bool run_case(const Cfg& c, bool split) {
             continue;
         }
         o_err.add(g, ro[i]);
+        r_err.add(g, ntkv::to_f32(ntkv::from_f32<T>((float)ro[i])));
     }
     for (size_t i = 0; i < rl.size(); ++i) {
         const double g = lsed[i];
@@ -294,21 +321,23 @@ bool run_case(const Cfg& c, bool split) {
             continue;
         }
         const double e = std::fabs(g - rl[i]);
-        if (!(e <= 1e-3 + 1e-4 * std::fabs(rl[i]))) {
-            if (bad_printed++ < 6) std::printf("  lse (head %zu token %zu) = %g, want %g\n", h, tok, g, rl[i]);
+        if (!(e <= kLseAbs + kLseRel * std::fabs(rl[i]))) {
+            if (bad_printed++ < 6) std::printf("  lse (head %zu token %zu) = %.9g, want %.9g\n", h, tok, g, rl[i]);
             ok = false;
         }
-        if (!std::isnan(e)) lse_err = std::max(lse_err, e);
+        if (!std::isnan(e)) lse_err = std::max(lse_err, e), lse_rel = std::max(lse_rel, e / std::max(1.0, std::fabs(rl[i])));
     }
-    const double rel = o_err.value();
+    const double rel = o_err.value(), rrel = r_err.value();
+    const double rtol = std::is_same<T, __half>::value ? kRoundedTolF16 : split ? kRoundedTolSplit : kRoundedTolBf16;
+    if (!(rrel <= rtol)) ok = false;
     // SPEC: 5e-4 (f16), 2e-3 (bf16). bf16 without the split P (PvPrecision::Storage) is
     // documented to miss 2e-3 (about 2.2e-3 on N(0, 1) data); it is held to 3e-3 here.
     const double tol = std::is_same<T, __half>::value ? 5e-4 : split ? 2e-3 : 3e-3;
     if (!(rel <= tol)) ok = false;
     std::printf("%-4s %-5s%-6s %-34s D%-3u BR%-3u BC%-3u Hq%u Hkv%u items %-3u blocks %-3zu empty rows %-4zu NaN rows %-3zu: rel L2 %.2e "
-                "(tol %.0e), max |dlse| %.2e\n",
+                "(tol %.0e), vs rounded %.2e (tol %.0e), max |dlse| %.2e\n",
                 ok ? "ok" : "FAIL", std::is_same<T, __half>::value ? "f16" : "bf16", split ? "split" : "", c.name, D, c.BR,
-                c.BC, c.Hq, c.Hkv, n_items, plan.blocks.size() / BLOCK_WORDS, empty_rows, nan_rows, rel, tol, lse_err);
+                c.BC, c.Hq, c.Hkv, n_items, plan.blocks.size() / BLOCK_WORDS, empty_rows, nan_rows, rel, tol, rrel, rtol, lse_err);
     std::fflush(stdout);
     return ok;
 }

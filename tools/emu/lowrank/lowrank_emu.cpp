@@ -70,6 +70,11 @@ void rope_kernel(uint32_t D, const NtkvLowrankRopeParams& p, const T* u, const T
     }
 }
 
+// Max abs error of rope_sincos measured over the sweep of sincos_case: 8.0e-8 (the f32
+// polynomials); 4e-7 is 5 times that. Dropping the reduction's low term of pi/2 costs
+// k * 6.1e-11, about 6e-4 at 2^24.
+constexpr double kSinCosBound = 4e-7;
+
 template <typename T>
 double tol() {
     if (std::is_same<T, __half>::value) return 5e-4;
@@ -210,11 +215,29 @@ bool cast_case(uint32_t B, uint32_t rows, uint32_t cols) {
     return ok;
 }
 
+// rope_sincos (the kernel's device function) against f64 sin / cos of the same f32 angle, from
+// 0 up to the 2^24 * inv_freq[0] angles of the largest positions: the two-term Cody-Waite
+// reduction has to keep the error at the polynomial's level over the whole range.
+bool sincos_case() {
+    double worst = 0, worst_ang = 0;
+    for (int i = 0; i <= 200000; ++i) {
+        const float ang = i < 100000 ? (float)i * 1e-3f : std::ldexp(1.0f + (float)(rng() % 1000000) * 1e-6f, (int)(rng() % 25));
+        float sn, cs;
+        rope_sincos(ang, sn, cs);
+        const double e = std::max(std::fabs(sn - std::sin((double)ang)), std::fabs(cs - std::cos((double)ang)));
+        if (e > worst) worst = e, worst_ang = ang;
+    }
+    const bool ok = worst <= kSinCosBound;
+    std::printf("%-4s rope_sincos vs f64, angles to 2^25: max abs err %.2e at %.7g (bound %.0e)\n", ok ? "ok" : "FAIL", worst,
+                worst_ang, kSinCosBound);
+    return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-    bool ok = true;
+    bool ok = sincos_case();
     ok &= rope_case<__nv_bfloat16>({1, 100, 2, 128, 7, 100, false, {0, 99}}, "bf16 r7 compact, tile 64 + partial");
     ok &= rope_case<__half>({2, 77, 3, 64, 33, 77, true, {0}}, "f16 r33 (2 rank chunks) gathered");
     ok &= rope_case<float>({1, 50, 1, 256, 1, 50, false, {0}}, "f32 r1 D256 compact (tiles of 32)");

@@ -4,6 +4,9 @@
 // tests/quant_cpu.rs. Catches indexing, bounds, alignment, shuffle-reduction and flag bugs
 // that cannot be run on the GPU from a machine without one.
 #include "quant.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
+// common.cu has no family of its own: its finiteness scan is the first half of the contract
+// quant's scan extends (NaN/Inf, lowest index), so its kernels are checked here too.
+#include "common.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -291,27 +294,46 @@ void known_answers() {
     CHECK(__half2float(sc[0]) == 1.0f && __half2float(sc[1]) == 2.0f, "per-channel known answer scales");
 }
 
+// The flags of a 4-bit, group-32 quantize (per channel or per token) of x, [H, 64, 64] f32, and
+// of the f32 scan of its first n_scan values.
+void flags_of(bool per_channel, size_t H, const std::vector<float>& x, uint64_t n_scan, unsigned long long (&qf)[2],
+              unsigned long long (&sf)[2]) {
+    const size_t Tn = 64, D = 64;
+    NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
+    std::vector<uint32_t> codes(H * Tn * D / 8);
+    std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
+    qf[0] = qf[1] = sf[0] = sf[1] = 0;
+    quantize(per_channel, 2, 2, 64, p, x, codes, s, m, qf);
+    emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(NtkvQuantScanParams{n_scan}, x.data(), sf); });
+}
+
 void flag_cases() {
     Rng rng{2};
     // Flags hold ~(lowest bad flat index), 0 for none: NaN/Inf in slot 0, |x| >= 65520 in
-    // slot 1, in the quantize kernels and the scan alike.
-    for (int per_channel = 0; per_channel < 2; ++per_channel) {
-        const size_t H = 2, Tn = 64, D = 64;
-        std::vector<float> x = data<float>(rng, H * Tn * D, D);
-        x[3000] = NAN;
-        x[5000] = INFINITY;
-        x[1000] = -1e6f;
-        NtkvQuantParams p = dense_params(H, Tn, D, 4, 32);
-        std::vector<uint32_t> codes(H * Tn * D / 8);
-        std::vector<__half> s(H * Tn * D / 32), m(H * Tn * D / 32);
-        unsigned long long flags[2] = {0, 0};
-        quantize(per_channel, 2, 2, 64, p, x, codes, s, m, flags);
-        CHECK(flags[0] == ~3000ull && flags[1] == ~1000ull, "quantize flags: %llu %llu (per_channel %d)", ~flags[0], ~flags[1], per_channel);
-        unsigned long long sf[2] = {0, 0};
-        NtkvQuantScanParams sp{H * Tn * D - 3};
-        emu::launch(3, 1, 64, [&] { ntkv_quant_scan_f32(sp, x.data(), sf); });
-        CHECK(sf[0] == ~3000ull && sf[1] == ~1000ull, "scan flags %llu %llu", ~sf[0], ~sf[1]);
-    }
+    // slot 1, in the quantize kernels and the scan alike. Second, the range limit at its exact
+    // boundary: 65520 (the smallest f32 that rounds to infinity in f16) and -65520 are
+    // flagged, the f32 just below it is not (the scan stops before 1500 there).
+    const float below = std::nextafter(65520.0f, 0.0f);
+    struct Scenario {
+        size_t H;
+        std::vector<std::pair<size_t, float>> set;
+        uint64_t scan_less;
+        unsigned long long q0, q1, s0, s1;
+    };
+    const Scenario scenarios[] = {
+        {2, {{3000, NAN}, {5000, INFINITY}, {1000, -1e6f}}, 3, ~3000ull, ~1000ull, ~3000ull, ~1000ull},
+        {1, {{700, below}, {701, -below}, {1500, 65520.0f}, {2500, -65520.0f}}, 0, 0, ~1500ull, 0, ~1500ull},
+        {1, {{700, below}, {701, -below}, {2500, -65520.0f}}, 0, 0, ~2500ull, 0, ~2500ull},
+    };
+    for (const Scenario& sc : scenarios)
+        for (int per_channel = 0; per_channel < 2; ++per_channel) {
+            std::vector<float> x = data<float>(rng, sc.H * 64 * 64, 64);
+            for (const auto& [i, v] : sc.set) x[i] = v;
+            unsigned long long qf[2], sf[2];
+            flags_of(per_channel, sc.H, x, sc.H * 64 * 64 - sc.scan_less, qf, sf);
+            CHECK(qf[0] == sc.q0 && qf[1] == sc.q1, "quantize flags: %llu %llu (per_channel %d)", ~qf[0], ~qf[1], per_channel);
+            CHECK(sf[0] == sc.s0 && sf[1] == sc.s1, "scan flags %llu %llu", ~sf[0], ~sf[1]);
+        }
     // The scan's scalar tail (n not a multiple of the vector width) in f16.
     std::vector<__half> h(37, __float2half_rn(1.0f));
     h[36] = __float2half_rn(INFINITY);
@@ -427,6 +449,42 @@ void mikv_rows_cases() {
             }
 }
 
+// common.cu: ntkv_find_nonfinite (each dtype; the lowest bad index wins whatever the grid;
+// the last element counts and the one past n does not) and ntkv_copy_vec16 (a grid-stride
+// copy of exactly n_vec16 vectors).
+template <typename T>
+void finite_case(uint32_t dtype) {
+    const size_t n = 1000;
+    std::vector<T> x(n + 1, cast<T>(1.0f));
+    auto first_bad = [&](size_t len, unsigned blocks) {
+        unsigned long long r = ~0ull;
+        emu::launch(blocks, 1, 64, [&] { ntkv_find_nonfinite(NtkvFiniteCheckParams{len, dtype, 0}, x.data(), &r); });
+        return r;
+    };
+    CHECK(first_bad(n, 3) == ~0ull, "find_nonfinite dtype %u: flagged clean input", dtype);
+    x[n] = cast<T>(NAN);
+    CHECK(first_bad(n, 3) == ~0ull, "find_nonfinite dtype %u: read past n", dtype);
+    x[n - 1] = cast<T>(-INFINITY);
+    CHECK(first_bad(n, 2) == n - 1, "find_nonfinite dtype %u: last element", dtype);
+    x[700] = cast<T>(INFINITY);
+    x[130] = cast<T>(NAN);
+    CHECK(first_bad(n, 2) == 130 && first_bad(n, 5) == 130, "find_nonfinite dtype %u: lowest index", dtype);
+}
+
+void common_cases() {
+    finite_case<float>(0);
+    finite_case<__half>(1);
+    finite_case<__nv_bfloat16>(2);
+    const size_t n = 77;
+    std::vector<uint4> src(n + 1), dst(n + 1, uint4{0xAu, 0xAu, 0xAu, 0xAu});
+    for (size_t i = 0; i < src.size(); ++i) src[i] = uint4{(uint32_t)i, (uint32_t)(3 * i), ~(uint32_t)i, 7u};
+    emu::launch(2, 1, 32, [&] { ntkv_copy_vec16(NtkvCopyParams{n}, src.data(), dst.data()); });
+    for (size_t i = 0; i <= n; ++i) {
+        const uint4 want = i < n ? src[i] : uint4{0xAu, 0xAu, 0xAu, 0xAu};
+        CHECK(std::memcmp(&dst[i], &want, sizeof want) == 0, "copy_vec16 vector %zu", i);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -435,6 +493,7 @@ int main(int argc, char** argv) {
     flag_cases();
     region_case();
     mikv_rows_cases();
+    common_cases();
     Rng rng{42};
     random_dense_cases<float>(rng, count);
     random_dense_cases<__half>(rng, count);
@@ -446,6 +505,15 @@ int main(int argc, char** argv) {
     std::vector<float> z(2 * 64, 0.0f);
     for (size_t i = 0; i < z.size(); i += 3) z[i] = -0.0f;
     dense_case<float>(rng, 1, 2, 64, 4, 32, false, 32, 1, 1, &z);
+    // Exact ties: a group spanning 0..15 has scale 1, so k + 0.5 lies halfway between two codes
+    // and must round to the even one, per token and per channel.
+    auto tie = [](size_t i) { return i % 32 == 0 ? 0.0f : i % 32 == 1 ? 15.0f : (float)(i % 15) + 0.5f; };
+    std::vector<float> ties(2 * 64), ties_pc(2 * 64);
+    for (size_t i = 0; i < ties.size(); ++i) ties[i] = tie(i);
+    for (size_t t = 0; t < 64; ++t)
+        for (size_t c = 0; c < 2; ++c) ties_pc[t * 2 + c] = tie(t + 7 * c);  // groups run along tokens
+    dense_case<float>(rng, 1, 2, 64, 4, 32, false, 32, 1, 1, &ties);
+    dense_case<float>(rng, 1, 64, 2, 4, 32, true, 32, 1, 1, &ties_pc);
     if (failures == 0) std::printf("quant emulation: all checks passed\n");
     return failures == 0 ? 0 : 1;
 }

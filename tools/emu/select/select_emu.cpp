@@ -174,6 +174,21 @@ bool expand_case(const char* name, Expand c, uint32_t grid) {
     }
     if (!ptr_ok) ++bad;
     for (size_t i = total; i < indices.size(); ++i) bad += indices[i] != kNone - 2;
+    // Pass 1's own outputs: intervals that overlap or touch are merged, so row r's intervals are
+    // exactly the maximal runs of consecutive tokens, in order, with their offsets in the row.
+    for (uint32_t r = 0; r < c.rows; ++r) {
+        uint32_t m = 0, at = 0;
+        bool row_ok = counts[r] == want[r].size();
+        for (size_t i = 0; i < want[r].size() && row_ok; ++m) {
+            size_t j = i + 1;
+            while (j < want[r].size() && want[r][j] == want[r][j - 1] + 1) ++j;
+            const unsigned long long w = ((unsigned long long)want[r][i] << 32) | (want[r][j - 1] + 1ull);
+            row_ok = m < c.kb && iv[(size_t)r * c.kb + m] == w && off[(size_t)r * c.kb + m] == at;
+            at += (uint32_t)(j - i);
+            i = j;
+        }
+        bad += !(row_ok && n_iv[r] == m);
+    }
     std::printf("%-4s expand   %-32s rows=%u kb=%u nb=%u t=%u %s grid=%u tokens=%zu\n", bad ? "FAIL" : "ok", name,
                 c.rows, c.kb, c.nb, c.t,
                 c.block_size ? ("block=" + std::to_string(c.block_size)).c_str() : (c.map_shared ? "ranges-shared" : "ranges-per-row"),
