@@ -66,6 +66,9 @@ for spec in "$@"; do
         *) modes=(lazy) ;;
     esac
     [ "${NTKV_EMU_RACE_LAZY_ONLY:-0}" = 1 ] && modes=(lazy)
+    # A mutant that plants a cp.async bug may name the modes that expose it (NTKV_EMU_MODES).
+    # shellcheck disable=SC2206
+    [ -n "${NTKV_EMU_MODES:-}" ] && modes=(${NTKV_EMU_MODES//,/ })
     for mode in "${modes[@]}"; do
         [ ${#modes[@]} -eq 1 ] || echo "== $family: cp.async $mode"
         if ! NTKV_EMU_CP_ASYNC=$mode "$bin" "${args[@]}"; then
