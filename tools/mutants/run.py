@@ -238,16 +238,24 @@ def baseline(m: Mutant, timeout: float, use_cache: bool, seen: dict) -> Outcome:
     return o
 
 
+def mutated_copy(m: Mutant, cuda: Path):
+    """Copies cuda/ to `cuda` with the mutant applied; an `error` outcome when it does not apply."""
+    shutil.copytree(ROOT / "cuda", cuda)
+    target = cuda / m.file.removeprefix("cuda/")
+    try:
+        target.write_text(mutate(target.read_text(), m.edits))
+    except MutantError as e:
+        return Outcome("error", 0.0, str(e))
+    return None
+
+
 def cached_one(m: Mutant) -> Outcome:
     """The cached verdict of a mutant on the current tree, or `not run`."""
     with tempfile.TemporaryDirectory(prefix="ntkv-mutant-") as d:
         cuda = Path(d) / "cuda"
-        shutil.copytree(ROOT / "cuda", cuda)
-        target = cuda / m.file.removeprefix("cuda/")
-        try:
-            target.write_text(mutate(target.read_text(), m.edits))
-        except MutantError as e:
-            return Outcome("error", 0.0, str(e))
+        err = mutated_copy(m, cuda)
+        if err is not None:
+            return err
         o = cached("mut-" + tree_digest(cuda, m.case, m.env | {"modes": ",".join(m.modes)}), True)
         return o if o is not None else Outcome("not run", 0.0)
 
@@ -256,12 +264,9 @@ def run_one(m: Mutant, timeout: float, use_cache: bool, keep: bool, seen: dict) 
     with tempfile.TemporaryDirectory(prefix="ntkv-mutant-") as d:
         scratch = Path(d)
         cuda = scratch / "cuda"
-        shutil.copytree(ROOT / "cuda", cuda)
-        target = cuda / m.file.removeprefix("cuda/")
-        try:
-            target.write_text(mutate(target.read_text(), m.edits))
-        except MutantError as e:
-            return Outcome("error", 0.0, str(e))
+        err = mutated_copy(m, cuda)
+        if err is not None:
+            return err
         b = baseline(m, timeout, use_cache, seen)
         if b.status != "pass":
             return Outcome("error", 0.0, b.detail)

@@ -231,16 +231,10 @@ bool run_case(const Cfg& c, bool split) {
                     s.push_back({j, dot * scale});
                 }
                 if (s.empty()) continue;
-                double mx = -INFINITY, z = 0;
-                for (auto& x : s) mx = std::max(mx, x.second);
-                for (auto& x : s) {
-                    const double pr = std::exp(x.second - mx);
-                    z += pr;
-                    const size_t vr = ((size_t)(cu_k[b] + x.first) * c.Hkv + h / group) * D;
-                    for (uint32_t d = 0; d < D; ++d) ro[qr + d] += pr * ntkv::to_f32(v[vr + d]);
-                }
-                for (uint32_t d = 0; d < D; ++d) ro[qr + d] /= z;
-                rl[(size_t)h * tq + cu_q[b] + i] = mx + std::log(z);
+                auto value = [&](uint32_t j, uint32_t d) {
+                    return (double)ntkv::to_f32(v[((size_t)(cu_k[b] + j) * c.Hkv + h / group) * D + d]);
+                };
+                rl[(size_t)h * tq + cu_q[b] + i] = ntkv_emu::softmax_row(s, D, value, &ro[qr]);
             }
 
     NtkvAttnPrefillParams p{};

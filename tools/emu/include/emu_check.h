@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace ntkv_emu {
@@ -28,6 +30,22 @@ std::unique_ptr<T[]> dup(const std::vector<T>& x) {
     std::unique_ptr<T[]> p(new T[std::max<size_t>(x.size(), 1)]);
     std::copy(x.begin(), x.end(), p.get());
     return p;
+}
+
+// The f64 attention of one query row over its scored keys s = {(key, logit)} (not empty):
+// out[d] += Σ softmax(logit) · value(key, d) for d < D, in the order of s, then out /= the sum;
+// returns the natural-log lse.
+template <typename Value>
+double softmax_row(const std::vector<std::pair<uint32_t, double>>& s, uint32_t D, Value&& value, double* out) {
+    double m = -INFINITY, z = 0;
+    for (auto& x : s) m = std::max(m, x.second);
+    for (auto& x : s) {
+        const double w = std::exp(x.second - m);
+        z += w;
+        for (uint32_t d = 0; d < D; ++d) out[d] += w * value(x.first, d);
+    }
+    for (uint32_t d = 0; d < D; ++d) out[d] /= z;
+    return m + std::log(z);
 }
 
 }  // namespace ntkv_emu

@@ -318,16 +318,8 @@ bool run_case(const Cfg& c, const OpCfg& kc, const OpCfg& vc, const char* name) 
                         s.push_back({t, scale * dot});
                     }
                     if (s.empty()) continue;
-                    double m = -INFINITY, z = 0;
-                    for (auto& x : s) m = std::max(m, x.second);
-                    for (auto& x : s) {
-                        const double pw = std::exp(x.second - m);
-                        z += pw;
-                        for (uint32_t d = 0; d < c.D; ++d)
-                            ro[row * c.D + d] += pw * v.value[((size_t)head * c.T + x.first) * c.D + d];
-                    }
-                    for (uint32_t d = 0; d < c.D; ++d) ro[row * c.D + d] /= z;
-                    rl[row] = m + std::log(z);
+                    auto value = [&](uint32_t t, uint32_t d) { return v.value[((size_t)head * c.T + t) * c.D + d]; };
+                    rl[row] = ntkv_emu::softmax_row(s, c.D, value, &ro[row * c.D]);
                 }
         }
 
