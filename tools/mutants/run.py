@@ -191,7 +191,8 @@ def emulate(cuda: Path, case: str, env: dict[str, str], modes: list[str], scratc
             if p.poll() is None:
                 stop()
                 p.wait()
-    built = any(tmp.glob(f"ntkv-emu-*/{family}-emu"))
+    # run.sh names the ThreadSanitizer build <family>-emu-tsan.
+    built = any(tmp.glob(f"ntkv-emu-*/{family}-emu*"))
     if cut:
         return 1, built, True
     return (None if timed_out.is_set() else rc), built, False
