@@ -7,7 +7,9 @@ use std::path::Path;
 use ntkv::launch::{image_has_symbol, registered_kernels};
 
 /// The entry-point names a source declares: literal `ntkv_…(` names, and the prefixes of
-/// names pasted by a macro (`ntkv_topk_hist_##SUFFIX`).
+/// names pasted by a macro: `ntkv_topk_hist_##SUFFIX`, or a name passed as the first argument
+/// of an instantiation macro (`NTKV_FD_MERGE_KERNELS(ntkv_decode_merge, …)` declares
+/// `ntkv_decode_merge_f16` and `_bf16`).
 fn source_names(src: &str) -> (Vec<String>, Vec<String>) {
     let (mut full, mut prefixes) = (Vec::new(), Vec::new());
     let bytes = src.as_bytes();
@@ -19,7 +21,7 @@ fn source_names(src: &str) -> (Vec<String>, Vec<String>) {
             end += 1;
         }
         let name = &src[start..end];
-        if src[end..].starts_with("##") {
+        if src[end..].starts_with("##") || is_macro_argument(&src[..start]) {
             prefixes.push(name.to_owned());
         } else {
             full.push(name.to_owned());
@@ -27,6 +29,15 @@ fn source_names(src: &str) -> (Vec<String>, Vec<String>) {
         i = end.max(start + 1);
     }
     (full, prefixes)
+}
+
+/// Whether the text before a name ends in `NTKV_SOME_MACRO(`: the name is an instantiation
+/// macro's first argument, which the macro extends by pasting.
+fn is_macro_argument(before: &str) -> bool {
+    let Some(open) = before.trim_end().strip_suffix('(') else { return false };
+    let ident: String =
+        open.chars().rev().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+    ident.chars().rev().collect::<String>().starts_with("NTKV_")
 }
 
 #[test]
