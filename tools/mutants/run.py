@@ -344,6 +344,9 @@ def main() -> int:
     ap.add_argument("--keep-logs", action="store_true", help="copy each run's log to target/mutants-cache/logs")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per emulator run (default 1200)")
     ap.add_argument("--suite", type=Path, help="read mutants from this directory instead (held-out sets)")
+    ap.add_argument("--skip-large", action="store_true",
+                    help="leave out the mutants whose case is a production-scale `-large` run "
+                         "(minutes each: CI's sample skips them, the full run does not)")
     args = ap.parse_args()
     global SUITE
     if args.suite:
@@ -354,6 +357,8 @@ def main() -> int:
     except MutantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.skip_large:
+        chosen = [m for m in chosen if not m.case.split("=", 1)[0].endswith("-large")]
     if args.sample is not None:
         chosen = sample(chosen, args.sample, args.seed)
     if args.check:
