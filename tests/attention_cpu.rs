@@ -6,6 +6,7 @@ mod attention_common;
 mod common;
 
 use attention_common::*;
+use common::arg_of;
 use half::{bf16, f16};
 use ntkv::attention::graph::{graph_cu_seqlens, graph_kv_mask, GraphKv};
 use ntkv::attention::{cpu, BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, NO_TOKEN_MASK};

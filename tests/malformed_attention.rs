@@ -5,8 +5,10 @@
 #![allow(clippy::single_range_in_vec_init, clippy::reversed_empty_ranges)]
 
 mod attention_common;
+mod common;
 
-use attention_common::{arg_of, errs, no_panic};
+use attention_common::{errs, no_panic};
+use common::arg_of;
 use half::f16;
 use ntkv::attention::graph::{graph_cu_seqlens, graph_kv_mask, GraphKv, MAX_SEQ_LEN};
 use ntkv::attention::{cpu, BlockMask, HostPlan, MaskHeads, PrefillOptions, PrefillShape, MAX_HEADS};

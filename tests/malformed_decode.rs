@@ -4,8 +4,10 @@
 //! 64-bit verdict is checked at the edge of its range.
 
 mod attention_common;
+mod common;
 
-use attention_common::{arg_of, errs, no_panic};
+use attention_common::{errs, no_panic};
+use common::arg_of;
 use half::f16;
 use ntkv::decode::{
     attn_smem_bytes, chunks_of, cpu, decode_verdict, encode_verdict, plan_chunks, validate_cache_lens, validate_indptr,

@@ -19,11 +19,6 @@ pub fn errs<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> ntkv::Result<R>)
     }
 }
 
-/// The argument an argument error names.
-pub fn arg_of(e: &ntkv::Error) -> &'static str {
-    e.arg().unwrap_or_else(|| panic!("expected an error naming an argument, got {e:?}"))
-}
-
 /// Random sequence lengths (0 allowed when `allow_empty`) and their cu_seqlens.
 pub fn random_cu(rng: &mut Rng, batch: usize, max_len: usize, allow_empty: bool) -> Vec<u32> {
     let mut cu = vec![0u32];
