@@ -30,7 +30,7 @@ fn presum_id(dtype: DType) -> Result<KernelId> {
 }
 
 /// A grid-stride kernel over `total` elements: the function and its one-wave grid.
-fn grid_stride(device: &Device, id: KernelId, total: usize) -> Result<(CudaFunction, LaunchConfig)> {
+fn strided_kernel(device: &Device, id: KernelId, total: usize) -> Result<(CudaFunction, LaunchConfig)> {
     let f = device.kernel(id)?;
     let cfg = launch::grid_stride(device, &f, THREADS, total)?;
     Ok((f, cfg))
@@ -95,7 +95,7 @@ pub(crate) fn presum<T: Float>(
     }
     let params =
         NtkvNtkPresumParams { p: to_u64("p", p)?, n_out: to_u64("n", total)?, n: to_u32("n", n)?, o: to_u32("o", o)? };
-    let (f, cfg) = grid_stride(device, presum_id(T::DTYPE)?, total)?;
+    let (f, cfg) = strided_kernel(device, presum_id(T::DTYPE)?, total)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(j).arg(out);
     // SAFETY: ntkv_ntk_presum_*(NtkvNtkPresumParams, const T* j, float* out) writes out[idx]
@@ -139,7 +139,7 @@ pub(crate) fn combine(
         beta,
         scale,
     };
-    let (f, cfg) = grid_stride(device, ntk("ntk_combine"), n_out)?;
+    let (f, cfg) = strided_kernel(device, ntk("ntk_combine"), n_out)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(aa).arg(gg).arg(out);
     // SAFETY: ntkv_ntk_combine(NtkvNtkCombineParams, const float* aa, const float* gg, float*
@@ -177,7 +177,7 @@ pub(crate) fn bias_act(
         apply_act: u32::from(apply_act),
         act,
     };
-    let (f, cfg) = grid_stride(device, ntk("ntk_bias_act"), total)?;
+    let (f, cfg) = strided_kernel(device, ntk("ntk_bias_act"), total)?;
     let mut builder = device.stream().launch_builder(&f);
     // Without a bias the kernel never reads the bias pointer; pass `pre` as a valid stand-in.
     builder.arg(&params).arg(pre).arg(bias.unwrap_or(pre)).arg(z).arg(act_out);
@@ -217,7 +217,7 @@ pub(crate) fn cotangent(
         mode,
         act,
     };
-    let (f, cfg) = grid_stride(device, ntk("ntk_cotangent"), total)?;
+    let (f, cfg) = strided_kernel(device, ntk("ntk_cotangent"), total)?;
     // Mode 0 reads neither input; a one-element buffer stands in for both pointers.
     let dummy = device.stream().alloc_zeros::<f32>(1)?;
     let (p, zz) = pre.unwrap_or((&dummy, &dummy));
@@ -262,7 +262,7 @@ pub(crate) fn jvp(
         act: s.act,
         _pad0: 0,
     };
-    let (f, cfg) = grid_stride(device, ntk("ntk_jvp"), total)?;
+    let (f, cfg) = strided_kernel(device, ntk("ntk_jvp"), total)?;
     let (b, db) = s.bias.unwrap_or((s.pre, s.pre));
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(s.pre).arg(s.t1).arg(s.t2.unwrap_or(s.t1)).arg(b).arg(db).arg(a_out).arg(da_out);
@@ -309,7 +309,7 @@ pub(crate) fn stats(
             return Err(Error::internal("the centring vectors need dense targets and 4n + 2 entries"));
         }
     }
-    let (f, cfg) = grid_stride(device, ntk("ntk_stats"), total)?;
+    let (f, cfg) = strided_kernel(device, ntk("ntk_stats"), total)?;
     let blocks = cfg.grid_dim.0;
     let params = NtkvNtkStatsParams {
         total: to_u64("kernel", total)?,
