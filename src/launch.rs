@@ -177,6 +177,22 @@ pub fn grid_stride(device: &Device, f: &CudaFunction, block: u32, items: usize) 
     grid_for(device, f, block, 0, items.div_ceil(block.max(1) as usize), true)
 }
 
+/// Looks up `id` and sizes its grid with [`grid_stride`]: the function and launch
+/// configuration of an elementwise grid-stride kernel over `items` items.
+///
+/// # Errors
+/// As [`Device::kernel`] and [`grid_for`].
+pub fn grid_stride_kernel(
+    device: &Device,
+    id: KernelId,
+    block: u32,
+    items: usize,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let f = device.kernel(id)?;
+    let cfg = grid_stride(device, &f, block, items)?;
+    Ok((f, cfg))
+}
+
 /// The grid-stride form of [`grid_for`] with a second axis: `y` rows of work (heads; at most
 /// 65535, the kernels stride over the rest) times `x_items` items per row at one item per
 /// thread. The whole grid is one resident wave: `x` is capped so that `x · y` blocks do not

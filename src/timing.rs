@@ -111,9 +111,8 @@ const COPY_VEC16: crate::launch::KernelId = crate::launch::KernelId::new(Module:
 pub fn copy_vec16(device: &Device, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
     let n = src.len().min(dst.len()) / 16;
     let params = NtkvCopyParams { n_vec16: crate::error::to_u64("src", n)? };
-    let f = device.kernel(COPY_VEC16)?;
     // Grid-stride: one resident wave of 256-thread blocks.
-    let cfg = crate::launch::grid_stride(device, &f, 256, n)?;
+    let (f, cfg) = crate::launch::grid_stride_kernel(device, COPY_VEC16, 256, n)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(src).arg(dst);
     // SAFETY: ntkv_copy_vec16(NtkvCopyParams, const uint4*, uint4*) reads and writes

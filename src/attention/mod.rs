@@ -69,6 +69,27 @@ pub use plan::{HostPlan, PrefillPlan};
 
 use crate::error::{Error, Result};
 
+/// Checks the five buffers every attention call takes (prefill and decode alike): `q` and
+/// `o` against `q_shape`, `k` and `v` against `kv_shape`, `lse` against `lse_shape`, each on
+/// `device`, in that order, so the first bad one is the one named.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_attention_buffers<T: crate::tensor::Float>(
+    device: &crate::device::Device,
+    q: &impl crate::tensor::TensorRef<T>,
+    k: &impl crate::tensor::TensorRef<T>,
+    v: &impl crate::tensor::TensorRef<T>,
+    o: &impl crate::tensor::TensorRef<T>,
+    lse: &impl crate::tensor::TensorRef<f32>,
+    shapes: [&[usize]; 3],
+) -> Result<()> {
+    let [q_shape, kv_shape, lse_shape] = shapes;
+    device.check_buffer("q", q, q_shape)?;
+    device.check_buffer("k", k, kv_shape)?;
+    device.check_buffer("v", v, kv_shape)?;
+    device.check_buffer("o", o, q_shape)?;
+    device.check_buffer("lse", lse, lse_shape)
+}
+
 /// Token-mask id of a listed block that has no token mask (every pair in it is visible, up to
 /// causality and the sequence ends).
 pub const NO_TOKEN_MASK: u32 = crate::params::NTKV_ATTN_NO_TOKEN_MASK;

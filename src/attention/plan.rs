@@ -349,11 +349,7 @@ impl PrefillPlan {
         let s = &self.host.shape;
         let (tq, hq, hkv, d) = (s.tq_total(), s.hq, s.hkv, s.head_dim);
         let dev = &self.device;
-        dev.check_buffer("q", q, &s.q_shape())?;
-        dev.check_buffer("k", k, &s.kv_shape())?;
-        dev.check_buffer("v", v, &s.kv_shape())?;
-        dev.check_buffer("o", o, &s.q_shape())?;
-        dev.check_buffer("lse", lse, &s.lse_shape())?;
+        super::check_attention_buffers(dev, q, k, v, o, lse, [&s.q_shape(), &s.kv_shape(), &s.lse_shape()])?;
         let id = self.host.kernel_id(T::DTYPE)?;
         let n_items = self.host.n_items();
         if n_items == 0 {

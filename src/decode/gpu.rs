@@ -189,11 +189,8 @@ impl<'a> DecodePlan<'a> {
             DType::F32 => return Err(Error::invalid("q", "f32 is not supported; use f16 or bf16")),
         };
         let dev = &self.device;
-        dev.check_buffer("q", q, &shape.q_shape())?;
-        dev.check_buffer("k", k, &shape.kv_shape())?;
-        dev.check_buffer("v", v, &shape.kv_shape())?;
-        dev.check_buffer("o", o, &shape.q_shape())?;
-        dev.check_buffer("lse", lse, &shape.lse_shape())?;
+        let shapes = [&shape.q_shape()[..], &shape.kv_shape(), &shape.lse_shape()];
+        crate::attention::check_attention_buffers(dev, q, k, v, o, lse, shapes)?;
 
         let row_tiles = shape.rows().div_ceil(ROWS_PER_CTA);
         let params = NtkvDecodeParams {

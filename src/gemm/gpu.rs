@@ -348,9 +348,8 @@ pub(crate) fn launch_reduce(
     if partials.len() < split.partial_elems() {
         return Err(Error::internal("the partials are shorter than the split"));
     }
-    let f = device.kernel(id)?;
     let n_out = split.batch * split.m1 * split.m2;
-    let cfg = launch::grid_stride(device, &f, THREADS, n_out)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, id, THREADS, n_out)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(params).arg(partials).arg(out);
     // SAFETY: ntkv_{ntk,gemm}_reduce(NtkvNtkReduceParams, const float* partials, float* out)

@@ -4,7 +4,7 @@
 //! public API in `mod.rs` validates every argument before calling in here; each launcher
 //! re-checks the extents its kernel touches.
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use crate::device::{Device, Module};
 use crate::error::{checked_mul, to_u32, to_u64, Error, Result};
@@ -27,13 +27,6 @@ fn presum_id(dtype: DType) -> Result<KernelId> {
         DType::F16 => Err(Error::invalid("j1", "f16 storage is not supported; use f32 or bf16")),
         d => Ok(ntk("ntk_presum").dtype(d)),
     }
-}
-
-/// A grid-stride kernel over `total` elements: the function and its one-wave grid.
-fn strided_kernel(device: &Device, id: KernelId, total: usize) -> Result<(CudaFunction, LaunchConfig)> {
-    let f = device.kernel(id)?;
-    let cfg = launch::grid_stride(device, &f, THREADS, total)?;
-    Ok((f, cfg))
 }
 
 /// How [`reduce`] lays out its output.
@@ -95,7 +88,7 @@ pub(crate) fn presum<T: Float>(
     }
     let params =
         NtkvNtkPresumParams { p: to_u64("p", p)?, n_out: to_u64("n", total)?, n: to_u32("n", n)?, o: to_u32("o", o)? };
-    let (f, cfg) = strided_kernel(device, presum_id(T::DTYPE)?, total)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, presum_id(T::DTYPE)?, THREADS, total)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(j).arg(out);
     // SAFETY: ntkv_ntk_presum_*(NtkvNtkPresumParams, const T* j, float* out) writes out[idx]
@@ -105,22 +98,34 @@ pub(crate) fn presum<T: Float>(
     Ok(())
 }
 
-/// One layer of the factored NTK: `out (+)= scale·Σ_{t,s}(aa + β)·gg` (see ntkv_params.h).
-#[allow(clippy::too_many_arguments)]
+/// One layer's combine step of the factored NTK, `out (+)= scale·Σ_{t,s}(aa + β)·gg` (see
+/// `NtkvNtkCombineParams`): `aa [n1·t, n2·t]`, `gg [n1·t·e, n2·t·e]`, and `out [n1, n2, e]`
+/// (`diagonal`) or `[n1, n2, e, e]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Combine {
+    pub n1: usize,
+    pub n2: usize,
+    /// Samples per slot (weight sharing: rows of `aa` per input).
+    pub t: usize,
+    /// Output entries per side.
+    pub e: usize,
+    pub diagonal: bool,
+    /// 1 when the layer has a bias (its all-ones column), else 0.
+    pub beta: f32,
+    pub scale: f32,
+    /// Adds to `out` instead of overwriting it (every layer after the first).
+    pub accumulate: bool,
+}
+
+/// Launches [`Combine`] on `aa` and `gg`, writing `out`.
 pub(crate) fn combine(
     device: &Device,
+    c: &Combine,
     aa: &CudaSlice<f32>,
     gg: &CudaSlice<f32>,
-    n1: usize,
-    n2: usize,
-    t: usize,
-    e: usize,
-    diagonal: bool,
-    beta: f32,
-    scale: f32,
-    accumulate: bool,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    let Combine { n1, n2, t, e, diagonal, beta, scale, accumulate } = *c;
     let pair = checked_mul("n2", n1, n2)?;
     let n_out = checked_mul("o", pair, if diagonal { e } else { checked_mul("o", e, e)? })?;
     let aa_len = checked_mul("t", checked_mul("t", n1, t)?, checked_mul("t", n2, t)?)?;
@@ -139,7 +144,7 @@ pub(crate) fn combine(
         beta,
         scale,
     };
-    let (f, cfg) = strided_kernel(device, ntk("ntk_combine"), n_out)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, ntk("ntk_combine"), THREADS, n_out)?;
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(aa).arg(gg).arg(out);
     // SAFETY: ntkv_ntk_combine(NtkvNtkCombineParams, const float* aa, const float* gg, float*
@@ -177,7 +182,7 @@ pub(crate) fn bias_act(
         apply_act: u32::from(apply_act),
         act,
     };
-    let (f, cfg) = strided_kernel(device, ntk("ntk_bias_act"), total)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, ntk("ntk_bias_act"), THREADS, total)?;
     let mut builder = device.stream().launch_builder(&f);
     // Without a bias the kernel never reads the bias pointer; pass `pre` as a valid stand-in.
     builder.arg(&params).arg(pre).arg(bias.unwrap_or(pre)).arg(z).arg(act_out);
@@ -217,7 +222,7 @@ pub(crate) fn cotangent(
         mode,
         act,
     };
-    let (f, cfg) = strided_kernel(device, ntk("ntk_cotangent"), total)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, ntk("ntk_cotangent"), THREADS, total)?;
     // Mode 0 reads neither input; a one-element buffer stands in for both pointers.
     let dummy = device.stream().alloc_zeros::<f32>(1)?;
     let (p, zz) = pre.unwrap_or((&dummy, &dummy));
@@ -262,7 +267,7 @@ pub(crate) fn jvp(
         act: s.act,
         _pad0: 0,
     };
-    let (f, cfg) = strided_kernel(device, ntk("ntk_jvp"), total)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, ntk("ntk_jvp"), THREADS, total)?;
     let (b, db) = s.bias.unwrap_or((s.pre, s.pre));
     let mut builder = device.stream().launch_builder(&f);
     builder.arg(&params).arg(s.pre).arg(s.t1).arg(s.t2.unwrap_or(s.t1)).arg(b).arg(db).arg(a_out).arg(da_out);
@@ -309,7 +314,7 @@ pub(crate) fn stats(
             return Err(Error::internal("the centring vectors need dense targets and 4n + 2 entries"));
         }
     }
-    let (f, cfg) = strided_kernel(device, ntk("ntk_stats"), total)?;
+    let (f, cfg) = launch::grid_stride_kernel(device, ntk("ntk_stats"), THREADS, total)?;
     let blocks = cfg.grid_dim.0;
     let params = NtkvNtkStatsParams {
         total: to_u64("kernel", total)?,
@@ -447,19 +452,8 @@ pub(crate) mod emulate {
     }
 
     /// `ntkv_ntk_combine`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn combine(
-        aa: &[f32],
-        gg: &[f32],
-        n2: usize,
-        t: usize,
-        e: usize,
-        diagonal: bool,
-        beta: f32,
-        scale: f32,
-        accumulate: bool,
-        out: &mut [f32],
-    ) {
+    pub(crate) fn combine(c: &Combine, aa: &[f32], gg: &[f32], out: &mut [f32]) {
+        let Combine { n2, t, e, diagonal, beta, scale, accumulate, .. } = *c;
         let aa_cols = n2 * t;
         let gg_cols = aa_cols * e;
         for (idx, o) in out.iter_mut().enumerate() {

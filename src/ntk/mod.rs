@@ -590,7 +590,8 @@ pub fn factored_ntk(
         };
         let beta = if x.bias { 1.0 } else { 0.0 };
         let mut ov = out.cuda_view_mut();
-        gpu::combine(device, &aa, &gg, n1, n2, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut ov)?;
+        let step = gpu::Combine { n1, n2, t, e: fg.e, diagonal: fg.diagonal, beta, scale: fg.scale, accumulate: l > 0 };
+        gpu::combine(device, &step, &aa, &gg, &mut ov)?;
     }
     Ok(out)
 }
@@ -678,7 +679,17 @@ mod tests {
                     let other_g = n2.map(|_| (s2.as_slice(), n2v * t * fg.rows_per_slot));
                     let gg = emulate::matmul_abt(slots, &s1, n1 * t * fg.rows_per_slot, other_g, fg.depth);
                     let beta = if bias { 1.0 } else { 0.0 };
-                    emulate::combine(&aa, &gg, n2v, t, fg.e, fg.diagonal, beta, fg.scale, l > 0, &mut out);
+                    let step = gpu::Combine {
+                        n1,
+                        n2: n2v,
+                        t,
+                        e: fg.e,
+                        diagonal: fg.diagonal,
+                        beta,
+                        scale: fg.scale,
+                        accumulate: l > 0,
+                    };
+                    emulate::combine(&step, &aa, &gg, &mut out);
                 }
                 let (c1, c2) =
                     (cpu::FactoredLayer::from_factors(&h1, &dims), cpu::FactoredLayer::from_factors(side2, &dims));

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelA
 use super::{AttnShape, GqaReduce};
 use crate::device::{Device, Module};
 use crate::error::{to_u32, Error, Result};
-use crate::launch::{grid_2d, grid_for, grid_stride, KernelId};
+use crate::launch::{grid_2d, grid_for, grid_stride_kernel, KernelId};
 use crate::params::{NtkvCompactParams, NtkvFillRecentParams, NtkvH2oParams, NtkvKeepCheckParams, NtkvPoolParams};
 use crate::select::gpu::{check_aligned, TopkOutput};
 use crate::select::{TopkOptions, TopkOrder, TopkPlan, TopkShape};
@@ -37,35 +37,34 @@ fn pass_ids(dtype: DType, d: usize) -> Result<[KernelId; 2]> {
     Ok(["h2o_pass1", "h2o_pass2"].map(|op| KernelId::new(Module::Topk, op).dtype(dtype).head_dim(d)))
 }
 
-/// Writes `count` consecutive indices `first_index ..` into columns `col_start ..` of each of
-/// the `rows` rows (stride `out_stride`) of `out`.
+/// Writes the tail of `tail` alone, for a selection of no token: the indices `tail_first ..`
+/// into the last `tail_count` of the `out_stride` columns of each of the `rows` rows of `keep`
+/// (what the top-k's last kernel writes after the selected indices when there are some).
 pub(super) fn fill_recent(
     device: &Device,
-    out: &mut CudaViewMut<'_, u32>,
     rows: usize,
-    out_stride: usize,
-    col_start: usize,
-    count: usize,
-    first_index: usize,
+    tail: &TopkOutput,
+    keep: &mut CudaViewMut<'_, u32>,
 ) -> Result<()> {
+    let (count, first) = (tail.tail_count, tail.tail_first);
+    let fits = count <= tail.out_stride && keep.len() >= rows * tail.out_stride && first + count <= u32::MAX as usize;
+    if !fits {
+        return Err(Error::internal("the recent window does not fit the keep list"));
+    }
     if count == 0 {
         return Ok(());
     }
-    if col_start + count > out_stride || out.len() < rows * out_stride || first_index + count > u32::MAX as usize {
-        return Err(Error::internal("the recent window does not fit the keep list"));
-    }
     let params = NtkvFillRecentParams {
         rows: to_u32("rows", rows)?,
-        out_stride: to_u32("budget", out_stride)?,
-        col_start: to_u32("budget", col_start)?,
+        out_stride: to_u32("budget", tail.out_stride)?,
+        col_start: to_u32("budget", tail.out_stride - count)?,
         count: to_u32("recent", count)?,
-        first_index: to_u32("recent", first_index)?,
+        first_index: to_u32("recent", first)?,
         _pad0: 0,
     };
-    let f = device.kernel(plain_id("topk_fill_recent"))?;
-    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, rows * count)?;
+    let (f, cfg) = grid_stride_kernel(device, plain_id("topk_fill_recent"), GRID_STRIDE_THREADS, rows * count)?;
     let mut b = device.stream().launch_builder(&f);
-    b.arg(&params).arg(out);
+    b.arg(&params).arg(keep);
     // SAFETY: ntkv_topk_fill_recent(NtkvFillRecentParams, u32* out) writes
     // out[r * out_stride + col_start + i] for r < rows, i < count (grid-stride); col_start +
     // count <= out_stride and out holds rows * out_stride entries (checked above).
@@ -122,19 +121,17 @@ impl EvictionPlan {
         if keep.len() != self.rows * self.budget {
             return Err(Error::internal("the keep buffer does not match the eviction plan"));
         }
+        // The selected indices, then the recent window `older .. older + recent`.
+        let out = TopkOutput {
+            uniform_len: self.older,
+            has_lengths: false,
+            out_stride: self.budget,
+            tail_count: self.recent,
+            tail_first: self.older,
+        };
         match (self.topk.as_mut(), scores) {
-            (Some(plan), Some(scores)) => {
-                // The top-k's last kernel writes the recent window after the selected indices.
-                let out = TopkOutput {
-                    uniform_len: self.older,
-                    has_lengths: false,
-                    out_stride: self.budget,
-                    tail_count: self.recent,
-                    tail_first: self.older,
-                };
-                plan.launch::<f32>(scores, out, None, keep)
-            }
-            (None, _) => fill_recent(&self.device, keep, self.rows, self.budget, 0, self.recent, self.older),
+            (Some(plan), Some(scores)) => plan.launch::<f32>(scores, out, None, keep),
+            (None, _) => fill_recent(&self.device, self.rows, &out, keep),
             (Some(_), None) => Err(Error::internal("an eviction with selected tokens needs scores")),
         }
     }
@@ -269,8 +266,7 @@ pub(super) fn pool5(
         n_out: to_u32("k", n_out)?,
         _pad0: 0,
     };
-    let f = device.kernel(plain_id("snapkv_pool"))?;
-    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, rows * n_out)?;
+    let (f, cfg) = grid_stride_kernel(device, plain_id("snapkv_pool"), GRID_STRIDE_THREADS, rows * n_out)?;
     let mut b = device.stream().launch_builder(&f);
     b.arg(&params).arg(votes).arg(pooled);
     // SAFETY: ntkv_snapkv_pool(NtkvPoolParams, const float* in, float* out): for e < rows *
@@ -298,8 +294,7 @@ fn check_keep(device: &Device, keep: &CudaView<'_, u32>, hkv: usize, t: usize, b
         _pad0: 0,
     };
     let mut flag = stream.clone_htod(&[u64::MAX])?;
-    let fc = device.kernel(plain_id("h2o_check_keep"))?;
-    let cfg = grid_stride(device, &fc, GRID_STRIDE_THREADS, hkv * budget)?;
+    let (fc, cfg) = grid_stride_kernel(device, plain_id("h2o_check_keep"), GRID_STRIDE_THREADS, hkv * budget)?;
     let mut b = stream.launch_builder(&fc);
     b.arg(&check).arg(keep).arg(&mut flag);
     // SAFETY: ntkv_h2o_check_keep(NtkvKeepCheckParams, const u32* keep, u64* first_bad) reads
@@ -423,8 +418,7 @@ pub(super) fn gather<T: Float>(
     check_keep(device, &keep, hkv, t, budget)?;
     let params = compact_params(hkv, t, budget, row_words, acc.is_some())?;
     let stream = device.stream();
-    let f = device.kernel(plain_id("h2o_gather"))?;
-    let cfg = grid_stride(device, &f, GRID_STRIDE_THREADS, hkv * budget * row_words)?;
+    let (f, cfg) = grid_stride_kernel(device, plain_id("h2o_gather"), GRID_STRIDE_THREADS, hkv * budget * row_words)?;
     let dummy_in = stream.alloc_zeros::<f32>(1)?;
     let mut dummy_out = stream.alloc_zeros::<f32>(1)?;
     let (acc_in, mut acc_out) = match acc {

@@ -34,7 +34,7 @@ class LitBlock(int):
         v = int(self)
         if f"block_dim: ({v}, 1, 1)" in text or re.search(rf"\bconst \w+: u32 = {v};", text):
             return True
-        return re.search(rf"\b(?:grid_for|grid_stride|grid_2d|resident_grid_2d)\([^;]*?,\s*{v}\s*,", text, re.S) is not None
+        return re.search(rf"\b(?:grid_for|grid_stride|grid_stride_kernel|grid_2d|resident_grid_2d)\([^;]*?,\s*{v}\s*,", text, re.S) is not None
 
     def __repr__(self):
         return f"a launch with {int(self)} threads"
