@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ntkv-eval [run] [--context 4096] [--continuation 128] [--budgets 0.05,0.1,0.25,0.5]
-//!           [--policies full,streaming,h2o,snapkv,quest,kivi,mikv] [--kivi-bits 4,2]
+//!           [--policies full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,kivi,mikv] [--kivi-bits 4,2]
 //!           [--mikv-bits 2] [--passkey 2048,4096,8192|none] [--passkey-depths 0.5]
 //!           [--window 32] [--threads 2] [--model PATH] [--text PATH] [--out DIR] [--gpu]
 //! ntkv-eval logits --tokens 512 --out DIR [--act-q8]  # prefill logits for tools/llama-check.py
@@ -89,7 +89,8 @@ fn read_text(args: &Args) -> Result<String> {
 
 /// The policies at each budget, for a prompt of `p` tokens.
 fn specs(args: &Args, p: usize) -> Result<Vec<(Spec, Option<f64>)>> {
-    let families: Vec<String> = args.list("policies", "full,streaming,h2o,snapkv,quest,kivi,mikv")?;
+    let families: Vec<String> =
+        args.list("policies", "full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,kivi,mikv")?;
     let budgets: Vec<f64> = args.list("budgets", "0.05,0.1,0.25,0.5")?;
     let kivi_bits: Vec<u32> = args.list("kivi-bits", "4,2")?;
     let mikv_bits = args.usize("mikv-bits", 2)? as u32;
@@ -107,6 +108,11 @@ fn specs(args: &Args, p: usize) -> Result<Vec<(Spec, Option<f64>)>> {
                         "h2o" => Spec::H2o { budget },
                         "snapkv" => Spec::SnapKv { budget },
                         "quest" => Spec::Quest { budget },
+                        "cluster" => Spec::Cluster { budget },
+                        "shadowkv" => Spec::ShadowKv { budget },
+                        "windowkv" => Spec::WindowKv { budget },
+                        "lazy" => Spec::Lazy { budget },
+                        "prefixkv" => Spec::PrefixKv { budget },
                         "mikv" => Spec::Mikv { budget, lo_bits: mikv_bits },
                         other => bail!("unknown policy `{other}`"),
                     };

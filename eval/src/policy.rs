@@ -4,22 +4,36 @@
 //! Every policy starts from the same full-attention prefill ([`Prefill`]) and owns its own
 //! cache per layer. One decode step at layer `l` appends the new token's post-RoPE `k`, `v`
 //! (`[Hkv·D]`) and returns the attention output `o [Hq·D]` of its query `q [Hq·D]`:
-//! - selection policies (full, StreamingLLM, SnapKV, Quest) build CSR token lists over a
-//!   cache that keeps every row, and attend with `ntkv::decode::cpu::sparse_decode`;
-//! - H2O keeps a compacted cache of `budget + 1` rows and evicts with `ntkv::topk::cpu`
-//!   (`h2o_accumulate`, `h2o_select`, `h2o_compact`);
-//! - KIVI and MiKV replace the quantized rows by their reconstruction (`ntkv::quant::cpu`,
-//!   `MikvCacheCpu`) and attend over the dense result with the same decode reference, which is
-//!   what `ntkv::qdecode::cpu::reference` computes for the fused quantized decode.
+//! - selection policies (full, StreamingLLM, SnapKV, Quest, ClusterKV, ShadowKV's landmarks)
+//!   build CSR token lists over a cache that keeps every row, and attend with
+//!   `ntkv::decode::cpu::sparse_decode`;
+//! - H2O keeps a compacted cache of `budget + 1` rows per kv head and evicts with `ntkv::topk::cpu`
+//!   (`h2o_accumulate`, `h2o_select`, `h2o_compact`); LazyEviction keeps
+//!   `ntkv::policy::cpu::LazyEviction`'s cache, evicting every [`LAZY_LAG`] steps;
+//! - WindowKV and PrefixKV compress the prompt once (`ntkv::policy::cpu`'s
+//!   `WindowKvGroup::select_layer` and `prefixkv`) and keep every decoded token;
+//! - KIVI and MiKV keep their caches quantized (`ntkv::quant::cpu`, `MikvCacheCpu`) and
+//!   attend through the fused quantized decode's reference, `ntkv::qdecode::cpu::reference`,
+//!   over the f16 reconstruction its kernel reads (`qdecode::cpu::kivi_dense` of the KIVI
+//!   codes and residual window, `MikvCacheCpu::dequantize_dense`).
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Result};
 use half::f16;
+use ntkv::cluster::cpu::{assign_appended, kmeans, retrieve, KmeansResult};
+use ntkv::cluster::{Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape};
 use ntkv::decode::{cpu::sparse_decode, DecodeOptions, DecodeShape};
-use ntkv::pages::cpu::{quest_meta, quest_meta_append, quest_select};
-use ntkv::pages::{QuestMetaShape, QuestSelectShape, DEFAULT_PAGE_SIZE};
-use ntkv::quant::cpu::{dequantize, quantize, MikvCacheCpu};
+use ntkv::pages::cpu::{landmark_select, landmarks, quest_meta, quest_meta_append, quest_select, Landmarks};
+use ntkv::pages::{
+    LandmarkSelectShape, LandmarkShape, QuestMetaShape, QuestSelectShape, CHUNK_TOKENS, DEFAULT_PAGE_SIZE,
+};
+use ntkv::policy::cpu::{prefixkv, LazyEviction, WindowKvGroup};
+use ntkv::policy::{LazyOptions, PrefixShape, WindowKvOptions};
+use ntkv::qdecode::cpu::{kivi_dense, reference as qdecode_reference};
+use ntkv::qdecode::{QdecodeOptions, QdecodeShape};
+use ntkv::quant::cpu::{quantize, MikvCacheCpu, QuantizedHost};
 use ntkv::quant::{Axis, HiPrecision, MikvConfig, QuantSpec};
 use ntkv::topk::cpu::{h2o_accumulate, h2o_compact, h2o_select, snapkv_select_from_scores};
 use ntkv::topk::{AttnShape, GqaReduce};
@@ -30,6 +44,22 @@ pub const SINKS: usize = 4;
 pub const RESIDUAL: usize = 128;
 /// Quantization group size.
 pub const GROUP: usize = 32;
+/// ClusterKV: prompt tokens per k-means cluster on average (`C = P / 32`).
+pub const CLUSTER_TOKENS: usize = 32;
+/// ClusterKV: k-means iterations (cosine, stopping early once no label changes).
+pub const CLUSTER_ITERATIONS: usize = 10;
+/// ClusterKV: the most recent tokens always kept (inside the budget, with the sinks).
+pub const CLUSTER_WINDOW: usize = 16;
+/// ShadowKV: the share of the budget's chunks spent on outlier chunks (`1/8`, at least 1).
+pub const OUTLIER_SHARE: usize = 8;
+/// WindowKV: tokens per window.
+pub const WINDOWKV_TOKENS: usize = 8;
+/// WindowKV: layers per index-sharing group (the group's first layer selects for both).
+pub const WINDOWKV_SHARE: usize = 2;
+/// LazyEviction: steps between evictions.
+pub const LAZY_LAG: usize = 8;
+/// LazyEviction: the attention mass (summed over a GQA group) at which a token counts as hit.
+pub const LAZY_THRESHOLD: f32 = 0.01;
 
 /// What the prefill leaves for one layer.
 #[derive(Clone, Debug)]
@@ -42,6 +72,8 @@ pub struct PrefillLayer {
     pub mass: Vec<f32>,
     /// SnapKV's pooled votes of the last `window` prompt queries, `[Hkv, P − window]`.
     pub snap_scores: Vec<f32>,
+    /// The same votes before pooling (WindowKV's token scores), `[Hkv, P − window]`.
+    pub votes: Vec<f32>,
 }
 
 /// The head geometry: `hq` query heads over `hkv` key/value heads, of dimension `d`.
@@ -63,6 +95,38 @@ pub struct Prefill {
     pub window: usize,
     /// Head geometry.
     pub heads: Heads,
+    /// The prompt keys' k-means per layer, made by the first cluster policy built from this
+    /// prefill and shared by the others (every budget clusters the same keys).
+    pub clusters: SharedKmeans,
+}
+
+/// A k-means of every layer's prompt keys for caches of one capacity, computed once.
+#[derive(Clone, Debug, Default)]
+pub struct SharedKmeans(Arc<Mutex<Option<(usize, LayerKmeans)>>>);
+
+/// One k-means state per layer.
+type LayerKmeans = Arc<Vec<KmeansResult>>;
+
+impl SharedKmeans {
+    /// The k-means of each layer of `pre` over caches of `cap` rows per head (the keys of
+    /// [`Dense::from_prefill`]), computing it on the first call for that capacity.
+    fn get(&self, pre: &Prefill, cap: usize, shape: &KmeansShape) -> Result<LayerKmeans> {
+        let mut slot = self.0.lock().map_err(|_| anyhow::anyhow!("a k-means thread panicked"))?;
+        if let Some((c, r)) = slot.as_ref() {
+            if *c == cap {
+                return Ok(Arc::clone(r));
+            }
+        }
+        let options =
+            KmeansOptions { metric: Metric::Cosine, iterations: CLUSTER_ITERATIONS, stop_when_stable: true, seed: 0 };
+        let mut all = Vec::with_capacity(pre.layers.len());
+        for l in &pre.layers {
+            all.push(kmeans(shape, &options, &Dense::from_prefill(l, pre, cap).k)?);
+        }
+        let all = Arc::new(all);
+        *slot = Some((cap, Arc::clone(&all)));
+        Ok(all)
+    }
 }
 
 /// A policy and its budget.
@@ -79,6 +143,29 @@ pub enum Spec {
     SnapKv { budget: usize },
     /// Quest: `budget / 16` pages of 16 tokens per step, ranked by the page bound.
     Quest { budget: usize },
+    /// ClusterKV: the prompt keys of each kv head in `P / 32` cosine k-means clusters; each
+    /// step takes whole clusters by `q·centroid` (max over the GQA group) while `budget`
+    /// allows, plus [`SINKS`] sinks and the last [`CLUSTER_WINDOW`] tokens (`budget` in
+    /// all). Decoded tokens join their nearest cluster.
+    Cluster { budget: usize },
+    /// ShadowKV's sparse attention: `budget / 8` chunks of 8 prompt tokens per step, of which
+    /// 1/8 are the fixed outlier chunks (least similar to their own mean key) and the rest
+    /// are ranked by the landmark (chunk mean) score; decoded tokens are all kept.
+    ShadowKv { budget: usize },
+    /// WindowKV: the prompt compressed once to `budget` in whole windows of
+    /// [`WINDOWKV_TOKENS`] tokens, ranked by the observation window's summed votes, plus that
+    /// window; layers share indices in groups of [`WINDOWKV_SHARE`]; decoded tokens all kept.
+    WindowKv { budget: usize },
+    /// LazyEviction: H2O's prompt compression to `budget`, then every [`LAZY_LAG`] steps an
+    /// eviction down to `budget` that keeps `budget / 2` recent tokens and ranks the others by
+    /// their recurrence headroom (`mri − age`); hits at [`LAZY_THRESHOLD`].
+    Lazy { budget: usize },
+    /// PrefixKV: `budget` prompt tokens per layer on average. The observation window (the
+    /// last `window` prompt tokens, as in SnapKV) is kept in every layer; over the older
+    /// tokens, one retention ratio of the layers' sorted window votes gives each layer its own
+    /// budget (summing to `layers · (budget − window)`) and keep list, shared by its kv heads.
+    /// Decoded tokens are all kept.
+    PrefixKv { budget: usize },
     /// KIVI: keys per channel, values per token, `bits` bits in groups of [`GROUP`], the last
     /// [`RESIDUAL`] to [`RESIDUAL`] + [`GROUP`] tokens in full precision.
     Kivi { bits: u32 },
@@ -96,6 +183,11 @@ impl Spec {
             Spec::H2o { .. } => "h2o",
             Spec::SnapKv { .. } => "snapkv",
             Spec::Quest { .. } => "quest",
+            Spec::Cluster { .. } => "cluster",
+            Spec::ShadowKv { .. } => "shadowkv",
+            Spec::WindowKv { .. } => "windowkv",
+            Spec::Lazy { .. } => "lazy",
+            Spec::PrefixKv { .. } => "prefixkv",
             Spec::Kivi { .. } => "kivi",
             Spec::Mikv { .. } => "mikv",
         }
@@ -108,9 +200,15 @@ impl fmt::Display for Spec {
             Spec::Full => write!(f, "full"),
             Spec::Kivi { bits } => write!(f, "kivi int{bits}"),
             Spec::Mikv { budget, lo_bits } => write!(f, "mikv f16+int{lo_bits} ({budget} f16)"),
-            Spec::Streaming { budget } | Spec::H2o { budget } | Spec::SnapKv { budget } | Spec::Quest { budget } => {
-                write!(f, "{} ({budget})", self.family())
-            }
+            Spec::Streaming { budget }
+            | Spec::H2o { budget }
+            | Spec::SnapKv { budget }
+            | Spec::Quest { budget }
+            | Spec::Cluster { budget }
+            | Spec::ShadowKv { budget }
+            | Spec::WindowKv { budget }
+            | Spec::Lazy { budget }
+            | Spec::PrefixKv { budget } => write!(f, "{} ({budget})", self.family()),
         }
     }
 }
@@ -147,6 +245,51 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             }
             Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
         }
+        Spec::WindowKv { budget } => {
+            budget_ok(budget)?;
+            ensure!(budget > pre.window, "a WindowKV budget must exceed its window {}", pre.window);
+            let options =
+                WindowKvOptions { window: WINDOWKV_TOKENS, recent: pre.window, budget, share_layers: WINDOWKV_SHARE };
+            let mut group = WindowKvGroup::new(options, pre.heads.hkv, pre.len)?;
+            let mut kept = Vec::with_capacity(pre.layers.len());
+            for (l, layer) in pre.layers.iter().enumerate() {
+                let scores = options.is_leader(l).then_some(layer.votes.as_slice());
+                let csr = group.select_layer(l, scores)?;
+                kept.push(csr.indptr.windows(2).map(|w| csr.indices[w[0] as usize..w[1] as usize].to_vec()).collect());
+            }
+            Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
+        }
+        Spec::PrefixKv { budget } => {
+            budget_ok(budget)?;
+            ensure!(budget > pre.window, "a PrefixKV budget must exceed its window {}", pre.window);
+            let (layers, hkv, w) = (pre.layers.len(), pre.heads.hkv, pre.window);
+            let older = pre.len - w;
+            // One row per layer over the older tokens: the observation window's votes, its kv
+            // heads summed (the public code averages a layer's heads first).
+            let importance: Vec<f32> = pre
+                .layers
+                .iter()
+                .flat_map(|l| (0..older).map(move |t| (0..hkv).map(|h| l.votes[h * older + t]).sum()))
+                .collect();
+            let shape = PrefixShape { rows: layers, n: older, budget: (budget - w) * layers };
+            let r = prefixkv(&importance, &shape)?;
+            let window = older as u32..pre.len as u32;
+            let kept = r
+                .keep
+                .indptr
+                .windows(2)
+                .map(|x| {
+                    let list: Vec<u32> =
+                        r.keep.indices[x[0] as usize..x[1] as usize].iter().copied().chain(window.clone()).collect();
+                    vec![list; hkv]
+                })
+                .collect();
+            Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
+        }
+        Spec::Lazy { budget } => {
+            budget_ok(budget)?;
+            Box::new(Lazy::new(pre, budget)?)
+        }
         Spec::Quest { budget } => {
             budget_ok(budget)?;
             Box::new(Quest::new(pre, capacity, (budget / DEFAULT_PAGE_SIZE).max(1))?)
@@ -154,6 +297,19 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
         Spec::H2o { budget } => {
             budget_ok(budget)?;
             Box::new(H2o::new(pre, budget)?)
+        }
+        Spec::Cluster { budget } => {
+            budget_ok(budget)?;
+            ensure!(
+                budget > SINKS + CLUSTER_WINDOW,
+                "a cluster budget must exceed its {SINKS} sinks and {CLUSTER_WINDOW}-token window"
+            );
+            Box::new(Cluster::new(pre, capacity, budget)?)
+        }
+        Spec::ShadowKv { budget } => {
+            budget_ok(budget)?;
+            ensure!(budget >= 2 * CHUNK_TOKENS, "a ShadowKV budget must hold two chunks of {CHUNK_TOKENS} tokens");
+            Box::new(ShadowKv::new(pre, capacity, budget / CHUNK_TOKENS)?)
         }
         Spec::Kivi { bits } => Box::new(Kivi::new(pre, capacity, bits)?),
         Spec::Mikv { budget, lo_bits } => {
@@ -348,6 +504,93 @@ impl Policy for Quest {
     }
 }
 
+/// ClusterKV: the whole cache, its k-means state per layer, and the retrieval options.
+struct Cluster {
+    caches: Vec<Dense>,
+    states: Vec<KmeansResult>,
+    shape: KmeansShape,
+    options: RetrieveOptions,
+}
+
+impl Cluster {
+    fn new(pre: &Prefill, cap: usize, budget: usize) -> Result<Self> {
+        let Heads { hkv, d, .. } = pre.heads;
+        let clusters = (pre.len / CLUSTER_TOKENS).max(1);
+        let shape = KmeansShape { heads: hkv, tokens: pre.len, capacity: cap, clusters, head_dim: d };
+        let states = pre.clusters.get(pre, cap, &shape)?.as_ref().clone();
+        let caches = pre.layers.iter().map(|l| Dense::from_prefill(l, pre, cap)).collect();
+        let options = RetrieveOptions { combine: Combine::Max, budget, sinks: SINKS, window: CLUSTER_WINDOW };
+        Ok(Cluster { caches, states, shape, options })
+    }
+}
+
+impl Policy for Cluster {
+    fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let cache = &mut self.caches[layer];
+        cache.push(k, v)?;
+        let (len, cap, h) = (cache.len, cache.cap, cache.heads);
+        let state = &mut self.states[layer];
+        assign_appended(&self.shape, Metric::Cosine, &cache.k, len - 1, len, state)?;
+        let shape = RetrieveShape {
+            batch: 1,
+            q_tokens: 1,
+            hq: h.hq,
+            hkv: h.hkv,
+            head_dim: h.d,
+            clusters: self.shape.clusters,
+            capacity: cap,
+        };
+        let (indptr, indices) =
+            retrieve(&shape, &self.options, q, &state.centroids, &state.indptr, &state.members, &[len as u32])?;
+        attend(h, q, &cache.k, &cache.v, cap, len, &indptr, &indices)
+    }
+}
+
+/// ShadowKV: the whole cache, the prompt's landmarks and outlier chunks per layer.
+struct ShadowKv {
+    caches: Vec<Dense>,
+    index: Vec<Landmarks>,
+    shape: LandmarkSelectShape,
+}
+
+impl ShadowKv {
+    fn new(pre: &Prefill, cap: usize, chunks: usize) -> Result<Self> {
+        let Heads { hq, hkv, d } = pre.heads;
+        let outliers = (chunks / OUTLIER_SHARE).max(1);
+        let shape = LandmarkSelectShape {
+            batch: 1,
+            q_tokens: 1,
+            hq,
+            hkv,
+            head_dim: d,
+            capacity: pre.len,
+            outliers,
+            budget: chunks - outliers,
+        };
+        let lshape: LandmarkShape = shape.landmarks();
+        let index =
+            pre.layers.iter().map(|l| landmarks(&lshape, &l.k, &[pre.len as u32])).collect::<ntkv::Result<_>>()?;
+        let caches = pre.layers.iter().map(|l| Dense::from_prefill(l, pre, cap)).collect();
+        Ok(ShadowKv { caches, index, shape })
+    }
+}
+
+impl Policy for ShadowKv {
+    fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let cache = &mut self.caches[layer];
+        cache.push(k, v)?;
+        let p = self.shape.capacity as u32;
+        let lm = &self.index[layer];
+        let sel = landmark_select(&self.shape, q, &lm.landmarks, &lm.outliers, &[p])?;
+        let lists: Vec<Vec<u32>> = sel
+            .indptr
+            .windows(2)
+            .map(|w| sel.indices[w[0] as usize..w[1] as usize].iter().copied().chain(p..cache.len as u32).collect())
+            .collect();
+        cache.attend(q, &lists)
+    }
+}
+
 /// H2O: a compacted cache of `budget + 1` rows per kv head and the accumulated scores.
 struct H2o {
     layers: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
@@ -402,63 +645,161 @@ impl Policy for H2o {
     }
 }
 
-/// Replaces rows `t0..t0 + n` of `x [Hkv, cap, D]` by their reconstruction under `spec`.
-fn requantize(x: &mut [f32], heads: Heads, cap: usize, t0: usize, n: usize, spec: QuantSpec) -> Result<()> {
-    let d = heads.d;
-    let mut block = Vec::with_capacity(heads.hkv * n * d);
-    for h in 0..heads.hkv {
-        block.extend_from_slice(&x[(h * cap + t0) * d..][..n * d]);
-    }
-    let dims = [heads.hkv, n, d];
-    let back: Vec<f32> = dequantize(spec, &dims, &quantize(spec, &dims, &block)?)?;
-    for h in 0..heads.hkv {
-        x[(h * cap + t0) * d..][..n * d].copy_from_slice(&back[h * n * d..][..n * d]);
-    }
-    Ok(())
+/// LazyEviction: per layer, `ntkv::policy::cpu::LazyEviction` over the H2O-compressed prompt.
+struct Lazy {
+    layers: Vec<LazyEviction<f32>>,
+    heads: Heads,
 }
 
-/// KIVI: rows older than the residual window hold their dequantized codes.
+impl Lazy {
+    fn new(pre: &Prefill, budget: usize) -> Result<Self> {
+        let Heads { hkv, d, .. } = pre.heads;
+        let p = pre.len;
+        let options = LazyOptions { budget, recent: budget / 2, lag: LAZY_LAG, threshold: LAZY_THRESHOLD };
+        let mut layers = Vec::with_capacity(pre.layers.len());
+        for l in &pre.layers {
+            // The prompt enters compressed as H2O compresses it; its tokens start unhit
+            // (`last_hit = 0`, `mri = 0`), as LazyEviction's state begins at the first step.
+            let keep = h2o_select(&l.mass, hkv, p, budget, budget / 2)?;
+            let (mut k, mut v) = (l.k.clone(), l.v.clone());
+            h2o_compact(&keep, hkv, p, d, &mut k, &mut v, None)?;
+            let take =
+                |x: &[f32]| -> Vec<f32> { (0..hkv).flat_map(|h| x[h * p * d..][..budget * d].to_vec()).collect() };
+            layers.push(LazyEviction::new(options, hkv, budget, d, take(&k), take(&v))?);
+        }
+        Ok(Lazy { layers, heads: pre.heads })
+    }
+}
+
+impl Policy for Lazy {
+    fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let Heads { hq, hkv, d } = self.heads;
+        let cache = &mut self.layers[layer];
+        cache.append(k, v)?;
+        let t = cache.len();
+        let all: Vec<u32> = (0..t as u32).collect();
+        let (indptr, indices) = csr(&vec![all; hkv]);
+        let o = attend(self.heads, q, cache.k(), cache.v(), t, t, &indptr, &indices)?;
+        // The step's attention mass, GQA-summed: the update's input (evicts every LAZY_LAG steps).
+        let mut mass = vec![0.0f32; hkv * t];
+        h2o_accumulate(q, cache.k(), &mut mass, AttnShape { hq, hkv, tq: 1, t, d }, GqaReduce::Sum)?;
+        cache.decode_step(&mass)?;
+        Ok(o)
+    }
+}
+
+/// `o [Hq·D]` of one query over every token of a dense f16 cache `[Hkv, T, D]`, through the
+/// quantized decode's reference (`ntkv::qdecode::cpu::reference`).
+fn attend_f16(heads: Heads, q: &[f32], k: &[f16], v: &[f16], tokens: usize) -> Result<Vec<f32>> {
+    let shape =
+        QdecodeShape { batch: 1, q_tokens: 1, hq: heads.hq, hkv: heads.hkv, head_dim: heads.d, capacity: tokens };
+    let r = qdecode_reference(&shape, &QdecodeOptions::default(), q, k, v, tokens, None)?;
+    Ok(r.o.iter().map(|&x| x as f32).collect())
+}
+
+/// Rows `t0..t1` of each head of `x [Hkv, cap, D]`, packed as `[Hkv, t1 − t0, D]`.
+fn rows(x: &[f16], heads: Heads, cap: usize, t0: usize, t1: usize) -> Vec<f16> {
+    let d = heads.d;
+    (0..heads.hkv).flat_map(|h| x[(h * cap + t0) * d..(h * cap + t1) * d].iter().copied()).collect()
+}
+
+/// One KIVI operand of a layer: the f16 rows as written, the codes of the first `quantized`
+/// of them, and the f16 residual window after them.
+struct KiviOperand {
+    spec: QuantSpec,
+    /// `[Hkv, cap, D]`, f16 (what a KIVI cache stores before quantizing).
+    raw: Vec<f16>,
+    /// The codes of rows `0..quantized` of every head, and their reconstruction
+    /// `[Hkv, quantized, D]` (`kivi_dense` with an empty residual), made when they change.
+    codes: Option<(QuantizedHost, Vec<f16>)>,
+}
+
+impl KiviOperand {
+    fn quantize(&mut self, heads: Heads, cap: usize, quantized: usize) -> Result<()> {
+        // Per-channel groups run along tokens from row 0 and per-token groups along D, so
+        // quantizing the whole prefix again gives the earlier groups' codes unchanged.
+        let dims = [heads.hkv, quantized, heads.d];
+        let codes = quantize(self.spec, &dims, &rows(&self.raw, heads, cap, 0, quantized))?;
+        let coded = kivi_dense(self.spec, dims, &codes, &[], 0, 0)?;
+        self.codes = Some((codes, coded));
+        Ok(())
+    }
+
+    /// The f16 `[Hkv, len, D]` the quantized decode reads: per head the dequantized codes,
+    /// then the residual rows (what `kivi_dense` assembles, here from its cached output).
+    fn dense(&self, heads: Heads, cap: usize, quantized: usize, len: usize) -> Vec<f16> {
+        let d = heads.d;
+        let mut out = Vec::with_capacity(heads.hkv * len * d);
+        for h in 0..heads.hkv {
+            if let Some((_, coded)) = &self.codes {
+                out.extend_from_slice(&coded[h * quantized * d..(h + 1) * quantized * d]);
+            }
+            out.extend_from_slice(&self.raw[(h * cap + quantized) * d..(h * cap + len) * d]);
+        }
+        out
+    }
+}
+
+/// KIVI: per layer, keys quantized per channel and values per token, all but the last
+/// [`RESIDUAL`] to [`RESIDUAL`] + [`GROUP`] rows.
 struct Kivi {
-    caches: Vec<Dense>,
+    layers: Vec<(KiviOperand, KiviOperand)>,
+    len: Vec<usize>,
     quantized: Vec<usize>,
-    kspec: QuantSpec,
-    vspec: QuantSpec,
+    cap: usize,
+    heads: Heads,
 }
 
 impl Kivi {
     fn new(pre: &Prefill, cap: usize, bits: u32) -> Result<Self> {
         let kspec = QuantSpec::new(bits, GROUP, Axis::PerChannel)?;
         let vspec = QuantSpec::new(bits, GROUP, Axis::PerToken)?;
-        let mut caches: Vec<Dense> = pre.layers.iter().map(|l| Dense::from_prefill(l, pre, cap)).collect();
         let q = pre.len.saturating_sub(RESIDUAL) / GROUP * GROUP;
-        for c in &mut caches {
+        let mut layers = Vec::with_capacity(pre.layers.len());
+        for l in &pre.layers {
+            let dense = Dense::from_prefill(l, pre, cap);
+            let mut k = KiviOperand { spec: kspec, raw: to_f16(&dense.k), codes: None };
+            let mut v = KiviOperand { spec: vspec, raw: to_f16(&dense.v), codes: None };
             if q > 0 {
-                requantize(&mut c.k, pre.heads, cap, 0, q, kspec)?;
-                requantize(&mut c.v, pre.heads, cap, 0, q, vspec)?;
+                k.quantize(pre.heads, cap, q)?;
+                v.quantize(pre.heads, cap, q)?;
             }
+            layers.push((k, v));
         }
-        let quantized = vec![q; caches.len()];
-        Ok(Kivi { caches, quantized, kspec, vspec })
+        let n = layers.len();
+        Ok(Kivi { layers, len: vec![pre.len; n], quantized: vec![q; n], cap, heads: pre.heads })
     }
 }
 
 impl Policy for Kivi {
     fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        let c = &mut self.caches[layer];
-        c.push(k, v)?;
-        let done = &mut self.quantized[layer];
-        if c.len - *done >= RESIDUAL + GROUP {
-            requantize(&mut c.k, c.heads, c.cap, *done, GROUP, self.kspec)?;
-            requantize(&mut c.v, c.heads, c.cap, *done, GROUP, self.vspec)?;
-            *done += GROUP;
+        let (heads, cap) = (self.heads, self.cap);
+        let (kop, vop) = &mut self.layers[layer];
+        let len = &mut self.len[layer];
+        ensure!(*len < cap, "the cache is full ({cap} tokens)");
+        let d = heads.d;
+        for h in 0..heads.hkv {
+            kop.raw[(h * cap + *len) * d..][..d].copy_from_slice(&to_f16(&k[h * d..(h + 1) * d]));
+            vop.raw[(h * cap + *len) * d..][..d].copy_from_slice(&to_f16(&v[h * d..(h + 1) * d]));
         }
-        c.attend_all(q)
+        *len += 1;
+        let done = &mut self.quantized[layer];
+        if *len - *done >= RESIDUAL + GROUP {
+            *done += GROUP;
+            kop.quantize(heads, cap, *done)?;
+            vop.quantize(heads, cap, *done)?;
+        }
+        let (kd, vd) = (kop.dense(heads, cap, *done, *len), vop.dense(heads, cap, *done, *len));
+        attend_f16(heads, q, &kd, &vd, *len)
     }
 }
 
-/// MiKV: a pair of `MikvCacheCpu` per layer and the dense reconstruction the step reads.
+/// MiKV: a pair of `MikvCacheCpu` per layer and their f16 reconstruction `[Hkv, cap, D]`
+/// (`dequantize_dense`, refreshed whenever rows are quantized), attended through it.
 struct Mikv {
-    layers: Vec<(MikvCacheCpu, MikvCacheCpu, Dense)>,
+    layers: Vec<(MikvCacheCpu, MikvCacheCpu, Vec<f16>, Vec<f16>)>,
+    heads: Heads,
+    cap: usize,
 }
 
 fn to_f16(x: &[f32]) -> Vec<f16> {
@@ -482,47 +823,51 @@ impl Mikv {
                 MikvCacheCpu::from_prefill(Self::config(axis, cap, lo_bits), &to_f16(x), &dims, &important)
             };
             let (kc, vc) = (cache(Axis::PerChannel, &l.k)?, cache(Axis::PerToken, &l.v)?);
-            let mut dense = Dense::from_prefill(l, pre, cap);
-            refresh(&mut dense.k, &kc, pre.heads, cap)?;
-            refresh(&mut dense.v, &vc, pre.heads, cap)?;
-            layers.push((kc, vc, dense));
+            let (mut kd, mut vd) = (vec![f16::ZERO; hkv * cap * d], vec![f16::ZERO; hkv * cap * d]);
+            refresh(&mut kd, &kc, pre.heads, cap)?;
+            refresh(&mut vd, &vc, pre.heads, cap)?;
+            layers.push((kc, vc, kd, vd));
         }
-        Ok(Mikv { layers })
+        Ok(Mikv { layers, heads: pre.heads, cap })
     }
 }
 
 /// Writes `cache.dequantize_dense()` (`[Hkv, T, D]`) into rows `0..T` of `x [Hkv, cap, D]`.
-fn refresh(x: &mut [f32], cache: &MikvCacheCpu, heads: Heads, cap: usize) -> Result<()> {
+fn refresh(x: &mut [f16], cache: &MikvCacheCpu, heads: Heads, cap: usize) -> Result<()> {
     let (t, d) = (cache.len(), heads.d);
     let dense = cache.dequantize_dense()?;
     if dense.len() != heads.hkv * t * d {
         bail!("dequantize_dense returned {} values for [{}, {t}, {d}]", dense.len(), heads.hkv);
     }
     for h in 0..heads.hkv {
-        for (dst, src) in x[h * cap * d..][..t * d].iter_mut().zip(&dense[h * t * d..][..t * d]) {
-            *dst = src.to_f32();
-        }
+        x[h * cap * d..][..t * d].copy_from_slice(&dense[h * t * d..][..t * d]);
     }
     Ok(())
 }
 
 impl Policy for Mikv {
     fn step(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        let (kc, vc, dense) = &mut self.layers[layer];
+        let (heads, cap) = (self.heads, self.cap);
+        let (kc, vc, kd, vd) = &mut self.layers[layer];
         let (kq, vq) = (kc.quantized_len(), vc.quantized_len());
-        kc.append(&to_f16(k))?;
-        vc.append(&to_f16(v))?;
-        // The new row sits in the f16 ring: exactly its f16 rounding.
-        let k16: Vec<f32> = to_f16(k).iter().map(|x| x.to_f32()).collect();
-        let v16: Vec<f32> = to_f16(v).iter().map(|x| x.to_f32()).collect();
-        dense.push(&k16, &v16)?;
-        let (heads, cap) = (dense.heads, dense.cap);
+        let (k16, v16) = (to_f16(k), to_f16(v));
+        kc.append(&k16)?;
+        vc.append(&v16)?;
+        let t = kc.len();
+        ensure!(t <= cap, "the cache is full ({cap} tokens)");
+        // A new row enters MiKV's f16 ring, so its reconstruction is its f16 rounding; the
+        // quantized rows change only when the ring spills a group into the codes.
+        let d = heads.d;
+        for h in 0..heads.hkv {
+            kd[(h * cap + t - 1) * d..][..d].copy_from_slice(&k16[h * d..(h + 1) * d]);
+            vd[(h * cap + t - 1) * d..][..d].copy_from_slice(&v16[h * d..(h + 1) * d]);
+        }
         if kc.quantized_len() != kq {
-            refresh(&mut dense.k, kc, heads, cap)?;
+            refresh(kd, kc, heads, cap)?;
         }
         if vc.quantized_len() != vq {
-            refresh(&mut dense.v, vc, heads, cap)?;
+            refresh(vd, vc, heads, cap)?;
         }
-        dense.attend_all(q)
+        attend_f16(heads, q, &rows(kd, heads, cap, 0, t), &rows(vd, heads, cap, 0, t), t)
     }
 }

@@ -89,17 +89,23 @@ pub struct Report {
 }
 
 /// Colours of the plot's lines, in [`PLOT_FAMILIES`] order.
-pub const PLOT_COLOURS: [(&str, RGBColor); 6] = [
+pub const PLOT_COLOURS: [(&str, RGBColor); 11] = [
     ("red", RGBColor(220, 40, 40)),
     ("blue", RGBColor(40, 80, 220)),
     ("green", RGBColor(30, 160, 60)),
+    ("pink", RGBColor(230, 100, 170)),
+    ("olive", RGBColor(130, 130, 0)),
+    ("navy", RGBColor(20, 20, 110)),
     ("orange", RGBColor(240, 150, 20)),
+    ("cyan", RGBColor(0, 170, 190)),
+    ("brown", RGBColor(140, 90, 40)),
     ("purple", RGBColor(150, 50, 200)),
     ("black", RGBColor(0, 0, 0)),
 ];
 
 /// The families drawn as lines against their budget.
-pub const PLOT_FAMILIES: [&str; 6] = ["streaming", "h2o", "snapkv", "quest", "mikv", "kivi"];
+pub const PLOT_FAMILIES: [&str; 11] =
+    ["streaming", "h2o", "snapkv", "windowkv", "lazy", "prefixkv", "quest", "cluster", "shadowkv", "mikv", "kivi"];
 
 impl Report {
     fn full_ppl(&self) -> Option<f64> {
@@ -253,27 +259,14 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// An 8-bit RGB PNG of `rgb [h, w, 3]`, deflate in stored (uncompressed) blocks.
+/// An 8-bit RGB PNG of `rgb [h, w, 3]` (zlib level 9, no row filter).
 pub fn png_rgb(w: u32, h: u32, rgb: &[u8]) -> Vec<u8> {
     let mut raw = Vec::with_capacity(rgb.len() + h as usize);
     for row in rgb.chunks_exact(w as usize * 3) {
         raw.push(0); // filter: none
         raw.extend_from_slice(row);
     }
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        z.push(u8::from(i + 1 == blocks.len()));
-        z.extend_from_slice(&(b.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(b.len() as u16)).to_le_bytes());
-        z.extend_from_slice(b);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in &raw {
-        a = (a + u32::from(x)) % 65521;
-        b = (b + a) % 65521;
-    }
-    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    let z = miniz_oxide::deflate::compress_to_vec_zlib(&raw, 9);
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = Vec::new();
     ihdr.extend_from_slice(&w.to_be_bytes());

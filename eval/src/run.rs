@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use ntkv::topk::cpu::snapkv_scores;
+use ntkv::topk::cpu::{snapkv_scores, snapkv_votes};
 use ntkv::topk::{AttnShape, GqaReduce};
 
 use crate::attn::{causal, head_major};
@@ -37,11 +37,12 @@ pub fn prefill(model: &Model, tokens: &[u32], window: usize, logits: bool) -> Re
         let (k, v) = (head_major(&k, h.hkv, h.d), head_major(&v, h.hkv, h.d));
         let shape = AttnShape { hq: h.hq, hkv: h.hkv, tq: window, t: p, d: h.d };
         let snap_scores = snapkv_scores(&q_window, &k, shape, GqaReduce::Sum)?;
+        let votes = snapkv_votes(&q_window, &k, shape, GqaReduce::Sum)?.into_iter().map(|x| x as f32).collect();
         model.finish_layer(l, &mut x, &o)?;
-        layers.push(PrefillLayer { k, v, mass, snap_scores });
+        layers.push(PrefillLayer { k, v, mass, snap_scores, votes });
     }
     let logits = if logits { Some(model.logits(&x)?) } else { None };
-    Ok((Prefill { layers, len: p, window, heads: h }, logits))
+    Ok((Prefill { layers, len: p, window, heads: h, clusters: Default::default() }, logits))
 }
 
 /// What one teacher-forced decode measured.

@@ -26,8 +26,9 @@ fn synthetic() -> Prefill {
         v: noise(20 + l, H.hkv * P * H.d),
         mass: noise(30 + l, H.hkv * P).iter().map(|x| x.abs()).collect(),
         snap_scores: noise(40 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
+        votes: noise(50 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
     };
-    Prefill { layers: vec![layer(0), layer(1)], len: P, window: 16, heads: H }
+    Prefill { layers: vec![layer(0), layer(1)], len: P, window: 16, heads: H, clusters: Default::default() }
 }
 
 /// Runs `STEPS` steps on both layers; the outputs of every step, concatenated.
@@ -62,6 +63,11 @@ fn every_policy_is_finite_and_deterministic() {
         Spec::H2o { budget: 48 },
         Spec::SnapKv { budget: 48 },
         Spec::Quest { budget: 48 },
+        Spec::Cluster { budget: 48 },
+        Spec::ShadowKv { budget: 48 },
+        Spec::WindowKv { budget: 48 },
+        Spec::Lazy { budget: 48 },
+        Spec::PrefixKv { budget: 48 },
         Spec::Kivi { bits: 2 },
         Spec::Mikv { budget: 48, lo_bits: 2 },
     ];
@@ -94,6 +100,11 @@ fn larger_budgets_err_less() {
         (Spec::Streaming { budget: 24 }, Spec::Streaming { budget: 160 }),
         (Spec::SnapKv { budget: 24 }, Spec::SnapKv { budget: 160 }),
         (Spec::Quest { budget: 32 }, Spec::Quest { budget: 176 }),
+        (Spec::Cluster { budget: 32 }, Spec::Cluster { budget: 176 }),
+        (Spec::ShadowKv { budget: 32 }, Spec::ShadowKv { budget: 176 }),
+        (Spec::WindowKv { budget: 24 }, Spec::WindowKv { budget: 160 }),
+        (Spec::Lazy { budget: 24 }, Spec::Lazy { budget: 160 }),
+        (Spec::PrefixKv { budget: 24 }, Spec::PrefixKv { budget: 160 }),
     ] {
         let (a, b) = (rel(&outputs(small), &full), rel(&outputs(large), &full));
         assert!(b < a, "{large} ({b}) should err less than {small} ({a})");
@@ -103,7 +114,13 @@ fn larger_budgets_err_less() {
 #[test]
 fn budgets_outside_the_prompt_are_refused() {
     let pre = synthetic();
-    for s in [Spec::H2o { budget: P }, Spec::Streaming { budget: 4 }, Spec::SnapKv { budget: 16 }] {
+    for s in [
+        Spec::H2o { budget: P },
+        Spec::Streaming { budget: 4 },
+        Spec::SnapKv { budget: 16 },
+        Spec::Cluster { budget: 20 },
+        Spec::ShadowKv { budget: 15 },
+    ] {
         assert!(policy::build(s, &pre, P + 1).is_err(), "{s}");
     }
     assert!(policy::build(Spec::Full, &pre, P - 1).is_err());
@@ -117,7 +134,10 @@ fn png_has_signature_chunks_and_size() {
     assert_eq!(&png[12..16], b"IHDR");
     assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), w);
     assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
-    // 2 rows of 1 filter byte + 9 data bytes in one stored block, plus zlib framing.
+    // IDAT inflates to 2 rows of a filter byte (0) and 9 data bytes.
     let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
-    assert_eq!(idat_len, 2 + 5 + 20 + 4);
+    assert_eq!(&png[37..41], b"IDAT");
+    let raw = miniz_oxide::inflate::decompress_to_vec_zlib(&png[41..41 + idat_len]).unwrap();
+    let row: Vec<u8> = std::iter::once(0).chain([7u8; 9]).collect();
+    assert_eq!(raw, [row.clone(), row].concat());
 }
