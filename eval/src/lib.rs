@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: the byte-level BPE from the GGUF metadata;
 //! - [`model`]: the forward (f32), without attention;
 //! - [`attn`]: the full causal prefill attention;
-//! - [`policy`]: full, StreamingLLM, H2O, SnapKV, Quest, ClusterKV, ShadowKV landmarks, KIVI, MiKV over ntkv;
+//! - [`policy`]: full, StreamingLLM, H2O, SnapKV, WindowKV, LazyEviction, PrefixKV, Quest,
+//!   ClusterKV, ShadowKV's landmarks and low-rank keys, KIVI and MiKV, over ntkv;
 //! - [`run`]: the shared prefill and the teacher-forced decode of one policy;
 //! - [`passkey`]: the passkey prompts;
 //! - [`report`]: JSON, markdown and the PNG plot.

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ntkv-eval [run] [--context 4096] [--continuation 128] [--budgets 0.05,0.1,0.25,0.5]
-//!           [--policies full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,kivi,mikv] [--kivi-bits 4,2]
+//!           [--policies full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,lowrank,kivi,mikv] [--kivi-bits 4,2]
 //!           [--mikv-bits 2] [--passkey 2048,4096,8192|none] [--passkey-depths 0.5]
 //!           [--window 32] [--threads 2] [--model PATH] [--text PATH] [--out DIR] [--gpu]
 //! ntkv-eval logits --tokens 512 --out DIR [--act-q8]  # prefill logits for tools/llama-check.py
@@ -87,10 +87,13 @@ fn read_text(args: &Args) -> Result<String> {
     fs::read_to_string(&path).with_context(|| format!("{}: run tools/fetch-text.sh first", path.display()))
 }
 
-/// The policies at each budget, for a prompt of `p` tokens.
-fn specs(args: &Args, p: usize) -> Result<Vec<(Spec, Option<f64>)>> {
-    let families: Vec<String> =
-        args.list("policies", "full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,kivi,mikv")?;
+/// The policies at each budget, for a prompt of `p` tokens and keys of `key_cols` = `Hkv·D`
+/// channels (low-rank budgets are ranks, as a share of them).
+fn specs(args: &Args, p: usize, key_cols: usize) -> Result<Vec<(Spec, Option<f64>)>> {
+    let families: Vec<String> = args.list(
+        "policies",
+        "full,streaming,h2o,snapkv,windowkv,lazy,prefixkv,quest,cluster,shadowkv,lowrank,kivi,mikv",
+    )?;
     let budgets: Vec<f64> = args.list("budgets", "0.05,0.1,0.25,0.5")?;
     let kivi_bits: Vec<u32> = args.list("kivi-bits", "4,2")?;
     let mikv_bits = args.usize("mikv-bits", 2)? as u32;
@@ -113,6 +116,7 @@ fn specs(args: &Args, p: usize) -> Result<Vec<(Spec, Option<f64>)>> {
                         "windowkv" => Spec::WindowKv { budget },
                         "lazy" => Spec::Lazy { budget },
                         "prefixkv" => Spec::PrefixKv { budget },
+                        "lowrank" => Spec::LowRank { rank: ((b * key_cols as f64).round() as usize).max(1) },
                         "mikv" => Spec::Mikv { budget, lo_bits: mikv_bits },
                         other => bail!("unknown policy `{other}`"),
                     };
@@ -154,7 +158,8 @@ fn cmd_run(args: &Args) -> Result<()> {
     eprintln!("prefill of {p} tokens: {prefill_secs:.1} s");
     let (fed, targets) = (&ids[p..p + n], &ids[p + 1..p + n + 1]);
     let threads = args.usize("threads", 2)?.max(1);
-    let all = specs(args, p)?;
+    let key_cols = model.cfg.hkv * model.cfg.head_dim;
+    let all = specs(args, p, key_cols)?;
     let score = |spec: Spec, frac: Option<f64>, reference: Option<&Reference>| -> Result<(Row, Reference)> {
         let mut pol = policy::build(spec, &pre, p + n)?;
         let d = decode(&model, p, fed, targets, pol.as_mut(), reference.map(|r| r.0.as_slice()), reference.is_none())?;
@@ -223,7 +228,7 @@ fn cmd_run(args: &Args) -> Result<()> {
             eprintln!("passkey {len} (depth {depth}, {} tokens): prefill {:.1} s", pl + 1, t.elapsed().as_secs_f64());
             let mut fed = vec![trial.prompt[pl]];
             fed.extend_from_slice(&trial.answer[..trial.answer.len() - 1]);
-            let trial_specs = specs(args, pl)?;
+            let trial_specs = specs(args, pl, key_cols)?;
             let oks = par_map(&trial_specs, threads, |&(spec, _)| -> Result<bool> {
                 let mut pol = policy::build(spec, &pre, pl + fed.len())?;
                 let d = decode(&model, pl, &fed, &trial.answer, pol.as_mut(), None, false)?;

@@ -161,15 +161,18 @@ impl Model {
     /// Post-RoPE `q [n, Hq·D]`, `k [n, Hkv·D]` and `v [n, Hkv·D]` of layer `l` for the
     /// residual rows `x [n, embd]` at positions `pos0..pos0 + n`.
     pub fn qkv(&self, l: usize, x: &[f32], pos0: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let layer = &self.layers[l];
-        let n = x.len() / self.cfg.embd;
-        let h = rms_norm(x, &layer.attn_norm, self.cfg.rms_eps);
-        let mut q = self.linear(&h, n, &layer.wq)?;
-        let mut k = self.linear(&h, n, &layer.wk)?;
-        let v = self.linear(&h, n, &layer.wv)?;
+        let (mut q, mut k, v) = self.qkv_unrotated(l, x)?;
         self.rope(&mut q, self.cfg.hq, pos0);
         self.rope(&mut k, self.cfg.hkv, pos0);
         Ok((q, k, v))
+    }
+
+    /// [`Self::qkv`] before RoPE: the projections of the normed rows.
+    pub fn qkv_unrotated(&self, l: usize, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let layer = &self.layers[l];
+        let n = x.len() / self.cfg.embd;
+        let h = rms_norm(x, &layer.attn_norm, self.cfg.rms_eps);
+        Ok((self.linear(&h, n, &layer.wq)?, self.linear(&h, n, &layer.wk)?, self.linear(&h, n, &layer.wv)?))
     }
 
     /// The rest of layer `l` given its attention output `o [n, Hq·D]`: the output

@@ -7,6 +7,8 @@
 //! - selection policies (full, StreamingLLM, SnapKV, Quest, ClusterKV, ShadowKV's landmarks)
 //!   build CSR token lists over a cache that keeps every row, and attend with
 //!   `ntkv::decode::cpu::sparse_decode`;
+//! - ShadowKV's low-rank keys rebuild the prompt's keys from a rank-`r` factorization
+//!   (`ntkv::lowrank::cpu`) and attend to every token;
 //! - H2O keeps a compacted cache of `budget + 1` rows per kv head and evicts with `ntkv::topk::cpu`
 //!   (`h2o_accumulate`, `h2o_select`, `h2o_compact`); LazyEviction keeps
 //!   `ntkv::policy::cpu::LazyEviction`'s cache, evicting every [`LAZY_LAG`] steps;
@@ -25,6 +27,8 @@ use half::f16;
 use ntkv::cluster::cpu::{assign_appended, kmeans, retrieve, KmeansResult};
 use ntkv::cluster::{Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape};
 use ntkv::decode::{cpu::sparse_decode, DecodeOptions, DecodeShape};
+use ntkv::lowrank::cpu::{factorize, reconstruct};
+use ntkv::lowrank::{FactorOptions, FactorShape, ReconstructShape, RopeOptions};
 use ntkv::pages::cpu::{landmark_select, landmarks, quest_meta, quest_meta_append, quest_select, Landmarks};
 use ntkv::pages::{
     LandmarkSelectShape, LandmarkShape, QuestMetaShape, QuestSelectShape, CHUNK_TOKENS, DEFAULT_PAGE_SIZE,
@@ -70,10 +74,20 @@ pub struct PrefillLayer {
     pub v: Vec<f32>,
     /// Attention mass per key `[Hkv, P]` over all prompt queries (GQA sum).
     pub mass: Vec<f32>,
-    /// SnapKV's pooled votes of the last `window` prompt queries, `[Hkv, P − window]`.
-    pub snap_scores: Vec<f32>,
-    /// The same votes before pooling (WindowKV's token scores), `[Hkv, P − window]`.
-    pub votes: Vec<f32>,
+    /// What the observation window (the last `window` prompt queries) gives each older key.
+    pub window: WindowVotes,
+    /// The keys before RoPE, token-major as the model computes them, `[P, Hkv·D]`.
+    pub k_pre: Vec<f32>,
+}
+
+/// The observation window's votes for the older prompt keys, `[Hkv, P − window]` each: the
+/// attention mass the last `window` prompt queries give each key, summed over the GQA group.
+#[derive(Clone, Debug)]
+pub struct WindowVotes {
+    /// SnapKV's scores: the votes average-pooled over 5 tokens (`ntkv::topk::cpu::snapkv_scores`).
+    pub pooled: Vec<f32>,
+    /// The votes themselves (`snapkv_votes`, rounded to f32): WindowKV's and PrefixKV's scores.
+    pub raw: Vec<f32>,
 }
 
 /// The head geometry: `hq` query heads over `hkv` key/value heads, of dimension `d`.
@@ -95,6 +109,8 @@ pub struct Prefill {
     pub window: usize,
     /// Head geometry.
     pub heads: Heads,
+    /// The model's RoPE base (adjacent pairs: channels `2i`, `2i + 1` rotate together).
+    pub rope_base: f32,
     /// The prompt keys' k-means per layer, made by the first cluster policy built from this
     /// prefill and shared by the others (every budget clusters the same keys).
     pub clusters: SharedKmeans,
@@ -166,6 +182,10 @@ pub enum Spec {
     /// budget (summing to `layers · (budget − window)`) and keep list, shared by its kv heads.
     /// Decoded tokens are all kept.
     PrefixKv { budget: usize },
+    /// ShadowKV's low-rank keys: the prompt's pre-RoPE keys `[P, Hkv·D]` replaced by their
+    /// rank-`rank` randomized SVD, rebuilt with RoPE at every position; values exact,
+    /// decoded keys exact, every token attended.
+    LowRank { rank: usize },
     /// KIVI: keys per channel, values per token, `bits` bits in groups of [`GROUP`], the last
     /// [`RESIDUAL`] to [`RESIDUAL`] + [`GROUP`] tokens in full precision.
     Kivi { bits: u32 },
@@ -176,19 +196,13 @@ pub enum Spec {
 
 impl Spec {
     /// The policy's name (without the budget).
+    #[rustfmt::skip]
     pub fn family(&self) -> &'static str {
         match self {
-            Spec::Full => "full",
-            Spec::Streaming { .. } => "streaming",
-            Spec::H2o { .. } => "h2o",
-            Spec::SnapKv { .. } => "snapkv",
-            Spec::Quest { .. } => "quest",
-            Spec::Cluster { .. } => "cluster",
-            Spec::ShadowKv { .. } => "shadowkv",
-            Spec::WindowKv { .. } => "windowkv",
-            Spec::Lazy { .. } => "lazy",
-            Spec::PrefixKv { .. } => "prefixkv",
-            Spec::Kivi { .. } => "kivi",
+            Spec::Full => "full", Spec::Streaming { .. } => "streaming", Spec::H2o { .. } => "h2o",
+            Spec::SnapKv { .. } => "snapkv", Spec::WindowKv { .. } => "windowkv", Spec::Lazy { .. } => "lazy",
+            Spec::PrefixKv { .. } => "prefixkv", Spec::Quest { .. } => "quest", Spec::Cluster { .. } => "cluster",
+            Spec::ShadowKv { .. } => "shadowkv", Spec::LowRank { .. } => "lowrank", Spec::Kivi { .. } => "kivi",
             Spec::Mikv { .. } => "mikv",
         }
     }
@@ -199,6 +213,7 @@ impl fmt::Display for Spec {
         match *self {
             Spec::Full => write!(f, "full"),
             Spec::Kivi { bits } => write!(f, "kivi int{bits}"),
+            Spec::LowRank { rank } => write!(f, "lowrank (rank {rank})"),
             Spec::Mikv { budget, lo_bits } => write!(f, "mikv f16+int{lo_bits} ({budget} f16)"),
             Spec::Streaming { budget }
             | Spec::H2o { budget }
@@ -240,7 +255,7 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             ensure!(budget > pre.window, "a SnapKV budget must exceed its window {}", pre.window);
             let mut kept = Vec::with_capacity(pre.layers.len());
             for layer in &pre.layers {
-                let keep = snapkv_select_from_scores(&layer.snap_scores, pre.heads.hkv, pre.len, pre.window, budget)?;
+                let keep = snapkv_select_from_scores(&layer.window.pooled, pre.heads.hkv, pre.len, pre.window, budget)?;
                 kept.push(keep.chunks(budget).map(<[u32]>::to_vec).collect());
             }
             Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
@@ -253,7 +268,7 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             let mut group = WindowKvGroup::new(options, pre.heads.hkv, pre.len)?;
             let mut kept = Vec::with_capacity(pre.layers.len());
             for (l, layer) in pre.layers.iter().enumerate() {
-                let scores = options.is_leader(l).then_some(layer.votes.as_slice());
+                let scores = options.is_leader(l).then_some(layer.window.raw.as_slice());
                 let csr = group.select_layer(l, scores)?;
                 kept.push(csr.indptr.windows(2).map(|w| csr.indices[w[0] as usize..w[1] as usize].to_vec()).collect());
             }
@@ -269,7 +284,7 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             let importance: Vec<f32> = pre
                 .layers
                 .iter()
-                .flat_map(|l| (0..older).map(move |t| (0..hkv).map(|h| l.votes[h * older + t]).sum()))
+                .flat_map(|l| (0..older).map(move |t| (0..hkv).map(|h| l.window.raw[h * older + t]).sum()))
                 .collect();
             let shape = PrefixShape { rows: layers, n: older, budget: (budget - w) * layers };
             let r = prefixkv(&importance, &shape)?;
@@ -312,6 +327,9 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             Box::new(ShadowKv::new(pre, capacity, budget / CHUNK_TOKENS)?)
         }
         Spec::Kivi { bits } => Box::new(Kivi::new(pre, capacity, bits)?),
+        Spec::LowRank { rank } => {
+            Box::new(Listed { caches: low_rank_caches(pre, capacity, rank)?, lists: Lists::All, prompt: pre.len })
+        }
         Spec::Mikv { budget, lo_bits } => {
             budget_ok(budget)?;
             Box::new(Mikv::new(pre, capacity, budget, lo_bits)?)
@@ -643,6 +661,56 @@ impl Policy for H2o {
         h2o_compact(&keep, hkv, rows, d, kc, vc, Some(acc))?;
         Ok(o)
     }
+}
+
+/// The channel of model channel `c` in ntkv's rotate-half layout: the model rotates the
+/// adjacent pair `(2i, 2i + 1)`, ntkv the pair `(i, i + D/2)`, by the same angle.
+fn rotate_half_channel(c: usize, d: usize) -> usize {
+    if c % 2 == 0 {
+        c / 2
+    } else {
+        c / 2 + d / 2
+    }
+}
+
+/// Every layer's cache with its prompt keys rebuilt from the rank-`rank` factors of the
+/// pre-RoPE keys (`ntkv::lowrank::cpu::factorize`, then `reconstruct` at every position).
+/// The channels of each head are permuted into ntkv's rotate-half layout and back, which
+/// leaves every `q·k` unchanged.
+fn low_rank_caches(pre: &Prefill, cap: usize, rank: usize) -> Result<Vec<Dense>> {
+    let Heads { hkv, d, .. } = pre.heads;
+    let (p, n) = (pre.len, hkv * d);
+    ensure!(rank >= 1 && rank <= n.min(p), "rank {rank} must be in 1..={}", n.min(p));
+    let fshape = FactorShape { batch: 1, capacity: p, kv_heads: hkv, head_dim: d, rank };
+    let rshape = ReconstructShape { batch: 1, capacity: p, kv_heads: hkv, head_dim: d, rank };
+    let all: Vec<u32> = (0..p as u32).collect();
+    let (indptr, indices) = csr(&vec![all; hkv]);
+    let mut caches = Vec::with_capacity(pre.layers.len());
+    for l in &pre.layers {
+        let mut permuted = vec![0.0f32; p * n];
+        for t in 0..p {
+            for h in 0..hkv {
+                for c in 0..d {
+                    permuted[t * n + h * d + rotate_half_channel(c, d)] = l.k_pre[t * n + h * d + c];
+                }
+            }
+        }
+        let f = factorize(&fshape, &FactorOptions::default(), &[p as u32], &permuted)?;
+        let (u, sv): (Vec<f32>, Vec<f32>) =
+            (f.u.iter().map(|&x| x as f32).collect(), f.sv.iter().map(|&x| x as f32).collect());
+        let rope = RopeOptions { base: pre.rope_base };
+        let keys = reconstruct(&rshape, &rope, &[p as u32], &u, &sv, &indptr, &indices)?;
+        let mut cache = Dense::from_prefill(l, pre, cap);
+        for h in 0..hkv {
+            for t in 0..p {
+                for c in 0..d {
+                    cache.k[(h * cap + t) * d + c] = keys[(h * p + t) * d + rotate_half_channel(c, d)] as f32;
+                }
+            }
+        }
+        caches.push(cache);
+    }
+    Ok(caches)
 }
 
 /// LazyEviction: per layer, `ntkv::policy::cpu::LazyEviction` over the H2O-compressed prompt.

@@ -88,24 +88,16 @@ pub struct Report {
     pub passkey: Vec<PasskeyRow>,
 }
 
-/// Colours of the plot's lines, in [`PLOT_FAMILIES`] order.
-pub const PLOT_COLOURS: [(&str, RGBColor); 11] = [
-    ("red", RGBColor(220, 40, 40)),
-    ("blue", RGBColor(40, 80, 220)),
-    ("green", RGBColor(30, 160, 60)),
-    ("pink", RGBColor(230, 100, 170)),
-    ("olive", RGBColor(130, 130, 0)),
-    ("navy", RGBColor(20, 20, 110)),
-    ("orange", RGBColor(240, 150, 20)),
-    ("cyan", RGBColor(0, 170, 190)),
-    ("brown", RGBColor(140, 90, 40)),
-    ("purple", RGBColor(150, 50, 200)),
-    ("black", RGBColor(0, 0, 0)),
+/// The plot's lines: each family drawn against its budget, with its colour's name and RGB.
+#[rustfmt::skip]
+pub const PLOT_LINES: [(&str, &str, RGBColor); 12] = [
+    ("streaming", "red", RGBColor(220, 40, 40)), ("h2o", "blue", RGBColor(40, 80, 220)),
+    ("snapkv", "green", RGBColor(30, 160, 60)), ("windowkv", "pink", RGBColor(230, 100, 170)),
+    ("lazy", "olive", RGBColor(130, 130, 0)), ("prefixkv", "navy", RGBColor(20, 20, 110)),
+    ("lowrank", "lime", RGBColor(120, 220, 0)), ("quest", "orange", RGBColor(240, 150, 20)),
+    ("cluster", "cyan", RGBColor(0, 170, 190)), ("shadowkv", "brown", RGBColor(140, 90, 40)),
+    ("mikv", "purple", RGBColor(150, 50, 200)), ("kivi", "black", RGBColor(0, 0, 0)),
 ];
-
-/// The families drawn as lines against their budget.
-pub const PLOT_FAMILIES: [&str; 11] =
-    ["streaming", "h2o", "snapkv", "windowkv", "lazy", "prefixkv", "quest", "cluster", "shadowkv", "mikv", "kivi"];
 
 impl Report {
     fn full_ppl(&self) -> Option<f64> {
@@ -165,7 +157,7 @@ impl Report {
         }
         s += "\nPlot (`quality.png`): x = fraction of the prompt kept (KIVI: bits/16), 0 to 0.55; y = perplexity \
               relative to the full cache (clipped to 0.5..4); the thick grey line is 1.0, the thin grey lines are x = 0.05, 0.10, ... Colours: ";
-        let names: Vec<String> = PLOT_FAMILIES.iter().zip(PLOT_COLOURS).map(|(f, (c, _))| format!("{f} {c}")).collect();
+        let names: Vec<String> = PLOT_LINES.iter().map(|(f, c, _)| format!("{f} {c}")).collect();
         s += &names.join(", ");
         s += ".\n";
         s
@@ -182,9 +174,9 @@ impl Report {
     fn plot(&self, path: &Path) -> Result<()> {
         let (w, h) = (800u32, 480u32);
         let full = self.full_ppl().context("the plot needs the full-cache row")?;
-        let series: Vec<Vec<(f64, f64)>> = PLOT_FAMILIES
+        let series: Vec<Vec<(f64, f64)>> = PLOT_LINES
             .iter()
-            .map(|f| {
+            .map(|(f, _, _)| {
                 let mut pts: Vec<(f64, f64)> = self
                     .rows
                     .iter()
@@ -217,7 +209,7 @@ impl Report {
             chart
                 .draw_series(LineSeries::new([(0.0, 1.0), (0.55, 1.0)], grey.stroke_width(2)))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for (pts, (_, colour)) in series.iter().zip(PLOT_COLOURS) {
+            for (pts, &(_, _, colour)) in series.iter().zip(&PLOT_LINES) {
                 let clipped: Vec<(f64, f64)> = pts.iter().map(|&(x, y)| (x, y.min(ymax))).collect();
                 chart
                     .draw_series(LineSeries::new(clipped.clone(), colour.stroke_width(3)))

@@ -14,7 +14,7 @@ use ntkv::topk::{AttnShape, GqaReduce};
 
 use crate::attn::{causal, head_major};
 use crate::model::Model;
-use crate::policy::{Heads, Policy, Prefill, PrefillLayer};
+use crate::policy::{Heads, Policy, Prefill, PrefillLayer, WindowVotes};
 
 /// The head geometry of the model.
 pub fn heads(model: &Model) -> Heads {
@@ -31,7 +31,10 @@ pub fn prefill(model: &Model, tokens: &[u32], window: usize, logits: bool) -> Re
     let mut x = model.embed(tokens)?;
     let mut layers = Vec::with_capacity(model.cfg.layers);
     for l in 0..model.cfg.layers {
-        let (q, k, v) = model.qkv(l, &x, 0)?;
+        let (mut q, mut k, v) = model.qkv_unrotated(l, &x)?;
+        let k_pre = k.clone();
+        model.rope(&mut q, h.hq, 0);
+        model.rope(&mut k, h.hkv, 0);
         let (o, mass) = causal(&q, &k, &v, h.hq, h.hkv, h.d)?;
         let q_window = head_major(&q[(p - window) * h.hq * h.d..], h.hq, h.d);
         let (k, v) = (head_major(&k, h.hkv, h.d), head_major(&v, h.hkv, h.d));
@@ -39,10 +42,11 @@ pub fn prefill(model: &Model, tokens: &[u32], window: usize, logits: bool) -> Re
         let snap_scores = snapkv_scores(&q_window, &k, shape, GqaReduce::Sum)?;
         let votes = snapkv_votes(&q_window, &k, shape, GqaReduce::Sum)?.into_iter().map(|x| x as f32).collect();
         model.finish_layer(l, &mut x, &o)?;
-        layers.push(PrefillLayer { k, v, mass, snap_scores, votes });
+        layers.push(PrefillLayer { k, v, mass, window: WindowVotes { pooled: snap_scores, raw: votes }, k_pre });
     }
     let logits = if logits { Some(model.logits(&x)?) } else { None };
-    Ok((Prefill { layers, len: p, window, heads: h, clusters: Default::default() }, logits))
+    let rope_base = model.cfg.rope_base;
+    Ok((Prefill { layers, len: p, window, heads: h, rope_base, clusters: Default::default() }, logits))
 }
 
 /// What one teacher-forced decode measured.

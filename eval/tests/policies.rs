@@ -1,7 +1,7 @@
 //! The policies on a synthetic prefill (no model needed): shapes, determinism, and the
 //! quantized caches' error ordering.
 
-use ntkv_eval::policy::{self, Heads, Prefill, PrefillLayer, Spec};
+use ntkv_eval::policy::{self, Heads, Prefill, PrefillLayer, Spec, WindowVotes};
 use ntkv_eval::report::png_rgb;
 
 const H: Heads = Heads { hq: 9, hkv: 3, d: 64 };
@@ -25,10 +25,20 @@ fn synthetic() -> Prefill {
         k: noise(10 + l, H.hkv * P * H.d),
         v: noise(20 + l, H.hkv * P * H.d),
         mass: noise(30 + l, H.hkv * P).iter().map(|x| x.abs()).collect(),
-        snap_scores: noise(40 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
-        votes: noise(50 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
+        window: WindowVotes {
+            pooled: noise(40 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
+            raw: noise(50 + l, H.hkv * (P - 16)).iter().map(|x| x.abs()).collect(),
+        },
+        k_pre: noise(60 + l, P * H.hkv * H.d),
     };
-    Prefill { layers: vec![layer(0), layer(1)], len: P, window: 16, heads: H, clusters: Default::default() }
+    Prefill {
+        layers: vec![layer(0), layer(1)],
+        len: P,
+        window: 16,
+        heads: H,
+        rope_base: 100000.0,
+        clusters: Default::default(),
+    }
 }
 
 /// Runs `STEPS` steps on both layers; the outputs of every step, concatenated.
@@ -68,6 +78,7 @@ fn every_policy_is_finite_and_deterministic() {
         Spec::WindowKv { budget: 48 },
         Spec::Lazy { budget: 48 },
         Spec::PrefixKv { budget: 48 },
+        Spec::LowRank { rank: 24 },
         Spec::Kivi { bits: 2 },
         Spec::Mikv { budget: 48, lo_bits: 2 },
     ];
