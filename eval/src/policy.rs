@@ -37,7 +37,7 @@ use ntkv::policy::cpu::{prefixkv, LazyEviction, WindowKvGroup};
 use ntkv::policy::{LazyOptions, PrefixShape, WindowKvOptions};
 use ntkv::qdecode::cpu::{kivi_dense, reference as qdecode_reference};
 use ntkv::qdecode::{QdecodeOptions, QdecodeShape};
-use ntkv::quant::cpu::{quantize, MikvCacheCpu, QuantizedHost};
+use ntkv::quant::cpu::{quantize, MikvCacheCpu};
 use ntkv::quant::{Axis, HiPrecision, MikvConfig, QuantSpec};
 use ntkv::topk::cpu::{h2o_accumulate, h2o_compact, h2o_select, snapkv_select_from_scores};
 use ntkv::topk::{AttnShape, GqaReduce};
@@ -124,23 +124,19 @@ pub struct SharedKmeans(Arc<Mutex<Option<(usize, LayerKmeans)>>>);
 type LayerKmeans = Arc<Vec<KmeansResult>>;
 
 impl SharedKmeans {
-    /// The k-means of each layer of `pre` over caches of `cap` rows per head (the keys of
-    /// [`Dense::from_prefill`]), computing it on the first call for that capacity.
-    fn get(&self, pre: &Prefill, cap: usize, shape: &KmeansShape) -> Result<LayerKmeans> {
+    /// The k-means of the keys of each layer's cache (`caches`, all of `shape.capacity` rows
+    /// per head, holding the prefill), computing it on the first call for that capacity.
+    fn get(&self, caches: &[Dense], shape: &KmeansShape) -> Result<LayerKmeans> {
         let mut slot = self.0.lock().map_err(|_| anyhow::anyhow!("a k-means thread panicked"))?;
         if let Some((c, r)) = slot.as_ref() {
-            if *c == cap {
+            if *c == shape.capacity {
                 return Ok(Arc::clone(r));
             }
         }
         let options =
             KmeansOptions { metric: Metric::Cosine, iterations: CLUSTER_ITERATIONS, stop_when_stable: true, seed: 0 };
-        let mut all = Vec::with_capacity(pre.layers.len());
-        for l in &pre.layers {
-            all.push(kmeans(shape, &options, &Dense::from_prefill(l, pre, cap).k)?);
-        }
-        let all = Arc::new(all);
-        *slot = Some((cap, Arc::clone(&all)));
+        let all = Arc::new(caches.iter().map(|c| kmeans(shape, &options, &c.k)).collect::<ntkv::Result<Vec<_>>>()?);
+        *slot = Some((shape.capacity, Arc::clone(&all)));
         Ok(all)
     }
 }
@@ -270,7 +266,7 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             for (l, layer) in pre.layers.iter().enumerate() {
                 let scores = options.is_leader(l).then_some(layer.window.raw.as_slice());
                 let csr = group.select_layer(l, scores)?;
-                kept.push(csr.indptr.windows(2).map(|w| csr.indices[w[0] as usize..w[1] as usize].to_vec()).collect());
+                kept.push(csr_rows(&csr.indptr, &csr.indices).map(<[u32]>::to_vec).collect());
             }
             Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
         }
@@ -289,15 +285,8 @@ pub fn build(spec: Spec, pre: &Prefill, capacity: usize) -> Result<Box<dyn Polic
             let shape = PrefixShape { rows: layers, n: older, budget: (budget - w) * layers };
             let r = prefixkv(&importance, &shape)?;
             let window = older as u32..pre.len as u32;
-            let kept = r
-                .keep
-                .indptr
-                .windows(2)
-                .map(|x| {
-                    let list: Vec<u32> =
-                        r.keep.indices[x[0] as usize..x[1] as usize].iter().copied().chain(window.clone()).collect();
-                    vec![list; hkv]
-                })
+            let kept = csr_rows(&r.keep.indptr, &r.keep.indices)
+                .map(|row| vec![row.iter().copied().chain(window.clone()).collect(); hkv])
                 .collect();
             Box::new(Listed::new(pre, capacity, Lists::Kept { kept }))
         }
@@ -346,6 +335,11 @@ pub fn csr(lists: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
         indptr.push(indices.len() as u32);
     }
     (indptr, indices)
+}
+
+/// The lists of CSR `(indptr, indices)`, one slice per row: the inverse of [`csr`].
+fn csr_rows<'a>(indptr: &'a [u32], indices: &'a [u32]) -> impl Iterator<Item = &'a [u32]> + 'a {
+    indptr.windows(2).map(move |w| &indices[w[0] as usize..w[1] as usize])
 }
 
 /// `o [Hq·D]` of one query over the listed rows of a head-major cache `[Hkv, cap, D]`
@@ -535,8 +529,8 @@ impl Cluster {
         let Heads { hkv, d, .. } = pre.heads;
         let clusters = (pre.len / CLUSTER_TOKENS).max(1);
         let shape = KmeansShape { heads: hkv, tokens: pre.len, capacity: cap, clusters, head_dim: d };
-        let states = pre.clusters.get(pre, cap, &shape)?.as_ref().clone();
-        let caches = pre.layers.iter().map(|l| Dense::from_prefill(l, pre, cap)).collect();
+        let caches: Vec<Dense> = pre.layers.iter().map(|l| Dense::from_prefill(l, pre, cap)).collect();
+        let states = pre.clusters.get(&caches, &shape)?.as_ref().clone();
         let options = RetrieveOptions { combine: Combine::Max, budget, sinks: SINKS, window: CLUSTER_WINDOW };
         Ok(Cluster { caches, states, shape, options })
     }
@@ -600,10 +594,8 @@ impl Policy for ShadowKv {
         let p = self.shape.capacity as u32;
         let lm = &self.index[layer];
         let sel = landmark_select(&self.shape, q, &lm.landmarks, &lm.outliers, &[p])?;
-        let lists: Vec<Vec<u32>> = sel
-            .indptr
-            .windows(2)
-            .map(|w| sel.indices[w[0] as usize..w[1] as usize].iter().copied().chain(p..cache.len as u32).collect())
+        let lists: Vec<Vec<u32>> = csr_rows(&sel.indptr, &sel.indices)
+            .map(|row| row.iter().copied().chain(p..cache.len as u32).collect())
             .collect();
         cache.attend(q, &lists)
     }
@@ -777,9 +769,10 @@ struct KiviOperand {
     spec: QuantSpec,
     /// `[Hkv, cap, D]`, f16 (what a KIVI cache stores before quantizing).
     raw: Vec<f16>,
-    /// The codes of rows `0..quantized` of every head, and their reconstruction
-    /// `[Hkv, quantized, D]` (`kivi_dense` with an empty residual), made when they change.
-    codes: Option<(QuantizedHost, Vec<f16>)>,
+    /// The reconstruction `[Hkv, quantized, D]` of the codes of rows `0..quantized` of every
+    /// head (`kivi_dense` with an empty residual), remade when a group is quantized; empty
+    /// before the first.
+    coded: Vec<f16>,
 }
 
 impl KiviOperand {
@@ -788,8 +781,7 @@ impl KiviOperand {
         // quantizing the whole prefix again gives the earlier groups' codes unchanged.
         let dims = [heads.hkv, quantized, heads.d];
         let codes = quantize(self.spec, &dims, &rows(&self.raw, heads, cap, 0, quantized))?;
-        let coded = kivi_dense(self.spec, dims, &codes, &[], 0, 0)?;
-        self.codes = Some((codes, coded));
+        self.coded = kivi_dense(self.spec, dims, &codes, &[], 0, 0)?;
         Ok(())
     }
 
@@ -799,8 +791,8 @@ impl KiviOperand {
         let d = heads.d;
         let mut out = Vec::with_capacity(heads.hkv * len * d);
         for h in 0..heads.hkv {
-            if let Some((_, coded)) = &self.codes {
-                out.extend_from_slice(&coded[h * quantized * d..(h + 1) * quantized * d]);
+            if quantized > 0 {
+                out.extend_from_slice(&self.coded[h * quantized * d..(h + 1) * quantized * d]);
             }
             out.extend_from_slice(&self.raw[(h * cap + quantized) * d..(h * cap + len) * d]);
         }
@@ -826,8 +818,8 @@ impl Kivi {
         let mut layers = Vec::with_capacity(pre.layers.len());
         for l in &pre.layers {
             let dense = Dense::from_prefill(l, pre, cap);
-            let mut k = KiviOperand { spec: kspec, raw: to_f16(&dense.k), codes: None };
-            let mut v = KiviOperand { spec: vspec, raw: to_f16(&dense.v), codes: None };
+            let mut k = KiviOperand { spec: kspec, raw: to_f16(&dense.k), coded: Vec::new() };
+            let mut v = KiviOperand { spec: vspec, raw: to_f16(&dense.v), coded: Vec::new() };
             if q > 0 {
                 k.quantize(pre.heads, cap, q)?;
                 v.quantize(pre.heads, cap, q)?;
