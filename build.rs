@@ -223,6 +223,27 @@ struct Job<'a> {
     cache_dir: Option<&'a Path>,
 }
 
+/// Floating-point flags of the families whose contract is bit-exactness with the CPU reference
+/// (quant codes, top-k keys, k-means labels, ...): IEEE denormals, divisions and square roots.
+const IEEE_MATH: &[&str] = &["-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true"];
+/// Floating-point flags of the families whose contract is a tolerance (SPEC's attention and
+/// decode bounds): denormals flush to zero, which makes each `exp2f` of the online softmax one
+/// `MUFU.EX2` instead of four instructions (the range check and the two scalings that keep a
+/// denormal result exact). Divisions and square roots stay IEEE: they are off the hot loops.
+const FAST_MATH: &[&str] = &["-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true"];
+/// The sources compiled with `FAST_MATH`; every other source gets `IEEE_MATH`.
+const FAST_MATH_SOURCES: &[&str] = &["attention", "decode"];
+
+/// The floating-point flags of source `stem` (tools/kernel-report parses the three tables above,
+/// so that its cubins are compiled as the crate's are).
+fn math_flags(stem: &str) -> &'static [&'static str] {
+    if FAST_MATH_SOURCES.contains(&stem) {
+        FAST_MATH
+    } else {
+        IEEE_MATH
+    }
+}
+
 /// Compiles one source unless an image built from the same source, headers, compiler and flags
 /// is already in OUT_DIR or in the shared cache. Returns the image path and the compiler's
 /// diagnostics.
@@ -243,12 +264,8 @@ fn compile(
         "-lineinfo".into(),
         "--expt-relaxed-constexpr".into(),
         "-Xptxas=-warn-spills".into(),
-        // Fast math stays off: the quant codes and top-k keys must be bit-exact with the CPU.
-        "-ftz=false".into(),
-        "-prec-div=true".into(),
-        "-prec-sqrt=true".into(),
-        "-fmad=true".into(),
     ];
+    args.extend(math_flags(&name).iter().map(|f| (*f).to_owned()));
     for a in archs {
         args.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }

@@ -1,5 +1,6 @@
 //! Differential tests of the block-sparse prefill kernel against the f64 CPU reference at
-//! the crate's tolerances (rel L2 ≤ 5e-4 f16, ≤ 2e-3 bf16), on random masks, ragged batches, GQA,
+//! the crate's tolerances (rel L2 ≤ 5e-4 f16; ≤ 4e-3 bf16 with the default `PvPrecision::Storage`,
+//! ≤ 2e-3 with `PvPrecision::Split`), on random masks, ragged batches, GQA,
 //! causal and not, partial blocks, token masks and empty rows.
 
 mod attention_common;
@@ -67,15 +68,16 @@ fn prefill_f16_matches_reference() {
 
 #[test]
 fn prefill_bf16_matches_reference() {
-    check_random::<bf16>("prefill_bf16_matches_reference", 2, 16, 2e-3, |_| ());
+    // The default, PvPrecision::Storage, rounds P to bf16 once (FlashAttention-2 behaviour):
+    // about 2.2e-3 relative L2 on N(0, 1) inputs, within SPEC's 4e-3 bf16 bound.
+    check_random::<bf16>("prefill_bf16_matches_reference", 2, 16, 4e-3, |_| ());
 }
 
 #[test]
-fn prefill_bf16_storage_precision_is_close() {
-    // PvPrecision::Storage rounds P to bf16 once (FlashAttention-2 behaviour): documented at
-    // about 2.2e-3 relative L2 on N(0, 1) inputs.
-    check_random::<bf16>("prefill_bf16_storage_precision_is_close", 3, 6, 4e-3, |c| {
-        c.opts.pv_precision = PvPrecision::Storage;
+fn prefill_bf16_split_precision_is_tighter() {
+    // PvPrecision::Split sends P as hi + lo: only the output's own bf16 rounding remains.
+    check_random::<bf16>("prefill_bf16_split_precision_is_tighter", 3, 6, 2e-3, |c| {
+        c.opts.pv_precision = PvPrecision::Split;
     });
 }
 
@@ -117,7 +119,7 @@ fn prefill_graph_kv_mask_matches_reference() {
         let mask = graph_kv_mask(&graphs, br, bc).unwrap();
         let shape = PrefillShape::new(4, 4, 64, cu.clone(), cu.clone()).unwrap();
         let c = Case { shape, opts: PrefillOptions::default(), mask };
-        check::<bf16>(dev, &mut rng, &c, 2e-3, &format!("graph {br}x{bc}"));
+        check::<bf16>(dev, &mut rng, &c, 4e-3, &format!("graph {br}x{bc}"));
     }
 }
 

@@ -249,12 +249,12 @@ fn attention(g: &mut Geometry) {
             let shape = PrefillShape::new(32, 32, d, vec![0, tokens], vec![0, tokens])?;
             let m = mask(pm, causal, tokens.div_ceil(128), bc)?;
             let mut out = Vec::new();
-            // bf16 with both P precisions; f16 (Split) on the two bar shapes only.
+            // bf16 with both P precisions; f16 on the two bar shapes only.
             let f16_too = (op == "prefill_dense" && tokens == 8192) || shape_key.ends_with("x128 b128 25%");
             let runs = [
-                (PvPrecision::Split, "", DType::BF16),
-                (PvPrecision::Storage, "_fast", DType::BF16),
-                (PvPrecision::Split, "", DType::F16),
+                (PvPrecision::Storage, "", DType::BF16),
+                (PvPrecision::Split, "_split", DType::BF16),
+                (PvPrecision::Storage, "", DType::F16),
             ];
             for (precision, suffix, dt) in runs.into_iter().take(if f16_too { 3 } else { 2 }) {
                 let opts = PrefillOptions { causal, pv_precision: precision, ..Default::default() };

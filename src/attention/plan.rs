@@ -14,9 +14,12 @@ const BLOCK_WORDS: usize = NTKV_ATTN_BLOCK_WORDS as usize;
 
 /// The validated work list of a prefill, on the host. [`PrefillPlan`] uploads it.
 ///
-/// One work item per (batch entry, row block, query head); each item is one CTA. Items are
-/// ordered by decreasing number of visited blocks, so the longest CTAs start first; ties go
-/// head-major (query head, then first query row) so that CTAs in flight share K/V in L2.
+/// One work item per (batch entry, row block, query head); each item is one CTA. Items run
+/// head-major: by batch entry, then kv head, so that the CTAs of one wave (132 on an H200, one
+/// per SM) read one or two kv heads' K/V, which fit in L2 (4 MiB per head at 8k tokens, D=128,
+/// bf16), instead of a dozen heads' streamed from HBM. Within a kv head the longest lists go
+/// first (so a causal triangle's long rows do not form the tail), then query head and first
+/// query row.
 ///
 /// `items` holds [`NTKV_ATTN_ITEM_WORDS`] `u32` per item: first query token (global), valid
 /// query rows, first key token of the entry (global), `Tk_b`, the causal offset (`i32` bits:
@@ -127,10 +130,10 @@ impl HostPlan {
                 }
             }
         }
-        // Longest lists first; ties head-major (query head, then first query row), so CTAs
-        // running together mostly read the same K/V head and find it in L2. The key is unique
-        // per item, so the order is fully determined.
-        items.sort_by_key(|it| (std::cmp::Reverse(it[6] - it[5]), it[7], it[0]));
+        // Head-major (entry, kv head), then longest lists first, then query head and row: the
+        // CTAs running together read the same K/V head and find it in L2. The key is unique per
+        // item (query head and first row), so the order is fully determined.
+        items.sort_by_key(|it| (it[2], it[7] / group as u32, std::cmp::Reverse(it[6] - it[5]), it[7], it[0]));
         // One CTA per item: grid.x is limited to 2^31 - 1.
         crate::error::to_i32("work items", items.len())?;
         Ok(HostPlan {

@@ -75,16 +75,16 @@ def run(p):
         op = "prefill_dense"
         shape = f"1x32x{tokens}x128"
         dname = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
-        if not (p.wants(FAMILY, op) or p.wants(FAMILY, op + "_fast")):
+        if not (p.wants(FAMILY, op) or p.wants(FAMILY, op + "_split")):
             return
         q, k, v = inputs(tokens, 32, 128, dtype)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             ms = p.time_ms(lambda i: F.scaled_dot_product_attention(q, k, v))
         p.record(FAMILY, op, shape, dname, "torch SDPA flash", ms, min_speedup=bar)
         if dtype == torch.bfloat16:
-            p.record(FAMILY, op + "_fast", shape, dname, "torch SDPA flash", ms)
+            p.record(FAMILY, op + "_split", shape, dname, "torch SDPA flash", ms)
             if tokens == 8192:
-                for variant in ("prefill_dense_bc64", "prefill_dense_bc64_fast"):
+                for variant in ("prefill_dense_bc64", "prefill_dense_bc64_split"):
                     p.record(FAMILY, variant, shape, dname, "torch SDPA flash", ms)
         del q, k, v
 
@@ -99,14 +99,14 @@ def run(p):
     def sparse_case(op, d, pattern, permille, label, dtype, bar):
         shape = f"1x32x32768x{d} b128 {label}"
         dname = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
-        if not (p.wants(FAMILY, op) or p.wants(FAMILY, op + "_fast")):
+        if not (p.wants(FAMILY, op) or p.wants(FAMILY, op + "_split")):
             return
         bm = flex_block_mask(32768, pattern, permille)
         q, k, v = inputs(32768, 32, d, dtype)
         ms = p.time_ms(lambda i: flex(q, k, v, block_mask=bm))
         p.record(FAMILY, op, shape, dname, "FlexAttention (torch.compile)", ms, min_speedup=bar)
         if dtype == torch.bfloat16:
-            p.record(FAMILY, op + "_fast", shape, dname, "FlexAttention (torch.compile)", ms)
+            p.record(FAMILY, op + "_split", shape, dname, "FlexAttention (torch.compile)", ms)
         del q, k, v
 
     for d in (128, 64):
