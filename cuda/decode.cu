@@ -7,9 +7,12 @@
 //                               gathers K/V rows by index with 16-byte cp.async into a
 //                               double-buffered shared-memory tile, scores in f32, online
 //                               softmax in the log2 domain, accumulates O; writes o/lse
-//                               directly (one chunk per list) or a partial state (acc, m, l);
-//   ntkv_decode_merge_<T>       combines the partial states of each list's chunks in chunk
-//                               order: an exact log-sum-exp merge, no atomics.
+//                               directly when the list is one chunk, otherwise a partial
+//                               state (acc, m, l) and a ticket: the CTA that draws the last
+//                               ticket of its (list, row tile) merges the chunks' states in
+//                               chunk order (the exact log-sum-exp merge of
+//                               ntkv_flashdecode.cuh). No CTA waits for another, and no
+//                               float atomics.
 //
 // All query rows that read one kv head (group * q_tokens of them) share the CTA, so each
 // gathered K/V row is read from memory once per row tile (16 rows).
@@ -26,7 +29,6 @@ constexpr int THREADS = 128;   // threads per CTA
 constexpr int WARPS = THREADS / 32;
 constexpr int KPAD = 8;        // row padding in elements: 16 bytes, so 8 consecutive rows
                                // of a 16-byte column fall in 8 different bank groups
-constexpr float LN2 = 0.693147180559945309f;
 
 static_assert(TK == 64, "the softmax phase reads two scores per lane");
 
@@ -64,7 +66,7 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                                             const uint32_t* __restrict__ indices,
                                             const uint32_t* __restrict__ cache_lens, T* __restrict__ o,
                                             float* __restrict__ lse, float* __restrict__ ws_acc,
-                                            float* __restrict__ ws_ml) {
+                                            float* __restrict__ ws_ml, uint32_t* __restrict__ tickets) {
     constexpr int KS = D + KPAD;                        // shared row stride, elements
     constexpr int CHUNKS16 = D / 8;                     // 16-byte pieces per row
     constexpr int PAIRS = D / 2;                        // column pairs per row
@@ -264,6 +266,11 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
         __syncthreads();  // stage buf, idx_s[buf] and s_s may be overwritten next
     }
 
+    // A list of one chunk (every list, when p.direct) is whole in this CTA: it writes o and
+    // lse itself. In a split plan it does so with fd_finish, the arithmetic the merge of one
+    // state reduces to (w = 1, so fmaf(x, w, 0) = x), so those rows keep the merge's bits.
+    const uint32_t n_chunks = ntkv::fd_chunks_of(list_end - list_begin, p.chunk_tokens, p.max_chunks);
+    const bool whole = p.direct || n_chunks == 1;
     for_items<PV_ITEMS, PAIRS>(tid, [&](int it, int r, int dp) {
         if (r < R) {
             const uint32_t gr = row0 + r;
@@ -275,6 +282,13 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
                 const uint64_t off = row_offset(p, b, hkv, gr) * D + 2 * dp;
                 o[off] = ntkv::from_f32<T>(acc[it][0] * inv);
                 o[off + 1] = ntkv::from_f32<T>(acc[it][1] * inv);
+            } else if (whole) {
+                float x0, x1, unused;
+                ntkv::fd_finish(m_s[r], l_s[r], acc[it][0], x0, unused);
+                ntkv::fd_finish(m_s[r], l_s[r], acc[it][1], x1, unused);
+                const uint64_t off = row_offset(p, b, hkv, gr) * D + 2 * dp;
+                o[off] = ntkv::from_f32<T>(x0);
+                o[off + 1] = ntkv::from_f32<T>(x1);
             } else {
                 const uint64_t off = (((uint64_t)list * p.max_chunks + chunk) * p.rows + gr) * D + 2 * dp;
                 ws_acc[off] = acc[it][0];
@@ -286,20 +300,31 @@ __device__ __forceinline__ void decode_attn(const NtkvDecodeParams& p, const T* 
         const uint32_t gr = row0 + tid;
         const float m = m_s[tid];
         const float l = l_s[tid];
-        if (p.direct) {
-            lse[row_offset(p, b, hkv, gr)] = l == 0.f ? -CUDART_INF_F : (m + log2f(l)) * LN2;
+        if (whole) {
+            float unused, row_lse;
+            ntkv::fd_finish(m, l, 0.f, unused, row_lse);
+            lse[row_offset(p, b, hkv, gr)] = row_lse;
         } else {
             const uint64_t off = ((uint64_t)list * p.max_chunks + chunk) * p.rows + gr;
             ws_ml[2 * off] = m;
             ws_ml[2 * off + 1] = l;
         }
     }
-}
+    if (whole) return;
 
-// A list's positions [begin, end) in indices, clamped to the buffer (the merge's BOUNDS).
-__device__ __forceinline__ void list_bounds(const NtkvDecodeParams& p, const uint32_t* __restrict__ indptr,
-                                            uint32_t list, uint64_t& begin, uint64_t& end) {
-    ntkv::csr_bounds(indptr, list, p.n_indices, begin, end);
+    // The CTA that draws the last ticket of this (list, row tile) merges all n_chunks states
+    // of its rows, in chunk order. idx_s is no longer read, so its first word holds the flag.
+    if (!ntkv::fd_fold_ticket(tickets + (uint64_t)list * p.row_tiles + row_tile, n_chunks, idx_s)) return;
+    const uint64_t base = (uint64_t)list * p.max_chunks * p.rows + row0;  // row r, chunk c: base + r + c rows
+    for (int e = tid; e < R * D; e += THREADS) {
+        const int r = e / D;
+        const int d = e % D;
+        float out, row_lse;
+        ntkv::fd_merge_workspace_l2(n_chunks, base + r, p.rows, D, d, ws_acc, ws_ml, out, row_lse);
+        const uint64_t row = row_offset(p, b, hkv, row0 + r);
+        o[row * D + d] = ntkv::from_f32<T>(out);
+        if (d == 0) lse[row] = row_lse;
+    }
 }
 
 }  // namespace
@@ -309,17 +334,14 @@ __device__ __forceinline__ void list_bounds(const NtkvDecodeParams& p, const uin
         const NtkvDecodeParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
         const uint32_t* __restrict__ indptr, const uint32_t* __restrict__ indices,                      \
         const uint32_t* __restrict__ cache_lens, T* __restrict__ o, float* __restrict__ lse,            \
-        float* __restrict__ ws_acc, float* __restrict__ ws_ml) {                                        \
-        decode_attn<T, D>(p, q, k, v, indptr, indices, cache_lens, o, lse, ws_acc, ws_ml);              \
+        float* __restrict__ ws_acc, float* __restrict__ ws_ml, uint32_t* __restrict__ tickets) {        \
+        decode_attn<T, D>(p, q, k, v, indptr, indices, cache_lens, o, lse, ws_acc, ws_ml, tickets);     \
     }
 
 NTKV_DECODE_ATTN(ntkv_decode_attn_f16_d64, __half, 64)
 NTKV_DECODE_ATTN(ntkv_decode_attn_f16_d128, __half, 128)
 NTKV_DECODE_ATTN(ntkv_decode_attn_bf16_d64, __nv_bfloat16, 64)
 NTKV_DECODE_ATTN(ntkv_decode_attn_bf16_d128, __nv_bfloat16, 128)
-
-// One CTA of head_dim threads per (list, query row): merges the list's chunks in order.
-NTKV_FD_MERGE_KERNELS(ntkv_decode_merge, NtkvDecodeParams, list_bounds)
 
 // grid (n_lists, segments): block (list, seg) checks positions list_begin + seg * blockDim.x
 // + tid, striding by segments * blockDim.x. Each bad position reports (pos << 2 | code) in 64

@@ -258,7 +258,8 @@ fn emulate_kernel<T: Float>(p: &Problem<T>, chunk_tokens: usize) -> (Vec<f64>, V
                 }
                 parts.push((m, l, acc));
             }
-            // The merge kernel: chunks with l == 0 saw nothing; a NaN l stays NaN.
+            // The folding CTA's merge, in chunk order: chunks with l == 0 saw nothing; a NaN l
+            // stays NaN.
             let m_max = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
             let m_base = if m_max == f32::NEG_INFINITY { 0.0 } else { m_max };
             let (mut l_sum, mut a_sum) = (0.0f32, vec![0.0f32; d]);

@@ -277,6 +277,43 @@ fn plan_is_reusable_across_layers() {
     }
 }
 
+/// One plan run again and again (a decode loop over layers) on the same inputs: the split
+/// lists' merge is folded into whichever CTA of a list finishes last, and the plan's tickets
+/// are reused without clearing, so every run must still give the reference's answer and the
+/// same bits as the first, whichever CTA folded.
+#[test]
+fn one_plan_repeated_runs_fold_the_same_bits() {
+    let dev = gpu_or_skip!("one_plan_repeated_runs_fold_the_same_bits");
+    // Chunks of 64 tokens: lists of up to 1200 tokens make up to 19 CTAs per row tile.
+    let cfg = Cfg::new(2, 3, 8, 2, 128, 1200).chunk_tokens(64);
+    let mut rng = Rng::new(4242);
+    let p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
+    let want = p.reference().unwrap();
+    let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
+    let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape()).unwrap();
+    let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
+    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
+    let mut idx = p.indices.clone();
+    idx.push(0);
+    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
+    assert!(plan.split().max_chunks > 1, "the case must split");
+    let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
+    for run in 0..6 {
+        let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape()).unwrap();
+        let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
+        plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
+        let (oh, lh) = (o.to_host().unwrap(), lse.to_host().unwrap());
+        let got: Vec<f64> = oh.iter().map(|x| f64::from(x.to_f32())).collect();
+        common::assert_rel_l2(&format!("run {run}"), &got, &want.o, 5e-4);
+        let now = (bits(&oh), lh.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        match &first {
+            None => first = Some(now),
+            Some(f) => assert!(f == &now, "run {run} differs from run 0 in its bits"),
+        }
+    }
+}
+
 /// The NaN contract on the GPU, direct and split: exactly the CPU reference's NaN rows and
 /// columns (see tests/decode_cpu.rs), never an empty row.
 #[test]

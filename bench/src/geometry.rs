@@ -201,13 +201,9 @@ fn decode(g: &mut Geometry) {
         // The runner times the GQA case in bf16 and the others in f16.
         let dt = if op == "decode_sparse_gqa" { "bf16" } else { "f16" };
         let note = format!("chunk {} tokens, {} chunks, {row_tiles} row tiles", split.chunk_tokens, split.max_chunks);
+        // One launch: split lists are merged by the last CTA of each (list, row tile).
         g.push("decode", op, shape, dt, format!("ntkv_decode_attn_{dt}_d128"), attn, 1, &note).dyn_smem =
             Some(decode::attn_smem_bytes(128));
-        if !split.direct() {
-            let m = g.push("decode", op, shape, dt, format!("ntkv_decode_merge_{dt}"), lists * cfg.rows(), 1, "");
-            m.block = Some(128);
-            m.dyn_smem = Some(0);
-        }
     }
 }
 

@@ -3,8 +3,11 @@
 //
 // A split list leaves one partial state per (chunk, query row): the unnormalised
 // accumulator acc[D], the running max m (log2 units) and the running sum l. Both families
-// merge those states with this one function, so the merge order and arithmetic (and hence
-// the output bits) are the same everywhere.
+// merge those states with this one function (fd_merge), so the merge order and arithmetic
+// (and hence the output bits) are the same everywhere. Two ways to run it: a separate merge
+// kernel (NTKV_FD_MERGE_KERNELS, qdecode), or folded into the attention launch, where the
+// last CTA of each group of states to finish merges them (fd_fold_ticket and
+// fd_merge_workspace_l2, decode).
 #pragma once
 
 #include <math_constants.h>
@@ -86,6 +89,45 @@ __device__ __forceinline__ void fd_merge_workspace(uint32_t n, uint64_t base, ui
             return make_float2(ws_ml[2 * s], ws_ml[2 * s + 1]);
         },
         [&](uint32_t c) { return ws_acc[(base + (uint64_t)c * stride) * head_dim + d]; }, out, lse);
+}
+
+// fd_merge_workspace over states that other CTAs of the same launch wrote (the fold of
+// fd_fold_ticket): every state load goes through L2 (__ldcg), so this SM's L1 cannot serve a
+// line it cached before those CTAs published. The arithmetic is fd_merge's, in state order,
+// so the bits are those of the separate merge kernel and do not depend on which CTA folds.
+__device__ __forceinline__ void fd_merge_workspace_l2(uint32_t n, uint64_t base, uint64_t stride, uint32_t head_dim,
+                                                      uint32_t d, const float* ws_acc, const float* ws_ml,
+                                                      float& out, float& lse) {
+    fd_merge(
+        n,
+        [&](uint32_t c) {
+            const uint64_t s = base + (uint64_t)c * stride;
+            return make_float2(__ldcg(ws_ml + 2 * s), __ldcg(ws_ml + 2 * s + 1));
+        },
+        [&](uint32_t c) { return __ldcg(ws_acc + (base + (uint64_t)c * stride) * head_dim + d); }, out, lse);
+}
+
+// The ticket of a "last CTA folds" split: every thread of a CTA calls this after its stores
+// of the CTA's partial state, with the same counter (one per group of n CTAs whose states
+// one CTA merges) and n. It returns true, in every thread, in exactly one CTA of the group:
+// the one that drew the last of the n tickets, when all n states are in L2. Nobody waits: the
+// other CTAs return false and exit. That CTA also resets the counter to 0, so the next launch
+// finds it as the plan allocated it (launches on one stream do not overlap), with no memset.
+// `flag` is one shared-memory word that is free here.
+__device__ __forceinline__ bool fd_fold_ticket(uint32_t* counter, uint32_t n, uint32_t* flag) {
+    __threadfence();  // release: this thread's partial state reaches L2 before the ticket
+    __syncthreads();  // ... and so has every other thread's
+    if (threadIdx.x == 0) {
+        const uint32_t ticket = atomicAdd(counter, 1u);
+        const uint32_t last = ticket == n - 1u ? 1u : 0u;
+        // All n tickets are drawn, so no CTA of this launch touches the counter again.
+        if (last) atomicExch(counter, 0u);
+        *flag = last;
+    }
+    __syncthreads();
+    const bool last = *flag != 0u;
+    if (last) __threadfence();  // acquire: the other CTAs' states are read after the ticket
+    return last;
 }
 
 // The geometry a split decode's merge needs: lists (cache heads) of `rows` query rows each,

@@ -1,5 +1,5 @@
-//! The GPU path: [`DecodePlan`] (validate the lists, choose the split) and
-//! [`DecodePlan::run`] (the attention launch and, for split lists, the merge launch).
+//! The GPU path: [`DecodePlan`] (validate the lists, choose the split, hold the workspace)
+//! and [`DecodePlan::run`] (one attention launch, which also merges split lists).
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
@@ -27,11 +27,6 @@ fn attn_id(dtype: DType, head_dim: usize) -> Result<KernelId> {
     Ok(KernelId::new(Module::Decode, "decode_attn").dtype(dtype).head_dim(to_u32("head_dim", head_dim)?))
 }
 
-/// The merge kernel of `dtype`.
-fn merge_id(dtype: DType) -> KernelId {
-    KernelId::new(Module::Decode, "decode_merge").dtype(dtype)
-}
-
 /// The list validation kernel.
 const VALIDATE_ID: KernelId = KernelId::new(Module::Decode, "decode_validate");
 
@@ -46,10 +41,17 @@ pub fn attn_smem_bytes(d: usize) -> usize {
 }
 
 /// A validated sparse-decode launch plan: the shape and options, the (borrowed, validated)
-/// index lists, the chunk split, the launch geometry and the merge workspace.
+/// index lists, the chunk split, the launch geometry, the partial-state workspace and the
+/// merge tickets.
 ///
 /// Build it once per decode step (the lists change per step) and [`run`](Self::run) it for
 /// every layer. The borrow keeps the lists unchanged while the plan lives.
+///
+/// Every device buffer a run touches besides its arguments is allocated here, once:
+/// [`run`](Self::run) allocates no device memory, copies nothing between host and device and
+/// never synchronizes; it enqueues one kernel. The tickets (one `u32` per list and tile of
+/// 16 query rows) start at zero, and each launch leaves them at zero again (the CTA that
+/// draws a group's last ticket resets it), so they need no clearing between runs.
 pub struct DecodePlan<'a> {
     device: Device,
     shape: DecodeShape,
@@ -60,25 +62,25 @@ pub struct DecodePlan<'a> {
     split: ChunkPlan,
     ws_acc: CudaSlice<f32>,
     ws_ml: CudaSlice<f32>,
+    /// One merge ticket per (list, row tile) of a split plan (one unused word when direct):
+    /// zero between launches.
+    tickets: CudaSlice<u32>,
     /// Loaded once, shared memory prepared, grids sized: `run` only launches.
     kernels_f16: Kernels,
     kernels_bf16: Kernels,
     attn_cfg: LaunchConfig,
-    merge_cfg: LaunchConfig,
 }
 
-/// The attention and merge functions of one dtype at the plan's head dim.
+/// The attention function of one dtype at the plan's head dim.
 struct Kernels {
     attn: CudaFunction,
-    merge: CudaFunction,
 }
 
 impl Kernels {
     fn load(device: &Device, dtype: DType, head_dim: usize) -> Result<(Self, u32)> {
         let attn = device.kernel(attn_id(dtype, head_dim)?)?;
         let smem = device.prepare_shared_mem(&attn, attn_smem_bytes(head_dim))?;
-        let merge = device.kernel(merge_id(dtype))?;
-        Ok((Kernels { attn, merge }, smem))
+        Ok((Kernels { attn }, smem))
     }
 }
 
@@ -129,10 +131,10 @@ impl<'a> DecodePlan<'a> {
         let (kernels_f16, attn_smem) = Kernels::load(device, DType::F16, shape.head_dim)?;
         let (kernels_bf16, _) = Kernels::load(device, DType::BF16, shape.head_dim)?;
         let attn_cfg = grid_for(device, &kernels_f16.attn, ATTN_THREADS, attn_smem, sizes.blocks, false)?;
-        let merge_threads = to_u32("head_dim", shape.head_dim)?;
-        let merge_cfg = grid_for(device, &kernels_f16.merge, merge_threads, 0, n_lists * shape.rows(), false)?;
         let ws_acc = stream.alloc_zeros::<f32>(sizes.acc_len)?;
         let ws_ml = stream.alloc_zeros::<f32>(sizes.ml_len)?;
+        let n_tickets = if split.direct() { 1 } else { crate::error::checked_mul("workspace", n_lists, row_tiles)? };
+        let tickets = stream.alloc_zeros::<u32>(n_tickets)?;
         Ok(DecodePlan {
             device: device.clone(),
             shape: shape.clone(),
@@ -143,10 +145,10 @@ impl<'a> DecodePlan<'a> {
             split,
             ws_acc,
             ws_ml,
+            tickets,
             kernels_f16,
             kernels_bf16,
             attn_cfg,
-            merge_cfg,
         })
     }
 
@@ -166,7 +168,8 @@ impl<'a> DecodePlan<'a> {
     }
 
     /// Runs the attention: writes `o` `[B, Tq, Hq, D]` (dtype of `q`) and `lse` `[B, Tq, Hq]`
-    /// from `q [B, Tq, Hq, D]`, `k, v [B, Hkv, Tcap, D]`. Enqueued on the device's stream; no
+    /// from `q [B, Tq, Hq, D]`, `k, v [B, Hkv, Tcap, D]`. One kernel launch enqueued on the
+    /// device's stream, and nothing else: no device allocation, no host copy, no
     /// synchronization. Every row of `o` and `lse` is written.
     ///
     /// # Errors
@@ -227,36 +230,30 @@ impl<'a> DecodePlan<'a> {
                 .arg(&mut ov)
                 .arg(&mut lv)
                 .arg(&mut self.ws_acc)
-                .arg(&mut self.ws_ml);
+                .arg(&mut self.ws_ml)
+                .arg(&mut self.tickets);
             // SAFETY: ntkv_decode_attn_<T>_d<D>(NtkvDecodeParams, const T* q, const T* k,
             // const T* v, const u32* indptr, const u32* indices, const u32* cache_lens, T* o,
-            // float* lse, float* ws_acc, float* ws_ml), T and D matching the plan's head dim
-            // and T. q/o have B*Tq*Hq*D elements and k/v B*Hkv*Tcap*D (shapes and lengths
-            // checked above); the kernel reads q and writes o only at rows (b < B, tq < Tq,
-            // head < Hq) and d < D; it gathers k/v rows only for indices below
+            // float* lse, float* ws_acc, float* ws_ml, u32* tickets), T and D matching the
+            // plan's head dim and T. q/o have B*Tq*Hq*D elements and k/v B*Hkv*Tcap*D (shapes
+            // and lengths checked above); the kernel reads q and writes o only at rows
+            // (b < B, tq < Tq, head < Hq) and d < D; it gathers k/v rows only for indices below
             // min(cache_lens[b], Tcap) (others are zero-filled, not read); it reads
             // indptr[list], indptr[list+1] for list < B*Hkv (indptr has B*Hkv+1 entries,
             // checked in new) and indices only below p.n_indices = indices.len();
             // cache_lens has B entries. The grid is B*Hkv*max_chunks*row_tiles blocks and
-            // blocks past the work return. In direct mode it writes o and lse ([B,Tq,Hq]);
-            // otherwise it writes ws_acc / ws_ml at states (list*max_chunks + chunk)*rows +
-            // row with chunk < max_chunks, row < rows, which the plan allocated (times D and
-            // 2). Dynamic shared memory is attn_smem_bytes(D), checked against the device
-            // limit (and opted in) by prepare_shared_mem for both dtypes in the plan.
+            // blocks past the work return. A list of one chunk (every list in direct mode)
+            // writes o and lse ([B,Tq,Hq]); a longer one writes ws_acc / ws_ml at states
+            // (list*max_chunks + chunk)*rows + row with chunk < max_chunks, row < rows, and
+            // takes a ticket at tickets[list*row_tiles + row_tile], which the plan allocated
+            // (times D and 2, and B*Hkv*row_tiles tickets) whenever max_chunks > 1; the CTA
+            // with the last ticket reads those states and writes o and lse of its rows. The
+            // tickets are zero here: zeroed in new, and each launch returns each one it takes
+            // to zero (`&mut self` keeps two runs of this plan from overlapping, and the one
+            // stream orders them). Dynamic shared memory is attn_smem_bytes(D), checked
+            // against the device limit (and opted in) by prepare_shared_mem for both dtypes
+            // in the plan.
             unsafe { b.launch(self.attn_cfg) }?;
-        }
-        if !self.split.direct() {
-            let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
-            let mut b = stream.launch_builder(&kernels.merge);
-            b.arg(&params).arg(&self.indptr).arg(&self.ws_acc).arg(&self.ws_ml).arg(&mut ov).arg(&mut lv);
-            // SAFETY: ntkv_decode_merge_<T>(NtkvDecodeParams, const u32* indptr,
-            // const float* ws_acc, const float* ws_ml, T* o, float* lse). One CTA per
-            // (list < B*Hkv, row < rows) (the grid has exactly B*Hkv*rows blocks), one thread
-            // per d < D; it reads the list's bounds (clamped to indices.len()), the states of
-            // chunks < min(chunks, max_chunks) of that list and row (inside the workspace the
-            // plan allocated), and writes o at row (b, tq, head) and d, and lse at
-            // (b, tq, head), all inside the shapes and lengths checked above.
-            unsafe { b.launch(self.merge_cfg) }?;
         }
         Ok(())
     }
@@ -350,7 +347,6 @@ pub(crate) fn kernels() -> Vec<KernelId> {
     let mut ids = vec![VALIDATE_ID];
     for dt in DTYPES {
         ids.extend(HEAD_DIMS.iter().filter_map(|&d| attn_id(dt, d).ok()));
-        ids.push(merge_id(dt));
     }
     ids
 }

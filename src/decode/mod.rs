@@ -52,19 +52,23 @@
 //! `indices` or `cache_lens`, worded exactly as [`validate_lists`] words it, and nothing is
 //! launched that writes an output. The plan borrows the lists, so they cannot change while it
 //! lives, and can be reused for every layer of a decode step. [`DecodePlan::run`] then
-//! launches the attention kernel (and the merge kernel when a list is split), without
-//! synchronizing.
+//! launches one kernel, which also merges split lists, without synchronizing, allocating or
+//! copying: the workspace and the merge tickets live in the plan.
 //!
 //! # Kernel, split and merge
 //! One CTA per `(list, chunk of the list, tile of 16 query rows)`. The `Hq/Hkv · Tq` query
 //! rows of one kv head share the CTA, so each selected K/V row is gathered once per row
 //! tile, with 16-byte `cp.async` copies into a double-buffered shared-memory tile of 64
 //! tokens. Scores and the online softmax are f32. Long lists are split into chunks of
-//! `chunk_tokens` so that `B·Hkv·chunks` fills the GPU; each chunk writes its partial state
-//! `(acc, m, l)` and a merge kernel combines the chunks of a list in chunk order with the
-//! exact log-sum-exp merge `o = Σ_c 2^(m_c − M) acc_c / Σ_c 2^(m_c − M) l_c`,
-//! `M = max_c m_c`: fixed order, no atomics, so the same lists on the same GPU give the same
-//! bits. The split depends only on the list lengths and the SM count ([`plan_chunks`]).
+//! `chunk_tokens` so that `B·Hkv·chunks` fills the GPU. A list of one chunk writes `o` and
+//! `lse` directly. Each chunk of a longer list writes its partial state `(acc, m, l)` and
+//! takes a ticket (an integer `atomicAdd` on a counter per list and row tile, after a memory
+//! fence); the CTA that draws the last ticket combines the chunks of its rows in chunk order
+//! with the exact log-sum-exp merge `o = Σ_c 2^(m_c − M) acc_c / Σ_c 2^(m_c − M) l_c`,
+//! `M = max_c m_c`, and resets the counter for the next run. No CTA waits for another, the
+//! merge order does not depend on which CTA came last, and there are no float atomics, so
+//! the same lists on the same GPU give the same bits. The split depends only on the list
+//! lengths and the SM count ([`plan_chunks`]).
 //!
 //! # Example
 //! ```no_run
@@ -116,7 +120,7 @@ pub const TILE_TOKENS: usize = 64;
 pub const ROWS_PER_CTA: usize = 16;
 /// Smallest automatic chunk: shorter chunks would cost more in merging than they save.
 pub const MIN_CHUNK_TOKENS: usize = 256;
-/// Most chunks per list (bounds the workspace and the merge loop).
+/// Most chunks per list (bounds the workspace and the merge loop of the folding CTA).
 pub const MAX_CHUNKS: usize = 1024;
 /// The head dimensions the kernels support.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
@@ -449,8 +453,8 @@ pub struct ChunkPlan {
 }
 
 impl ChunkPlan {
-    /// Whether every list fits one chunk, so the kernel writes `o` and `lse` directly and no
-    /// merge runs.
+    /// Whether every list fits one chunk, so every CTA writes `o` and `lse` directly and no
+    /// partial state or ticket is used.
     pub fn direct(&self) -> bool {
         self.max_chunks == 1
     }

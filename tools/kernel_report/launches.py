@@ -175,9 +175,6 @@ LAUNCHES = [
            Text(DECODE, "let per_d = r * 4 + 2 * 2 * tk * 2;"),
            Text(DECODE, "r * tk * 4 + 3 * r * 4 + r * 8 + 2 * tk * 4 + 2 * 2 * tk * 8 * 2")],
           "DecodePlan::run"),
-    # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
-    Entry(r"ntkv_decode_merge_(?P<dt>f16|bf16)", 128, 0,
-          [Text(DECODE, 'let merge_threads = to_u32("head_dim", shape.head_dim)?;')], "DecodePlan::run (D threads)"),
     Entry(r"ntkv_decode_validate", 256, 0, [Const(DECODE, "VALIDATE_THREADS")], "decode index validator"),
     # ntk
     Entry(r"ntkv_(?:ntk_)?gemm_(?:f32|bf16)_(?P<prec>ffma|tf32|bf16)", 256, _gemm_smem, _gemm_checks(),

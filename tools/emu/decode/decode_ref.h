@@ -5,7 +5,9 @@
 
 #include "emu_check.h"
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -62,34 +64,13 @@ void reference(const Cfg& c, const std::vector<T>& q, const std::vector<T>& k, c
             }
 }
 
-using AttnFn = void (*)(NtkvDecodeParams, const void*, const void*, const void*, const uint32_t*, const uint32_t*,
-                        const uint32_t*, void*, float*, float*, float*);
-
 template <typename T>
 void attn_kernel(uint32_t D, const NtkvDecodeParams& p, const T* q, const T* k, const T* v, const uint32_t* indptr,
-                 const uint32_t* indices, const uint32_t* cl, T* o, float* lse, float* wa, float* wm);
-template <>
-void attn_kernel<__half>(uint32_t D, const NtkvDecodeParams& p, const __half* q, const __half* k, const __half* v,
-                         const uint32_t* ip, const uint32_t* ix, const uint32_t* cl, __half* o, float* lse, float* wa,
-                         float* wm) {
-    if (D == 64) ntkv_decode_attn_f16_d64(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
-    else ntkv_decode_attn_f16_d128(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
+                 const uint32_t* indices, const uint32_t* cl, T* o, float* lse, float* wa, float* wm, uint32_t* tk) {
+    auto f = emu_pick_dtype<T>(nullptr, D == 64 ? ntkv_decode_attn_f16_d64 : ntkv_decode_attn_f16_d128,
+                               D == 64 ? ntkv_decode_attn_bf16_d64 : ntkv_decode_attn_bf16_d128);
+    f(p, q, k, v, indptr, indices, cl, o, lse, wa, wm, tk);
 }
-template <>
-void attn_kernel<__nv_bfloat16>(uint32_t D, const NtkvDecodeParams& p, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                const __nv_bfloat16* v, const uint32_t* ip, const uint32_t* ix, const uint32_t* cl,
-                                __nv_bfloat16* o, float* lse, float* wa, float* wm) {
-    if (D == 64) ntkv_decode_attn_bf16_d64(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
-    else ntkv_decode_attn_bf16_d128(p, q, k, v, ip, ix, cl, o, lse, wa, wm);
-}
-void merge_kernel(const NtkvDecodeParams& p, const uint32_t* ip, const float* wa, const float* wm, __half* o, float* lse) {
-    ntkv_decode_merge_f16(p, ip, wa, wm, o, lse);
-}
-void merge_kernel(const NtkvDecodeParams& p, const uint32_t* ip, const float* wa, const float* wm, __nv_bfloat16* o,
-                  float* lse) {
-    ntkv_decode_merge_bf16(p, ip, wa, wm, o, lse);
-}
-
 
 // The kernel parameters of case c over lists l (as src/decode/gpu.rs sets them up).
 inline NtkvDecodeParams decode_params(const Cfg& c, const Lists& l) {
@@ -106,28 +87,83 @@ inline NtkvDecodeParams decode_params(const Cfg& c, const Lists& l) {
     return p;
 }
 
-// The attention launch and, when the lists are split into chunks, the merge. With `lists`
-// non-empty only the CTAs of those lists run (the production-scale checks).
+// What a DecodePlan holds across steps: the lists on the device, the partial-state workspace
+// (NaN until a CTA writes it) and the fold's tickets, one per (list, row tile), zero between
+// launches (the kernel resets them; nothing else does). In the device arena (dev_alloc, which
+// concurrent launches need) when `arena`, else on the heap.
+struct PlanBuffers {
+    std::vector<std::shared_ptr<void>> own;
+    bool arena;
+    uint32_t *ip = nullptr, *ix = nullptr, *cl = nullptr, *tickets = nullptr;
+    float *wa = nullptr, *wm = nullptr;
+    size_t n_tickets = 0;
+
+    template <typename T>
+    T* copy(const std::vector<T>& x) {
+        const size_t n = std::max<size_t>(x.size(), 1);
+        T* ptr;
+        if (arena) {
+            ptr = ntkv_emu::dev_alloc<T>(n);
+        } else {
+            ptr = new T[n];
+            own.emplace_back(ptr, [](void* q) { delete[] static_cast<T*>(q); });
+        }
+        std::copy(x.begin(), x.end(), ptr);
+        return ptr;
+    }
+
+    PlanBuffers(const NtkvDecodeParams& p, const Lists& l, bool in_arena) : arena(in_arena) {
+        const uint32_t n_lists = p.batch * p.kv_heads;
+        const size_t states = (size_t)n_lists * p.max_chunks * p.rows;
+        ip = copy(l.indptr);
+        ix = copy(l.indices);
+        cl = copy(l.cache_lens);
+        wa = copy(std::vector<float>(p.direct ? 1 : states * p.head_dim, NAN));
+        wm = copy(std::vector<float>(p.direct ? 1 : 2 * states, NAN));
+        n_tickets = p.direct ? 1 : (size_t)n_lists * p.row_tiles;
+        tickets = copy(std::vector<uint32_t>(n_tickets, 0u));
+    }
+};
+
+// How a launch's CTAs run: in this process in grid order (the default) or in reverse grid
+// order, or each CTA in its own process, `concurrent` at once with random start delays
+// (seeded), on the weak global-memory model, so the fold's tickets are drawn in a random
+// order and a state that no fence published is not seen.
+struct Schedule {
+    unsigned concurrent = 0;
+    bool reverse = false;
+    unsigned seed = 1;
+};
+
+// One decode step: the attention launch (with the fold of split lists) over the plan's
+// buffers. With `lists` non-empty only the CTAs of those lists run, in order (the
+// production-scale checks). False when a concurrent launch failed.
+template <typename T>
+bool decode_step(const NtkvDecodeParams& p, PlanBuffers& w, const T* q, const T* k, const T* v, T* o, float* lse,
+                 const Schedule& s = {}, const std::vector<uint32_t>& lists = {}) {
+    const uint32_t n_lists = p.batch * p.kv_heads, per_list = p.max_chunks * p.row_tiles;
+    ntkv_emu::LaunchOpts opts;
+    opts.concurrent = s.concurrent;
+    opts.jitter = s.concurrent > 0;
+    opts.seed = s.seed;
+    for (uint32_t list : lists)
+        for (uint32_t i = 0; i < per_list; ++i) opts.only.push_back(dim3_{list * per_list + i, 0, 0});
+    if (s.reverse) {
+        if (opts.only.empty())
+            for (uint32_t i = 0; i < n_lists * per_list; ++i) opts.only.push_back(dim3_{i, 0, 0});
+        std::reverse(opts.only.begin(), opts.only.end());
+    }
+    return ntkv_emu::launch(dim3_{n_lists * per_list, 1, 1}, dim3_{THREADS, 1, 1}, attn_smem_bytes((int)p.head_dim), [&] {
+        attn_kernel<T>(p.head_dim, p, q, k, v, w.ip, w.ix, w.cl, o, lse, w.wa, w.wm, w.tickets);
+    }, opts);
+}
+
+// One step in this process on fresh heap buffers (decode_large.cpp).
 template <typename T>
 void decode_launch(const NtkvDecodeParams& p, const Lists& l, const T* q, const T* k, const T* v, T* o, float* lse,
                    const std::vector<uint32_t>& lists = {}) {
-    const uint32_t n_lists = p.batch * p.kv_heads;
-    auto ip = ntkv_emu::dup(l.indptr), ix = ntkv_emu::dup(l.indices), cl = ntkv_emu::dup(l.cache_lens);
-    const size_t states = (size_t)n_lists * p.max_chunks * p.rows;
-    auto wa = ntkv_emu::dup(std::vector<float>(p.direct ? 1 : states * p.head_dim, NAN));
-    auto wm = ntkv_emu::dup(std::vector<float>(p.direct ? 1 : 2 * states, NAN));
-    ntkv_emu::LaunchOpts attn, merge;
-    for (uint32_t list : lists) {
-        for (uint32_t i = 0; i < p.max_chunks * p.row_tiles; ++i) attn.only.push_back(dim3_{list * p.max_chunks * p.row_tiles + i, 0, 0});
-        for (uint32_t r = 0; r < p.rows; ++r) merge.only.push_back(dim3_{list * p.rows + r, 0, 0});
-    }
-    ntkv_emu::launch(dim3_{n_lists * p.max_chunks * p.row_tiles, 1, 1}, dim3_{THREADS, 1, 1}, attn_smem_bytes((int)p.head_dim), [&] {
-        attn_kernel<T>(p.head_dim, p, q, k, v, ip.get(), ix.get(), cl.get(), o, lse, wa.get(), wm.get());
-    }, attn);
-    if (!p.direct) {
-        ntkv_emu::launch(dim3_{n_lists * p.rows, 1, 1}, dim3_{p.head_dim, 1, 1}, 0,
-                         [&] { merge_kernel(p, ip.get(), wa.get(), wm.get(), o, lse); }, merge);
-    }
+    PlanBuffers w(p, l, false);
+    decode_step(p, w, q, k, v, o, lse, {}, lists);
 }
 
 }  // namespace decode_emu
