@@ -745,11 +745,11 @@ __device__ void h2o_tile_pass1(const NtkvH2oParams& p, const T* __restrict__ q, 
     }
 }
 
-// Pass 2 of key tile `tile` of kv head `hk` (block-uniform arguments). The stats are read
-// through L2 (__ldcg): in the queued kernel another block wrote them during this launch.
+// Pass 2 of key tile `tile` of kv head `hk` (block-uniform arguments). The stats come from the
+// merge launch before this one.
 template <typename T, int D>
 __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
-                               const float* stats, float* __restrict__ acc, uint32_t hk, uint32_t tile) {
+                               const float* __restrict__ stats, float* __restrict__ acc, uint32_t hk, uint32_t tile) {
     if (hk >= p.hkv || tile >= p.n_tiles) return;
     const int lane = threadIdx.x & 31;
     const uint32_t group = p.hq / p.hkv;
@@ -765,12 +765,12 @@ __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, 
             const uint32_t r0 = q0 + (lane >> 2), r1 = r0 + 8;
             float mx0 = 0.0f, inv0 = 0.0f, mx1 = 0.0f, inv1 = 0.0f;
             if (r0 < p.tq) {
-                mx0 = __ldcg(&stats[((uint64_t)h * p.tq + r0) * 2]);
-                inv0 = __ldcg(&stats[((uint64_t)h * p.tq + r0) * 2 + 1]);
+                mx0 = stats[((uint64_t)h * p.tq + r0) * 2];
+                inv0 = stats[((uint64_t)h * p.tq + r0) * 2 + 1];
             }
             if (r1 < p.tq) {
-                mx1 = __ldcg(&stats[((uint64_t)h * p.tq + r1) * 2]);
-                inv1 = __ldcg(&stats[((uint64_t)h * p.tq + r1) * 2 + 1]);
+                mx1 = stats[((uint64_t)h * p.tq + r1) * 2];
+                inv1 = stats[((uint64_t)h * p.tq + r1) * 2 + 1];
             }
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
@@ -814,16 +814,15 @@ __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, 
 }
 
 // Merges row `row` (= query head * tq + query) of the per-tile partials into stats; called by
-// a whole warp. Partials are read through L2 (__ldcg): in the queued kernel other blocks wrote
-// them during this launch. Lanes merge tiles lane, lane + 32, ... in order, then a symmetric
+// a whole warp. Lanes merge tiles lane, lane + 32, ... in order, then a symmetric
 // xor tree combines the lanes, so the result is the same bits on every run.
-__device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const float* partial, uint64_t row,
-                                                float* stats) {
+__device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const float* __restrict__ partial, uint64_t row,
+                                                float* __restrict__ stats) {
     const uint32_t lane = threadIdx.x & 31u;
     float m = -INFINITY, l = 0.0f;
     for (uint32_t t = lane; t < p.n_tiles; t += 32u) {
         const uint64_t o = (row * p.n_tiles + t) * 2;
-        merge_ml(m, l, __ldcg(&partial[o]), __ldcg(&partial[o + 1]));
+        merge_ml(m, l, partial[o], partial[o + 1]);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -842,73 +841,9 @@ __device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const fl
     }
 }
 
-// The whole accumulation in one launch, ordered for L2 reuse. Each block takes the next work
-// item from a ticket counter; order[] lists segments of n_tiles items, "pass 1 of kv head h"
-// (bit 31 clear) or "pass 2 of kv head h" (bit 31 set), with pass 1 of a head always before
-// its pass 2 and a lag of a head or two between them, so pass 2 re-reads keys that pass 1 has
-// just brought into L2. The last pass-1 block of a head merges its statistics and publishes
-// ready[h] = epoch; pass-2 blocks of the head wait for that. A block only ever waits for items
-// with lower tickets, which blocks that are already running hold and which never wait, so
-// the wait always ends (whatever order the hardware schedules blocks in). As a safeguard the
-// wait gives up after 2^26 polls (tens of seconds) and raises *error.
-// NOT LAUNCHED by the library: a wait that gives up leaves wrong scores, so the Rust side runs
-// only the three-launch path (pass 1, merge, pass 2), which has no cross-block wait. The
-// kernel stays until tools/emu-topk drops its queue cases and the persistent redesign lands.
-template <typename T, int D>
-__device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
-                          const uint32_t* __restrict__ order, float* partial, float* stats, float* __restrict__ acc,
-                          unsigned long long* queue, uint32_t* done, uint32_t* ready, uint32_t* error) {
-    __shared__ uint32_t s_item, s_last;
-    if (threadIdx.x == 0) s_item = (uint32_t)(atomicAdd(queue, 1ull) - p.ticket_base);
-    __syncthreads();
-    const uint32_t item = s_item;
-    const uint32_t seg = item / p.n_tiles;
-    if (seg >= 2u * p.hkv) return;
-    const uint32_t entry = order[seg];
-    const uint32_t hk = entry & 0x7fffffffu;
-    const uint32_t tile_in = item % p.n_tiles;
-    if (hk >= p.hkv) return;
-    if ((entry >> 31) == 0u) {
-        h2o_tile_pass1<T, D>(p, q, k, partial, hk, tile_in);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) s_last = (atomicAdd(&done[hk], 1u) == p.n_tiles - 1u) ? 1u : 0u;
-        __syncthreads();
-        if (!s_last) return;
-        __threadfence();
-        const uint32_t group = p.hq / p.hkv;
-        const uint32_t rows = group * p.tq;
-        for (uint32_t r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {
-            merge_stats_row(p, partial, (uint64_t)hk * rows + r, stats);
-        }
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            done[hk] = 0u;
-            __threadfence();
-            atomicExch(&ready[hk], p.epoch);
-        }
-    } else {
-        if (threadIdx.x == 0) {
-            uint32_t spins = 0;
-            while (atomicAdd(&ready[hk], 0u) != p.epoch) {
-                __nanosleep(64);
-                if (++spins > (1u << 26)) {
-                    atomicExch(error, 1u);
-                    break;
-                }
-            }
-            __threadfence();
-        }
-        __syncthreads();
-        // Reverse tile order: the tiles pass 1 read last are the likeliest to be in L2.
-        h2o_tile_pass2<T, D>(p, q, k, stats, acc, hk, p.n_tiles - 1u - tile_in);
-    }
-}
-
 }  // namespace
 
-#define NTKV_H2O_KERNELS(SUFFIX, T, D, MINB)                                                                            \
+#define NTKV_H2O_KERNELS(SUFFIX, T, D)                                                                            \
     extern "C" __global__ void __launch_bounds__(kH2oThreads) ntkv_h2o_pass1_##SUFFIX##_d##D(                       \
         const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, float* __restrict__ partial) {     \
         h2o_tile_pass1<T, D>(p, q, k, partial, blockIdx.y, blockIdx.x);                                             \
@@ -917,19 +852,12 @@ __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const
         const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ stats,   \
         float* __restrict__ acc) {                                                                                  \
         h2o_tile_pass2<T, D>(p, q, k, stats, acc, gridDim.y - 1u - blockIdx.y, gridDim.x - 1u - blockIdx.x);         \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(kH2oThreads, MINB) ntkv_h2o_queue_##SUFFIX##_d##D(                 \
-        const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, const uint32_t* __restrict__ order, \
-        float* partial, float* stats, float* __restrict__ acc, unsigned long long* queue, uint32_t* done,           \
-        uint32_t* ready, uint32_t* error) {                                                                         \
-        h2o_queue<T, D>(p, q, k, order, partial, stats, acc, queue, done, ready, error);                            \
     }
 
-// D = 64, 128 (4 queue blocks per SM) and 256 (2).
-#define NTKV_H2O_DIMS(SUFFIX, T)          \
-    NTKV_H2O_KERNELS(SUFFIX, T, 64, 4)  \
-    NTKV_H2O_KERNELS(SUFFIX, T, 128, 4) \
-    NTKV_H2O_KERNELS(SUFFIX, T, 256, 2)
+#define NTKV_H2O_DIMS(SUFFIX, T)      \
+    NTKV_H2O_KERNELS(SUFFIX, T, 64)  \
+    NTKV_H2O_KERNELS(SUFFIX, T, 128) \
+    NTKV_H2O_KERNELS(SUFFIX, T, 256)
 NTKV_H2O_DIMS(f16, __half)
 NTKV_H2O_DIMS(bf16, __nv_bfloat16)
 
