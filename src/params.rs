@@ -135,7 +135,7 @@ pub struct NtkvTopkParams {
     pub cand_stage: u32,
     pub tail_count: u32,
     pub tail_first: u32,
-    pub _pad0: u32,
+    pub fin_blocks: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -162,7 +162,7 @@ const _: () = {
     ["Offset of field: NtkvTopkParams::cand_stage"][::core::mem::offset_of!(NtkvTopkParams, cand_stage) - 72usize];
     ["Offset of field: NtkvTopkParams::tail_count"][::core::mem::offset_of!(NtkvTopkParams, tail_count) - 76usize];
     ["Offset of field: NtkvTopkParams::tail_first"][::core::mem::offset_of!(NtkvTopkParams, tail_first) - 80usize];
-    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 84usize];
+    ["Offset of field: NtkvTopkParams::fin_blocks"][::core::mem::offset_of!(NtkvTopkParams, fin_blocks) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

@@ -104,7 +104,7 @@ typedef struct NtkvTopkParams {
     uint32_t cand_stage;     /* candidates the finalize kernel stages in shared memory (after kpad) */
     uint32_t tail_count;     /* also write indices tail_first.. into columns k.. of each row */
     uint32_t tail_first;
-    uint32_t _pad0;
+    uint32_t fin_blocks;     /* finalize blocks per row (a power of two <= kpad); each writes kpad / fin_blocks slots */
 } NtkvTopkParams;
 
 /* Writes `count` consecutive indices first_index.. into columns col_start.. of each of

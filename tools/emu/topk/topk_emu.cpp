@@ -50,11 +50,11 @@ uint32_t vbits(__nv_bfloat16 v) { return bits16(v); }
 
 // ---- top-k ---------------------------------------------------------------------------------
 
-struct Layout { size_t blocks_per_row, chunk, rows_per_batch, kpad; };
+struct Layout { size_t blocks_per_row, chunk, rows_per_batch, kpad, finalize_blocks; };
 
 size_t next_pow2(size_t x) { size_t p = 1; while (p < x) p <<= 1; return p; }
 
-// TopkLayout::choose (src/topk/mod.rs).
+// TopkLayout::choose (src/select/mod.rs), at 4 blocks per SM.
 Layout choose(size_t rows, size_t n, size_t k, size_t sm_count) {
     const size_t kpad = next_pow2(std::max<size_t>(k, 1));
     const size_t per_row_bytes = (n + k + 4096 + 8) * 4;
@@ -66,7 +66,13 @@ Layout choose(size_t rows, size_t n, size_t k, size_t sm_count) {
                            : std::clamp<size_t>((target_blocks + rows_per_batch - 1) / rows_per_batch, 1, max_bpr);
     const size_t chunk = std::max<size_t>(((n + bpr - 1) / bpr + 2047) / 2048, 1) * 2048;
     const size_t blocks_per_row = std::max<size_t>((n + chunk - 1) / chunk, 1);
-    return Layout{blocks_per_row, chunk, rows_per_batch, kpad};
+    size_t fin = 1;
+    if (blocks_per_row > 1) {
+        const size_t per_row = std::max<size_t>(std::max<size_t>(sm_count, 1) / rows_per_batch, 1);
+        while (fin * 2 <= per_row) fin *= 2;
+        fin = std::min(fin, std::max<size_t>(kpad / 256, 1));
+    }
+    return Layout{blocks_per_row, chunk, rows_per_batch, kpad, fin};
 }
 
 template <typename T> struct TopkK;
@@ -91,6 +97,7 @@ struct TopkRun {
     size_t cand_stage_cap = 8192;  // CAND_STAGE_MAX (smaller: exercises the unstaged path)
     unsigned conc = 4;
     unsigned seed = 1;
+    size_t fin = 0;  // finalize blocks per row instead of the layout's (a power of two <= kpad)
 };
 
 // TopkPlan::launch: the fused kernel when blocks_per_row == 1, else hist, filter, finalize,
@@ -126,10 +133,12 @@ bool topk_launch(const Layout& lay, size_t rows, size_t n, size_t k, const T* x,
         p.cand_stage = (uint32_t)cand_stage;
         p.tail_count = (uint32_t)out.tail_count;
         p.tail_first = (uint32_t)out.tail_first;
+        p.fin_blocks = (uint32_t)lay.finalize_blocks;
         LaunchOpts o;
         o.concurrent = r.conc;
         o.jitter = true;
         o.seed = r.seed + (unsigned)row_base;
+        o.timeout_s = 300.0;  // 1024-thread finalize CTAs with ~200 barriers each, on a loaded host
         if (fused) {
             if (!ntkv_emu::launch(dim3_{(unsigned)batch, 1, 1}, dim3_{1024, 1, 1}, smem,
                                   [&] { TopkK<T>::fused(p, x, lengths, ws_sel, ws_cand, values, indices); }, o))
@@ -142,7 +151,7 @@ bool topk_launch(const Layout& lay, size_t rows, size_t n, size_t k, const T* x,
                                   [&] { TopkK<T>::filter(p, x, lengths, ws_state, ws_sel, ws_cand); }, o))
                 return false;
             o.concurrent = std::min(r.conc, 2u);
-            if (!ntkv_emu::launch(dim3_{(unsigned)batch, 1, 1}, dim3_{1024, 1, 1}, smem, [&] {
+            if (!ntkv_emu::launch(dim3_{(unsigned)lay.finalize_blocks, (unsigned)batch, 1}, dim3_{1024, 1, 1}, smem, [&] {
                     TopkK<T>::finalize(p, x, ws_hist, ws_state, ws_sel, ws_cand, values, indices);
                 }, o))
                 return false;
@@ -166,7 +175,7 @@ void topk_ref(const std::vector<T>& x, size_t rows, size_t n, size_t k, const st
     }
 }
 
-enum Fill { kRandom, kTies, kFewValues, kSpecials, kSorted, kAllEqual };
+enum Fill { kRandom, kTies, kFewValues, kSpecials, kSorted, kAllEqual, kZeros, kNanHeavy };
 
 template <typename T>
 std::vector<T> make_scores(size_t count, Fill f) {
@@ -185,6 +194,12 @@ std::vector<T> make_scores(size_t count, Fill f) {
             }
             case kSorted: v = (float)i * 0.001f; break;
             case kAllEqual: v = 0.5f; break;
+            case kZeros: v = below(2) ? 0.0f : -0.0f; break;  // an all-zero accumulator (signed zeros tie)
+            case kNanHeavy: {  // mostly NaN: NaN ranks below everything, ties among NaN by index
+                const uint32_t c = below(10);
+                v = c < 7 ? (c & 1 ? NAN : -NAN) : c == 7 ? -INFINITY : unif() - 0.5f;
+                break;
+            }
         }
         x[i] = ntkv::from_f32<T>(v);
     }
@@ -198,9 +213,10 @@ bool topk_case(const char* name, size_t rows, size_t n, size_t k, Fill fill, boo
     ntkv_emu::arena_reset();
     Layout lay = choose(rows, n, k, sm_count);
     if (force_rows_per_batch) lay.rows_per_batch = force_rows_per_batch;
-    std::printf("topk %-22s %-4s rows=%zu n=%zu k=%zu bpr=%zu chunk=%zu batch=%zu lengths=%d stage<=%zu\n", name,
-                dname<T>(), rows, n, k, lay.blocks_per_row, lay.chunk, lay.rows_per_batch, with_lengths,
-                run.cand_stage_cap);
+    if (run.fin && lay.blocks_per_row > 1) lay.finalize_blocks = run.fin;
+    std::printf("topk %-22s %-4s rows=%zu n=%zu k=%zu bpr=%zu chunk=%zu batch=%zu fin=%zu lengths=%d stage<=%zu\n",
+                name, dname<T>(), rows, n, k, lay.blocks_per_row, lay.chunk, lay.rows_per_batch, lay.finalize_blocks,
+                with_lengths, run.cand_stage_cap);
     std::fflush(stdout);
     const std::vector<T> hx = make_scores<T>(rows * n, fill);
     std::vector<uint32_t> hl(rows, (uint32_t)n);
@@ -680,6 +696,19 @@ int main(int argc, char** argv) {
             // Row batching: force rows_per_batch below rows.
             {kF32, "fused-batches", 5, 800, 11, kTies, true, 1, TopkRun{}, 2},
             {kF32, "split-batches", 5, 8200, 11, kRandom, true, 132, TopkRun{}, 2},
+            // Shared-memory lists that overflow (every element a candidate: several flushes per
+            // block), tie-heavy rows, NaN, k = 1, k = n, and finalize slices.
+            {kF32, "split-allequal-flush", 2, 60000, 2500, kAllEqual, false, 3, TopkRun{8192, 4, 5, 4}},
+            {kF32, "split-zeros-fin8", 1, 30000, 1000, kZeros, false, 2, TopkRun{8192, 4, 6, 4}},
+            {kF16, "split-zeros-f16", 2, 20000, 600, kZeros, true, 3, TopkRun{8192, 3, 7, 2}},
+            {kF32, "split-nan-heavy", 2, 20000, 700, kNanHeavy, true, 3, TopkRun{8192, 4, 8, 2}},
+            {kBf16, "split-nan-bf16", 1, 9000, 3000, kNanHeavy, false, 132},
+            {kF32, "split-k1-wide", 1, 40000, 1, kAllEqual, false, 2},
+            {kF32, "split-k=n-fin", 1, 4100, 4100, kTies, false, 132},   // fin 32: slices past k write nothing
+            {kF32, "split-slices-4", 2, 9000, 50, kRandom, false, 132, TopkRun{8192, 4, 9, 16}},
+            {kF32, "split-slices-ties", 2, 12000, 333, kTies, true, 132, TopkRun{8192, 4, 10, 8}},
+            {kF32, "split-slices-unstaged", 2, 9000, 600, kFewValues, false, 132, TopkRun{0, 4, 11, 4}},
+            {kF16, "split-slices-k>len", 3, 8500, 200, kSpecials, true, 132, TopkRun{8192, 4, 12, 4}},
         };
         for (const Spec& c : specs) {
             const auto run = [&](auto dtype) {
@@ -695,6 +724,8 @@ int main(int argc, char** argv) {
         select_case("h2o", 3, 700, 650, 120, 50, kRandom, 1);
         select_case("h2o-ties", 2, 3000, 2990, 400, 10, kTies, 1);
         select_case("h2o-split", 2, 9000, 8800, 300, 200, kTies, 132);
+        select_case("h2o-split-wide", 2, 20000, 19900, 2100, 64, kTies, 132);    // fin 8, index order
+        select_case("h2o-all-zero", 2, 20000, 19936, 2048, 64, kZeros, 132);     // an all-zero accumulator
         select_case("budget=recent", 3, 500, 400, 100, 100, kRandom, 1);
         select_case("recent=0", 2, 600, 600, 64, 0, kSpecials, 1);
         select_case("keep-all-older", 2, 300, 250, 300, 50, kRandom, 1);
