@@ -296,10 +296,140 @@ __device__ void topk_hist(const NtkvTopkParams& p, const T* __restrict__ x, cons
 
 // ---- 2. filter --------------------------------------------------------------------------
 
+// Each block appends its chunk's selected and candidate indices to two lists in shared memory,
+// then reserves room in the row's global lists with one atomicAdd per list and copies them
+// out (a flush). A tile is kFilterTile elements (two quads per thread); a flush happens at the
+// end of the chunk, and before that only when a list holds more than kListCap - kFilterTile
+// entries, so the next tile always fits: one reservation per block and list unless a block
+// has more than kListCap - kFilterTile entries (tie-heavy rows).
+constexpr int kFilterQuads = 2;
+constexpr uint32_t kFilterTile = kHistThreads * 4 * kFilterQuads;  // 4096 elements
+constexpr uint32_t kListCap = 5632;  // entries per shared list (2 x 22 KiB)
+constexpr uint32_t kFlushAbove = kListCap - kFilterTile;
+
+// Exclusive prefix sum over the warp (v of lanes below this one); also returns the warp total.
+__device__ __forceinline__ uint32_t warp_exclusive_sum(uint32_t v, uint32_t& total) {
+    const uint32_t lane = threadIdx.x & 31u;
+    uint32_t x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= (uint32_t)o) x += y;
+    }
+    total = __shfl_sync(0xffffffffu, x, 31);
+    return x - v;
+}
+
+struct FilterLists {
+    uint32_t sel[kListCap];
+    uint32_t cand[kListCap];
+    uint32_t fill;      // entries in sel (low 16 bits) and cand (high 16 bits)
+    uint32_t over[3];   // tile t sets over[t % 3] when a list passed kFlushAbove
+    uint32_t n_sel, n_cand, base_sel, base_cand;
+};
+
+// Copies the shared lists into the row's global lists behind one reservation per non-empty
+// list, and empties them. Every thread of the block calls it, after a barrier that follows
+// the last append.
+__device__ __forceinline__ void flush_lists(FilterLists& sh, uint32_t* sel_cursor, uint32_t* sel, uint32_t sel_cap,
+                                            uint32_t* cand_cursor, uint32_t* cand, uint32_t cand_cap) {
+    if (threadIdx.x == 0) {
+        const uint32_t fill = sh.fill;
+        sh.n_sel = fill & 0xffffu;
+        sh.n_cand = fill >> 16;
+        sh.base_sel = sh.n_sel ? atomicAdd(sel_cursor, sh.n_sel) : 0u;
+        sh.base_cand = sh.n_cand ? atomicAdd(cand_cursor, sh.n_cand) : 0u;
+        sh.fill = 0u;
+    }
+    __syncthreads();
+    const uint32_t ns = sh.n_sel, nc = sh.n_cand, bs = sh.base_sel, bc = sh.base_cand;
+    for (uint32_t i = threadIdx.x; i < ns; i += blockDim.x)
+        if (bs + i < sel_cap) sel[bs + i] = sh.sel[i];
+    for (uint32_t i = threadIdx.x; i < nc; i += blockDim.x)
+        if (bc + i < cand_cap) cand[bc + i] = sh.cand[i];
+    // The next tile's appends overwrite the entries just copied.
+    __syncthreads();
+}
+
+// Appends the indices of xr[start .. end) whose bin is above `bucket` to sel and those in it
+// to cand, through the block's shared lists. Every loop bound is uniform per block.
+template <typename T>
+__device__ __forceinline__ void filter_chunk(const T* __restrict__ xr, uint32_t start, uint32_t end, bool vec,
+                                             uint32_t bucket, FilterLists& sh, uint32_t* sel_cursor, uint32_t* sel,
+                                             uint32_t sel_cap, uint32_t* cand_cursor, uint32_t* cand,
+                                             uint32_t cand_cap) {
+    const uint32_t len = end > start ? end - start : 0u;
+    const uint32_t nquads = (len + 3u) / 4u;  // the last one may be partial
+    const uint32_t full = len / 4u;
+    const uint32_t lane = threadIdx.x & 31u;
+    if (threadIdx.x == 0) {
+        sh.fill = 0u;
+        sh.over[0] = sh.over[1] = sh.over[2] = 0u;
+    }
+    __syncthreads();
+    uint32_t tile = 0;
+    for (uint32_t q0 = 0; q0 < nquads; q0 += kHistThreads * kFilterQuads, ++tile) {
+        // over[(tile + 1) % 3] was last read after the barrier of tile - 2, which every thread
+        // has passed by now; the next writer is tile + 1, after this tile's barrier.
+        if (threadIdx.x == 0) sh.over[(tile + 1u) % 3u] = 0u;
+        uint32_t kq[kFilterQuads][4];
+        bool okq[kFilterQuads][4];
+#pragma unroll
+        for (int u = 0; u < kFilterQuads; ++u) {
+            const uint32_t qi = q0 + (uint32_t)u * kHistThreads + threadIdx.x;
+            if (vec && qi < full) {
+                load_quad_keys(xr + start + 4u * qi, kq[u]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) okq[u][e] = true;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const uint32_t i = 4u * qi + (uint32_t)e;
+                    okq[u][e] = qi < nquads && i < len;
+                    kq[u][e] = okq[u][e] ? rank_key(xr[start + i]) : 0u;
+                }
+            }
+        }
+        uint32_t ns = 0, nc = 0;
+#pragma unroll
+        for (int u = 0; u < kFilterQuads; ++u)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t bin = kq[u][e] >> kKeyLowBits;
+                ns += (okq[u][e] && bin > bucket) ? 1u : 0u;
+                nc += (okq[u][e] && bin == bucket) ? 1u : 0u;
+            }
+        // One shared atomic per warp for both lists (two 16-bit halves: fill <= kListCap).
+        uint32_t total;
+        const uint32_t off = warp_exclusive_sum(ns | (nc << 16), total);
+        uint32_t base = 0;
+        if (lane == 31u) {
+            base = atomicAdd(&sh.fill, total);
+            const uint32_t post = base + total;
+            if ((post & 0xffffu) > kFlushAbove || (post >> 16) > kFlushAbove) sh.over[tile % 3u] = 1u;
+        }
+        base = __shfl_sync(0xffffffffu, base, 31) + off;
+        uint32_t ps = base & 0xffffu, pc = base >> 16;
+#pragma unroll
+        for (int u = 0; u < kFilterQuads; ++u)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t bin = kq[u][e] >> kKeyLowBits;
+                const uint32_t i = start + 4u * (q0 + (uint32_t)u * kHistThreads + threadIdx.x) + (uint32_t)e;
+                if (okq[u][e] && bin > bucket) sh.sel[ps++] = i;
+                if (okq[u][e] && bin == bucket) sh.cand[pc++] = i;
+            }
+        __syncthreads();
+        if (sh.over[tile % 3u]) flush_lists(sh, sel_cursor, sel, sel_cap, cand_cursor, cand, cand_cap);
+    }
+    flush_lists(sh, sel_cursor, sel, sel_cap, cand_cursor, cand, cand_cap);
+}
+
 template <typename T>
 __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, const uint32_t* __restrict__ lengths,
                             uint32_t* __restrict__ g_state, uint32_t* __restrict__ g_sel,
                             uint32_t* __restrict__ g_cand) {
+    __shared__ FilterLists sh;
     const uint32_t bx = p.reverse_filter ? (gridDim.x - 1u - blockIdx.x) : blockIdx.x;
     const uint32_t b = p.reverse_filter ? (gridDim.y - 1u - blockIdx.y) : blockIdx.y;
     if (b >= p.rows) return;
@@ -315,7 +445,7 @@ __device__ void topk_filter(const NtkvTopkParams& p, const T* __restrict__ x, co
     const uint64_t start = (uint64_t)bx * p.chunk;
     const uint64_t end = start + p.chunk < (uint64_t)len ? start + p.chunk : (uint64_t)len;
     if (start < end) {
-        filter_range(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), bucket, &st[kSelCursor], sel, p.k,
+        filter_chunk(xr, (uint32_t)start, (uint32_t)end, quad_aligned(p, x), bucket, sh, &st[kSelCursor], sel, p.k,
                      &st[kCandCursor], cand, (uint32_t)p.cand_stride);
     }
 }
@@ -334,17 +464,79 @@ __device__ __forceinline__ uint64_t sort_word(uint32_t key, uint32_t idx, bool b
     return by_index ? rev : (((uint64_t)key << 32) | rev);
 }
 
-// Refines the candidates, sorts the kk selected and writes output row `row`. `above` entries
-// of sel and `ncand` of cand are valid; `want` (>= 1 when kk > 0) candidates are taken.
-// sel and cand are not __restrict__: the fused kernel wrote them earlier in the same launch.
+// The word of rank r (0 = the largest) among buf[0 .. n), by an 8-bit radix select from bit
+// `top` down; bits at and above `top` are 0 in every word. Nonzero words are distinct and
+// r is below their count, so the word found is real. Every thread of the block calls it.
+__device__ uint64_t block_select_rank(const unsigned long long* buf, uint32_t n, uint32_t r, int top,
+                                      uint32_t* dhist, uint32_t* scratch) {
+    __shared__ uint32_t r_need, r_match;
+    __shared__ unsigned long long r_prefix, r_found;
+    __shared__ int r_bits;
+    if (threadIdx.x == 0) {
+        r_need = r + 1u;
+        r_match = n;
+        r_prefix = 0ull;
+        r_bits = 64 - top;
+    }
+    __syncthreads();
+    while (true) {
+        const uint32_t need = r_need;
+        const uint32_t match = r_match;
+        const int bits = r_bits;
+        const uint64_t prefix = r_prefix;
+        if (match <= 1u || bits >= 64) break;
+        const int shift = 64 - bits - 8;
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) dhist[i] = 0u;
+        __syncthreads();
+        for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+            const uint64_t w = buf[i];
+            if (bits == 0 || (w >> (64 - bits)) == prefix) atomicAdd(&dhist[(uint32_t)(w >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        const uint32_t cnt = threadIdx.x < 256 ? dhist[threadIdx.x] : 0u;
+        const uint32_t above_d = block_exclusive_suffix_sum(cnt, scratch);
+        if (threadIdx.x < 256 && above_d < need && above_d + cnt >= need) {
+            r_need = need - above_d;
+            r_match = cnt;
+            r_prefix = (prefix << 8) | threadIdx.x;
+            r_bits = bits + 8;
+        }
+        __syncthreads();
+    }
+    const int bits = r_bits;
+    const uint64_t prefix = r_prefix;
+    uint64_t word = prefix;
+    if (bits < 64) {
+        // Exactly one word carries the prefix.
+        for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+            const uint64_t w = buf[i];
+            if (bits == 0 || (w >> (64 - bits)) == prefix) r_found = w;
+        }
+        __syncthreads();
+        word = r_found;
+    }
+    // The next call rewrites the shared words.
+    __syncthreads();
+    return word;
+}
+
+// Refines the candidates, gathers the kk selected and writes slice `slice` of `nslices` of
+// output row `row`: slots [slice * kpad / nslices, (slice + 1) * kpad / nslices). With one
+// slice the block sorts all kpad words. Otherwise it finds the words of the slice's first and
+// last-plus-one ranks (radix selects), keeps the words between them and sorts only those.
+// Every block of the row gathers the same set, so the slices tile the sorted row whatever
+// order the lists were appended in. `above` entries of sel and `ncand` of cand are valid;
+// `want` (>= 1 when kk > 0) candidates are taken. sel and cand are not __restrict__: the
+// fused kernel wrote them earlier in the same launch.
 template <typename T>
 __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, uint32_t row, uint32_t kk,
                              uint32_t above, uint32_t want, uint32_t ncand, const uint32_t* sel, const uint32_t* cand,
-                             T* __restrict__ out_val, uint32_t* __restrict__ out_idx) {
+                             T* __restrict__ out_val, uint32_t* __restrict__ out_idx, uint32_t slice,
+                             uint32_t nslices) {
     NTKV_DYNAMIC_SMEM(unsigned long long, sort_buf);  // kpad sort words, then cand_stage candidates
     __shared__ uint32_t dhist[256];
     __shared__ uint32_t scratch[32];
-    __shared__ uint32_t s_need, s_match, s_fill;
+    __shared__ uint32_t s_need, s_match, s_fill, s_kept;
     __shared__ unsigned long long s_prefix;
     __shared__ int s_bits;
     const bool by_index = p.order_by_index != 0u;
@@ -439,15 +631,38 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
     }
     __syncthreads();
 
-    // Descending, kpad is a power of two.
-    ntkv::block_bitonic_sort(sort_buf, kpad, true);
+    // The slots this block writes: [lo, lo + width), sorted descending in sort_buf[0 .. width).
+    const uint32_t width = kpad / nslices;  // both powers of two, nslices <= kpad
+    const uint32_t lo = slice * width;
+    if (nslices > 1u && lo < kk) {
+        const uint32_t hi = lo + width < kk ? lo + width : kk;
+        const int top = by_index ? 32 : 64;
+        const uint64_t w_lo = block_select_rank(sort_buf, kpad, lo, top, dhist, scratch);
+        const uint64_t w_hi = hi < kk ? block_select_rank(sort_buf, kpad, hi, top, dhist, scratch) : 0ull;
+        if (threadIdx.x == 0) s_kept = 0u;
+        __syncthreads();
+        // Compaction in place, one block-width at a time: a word is written below the count of
+        // kept words read so far, so only words already read (barrier) are overwritten.
+        for (uint32_t c = 0; c < kpad; c += blockDim.x) {
+            const uint32_t i = c + threadIdx.x;
+            const uint64_t w = i < kpad ? sort_buf[i] : 0ull;
+            __syncthreads();
+            if (i < kpad && w <= w_lo && w > w_hi) sort_buf[atomicAdd(&s_kept, 1u)] = w;
+        }
+        __syncthreads();
+        for (uint32_t i = hi - lo + threadIdx.x; i < width; i += blockDim.x) sort_buf[i] = 0ull;
+        __syncthreads();
+    }
+    // Descending; width is a power of two.
+    if (nslices == 1u || lo < kk) ntkv::block_bitonic_sort(sort_buf, width, true);
 
     const uint64_t obase = (uint64_t)row * p.out_stride;
-    for (uint32_t s = threadIdx.x; s < p.k; s += blockDim.x) {
+    for (uint32_t s = threadIdx.x; s < width && lo + s < p.k; s += blockDim.x) {
+        const uint32_t slot = lo + s;
         uint32_t idx = 0xffffffffu;
         float v = -INFINITY;
         T val = ntkv::from_f32<T>(v);
-        if (s < kk && s < kpad) {
+        if (slot < kk) {
             idx = 0xffffffffu - (uint32_t)(sort_buf[s] & 0xffffffffull);
             if (idx < p.n) {
                 val = xr[idx];
@@ -455,9 +670,10 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
                 idx = 0xffffffffu;
             }
         }
-        out_idx[obase + s] = idx;
-        if (p.write_values) out_val[obase + s] = val;
+        out_idx[obase + slot] = idx;
+        if (p.write_values) out_val[obase + slot] = val;
     }
+    if (slice != 0u) return;
     // The recent window of an eviction keep list, after the selected indices.
     for (uint32_t i = threadIdx.x; i < p.tail_count; i += blockDim.x) out_idx[obase + p.k + i] = p.tail_first + i;
 }
@@ -467,7 +683,8 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
                               uint32_t* __restrict__ g_state, const uint32_t* __restrict__ g_sel,
                               const uint32_t* __restrict__ g_cand, T* __restrict__ out_val,
                               uint32_t* __restrict__ out_idx) {
-    const uint32_t b = blockIdx.x;
+    __shared__ uint32_t s_last;
+    const uint32_t b = blockIdx.y;
     if (b >= p.rows) return;
     const uint32_t row = p.row_base + b;
     const T* xr = x + (uint64_t)row * p.row_stride;
@@ -477,12 +694,17 @@ __device__ void topk_finalize(const NtkvTopkParams& p, const T* __restrict__ x, 
     const uint32_t want = st[kWant];
     const uint32_t ncand = st[kCandCount] < (uint32_t)p.cand_stride ? st[kCandCount] : (uint32_t)p.cand_stride;
     finalize_row<T>(p, xr, row, kk, above, want, ncand, g_sel + (uint64_t)b * p.k, g_cand + (uint64_t)b * p.cand_stride,
-                    out_val, out_idx);
+                    out_val, out_idx, blockIdx.x, gridDim.x);
 
-    // Leave the workspace zeroed for the next call.
+    // The last block of the row to finish (ticket; nobody waits) leaves the workspace zeroed
+    // for the next call: every block has read the state words before taking its ticket.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = (atomicAdd(&st[kTicket], 1u) == gridDim.x - 1u) ? 1u : 0u;
+    __syncthreads();
+    if (!s_last) return;
     uint32_t* gh = g_hist + (uint64_t)b * kHistBins;
     for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) gh[i] = 0u;
-    __syncthreads();
     if (threadIdx.x < kStateWords) st[threadIdx.x] = 0u;
 }
 
@@ -546,7 +768,7 @@ __device__ void topk_fused(const NtkvTopkParams& p, const T* __restrict__ x, con
     }
     __syncthreads();
     const uint32_t ncand = s_ncand < (uint32_t)p.cand_stride ? s_ncand : (uint32_t)p.cand_stride;
-    finalize_row<T>(p, xr, row, kk, s_above, s_want, ncand, sel, cand, out_val, out_idx);
+    finalize_row<T>(p, xr, row, kk, s_above, s_want, ncand, sel, cand, out_val, out_idx, 0u, 1u);
 }
 
 }  // namespace
@@ -745,11 +967,11 @@ __device__ void h2o_tile_pass1(const NtkvH2oParams& p, const T* __restrict__ q, 
     }
 }
 
-// Pass 2 of key tile `tile` of kv head `hk` (block-uniform arguments). The stats are read
-// through L2 (__ldcg): in the queued kernel another block wrote them during this launch.
+// Pass 2 of key tile `tile` of kv head `hk` (block-uniform arguments). The stats come from the
+// merge launch before this one.
 template <typename T, int D>
 __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
-                               const float* stats, float* __restrict__ acc, uint32_t hk, uint32_t tile) {
+                               const float* __restrict__ stats, float* __restrict__ acc, uint32_t hk, uint32_t tile) {
     if (hk >= p.hkv || tile >= p.n_tiles) return;
     const int lane = threadIdx.x & 31;
     const uint32_t group = p.hq / p.hkv;
@@ -765,12 +987,12 @@ __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, 
             const uint32_t r0 = q0 + (lane >> 2), r1 = r0 + 8;
             float mx0 = 0.0f, inv0 = 0.0f, mx1 = 0.0f, inv1 = 0.0f;
             if (r0 < p.tq) {
-                mx0 = __ldcg(&stats[((uint64_t)h * p.tq + r0) * 2]);
-                inv0 = __ldcg(&stats[((uint64_t)h * p.tq + r0) * 2 + 1]);
+                mx0 = stats[((uint64_t)h * p.tq + r0) * 2];
+                inv0 = stats[((uint64_t)h * p.tq + r0) * 2 + 1];
             }
             if (r1 < p.tq) {
-                mx1 = __ldcg(&stats[((uint64_t)h * p.tq + r1) * 2]);
-                inv1 = __ldcg(&stats[((uint64_t)h * p.tq + r1) * 2 + 1]);
+                mx1 = stats[((uint64_t)h * p.tq + r1) * 2];
+                inv1 = stats[((uint64_t)h * p.tq + r1) * 2 + 1];
             }
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
@@ -814,16 +1036,15 @@ __device__ void h2o_tile_pass2(const NtkvH2oParams& p, const T* __restrict__ q, 
 }
 
 // Merges row `row` (= query head * tq + query) of the per-tile partials into stats; called by
-// a whole warp. Partials are read through L2 (__ldcg): in the queued kernel other blocks wrote
-// them during this launch. Lanes merge tiles lane, lane + 32, ... in order, then a symmetric
+// a whole warp. Lanes merge tiles lane, lane + 32, ... in order, then a symmetric
 // xor tree combines the lanes, so the result is the same bits on every run.
-__device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const float* partial, uint64_t row,
-                                                float* stats) {
+__device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const float* __restrict__ partial, uint64_t row,
+                                                float* __restrict__ stats) {
     const uint32_t lane = threadIdx.x & 31u;
     float m = -INFINITY, l = 0.0f;
     for (uint32_t t = lane; t < p.n_tiles; t += 32u) {
         const uint64_t o = (row * p.n_tiles + t) * 2;
-        merge_ml(m, l, __ldcg(&partial[o]), __ldcg(&partial[o + 1]));
+        merge_ml(m, l, partial[o], partial[o + 1]);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -842,73 +1063,9 @@ __device__ __forceinline__ void merge_stats_row(const NtkvH2oParams& p, const fl
     }
 }
 
-// The whole accumulation in one launch, ordered for L2 reuse. Each block takes the next work
-// item from a ticket counter; order[] lists segments of n_tiles items, "pass 1 of kv head h"
-// (bit 31 clear) or "pass 2 of kv head h" (bit 31 set), with pass 1 of a head always before
-// its pass 2 and a lag of a head or two between them, so pass 2 re-reads keys that pass 1 has
-// just brought into L2. The last pass-1 block of a head merges its statistics and publishes
-// ready[h] = epoch; pass-2 blocks of the head wait for that. A block only ever waits for items
-// with lower tickets, which blocks that are already running hold and which never wait, so
-// the wait always ends (whatever order the hardware schedules blocks in). As a safeguard the
-// wait gives up after 2^26 polls (tens of seconds) and raises *error.
-// NOT LAUNCHED by the library: a wait that gives up leaves wrong scores, so the Rust side runs
-// only the three-launch path (pass 1, merge, pass 2), which has no cross-block wait. The
-// kernel stays until tools/emu-topk drops its queue cases and the persistent redesign lands.
-template <typename T, int D>
-__device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const T* __restrict__ k,
-                          const uint32_t* __restrict__ order, float* partial, float* stats, float* __restrict__ acc,
-                          unsigned long long* queue, uint32_t* done, uint32_t* ready, uint32_t* error) {
-    __shared__ uint32_t s_item, s_last;
-    if (threadIdx.x == 0) s_item = (uint32_t)(atomicAdd(queue, 1ull) - p.ticket_base);
-    __syncthreads();
-    const uint32_t item = s_item;
-    const uint32_t seg = item / p.n_tiles;
-    if (seg >= 2u * p.hkv) return;
-    const uint32_t entry = order[seg];
-    const uint32_t hk = entry & 0x7fffffffu;
-    const uint32_t tile_in = item % p.n_tiles;
-    if (hk >= p.hkv) return;
-    if ((entry >> 31) == 0u) {
-        h2o_tile_pass1<T, D>(p, q, k, partial, hk, tile_in);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) s_last = (atomicAdd(&done[hk], 1u) == p.n_tiles - 1u) ? 1u : 0u;
-        __syncthreads();
-        if (!s_last) return;
-        __threadfence();
-        const uint32_t group = p.hq / p.hkv;
-        const uint32_t rows = group * p.tq;
-        for (uint32_t r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {
-            merge_stats_row(p, partial, (uint64_t)hk * rows + r, stats);
-        }
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            done[hk] = 0u;
-            __threadfence();
-            atomicExch(&ready[hk], p.epoch);
-        }
-    } else {
-        if (threadIdx.x == 0) {
-            uint32_t spins = 0;
-            while (atomicAdd(&ready[hk], 0u) != p.epoch) {
-                __nanosleep(64);
-                if (++spins > (1u << 26)) {
-                    atomicExch(error, 1u);
-                    break;
-                }
-            }
-            __threadfence();
-        }
-        __syncthreads();
-        // Reverse tile order: the tiles pass 1 read last are the likeliest to be in L2.
-        h2o_tile_pass2<T, D>(p, q, k, stats, acc, hk, p.n_tiles - 1u - tile_in);
-    }
-}
-
 }  // namespace
 
-#define NTKV_H2O_KERNELS(SUFFIX, T, D, MINB)                                                                            \
+#define NTKV_H2O_KERNELS(SUFFIX, T, D)                                                                            \
     extern "C" __global__ void __launch_bounds__(kH2oThreads) ntkv_h2o_pass1_##SUFFIX##_d##D(                       \
         const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, float* __restrict__ partial) {     \
         h2o_tile_pass1<T, D>(p, q, k, partial, blockIdx.y, blockIdx.x);                                             \
@@ -917,19 +1074,12 @@ __device__ void h2o_queue(const NtkvH2oParams& p, const T* __restrict__ q, const
         const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ stats,   \
         float* __restrict__ acc) {                                                                                  \
         h2o_tile_pass2<T, D>(p, q, k, stats, acc, gridDim.y - 1u - blockIdx.y, gridDim.x - 1u - blockIdx.x);         \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(kH2oThreads, MINB) ntkv_h2o_queue_##SUFFIX##_d##D(                 \
-        const NtkvH2oParams p, const T* __restrict__ q, const T* __restrict__ k, const uint32_t* __restrict__ order, \
-        float* partial, float* stats, float* __restrict__ acc, unsigned long long* queue, uint32_t* done,           \
-        uint32_t* ready, uint32_t* error) {                                                                         \
-        h2o_queue<T, D>(p, q, k, order, partial, stats, acc, queue, done, ready, error);                            \
     }
 
-// D = 64, 128 (4 queue blocks per SM) and 256 (2).
-#define NTKV_H2O_DIMS(SUFFIX, T)          \
-    NTKV_H2O_KERNELS(SUFFIX, T, 64, 4)  \
-    NTKV_H2O_KERNELS(SUFFIX, T, 128, 4) \
-    NTKV_H2O_KERNELS(SUFFIX, T, 256, 2)
+#define NTKV_H2O_DIMS(SUFFIX, T)      \
+    NTKV_H2O_KERNELS(SUFFIX, T, 64)  \
+    NTKV_H2O_KERNELS(SUFFIX, T, 128) \
+    NTKV_H2O_KERNELS(SUFFIX, T, 256)
 NTKV_H2O_DIMS(f16, __half)
 NTKV_H2O_DIMS(bf16, __nv_bfloat16)
 

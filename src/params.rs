@@ -135,7 +135,7 @@ pub struct NtkvTopkParams {
     pub cand_stage: u32,
     pub tail_count: u32,
     pub tail_first: u32,
-    pub _pad0: u32,
+    pub fin_blocks: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -162,7 +162,7 @@ const _: () = {
     ["Offset of field: NtkvTopkParams::cand_stage"][::core::mem::offset_of!(NtkvTopkParams, cand_stage) - 72usize];
     ["Offset of field: NtkvTopkParams::tail_count"][::core::mem::offset_of!(NtkvTopkParams, tail_count) - 76usize];
     ["Offset of field: NtkvTopkParams::tail_first"][::core::mem::offset_of!(NtkvTopkParams, tail_first) - 80usize];
-    ["Offset of field: NtkvTopkParams::_pad0"][::core::mem::offset_of!(NtkvTopkParams, _pad0) - 84usize];
+    ["Offset of field: NtkvTopkParams::fin_blocks"][::core::mem::offset_of!(NtkvTopkParams, fin_blocks) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -191,7 +191,6 @@ const _: () = {
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct NtkvH2oParams {
-    pub ticket_base: u64,
     pub hq: u32,
     pub hkv: u32,
     pub tq: u32,
@@ -200,24 +199,23 @@ pub struct NtkvH2oParams {
     pub n_tiles: u32,
     pub reduce_max: u32,
     pub scale: f32,
-    pub epoch: u32,
     pub overwrite: u32,
+    pub _pad0: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NtkvH2oParams"][::core::mem::size_of::<NtkvH2oParams>() - 48usize];
-    ["Alignment of NtkvH2oParams"][::core::mem::align_of::<NtkvH2oParams>() - 8usize];
-    ["Offset of field: NtkvH2oParams::ticket_base"][::core::mem::offset_of!(NtkvH2oParams, ticket_base) - 0usize];
-    ["Offset of field: NtkvH2oParams::hq"][::core::mem::offset_of!(NtkvH2oParams, hq) - 8usize];
-    ["Offset of field: NtkvH2oParams::hkv"][::core::mem::offset_of!(NtkvH2oParams, hkv) - 12usize];
-    ["Offset of field: NtkvH2oParams::tq"][::core::mem::offset_of!(NtkvH2oParams, tq) - 16usize];
-    ["Offset of field: NtkvH2oParams::t"][::core::mem::offset_of!(NtkvH2oParams, t) - 20usize];
-    ["Offset of field: NtkvH2oParams::d"][::core::mem::offset_of!(NtkvH2oParams, d) - 24usize];
-    ["Offset of field: NtkvH2oParams::n_tiles"][::core::mem::offset_of!(NtkvH2oParams, n_tiles) - 28usize];
-    ["Offset of field: NtkvH2oParams::reduce_max"][::core::mem::offset_of!(NtkvH2oParams, reduce_max) - 32usize];
-    ["Offset of field: NtkvH2oParams::scale"][::core::mem::offset_of!(NtkvH2oParams, scale) - 36usize];
-    ["Offset of field: NtkvH2oParams::epoch"][::core::mem::offset_of!(NtkvH2oParams, epoch) - 40usize];
-    ["Offset of field: NtkvH2oParams::overwrite"][::core::mem::offset_of!(NtkvH2oParams, overwrite) - 44usize];
+    ["Size of NtkvH2oParams"][::core::mem::size_of::<NtkvH2oParams>() - 40usize];
+    ["Alignment of NtkvH2oParams"][::core::mem::align_of::<NtkvH2oParams>() - 4usize];
+    ["Offset of field: NtkvH2oParams::hq"][::core::mem::offset_of!(NtkvH2oParams, hq) - 0usize];
+    ["Offset of field: NtkvH2oParams::hkv"][::core::mem::offset_of!(NtkvH2oParams, hkv) - 4usize];
+    ["Offset of field: NtkvH2oParams::tq"][::core::mem::offset_of!(NtkvH2oParams, tq) - 8usize];
+    ["Offset of field: NtkvH2oParams::t"][::core::mem::offset_of!(NtkvH2oParams, t) - 12usize];
+    ["Offset of field: NtkvH2oParams::d"][::core::mem::offset_of!(NtkvH2oParams, d) - 16usize];
+    ["Offset of field: NtkvH2oParams::n_tiles"][::core::mem::offset_of!(NtkvH2oParams, n_tiles) - 20usize];
+    ["Offset of field: NtkvH2oParams::reduce_max"][::core::mem::offset_of!(NtkvH2oParams, reduce_max) - 24usize];
+    ["Offset of field: NtkvH2oParams::scale"][::core::mem::offset_of!(NtkvH2oParams, scale) - 28usize];
+    ["Offset of field: NtkvH2oParams::overwrite"][::core::mem::offset_of!(NtkvH2oParams, overwrite) - 32usize];
+    ["Offset of field: NtkvH2oParams::_pad0"][::core::mem::offset_of!(NtkvH2oParams, _pad0) - 36usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

@@ -105,6 +105,11 @@ fn layout_covers_every_row_and_fits_the_workspace() {
                 assert!((l.blocks_per_row - 1) * l.chunk < n, "{l:?} has an empty block");
                 assert!(l.kpad.is_power_of_two() && l.kpad >= k && l.kpad < 2 * k.max(1));
                 assert!(l.rows_per_batch >= 1 && l.rows_per_batch <= rows.min(65535));
+                // The finalize slices tile kpad; the fused path is one block per row.
+                let fb = l.finalize_blocks;
+                assert!(fb.is_power_of_two() && fb <= l.kpad && l.kpad % fb == 0, "{l:?}");
+                assert!(l.blocks_per_row > 1 || fb == 1, "{l:?}");
+                assert!(fb == 1 || (l.kpad / fb >= 256 && fb * l.rows_per_batch <= sms), "{l:?}");
                 let ws = l.workspace_bytes(n, k).unwrap();
                 assert!(l.rows_per_batch == 1 || ws <= TOPK_WORKSPACE_BYTES);
                 // A split grid never runs more than one wave of the blocks that fit.
@@ -137,6 +142,17 @@ fn layout_uses_the_real_occupancy() {
         assert!(four.waves(132, 3) > l.waves(132, 3) || four == l);
     }
     assert_eq!(TopkLayout::choose(4096, 4096, 64, 132, 3).unwrap().waves(132, 3), 0.0, "the fused path");
+}
+
+#[test]
+fn finalize_is_wide_on_the_bench_shapes() {
+    // One finalize block per row left 100+ SMs idle; the slices give about one block per SM.
+    let fin = |rows, n, k| TopkLayout::choose(rows, n, k, 132, 3).unwrap().finalize_blocks;
+    assert_eq!(fin(32, 131072, 2048), 4); // 128 blocks, slices of 512
+    assert_eq!(fin(32, 1 << 20, 8192), 4); // 128 blocks, slices of 2048
+    assert_eq!(fin(1, 1 << 20, 4096), 16); // 16 blocks, slices of 256
+    assert_eq!(fin(32, 131072, 100), 1); // kpad 128: too small to slice
+    assert_eq!(fin(256, 32768, 1024), 1); // the fused path
 }
 
 /// Standard-normal f16 queries `[hq, tq, d]` and keys `[hkv, t, d]` for `shape`.

@@ -145,13 +145,28 @@ fn topk_launches(g: &mut Geometry, op: &str, shape: &str, rows: usize, n: usize,
     let note = note.trim_end_matches("; ");
     g.push("topk", op, shape, dt, format!("ntkv_topk_hist_{dt}"), split, batches, note).dyn_smem = Some(0);
     g.push("topk", op, shape, dt, format!("ntkv_topk_filter_{dt}"), split, batches, note).dyn_smem = Some(0);
-    g.push("topk", op, shape, dt, format!("ntkv_topk_finalize_{dt}"), batch, batches, "").dyn_smem = Some(fin_smem);
+    let fin_note =
+        format!("{} blocks/row × {batch} rows (slices of {})", lay.finalize_blocks, lay.kpad / lay.finalize_blocks);
+    g.push(
+        "topk",
+        op,
+        shape,
+        dt,
+        format!("ntkv_topk_finalize_{dt}"),
+        lay.finalize_blocks * batch,
+        batches,
+        &fin_note,
+    )
+    .dyn_smem = Some(fin_smem);
 }
 
 fn topk(g: &mut Geometry) {
     for &(rows, n, k, dtype) in TOPK_CASES {
         let shape = crate::topk::topk_shape(rows, n, k);
         topk_launches(g, "topk", &shape, rows, n, k, dtype.name());
+    }
+    for &(rows, n, k, fill, _) in crate::topk::TIE_CASES {
+        topk_launches(g, "topk_ties", &crate::topk::tie_shape(rows, n, k, fill), rows, n, k, "f32");
     }
     // H2O: bench/src/topk.rs `H2O` (hq = hkv = 32, tq 16, t 32768, d 128, keep 2048, recent 64).
     let (hkv, t, budget, recent) = (32, 32768, 2048, 64);

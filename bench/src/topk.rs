@@ -23,6 +23,15 @@ pub(crate) const TOPK_CASES: &[(usize, usize, usize, DType)] = &[
     (1, 1048576, 4096, DType::F32),
 ];
 
+/// Tie-heavy rows, timed as `topk_ties`: every score equal, so the whole row lands in one
+/// histogram bucket and every element is a candidate (an all-zero H2O accumulator is the
+/// `zero` case; `equal` is any other constant). (rows, n, k, fill name, fill value).
+pub(crate) const TIE_CASES: &[(usize, usize, usize, &str, f32)] =
+    &[(32, 131072, 2048, "zero", 0.0), (32, 131072, 2048, "equal", 0.5), (32, 1048576, 8192, "zero", 0.0)];
+/// The same fills at the CPU reference's size (no GPU).
+const TIE_CASES_CPU: &[(usize, usize, usize, &str, f32)] =
+    &[(8, 16384, 256, "zero", 0.0), (8, 16384, 256, "equal", 0.5)];
+
 /// H2O: 32 heads (MHA), 16 new queries over 32k keys, D = 128, keep 2048 with 64 recent.
 const H2O: (AttnShape, usize, usize) = (AttnShape { hq: 32, hkv: 32, tq: 16, t: 32768, d: 128 }, 2048, 64);
 /// SnapKV: 32 heads, window 32 over 32k keys, D = 128, pool 5, keep 2048.
@@ -30,6 +39,10 @@ const SNAPKV: (AttnShape, usize) = (AttnShape { hq: 32, hkv: 32, tq: 32, t: 3276
 
 pub fn topk_shape(rows: usize, n: usize, k: usize) -> String {
     format!("{rows}x{n} k{k}")
+}
+
+pub fn tie_shape(rows: usize, n: usize, k: usize, fill: &str) -> String {
+    format!("{rows}x{n} k{k} {fill}")
 }
 
 pub fn h2o_shape(s: AttnShape, budget: usize, recent: usize) -> String {
@@ -63,6 +76,22 @@ fn time_topk<T: Float>(b: &mut Bench, dev: &Device, rows: usize, n: usize, k: us
     })
 }
 
+/// A tie-heavy row set (one constant, f32): one input, since a constant is the same in every copy.
+fn time_ties(
+    b: &mut Bench,
+    dev: &Device,
+    &(rows, n, k, fill, v): &(usize, usize, usize, &str, f32),
+) -> ntkv::Result<()> {
+    let input = DeviceTensor::from_host(dev, &vec![v; rows * n], &[rows, n])?;
+    let mut plan = TopkPlan::new(dev, &TopkShape { rows, n, k }, TopkOptions::default())?;
+    let mut values = DeviceTensor::<f32>::zeros(dev, &[rows, k])?;
+    let mut indices = DeviceTensor::<u32>::zeros(dev, &[rows, k])?;
+    let bytes = (rows * n * 4 + rows * k * 8) as f64;
+    b.gpu(FAMILY, "topk_ties", &tie_shape(rows, n, k, fill), "f32", Work::bytes(bytes), |_| {
+        plan.run(&input, None, &mut values, &mut indices)
+    })
+}
+
 pub fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     if b.wants(FAMILY, "topk") {
         for &(rows, n, k, dtype) in TOPK_CASES {
@@ -71,6 +100,11 @@ pub fn run_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
                 DType::F16 => time_topk::<f16>(b, dev, rows, n, k)?,
                 DType::BF16 => time_topk::<bf16>(b, dev, rows, n, k)?,
             }
+        }
+    }
+    if b.wants(FAMILY, "topk_ties") {
+        for case in TIE_CASES {
+            time_ties(b, dev, case)?;
         }
     }
     let mut rng = Rng::new(2);
@@ -118,6 +152,15 @@ pub fn run_cpu(b: &mut Bench) -> ntkv::Result<()> {
         b.cpu(FAMILY, "topk", &topk_shape(rows, n, k), "f32", Work::bytes(bytes), |_| {
             cpu::topk(&host, rows, n, k, None).map(|_| ())
         })?;
+    }
+    if b.wants(FAMILY, "topk_ties") {
+        for &(rows, n, k, fill, v) in TIE_CASES_CPU {
+            let host = vec![v; rows * n];
+            let bytes = (rows * n * 4 + rows * k * 8) as f64;
+            b.cpu(FAMILY, "topk_ties", &tie_shape(rows, n, k, fill), "f32", Work::bytes(bytes), |_| {
+                cpu::topk(&host, rows, n, k, None).map(|_| ())
+            })?;
+        }
     }
     let s = AttnShape { hq: 4, hkv: 2, tq: 8, t: 1024, d: 64 };
     let q: Vec<f16> = (0..s.hq * s.tq * s.d).map(|_| f16::from_f32(rng.normal())).collect();

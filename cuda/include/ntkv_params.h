@@ -104,7 +104,7 @@ typedef struct NtkvTopkParams {
     uint32_t cand_stage;     /* candidates the finalize kernel stages in shared memory (after kpad) */
     uint32_t tail_count;     /* also write indices tail_first.. into columns k.. of each row */
     uint32_t tail_first;
-    uint32_t _pad0;
+    uint32_t fin_blocks;     /* finalize blocks per row (a power of two <= kpad); each writes kpad / fin_blocks slots */
 } NtkvTopkParams;
 
 /* Writes `count` consecutive indices first_index.. into columns col_start.. of each of
@@ -120,9 +120,8 @@ typedef struct NtkvFillRecentParams {
 
 /* H2O / SnapKV score accumulation: q [hq, tq, d], k [hkv, t, d] (f16 or bf16), acc [hkv, t]
  * f32. Keys are split in tiles of 64 (n_tiles per kv head). reduce_max: 0 = sum over the GQA
- * group, 1 = max. The queued single-launch kernel also uses ticket_base and epoch. */
+ * group, 1 = max. */
 typedef struct NtkvH2oParams {
-    uint64_t ticket_base; /* queued kernel: the queue counter's value at the start of this call */
     uint32_t hq;
     uint32_t hkv;
     uint32_t tq;
@@ -131,8 +130,8 @@ typedef struct NtkvH2oParams {
     uint32_t n_tiles;
     uint32_t reduce_max;
     float scale;
-    uint32_t epoch;       /* queued kernel: ready[h] == epoch once head h's statistics are merged */
     uint32_t overwrite;   /* 1: acc = mass instead of acc += mass */
+    uint32_t _pad0;
 } NtkvH2oParams;
 
 /* SnapKV pooling: out[r, j] = (in[r, j-2] + ... + in[r, j+2]) / 5 over j < n_out, with

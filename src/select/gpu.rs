@@ -278,9 +278,13 @@ impl TopkPlan {
                 cand_stage: to_u32("cand_stage", self.cand_stage)?,
                 tail_count: to_u32("recent", out.tail_count)?,
                 tail_first: to_u32("recent", out.tail_first)?,
-                _pad0: 0,
+                fin_blocks: to_u32("k", lay.finalize_blocks)?,
             };
-            let fin = grid_for(&self.device, &fns.last, FINAL_THREADS, self.smem, batch, false)?;
+            let fin = if fused {
+                grid_for(&self.device, &fns.last, FINAL_THREADS, self.smem, batch, false)?
+            } else {
+                grid_2d(lay.finalize_blocks, batch, FINAL_THREADS, self.smem)?
+            };
             if !fused {
                 let split = grid_2d(lay.blocks_per_row, batch, HIST_THREADS, 0)?;
                 let mut b = stream.launch_builder(&fns.hist);
@@ -320,14 +324,16 @@ impl TopkPlan {
             // SAFETY: fused: ntkv_topk_fused_<T>(NtkvTopkParams, const T* x, const u32* lengths,
             // u32* sel, u32* cand, T* out_val, u32* out_idx); split: ntkv_topk_finalize_<T>(
             // NtkvTopkParams, const T* x, u32* hist, u32* state, const u32* sel, const u32* cand,
-            // T* out_val, u32* out_idx). Block y < batch reads x[(row_base + y) * n + i] only for
+            // T* out_val, u32* out_idx), grid (finalize_blocks, batch) with finalize_blocks a power
+            // of two <= kpad writing slots slice * kpad / finalize_blocks + s < k. Row y < batch
+            // reads x[(row_base + y) * n + i] only for
             // i < min(len, n) (lengths holds `rows` entries, uniform_len <= n, scores holds
             // rows * n), appends to or reads sel[y * k + pos] for pos < k and cand[y * n + pos]
             // for pos < n (buffers of rows_per_batch * k and rows_per_batch * n), gathers x only at
             // indices clamped to < n, and writes out_idx (and out_val when write_values; the
             // dummy is never dereferenced otherwise) at (row_base + y) * out_stride + s for
-            // s < k + tail_count, inside out_len (checked above). The finalize kernel re-zeroes
-            // hist[y * 4096 ..] and state[y * 8 ..]. Both use (kpad + cand_stage) * 8 bytes of
+            // s < k + tail_count, inside out_len (checked above). The last finalize block of a
+            // row (ticket) re-zeroes hist[y * 4096 ..] and state[y * 8 ..]. Both use (kpad + cand_stage) * 8 bytes of
             // dynamic shared memory, the size prepared in `new` and passed in `fin`.
             unsafe { b.launch(fin) }?;
             row_base += batch;

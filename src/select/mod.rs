@@ -157,6 +157,9 @@ pub struct TopkLayout {
     pub rows_per_batch: usize,
     /// The shared-memory sort size: the power of two `≥ k`.
     pub kpad: usize,
+    /// Blocks per row of the finalize launch (split path; 1 on the fused path): a power of
+    /// two `≤ kpad / 256` (or 1), each writing `kpad / finalize_blocks` output slots.
+    pub finalize_blocks: usize,
 }
 
 impl TopkLayout {
@@ -168,7 +171,9 @@ impl TopkLayout {
     /// in one launch. Otherwise each row is split into chunks (multiples of 2048 elements,
     /// never fewer than 4096 per block) so that a batch's histogram and filter grids fill
     /// the device in at most one wave (`blocks_per_row · rows_per_batch ≤ blocks_per_sm ·
-    /// sm_count` whenever a row can be split that far), and a third launch finishes each row.
+    /// sm_count` whenever a row can be split that far), and a third launch finishes each row
+    /// with `finalize_blocks` blocks (the largest power of two `≤ sm_count / rows_per_batch`,
+    /// at most `kpad / 256`), each sorting one slice of the row's output.
     ///
     /// A pure function of its arguments, so a geometry report can call it without a GPU.
     ///
@@ -196,7 +201,15 @@ impl TopkLayout {
         };
         let chunk = n.div_ceil(bpr).div_ceil(2048) * 2048;
         let blocks_per_row = n.div_ceil(chunk).max(1);
-        Ok(TopkLayout { blocks_per_row, chunk, rows_per_batch, kpad })
+        // About one finalize block per SM: each sorts a slice of at least 256 of the kpad words.
+        let finalize_blocks = if blocks_per_row == 1 {
+            1
+        } else {
+            let per_row = (sm_count / rows_per_batch).max(1);
+            let floor_pow2 = 1usize << per_row.ilog2();
+            floor_pow2.min((kpad / 256).max(1))
+        };
+        Ok(TopkLayout { blocks_per_row, chunk, rows_per_batch, kpad, finalize_blocks })
     }
 
     fn per_row_words(n: usize, k: usize) -> usize {

@@ -1,8 +1,8 @@
 // Runs the kernels of cuda/topk.cu on the CPU (tools/emu/include/emu_runtime.h: one std::thread
 // per CUDA thread; the launches run concurrently, one forked process per CTA with several CTAs
-// at once, so the tickets, histograms and the H2O queue really race) against straightforward
+// at once, so the tickets, histograms and list reservations really race) against straightforward
 // references: top-k (fused and many-blocks paths, row batches), eviction selection, H2O
-// accumulation (three-launch and queued single-launch paths), keep-list check, in-place
+// accumulation (pass 1, merge, pass 2), keep-list check, in-place
 // compaction, gather, SnapKV pooling. The launch geometry and parameters are set up as
 // src/topk/gpu.rs does. Build and run with tools/emu/run.sh topk (AddressSanitizer + UBSan).
 #include "topk.cu"  // cuda/, on the shared runtime (tools/emu/run.sh)
@@ -50,11 +50,11 @@ uint32_t vbits(__nv_bfloat16 v) { return bits16(v); }
 
 // ---- top-k ---------------------------------------------------------------------------------
 
-struct Layout { size_t blocks_per_row, chunk, rows_per_batch, kpad; };
+struct Layout { size_t blocks_per_row, chunk, rows_per_batch, kpad, finalize_blocks; };
 
 size_t next_pow2(size_t x) { size_t p = 1; while (p < x) p <<= 1; return p; }
 
-// TopkLayout::choose (src/topk/mod.rs).
+// TopkLayout::choose (src/select/mod.rs), at 4 blocks per SM.
 Layout choose(size_t rows, size_t n, size_t k, size_t sm_count) {
     const size_t kpad = next_pow2(std::max<size_t>(k, 1));
     const size_t per_row_bytes = (n + k + 4096 + 8) * 4;
@@ -66,7 +66,13 @@ Layout choose(size_t rows, size_t n, size_t k, size_t sm_count) {
                            : std::clamp<size_t>((target_blocks + rows_per_batch - 1) / rows_per_batch, 1, max_bpr);
     const size_t chunk = std::max<size_t>(((n + bpr - 1) / bpr + 2047) / 2048, 1) * 2048;
     const size_t blocks_per_row = std::max<size_t>((n + chunk - 1) / chunk, 1);
-    return Layout{blocks_per_row, chunk, rows_per_batch, kpad};
+    size_t fin = 1;
+    if (blocks_per_row > 1) {
+        const size_t per_row = std::max<size_t>(std::max<size_t>(sm_count, 1) / rows_per_batch, 1);
+        while (fin * 2 <= per_row) fin *= 2;
+        fin = std::min(fin, std::max<size_t>(kpad / 256, 1));
+    }
+    return Layout{blocks_per_row, chunk, rows_per_batch, kpad, fin};
 }
 
 template <typename T> struct TopkK;
@@ -91,6 +97,7 @@ struct TopkRun {
     size_t cand_stage_cap = 8192;  // CAND_STAGE_MAX (smaller: exercises the unstaged path)
     unsigned conc = 4;
     unsigned seed = 1;
+    size_t fin = 0;  // finalize blocks per row instead of the layout's (a power of two <= kpad)
 };
 
 // TopkPlan::launch: the fused kernel when blocks_per_row == 1, else hist, filter, finalize,
@@ -126,10 +133,12 @@ bool topk_launch(const Layout& lay, size_t rows, size_t n, size_t k, const T* x,
         p.cand_stage = (uint32_t)cand_stage;
         p.tail_count = (uint32_t)out.tail_count;
         p.tail_first = (uint32_t)out.tail_first;
+        p.fin_blocks = (uint32_t)lay.finalize_blocks;
         LaunchOpts o;
         o.concurrent = r.conc;
         o.jitter = true;
         o.seed = r.seed + (unsigned)row_base;
+        o.timeout_s = 300.0;  // 1024-thread finalize CTAs with ~200 barriers each, on a loaded host
         if (fused) {
             if (!ntkv_emu::launch(dim3_{(unsigned)batch, 1, 1}, dim3_{1024, 1, 1}, smem,
                                   [&] { TopkK<T>::fused(p, x, lengths, ws_sel, ws_cand, values, indices); }, o))
@@ -142,7 +151,7 @@ bool topk_launch(const Layout& lay, size_t rows, size_t n, size_t k, const T* x,
                                   [&] { TopkK<T>::filter(p, x, lengths, ws_state, ws_sel, ws_cand); }, o))
                 return false;
             o.concurrent = std::min(r.conc, 2u);
-            if (!ntkv_emu::launch(dim3_{(unsigned)batch, 1, 1}, dim3_{1024, 1, 1}, smem, [&] {
+            if (!ntkv_emu::launch(dim3_{(unsigned)lay.finalize_blocks, (unsigned)batch, 1}, dim3_{1024, 1, 1}, smem, [&] {
                     TopkK<T>::finalize(p, x, ws_hist, ws_state, ws_sel, ws_cand, values, indices);
                 }, o))
                 return false;
@@ -166,7 +175,7 @@ void topk_ref(const std::vector<T>& x, size_t rows, size_t n, size_t k, const st
     }
 }
 
-enum Fill { kRandom, kTies, kFewValues, kSpecials, kSorted, kAllEqual };
+enum Fill { kRandom, kTies, kFewValues, kSpecials, kSorted, kAllEqual, kZeros, kNanHeavy };
 
 template <typename T>
 std::vector<T> make_scores(size_t count, Fill f) {
@@ -185,6 +194,12 @@ std::vector<T> make_scores(size_t count, Fill f) {
             }
             case kSorted: v = (float)i * 0.001f; break;
             case kAllEqual: v = 0.5f; break;
+            case kZeros: v = below(2) ? 0.0f : -0.0f; break;  // an all-zero accumulator (signed zeros tie)
+            case kNanHeavy: {  // mostly NaN: NaN ranks below everything, ties among NaN by index
+                const uint32_t c = below(10);
+                v = c < 7 ? (c & 1 ? NAN : -NAN) : c == 7 ? -INFINITY : unif() - 0.5f;
+                break;
+            }
         }
         x[i] = ntkv::from_f32<T>(v);
     }
@@ -198,9 +213,10 @@ bool topk_case(const char* name, size_t rows, size_t n, size_t k, Fill fill, boo
     ntkv_emu::arena_reset();
     Layout lay = choose(rows, n, k, sm_count);
     if (force_rows_per_batch) lay.rows_per_batch = force_rows_per_batch;
-    std::printf("topk %-22s %-4s rows=%zu n=%zu k=%zu bpr=%zu chunk=%zu batch=%zu lengths=%d stage<=%zu\n", name,
-                dname<T>(), rows, n, k, lay.blocks_per_row, lay.chunk, lay.rows_per_batch, with_lengths,
-                run.cand_stage_cap);
+    if (run.fin && lay.blocks_per_row > 1) lay.finalize_blocks = run.fin;
+    std::printf("topk %-22s %-4s rows=%zu n=%zu k=%zu bpr=%zu chunk=%zu batch=%zu fin=%zu lengths=%d stage<=%zu\n",
+                name, dname<T>(), rows, n, k, lay.blocks_per_row, lay.chunk, lay.rows_per_batch, lay.finalize_blocks,
+                with_lengths, run.cand_stage_cap);
     std::fflush(stdout);
     const std::vector<T> hx = make_scores<T>(rows * n, fill);
     std::vector<uint32_t> hl(rows, (uint32_t)n);
@@ -308,7 +324,6 @@ template <typename T, int D> struct H2oK;
     template <> struct H2oK<T, D> {                               \
         static constexpr auto pass1 = ntkv_h2o_pass1_##S##_d##D;  \
         static constexpr auto pass2 = ntkv_h2o_pass2_##S##_d##D;  \
-        static constexpr auto queue = ntkv_h2o_queue_##S##_d##D;  \
     };
 H2O_K(__half, f16, 64)
 H2O_K(__half, f16, 128)
@@ -316,15 +331,6 @@ H2O_K(__nv_bfloat16, bf16, 64)
 H2O_K(__nv_bfloat16, bf16, 128)
 H2O_K(__half, f16, 256)
 H2O_K(__nv_bfloat16, bf16, 256)
-
-std::vector<uint32_t> queue_order(size_t hkv, size_t lag) {
-    std::vector<uint32_t> o;
-    for (size_t s = 0; s < hkv + lag; ++s) {
-        if (s < hkv) o.push_back((uint32_t)s);
-        if (s >= lag && s - lag < hkv) o.push_back((uint32_t)(s - lag) | (1u << 31));
-    }
-    return o;
-}
 
 template <typename T>
 std::vector<double> attention_mass(const std::vector<T>& q, const std::vector<T>& k, const Shape& s, bool max_reduce) {
@@ -359,14 +365,7 @@ std::vector<double> attention_mass(const std::vector<T>& q, const std::vector<T>
 
 struct H2oState {
     float *partial, *stats;
-    uint32_t* order;
-    unsigned long long* queue;
-    uint32_t *done, *ready, *error;
-    uint32_t epoch = 0;
-    uint64_t tickets = 0;
 };
-
-double g_h2o_timeout = 90.0;
 
 // A device copy of a host vector.
 template <typename T>
@@ -376,16 +375,11 @@ T* upload(const std::vector<T>& h) {
     return d;
 }
 
-// The (zeroed) scratch of an H2O accumulation over shape s, with queue order `order`.
-H2oState h2o_state(const Shape& s, const std::vector<uint32_t>& order) {
+// The scratch of an H2O accumulation over shape s (AttnScratch).
+H2oState h2o_state(const Shape& s) {
     H2oState st;
     st.partial = dev_alloc<float>(s.hq * s.tq * ((s.t + 63) / 64) * 2);
     st.stats = dev_alloc<float>(s.hq * s.tq * 2);
-    st.order = upload(order);
-    st.queue = dev_alloc<unsigned long long>(1);
-    st.done = dev_alloc<uint32_t>(s.hkv);
-    st.ready = dev_alloc<uint32_t>(s.hkv);
-    st.error = dev_alloc<uint32_t>(1);
     return st;
 }
 
@@ -406,7 +400,7 @@ H2oInputs<T> h2o_inputs(const Shape& s, bool max_reduce) {
 }
 
 template <typename T, int D>
-bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, const T* q, const T* k, float* acc,
+bool h2o_launch(const Shape& s, bool max_reduce, bool overwrite, const T* q, const T* k, float* acc,
                 H2oState& st, unsigned conc, unsigned seed) {
     const size_t n_tiles = (s.t + 63) / 64;
     NtkvH2oParams p{};
@@ -419,19 +413,7 @@ bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, co
     p.reduce_max = max_reduce;
     p.scale = 1.0f / std::sqrt((float)s.d);
     p.overwrite = overwrite;
-    LaunchOpts o{conc, true, seed, g_h2o_timeout};
-    if (queued) {
-        const size_t items = 2 * s.hkv * n_tiles;
-        p.epoch = st.epoch + 1;
-        p.ticket_base = st.tickets;
-        if (!ntkv_emu::launch(dim3_{(unsigned)items, 1, 1}, dim3_{128, 1, 1}, 0, [&] {
-                H2oK<T, D>::queue(p, q, k, st.order, st.partial, st.stats, acc, st.queue, st.done, st.ready, st.error);
-            }, o))
-            return false;
-        st.epoch += 1;
-        st.tickets += items;
-        return true;
-    }
+    LaunchOpts o{conc, true, seed, 90.0};
     const dim3_ tiles{(unsigned)n_tiles, (unsigned)s.hkv, 1};
     if (!ntkv_emu::launch(tiles, dim3_{128, 1, 1}, 0, [&] { H2oK<T, D>::pass1(p, q, k, st.partial); }, o)) return false;
     const size_t rows = s.hq * s.tq;
@@ -442,25 +424,24 @@ bool h2o_launch(const Shape& s, bool queued, bool max_reduce, bool overwrite, co
 }
 
 template <typename T, int D>
-bool h2o_case(const char* name, Shape s, bool queued, bool max_reduce, size_t lag, unsigned conc) {
+bool h2o_case(const char* name, Shape s, bool max_reduce, unsigned conc) {
     ++g_cases;
     ntkv_emu::arena_reset();
     s.d = D;
-    std::printf("h2o %-24s %-4s hq=%zu hkv=%zu tq=%zu t=%zu d=%zu %s %s lag=%zu concurrent=%u\n", name, dname<T>(), s.hq,
-                s.hkv, s.tq, s.t, s.d, queued ? "queued" : "3-launch", max_reduce ? "max" : "sum", lag, conc);
+    std::printf("h2o %-24s %-4s hq=%zu hkv=%zu tq=%zu t=%zu d=%zu %s concurrent=%u\n", name, dname<T>(), s.hq, s.hkv,
+                s.tq, s.t, s.d, max_reduce ? "max" : "sum", conc);
     std::fflush(stdout);
     const auto [mass, q, k] = h2o_inputs<T>(s, max_reduce);
     float* acc = dev_alloc<float>(s.hkv * s.t);
     std::vector<float> acc0(s.hkv * s.t);
     for (auto& a : acc0) a = unif();
     std::memcpy(acc, acc0.data(), acc0.size() * 4);
-    H2oState st = h2o_state(s, queue_order(s.hkv, std::min(lag, s.hkv)));
-    // Call 1 accumulates into acc0; call 2 (same scratch: ticket_base/epoch advance) overwrites.
+    H2oState st = h2o_state(s);
+    // Call 1 accumulates into acc0; call 2 (same scratch) overwrites.
     for (int call = 0; call < 2; ++call) {
         const bool overwrite = call == 1;
-        CHECK((h2o_launch<T, D>(s, queued, max_reduce, overwrite, q, k, acc, st, conc, 7 + call)), "launch failed (call %d)",
+        CHECK((h2o_launch<T, D>(s, max_reduce, overwrite, q, k, acc, st, conc, 7 + call)), "launch failed (call %d)",
               call);
-        CHECK(*st.error == 0, "queued kernel raised its wait timeout");
         double worst = 0;
         for (size_t e = 0; e < s.hkv * s.t; ++e) {
             const double want = (overwrite ? 0.0 : (double)acc0[e]) + mass[e];
@@ -468,11 +449,6 @@ bool h2o_case(const char* name, Shape s, bool queued, bool max_reduce, size_t la
             worst = std::max(worst, err / (std::fabs(want) + 1e-2));
             CHECK(err <= 1e-4 * std::fabs(want) + 1e-6, "call %d head %zu key %zu: %.9g, expected %.9g", call,
                   e / s.t, e % s.t, (double)acc[e], want);
-        }
-        if (queued) {
-            for (size_t h = 0; h < s.hkv; ++h) CHECK(st.done[h] == 0, "done[%zu] not reset", h);
-            CHECK(*st.queue == st.tickets, "queue counter %llu, expected %llu", *st.queue,
-                  (unsigned long long)st.tickets);
         }
         std::printf("  call %d ok (worst rel err %.2e)\n", call, worst);
     }
@@ -620,8 +596,8 @@ bool snapkv_case(const char* name, Shape s, size_t capacity, bool max_reduce) {
     const auto [mass, q, k] = h2o_inputs<T>(s, max_reduce);
     float* votes = dev_alloc<float>(s.hkv * s.t);
     for (size_t e = 0; e < s.hkv * s.t; ++e) votes[e] = NAN;  // overwritten, never read
-    H2oState st = h2o_state(s, queue_order(s.hkv, std::min<size_t>(2, s.hkv)));
-    CHECK((h2o_launch<T, 64>(s, true, max_reduce, true, q, k, votes, st, 4, 11)), "accumulate failed");
+    H2oState st = h2o_state(s);
+    CHECK((h2o_launch<T, 64>(s, max_reduce, true, q, k, votes, st, 4, 11)), "accumulate failed");
     const size_t older = s.t - s.tq, w = s.tq;
     float* pooled = dev_alloc<float>(s.hkv * older);
     NtkvPoolParams pp{(uint32_t)s.hkv, (uint32_t)s.t, (uint32_t)older, 0};
@@ -665,27 +641,6 @@ bool snapkv_case(const char* name, Shape s, size_t capacity, bool max_reduce) {
               "fill_recent failed");
     }
     for (size_t e = 0; e < ref.size(); ++e) CHECK(keep[e] == ref[e], "keep %zu: %u vs %u", e, keep[e], ref[e]);
-    return true;
-}
-
-// Negative control: a queue order with pass 2 of a head BEFORE its pass 1 must deadlock with
-// one resident CTA, and the launcher must report it (shows the deadlock check can fire).
-bool deadlock_control() {
-    ++g_cases;
-    ntkv_emu::arena_reset();
-    std::printf("h2o negative control: pass 2 queued before pass 1, 1 resident CTA (expect a timeout)\n");
-    std::fflush(stdout);
-    const Shape s{2, 1, 4, 70, 64};
-    std::vector<__half> hq(s.hq * s.tq * s.d, ntkv::from_f32<__half>(0.5f)), hk(s.hkv * s.t * s.d, ntkv::from_f32<__half>(0.25f));
-    __half* q = upload(hq);
-    __half* k = upload(hk);
-    float* acc = dev_alloc<float>(s.hkv * s.t);
-    H2oState st = h2o_state(s, {1u << 31, 0u});
-    g_h2o_timeout = 4.0;
-    const bool ok = h2o_launch<__half, 64>(s, true, false, true, q, k, acc, st, 1, 1);
-    g_h2o_timeout = 90.0;
-    CHECK(!ok, "the bad order did not deadlock: the deadlock check cannot be trusted");
-    std::printf("  deadlock detected as expected\n");
     return true;
 }
 
@@ -741,6 +696,19 @@ int main(int argc, char** argv) {
             // Row batching: force rows_per_batch below rows.
             {kF32, "fused-batches", 5, 800, 11, kTies, true, 1, TopkRun{}, 2},
             {kF32, "split-batches", 5, 8200, 11, kRandom, true, 132, TopkRun{}, 2},
+            // Shared-memory lists that overflow (every element a candidate: several flushes per
+            // block), tie-heavy rows, NaN, k = 1, k = n, and finalize slices.
+            {kF32, "split-allequal-flush", 2, 60000, 2500, kAllEqual, false, 3, TopkRun{8192, 4, 5, 4}},
+            {kF32, "split-zeros-fin8", 1, 30000, 1000, kZeros, false, 2, TopkRun{8192, 4, 6, 4}},
+            {kF16, "split-zeros-f16", 2, 20000, 600, kZeros, true, 3, TopkRun{8192, 3, 7, 2}},
+            {kF32, "split-nan-heavy", 2, 20000, 700, kNanHeavy, true, 3, TopkRun{8192, 4, 8, 2}},
+            {kBf16, "split-nan-bf16", 1, 9000, 3000, kNanHeavy, false, 132},
+            {kF32, "split-k1-wide", 1, 40000, 1, kAllEqual, false, 2},
+            {kF32, "split-k=n-fin", 1, 4100, 4100, kTies, false, 132},   // fin 32: slices past k write nothing
+            {kF32, "split-slices-4", 2, 9000, 50, kRandom, false, 132, TopkRun{8192, 4, 9, 16}},
+            {kF32, "split-slices-ties", 2, 12000, 333, kTies, true, 132, TopkRun{8192, 4, 10, 8}},
+            {kF32, "split-slices-unstaged", 2, 9000, 600, kFewValues, false, 132, TopkRun{0, 4, 11, 4}},
+            {kF16, "split-slices-k>len", 3, 8500, 200, kSpecials, true, 132, TopkRun{8192, 4, 12, 4}},
         };
         for (const Spec& c : specs) {
             const auto run = [&](auto dtype) {
@@ -756,6 +724,8 @@ int main(int argc, char** argv) {
         select_case("h2o", 3, 700, 650, 120, 50, kRandom, 1);
         select_case("h2o-ties", 2, 3000, 2990, 400, 10, kTies, 1);
         select_case("h2o-split", 2, 9000, 8800, 300, 200, kTies, 132);
+        select_case("h2o-split-wide", 2, 20000, 19900, 2100, 64, kTies, 132);    // fin 8, index order
+        select_case("h2o-all-zero", 2, 20000, 19936, 2048, 64, kZeros, 132);     // an all-zero accumulator
         select_case("budget=recent", 3, 500, 400, 100, 100, kRandom, 1);
         select_case("recent=0", 2, 600, 600, 64, 0, kSpecials, 1);
         select_case("keep-all-older", 2, 300, 250, 300, 50, kRandom, 1);
@@ -765,32 +735,28 @@ int main(int argc, char** argv) {
         const Shape a{4, 2, 5, 150, 64};    // GQA group 2, tq < 16, t not a multiple of 64
         const Shape b{3, 1, 19, 64, 64};    // group 3, tq > 16, one full tile
         const Shape c{2, 2, 1, 77, 64};     // MHA, tq = 1
-        const Shape d{4, 4, 16, 130, 64};   // 4 heads: queue lag 2, 9 items/head... 3 tiles
+        const Shape d{4, 4, 16, 130, 64};   // 4 heads, 3 tiles each
         const Shape e{6, 3, 33, 95, 128};   // d = 128, tq = 33
         const Shape f{2, 2, 64, 64, 64};    // tq == t
-        for (bool queued : {false, true}) {
-            h2o_case<__half, 64>("a", a, queued, false, 2, 4);
-            h2o_case<__nv_bfloat16, 64>("a-max", a, queued, true, 2, 4);
-            h2o_case<__half, 64>("b", b, queued, false, 2, 3);
-            h2o_case<__nv_bfloat16, 64>("c", c, queued, true, 1, 4);
-            h2o_case<__half, 64>("f", f, queued, false, 2, 4);
-        }
-        h2o_case<__half, 64>("d-lag2-conc1", d, true, false, 2, 1);
-        h2o_case<__half, 64>("d-lag1-conc2", d, true, true, 1, 2);
-        h2o_case<__nv_bfloat16, 64>("d-lag2-conc-all", d, true, false, 2, 64);
-        h2o_case<__half, 128>("e", e, true, false, 2, 6);
-        h2o_case<__nv_bfloat16, 128>("e-3launch", e, false, true, 2, 6);
+        h2o_case<__half, 64>("a", a, false, 4);
+        h2o_case<__nv_bfloat16, 64>("a-max", a, true, 4);
+        h2o_case<__half, 64>("b", b, false, 3);
+        h2o_case<__nv_bfloat16, 64>("c", c, true, 4);
+        h2o_case<__half, 64>("f", f, false, 4);
+        h2o_case<__half, 64>("d-conc1", d, false, 1);
+        h2o_case<__half, 64>("d-max-conc2", d, true, 2);
+        h2o_case<__nv_bfloat16, 64>("d-conc-all", d, false, 64);
+        h2o_case<__half, 128>("e", e, false, 6);
+        h2o_case<__nv_bfloat16, 128>("e-max", e, true, 6);
         const Shape g{3, 3, 40, 40, 64};    // t < 64: one partial tile, tq == t
-        h2o_case<__half, 64>("g-short", g, true, false, 2, 3);
-        h2o_case<__nv_bfloat16, 64>("g-short-3launch", g, false, false, 2, 3);
-        const Shape h{6, 6, 3, 100, 64};    // 6 heads: longer wait chains through the queue
-        h2o_case<__half, 64>("h-6heads-conc1", h, true, true, 2, 1);
-        h2o_case<__half, 64>("h-6heads-conc3", h, true, false, 1, 3);
-        h2o_case<__half, 64>("h-6heads-conc-all", h, true, false, 2, 64);
+        h2o_case<__half, 64>("g-short", g, false, 3);
+        h2o_case<__nv_bfloat16, 64>("g-short-bf16", g, false, 3);
+        const Shape h{6, 6, 3, 100, 64};    // 6 heads
+        h2o_case<__half, 64>("h-6heads-conc1", h, true, 1);
+        h2o_case<__half, 64>("h-6heads-conc-all", h, false, 64);
         const Shape i{2, 1, 17, 70, 256};   // d = 256
-        h2o_case<__nv_bfloat16, 256>("i-d256", i, true, false, 2, 4);
-        h2o_case<__half, 256>("i-d256-3launch", i, false, true, 2, 4);
-        deadlock_control();
+        h2o_case<__nv_bfloat16, 256>("i-d256", i, false, 4);
+        h2o_case<__half, 256>("i-d256-max", i, true, 4);
     }
     if (want("evict")) {
         check_keep_case("ok", 3, 100, 20, random_keep(3, 100, 20, 0), ~0ull);
