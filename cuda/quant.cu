@@ -3,8 +3,9 @@
 // Every quantize/dequantize kernel works on one strided region (NtkvQuantParams): `heads`
 // blocks of [tokens, dim] values. blockIdx.y strides over heads, x threads grid-stride over
 // the items of a head. The f32 arithmetic mirrors src/quant/cpu.rs operation for operation:
-// __fsub_rn/__fmul_rn/__fdiv_rn keep nvcc from contracting (x - mn) * inv into an FMA, rintf
-// rounds half to even, and dequantization is one __fmaf_rn, so codes are bit-exact.
+// __fsub_rn/__fmul_rn/__fdiv_rn keep nvcc from contracting (x - mn) * inv into an FMA, a
+// magic-number add rounds half to even (encode), and dequantization is one __fmaf_rn, so
+// codes are bit-exact.
 #include "ntkv_common.cuh"
 
 namespace {
@@ -127,13 +128,18 @@ __device__ __forceinline__ GroupParams group_params(float lo, float hi) {
     return g;
 }
 
-// clamp(round_half_even((x - mn) * inv), 0, qmax); 0 when the scale is 0 (inv == 0).
+// clamp(round_half_even((x - mn) * inv), 0, qmax), as integer bits without rintf + F2I.
+// Clamping first to the integer bounds [0, qmax] gives the same code as rounding first, and
+// fmaxf maps a NaN product (inv == 0 times an infinite difference) to 0, as the CPU does; a
+// zero inv gives a +-0 product, hence code 0, so the scale == 0 case needs no branch.
+// Adding 1.5 * 2^23 to a t in [0, 255] rounds it half to even to an integer (the ulp there is
+// 1) and leaves that integer in the low mantissa bits; -0 + 1.5 * 2^23 is 1.5 * 2^23, code 0.
 template <int B>
 __device__ __forceinline__ uint32_t encode(float x, const GroupParams& g) {
     constexpr float kQmax = (float)((1u << B) - 1u);
-    if (g.inv == 0.0f) return 0u;
-    const float q = rintf(__fmul_rn(__fsub_rn(x, g.mn), g.inv));
-    return (uint32_t)fminf(fmaxf(q, 0.0f), kQmax);
+    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+    const float t = fminf(fmaxf(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.0f), kQmax);
+    return __float_as_uint(__fadd_rn(t, kMagic)) & ((1u << B) - 1u);
 }
 
 // Error flags start at 0 (a stream-ordered memset, no host copy). The lowest bad index i is
@@ -216,9 +222,13 @@ __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T
                     hi = -INFINITY;
                     bad = false;
                 }
-                for (uint32_t o = 1; o < wpg; o <<= 1) {
-                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, (int)o));
-                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, (int)o));
+                // Unrolled over the five possible offsets; wpg is warp-uniform, so the break
+                // never splits a warp.
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    if ((uint32_t)o >= wpg) break;
+                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
                 }
                 if (valid) {
                     const GroupParams g = group_params<B>(lo, hi);

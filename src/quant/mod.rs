@@ -523,7 +523,8 @@ impl QuantPlan {
     }
 
     /// Quantizes `x` into `out` with the chosen [`FiniteCheck`]. Both modes synchronize with
-    /// the stream once (to read the error flag back).
+    /// the stream once: `Checked` to read the scan's flag back (before the quantize kernel is
+    /// launched, which the call does not wait for), `SinglePass` to read the kernel's flag.
     ///
     /// # Errors
     /// As [`QuantPlan::quantize`]; with [`FiniteCheck::SinglePass`] the outputs are
@@ -537,6 +538,11 @@ impl QuantPlan {
         self.validate_quantize(x, out)?;
         if check == FiniteCheck::Checked {
             gpu::scan_range(&self.device, &x.cuda_view())?;
+            // The scan tested every value with the predicate the quantize kernel flags
+            // (`quantizable`), so after it passed the kernel's flag stays 0: not reading it
+            // back keeps the checked path at one host synchronization.
+            let _unread = self.launch_quantize(x, out)?;
+            return Ok(());
         }
         self.launch_quantize(x, out)?.wait()
     }
