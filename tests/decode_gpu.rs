@@ -23,17 +23,22 @@ fn bits<T: Float>(x: &[T]) -> Vec<u32> {
     x.iter().map(|v| v.to_f32().to_bits()).collect()
 }
 
+/// Problem `p`'s lists on the device. The index buffer gets one unused tail entry, so it is
+/// never empty (a zero-length device allocation is not allowed); the API allows the extra.
+fn upload_lists<T: Float>(dev: &Device, p: &Problem<T>) -> Result<(DeviceTensor<u32>, DeviceTensor<u32>), Error> {
+    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()])?;
+    let mut idx = p.indices.clone();
+    idx.push(u32::MAX);
+    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
+    Ok((indptr, indices))
+}
+
 fn run_gpu<T: Float>(dev: &Device, p: &Problem<T>) -> Result<Outputs, Error> {
     let cfg = &p.cfg;
     let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape())?;
     let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape())?;
     let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape())?;
-    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()])?;
-    // Keep the buffer non-empty (a zero-length device allocation is not allowed); the
-    // extra tail entry is unused, which the API allows.
-    let mut idx = p.indices.clone();
-    idx.push(u32::MAX);
-    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()])?;
+    let (indptr, indices) = upload_lists(dev, p)?;
     let mut o = DeviceTensor::<T>::zeros(dev, &cfg.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
     let mut plan = DecodePlan::new(dev, cfg, cfg.opts, &p.cache_lens, &indptr, &indices)?;
@@ -254,10 +259,7 @@ fn plan_is_reusable_across_layers() {
     let cfg = Cfg::new(1, 2, 4, 2, 128, 700).chunk_tokens(128);
     let mut rng = Rng::new(900);
     let a = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
-    let indptr = DeviceTensor::from_host(dev, &a.indptr, &[a.indptr.len()]).unwrap();
-    let mut idx = a.indices.clone();
-    idx.push(0);
-    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let (indptr, indices) = upload_lists(dev, &a).unwrap();
     let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &a.cache_lens, &indptr, &indices).unwrap();
     for layer in 0..3u64 {
         let mut r = Rng::new(1000 + layer);
@@ -292,10 +294,7 @@ fn one_plan_repeated_runs_fold_the_same_bits() {
     let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
     let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape()).unwrap();
     let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
-    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
-    let mut idx = p.indices.clone();
-    idx.push(0);
-    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let (indptr, indices) = upload_lists(dev, &p).unwrap();
     let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
     assert!(plan.split().max_chunks > 1, "the case must split");
     let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
@@ -360,10 +359,7 @@ fn views_of_a_larger_buffer_match_owned_tensors() {
     let k = TensorView::new(big.slice().slice(nk..2 * nk), &cfg.kv_shape()).unwrap();
     let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
     let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
-    let indptr = DeviceTensor::from_host(dev, &p.indptr, &[p.indptr.len()]).unwrap();
-    let mut idx = p.indices.clone();
-    idx.push(0);
-    let indices = DeviceTensor::from_host(dev, &idx, &[idx.len()]).unwrap();
+    let (indptr, indices) = upload_lists(dev, &p).unwrap();
     let mut o_all = DeviceTensor::<f16>::zeros(dev, &[2 * q.len()]).unwrap();
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
     let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
