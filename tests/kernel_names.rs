@@ -8,8 +8,8 @@ use ntkv::launch::{image_has_symbol, registered_kernels};
 
 /// The entry-point names a source declares: literal `ntkv_…(` names, and the prefixes of
 /// names pasted by a macro: `ntkv_topk_hist_##SUFFIX`, or a name passed as the first argument
-/// of an instantiation macro (`NTKV_FD_MERGE_KERNELS(ntkv_decode_merge, …)` declares
-/// `ntkv_decode_merge_f16` and `_bf16`).
+/// of an instantiation macro (`NTKV_FD_MERGE_KERNELS(ntkv_qdecode_merge, …)` declares
+/// `ntkv_qdecode_merge_f16` and `_bf16`).
 fn source_names(src: &str) -> (Vec<String>, Vec<String>) {
     let (mut full, mut prefixes) = (Vec::new(), Vec::new());
     let bytes = src.as_bytes();
