@@ -464,6 +464,23 @@ __device__ __forceinline__ uint64_t sort_word(uint32_t key, uint32_t idx, bool b
     return by_index ? rev : (((uint64_t)key << 32) | rev);
 }
 
+// One step of a radix select, once every thread has counted the matching words' next digit
+// into hist[0 .. 256): digit d (owned by thread d) holds rank need - 1 when
+// above(d) < need <= above(d) + hist[d], and its thread narrows the shared state to it.
+// Every thread of the block calls it (the suffix sum is block-wide).
+__device__ __forceinline__ void radix_pick_digit(const uint32_t* hist, uint32_t need, uint64_t prefix, int bits,
+                                                 int width, uint32_t* scratch, uint32_t& s_need, uint32_t& s_match,
+                                                 unsigned long long& s_prefix, int& s_bits) {
+    const uint32_t cnt = threadIdx.x < 256 ? hist[threadIdx.x] : 0u;
+    const uint32_t above_d = block_exclusive_suffix_sum(cnt, scratch);
+    if (threadIdx.x < 256 && above_d < need && above_d + cnt >= need) {
+        s_need = need - above_d;
+        s_match = cnt;
+        s_prefix = (prefix << width) | threadIdx.x;
+        s_bits = bits + width;
+    }
+}
+
 // The word of rank r (0 = the largest) among buf[0 .. n), by an 8-bit radix select from bit
 // `top` down; bits at and above `top` are 0 in every word. Nonzero words are distinct and
 // r is below their count, so the word found is real. Every thread of the block calls it.
@@ -493,14 +510,7 @@ __device__ uint64_t block_select_rank(const unsigned long long* buf, uint32_t n,
             if (bits == 0 || (w >> (64 - bits)) == prefix) atomicAdd(&dhist[(uint32_t)(w >> shift) & 255u], 1u);
         }
         __syncthreads();
-        const uint32_t cnt = threadIdx.x < 256 ? dhist[threadIdx.x] : 0u;
-        const uint32_t above_d = block_exclusive_suffix_sum(cnt, scratch);
-        if (threadIdx.x < 256 && above_d < need && above_d + cnt >= need) {
-            r_need = need - above_d;
-            r_match = cnt;
-            r_prefix = (prefix << 8) | threadIdx.x;
-            r_bits = bits + 8;
-        }
+        radix_pick_digit(dhist, need, prefix, bits, 8, scratch, r_need, r_match, r_prefix, r_bits);
         __syncthreads();
     }
     const int bits = r_bits;
@@ -592,15 +602,7 @@ __device__ void finalize_row(const NtkvTopkParams& p, const T* __restrict__ xr, 
                 }
             }
             __syncthreads();
-            // Digit d with above_d < need <= above_d + hist[d]; threads 0..255 own one digit.
-            const uint32_t cnt = threadIdx.x < 256 ? dhist[threadIdx.x] : 0u;
-            const uint32_t above_d = block_exclusive_suffix_sum(cnt, scratch);
-            if (threadIdx.x < 256 && above_d < need && above_d + cnt >= need) {
-                s_need = need - above_d;
-                s_match = cnt;
-                s_prefix = (prefix << width) | threadIdx.x;
-                s_bits = bits + width;
-            }
+            radix_pick_digit(dhist, need, prefix, bits, width, scratch, s_need, s_match, s_prefix, s_bits);
             __syncthreads();
         }
     }

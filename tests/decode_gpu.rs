@@ -33,11 +33,20 @@ fn upload_lists<T: Float>(dev: &Device, p: &Problem<T>) -> Result<(DeviceTensor<
     Ok((indptr, indices))
 }
 
+/// `q`, `k` and `v` on the device, in the shapes of `cfg`.
+fn upload_qkv<T: Float>(dev: &Device, cfg: &Cfg, q: &[T], k: &[T], v: &[T]) -> Result<QkvTensors<T>, Error> {
+    Ok((
+        DeviceTensor::from_host(dev, q, &cfg.q_shape())?,
+        DeviceTensor::from_host(dev, k, &cfg.kv_shape())?,
+        DeviceTensor::from_host(dev, v, &cfg.kv_shape())?,
+    ))
+}
+
+type QkvTensors<T> = (DeviceTensor<T>, DeviceTensor<T>, DeviceTensor<T>);
+
 fn run_gpu<T: Float>(dev: &Device, p: &Problem<T>) -> Result<Outputs, Error> {
     let cfg = &p.cfg;
-    let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape())?;
-    let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape())?;
-    let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape())?;
+    let (q, k, v) = upload_qkv(dev, cfg, &p.q, &p.k, &p.v)?;
     let (indptr, indices) = upload_lists(dev, p)?;
     let mut o = DeviceTensor::<T>::zeros(dev, &cfg.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape())?;
@@ -267,9 +276,7 @@ fn plan_is_reusable_across_layers() {
         let nq: usize = cfg.q_shape().iter().product();
         let nk: usize = cfg.kv_shape().iter().product();
         let (qh, kh, vh) = (gen(&mut r, nq), gen(&mut r, nk), gen(&mut r, nk));
-        let q = DeviceTensor::from_host(dev, &qh, &cfg.q_shape()).unwrap();
-        let k = DeviceTensor::from_host(dev, &kh, &cfg.kv_shape()).unwrap();
-        let v = DeviceTensor::from_host(dev, &vh, &cfg.kv_shape()).unwrap();
+        let (q, k, v) = upload_qkv(dev, &cfg, &qh, &kh, &vh).unwrap();
         let mut o = DeviceTensor::<f16>::zeros(dev, &cfg.q_shape()).unwrap();
         let mut lse = DeviceTensor::<f32>::zeros(dev, &cfg.lse_shape()).unwrap();
         plan.run(&q, &k, &v, &mut o, &mut lse).unwrap();
@@ -291,9 +298,7 @@ fn one_plan_repeated_runs_fold_the_same_bits() {
     let mut rng = Rng::new(4242);
     let p = random_problem::<f16>(&mut rng, cfg.clone(), Lens::Random);
     let want = p.reference().unwrap();
-    let q = DeviceTensor::from_host(dev, &p.q, &cfg.q_shape()).unwrap();
-    let k = DeviceTensor::from_host(dev, &p.k, &cfg.kv_shape()).unwrap();
-    let v = DeviceTensor::from_host(dev, &p.v, &cfg.kv_shape()).unwrap();
+    let (q, k, v) = upload_qkv(dev, &cfg, &p.q, &p.k, &p.v).unwrap();
     let (indptr, indices) = upload_lists(dev, &p).unwrap();
     let mut plan = DecodePlan::new(dev, &cfg, cfg.opts, &p.cache_lens, &indptr, &indices).unwrap();
     assert!(plan.split().max_chunks > 1, "the case must split");
