@@ -232,7 +232,7 @@ const IEEE_MATH: &[&str] = &["-ftz=false", "-prec-div=true", "-prec-sqrt=true", 
 /// denormal result exact). Divisions and square roots stay IEEE: they are off the hot loops.
 const FAST_MATH: &[&str] = &["-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true"];
 /// The sources compiled with `FAST_MATH`; every other source gets `IEEE_MATH`.
-const FAST_MATH_SOURCES: &[&str] = &["attention", "decode"];
+const FAST_MATH_SOURCES: &[&str] = &["attention", "decode", "qdecode"];
 
 /// The floating-point flags of source `stem` (tools/kernel-report parses the three tables above,
 /// so that its cubins are compiled as the crate's are).

@@ -94,11 +94,19 @@ fn kivi_case<T: Float>(
     let cache =
         QdecodeCache::Kivi(KiviCache { k: &d.k, v: &d.v, k_residual: &d.kr, v_residual: &d.vr, residual_len: rlen });
     let what = format!("kivi seed {seed} {s:?} K {kspec:?} V {vspec:?} residual {rlen}/{rcap} {opts:?}");
-    check_twice(dev, &what, (&s, opts), &q, &cache, &want);
+    // The fast kernel takes KIVI's layout whenever K and V share bits and group.
+    let want_fast = kspec.axis == Axis::PerChannel
+        && vspec.axis == Axis::PerToken
+        && kspec.bits == vspec.bits
+        && kspec.group == vspec.group
+        && kspec.group <= s.head_dim;
+    let fast = check_twice(dev, &what, (&s, opts), &q, &cache, &want);
+    assert_eq!(fast, want_fast, "{what}: fast path chosen = {fast}");
 }
 
 /// Runs a fresh plan over `cache`, checks it against `want`, then runs it again and requires
-/// the same bits.
+/// the same bits. When the run took the fast kernel, runs the general kernel too and checks
+/// it against `want`. Returns whether the fast kernel ran.
 fn check_twice<T: Float>(
     dev: &Device,
     what: &str,
@@ -106,12 +114,20 @@ fn check_twice<T: Float>(
     q: &[T],
     cache: &QdecodeCache<'_>,
     want: &ntkv::qdecode::cpu::QdecodeReference,
-) {
+) -> bool {
     let mut plan = QdecodePlan::new(dev, s, opts).unwrap();
+    let fast = plan.fast_path_applies(cache);
     let got = run(dev, &mut plan, q, cache, None);
     check::<T>(what, &got, want);
     let again = run(dev, &mut plan, q, cache, None);
     assert_eq!(got.bits, again.bits, "{what}: not deterministic");
+    if fast {
+        plan.set_fast_path(false);
+        assert!(!plan.fast_path_applies(cache), "{what}: the fast path is still chosen after set_fast_path(false)");
+        let general = run(dev, &mut plan, q, cache, None);
+        check::<T>(&format!("{what} (general kernel)"), &general, want);
+    }
+    fast
 }
 
 fn spec(bits: u32, group: usize, axis: Axis) -> QuantSpec {

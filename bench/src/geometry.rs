@@ -370,25 +370,24 @@ fn cluster(g: &mut Geometry) {
 // qdecode
 
 /// The cases of bench/src/qdecode.rs: the KIVI caches and the MiKV pair share one shape (1
-/// query, 32 heads, 128k tokens, D = 128); the f16 decode's geometry is decode's.
+/// query, 32 heads, 128k tokens, D = 128) and take the fast kernel (keys per channel, values
+/// per token, one bit width and group); the `_general` case takes the general kernel; the f16
+/// decode's geometry is decode's.
 fn qdecode(g: &mut Geometry) {
-    use crate::qdecode::{shape, KIVI_CASES, MIKV_OP, SHAPE, TOKENS};
+    use crate::qdecode::{shape, GENERAL_OP, GROUP, KIVI_CASES, MIKV_OP, SHAPE, TOKENS};
     let s = shape(TOKENS);
     let split = ntkv::qdecode::plan_split(&s, SM_COUNT, None);
     let heads = s.n_lists();
     let note = format!("chunk {} tokens, {} chunks", split.chunk_tokens, split.max_chunks);
-    for op in KIVI_CASES.iter().map(|c| c.0).chain([MIKV_OP]) {
-        g.push(
-            "qdecode",
-            op,
-            SHAPE,
-            "f16",
-            "ntkv_qdecode_attn_f16_d128_r1".into(),
-            heads * split.max_chunks,
-            1,
-            &note,
-        )
-        .dyn_smem = Some(0);
+    let cases = KIVI_CASES.iter().map(|c| (c.0, Some(c.1))).chain([(MIKV_OP, Some(4)), (GENERAL_OP, None)]);
+    for (op, fast_bits) in cases {
+        let (kernel, block) = match fast_bits {
+            Some(bits) => (format!("ntkv_qdecode_fast_f16_d128_b{bits}_g{GROUP}"), 256),
+            None => ("ntkv_qdecode_attn_f16_d128_r1".to_owned(), 128),
+        };
+        let e = g.push("qdecode", op, SHAPE, "f16", kernel, heads * split.max_chunks, 1, &note);
+        e.block = Some(block);
+        e.dyn_smem = Some(0);
         if !split.direct() {
             let m = g.push("qdecode", op, SHAPE, "f16", "ntkv_qdecode_merge_f16".into(), heads * s.rows(), 1, "");
             m.block = Some(128);

@@ -28,6 +28,9 @@ pub(crate) const GROUP: usize = 32;
 /// The KIVI cases: (op, bits).
 pub(crate) const KIVI_CASES: &[(&str, u32)] =
     &[("qdecode_kivi_int4", 4), ("qdecode_kivi_int2", 2), ("qdecode_kivi_int8", 8)];
+/// The int4 KIVI case on the general kernel (`QdecodePlan::set_fast_path(false)`), for
+/// comparison with the fast kernel's `qdecode_kivi_int4`.
+pub(crate) const GENERAL_OP: &str = "qdecode_kivi_int4_general";
 /// The MiKV case: residual window and one important token in `IMPORTANT_EVERY`.
 pub(crate) const MIKV_OP: &str = "qdecode_mikv_int4_imp10";
 const MIKV_RESIDUAL: usize = 128;
@@ -48,7 +51,7 @@ fn coded_bytes(bits: u32, tokens: usize) -> f64 {
     n * bits as f64 / 8.0 + 2.0 * 2.0 * n / GROUP as f64
 }
 
-fn kivi_gpu(b: &mut Bench, dev: &Device, op: &str, bits: u32) -> ntkv::Result<()> {
+fn kivi_gpu(b: &mut Bench, dev: &Device, op: &str, bits: u32, fast: bool) -> ntkv::Result<()> {
     let s = shape(TOKENS);
     let dims = [1, HEADS, TOKENS, DIM];
     let k = QuantizedTensor::zeros(dev, &QuantLayout::new(QuantSpec::new(bits, GROUP, Axis::PerChannel)?, &dims)?)?;
@@ -62,6 +65,7 @@ fn kivi_gpu(b: &mut Bench, dev: &Device, op: &str, bits: u32) -> ntkv::Result<()
     let mut o = DeviceTensor::<f16>::zeros(dev, &s.q_shape())?;
     let mut lse = DeviceTensor::<f32>::zeros(dev, &s.lse_shape())?;
     let mut plan = QdecodePlan::new(dev, &s, QdecodeOptions::default())?;
+    plan.set_fast_path(fast);
     let cache = QdecodeCache::Kivi(KiviCache { k: &k, v: &v, k_residual: &res, v_residual: &res, residual_len: 0 });
     let bytes = 2.0 * coded_bytes(bits, TOKENS) + io_bytes();
     let flops = 4.0 * (HEADS * TOKENS * DIM) as f64;
@@ -112,11 +116,11 @@ fn mikv_gpu(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
     let mut plan = QdecodePlan::new(dev, &s, QdecodeOptions::default())?;
     let cache = QdecodeCache::Mikv { k: &k, v: &v };
     let quantized = k.quantized_len();
-    let lo_v_tokens = quantized.saturating_sub(n_imp / HEADS);
-    // K reads every quantized word row (important tokens share them); V skips important
-    // tokens' words; both read the important f16 rows, the lists and the live residual.
+    // The fast kernel reads every quantized word row of K and V (important tokens share
+    // them; their weights are zeroed), the important f16 rows, the lists and the live
+    // residual.
     let bytes = coded_bytes(4, quantized)
-        + coded_bytes(4, lo_v_tokens)
+        + coded_bytes(4, quantized)
         + 2.0 * (n_imp * DIM * 2 + n_imp * 4) as f64
         + 2.0 * ((TOKENS - quantized) * HEADS * DIM * 2) as f64
         + io_bytes();
@@ -150,8 +154,11 @@ pub fn run(b: &mut Bench) -> ntkv::Result<()> {
         Some(dev) => {
             for &(op, bits) in KIVI_CASES {
                 if b.wants(FAMILY, op) {
-                    kivi_gpu(b, &dev, op, bits)?;
+                    kivi_gpu(b, &dev, op, bits, true)?;
                 }
+            }
+            if b.wants(FAMILY, GENERAL_OP) {
+                kivi_gpu(b, &dev, GENERAL_OP, 4, false)?;
             }
             if b.wants(FAMILY, "qdecode_f16_decode") {
                 f16_decode_gpu(b, &dev)?;

@@ -149,4 +149,13 @@ __device__ __forceinline__ void st_global_v2(uint2* p, uint32_t a, uint32_t b) {
     asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
 }
 
+// ---- Bit operations -------------------------------------------------------------------------
+// (a & b) | c as one LOP3. Written in C, with b and c both constants, ptxas emits two LOP3s
+// (one immediate per instruction); here c stays in a register that the loop shares.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
 }  // namespace ntkv

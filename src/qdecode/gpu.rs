@@ -16,6 +16,21 @@ use crate::tensor::{DType, DeviceKey, DeviceTensor, Float, TensorMut, TensorRef}
 
 /// Threads per CTA of the attention kernel (`THREADS` in cuda/qdecode.cu).
 pub(crate) const ATTN_THREADS: u32 = 128;
+/// Threads per CTA of the fast KIVI-layout kernel (`FAST_THREADS` in cuda/qdecode.cu).
+pub(crate) const FAST_THREADS: u32 = 256;
+/// The (bits, group) pairs the fast kernel is built for, with their kernel-name suffixes;
+/// head dim 64 takes the groups that divide 64.
+const FAST_VARIANTS: [(u32, u32, &str); 9] = [
+    (2, 32, "b2_g32"),
+    (4, 32, "b4_g32"),
+    (8, 32, "b8_g32"),
+    (2, 64, "b2_g64"),
+    (4, 64, "b4_g64"),
+    (8, 64, "b8_g64"),
+    (2, 128, "b2_g128"),
+    (4, 128, "b4_g128"),
+    (8, 128, "b8_g128"),
+];
 /// The dtypes the kernels are built for.
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 /// The row-tile variants: 1 row (one query per kv head) and [`ROWS_PER_CTA`] rows.
@@ -35,6 +50,22 @@ pub(crate) fn attn_id(dtype: DType, head_dim: usize, rows: usize) -> Result<Kern
         .dtype(dtype)
         .head_dim(to_u32("head_dim", head_dim)?)
         .variant(variant(rows)))
+}
+
+/// The fast KIVI-layout kernel of `dtype`, head dim `head_dim`, for K and V codes of `bits`
+/// bits in groups of `group`; `None` where none is built (`group > head_dim`, or a pair
+/// outside [`FAST_VARIANTS`]).
+pub(crate) fn fast_id(dtype: DType, head_dim: usize, bits: u32, group: u32) -> Option<KernelId> {
+    if group as usize > head_dim {
+        return None;
+    }
+    let (_, _, suffix) = *FAST_VARIANTS.iter().find(|v| v.0 == bits && v.1 == group)?;
+    Some(
+        KernelId::new(Module::Qdecode, "qdecode_fast")
+            .dtype(dtype)
+            .head_dim(u32::try_from(head_dim).ok()?)
+            .variant(suffix),
+    )
 }
 
 /// The merge kernel of `dtype`.
@@ -124,7 +155,12 @@ pub struct QdecodePlan {
     split: Split,
     kernels_f16: (CudaFunction, CudaFunction),
     kernels_bf16: (CudaFunction, CudaFunction),
+    /// The fast kernels of each dtype, with their (bits, group).
+    fast_f16: Vec<(u32, u32, CudaFunction)>,
+    fast_bf16: Vec<(u32, u32, CudaFunction)>,
+    fast_enabled: bool,
     attn_cfg: LaunchConfig,
+    fast_cfg: LaunchConfig,
     merge_cfg: LaunchConfig,
     ws_acc: CudaSlice<f32>,
     ws_ml: CudaSlice<f32>,
@@ -190,7 +226,22 @@ impl QdecodePlan {
         };
         let kernels_f16 = load(DType::F16)?;
         let kernels_bf16 = load(DType::BF16)?;
+        let load_fast = |dt| -> Result<Vec<(u32, u32, CudaFunction)>> {
+            let mut v = Vec::new();
+            for &(bits, group, _) in &FAST_VARIANTS {
+                if let Some(id) = fast_id(dt, shape.head_dim, bits, group) {
+                    v.push((bits, group, device.kernel(id)?));
+                }
+            }
+            Ok(v)
+        };
+        let fast_f16 = load_fast(DType::F16)?;
+        let fast_bf16 = load_fast(DType::BF16)?;
         let attn_cfg = grid_for(device, &kernels_f16.0, ATTN_THREADS, 0, sizes.blocks, false)?;
+        let fast_cfg = match fast_f16.first() {
+            Some((_, _, f)) => grid_for(device, f, FAST_THREADS, 0, sizes.blocks, false)?,
+            None => attn_cfg,
+        };
         let merge_cfg = grid_for(device, &kernels_f16.1, to_u32("head_dim", shape.head_dim)?, 0, heads * rows, false)?;
         let stream = device.stream();
         Ok(QdecodePlan {
@@ -200,7 +251,11 @@ impl QdecodePlan {
             split,
             kernels_f16,
             kernels_bf16,
+            fast_f16,
+            fast_bf16,
+            fast_enabled: true,
             attn_cfg,
+            fast_cfg,
             merge_cfg,
             ws_acc: stream.alloc_zeros::<f32>(sizes.acc_len)?,
             ws_ml: stream.alloc_zeros::<f32>(sizes.ml_len)?,
@@ -216,6 +271,28 @@ impl QdecodePlan {
     /// The split chosen.
     pub fn split(&self) -> Split {
         self.split
+    }
+
+    /// Allows (the default) or forbids the fast KIVI-layout kernel (module docs, "Kernels").
+    /// With it forbidden every run takes the general kernel: the same contract and tolerance,
+    /// slower; useful to compare the two.
+    pub fn set_fast_path(&mut self, enabled: bool) {
+        self.fast_enabled = enabled;
+    }
+
+    /// Whether a [`QdecodePlan::run`] over `cache` without lists takes the fast kernel: keys
+    /// [`Axis::PerChannel`] and values [`Axis::PerToken`] with the same bits and group (a
+    /// group that divides `D`), and the fast path allowed. Runs with lists always take the
+    /// general kernel.
+    pub fn fast_path_applies(&self, cache: &QdecodeCache<'_>) -> bool {
+        let (k, v, kq) = match cache {
+            QdecodeCache::Kivi(c) => (c.k.layout().spec, c.v.layout().spec, c.k.layout().tokens),
+            QdecodeCache::Mikv { k, v } => (k.config().lo_spec(), v.config().lo_spec(), k.quantized_len()),
+        };
+        let op = |spec: crate::quant::QuantSpec| {
+            (spec.bits, u32::try_from(spec.group).unwrap_or(u32::MAX), spec.axis == Axis::PerChannel)
+        };
+        self.fast_enabled && fast_applies(self.shape.head_dim, op(k), op(v), kq)
     }
 
     /// Checks a quantized tensor of a KIVI cache against the plan: `B·Hkv` heads of `D`.
@@ -412,6 +489,20 @@ impl QdecodePlan {
         };
         let rows = shape.rows();
         let tile = if rows <= 1 { 1 } else { ROWS_PER_CTA };
+        let fast_table = match T::DTYPE {
+            DType::F16 => &self.fast_f16,
+            _ => &self.fast_bf16,
+        };
+        let op = |p: &NtkvQdecodeOperand| (p.bits, p.group, p.per_channel == 1);
+        let fast = (self.fast_enabled
+            && lists.is_none()
+            && fast_applies(shape.head_dim, op(&k.p), op(&v.p), k.p.quantized as usize))
+        .then(|| fast_table.iter().find(|f| f.0 == k.p.bits && f.1 == k.p.group).map(|f| &f.2))
+        .flatten();
+        let (attn_kernel, attn_cfg) = match fast {
+            Some(f) => (f, self.fast_cfg),
+            None => (&kernels.0, self.attn_cfg),
+        };
         let params = NtkvQdecodeParams {
             k: k.p,
             v: v.p,
@@ -437,7 +528,7 @@ impl QdecodePlan {
         let qv = q.cuda_view();
         {
             let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
-            let mut b = stream.launch_builder(&kernels.0);
+            let mut b = stream.launch_builder(attn_kernel);
             b.arg(&params).arg(&qv);
             for op in [&k, &v] {
                 b.arg(&op.codes)
@@ -471,8 +562,15 @@ impl QdecodePlan {
             // before any read. Direct mode writes o and lse; otherwise ws_acc/ws_ml at states
             // (head*max_chunks + chunk)*rows + row < the workspace allocated in new (times D
             // and 2). Static shared memory only; the grid is heads*max_chunks*row_tiles
-            // blocks and blocks past the work return.
-            unsafe { b.launch(self.attn_cfg) }?;
+            // blocks and blocks past the work return. The fast kernel
+            // ntkv_qdecode_fast_<T>_d<D>_b<B>_g<G> takes the same arguments (it ignores the
+            // lists: it is chosen only without them) and reads the same buffers within the same
+            // bounds: it is chosen only when k is per channel and v per token with B = bits and
+            // G = group of both and k's quantized count a multiple of G, so K word rows < kq / E
+            // and groups < kq / G, V code words and groups of tokens < v's quantized count, rows
+            // through the general kernel's row loader; 256 threads, static shared memory only,
+            // its rows tiles of ROWS_PER_CTA rows (row_tiles above, the same count).
+            unsafe { b.launch(attn_cfg) }?;
         }
         if !self.split.direct() {
             let (mut ov, mut lv) = (o.cuda_view_mut(), lse.cuda_view_mut());
@@ -490,6 +588,19 @@ impl QdecodePlan {
     }
 }
 
+/// Whether the fast kernel takes a cache of head dim `d` whose keys and values are
+/// `(bits, group, per_channel)` with `k_quantized` quantized key tokens.
+fn fast_applies(d: usize, k: (u32, u32, bool), v: (u32, u32, bool), k_quantized: usize) -> bool {
+    let (kb, kg, kpc) = k;
+    let (vb, vg, vpc) = v;
+    kpc && !vpc
+        && kb == vb
+        && kg == vg
+        && (kg as usize) <= d
+        && FAST_VARIANTS.iter().any(|f| f.0 == kb && f.1 == kg)
+        && k_quantized % kg as usize == 0
+}
+
 /// Every kernel id this module's launchers can form.
 pub(crate) fn kernels() -> Vec<KernelId> {
     let mut ids = Vec::new();
@@ -497,6 +608,11 @@ pub(crate) fn kernels() -> Vec<KernelId> {
         for &d in &HEAD_DIMS {
             for &r in &ROW_VARIANTS {
                 ids.extend(attn_id(dt, d, r).ok());
+            }
+        }
+        for &d in &HEAD_DIMS {
+            for &(bits, group, _) in &FAST_VARIANTS {
+                ids.extend(fast_id(dt, d, bits, group));
             }
         }
         ids.push(merge_id(dt));

@@ -40,22 +40,49 @@
 //! GPU meets the crate's attention bounds: relative L2 error ≤ 5e-4 (f16 `o`), ≤ 4e-3
 //! (bf16 `o`), `lse` within about 1e-4 relative.
 //!
-//! # Kernel, split and merge
-//! One CTA of 128 threads per (cache head, chunk of positions, tile of up to 8 query rows;
-//! a 1-row variant serves `Hq/Hkv · Tq = 1`). Each lane owns `D/32` channels; each warp walks
-//! its own runs of 8 consecutive positions and keeps its own online-softmax state. Per token
-//! a lane loads the one code word that holds its channels (a per-channel word of `32/bits`
-//! tokens is loaded once per word row, scales and mins once per group), dequantizes in
-//! registers and feeds the score and PV FMAs directly: all the query rows of a kv head (up to
-//! 8 per CTA) share every loaded byte. The CTA combines its warps in warp order; a cache
-//! longer than one chunk leaves one partial state per chunk, and a merge kernel combines them
-//! in chunk order with the same exact log-sum-exp merge as [`crate::decode`] (one device
-//! function, `ntkv_flashdecode.cuh`): fixed order, no atomics, so the same inputs give the
-//! same bits. The split depends only on the plan (capacity, shape, SM count), never on `T`.
+//! # Kernels, split and merge
+//! Two attention kernels share the split and the merge; [`QdecodePlan::run`] picks one per
+//! run ([`QdecodePlan::fast_path_applies`] says which).
+//!
+//! - **The fast kernel** takes every run without lists whose keys are [`Axis::PerChannel`]
+//!   and values [`Axis::PerToken`] with the same bits and the same group (KIVI's layout, and
+//!   a [`MikvCache`] pair configured alike, important rows and residual included). Bits and
+//!   group are compile-time (one kernel per pair), so every index is a shift. One CTA of 256
+//!   threads (8 warps) per (cache head, chunk, tile of up to 8 query rows); the warps of a
+//!   row take turns over tiles of `8·32/bits` positions (8 key word rows). Per tile a warp
+//!   scales its query by the tile's per-channel K scales (`a = q·s·2^bits`, and a per-group
+//!   offset `Σ q·min − Σ a`), then reads K code words with 16-byte loads and forms
+//!   `Σ_d a_d·f_d` per token, where `f = 1 + code·2^-bits` is built by placing the code in the
+//!   mantissa of 1.0 (a shift and a mask: no integer-to-float conversion). Tokens read from
+//!   rows (the residual and important tokens) get their score from a warp dot product over
+//!   the f32 row values. An online softmax per tile follows; values are accumulated the same
+//!   way (`Σ w·f` with `w = p·2^bits·scale`, minus `Σ w`, plus `Σ p·min`), important tokens'
+//!   code weights set to zero and their rows added instead.
+//! - **The general kernel** takes every other case (lists, mixed axes, bits or groups). One
+//!   CTA of 128 threads per (cache head, chunk, tile of up to 8 query rows; a 1-row variant
+//!   serves `Hq/Hkv · Tq = 1`). Each lane owns `D/32` channels; each warp walks its own runs
+//!   of 8 consecutive positions and keeps its own online-softmax state. Per token a lane loads
+//!   the one code word that holds its channels (a per-channel word of `32/bits` tokens is
+//!   loaded once per word row, scales and mins once per group) and dequantizes it in
+//!   registers with `fma(code, scale, min)`.
+//!
+//! In both, all the query rows of a kv head (up to 8 per CTA) share every loaded byte, and
+//! nothing dequantized reaches memory. The fast kernel's sums over scaled unit codes are a
+//! reassociation of the same products: each term carries the f32 rounding of a value at
+//! most about 3 times the direct term (`f ∈ [1, 2)`), so the difference from the general
+//! kernel is a few units of f32 rounding of the score and output sums, far below the
+//! tolerances above. [`QdecodePlan::set_fast_path`]`(false)` forces the general kernel.
+//!
+//! The CTA combines its warps in warp order; a cache longer than one chunk leaves one partial
+//! state per chunk, and a merge kernel combines them in chunk order with the same exact
+//! log-sum-exp merge as [`crate::decode`] (one device function, `ntkv_flashdecode.cuh`):
+//! fixed order, no atomics, so the same inputs give the same bits (for a given kernel
+//! choice). The split depends only on the plan (capacity, shape, SM count), never on `T`.
 //!
 //! # Plan, then run
-//! [`QdecodePlan::new`] validates the shape and options, loads the kernels, sizes the grid
-//! for `capacity` tokens and allocates the merge workspace, once per cache shape. Each
+//! [`QdecodePlan::new`] validates the shape and options, loads the kernels (both kernels,
+//! every bit width and group), sizes the grid for `capacity` tokens and allocates the merge
+//! workspace, once per cache shape. Each
 //! [`QdecodePlan::run`] checks the cache against the plan (shape, specs, lengths, devices)
 //! and only launches: no host synchronization, no allocation. The same plan serves every
 //! step as a [`MikvCache`] grows by [`MikvCache::append`]; since appends produce exactly the

@@ -207,6 +207,9 @@ LAUNCHES = [
     # qdecode: 128 threads, static shared memory only (the warps' partial states)
     Entry(r"ntkv_qdecode_attn_(?P<dt>f16|bf16)_d(?P<d>\d+)_r(?P<r>1|8)", 128, 0, [Const(QDECODE, "ATTN_THREADS")],
           "QdecodePlan::run"),
+    # The fast KIVI-layout kernel: 256 threads, static shared memory only
+    Entry(r"ntkv_qdecode_fast_(?P<dt>f16|bf16)_d(?P<d>\d+)_b(?P<b>2|4|8)_g(?P<g>32|64|128)", 256, 0,
+          [Const(QDECODE, "FAST_THREADS")], "QdecodePlan::run (fast path)"),
     # The merge runs head_dim threads; the table assumes D = 128 (the bench shapes).
     Entry(r"ntkv_qdecode_merge_(?P<dt>f16|bf16)", 128, 0,
           [Text(QDECODE, 'to_u32("head_dim", shape.head_dim)?, 0, heads * rows, false)')], "QdecodePlan::run (D threads)"),

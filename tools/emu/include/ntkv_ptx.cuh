@@ -51,4 +51,7 @@ inline void st_global_v2(uint2* p, uint32_t a, uint32_t b) {
     *p = make_uint2(a, b);
 }
 
+// lop3.b32 with the table 0xEA: (a & b) | c.
+inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+
 }  // namespace ntkv

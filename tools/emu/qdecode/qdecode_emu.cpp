@@ -194,6 +194,7 @@ struct Cfg {
     bool causal;
     uint32_t chunk;
     int lists;  // 0: all tokens, 1: random sorted lists
+    bool fast;  // run ntkv_qdecode_fast_* (KIVI layout, same bits and group for K and V, no lists)
 };
 
 struct DevOp {
@@ -226,6 +227,27 @@ CALL(__nv_bfloat16, 64, 1, ntkv_qdecode_attn_bf16_d64_r1)
 CALL(__nv_bfloat16, 64, 8, ntkv_qdecode_attn_bf16_d64_r8)
 CALL(__nv_bfloat16, 128, 1, ntkv_qdecode_attn_bf16_d128_r1)
 CALL(__nv_bfloat16, 128, 8, ntkv_qdecode_attn_bf16_d128_r8)
+
+// The fast kernels: bits and group are template parameters.
+template <typename T>
+void call_fast(const NtkvQdecodeParams& p, const T* q, DevOp& k, DevOp& v, const uint32_t* ip, const uint32_t* ix,
+               T* o, float* lse, float* wa, float* wm);
+#define FAST_CASE(SUFFIX, DD, BB, GG)                                                                              \
+    if (p.head_dim == DD && p.k.bits == BB && p.k.group == GG) {                                                  \
+        ntkv_qdecode_fast_##SUFFIX##_d##DD##_b##BB##_g##GG(p, q, OP_ARGS(k), OP_ARGS(v), ip, ix, o, lse, wa, wm); \
+        return;                                                                                                   \
+    }
+#define FAST_B(SUFFIX, DD, GG) FAST_CASE(SUFFIX, DD, 2, GG) FAST_CASE(SUFFIX, DD, 4, GG) FAST_CASE(SUFFIX, DD, 8, GG)
+#define FAST_CALL(TT, SUFFIX)                                                                                       \
+    template <>                                                                                                    \
+    void call_fast<TT>(const NtkvQdecodeParams& p, const TT* q, DevOp& k, DevOp& v, const uint32_t* ip,            \
+                       const uint32_t* ix, TT* o, float* lse, float* wa, float* wm) {                              \
+        FAST_B(SUFFIX, 64, 32) FAST_B(SUFFIX, 64, 64) FAST_B(SUFFIX, 128, 32) FAST_B(SUFFIX, 128, 64)               \
+        FAST_B(SUFFIX, 128, 128) std::printf("no fast kernel for this shape\n");                                 \
+        std::abort();                                                                                              \
+    }
+FAST_CALL(__half, f16)
+FAST_CALL(__nv_bfloat16, bf16)
 
 void call_merge(const NtkvQdecodeParams& p, const uint32_t* ip, const float* wa, const float* wm, __half* o,
                 float* lse) {
@@ -346,6 +368,13 @@ bool run_case(const Cfg& c, const OpCfg& kc, const OpCfg& vc, const char* name) 
     const size_t states = (size_t)H * max_chunks * rows;
     std::vector<float> wa_init(p.direct ? 1 : states * c.D, NAN), wm_init(p.direct ? 1 : 2 * states, NAN);
     auto wa = dup(wa_init), wm = dup(wm_init);
+    if (c.fast) {
+        // The fast kernel's row tiles are always of FAST_ROWS rows (one tile when rows <= 8).
+        p.row_tiles = (rows + FAST_ROWS - 1) / FAST_ROWS;
+        ntkv_emu::launch(dim3_{H * max_chunks * p.row_tiles, 1, 1}, dim3_{FAST_THREADS, 1, 1}, 0, [&] {
+            call_fast<T>(p, qd.get(), kd, vd, ip.get(), ix.get(), od.get(), lsed.get(), wa.get(), wm.get());
+        });
+    } else
     ntkv_emu::launch(dim3_{H * max_chunks * row_tiles, 1, 1}, dim3_{THREADS, 1, 1}, 0, [&] {
         const T* qp = qd.get();
         if (c.D == 64 && tile == 1) call_attn<T, 64, 1>(p, qp, kd, vd, ip.get(), ix.get(), od.get(), lsed.get(), wa.get(), wm.get());
@@ -386,8 +415,8 @@ bool run_case(const Cfg& c, const OpCfg& kc, const OpCfg& vc, const char* name) 
     }
     const double tol = std::is_same<T, __half>::value ? 5e-4 : 4e-3;
     if (!(err.value() <= tol)) ok = false;
-    std::printf("%-4s %-44s B%u Tq%u Hq%u Hkv%u D%u T%u K%u/%u%s V%u/%u%s chunks%u: rel L2 %.2e, max |dlse| %.2e\n",
-                ok ? "ok" : "FAIL", name, c.B, c.Tq, c.Hq, c.Hkv, c.D, c.T, kc.bits, kc.group, kc.per_channel ? "c" : "t",
+    std::printf("%-4s %-5s%-44s B%u Tq%u Hq%u Hkv%u D%u T%u K%u/%u%s V%u/%u%s chunks%u: rel L2 %.2e, max |dlse| %.2e\n",
+                ok ? "ok" : "FAIL", c.fast ? "fast " : "", name, c.B, c.Tq, c.Hq, c.Hkv, c.D, c.T, kc.bits, kc.group, kc.per_channel ? "c" : "t",
                 vc.bits, vc.group, vc.per_channel ? "c" : "t", max_chunks, err.value(), lse_err);
     return ok;
 }
@@ -400,37 +429,78 @@ OpCfg mikv(uint32_t bits, uint32_t group, bool per_channel, uint32_t r, uint32_t
     return {bits, group, per_channel, true, r, hi, imp};
 }
 
+// The general kernel, then (when the fast kernel takes the case: keys per channel, values per
+// token, one bit width and group, no lists) the fast kernel on fresh inputs of the same shape.
+template <typename T>
+bool run_both(Cfg c, const OpCfg& kc, const OpCfg& vc, const char* name) {
+    bool ok = run_case<T>(c, kc, vc, name);
+    if (kc.per_channel && !vc.per_channel && kc.bits == vc.bits && kc.group == vc.group && !c.lists) {
+        c.fast = true;
+        ok &= run_case<T>(c, kc, vc, name);
+    }
+    return ok;
+}
+
 }  // namespace
 
 int main() {
     bool ok = true;
     // KIVI: every bit width and group, residual empty / partial / full, GQA 1, 3, 8.
-    ok &= run_case<__half>({1, 1, 2, 2, 128, 64 + 5, 300, false, 1024, 0}, kivi_k(4, 32, 5), kivi_v(4, 32, 5),
+    ok &= run_both<__half>({1, 1, 2, 2, 128, 64 + 5, 300, false, 1024, 0}, kivi_k(4, 32, 5), kivi_v(4, 32, 5),
                            "kivi int4 g32, direct, MHA");
-    ok &= run_case<__half>({1, 1, 3, 1, 64, 128, 256, false, 64, 0}, kivi_k(2, 64, 0), kivi_v(2, 64, 0),
+    ok &= run_both<__half>({1, 1, 3, 1, 64, 128, 256, false, 64, 0}, kivi_k(2, 64, 0), kivi_v(2, 64, 0),
                            "kivi int2 g64, empty residual, GQA 3, split");
-    ok &= run_case<__nv_bfloat16>({2, 1, 8, 1, 128, 128 + 31, 512, false, 96, 0}, kivi_k(8, 128, 31),
+    ok &= run_both<__nv_bfloat16>({2, 1, 8, 1, 128, 128 + 31, 512, false, 96, 0}, kivi_k(8, 128, 31),
                                   kivi_v(8, 128, 31), "kivi int8 g128, residual 31, GQA 8, split");
-    ok &= run_case<__half>({1, 3, 4, 2, 64, 96 + 7, 200, true, 32, 0}, kivi_k(2, 32, 7), kivi_v(8, 64, 7),
+    ok &= run_both<__half>({1, 3, 4, 2, 64, 96 + 7, 200, true, 32, 0}, kivi_k(2, 32, 7), kivi_v(8, 64, 7),
                            "kivi K int2 / V int8, Tq 3 causal, split 32");
-    ok &= run_case<__nv_bfloat16>({1, 16, 2, 2, 128, 64 + 16, 100, true, 1024, 0}, kivi_k(4, 64, 16),
+    ok &= run_both<__nv_bfloat16>({1, 16, 2, 2, 128, 64 + 16, 100, true, 1024, 0}, kivi_k(4, 64, 16),
                                   kivi_v(2, 32, 16), "kivi Tq 16 causal (32 rows, 4 tiles)");
-    ok &= run_case<__half>({1, 2, 2, 1, 128, 64 + 3, 100, false, 32, 1}, kivi_k(4, 32, 3), kivi_v(4, 32, 3),
+    ok &= run_both<__half>({1, 2, 2, 1, 128, 64 + 3, 100, false, 32, 1}, kivi_k(4, 32, 3), kivi_v(4, 32, 3),
                            "kivi over sorted lists, split");
     // MiKV: f16 / int8 important rows, all and none important, ring at its edges, lengths off
     // the group.
-    ok &= run_case<__half>({1, 1, 2, 2, 128, 200, 256, false, 64, 0}, mikv(4, 32, true, 32, 1, 0),
+    ok &= run_both<__half>({1, 1, 2, 2, 128, 200, 256, false, 64, 0}, mikv(4, 32, true, 32, 1, 0),
                            mikv(4, 32, false, 32, 1, 0), "mikv int4, f16 important, R 32");
-    ok &= run_case<__nv_bfloat16>({1, 1, 6, 2, 64, 157, 300, false, 1024, 0}, mikv(2, 64, true, 64, 2, 0),
+    ok &= run_both<__nv_bfloat16>({1, 1, 6, 2, 64, 157, 300, false, 1024, 0}, mikv(2, 64, true, 64, 2, 0),
                                   mikv(2, 64, false, 64, 2, 0), "mikv int2, int8 important, GQA 3, T 157");
-    ok &= run_case<__half>({1, 1, 1, 1, 128, 130, 130, false, 64, 0}, mikv(4, 32, true, 32, 1, 1),
+    ok &= run_both<__half>({1, 1, 1, 1, 128, 130, 130, false, 64, 0}, mikv(4, 32, true, 32, 1, 1),
                            mikv(2, 32, false, 0, 2, 1), "mikv all important (f16 K, int8 V), R 0 for V");
-    ok &= run_case<__half>({1, 2, 8, 1, 64, 40, 64, true, 32, 0}, mikv(4, 32, true, 64, 1, 2),
+    ok &= run_both<__half>({1, 2, 8, 1, 64, 40, 64, true, 32, 0}, mikv(4, 32, true, 64, 1, 2),
                            mikv(4, 32, false, 64, 1, 2), "mikv none quantized yet (T < R), causal");
-    ok &= run_case<__nv_bfloat16>({2, 1, 2, 1, 128, 300, 320, false, 64, 1}, mikv(2, 128, true, 0, 2, 0),
+    ok &= run_both<__nv_bfloat16>({2, 1, 2, 1, 128, 300, 320, false, 64, 1}, mikv(2, 128, true, 0, 2, 0),
                                   mikv(4, 64, false, 5, 1, 0), "mikv lists, int8 K rows, R 0 K");
-    ok &= run_case<__half>({1, 1, 16, 2, 64, 97, 128, false, 32, 0}, mikv(4, 64, true, 0, 0, 2),
+    ok &= run_both<__half>({1, 1, 16, 2, 64, 97, 128, false, 32, 0}, mikv(4, 64, true, 0, 0, 2),
                            mikv(4, 64, false, 1, 0, 2), "mikv no important, T 97 off group, GQA 8");
+    // The fast kernel: every bit width and group at both head dims; chunks that cut a warp
+    // tile (int2 tiles are 128 positions, int4 64, int8 32); row tiles with idle warps (3 rows)
+    // and two tiles (16 rows); causal queries over a cache shorter than the query tokens.
+    {
+        const uint32_t bits[3] = {2, 4, 8}, groups[3] = {32, 64, 128};
+        for (uint32_t D : {64u, 128u})
+            for (uint32_t b : bits)
+                for (uint32_t g : groups) {
+                    if (g > D) continue;  // per-token values need the group to divide D
+                    char name[64];
+                    std::snprintf(name, sizeof name, "kivi int%u g%u D%u, split 64", b, g, D);
+                    ok &= run_case<__half>({1, 1, 2, 1, D, 256 + 9, 400, false, 64, 0, true}, kivi_k(b, g, 9),
+                                           kivi_v(b, g, 9), name);
+                }
+    }
+    ok &= run_case<__nv_bfloat16>({1, 1, 3, 1, 128, 384 + 2, 512, false, 96, 0, true}, kivi_k(4, 32, 2),
+                                  kivi_v(4, 32, 2), "kivi int4, 3 rows (idle warps), split 96");
+    ok &= run_case<__half>({1, 2, 8, 1, 64, 256 + 20, 320, true, 192, 0, true}, kivi_k(2, 32, 20), kivi_v(2, 32, 20),
+                           "kivi int2, 16 rows (2 tiles), causal, split 192");
+    ok &= run_case<__half>({1, 4, 2, 1, 128, 2, 64, true, 64, 0, true}, kivi_k(4, 32, 2), kivi_v(4, 32, 2),
+                           "kivi causal, T 2 < Tq 4 (rows with nothing)");
+    ok &= run_case<__half>({1, 4, 2, 1, 128, 2, 64, true, 64, 0, false}, kivi_k(4, 32, 2), kivi_v(4, 32, 2),
+                           "kivi causal, T 2 < Tq 4 (rows with nothing)");
+    ok &= run_case<__half>({2, 1, 4, 2, 128, 700, 800, false, 128, 0, true}, mikv(4, 32, true, 64, 1, 0),
+                           mikv(4, 32, false, 64, 1, 0), "mikv int4, f16 important, R 64, split 128");
+    ok &= run_case<__nv_bfloat16>({1, 1, 2, 1, 64, 333, 400, false, 64, 0, true}, mikv(2, 64, true, 32, 2, 0),
+                                  mikv(2, 64, false, 32, 2, 0), "mikv int2, int8 important, split 64");
+    ok &= run_case<__half>({1, 1, 1, 1, 128, 160, 160, false, 1024, 0, true}, mikv(8, 32, true, 16, 1, 1),
+                           mikv(8, 32, false, 16, 1, 1), "mikv int8, all important, direct");
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
