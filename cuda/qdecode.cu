@@ -370,37 +370,59 @@ __device__ __forceinline__ void qdecode_attn(const NtkvQdecodeParams& p, const T
 // serves row w % nr and every (8 / nr)-th tile of TT = 8 * 32 / B positions of the chunk.
 // Per tile a warp:
 //   1. scales its query by the tile's per-channel K scales into shared memory,
-//      a'[d] = q'[d] * s[d] * 2^B, and b' = sum_d q'[d] m[d] - sum_d a'[d] (the scaled-q
-//      barrier follows);
+//      a'[d] = q'[d] * s[d] * 2^B, with A = sum_d a'[d] and M = sum_d q'[d] m[d] per group
+//      (the scaled-q barrier follows);
 //   2. K codes: lane (u, cs) loads 16-byte quads of the word row u (32 / B tokens of one
 //      channel per word) at channel quads cs, cs + 4, ... and accumulates, for each of the
-//      word row's tokens, sum_d a'[d] * f, f = 1 + code * 2^-B built by one shift and one
-//      lop3 (the code in the top mantissa bits of 1.0: no conversion instruction); two xor
-//      shuffles per 32 / B tokens finish the dot; score = that + b';
+//      word row's tokens, S = sum_d a'[d] * f with f = 1 + code * 2^-(B + c) built by one lop3
+//      and a shift shared by a run of codes (unit_code: the code in the mantissa of 1.0, no
+//      conversion instruction); two xor shuffles per 32 / B tokens finish the dot;
+//      score = (S - A) * 2^c + M;
 //   3. rows (the residual ring and important tokens) get their score by a warp dot product;
 //   4. softmax: one lane per 32 / TT token, one warp max per tile; p * 2^B to shared memory;
 //   5. rows' values (weight p) accumulate into a per-lane D / 32-channel accumulator, and
 //      important tokens' code weights are zeroed;
 //   6. V codes: lane (tl, sl) loads the 16 channels sl * 16 .. of tokens tl, tl + 32 / (D/16),
 //      ... and accumulates w * f (w = p 2^B s), W += w, M += p 2^B m; the value is
-//      acc - W + M 2^-B = sum p (code s + m).
+//      (acc - W) 2^c + M 2^-B = sum p (code s + m), c = code_shift of the channel's slot.
 // The reassociation (step 2's and step 6's sums over scaled codes instead of over each
-// fma(code, s, m)) changes only f32 rounding, by about 2^-24 times the sum of |terms| (the
-// unit codes lie in [1, 2), so the terms are at most about 3 times the direct ones): far below
-// the decode tolerance; docs/performance.md and src/qdecode/mod.rs state it.
+// fma(code, s, m)) changes only f32 rounding: about 2^-24 * 2^c times the sum of |terms|
+// (c <= 6; the unit codes lie in [1, 2)), far below the decode tolerance; src/qdecode/mod.rs
+// states it.
 constexpr int FAST_THREADS = 256;
 constexpr int FAST_WARPS = FAST_THREADS / 32;
 constexpr int FAST_ROWS = 8;
 
-// Code e of word w (B bits each, little end first) as the f32 1 + code * 2^-B: the code is
-// moved to mantissa bits [23 - B, 23) under the exponent of 1.0. e is a constant after
-// unrolling, so this is one shift and one lop3 (ntkv::and_or: the mask is the immediate,
-// 1.0's bits a register).
+// The codes of a word (B bits each, little end first) become f32 values under the exponent
+// of 1.0 in runs of P = 4 (B = 2), 2 (B = 4) or 1 (B = 8) consecutive codes that share one
+// shift: the run's top code lands in mantissa bits [23 - B, 23), the one j places below it
+// j * B bits lower. Code e so reads as f = 1 + code * 2^-(B + code_shift(e)), and sums of
+// such terms are rescaled by 2^code_shift(e) once per token (K) or channel (V). The lowest
+// code of a run keeps 23 - B - code_shift >= 15 mantissa bits below it, so the rescaled sums
+// lose at most 2^6 of f32 precision (B = 2), far inside the decode tolerance.
+template <int B>
+constexpr int codes_per_shift() {
+    return B == 2 ? 4 : (B == 4 ? 2 : 1);
+}
+template <int B>
+constexpr int code_shift(int e) {
+    return (codes_per_shift<B>() - 1 - e % codes_per_shift<B>()) * B;
+}
+template <int B>
+constexpr float code_scale(int e) {
+    return (float)(1u << code_shift<B>(e));
+}
+
+// Code e of word w as 1 + code * 2^-(B + code_shift(e)). e is a constant after unrolling, so
+// this is one lop3 (ntkv::and_or: the mask is the immediate, 1.0's bits a register) plus one
+// shift per run of codes_per_shift codes.
 template <int B>
 __device__ __forceinline__ float unit_code(uint32_t w, int e) {
-    const int sh = e * B - (23 - B);
+    constexpr int P = codes_per_shift<B>();
+    const int top = e - e % P + P - 1;
+    const int sh = top * B - (23 - B);
     const uint32_t x = sh >= 0 ? w >> sh : w << -sh;
-    return __uint_as_float(ntkv::and_or(x, ((1u << B) - 1u) << (23 - B), 0x3F800000u));
+    return __uint_as_float(ntkv::and_or(x, ((1u << B) - 1u) << (23 - B - code_shift<B>(e)), 0x3F800000u));
 }
 
 template <int N>
@@ -440,7 +462,7 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
     static_assert(E <= G && G % E == 0 && VW >= 1 && PL >= 1, "tile shape");
 
     alignas(16) __shared__ float a_sh[FAST_WARPS][NG][D];
-    __shared__ float b_sh[FAST_WARPS][NG];
+    __shared__ float2 b_sh[FAST_WARPS][NG];  // per K group: (sum_d a'[d], sum_d q'[d] m[d])
     __shared__ float s_sh[FAST_WARPS][TT];
     __shared__ float red_ml[FAST_WARPS][2];
     __shared__ float red_acc[FAST_WARPS][D];
@@ -515,15 +537,17 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
                     float sc[CPL], mn[CPL];
                     load_f16<CPL>(kscales + (uint64_t)gidx * D + c0, sc);
                     load_f16<CPL>(kmins + (uint64_t)gidx * D + c0, mn);
-                    float part = 0.f;
+                    float asum = 0.f, msum_q = 0.f;
 #pragma unroll
                     for (int c = 0; c < CPL; ++c) {
                         const float a = qf[c] * sc[c] * UNIT;
                         a_sh[warp][gi][c0 + c] = a;
-                        part += fmaf(qf[c], mn[c], -a);
+                        asum += a;
+                        msum_q = fmaf(qf[c], mn[c], msum_q);
                     }
-                    const float bsum = ntkv::warp_sum(part);
-                    if (lane == 0) b_sh[warp][gi] = bsum;
+                    asum = ntkv::warp_sum(asum);
+                    msum_q = ntkv::warp_sum(msum_q);
+                    if (lane == 0) b_sh[warp][gi] = make_float2(asum, msum_q);
                 }
             }
             __syncwarp();  // the scaled query is read by other lanes
@@ -566,10 +590,11 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
                         sc[e] += __shfl_xor_sync(0xffffffffu, sc[e], 2);
                     }
                     if (valid) {
-                        const float bb = b_sh[warp][gi];
+                        const float2 bb = b_sh[warp][gi];
+                        // score = 2^code_shift (sum a' f - sum a') + sum q' m.
 #pragma unroll
                         for (int e = 0; e < EH; ++e)
-                            if ((e & 3) == cs) s_w[u * E + e0 + e] = sc[e] + bb;
+                            if ((e & 3) == cs) s_w[u * E + e0 + e] = fmaf(sc[e] - bb.x, code_scale<B>(e0 + e), bb.y);
                     }
                 }
             }
@@ -699,7 +724,7 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
             const float off = msum * INV_UNIT;
 #pragma unroll
             for (int c = 0; c < 16; ++c) {
-                float v = (acc[c] - wsum) + off;
+                float v = fmaf(acc[c] - wsum, code_scale<B>(c % E), off);
 #pragma unroll
                 for (int o2 = VSL; o2 < 32; o2 <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o2);
                 if (tl == 0) red_acc[warp][sl * 16 + c] = v;

@@ -173,6 +173,16 @@ Operand make_operand(const OpCfg& c, uint32_t H, uint32_t T, uint32_t D, uint32_
             }
         }
     }
+    // Code storage past the quantized tokens (MiKV's spare capacity) holds garbage, as a
+    // device buffer may: a kernel that read it with a nonzero weight would be caught (zeros
+    // would cancel: code 0 with scale and min 0 adds nothing).
+    for (uint32_t h = 0; h < H; ++h) {
+        for (uint64_t w = (uint64_t)tq * D / E; w < cw; ++w) op.codes[h * cw + w] = (uint32_t)rng();
+        for (uint64_t g = (uint64_t)tq * D / c.group; g < cg; ++g) {
+            op.scales[h * cg + g] = __float2half_rn(1.f + (float)below(1000) / 100.f);
+            op.mins[h * cg + g] = __float2half_rn(-5.f + (float)below(1000) / 100.f);
+        }
+    }
     op.p.codes_hs = cw;
     op.p.groups_hs = cg;
     op.p.ring_hs = (uint64_t)ring_rows * D;
@@ -487,6 +497,8 @@ int main() {
                                            kivi_v(b, g, 9), name);
                 }
     }
+    ok &= run_case<__half>({1, 1, 2, 1, 128, 96 + 5, 200, false, 1024, 0, true}, kivi_k(4, 32, 5), kivi_v(4, 32, 5),
+                           "kivi int4, last quantized tile part residual");
     ok &= run_case<__nv_bfloat16>({1, 1, 3, 1, 128, 384 + 2, 512, false, 96, 0, true}, kivi_k(4, 32, 2),
                                   kivi_v(4, 32, 2), "kivi int4, 3 rows (idle warps), split 96");
     ok &= run_case<__half>({1, 2, 8, 1, 64, 256 + 20, 320, true, 192, 0, true}, kivi_k(2, 32, 20), kivi_v(2, 32, 20),
