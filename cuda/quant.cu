@@ -128,18 +128,64 @@ __device__ __forceinline__ GroupParams group_params(float lo, float hi) {
     return g;
 }
 
-// clamp(round_half_even((x - mn) * inv), 0, qmax), as integer bits without rintf + F2I.
-// Clamping first to the integer bounds [0, qmax] gives the same code as rounding first, and
-// fmaxf maps a NaN product (inv == 0 times an infinite difference) to 0, as the CPU does; a
-// zero inv gives a +-0 product, hence code 0, so the scale == 0 case needs no branch.
-// Adding 1.5 * 2^23 to a t in [0, 255] rounds it half to even to an integer (the ulp there is
-// 1) and leaves that integer in the low mantissa bits; -0 + 1.5 * 2^23 is 1.5 * 2^23, code 0.
+// clamp(round_half_even((x - mn) * inv), 0, qmax) + 1.5 * 2^23, as f32 bits: the code sits in
+// the low B bits above a constant 0x4B400000, without rintf + F2I. Clamping first to the
+// integer bounds [0, qmax] gives the same code as rounding first, and fmaxf maps a NaN product
+// (inv == 0 times an infinite difference) to 0, as the CPU does; a zero inv gives a +-0
+// product, hence code 0, so the scale == 0 case needs no branch. Adding 1.5 * 2^23 to a t in
+// [0, 255] rounds it half to even to an integer (the ulp there is 1) and leaves that integer
+// in the low mantissa bits; -0 + 1.5 * 2^23 is 1.5 * 2^23, code 0.
+constexpr uint32_t kMagicBits = 0x4B400000u;  // __float_as_uint(1.5 * 2^23)
+
 template <int B>
-__device__ __forceinline__ uint32_t encode(float x, const GroupParams& g) {
+__device__ __forceinline__ uint32_t code_bits(float x, const GroupParams& g) {
     constexpr float kQmax = (float)((1u << B) - 1u);
     constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
     const float t = fminf(fmaxf(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.0f), kQmax);
-    return __float_as_uint(__fadd_rn(t, kMagic)) & ((1u << B) - 1u);
+    return __float_as_uint(__fadd_rn(t, kMagic));
+}
+
+template <int B>
+__device__ __forceinline__ uint32_t encode(float x, const GroupParams& g) {
+    return code_bits<B>(x, g) & ((1u << B) - 1u);
+}
+
+// sum_j kMagicBits << (j * B) over the E = 32 / B slots of a word, mod 2^32.
+template <int B>
+constexpr uint32_t magic_word() {
+    uint32_t w = 0;
+    for (int j = 0; j < 32 / B; ++j) w += kMagicBits << (j * B);
+    return w;
+}
+
+// Packs the codes of N values into N / E words. Each code_bits is kMagicBits + code with
+// code < 2^B, so sum_j code_bits_j << (j * B) (mod 2^32) is the packed word plus the constant
+// magic_word<B>(): one shift-add per value (an IMAD or LEA) instead of a mask, a shift and an OR.
+template <int B, int N>
+__device__ __forceinline__ void encode_words(const float (&v)[N], const GroupParams& g, uint32_t (&w)[N / (32 / B)]) {
+    constexpr int E = 32 / B;
+#pragma unroll
+    for (int k = 0; k < N / E; ++k) {
+        uint32_t acc = code_bits<B>(v[k * E], g);
+#pragma unroll
+        for (int j = 1; j < E; ++j) acc += code_bits<B>(v[k * E + j], g) << (j * B);
+        w[k] = acc - magic_word<B>();
+    }
+}
+
+// Stores N consecutive words (N a power of two, the address aligned to min(4N, 16) bytes) as
+// 16-byte, 8-byte or 4-byte stores.
+template <int N>
+__device__ __forceinline__ void store_words(uint32_t* __restrict__ p, const uint32_t (&w)[N]) {
+    if constexpr (N % 4 == 0) {
+        uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) ntkv::st_global_v4(q + i, w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    } else if constexpr (N == 2) {
+        ntkv::st_global_v2(reinterpret_cast<uint2*>(p), w[0], w[1]);
+    } else {
+        p[0] = w[0];
+    }
 }
 
 // Error flags start at 0 (a stream-ordered memset, no host copy). The lowest bad index i is
@@ -169,85 +215,90 @@ __device__ __forceinline__ HeadCodes<W, S> head_codes(const NtkvQuantParams& p, 
             mins + p.sm_offset + h * p.sm_head_stride};
 }
 
-// ---- PerToken: groups along dim; one thread per code word ---------------------------------
-// Word w of a head covers values [w*E, w*E + E) of the head's contiguous [tokens, dim] block;
-// group g covers words [g*WPG, g*WPG + WPG). WPG divides 32, and every warp starts at a word
-// index that is a multiple of 32, so a group's words sit in WPG adjacent lanes of one warp and
-// a butterfly shuffle over offsets < WPG reduces exactly one group.
-template <typename T, int B>
-__device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T* __restrict__ x,
-                                               uint32_t* __restrict__ codes, __half* __restrict__ scales,
-                                               __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
+// ---- PerToken: groups along dim; one thread per group -------------------------------------
+// A head's [tokens, dim] block is contiguous and dim is a multiple of the group, so group g of a
+// head is values [g*G, g*G + G), code words [g*WPG, g*WPG + WPG) and scale/min g. Thread i takes
+// group i (grid-stride): a warp reads 32 adjacent groups (32 * G * sizeof(T) contiguous bytes)
+// and writes 32 adjacent runs of WPG words, and the group's scale, min and 1/scale (its two IEEE
+// divisions) are computed once, by the one thread that holds the whole group.
+//
+// A group is read in slices of 64 bytes (four 16-byte loads). A one-slice group (f16 and bf16
+// at G = 32, KIVI's case) stays in registers from the min/max to the codes. A larger one is
+// read twice, min/max first and then the codes, the second time from L1 or L2: every (G, B)
+// instance is one kernel, whose registers are those of its largest instance, so no instance
+// may hold more than one slice.
+template <typename T, int B, int G>
+__device__ __forceinline__ void quantize_token_groups(const NtkvQuantParams& p, const T* __restrict__ x,
+                                                      uint32_t* __restrict__ codes, __half* __restrict__ scales,
+                                                      __half* __restrict__ mins,
+                                                      unsigned long long* __restrict__ flags) {
     constexpr int E = 32 / B;
-    // Each warp takes U spans of 32 words per step, issuing all U loads before reducing, so
-    // U * 32 * E * sizeof(T) bytes per warp are in flight.
-    constexpr int U = 2;
-    const uint32_t wpg = p.group / E;
-    const uint32_t wpg_shift = log2_pow2(wpg);
-    const uint64_t words = p.tokens * (uint64_t)p.dim / E;
-    const int lane = threadIdx.x & 31;
-    const uint64_t warp0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const uint64_t nwarps = ((uint64_t)gridDim.x * blockDim.x) >> 5;
+    constexpr int WPG = G / E;
+    constexpr int S = 64 / (int)sizeof(T);  // values per slice
+    constexpr int NS = G / S;               // slices per group: 1 to 8
+    constexpr int SW = S / E;               // code words per slice: 1 to 8
+    static_assert(NS * S == G && SW * E == S, "whole slices and words");
+    const uint64_t groups = p.tokens * (uint64_t)p.dim / G;
+    const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t nthreads = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t h = blockIdx.y; h < p.heads; h += gridDim.y) {
         const uint64_t xbase = p.x_offset + h * p.x_head_stride;
-        const T* xh = x + xbase;
         const auto [ch, sh, mh] = head_codes(p, h, codes, scales, mins);
-        // `base` is the same in every lane of a warp, so the shuffles below see all 32 lanes.
-        for (uint64_t base = warp0 * 32 * U; base < words; base += nwarps * 32 * U) {
-            float v[U][E];
+        for (uint64_t gi = tid; gi < groups; gi += nthreads) {
+            const T* xg = x + xbase + gi * G;
+            float v[S];
+            float lo = INFINITY, hi = -INFINITY;
+            bool bad = false;
+            // Rolled, so a multi-slice group is never held whole.
+#pragma unroll 1
+            for (int s = 0; s < NS; ++s) {
+                load_vals<T, S>(xg + s * S, v);
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const uint64_t w = base + (uint64_t)(u * 32 + lane);
-                if (w < words) {
-                    load_vals<T, E>(xh + w * E, v[u]);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < E; ++j) v[u][j] = 0.0f;
+                for (int j = 0; j < S; ++j) {
+                    lo = fminf(lo, v[j]);
+                    hi = fmaxf(hi, v[j]);
+                    bad |= !quantizable(v[j]);
                 }
             }
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const uint64_t w = base + (uint64_t)(u * 32 + lane);
-                const bool valid = w < words;
-                float lo = INFINITY, hi = -INFINITY;
-                bool bad = false;
-#pragma unroll
-                for (int j = 0; j < E; ++j) {
-                    lo = fminf(lo, v[u][j]);
-                    hi = fmaxf(hi, v[u][j]);
-                    bad |= !quantizable(v[u][j]);
-                }
-                if (!valid) {
-                    lo = INFINITY;
-                    hi = -INFINITY;
-                    bad = false;
-                }
-                // Unrolled over the five possible offsets; wpg is warp-uniform, so the break
-                // never splits a warp.
-#pragma unroll
-                for (int o = 1; o < 32; o <<= 1) {
-                    if ((uint32_t)o >= wpg) break;
-                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-                }
-                if (valid) {
-                    const GroupParams g = group_params<B>(lo, hi);
-                    uint32_t word = 0;
-#pragma unroll
-                    for (int j = 0; j < E; ++j) word |= encode<B>(v[u][j], g) << (j * B);
-                    ch[w] = word;
-                    if (((uint32_t)lane & (wpg - 1)) == 0) {
-                        sh[w >> wpg_shift] = g.scale16;
-                        mh[w >> wpg_shift] = g.min16;
-                    }
-                    if (bad) {
-                        for (int j = 0; j < E; ++j)
-                            if (!quantizable(v[u][j])) flag_value(flags, v[u][j], xbase + w * E + (uint64_t)j);
-                    }
+            const GroupParams g = group_params<B>(lo, hi);
+            uint32_t* cg = ch + gi * WPG;
+#pragma unroll 1
+            for (int s = 0; s < NS; ++s) {
+                if constexpr (NS > 1) load_vals<T, S>(xg + s * S, v);
+                uint32_t w[SW];
+                encode_words<B, S>(v, g, w);
+                store_words<SW>(cg + s * SW, w);
+            }
+            sh[gi] = g.scale16;
+            mh[gi] = g.min16;
+            if (bad) {
+#pragma unroll 1
+                for (int j = 0; j < G; ++j) {
+                    const float vj = ntkv::to_f32(xg[j]);
+                    if (!quantizable(vj)) flag_value(flags, vj, xbase + gi * G + (uint64_t)j);
                 }
             }
         }
     }
+}
+
+// Calls f(Group<group>{}) for a supported group (32, 64, 128); any other group does nothing.
+template <int G> struct Group { static constexpr int value = G; };
+template <typename F>
+__device__ __forceinline__ void with_group(uint32_t group, F&& f) {
+    switch (group) {
+        case 32: f(Group<32>{}); break;
+        case 64: f(Group<64>{}); break;
+        case 128: f(Group<128>{}); break;
+        default: break;
+    }
+}
+
+template <typename T, int B>
+__device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T* __restrict__ x,
+                                               uint32_t* __restrict__ codes, __half* __restrict__ scales,
+                                               __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
+    with_group(p.group, [&](auto g) { quantize_token_groups<T, B, decltype(g)::value>(p, x, codes, scales, mins, flags); });
 }
 
 // Each thread dequantizes U words per batch (U independent 4-byte loads in flight, then U

@@ -134,6 +134,41 @@ fn non_finite_input_is_error_and_outputs_untouched() {
     ));
 }
 
+/// The plan's one kernel error flag: deferred calls add to it, the first wait reports the
+/// lowest bad index among them and clears it, clones share it, and a failed checked scan
+/// leaves nothing behind.
+#[test]
+fn plan_flag_collects_deferred_calls_and_clears_on_read() {
+    let dev = gpu_or_skip!("plan_flag_collects_deferred_calls_and_clears_on_read");
+    let spec = QuantSpec::new(4, 32, Axis::PerToken).unwrap();
+    let shape = [16, 64];
+    let plan = QuantPlan::new(dev, &QuantShape { dims: shape.to_vec(), dtype: ntkv::DType::F16 }, spec).unwrap();
+    let clean: Vec<f16> = data(&mut Rng::new(5), 16 * 64, 64);
+    let mut bad = clean.clone();
+    bad[300] = f16::NAN;
+    let xc = DeviceTensor::from_host(dev, &clean, &shape).unwrap();
+    let xb = DeviceTensor::from_host(dev, &bad, &shape).unwrap();
+    let mut q = plan.alloc_output().unwrap();
+    let first = plan.quantize_deferred(&xc, &mut q).unwrap();
+    let second = plan.quantize_deferred(&xb, &mut q).unwrap();
+    let third = plan.quantize_deferred(&xc, &mut q).unwrap();
+    assert!(matches!(first.wait(), Err(Error::NonFinite { arg: "x", index: 300 })));
+    second.wait().unwrap();
+    third.wait().unwrap();
+    plan.quantize_with(&xc, &mut q, FiniteCheck::SinglePass).unwrap();
+    let clone = plan.clone();
+    let unread = clone.quantize_deferred(&xb, &mut q).unwrap();
+    drop(unread);
+    assert!(matches!(
+        plan.quantize_with(&xc, &mut q, FiniteCheck::SinglePass),
+        Err(Error::NonFinite { arg: "x", index: 300 })
+    ));
+    assert!(matches!(plan.quantize(&xb, &mut q), Err(Error::NonFinite { arg: "x", index: 300 })));
+    plan.quantize_with(&xc, &mut q, FiniteCheck::SinglePass).unwrap();
+    plan.quantize(&xc, &mut q).unwrap();
+    assert!(q.to_host().unwrap().same_bits(&cpu::quantize(spec, &shape, &clean).unwrap()));
+}
+
 #[test]
 fn shape_and_dtype_mismatches_write_nothing() {
     let dev = gpu_or_skip!("shape_and_dtype_mismatches_write_nothing");

@@ -79,9 +79,8 @@ fn check_region(spec: &QuantSpec, r: &Region, x_len: usize, codes_len: usize, sm
     r.check(spec, x_len, codes_len, sm_len)
 }
 
-/// A fresh two-slot error flag, zeroed with a stream-ordered memset (no host copy, so a
-/// deferred quantize never waits on the host). The kernels keep `!index` of the lowest bad
-/// value with `atomicMax`, so 0 means none.
+/// A fresh two-slot error flag, zeroed with a stream-ordered memset (no host copy). The
+/// kernels keep `!index` of the lowest bad value with `atomicMax`, so 0 means none.
 pub(crate) fn new_flags(device: &Device) -> Result<CudaSlice<u64>> {
     Ok(device.stream().alloc_zeros::<u64>(2)?)
 }
@@ -93,9 +92,16 @@ fn flag_index(v: Option<&u64>) -> Option<usize> {
 
 /// Reads the flags back (synchronizes) and turns them into the error of the lowest bad index.
 /// Slot 0 holds the lowest NaN/Inf, slot 1 the lowest finite value of magnitude ≥ 65520.
-pub(crate) fn read_flags(flags: &CudaSlice<u64>) -> Result<()> {
-    let v = flags.stream().clone_dtoh(flags)?;
-    flag_error("x", flag_index(v.first()), flag_index(v.get(1)))
+/// Flags that are set are zeroed again (a stream-ordered memset, only on error), so the same
+/// buffer serves the next launch.
+pub(crate) fn take_flags(flags: &mut CudaSlice<u64>) -> Result<()> {
+    let stream = flags.stream().clone();
+    let v = stream.clone_dtoh(&*flags)?;
+    let result = flag_error("x", flag_index(v.first()), flag_index(v.get(1)));
+    if result.is_err() {
+        stream.memset_zeros(flags)?;
+    }
+    result
 }
 
 fn flag_error(arg: &'static str, nonfinite: Option<usize>, out_of_range: Option<usize>) -> Result<()> {
@@ -108,23 +114,26 @@ fn flag_error(arg: &'static str, nonfinite: Option<usize>, out_of_range: Option<
 }
 
 /// Scans `x` on the device (16-byte loads) and returns the error of its first NaN/Inf or
-/// out-of-f16-range value. Synchronizes (reads two `u64` back).
-pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaView<'_, T>) -> Result<()> {
+/// out-of-f16-range value. `flags` (two zeroed slots) are left zeroed. Synchronizes once
+/// (reads two `u64` back).
+pub(crate) fn scan_range<T: Float>(device: &Device, x: &CudaView<'_, T>, flags: &mut CudaSlice<u64>) -> Result<()> {
     if x.is_empty() {
         return Ok(());
     }
-    let mut flags = new_flags(device)?;
+    if flags.len() < 2 {
+        return Err(Error::shape("flags", &[2], &[flags.len()]));
+    }
     let f = device.kernel(value_kernel("quant_scan", T::DTYPE))?;
     let params = NtkvQuantScanParams { n: to_u64("x", x.len())? };
     let cfg = grid(device, &f, 1, x.len().div_ceil(16 / std::mem::size_of::<T>()))?;
     let mut b = device.stream().launch_builder(&f);
-    b.arg(&params).arg(x).arg(&mut flags);
+    b.arg(&params).arg(x).arg(&mut *flags);
     // SAFETY: ntkv_quant_scan_<dtype>(NtkvQuantScanParams, const T* x, u64* flags) reads
     // x[0..n) with n = x.len() (16-byte vectors over the first n/V·V values, the rest one by
     // one; cudarc allocations are 256-byte aligned) and atomically updates flags[0..2), which
-    // holds 2.
+    // holds at least 2 (checked above).
     unsafe { b.launch(cfg) }?;
-    read_flags(&flags)
+    take_flags(flags)
 }
 
 /// Quantizes the region of `x` into `codes`, `scales` and `mins`; bad values are flagged in
@@ -150,7 +159,7 @@ pub(crate) fn quantize_region<T: Float>(
     let params = quant_params(spec, r)?;
     let per_head = r.tokens * r.dim;
     let (op, items) = match spec.axis {
-        Axis::PerToken => ("quant_quantize_token", per_head / spec.codes_per_word()),
+        Axis::PerToken => ("quant_quantize_token", per_head / spec.group),
         Axis::PerChannel => ("quant_quantize_channel", per_head / spec.group),
     };
     let f = device.kernel(value_kernel(op, T::DTYPE))?;
@@ -163,7 +172,9 @@ pub(crate) fn quantize_region<T: Float>(
     // scales/mins [s_off + h·s_hs, + tokens·dim/group); check_region proved each range inside
     // its buffer, and that every group is whole. flags holds the 2 u64 it may update. PerToken
     // vector accesses are aligned: offsets and strides are multiples of dim, a multiple of the
-    // group, and the base allocations are 256-byte aligned.
+    // group, so each group's values start on a group·sizeof(T) ≥ 64-byte boundary and its
+    // words on a multiple of group/E words (its 16-, 8- or 4-byte stores); the base
+    // allocations are 256-byte aligned.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -56,12 +56,18 @@
 //! bad values and reports the same errors after it ran: it reads the input once instead of
 //! twice, but the outputs are unspecified when it returns an error.
 //! [`QuantPlan::quantize_deferred`] is the single-pass kernel without the wait: it returns a
-//! [`PendingCheck`] to resolve later, so a pipeline can check many calls with one sync.
+//! [`PendingCheck`] to resolve later, so a pipeline can check many calls with one sync. The
+//! error flags live in the plan (allocated once by [`QuantPlan::new`]), so no quantize call
+//! allocates, and `Checked` and `SinglePass` synchronize once per call.
 //!
 //! # Kernels (`cuda/quant.cu`)
-//! - `PerToken` quantize: one thread per code word (`E` values, one 8–32-byte vector load);
-//!   the `group/E` threads of a group (adjacent lanes of one warp) reduce min/max with
-//!   butterfly shuffles; each warp keeps two spans of 32 words in flight.
+//! - `PerToken` quantize: one thread per group, adjacent lanes on adjacent groups (a warp
+//!   reads `32·group` contiguous values). The group is read in 64-byte slices (four 16-byte
+//!   loads); its min/max, stored scale and min and `1/scale` are computed once per group, and
+//!   its code words are written with 16-byte (or 8/4-byte) stores. A one-slice group (f16 or
+//!   bf16, group 32) stays in registers; a larger one is read a second time (from L1/L2) for
+//!   its codes. The round to nearest even is a magic-number add (`t + 1.5·2²³` after the
+//!   clamp), the same bits as the CPU's `round_ties_even`.
 //! - `PerToken` dequantize: one thread per code word, 8 independent word loads in flight per
 //!   thread, each word written as one 16-byte (or 8/32-byte) vector store, so stores are
 //!   fully coalesced.
@@ -97,6 +103,9 @@ mod mikv;
 pub(crate) use mikv::MikvParts;
 pub use mikv::{HiPrecision, MikvCache, MikvConfig};
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::CudaSlice;
 use half::f16;
 
 use crate::device::Device;
@@ -346,18 +355,39 @@ pub enum FiniteCheck {
     SinglePass,
 }
 
-/// The error flag of a launched single-pass quantize ([`QuantPlan::quantize_deferred`]).
+/// The device error flags of a [`QuantPlan`], allocated once by [`QuantPlan::new`] and shared
+/// by its clones: `kernel` collects what the single-pass and deferred quantize kernels flag
+/// until a read clears it, `scan` is the checked path's pre-scan, zero between calls.
+#[derive(Debug)]
+struct PlanFlags {
+    kernel: CudaSlice<u64>,
+    scan: CudaSlice<u64>,
+}
+
+type SharedFlags = Arc<Mutex<PlanFlags>>;
+
+fn lock_flags(flags: &SharedFlags) -> Result<MutexGuard<'_, PlanFlags>> {
+    flags.lock().map_err(|_| Error::internal("quant plan: the error flags' lock is poisoned"))
+}
+
+/// The pending error check of a launched single-pass quantize ([`QuantPlan::quantize_deferred`]).
 #[must_use = "a deferred quantize is only checked for NaN/Inf when wait() returns Ok"]
 #[derive(Debug)]
 pub struct PendingCheck {
-    flags: cudarc::driver::CudaSlice<u64>,
+    flags: SharedFlags,
 }
 
 impl PendingCheck {
-    /// Waits for the kernel and returns [`Error::NonFinite`] (NaN/Inf) or
-    /// [`Error::InvalidArgument`] naming `x` (|x| ≥ 65520) at the lowest bad flat index.
+    /// Waits for the stream and reads the plan's error flag (one host synchronization): returns
+    /// [`Error::NonFinite`] (NaN/Inf) or [`Error::InvalidArgument`] naming `x` (|x| ≥ 65520)
+    /// at the lowest bad flat index, and clears the flag.
+    ///
+    /// The flag is the plan's (see [`QuantPlan::quantize_deferred`]): it collects every
+    /// single-pass and deferred call of the plan and its clones since it was last read, so
+    /// the first `wait` of a batch checks the whole batch and reports the lowest bad index
+    /// among its calls, and the later ones find it clear.
     pub fn wait(self) -> Result<()> {
-        gpu::read_flags(&self.flags)
+        gpu::take_flags(&mut lock_flags(&self.flags)?.kernel)
     }
 }
 
@@ -457,21 +487,30 @@ pub struct QuantShape {
 }
 
 /// A validated quantization of one shape and dtype on one device: build once, run many times.
+///
+/// The plan owns its error flags (four `u64` on the device, allocated by [`QuantPlan::new`]),
+/// so no quantize call allocates. A clone shares them with the plan it was cloned from.
 #[derive(Clone, Debug)]
 pub struct QuantPlan {
     device: Device,
     layout: QuantLayout,
     dtype: DType,
+    flags: SharedFlags,
 }
 
 impl QuantPlan {
     /// Validates `spec` against `shape` for inputs (quantize) and outputs (dequantize) of
     /// `shape.dtype` on `device`.
     ///
+    /// Allocates the plan's error flags (zeroed, stream-ordered: no host synchronization).
+    ///
     /// # Errors
-    /// As [`QuantSpec::validate`] and [`QuantLayout::new`].
+    /// As [`QuantSpec::validate`] and [`QuantLayout::new`]; a driver error if the flags cannot
+    /// be allocated.
     pub fn new(device: &Device, shape: &QuantShape, spec: QuantSpec) -> Result<Self> {
-        Ok(QuantPlan { device: device.clone(), layout: QuantLayout::new(spec, &shape.dims)?, dtype: shape.dtype })
+        let layout = QuantLayout::new(spec, &shape.dims)?;
+        let flags = PlanFlags { kernel: gpu::new_flags(device)?, scan: gpu::new_flags(device)? };
+        Ok(QuantPlan { device: device.clone(), layout, dtype: shape.dtype, flags: Arc::new(Mutex::new(flags)) })
     }
 
     /// The layout of the quantized tensor.
@@ -523,8 +562,13 @@ impl QuantPlan {
     }
 
     /// Quantizes `x` into `out` with the chosen [`FiniteCheck`]. Both modes synchronize with
-    /// the stream once: `Checked` to read the scan's flag back (before the quantize kernel is
-    /// launched, which the call does not wait for), `SinglePass` to read the kernel's flag.
+    /// the stream once and allocate nothing (the flags are the plan's): `Checked` to read the
+    /// scan's flag back (before the quantize kernel is launched, which the call does not wait
+    /// for), `SinglePass` to read the kernel's flag.
+    ///
+    /// `SinglePass` reads and clears the plan's kernel flag, which also holds what earlier
+    /// [`QuantPlan::quantize_deferred`] calls flagged and no [`PendingCheck::wait`] has read
+    /// yet: such an error is reported here.
     ///
     /// # Errors
     /// As [`QuantPlan::quantize`]; with [`FiniteCheck::SinglePass`] the outputs are
@@ -536,22 +580,29 @@ impl QuantPlan {
         check: FiniteCheck,
     ) -> Result<()> {
         self.validate_quantize(x, out)?;
+        let mut flags = lock_flags(&self.flags)?;
         if check == FiniteCheck::Checked {
-            gpu::scan_range(&self.device, &x.cuda_view())?;
+            gpu::scan_range(&self.device, &x.cuda_view(), &mut flags.scan)?;
             // The scan tested every value with the predicate the quantize kernel flags
-            // (`quantizable`), so after it passed the kernel's flag stays 0: not reading it
-            // back keeps the checked path at one host synchronization.
-            let _unread = self.launch_quantize(x, out)?;
-            return Ok(());
+            // (`quantizable`), so the kernel adds nothing to its flag: not reading it back
+            // keeps the checked path at one host synchronization.
+            return self.launch_quantize(x, out, &mut flags.kernel);
         }
-        self.launch_quantize(x, out)?.wait()
+        self.launch_quantize(x, out, &mut flags.kernel)?;
+        gpu::take_flags(&mut flags.kernel)
     }
 
-    /// The single-pass quantize without waiting: launches the kernel and returns a
-    /// [`PendingCheck`] whose [`PendingCheck::wait`] reads the kernel's error flag (one sync).
-    /// Until `wait` returns `Ok`, treat `out` as unverified; on an error it is unspecified.
-    /// This lets a pipeline check many quantize calls (say, every layer of a step) with one
-    /// synchronization at the end.
+    /// The single-pass quantize without waiting: launches the kernel, which adds any bad value
+    /// to the plan's error flag, and returns a [`PendingCheck`] whose [`PendingCheck::wait`]
+    /// reads and clears that flag (one sync). Until a `wait` returns `Ok`, treat `out` as
+    /// unverified; on an error it is unspecified.
+    ///
+    /// The flag lives in the plan (allocated once by [`QuantPlan::new`]; this call allocates
+    /// nothing and never synchronizes), and it accumulates: calls launched one after another
+    /// are all checked by the first `wait` that follows them, which reports the lowest bad flat
+    /// index among them. So a pipeline can check many quantize calls (say, every layer of a
+    /// step) with one synchronization at the end. A [`PendingCheck`] dropped unread leaves its
+    /// error in the flag, for the next `wait` or [`FiniteCheck::SinglePass`] call to report.
     ///
     /// # Errors
     /// Shape, dtype and device errors as [`QuantPlan::quantize`], before anything is launched.
@@ -561,7 +612,8 @@ impl QuantPlan {
         out: &mut QuantizedTensor,
     ) -> Result<PendingCheck> {
         self.validate_quantize(x, out)?;
-        self.launch_quantize(x, out)
+        self.launch_quantize(x, out, &mut lock_flags(&self.flags)?.kernel)?;
+        Ok(PendingCheck { flags: Arc::clone(&self.flags) })
     }
 
     fn validate_quantize<T: Float>(&self, x: &impl TensorRef<T>, out: &QuantizedTensor) -> Result<()> {
@@ -569,8 +621,12 @@ impl QuantPlan {
         out.check(&self.device, &self.layout)
     }
 
-    fn launch_quantize<T: Float>(&self, x: &impl TensorRef<T>, out: &mut QuantizedTensor) -> Result<PendingCheck> {
-        let mut flags = gpu::new_flags(&self.device)?;
+    fn launch_quantize<T: Float>(
+        &self,
+        x: &impl TensorRef<T>,
+        out: &mut QuantizedTensor,
+        flags: &mut CudaSlice<u64>,
+    ) -> Result<()> {
         gpu::quantize_region(
             &self.device,
             &self.layout.spec,
@@ -579,9 +635,8 @@ impl QuantPlan {
             &mut out.codes.view_mut(),
             &mut out.scales.view_mut(),
             &mut out.mins.view_mut(),
-            &mut flags,
-        )?;
-        Ok(PendingCheck { flags })
+            flags,
+        )
     }
 
     /// Dequantizes `q` into `out` (shape `[.., T, D]`, the plan's dtype).

@@ -267,6 +267,39 @@ void random_dense_cases(Rng& rng, int count) {
     }
 }
 
+// Every (bits, group) of the one-thread-per-group PerToken quantize, per dtype, on ragged
+// shapes (7 or 5 tokens, 3 groups per token, 2 or 3 heads) with grids smaller than the work,
+// so every thread strides over several groups and heads run past grid y.
+template <typename T>
+void token_group_cases(Rng& rng) {
+    const int bits_list[3] = {2, 4, 8};
+    const size_t groups[3] = {32, 64, 128};
+    for (int bits : bits_list)
+        for (size_t group : groups) {
+            dense_case<T>(rng, 2, 7, 3 * group, bits, group, false, 64, 1, 1);
+            dense_case<T>(rng, 3, 5, group, bits, group, false, 32, 2, 2);
+        }
+}
+
+// Groups whose min is large and whose range is small (f32): 1000.2 .. 1000.21 stores the min
+// as f16 1000.0, so (x - mn) / scale is about 300 and the codes clamp to qmax; -1000.2 ..
+// -1000.19 stores -1000.0, above every value, so they clamp to 0; 1000.0 .. 1000.01 has an
+// exact min. Per token and per channel, every bit width.
+void narrow_range_cases(Rng& rng) {
+    const float base[3] = {1000.2f, -1000.2f, 1000.0f};
+    for (int bits : {2, 4, 8}) {
+        std::vector<float> x(2 * 96), xc(96 * 2);
+        for (size_t i = 0; i < x.size(); ++i) {
+            const size_t k = i % 32, grp = (i / 32) % 3;
+            x[i] = base[grp] + (float)((k * 7 + i / 96) % 32) * (0.01f / 31.0f);
+        }
+        for (size_t t = 0; t < 96; ++t)
+            for (size_t c = 0; c < 2; ++c) xc[t * 2 + c] = base[(t / 32 + c) % 3] + (float)((t * 5) % 32) * (0.01f / 31.0f);
+        dense_case<float>(rng, 1, 2, 96, bits, 32, false, 32, 1, 1, &x);
+        dense_case<float>(rng, 1, 96, 2, bits, 32, true, 32, 1, 1, &xc);
+    }
+}
+
 void known_answers() {
     Rng rng{1};
     // PerToken 4-bit: values 0..15 then 15..0 (tests/quant_cpu.rs per_token_packing_known_answer).
@@ -498,6 +531,10 @@ int main(int argc, char** argv) {
     random_dense_cases<float>(rng, count);
     random_dense_cases<__half>(rng, count);
     random_dense_cases<__nv_bfloat16>(rng, count);
+    token_group_cases<float>(rng);
+    token_group_cases<__half>(rng);
+    token_group_cases<__nv_bfloat16>(rng);
+    narrow_range_cases(rng);
     // A larger PerToken f16 int4 case with many grid-stride steps per warp.
     dense_case<__half>(rng, 1, 301, 128, 4, 32, false, 64, 2, 1);
     dense_case<__half>(rng, 2, 256, 33, 8, 128, true, 256, 1, 1);

@@ -1,5 +1,5 @@
 // Production-scale index checks of cuda/quant.cu (tools/emu/run.sh quant-large): per-channel
-// quantize and dequantize of one head of the bench runner's shape (4M tokens x 128 channels,
+// quantize and dequantize, and the per-token quantize (token_case), of one head of the bench runner's shape (4M tokens x 128 channels,
 // 2^29 elements) and of one larger than 2^33 elements, in reserved address space
 // (ntkv_emu::Reserved: MAP_NORESERVE, zero until touched). The grid is one thread per item, and
 // only the CTAs that touch the first and last elements and elements 2^31 and 2^32 of x and of
@@ -106,6 +106,55 @@ bool large_case(const char* name, uint64_t tokens, uint32_t dim, uint32_t bits, 
     return ok;
 }
 
+// Per-token quantize (one thread per group): CTA c covers groups [256 c, 256 c + 256), that is
+// values [256 c G, 256 (c + 1) G), code words [256 c WPG, ...) and scales/mins [256 c, ...).
+// The CTAs over the first and last values and over elements 2^31, 2^32 and 2^33 run on the
+// reserved tensor; each must give the codes, scales and mins of a one-CTA run on its values.
+bool token_case(const char* name, uint64_t tokens, uint32_t dim, uint32_t bits, uint32_t group) {
+    const uint64_t n = tokens * dim;
+    const uint32_t E = 32 / bits, wpg = group / E;
+    const NtkvQuantParams p = params(tokens, dim, bits, group);
+    const uint64_t vals_per_cta = (uint64_t)THREADS_Q * group, ncta = n / vals_per_cta;
+    std::set<uint64_t> pick = {0, ncta - 1};
+    for (uint64_t e : {uint64_t(1) << 31, uint64_t(1) << 32, uint64_t(1) << 33})
+        if (e < n) pick.insert(e / vals_per_cta);
+    ntkv_emu::Reserved<__half> x(n), scales(n / group), mins(n / group);
+    ntkv_emu::Reserved<uint32_t> codes(n / E);
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> u(-3.f, 3.f);
+    for (uint64_t c : pick)
+        for (uint64_t i = c * vals_per_cta; i < (c + 1) * vals_per_cta; ++i) x[i] = __float2half_rn(u(rng));
+    unsigned long long flags[2] = {0, 0};
+    ntkv_emu::LaunchOpts qo;
+    for (uint64_t c : pick) qo.only.push_back(dim3_{(unsigned)c, 0, 0});
+    ntkv_emu::launch(dim3_{(unsigned)ncta, 1, 1}, dim3_{THREADS_Q, 1, 1}, 0,
+                     [&] { ntkv_quant_quantize_token_f16(p, x.get(), codes.get(), scales.get(), mins.get(), flags); },
+                     qo);
+    bool ok = flags[0] == 0 && flags[1] == 0;
+    for (uint64_t c : pick) {
+        const NtkvQuantParams sp = params(vals_per_cta / dim, dim, bits, group);
+        std::vector<__half> sx(vals_per_cta), ss(THREADS_Q), sm(THREADS_Q);
+        std::vector<uint32_t> sc(THREADS_Q * wpg);
+        for (size_t i = 0; i < sx.size(); ++i) sx[i] = x[c * vals_per_cta + i];
+        unsigned long long sf[2] = {0, 0};
+        ntkv_emu::launch(dim3_{1, 1, 1}, dim3_{THREADS_Q, 1, 1}, 0,
+                         [&] { ntkv_quant_quantize_token_f16(sp, sx.data(), sc.data(), ss.data(), sm.data(), sf); });
+        size_t diff = 0;
+        for (size_t i = 0; i < THREADS_Q; ++i) {
+            diff += std::memcmp(&ss[i], &scales[c * THREADS_Q + i], 2) != 0;
+            diff += std::memcmp(&sm[i], &mins[c * THREADS_Q + i], 2) != 0;
+        }
+        for (size_t i = 0; i < sc.size(); ++i) diff += sc[i] != codes[c * THREADS_Q * wpg + i];
+        std::printf("  CTA %llu (elements from %llu): %zu values differ from the small run\n", (unsigned long long)c,
+                    (unsigned long long)(c * vals_per_cta), diff);
+        ok &= diff == 0;
+    }
+    std::printf("%-4s %-24s tokens %llu dim %u bits %u group %u per_token f16: x %.1f GiB reserved, %ld MiB resident\n",
+                ok ? "ok" : "FAIL", name, (unsigned long long)tokens, dim, bits, group, (double)(n * 2) / (1 << 30),
+                ntkv_emu::resident_mib());
+    return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -115,6 +164,9 @@ int main() {
     // 70M tokens: 8.96e9 elements, past 2^33; 2^31 and 2^32 fall inside CTAs' token ranges.
     ok &= large_case("70M tokens", 70000000, 128, 4, 32);
     ok &= large_case("70M tokens 2-bit", 70000000, 128, 2, 64);
+    ok &= token_case("bench", uint64_t(1) << 22, 128, 4, 32);
+    ok &= token_case("70M tokens", 70000000, 128, 4, 32);
+    ok &= token_case("70M tokens 8-bit g128", 70000000, 128, 8, 128);
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
