@@ -415,9 +415,12 @@ bool run_case(const Cfg& c, const OpCfg& kc, const OpCfg& vc, const char* name) 
     for (size_t i = 0; i < rl.size() && ok; ++i) {
         const double g = lsed[i];
         // The reference attends over the stored (dequantized) values, so lse carries only f32
-        // rounding: max |dlse| measured 4.5e-7 over every case; the old 1e-3 + 1e-4 |lse| was
-        // 2000 times that.
-        if (std::isinf(rl[i]) ? g != rl[i] : !(std::fabs(g - rl[i]) <= 3e-6)) {
+        // rounding: max |dlse| measured 4.5e-7 over every case of the general kernel; the old
+        // 1e-3 + 1e-4 |lse| was 2000 times that. The fast kernel's shared-shift unit codes
+        // give up to 2^6 of f32 precision in the score sums (code_shift <= 6 at int2, 4 at
+        // int4): max |dlse| measured 9.9e-6, so its bound is 2e-5.
+        const double lse_tol = c.fast ? 2e-5 : 3e-6;
+        if (std::isinf(rl[i]) ? g != rl[i] : !(std::fabs(g - rl[i]) <= lse_tol)) {
             std::printf("  %s: lse[%zu] = %g, want %g\n", name, i, g, rl[i]);
             ok = false;
         }
