@@ -64,19 +64,22 @@ __device__ __forceinline__ void load_f16(const __half* p, float (&x)[CPL]) {
     }
 }
 
-// CPL consecutive u32 words (aligned to CPL * 4 bytes).
-template <int CPL>
-__device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[CPL]) {
-    if constexpr (CPL == 4) {
+// N = 1, 2 or 4 consecutive u32 words (aligned to N * 4 bytes), in one load.
+template <int N>
+__device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[N]) {
+    if constexpr (N == 4) {
         const uint4 u = *reinterpret_cast<const uint4*>(p);
         w[0] = u.x;
         w[1] = u.y;
         w[2] = u.z;
         w[3] = u.w;
-    } else {
+    } else if constexpr (N == 2) {
         const uint2 u = *reinterpret_cast<const uint2*>(p);
         w[0] = u.x;
         w[1] = u.y;
+    } else {
+        static_assert(N == 1, "1, 2 or 4 words");
+        w[0] = *p;
     }
 }
 
@@ -425,24 +428,6 @@ __device__ __forceinline__ float unit_code(uint32_t w, int e) {
     return __uint_as_float(ntkv::and_or(x, ((1u << B) - 1u) << (23 - B - code_shift<B>(e)), 0x3F800000u));
 }
 
-template <int N>
-__device__ __forceinline__ void load_words_n(const uint32_t* p, uint32_t (&w)[N]) {
-    if constexpr (N == 4) {
-        const uint4 u = *reinterpret_cast<const uint4*>(p);
-        w[0] = u.x;
-        w[1] = u.y;
-        w[2] = u.z;
-        w[3] = u.w;
-    } else if constexpr (N == 2) {
-        const uint2 u = *reinterpret_cast<const uint2*>(p);
-        w[0] = u.x;
-        w[1] = u.y;
-    } else {
-        static_assert(N == 1, "1, 2 or 4 words");
-        w[0] = *p;
-    }
-}
-
 template <typename T, int D, int B, int G>
 __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T* __restrict__ q, const OpPtrs& KP,
                                              const OpPtrs& VP, T* __restrict__ o, float* __restrict__ lse,
@@ -571,7 +556,7 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
                     for (int j = 0; j < KQ; ++j) {
                         const int d0 = 4 * (cs + 4 * j);
                         uint32_t w[4] = {0u, 0u, 0u, 0u};
-                        if (valid) load_words_n<4>(wp + d0, w);
+                        if (valid) load_words<4>(wp + d0, w);
                         const float4 a = *reinterpret_cast<const float4*>(&a_sh[warp][gi][d0]);
 #pragma unroll
                         for (int e = 0; e < EH; ++e) {
@@ -698,7 +683,7 @@ __device__ __forceinline__ void qdecode_fast(const NtkvQdecodeParams& p, const T
                 auto token = [&](int k) {
                     const float pw = sw[VTL * k];
                     uint32_t w[VW];
-                    load_words_n<VW>(vw + k * (VTL * (D / E)), w);
+                    load_words<VW>(vw + k * (VTL * (D / E)), w);
                     const float wt = pw * __half2float(vs[k * (VTL * (D / G))]);
                     wsum += wt;
                     msum = fmaf(pw, __half2float(vm[k * (VTL * (D / G))]), msum);

@@ -282,23 +282,19 @@ __device__ __forceinline__ void quantize_token_groups(const NtkvQuantParams& p, 
     }
 }
 
-// Calls f(Group<group>{}) for a supported group (32, 64, 128); any other group does nothing.
-template <int G> struct Group { static constexpr int value = G; };
-template <typename F>
-__device__ __forceinline__ void with_group(uint32_t group, F&& f) {
-    switch (group) {
-        case 32: f(Group<32>{}); break;
-        case 64: f(Group<64>{}); break;
-        case 128: f(Group<128>{}); break;
-        default: break;
-    }
+// Calls f(Const<v>{}) when v is one of Vs (the supported bit widths or group sizes), so the
+// body is instantiated per value; any other value does nothing.
+template <int V> struct Const { static constexpr int value = V; };
+template <int... Vs, typename F>
+__device__ __forceinline__ void with_one_of(uint32_t v, F&& f) {
+    (void)((v == (uint32_t)Vs ? (f(Const<Vs>{}), true) : false) || ...);
 }
 
 template <typename T, int B>
 __device__ __forceinline__ void quantize_token(const NtkvQuantParams& p, const T* __restrict__ x,
                                                uint32_t* __restrict__ codes, __half* __restrict__ scales,
                                                __half* __restrict__ mins, unsigned long long* __restrict__ flags) {
-    with_group(p.group, [&](auto g) { quantize_token_groups<T, B, decltype(g)::value>(p, x, codes, scales, mins, flags); });
+    with_one_of<32, 64, 128>(p.group, [&](auto g) { quantize_token_groups<T, B, decltype(g)::value>(p, x, codes, scales, mins, flags); });
 }
 
 // Each thread dequantizes U words per batch (U independent 4-byte loads in flight, then U
@@ -447,31 +443,18 @@ __device__ __forceinline__ void scan(const NtkvQuantScanParams& p, const T* __re
 }  // namespace
 
 // ---- extern "C" entry points: one per (operation, axis, dtype); bits dispatch inside ------------
-namespace {
-template <int B> struct Bits { static constexpr int value = B; };
-// Calls f(Bits<bits>{}) for a supported width (2, 4, 8); any other width does nothing.
-template <typename F>
-__device__ __forceinline__ void with_bits(uint32_t bits, F&& f) {
-    switch (bits) {
-        case 2: f(Bits<2>{}); break;
-        case 4: f(Bits<4>{}); break;
-        case 8: f(Bits<8>{}); break;
-        default: break;
-    }
-}
-}  // namespace
 
 #define NTKV_QUANT_QUANTIZE_ENTRY(NAME, BODY, T)                                                           \
     extern "C" __global__ void NAME(const NtkvQuantParams p, const T* __restrict__ x,                      \
                                     uint32_t* __restrict__ codes, __half* __restrict__ scales,             \
                                     __half* __restrict__ mins, unsigned long long* __restrict__ flags) {   \
-        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, x, codes, scales, mins, flags); }); \
+        with_one_of<2, 4, 8>(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, x, codes, scales, mins, flags); }); \
     }
 #define NTKV_QUANT_DEQUANTIZE_ENTRY(NAME, BODY, T)                                                          \
     extern "C" __global__ void NAME(const NtkvQuantParams p, const uint32_t* __restrict__ codes,            \
                                     const __half* __restrict__ scales, const __half* __restrict__ mins,     \
                                     T* __restrict__ out) {                                                  \
-        with_bits(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, codes, scales, mins, out); });       \
+        with_one_of<2, 4, 8>(p.bits, [&](auto b) { BODY<T, decltype(b)::value>(p, codes, scales, mins, out); });       \
     }
 #define NTKV_QUANT_ENTRIES(SUFFIX, T)                                                                          \
     NTKV_QUANT_QUANTIZE_ENTRY(ntkv_quant_quantize_token_##SUFFIX, quantize_token, T)                         \

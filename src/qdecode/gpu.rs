@@ -292,7 +292,7 @@ impl QdecodePlan {
         let op = |spec: crate::quant::QuantSpec| {
             (spec.bits, u32::try_from(spec.group).unwrap_or(u32::MAX), spec.axis == Axis::PerChannel)
         };
-        self.fast_enabled && fast_applies(self.shape.head_dim, op(k), op(v), kq)
+        self.fast_enabled && fast_kernel(&self.fast_f16, op(k), op(v), kq).is_some()
     }
 
     /// Checks a quantized tensor of a KIVI cache against the plan: `B·Hkv` heads of `D`.
@@ -494,11 +494,9 @@ impl QdecodePlan {
             _ => &self.fast_bf16,
         };
         let op = |p: &NtkvQdecodeOperand| (p.bits, p.group, p.per_channel == 1);
-        let fast = (self.fast_enabled
-            && lists.is_none()
-            && fast_applies(shape.head_dim, op(&k.p), op(&v.p), k.p.quantized as usize))
-        .then(|| fast_table.iter().find(|f| f.0 == k.p.bits && f.1 == k.p.group).map(|f| &f.2))
-        .flatten();
+        let fast = (self.fast_enabled && lists.is_none())
+            .then(|| fast_kernel(fast_table, op(&k.p), op(&v.p), k.p.quantized as usize))
+            .flatten();
         let (attn_kernel, attn_cfg) = match fast {
             Some(f) => (f, self.fast_cfg),
             None => (&kernels.0, self.attn_cfg),
@@ -588,17 +586,23 @@ impl QdecodePlan {
     }
 }
 
-/// Whether the fast kernel takes a cache of head dim `d` whose keys and values are
-/// `(bits, group, per_channel)` with `k_quantized` quantized key tokens.
-fn fast_applies(d: usize, k: (u32, u32, bool), v: (u32, u32, bool), k_quantized: usize) -> bool {
-    let (kb, kg, kpc) = k;
-    let (vb, vg, vpc) = v;
-    kpc && !vpc
-        && kb == vb
-        && kg == vg
-        && (kg as usize) <= d
-        && FAST_VARIANTS.iter().any(|f| f.0 == kb && f.1 == kg)
-        && k_quantized % kg as usize == 0
+/// The fast kernel of `table` (the plan's, for one dtype and its head dim) that takes a cache
+/// whose keys and values are `(bits, group, per_channel)` with `k_quantized` quantized key
+/// tokens: keys per channel, values per token, one bits and group that the table holds, and
+/// whole key groups. `None` when the general kernel must run.
+fn fast_kernel(
+    table: &[(u32, u32, CudaFunction)],
+    k: (u32, u32, bool),
+    v: (u32, u32, bool),
+    k_quantized: usize,
+) -> Option<&CudaFunction> {
+    let ((kb, kg, kpc), (vb, vg, vpc)) = (k, v);
+    if !kpc || vpc || kb != vb || kg != vg {
+        return None;
+    }
+    // The table's groups are 32, 64 or 128, so the division below is by a nonzero group.
+    let (_, _, f) = table.iter().find(|f| f.0 == kb && f.1 == kg)?;
+    (k_quantized % kg as usize == 0).then_some(f)
 }
 
 /// Every kernel id this module's launchers can form.
