@@ -7,6 +7,8 @@
 //   ntkv_kmeans_assign_<T>  a fused dot-product tile loop (128 keys x 64 centroids, 32-deep
 //                           slices of D) with a running argmax over the centroid tiles: the
 //                           T x C score matrix never reaches memory;
+//   ntkv_kmeans_assign_tf32_d<D>_<T>  the TF32 mode of the assignment (tensor cores; D 64 or
+//                           128), labels within a stated margin of the f32 ones;
 //   ntkv_kmeans_sort        counting sort of the labels (one CTA per head): sizes, CSR
 //                           indptr and members, each cluster's members ascending;
 //   ntkv_kmeans_update_<T>  one CTA per (head, cluster) sums its members in member order.
@@ -253,6 +255,189 @@ __device__ __forceinline__ void kmeans_assign(const NtkvKmeansParams& p, const T
         const uint32_t r = ty + 16 * i;
         if (r >= nk) continue;
         const uint32_t lab = best_i[i] == NONE ? 0u : best_i[i];  // every score NaN: cluster 0
+        uint32_t* slot = labels + (uint64_t)h * p.capacity + t0 + r;
+        moved |= *slot != lab;
+        *slot = lab;
+    }
+    if (moved && p.track != 0) changed[h] = 1u;  // every writer stores 1: no race on the value
+}
+
+// The TF32 assignment mode (src/cluster AssignPrecision::Tf32): the same scores, with the dot
+// products x.c on the tensor cores (mma.m16n8k8, f32 accumulation in the hardware's order).
+// Each of the 8 warps owns 16 keys of the CTA's 128, held for all of D as A fragments in
+// registers (D/8 k-steps x 4 words, rounded to tf32 to nearest), so keys are read once. The
+// head's centroids stream through a 3-stage cp.async ring of 64-centroid x 32-deep f32 slices;
+// the tensor core reads their top 19 bits (tf32 truncation), which keeps the staging free of
+// registers and conversions. The error per score term stays under src/cluster's
+// TF32_EPSILON = 2^-9: 2^-11 (keys) + 2^-10 (centroids) + the accumulation. For L2, |c|^2 of
+// each centroid is an exact f32 sum over the staged f32 slices (4 fma chains, chain q over the
+// depths d with (d mod 32) / 8 = q, then (s0 + s1) + (s2 + s3)), so only x.c carries the tf32
+// error. Equal centroids give equal scores bit for bit, and ties
+// still go to the lower index.
+constexpr int TF_CENT = 64;                 // centroids per tile: 8 n-tiles of 8
+constexpr int TF_DEPTH = 32;                // depth of one staged slice
+constexpr int TF_STRIDE = TF_DEPTH + 4;     // words per staged row: 144 B keeps every 16-byte
+                                            // cp.async destination aligned and the 64-bit
+                                            // fragment loads conflict-free
+constexpr int TF_STAGES = 3;                // slices in flight
+constexpr uint32_t TF32_RING_BYTES = TF_STAGES * TF_CENT * TF_STRIDE * 4;
+static_assert(TF32_RING_BYTES == 27648, "src/cluster TF32_ASSIGN_SMEM is this ring's size");
+static_assert(TF_CENT * TF_DEPTH / 4 % ASSIGN_THREADS == 0, "whole 16-byte copies per thread");
+
+// Issues the cp.async copies of slice `s` (tile s / (D/32), depth slice s % (D/32)) of head
+// `cbase`'s centroids into `buf`; centroids past C are zero-filled. One commit group per
+// call, empty past the last slice, so every thread's group count stays uniform.
+template <int D>
+__device__ __forceinline__ void tf32_stage(uint32_t (*buf)[TF_STRIDE], const float* __restrict__ cbase, uint32_t C,
+                                           uint32_t s, uint32_t n_slices) {
+    constexpr uint32_t SL = D / TF_DEPTH;
+    if (s < n_slices) {
+        const uint32_t c0 = (s / SL) * TF_CENT, d0 = (s % SL) * TF_DEPTH;
+#pragma unroll
+        for (int i = 0; i < TF_CENT * TF_DEPTH / 4 / ASSIGN_THREADS; ++i) {
+            const uint32_t e = threadIdx.x + (uint32_t)i * ASSIGN_THREADS;
+            const uint32_t r = e / (TF_DEPTH / 4), q = e % (TF_DEPTH / 4);
+            const bool in = c0 + r < C;
+            const float* src = cbase + (uint64_t)(in ? c0 + r : 0) * D + d0 + 4 * q;
+            ntkv::cp_async_cg16(ntkv::smem_u32(&buf[r][4 * q]), src, in ? 16u : 0u);
+        }
+    }
+    ntkv::cp_async_commit();
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void kmeans_assign_tf32(const NtkvKmeansParams& p, const T* __restrict__ keys,
+                                                   const float* __restrict__ centroids, const uint32_t* __restrict__ done,
+                                                   uint32_t* __restrict__ labels, uint32_t* __restrict__ changed) {
+    static_assert(D % TF_DEPTH == 0 && D <= 128, "the A fragments of D/8 k-steps live in registers");
+    constexpr int KS = D / 8;
+    constexpr uint32_t SL = D / TF_DEPTH;
+    // The ring is the dynamic shared memory (TF32_RING_BYTES; src/cluster TF32_ASSIGN_SMEM).
+    NTKV_DYNAMIC_SMEM(uint32_t, ring);
+    uint32_t(*cs)[TF_CENT][TF_STRIDE] = reinterpret_cast<uint32_t(*)[TF_CENT][TF_STRIDE]>(ring);
+    __shared__ float cn_s[TF_CENT];
+    if (p.tokens <= p.first || p.head_dim != (uint32_t)D) return;
+    const uint32_t tiles = (p.tokens - p.first + TK - 1) / TK;
+    const uint64_t blk = blockIdx.x;
+    if (blk >= (uint64_t)p.heads * tiles) return;
+    const uint32_t h = (uint32_t)(blk / tiles);
+    if (p.track != 0 && done[h] != 0) return;
+    const uint32_t t0 = p.first + (uint32_t)(blk % tiles) * TK;
+    const uint32_t nk = min((uint32_t)TK, p.tokens - t0);
+    const uint32_t C = p.clusters;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t r0 = (uint32_t)(warp * 16 + g), r1 = r0 + 8;  // the lane's two key rows
+    const T* kbase = keys + ((uint64_t)h * p.capacity + t0) * D;
+    const float* cbase = centroids + (uint64_t)h * C * D;
+    const uint32_t n_slices = (C + TF_CENT - 1) / TF_CENT * SL;
+#pragma unroll
+    for (int s = 0; s < TF_STAGES - 1; ++s) tf32_stage<D>(cs[s], cbase, C, (uint32_t)s, n_slices);
+
+    // The mma's k-step of 8 reads depth 8 k + 2 t as its k = t and 8 k + 2 t + 1 as k = t + 4
+    // (A and B alike: a dot product's terms in another order), so each lane's pair of B
+    // words is adjacent and one 64-bit shared load.
+    uint32_t a[KS][4];
+#pragma unroll
+    for (int k = 0; k < KS; ++k) {
+        const int d = 8 * k + 2 * t;
+        a[k][0] = r0 < nk ? ntkv::to_tf32(ntkv::to_f32(kbase[(uint64_t)r0 * D + d])) : 0u;
+        a[k][1] = r1 < nk ? ntkv::to_tf32(ntkv::to_f32(kbase[(uint64_t)r1 * D + d])) : 0u;
+        a[k][2] = r0 < nk ? ntkv::to_tf32(ntkv::to_f32(kbase[(uint64_t)r0 * D + d + 1])) : 0u;
+        a[k][3] = r1 < nk ? ntkv::to_tf32(ntkv::to_f32(kbase[(uint64_t)r1 * D + d + 1])) : 0u;
+    }
+    float best_s[2] = {-CUDART_INF_F, -CUDART_INF_F};
+    uint32_t best_i[2] = {NONE, NONE};
+    const bool l2 = p.metric == 1;
+    for (uint32_t c0 = 0, s0 = 0; c0 < C; c0 += TF_CENT, s0 += SL) {
+        // L2: thread (j, q) = (tid / 4, tid % 4) sums c_d^2 of centroid c0 + j over the depths
+        // d with (d mod 32) / 8 = q, in ascending d, from the staged slices.
+        const uint32_t j = (uint32_t)tid >> 2, q = (uint32_t)tid & 3;
+        float ss = 0.0f;
+        float acc[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+#pragma unroll
+        for (uint32_t sl = 0; sl < SL; ++sl) {
+            const uint32_t s = s0 + sl;
+            // Slice s has landed for this thread, then for all; every thread is past slice
+            // s - 1, whose buffer the next copies overwrite.
+            ntkv::cp_async_wait<TF_STAGES - 2>();
+            __syncthreads();
+            tf32_stage<D>(cs[(s + TF_STAGES - 1) % TF_STAGES], cbase, C, s + TF_STAGES - 1, n_slices);
+            const uint32_t(*buf)[TF_STRIDE] = cs[s % TF_STAGES];
+            if (l2) {
+                // Two 16-byte loads: a quarter-warp's 8 lanes hit 8 distinct 4-bank groups.
+                const uint4 u = *reinterpret_cast<const uint4*>(&buf[j][8 * q]);
+                const uint4 w = *reinterpret_cast<const uint4*>(&buf[j][8 * q + 4]);
+                const uint32_t v[8] = {u.x, u.y, u.z, u.w, w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int i = 0; i < 8; ++i) ss = fmaf(__uint_as_float(v[i]), __uint_as_float(v[i]), ss);
+            }
+#pragma unroll
+            for (int kk = 0; kk < TF_DEPTH / 8; ++kk) {
+                const int k = (int)sl * (TF_DEPTH / 8) + kk;
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    // 8-byte aligned: even row stride, even column; a half-warp's 16 lanes
+                    // cover banks 4 g + 2 t, +1 once each.
+                    const uint2 b = *reinterpret_cast<const uint2*>(&buf[8 * n + g][8 * kk + 2 * t]);
+                    ntkv::mma_m16n8k8_tf32(acc[n], a[k], b.x, b.y);
+                }
+            }
+        }
+        if (l2) {
+            // The previous tile's scores read cn_s before this tile's first slice barrier.
+            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+            ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+            if (q == 0) cn_s[j] = ss;
+            __syncthreads();
+        }
+        // acc[n][e]: key row (e < 2 ? g : g + 8), centroid c0 + 8 n + 2 t + (e & 1). A lane
+        // meets its candidates in ascending index, so "strictly greater" alone keeps ties at
+        // the lower index (and -0 == +0 needs no canonical zero); a NaN never compares
+        // greater. The quad reduction below, across lanes, uses the full order.
+        const bool full = c0 + TF_CENT <= C;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t cl = (uint32_t)(8 * n + 2 * t + (e & 1));
+                if (!full && c0 + cl >= C) continue;
+                const float s = l2 ? -fmaf(-2.0f, acc[n][e], cn_s[cl]) : acc[n][e];
+                const int row = e >> 1;
+                if (s > best_s[row]) {
+                    best_s[row] = s;
+                    best_i[row] = c0 + cl;
+                }
+            }
+        }
+    }
+    ntkv::cp_async_wait<0>();  // the empty trailing groups: nothing left in flight at exit
+    // The 4 lanes of a quad share their rows: a total order, so any tree gives the same winner.
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            const float s = __shfl_xor_sync(0xffffffffu, best_s[row], o);
+            const uint32_t c = __shfl_xor_sync(0xffffffffu, best_i[row], o);
+            if (better(s, c, best_s[row], best_i[row])) {
+                best_s[row] = s;
+                best_i[row] = c;
+            }
+        }
+    }
+    if (t != 0) return;
+    bool moved = false;
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+        const uint32_t r = row == 0 ? r0 : r1;
+        if (r >= nk) continue;
+        // No score above -inf (every score NaN or -inf): cluster 0.
+        const uint32_t lab = best_i[row] == NONE ? 0u : best_i[row];
         uint32_t* slot = labels + (uint64_t)h * p.capacity + t0 + r;
         moved |= *slot != lab;
         *slot = lab;
@@ -585,6 +770,16 @@ __device__ __forceinline__ void cluster_write(const NtkvClusterRetrieveParams& p
         const NtkvKmeansParams p, const T* __restrict__ keys, const float* __restrict__ centroids,                 \
         const uint32_t* __restrict__ done, uint32_t* __restrict__ labels, uint32_t* __restrict__ changed) {       \
         kmeans_assign<T>(p, keys, centroids, done, labels, changed);                                               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ASSIGN_THREADS) ntkv_kmeans_assign_tf32_d64_##SUF(                 \
+        const NtkvKmeansParams p, const T* __restrict__ keys, const float* __restrict__ centroids,                 \
+        const uint32_t* __restrict__ done, uint32_t* __restrict__ labels, uint32_t* __restrict__ changed) {       \
+        kmeans_assign_tf32<T, 64>(p, keys, centroids, done, labels, changed);                                      \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(ASSIGN_THREADS) ntkv_kmeans_assign_tf32_d128_##SUF(                \
+        const NtkvKmeansParams p, const T* __restrict__ keys, const float* __restrict__ centroids,                 \
+        const uint32_t* __restrict__ done, uint32_t* __restrict__ labels, uint32_t* __restrict__ changed) {       \
+        kmeans_assign_tf32<T, 128>(p, keys, centroids, done, labels, changed);                                     \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS) ntkv_kmeans_update_##SUF(                             \
         const NtkvKmeansParams p, const T* __restrict__ keys, const float* __restrict__ inv_norm,                  \

@@ -93,16 +93,6 @@ __device__ __forceinline__ void load4(const Tin* __restrict__ base, uint64_t row
     }
 }
 
-// f32 -> tf32 bits, rounding the 13 dropped mantissa bits to nearest with ties away from zero:
-// the rule of cvt.rna.tf32.f32, done with an integer add and mask (it runs once per fragment
-// element on the cp.async path, so it is kept to plain integer ops). Adding half an ulp of tf32 to
-// the sign-magnitude bits carries into the exponent exactly when rounding should; infinities
-// and NaNs pass through unchanged.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-    const uint32_t u = __float_as_uint(x);
-    const bool special = (u & 0x7f800000u) == 0x7f800000u;
-    return special ? u : ((u + 0x1000u) & 0xffffe000u);
-}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat16 l = __float2bfloat16_rn(lo);
@@ -299,11 +289,11 @@ __device__ __forceinline__ void mma_stage(float (&acc)[4][NI][4], const uint32_t
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) af[mi][e] = to_tf32(__uint_as_float(af[mi][e]));
+                for (int e = 0; e < 4; ++e) af[mi][e] = ntkv::to_tf32(__uint_as_float(af[mi][e]));
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) bfr[ni][e] = to_tf32(__uint_as_float(bfr[ni][e]));
+                for (int e = 0; e < 2; ++e) bfr[ni][e] = ntkv::to_tf32(__uint_as_float(bfr[ni][e]));
         }
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
@@ -389,8 +379,8 @@ __device__ void gemm_mma(const NtkvNtkGemmParams& p, const Tin* __restrict__ a, 
                 *reinterpret_cast<uint2*>(da + r * kWordsLd + lk / 2) = va;
                 *reinterpret_cast<uint2*>(db + r * kWordsLd + lk / 2) = vb;
             } else {
-                uint4 va = make_uint4(to_tf32(ra[it][0]), to_tf32(ra[it][1]), to_tf32(ra[it][2]), to_tf32(ra[it][3]));
-                uint4 vb = make_uint4(to_tf32(rb[it][0]), to_tf32(rb[it][1]), to_tf32(rb[it][2]), to_tf32(rb[it][3]));
+                uint4 va = make_uint4(ntkv::to_tf32(ra[it][0]), ntkv::to_tf32(ra[it][1]), ntkv::to_tf32(ra[it][2]), ntkv::to_tf32(ra[it][3]));
+                uint4 vb = make_uint4(ntkv::to_tf32(rb[it][0]), ntkv::to_tf32(rb[it][1]), ntkv::to_tf32(rb[it][2]), ntkv::to_tf32(rb[it][3]));
                 *reinterpret_cast<uint4*>(da + r * kWordsLd + lk) = va;
                 *reinterpret_cast<uint4*>(db + r * kWordsLd + lk) = vb;
             }

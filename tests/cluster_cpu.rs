@@ -9,7 +9,9 @@ mod cluster_support;
 use cluster_support::{check_argmax, check_csr, check_lists, keys, normal, Keys};
 use half::{bf16, f16};
 use ntkv::cluster::cpu::{self, KmeansResult};
-use ntkv::cluster::{Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape};
+use ntkv::cluster::{
+    tf32_score_bound, AssignPrecision, Combine, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape,
+};
 use ntkv::decode::{validate_lists, DecodeShape};
 use ntkv::Float;
 
@@ -255,4 +257,54 @@ fn nan_scores_rank_last() {
     for &t in st.members_of(&ks, 0, 0) {
         assert!(list.binary_search(&t).is_err(), "the NaN cluster is not taken before the others");
     }
+}
+
+/// The admissibility rule of the TF32 assignment: the f32 label always; another label only
+/// within the summed score bounds, never a bit-equal twin of a lower centroid, never out of
+/// range or against a non-finite score.
+#[test]
+fn tf32_admissibility_rule() {
+    let d = 4;
+    // x = e0; centroids score 1, 1 - 1e-4 (a near tie), 0.5, and a twin of centroid 0.
+    let x = [1.0f32, 0.0, 0.0, 0.0];
+    let mut cents = vec![
+        1.0f32,
+        0.0,
+        0.0,
+        0.0, //
+        1.0 - 1e-4,
+        0.014,
+        0.0,
+        0.0, //
+        0.5,
+        0.866,
+        0.0,
+        0.0, //
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ];
+    for metric in [Metric::Cosine, Metric::L2] {
+        assert!(cpu::tf32_label_admissible(metric, &x, &cents, 0), "{metric:?}: the f32 label");
+        assert!(cpu::tf32_label_admissible(metric, &x, &cents, 1), "{metric:?}: a near tie");
+        assert!(!cpu::tf32_label_admissible(metric, &x, &cents, 2), "{metric:?}: a clear loser");
+        assert!(!cpu::tf32_label_admissible(metric, &x, &cents, 3), "{metric:?}: the higher twin");
+        assert!(!cpu::tf32_label_admissible(metric, &x, &cents, 4), "{metric:?}: out of range");
+        assert!(!cpu::tf32_label_admissible(metric, &x, &cents, u32::MAX), "{metric:?}: no label");
+    }
+    assert!(!cpu::tf32_label_admissible(Metric::Cosine, &x, &cents[..d * 2 - 1], 0), "misshapen centroids");
+    assert!(!cpu::tf32_label_admissible(Metric::Cosine, &[], &cents, 0), "empty key");
+    // A NaN centroid never is an admissible alternative.
+    cents[9] = f32::NAN;
+    assert!(!cpu::tf32_label_admissible(Metric::Cosine, &x, &cents, 2));
+    // The bound: cosine eps|x||c|, L2 eps(2|x||c| + |c|^2).
+    let eps = ntkv::cluster::TF32_EPSILON;
+    assert_eq!(tf32_score_bound(Metric::Cosine, 2.0, 3.0), eps * 6.0);
+    assert_eq!(tf32_score_bound(Metric::L2, 2.0, 3.0), eps * 21.0);
+    // The TF32 option runs the f32 reference (validated against the shape first).
+    let s = shape(1, 50, 50, 4, 64);
+    let k = keys::<f32>(&s, Keys::Normal, 9);
+    let tf32 = KmeansOptions { assign: AssignPrecision::Tf32, ..opts(Metric::L2, 2) };
+    assert_eq!(cpu::kmeans(&s, &tf32, &k).unwrap(), cpu::kmeans(&s, &opts(Metric::L2, 2), &k).unwrap());
 }

@@ -2,7 +2,9 @@
 //! sizes, CSR members, iteration counts and centroids (cosine and L2, f32/f16/bf16, T not a
 //! tile multiple, C = 1, C = T, all-equal keys, empty clusters, stop when stable), the
 //! incremental assignment, and retrieved token lists (GQA 1, 3, 8; budgets below S + W);
-//! buffer errors before any launch; run-to-run determinism.
+//! buffer errors before any launch; run-to-run determinism. The TF32 assignment mode: every
+//! label admissible against the f32 scores (`cpu::tf32_label_admissible`), the CSR exactly
+//! that of its labels, deterministic.
 
 mod cluster_support;
 mod common;
@@ -11,7 +13,8 @@ use cluster_support::{keys, normal, Keys};
 use half::{bf16, f16};
 use ntkv::cluster::cpu::{self, KmeansResult};
 use ntkv::cluster::{
-    ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions, RetrievePlan, RetrieveShape,
+    AssignPrecision, ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions,
+    RetrievePlan, RetrieveShape,
 };
 use ntkv::decode::{DecodeOptions, DecodePlan};
 use ntkv::{Device, DeviceTensor, Error, Float};
@@ -88,6 +91,65 @@ fn kmeans_all(dev: &Device) -> Result<(), Error> {
     Ok(())
 }
 
+gpu_test!(tf32_assignment_is_admissible_and_deterministic, tf32_all, "TF32 assignment cases");
+
+/// The TF32 mode against the f32 scores: an f32 k-means gives centroids; the TF32 plan
+/// relabels every token from them (`assign_appended` over `0..Tcap`), and each label must be
+/// admissible; then a whole TF32 run must be deterministic and its CSR that of its labels.
+fn tf32_case<T: Float>(dev: &Device, s: KmeansShape, metric: Metric, kind: Keys, seed: u64) -> Result<(), Error> {
+    let k = keys::<T>(&s, kind, seed);
+    let keys_dev = DeviceTensor::from_host(dev, &k, &s.keys_shape())?;
+    let f32_opts = KmeansOptions { metric, iterations: 3, ..Default::default() };
+    let tf32_opts = KmeansOptions { assign: AssignPrecision::Tf32, ..f32_opts };
+    let mut state = ClusterState::zeros(dev, &s)?;
+    KmeansPlan::new(dev, &s, f32_opts)?.run(&keys_dev, &mut state)?;
+    let mut plan = KmeansPlan::new(dev, &s, tf32_opts)?;
+    plan.assign_appended(&keys_dev, 0, s.capacity, &mut state)?;
+    let got = state.to_host()?;
+    let (d, c) = (s.head_dim, s.clusters);
+    for h in 0..s.heads {
+        let cents = &got.centroids[h * c * d..(h + 1) * c * d];
+        for t in 0..s.capacity {
+            let x: Vec<f32> = k[(h * s.capacity + t) * d..][..d].iter().map(|v| v.to_f32()).collect();
+            let label = got.labels[h * s.capacity + t];
+            assert!(
+                cpu::tf32_label_admissible(metric, &x, cents, label),
+                "{s:?} {metric:?} {}: head {h} token {t} label {label} is not admissible",
+                T::DTYPE
+            );
+        }
+    }
+    // The f32 labels of the same centroids: disagreements need a near-tie, so they are few.
+    let mut f32_labels = got.clone();
+    cpu::assign_appended(&s, metric, &k, 0, s.capacity, &mut f32_labels)?;
+    let differ = got.labels.iter().zip(&f32_labels.labels).filter(|(a, b)| a != b).count();
+    let n = s.heads * s.capacity;
+    println!("{s:?} {metric:?} {}: {differ} of {n} TF32 labels differ from f32 (all admissible)", T::DTYPE);
+    assert!(differ <= n / if kind == Keys::Blobs { 10 } else { 50 }, "{differ} of {n} labels differ");
+    // The CSR is exactly that of the TF32 labels (an empty append rebuilds it from them).
+    let mut csr = got.clone();
+    cpu::assign_appended(&s, metric, &k, s.capacity, s.capacity, &mut csr)?;
+    assert_eq!(got.sizes, csr.sizes, "TF32 sizes");
+    assert_eq!(got.indptr, csr.indptr, "TF32 indptr");
+    assert_eq!(got.members, csr.members, "TF32 members");
+    // A whole TF32 run, twice: the same bits.
+    let mut a = ClusterState::zeros(dev, &s)?;
+    plan.run(&keys_dev, &mut a)?;
+    let first = a.to_host()?;
+    plan.run(&keys_dev, &mut a)?;
+    assert_eq!(a.to_host()?, first, "TF32 run determinism");
+    Ok(())
+}
+
+fn tf32_all(dev: &Device) -> Result<(), Error> {
+    for metric in [Metric::Cosine, Metric::L2] {
+        tf32_case::<f32>(dev, ks(2, 1000, 1000, 70, 128), metric, Keys::Normal, 11)?;
+        tf32_case::<f16>(dev, ks(3, 777, 777, 256, 64), metric, Keys::Blobs, 12)?;
+        tf32_case::<bf16>(dev, ks(1, 300, 300, 7, 128), metric, Keys::Normal, 13)?;
+    }
+    Ok(())
+}
+
 fn retrieve_case<T: Float>(dev: &Device, rs: RetrieveShape, o: RetrieveOptions, seed: u64) -> Result<(), Error> {
     let km = rs.kmeans_shape();
     let k = keys::<T>(&km, Keys::Normal, seed);
@@ -144,6 +206,11 @@ gpu_test!(bad_buffers_are_rejected_before_any_launch, bad_buffers, "setup");
 
 fn bad_buffers(dev: &Device) -> Result<(), Error> {
     let s = ks(2, 100, 100, 4, 16);
+    let tf32 = KmeansOptions { assign: AssignPrecision::Tf32, ..Default::default() };
+    assert!(
+        matches!(KmeansPlan::new(dev, &s, tf32), Err(Error::InvalidArgument { arg: "assign", .. })),
+        "the TF32 assignment at head dim 16"
+    );
     let mut plan = KmeansPlan::new(dev, &s, KmeansOptions::default())?;
     let keys_dev = DeviceTensor::<f32>::zeros(dev, &[2, 99, 16])?;
     let mut state = ClusterState::zeros(dev, &s)?;

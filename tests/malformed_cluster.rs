@@ -7,8 +7,8 @@ use common::arg_of;
 
 use ntkv::cluster::cpu;
 use ntkv::cluster::{
-    validate_append, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape, MAX_CLUSTERS, MAX_HEAD_DIM,
-    MAX_ITERATIONS,
+    validate_append, AssignPrecision, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape, MAX_CLUSTERS,
+    MAX_HEAD_DIM, MAX_ITERATIONS,
 };
 
 const GOOD: KmeansShape = KmeansShape { heads: 2, tokens: 10, capacity: 12, clusters: 3, head_dim: 8 };
@@ -74,6 +74,18 @@ fn kmeans_options_and_append_boundaries() {
     assert_eq!(arg_of(&validate_append(&GOOD, 6, 5).unwrap_err()), "from");
     assert!(validate_append(&GOOD, 10, 12).is_ok());
     assert!(validate_append(&GOOD, 12, 12).is_ok());
+    // The TF32 assignment takes head dims 64 and 128 only.
+    let tf32 = KmeansOptions { assign: AssignPrecision::Tf32, ..Default::default() };
+    for d in [8, 63, 96, 129, 256] {
+        let s = KmeansShape { head_dim: d, ..GOOD };
+        assert_eq!(arg_of(&tf32.validate_for(&s).unwrap_err()), "assign", "head dim {d}");
+        assert!(KmeansOptions::default().validate_for(&s).is_ok());
+    }
+    for d in ntkv::cluster::TF32_HEAD_DIMS {
+        assert!(tf32.validate_for(&KmeansShape { head_dim: d, ..GOOD }).is_ok());
+    }
+    let keys = vec![0.0f32; 2 * 12 * 8];
+    assert_eq!(arg_of(&cpu::kmeans(&GOOD, &tf32, &keys).unwrap_err()), "assign");
 }
 
 #[test]

@@ -32,6 +32,7 @@ spec_of() {
     case "$1" in
         attention) echo "attention=tmask" ;;
         ntk) echo "ntk=quick" ;;
+        cluster) echo "cluster=tf32" ;;
         *) echo "$1" ;;
     esac
 }

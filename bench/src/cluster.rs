@@ -7,8 +7,8 @@
 //! labels: the kernels' work depends on the sizes, not on how the clusters were found.
 
 use ntkv::cluster::{
-    cpu, ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions, RetrievePlan,
-    RetrieveShape,
+    cpu, AssignPrecision, ClusterState, Combine, KmeansOptions, KmeansPlan, KmeansShape, Metric, RetrieveOptions,
+    RetrievePlan, RetrieveShape,
 };
 use ntkv::rng::Rng;
 use ntkv::{Device, DeviceTensor};
@@ -24,6 +24,18 @@ pub struct KmeansCase {
     pub shape: &'static str,
     pub dims: KmeansShape,
     pub iterations: usize,
+    /// The assignment's arithmetic; the record's dtype is `f32` or `f32-tf32`.
+    pub assign: AssignPrecision,
+}
+
+impl KmeansCase {
+    /// The record's dtype label: the keys' dtype, suffixed by the TF32 mode.
+    pub fn dtype(&self) -> &'static str {
+        match self.assign {
+            AssignPrecision::F32 => "f32",
+            AssignPrecision::Tf32 => "f32-tf32",
+        }
+    }
 }
 
 /// A case reads as its shape (`kc.heads`, `kc.tokens`), as the resource report uses it.
@@ -48,12 +60,24 @@ pub struct RetrieveCase {
     pub window: usize,
 }
 
-pub const KMEANS_CASES: &[KmeansCase] = &[KmeansCase {
-    op: "kmeans",
-    shape: "H32 T32768 D128 C256 it10",
-    dims: KmeansShape { heads: 32, tokens: 32768, capacity: 32768 + APPEND, clusters: 256, head_dim: 128 },
-    iterations: 10,
-}];
+const KMEANS_DIMS: KmeansShape =
+    KmeansShape { heads: 32, tokens: 32768, capacity: 32768 + APPEND, clusters: 256, head_dim: 128 };
+pub const KMEANS_CASES: &[KmeansCase] = &[
+    KmeansCase {
+        op: "kmeans",
+        shape: "H32 T32768 D128 C256 it10",
+        dims: KMEANS_DIMS,
+        iterations: 10,
+        assign: AssignPrecision::F32,
+    },
+    KmeansCase {
+        op: "kmeans",
+        shape: "H32 T32768 D128 C256 it10",
+        dims: KMEANS_DIMS,
+        iterations: 10,
+        assign: AssignPrecision::Tf32,
+    },
+];
 pub const RETRIEVE_CASES: &[RetrieveCase] = &[RetrieveCase {
     op: "cluster_retrieve",
     shape: "B1 Hq32 Hkv32 C1024 T131072 D128 budget2048",
@@ -127,12 +151,12 @@ pub fn gpu_cases(b: &mut Bench, dev: &Device) -> ntkv::Result<()> {
         let keys = DeviceTensor::from_host(dev, &random_keys(h * s.capacity * d, 1), &s.keys_shape())?;
         let mut state = ClusterState::zeros(dev, &s)?;
         // L2, as the torch peer (cdist); f32 keys.
-        let mut plan =
-            KmeansPlan::new(dev, &s, KmeansOptions { metric: Metric::L2, iterations: it, ..Default::default() })?;
+        let o = KmeansOptions { metric: Metric::L2, iterations: it, assign: kc.assign, ..Default::default() };
+        let mut plan = KmeansPlan::new(dev, &s, o)?;
         if b.wants(FAMILY, op) {
-            b.gpu(FAMILY, op, shape, "f32", kmeans_work(h, t, c, d, it), |_| plan.run(&keys, &mut state))?;
+            b.gpu(FAMILY, op, shape, kc.dtype(), kmeans_work(h, t, c, d, it), |_| plan.run(&keys, &mut state))?;
         }
-        if b.wants(FAMILY, "kmeans_append") {
+        if kc.assign == AssignPrecision::F32 && b.wants(FAMILY, "kmeans_append") {
             plan.run(&keys, &mut state)?;
             let w = Work {
                 bytes: (h * APPEND * d * 4 + h * (t + APPEND) * 8) as f64,

@@ -339,13 +339,18 @@ fn cluster(g: &mut Geometry) {
     for kc in crate::cluster::KMEANS_CASES {
         let (op, shape, h, t, c, it) = (kc.op, kc.shape, kc.heads, kc.tokens, kc.clusters, kc.iterations);
         let tiles = t.div_ceil(gpu::ASSIGN_KEYS);
-        g.push("cluster", op, shape, "f32", "ntkv_kmeans_init_f32".into(), h * c, 1, "").block = Some(gpu::ROW_THREADS);
-        let a = g.push("cluster", op, shape, "f32", "ntkv_kmeans_assign_f32".into(), h * tiles, it, "per iteration");
+        let dt = kc.dtype();
+        g.push("cluster", op, shape, dt, "ntkv_kmeans_init_f32".into(), h * c, 1, "").block = Some(gpu::ROW_THREADS);
+        let assign = match kc.assign {
+            gpu::AssignPrecision::F32 => "ntkv_kmeans_assign_f32".to_string(),
+            gpu::AssignPrecision::Tf32 => format!("ntkv_kmeans_assign_tf32_d{}_f32", kc.head_dim),
+        };
+        let a = g.push("cluster", op, shape, dt, assign, h * tiles, it, "per iteration");
         a.block = Some(gpu::ASSIGN_THREADS);
-        a.dyn_smem = Some(0);
-        g.push("cluster", op, shape, "f32", "ntkv_kmeans_sort".into(), h, it, "one CTA per head").block =
+        a.dyn_smem = Some(if kc.assign == gpu::AssignPrecision::Tf32 { gpu::TF32_ASSIGN_SMEM as usize } else { 0 });
+        g.push("cluster", op, shape, dt, "ntkv_kmeans_sort".into(), h, it, "one CTA per head").block =
             Some(gpu::LIST_THREADS);
-        g.push("cluster", op, shape, "f32", "ntkv_kmeans_update_f32".into(), h * c, it, "one CTA per cluster").block =
+        g.push("cluster", op, shape, dt, "ntkv_kmeans_update_f32".into(), h * c, it, "one CTA per cluster").block =
             Some(gpu::ROW_THREADS);
     }
     for rc in crate::cluster::RETRIEVE_CASES {

@@ -122,4 +122,15 @@ __device__ __forceinline__ void csr_bounds(const uint32_t* __restrict__ indptr, 
     end = e;
 }
 
+// f32 -> tf32 bits, rounding the 13 dropped mantissa bits to nearest with ties away from zero:
+// the rule of cvt.rna.tf32.f32, done with an integer add and mask (it runs once per fragment
+// element, so it is kept to plain integer ops). Adding half an ulp of tf32 to
+// the sign-magnitude bits carries into the exponent exactly when rounding should; infinities
+// and NaNs pass through unchanged.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+    const uint32_t u = __float_as_uint(x);
+    const bool special = (u & 0x7f800000u) == 0x7f800000u;
+    return special ? u : ((u + 0x1000u) & 0xffffe000u);
+}
+
 }  // namespace ntkv

@@ -133,8 +133,13 @@ impl SharedKmeans {
                 return Ok(Arc::clone(r));
             }
         }
-        let options =
-            KmeansOptions { metric: Metric::Cosine, iterations: CLUSTER_ITERATIONS, stop_when_stable: true, seed: 0 };
+        let options = KmeansOptions {
+            metric: Metric::Cosine,
+            iterations: CLUSTER_ITERATIONS,
+            stop_when_stable: true,
+            seed: 0,
+            ..Default::default()
+        };
         let all = Arc::new(caches.iter().map(|c| kmeans(shape, &options, &c.k)).collect::<ntkv::Result<Vec<_>>>()?);
         *slot = Some((shape.capacity, Arc::clone(&all)));
         Ok(all)

@@ -4,7 +4,8 @@
 //! validates its arguments as the GPU plans do and never panics.
 
 use super::{
-    validate_append, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape,
+    tf32_score_bound, validate_append, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions,
+    RetrieveShape,
 };
 use crate::error::{check_shape, Error, Result};
 use crate::tensor::{checked_numel, Float};
@@ -103,6 +104,56 @@ impl Head {
     }
 }
 
+/// Whether `got` is an admissible [`super::AssignPrecision::Tf32`] label of key `x` (`D`
+/// values, widened to f32) among `centroids [C, D]` (f32, as the GPU holds them): `got` is
+/// the f32 label of [`kmeans`]'s assignment, or it is below `C`, no lower-index centroid
+/// equals it bit for bit, both scores are finite, and the f32 scores satisfy
+/// `s(f32 label) − s(got) ≤ b(f32 label) + b(got)` with `b` = [`tf32_score_bound`] of the key's
+/// and the centroid's norms; or `got` is 0 and no f32 score is above `−∞`. `false` for an
+/// empty or misshapen `centroids`.
+pub fn tf32_label_admissible(metric: Metric, x: &[f32], centroids: &[f32], got: u32) -> bool {
+    let d = x.len();
+    if d == 0 || centroids.is_empty() || centroids.len() % d != 0 {
+        return false;
+    }
+    let mut head = Head { centroids: centroids.to_vec(), cnorm: vec![0.0; centroids.len() / d] };
+    for (c, cent) in centroids.chunks_exact(d).enumerate() {
+        head.cnorm[c] = dot(cent, cent);
+    }
+    let want = head.assign(metric, x);
+    if got == want {
+        return true;
+    }
+    let score = |c: &[f32], cn: f32| {
+        let dt = dot(x, c);
+        match metric {
+            Metric::Cosine => dt,
+            Metric::L2 => -((-2.0f32).mul_add(dt, cn)),
+        }
+    };
+    // No score above -inf (every score NaN or -inf): the TF32 kernel's cluster 0.
+    let none_above_neg_inf = centroids
+        .chunks_exact(d)
+        .zip(&head.cnorm)
+        .all(|(c, &cn)| score(c, cn).partial_cmp(&f32::NEG_INFINITY) != Some(std::cmp::Ordering::Greater));
+    if got == 0 && none_above_neg_inf {
+        return true;
+    }
+    let (g, w) = (got as usize, want as usize);
+    let Some(cg) = centroids.get(g * d..(g + 1) * d) else { return false };
+    let cw = &centroids[w * d..(w + 1) * d];
+    if centroids.chunks_exact(d).take(g).any(|c| c.iter().zip(cg).all(|(a, b)| a.to_bits() == b.to_bits())) {
+        return false;
+    }
+    let (sw, sg) = (score(cw, head.cnorm[w]), score(cg, head.cnorm[g]));
+    if !(sw.is_finite() && sg.is_finite()) {
+        return false;
+    }
+    let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>().sqrt();
+    let xn = norm(x);
+    f64::from(sw) - f64::from(sg) <= tf32_score_bound(metric, xn, norm(cw)) + tf32_score_bound(metric, xn, norm(cg))
+}
+
 /// Counting sort of `labels` (labels `≥ C` belong to no cluster): `(sizes, indptr,
 /// members)`, each cluster's members ascending.
 fn sort_labels(labels: &[u32], clusters: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
@@ -137,14 +188,17 @@ fn widen<T: Float>(x: &[T]) -> Vec<f32> {
 }
 
 /// The k-means of every head (see the [module docs](super) for the whole contract), on
-/// `keys [H, Tcap, D]`.
+/// `keys [H, Tcap, D]`. This is always the f32 path: with [`super::AssignPrecision::Tf32`]
+/// it is the run the GPU's labels are checked against ([`tf32_label_admissible`]).
 ///
 /// # Errors
-/// As [`KmeansShape::validate`] and [`KmeansOptions::validate`]; [`Error::Shape`] naming
+/// As [`KmeansShape::validate`], [`KmeansOptions::validate`] and
+/// [`KmeansOptions::validate_for`]; [`Error::Shape`] naming
 /// `keys` for another length.
 pub fn kmeans<T: Float>(shape: &KmeansShape, options: &KmeansOptions, keys: &[T]) -> Result<KmeansResult> {
     shape.validate()?;
     options.validate()?;
+    options.validate_for(shape)?;
     check_keys(shape, keys)?;
     let KmeansShape { heads, tokens, capacity, clusters, head_dim: d } = *shape;
     let metric = options.metric;

@@ -5,7 +5,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cpu::KmeansResult;
 use super::{
-    validate_append, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions, RetrieveShape,
+    validate_append, AssignPrecision, Combine, KmeansBuffers, KmeansOptions, KmeansShape, Metric, RetrieveOptions,
+    RetrieveShape, TF32_HEAD_DIMS,
 };
 use crate::device::{Device, Module};
 use crate::error::{to_u32, to_u64, Result};
@@ -20,6 +21,9 @@ pub const ROW_THREADS: u32 = 128;
 pub const ASSIGN_THREADS: u32 = 256;
 /// Keys per assignment CTA.
 pub const ASSIGN_KEYS: usize = 128;
+/// Dynamic shared memory of a TF32 assignment CTA: its 3-stage ring of 64 centroids × 32
+/// f32 (rows padded to 36 words), `TF32_RING_BYTES` in the kernel source.
+pub const TF32_ASSIGN_SMEM: u32 = 27_648;
 /// Threads of the sort, mark and write kernels (one CTA per head or list).
 pub const LIST_THREADS: u32 = 256;
 
@@ -31,6 +35,18 @@ const WRITE_ID: KernelId = KernelId::new(Module::Cluster, "cluster_write");
 
 fn typed_id(op: &'static str, dtype: DType) -> KernelId {
     KernelId::new(Module::Cluster, op).dtype(dtype)
+}
+
+/// The TF32 assignment kernels, one per head dim of [`TF32_HEAD_DIMS`].
+const TF32_ASSIGN_OPS: [&str; 2] = ["kmeans_assign_tf32_d64", "kmeans_assign_tf32_d128"];
+
+/// The assignment kernel of a precision (the TF32 ones by head dim, validated by
+/// [`KmeansOptions::validate_for`]; another dim maps to the f32 kernel, never launched).
+fn assign_id(precision: AssignPrecision, head_dim: usize, dtype: DType) -> KernelId {
+    match (precision, TF32_HEAD_DIMS.iter().position(|&d| d == head_dim)) {
+        (AssignPrecision::Tf32, Some(i)) => typed_id(TF32_ASSIGN_OPS[i], dtype),
+        _ => typed_id(TYPED_OPS[2], dtype),
+    }
 }
 
 fn slot(dtype: DType) -> usize {
@@ -117,16 +133,18 @@ impl KmeansPlan {
     /// cursors).
     ///
     /// # Errors
-    /// As [`KmeansShape::validate`] and [`KmeansOptions::validate`];
-    /// [`crate::Error::KernelsNotBuilt`] without compiled kernels; driver errors.
+    /// As [`KmeansShape::validate`], [`KmeansOptions::validate`] and
+    /// [`KmeansOptions::validate_for`]; [`crate::Error::KernelsNotBuilt`] without compiled
+    /// kernels; driver errors.
     pub fn new(device: &Device, shape: &KmeansShape, options: KmeansOptions) -> Result<Self> {
         shape.validate()?;
         options.validate()?;
+        options.validate_for(shape)?;
         let load = |dt: DType| -> Result<KmeansKernels> {
             Ok(KmeansKernels {
                 init: device.kernel(typed_id(TYPED_OPS[0], dt))?,
                 norms: device.kernel(typed_id(TYPED_OPS[1], dt))?,
-                assign: device.kernel(typed_id(TYPED_OPS[2], dt))?,
+                assign: device.kernel(assign_id(options.assign, shape.head_dim, dt))?,
                 update: device.kernel(typed_id(TYPED_OPS[3], dt))?,
             })
         };
@@ -275,12 +293,15 @@ impl KmeansPlan {
         state: &mut ClusterState,
     ) -> Result<()> {
         let tiles = (p.tokens - p.first).div_ceil(ASSIGN_KEYS as u32) as usize;
-        let cfg = grid_for(&self.device, &k.assign, ASSIGN_THREADS, 0, self.shape.heads * tiles.max(1), false)?;
+        let smem = if self.options.assign == AssignPrecision::Tf32 { TF32_ASSIGN_SMEM } else { 0 };
+        let cfg = grid_for(&self.device, &k.assign, ASSIGN_THREADS, smem, self.shape.heads * tiles.max(1), false)?;
         let stream = self.device.stream();
         let mut labels = state.labels.view_mut();
         let mut b = stream.launch_builder(&k.assign);
         b.arg(p).arg(kv).arg(state.centroids.slice()).arg(&self.done).arg(&mut labels).arg(&self.changed);
-        // SAFETY: ntkv_kmeans_assign_<T>(NtkvKmeansParams, const T* keys,
+        // SAFETY: ntkv_kmeans_assign_<T> or ntkv_kmeans_assign_tf32_d<D>_<T> (the same
+        // signature; the TF32 kernel's D is the plan's validated head dim, it returns when
+        // p.head_dim differs, and it gets its TF32_ASSIGN_SMEM bytes of ring)(NtkvKmeansParams, const T* keys,
         // const float* centroids, const u32* done, u32* labels, u32* changed). Block
         // (h < H, tile) covers tokens first + 128*tile .. min(+128, tokens) with tokens <= Tcap
         // (validated): it reads those key rows of [H, Tcap, D], every centroid of head h in
@@ -505,7 +526,7 @@ impl RetrievePlan {
 pub(crate) fn kernels() -> Vec<KernelId> {
     let mut ids = vec![SORT_ID, MARK_ID, WRITE_ID];
     for dt in DTYPES {
-        ids.extend(TYPED_OPS.iter().map(|op| typed_id(op, dt)));
+        ids.extend(TYPED_OPS.iter().chain(&TF32_ASSIGN_OPS).map(|op| typed_id(op, dt)));
     }
     ids
 }

@@ -55,6 +55,19 @@
 //! (new tokens land at the end of their clusters' lists, which stay ascending); centroids
 //! do not move.
 //!
+//! **TF32 assignment** ([`KmeansOptions::assign`] = [`AssignPrecision::Tf32`], head dims 64
+//! and 128): the assignment's dot products run on the tensor cores, about 4× the f32 FMA
+//! rate. Keys are rounded to TF32 (to nearest) and centroids truncated to it (the tensor
+//! core reads their top 19 bits); for L2, `|c|²` is still an exact f32 sum (four fma chains,
+//! chain `q` over the depths `d` with `⌊(d mod 32)/8⌋ = q` in ascending order, added as
+//! `(s₀ + s₁) + (s₂ + s₃)`). A key with no score above `−∞` goes to cluster 0. A label
+//! may then differ from the f32 one only where the f32 scores of the two labels are within
+//! the sum of their [`tf32_score_bound`]s (`ε = 2⁻⁹` relative per term, checked by
+//! [`cpu::tf32_label_admissible`]); a centroid equal to a lower-index one never wins. The
+//! counting sort and the update are the f32 ones, applied to the labels the GPU chose, so a
+//! run is deterministic and self-consistent, but after its first pass it follows its own
+//! labels rather than [`cpu::kmeans`]'s.
+//!
 //! # Cluster retrieval ([`RetrievePlan`], reference [`cpu::retrieve`])
 //! For `B` sequences of `Tq ∈ 1..=16` query tokens and `Hq` query heads over `Hkv` kv heads
 //! (group `g = Hq/Hkv`), list `l = b·Hkv + h` uses the clusters of k-means head `l`:
@@ -133,6 +146,7 @@ pub(crate) mod gpu;
 
 pub use gpu::{
     mark_smem_bytes, ClusterState, KmeansPlan, RetrievePlan, ASSIGN_KEYS, ASSIGN_THREADS, LIST_THREADS, ROW_THREADS,
+    TF32_ASSIGN_SMEM,
 };
 
 use crate::error::{Error, Result};
@@ -200,6 +214,45 @@ impl Metric {
             Metric::Cosine => 0,
             Metric::L2 => 1,
         }
+    }
+}
+
+/// How the assignment forms the dot products `x·c` of its scores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AssignPrecision {
+    /// f32 fused multiply-add chains in the order of the module docs: labels, members and
+    /// centroids bit-identical to [`cpu::kmeans`].
+    #[default]
+    F32,
+    /// The tensor cores (TF32 `mma`), for head dims in [`TF32_HEAD_DIMS`]: keys are rounded
+    /// to TF32 (10 explicit mantissa bits, to nearest, ties away from zero), centroids
+    /// truncated to it, and the products accumulate in f32 in the hardware's order; L2's
+    /// `|c|²` stays an exact f32 sum. A label may then differ from the f32 one, but only where
+    /// [`cpu::tf32_label_admissible`] admits it: the f32 scores of the two labels are within
+    /// the sum of their [`tf32_score_bound`]s. Equal centroids still score equal bit for
+    /// bit, so ties go to the lower index. The sort and the update are the f32 path's, so
+    /// `members`, `sizes` and the centroids are exactly those of the labels the GPU chose;
+    /// after the first pass the run follows its own labels, so it is not bit-comparable with
+    /// [`cpu::kmeans`] (which always computes the f32 path). Deterministic run to run.
+    Tf32,
+}
+
+/// The head dims of the [`AssignPrecision::Tf32`] assignment (each warp holds its keys' whole
+/// rows as tensor-core fragments in registers).
+pub const TF32_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// The relative error `ε = 2⁻⁹` allowed to one TF32 score term: the keys' rounding (`2⁻¹¹`),
+/// the centroids' truncation (`2⁻¹⁰`) and the f32 accumulation of at most 128 products
+/// (`< 2⁻¹⁵`) stay under `0.76·ε`.
+pub const TF32_EPSILON: f64 = 1.0 / 512.0;
+
+/// How far the TF32 score of key `x` against centroid `c` can be from its f32 score:
+/// `ε·|x|·|c|` for cosine, `2ε·|x|·|c| + ε·|c|²` for L2 (the score `2x·c − |c|²`), with
+/// `ε` = [`TF32_EPSILON`]; norms in f64.
+pub fn tf32_score_bound(metric: Metric, x_norm: f64, c_norm: f64) -> f64 {
+    match metric {
+        Metric::Cosine => TF32_EPSILON * x_norm * c_norm,
+        Metric::L2 => TF32_EPSILON * (2.0 * x_norm * c_norm + c_norm * c_norm),
     }
 }
 
@@ -294,11 +347,19 @@ pub struct KmeansOptions {
     pub stop_when_stable: bool,
     /// The seed of the initial sample (default 0).
     pub seed: u64,
+    /// The assignment's arithmetic (default [`AssignPrecision::F32`], bit-exact).
+    pub assign: AssignPrecision,
 }
 
 impl Default for KmeansOptions {
     fn default() -> Self {
-        KmeansOptions { metric: Metric::Cosine, iterations: 10, stop_when_stable: false, seed: 0 }
+        KmeansOptions {
+            metric: Metric::Cosine,
+            iterations: 10,
+            stop_when_stable: false,
+            seed: 0,
+            assign: AssignPrecision::F32,
+        }
     }
 }
 
@@ -312,6 +373,21 @@ impl KmeansOptions {
             return Err(Error::invalid(
                 "iterations",
                 format!("{} iterations; 1 to {MAX_ITERATIONS} are supported", self.iterations),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the options against a shape: [`AssignPrecision::Tf32`] needs a head dim in
+    /// [`TF32_HEAD_DIMS`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `assign`.
+    pub fn validate_for(&self, shape: &KmeansShape) -> Result<()> {
+        if self.assign == AssignPrecision::Tf32 && !TF32_HEAD_DIMS.contains(&shape.head_dim) {
+            return Err(Error::invalid(
+                "assign",
+                format!("the TF32 assignment takes head dims {TF32_HEAD_DIMS:?}, not {}", shape.head_dim),
             ));
         }
         Ok(())

@@ -73,7 +73,9 @@ class Entry:
 
 
 # Values of the non-thread constants the formulas below use (checked in the sources).
+CONST_VALUES_TF32_RING = 27648  # cluster.cu TF32_RING_BYTES: 3 stages x 64 rows x 36 words x 4 B
 CONST_VALUES = {
+    "TF32_ASSIGN_SMEM": CONST_VALUES_TF32_RING,
     "ROWS_PER_CTA": 16,
     "TILE_TOKENS": 64,
     "SMEM_FFMA": 67584,
@@ -189,6 +191,9 @@ LAUNCHES = [
           "cluster::KmeansPlan::run"),
     Entry(rf"ntkv_kmeans_assign_{DT}", 256, 0, [Const(CLUSTER, "ASSIGN_THREADS")],
           "cluster::KmeansPlan::run / assign_appended"),
+    Entry(rf"ntkv_kmeans_assign_tf32_d(?:64|128)_{DT}", 256, CONST_VALUES_TF32_RING,
+          [Const(CLUSTER, "ASSIGN_THREADS"), Const(CLUSTER, "TF32_ASSIGN_SMEM")],
+          "cluster::KmeansPlan (AssignPrecision::Tf32)", dyn_note="3-stage ring"),
     Entry(r"ntkv_kmeans_sort", 256, 0, [Const(CLUSTER, "LIST_THREADS")], "cluster::KmeansPlan (one CTA per head)"),
     Entry(rf"ntkv_cluster_score_{DT}", 128, 0, [Const(CLUSTER, "ROW_THREADS")], "cluster::RetrievePlan::run"),
     Entry(r"ntkv_cluster_mark", 256, None, [Const(CLUSTER, "LIST_THREADS"), Text(CLUSTER, "(clusters + 1) * 4")],

@@ -33,6 +33,9 @@ def _kmeans(p):
     ms = p.time_ms(step, reps=min(p.reps, 10))
     p.record(FAMILY, "kmeans", "H32 T32768 D128 C256 it10", "f32", "torch cdist/argmin/scatter_add", ms,
              min_speedup=10.0)
+    # ntkv's TF32 assignment mode (dtype "f32-tf32") against the same f32 torch loop and bar.
+    p.record(FAMILY, "kmeans", "H32 T32768 D128 C256 it10", "f32-tf32", "torch cdist/argmin/scatter_add", ms,
+             min_speedup=10.0)
     del x
 
 

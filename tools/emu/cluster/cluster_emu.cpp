@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -276,6 +277,139 @@ bool kmeans_case(const KCfg& c, const char* name, uint32_t append_to = 0) {
     return ok;
 }
 
+// ---- the TF32 assignment (ntkv_kmeans_assign_tf32_d<D>_<T>) -------------------------------
+// Labels are checked against the f32 reference with the admissibility rule of src/cluster
+// (cpu::tf32_label_admissible): the f32 label, or a label whose f32 score is within
+// eps (|x||c_a| k + [L2] |c_a|^2) + the same for b of the f32 best, eps = 2^-9, k = 1 (cosine)
+// or 2 (L2); never a centroid with a bit-equal lower-index twin; a NaN row's label is 0.
+// Labels outside [first, tokens) must keep their sentinel.
+constexpr double TF32_EPS = 1.0 / 512.0;
+
+template <typename T, int D>
+void assign_tf32(const NtkvKmeansParams& p, const T* k, const float* c, const uint32_t* dn, uint32_t* l, uint32_t* ch) {
+    if constexpr (D == 64) {
+        if constexpr (std::is_same_v<T, float>) ntkv_kmeans_assign_tf32_d64_f32(p, k, c, dn, l, ch);
+        if constexpr (std::is_same_v<T, __half>) ntkv_kmeans_assign_tf32_d64_f16(p, k, c, dn, l, ch);
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) ntkv_kmeans_assign_tf32_d64_bf16(p, k, c, dn, l, ch);
+    } else {
+        if constexpr (std::is_same_v<T, float>) ntkv_kmeans_assign_tf32_d128_f32(p, k, c, dn, l, ch);
+        if constexpr (std::is_same_v<T, __half>) ntkv_kmeans_assign_tf32_d128_f16(p, k, c, dn, l, ch);
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) ntkv_kmeans_assign_tf32_d128_bf16(p, k, c, dn, l, ch);
+    }
+}
+
+struct TCfg {
+    uint32_t H, T, cap, C, metric, first;
+    int keys;  // 0 normal, 1 a NaN row and an all-zero row, 2 every key equal, 3 clustered blobs
+};
+
+template <typename T, int D>
+bool tf32_case(const TCfg& c, const char* name) {
+    std::normal_distribution<float> nd;
+    const size_t nk = (size_t)c.H * c.cap * D;
+    std::vector<float> centers(8 * D);
+    for (auto& v : centers) v = nd(rng) * 3.0f;
+    std::vector<T> keys(nk);
+    for (size_t i = 0; i < nk; ++i) {
+        float v = nd(rng);
+        if (c.keys == 2) v = 0.25f + (float)(i % D) * 0.125f;
+        if (c.keys == 3) v = centers[((i / D) % 8) * D + i % D] + 0.2f * v;
+        keys[i] = ntkv::from_f32<T>(v);
+    }
+    if (c.keys == 1) {
+        keys[((size_t)0 * c.cap + c.first + 3) * D + 5] = ntkv::from_f32<T>(NAN);
+        for (uint32_t d = 0; d < D; ++d) keys[((size_t)(c.H - 1) * c.cap + c.T - 1) * D + d] = ntkv::from_f32<T>(0.0f);
+    }
+    std::vector<float> xf(nk);
+    for (size_t i = 0; i < nk; ++i) xf[i] = ntkv::to_f32(keys[i]);
+    // Centroids: unit rows for cosine, raw for L2, from blob centres or keys so scores are
+    // close; bit-equal twins at (1, 5) and (C-2, C-1) when C allows.
+    std::vector<float> cent((size_t)c.H * c.C * D);
+    for (uint32_t h = 0; h < c.H; ++h)
+        for (uint32_t ci = 0; ci < c.C; ++ci) {
+            float* row = &cent[((size_t)h * c.C + ci) * D];
+            for (uint32_t d = 0; d < D; ++d)
+                row[d] = c.keys == 3 ? centers[(ci % 8) * D + d] + 0.3f * nd(rng) : nd(rng);
+            if (c.metric == 0) {
+                const float inv = inv_norm(row, D);
+                for (uint32_t d = 0; d < D; ++d) row[d] *= inv;
+            }
+        }
+    for (uint32_t h = 0; h < c.H; ++h) {
+        float* ch = &cent[(size_t)h * c.C * D];
+        if (c.C > 5) std::copy(ch + D, ch + 2 * D, ch + 5 * D);
+        if (c.C > 8) std::copy(ch + (size_t)(c.C - 2) * D, ch + (size_t)(c.C - 1) * D, ch + (size_t)(c.C - 1) * D);
+    }
+    auto dk = dup(keys);
+    auto dc = dup(cent);
+    auto dl = dup(std::vector<uint32_t>((size_t)c.H * c.cap, 0xABCDu));
+    auto dn = dup(std::vector<uint32_t>(c.H, 0));
+    auto dch = dup(std::vector<uint32_t>(c.H, 0));
+    const NtkvKmeansParams p{1, c.H, c.T, c.cap, c.C, D, c.metric, c.first, 1};
+    const uint32_t tiles = (c.T - c.first + TK - 1) / TK;
+    ntkv_emu::launch(dim3_{c.H * tiles, 1, 1}, dim3_{ASSIGN_THREADS, 1, 1}, TF32_RING_BYTES,
+                     [&] { assign_tf32<T, D>(p, dk.get(), dc.get(), dn.get(), dl.get(), dch.get()); });
+    size_t bad = 0, differ = 0, kept = 0, nan_rows = 0;
+    for (uint32_t h = 0; h < c.H; ++h) {
+        const float* ch = &cent[(size_t)h * c.C * D];
+        std::vector<float> cn(c.C), cnorm(c.C);
+        for (uint32_t ci = 0; ci < c.C; ++ci) {
+            cn[ci] = dotf(ch + (size_t)ci * D, ch + (size_t)ci * D, D);
+            cnorm[ci] = std::sqrt(cn[ci]);
+        }
+        for (uint32_t t = 0; t < c.cap; ++t) {
+            const uint32_t got = dl[(size_t)h * c.cap + t];
+            if (t < c.first || t >= c.T) {
+                kept += got != 0xABCDu;
+                continue;
+            }
+            const float* x = &xf[((size_t)h * c.cap + t) * D];
+            std::vector<float> sc(c.C);
+            float bs = -INFINITY;
+            uint32_t bi = NONE;
+            for (uint32_t ci = 0; ci < c.C; ++ci) {
+                const float dt = dotf(x, ch + (size_t)ci * D, D);
+                sc[ci] = (c.metric == 1 ? -std::fma(-2.0f, dt, cn[ci]) : dt) + 0.0f;
+                if (sc[ci] > bs || (sc[ci] == bs && ci < bi)) {
+                    bs = sc[ci];
+                    bi = ci;
+                }
+            }
+            const uint32_t want = bi == NONE ? 0 : bi;
+            nan_rows += bi == NONE;
+            if (got == want) continue;
+            ++differ;
+            bool ok = got < c.C && std::isfinite(sc[got]) && std::isfinite(sc[want]);
+            for (uint32_t lo = 0; ok && lo < got; ++lo)
+                ok = std::memcmp(ch + (size_t)lo * D, ch + (size_t)got * D, D * 4) != 0;
+            if (ok) {
+                double xn = 0.0;
+                for (uint32_t d = 0; d < D; ++d) xn += (double)x[d] * x[d];
+                xn = std::sqrt(xn);
+                auto bound = [&](uint32_t ci) {
+                    const double cnn = cnorm[ci];
+                    return c.metric == 0 ? TF32_EPS * xn * cnn : TF32_EPS * (2.0 * xn * cnn + cnn * cnn);
+                };
+                ok = (double)sc[want] - (double)sc[got] <= bound(want) + bound(got);
+            }
+            if (!ok && bad++ < 3)
+                std::printf("  h%u t%u: label %u, f32 label %u (scores %.9g vs %.9g)\n", h, t, got, want,
+                            got < c.C ? sc[got] : NAN, sc[want]);
+        }
+    }
+    const size_t n = (size_t)c.H * (c.T - c.first);
+    // Admissible disagreements need a near-tie: a small share of random keys, more among
+    // blobs (8 centres shared by C/8 centroids each).
+    const bool few = differ <= std::max<size_t>(4, n / (c.keys == 3 ? 10 : 50));
+    const bool flagged = dch[0] == 1u;
+    const bool ok = bad == 0 && kept == 0 && few && flagged && (c.keys != 1 || nan_rows == 1);
+    std::printf("%-4s tf32 %-39s H%u T%u..%u cap%u C%u D%d %s: %zu inadmissible, %zu admissible diffs of %zu, "
+                "%zu outside the range written%s%s\n",
+                ok ? "ok" : "FAIL", name, c.H, c.first, c.T, c.cap, c.C, D, c.metric ? "L2" : "cos", bad, differ - bad, n,
+                kept, few ? "" : " (too many diffs)", flagged ? "" : " (changed flag not set)");
+    return ok;
+}
+
 struct RCfg {
     uint32_t B, Tq, Hq, Hkv, D, C, cap, combine, budget, sinks, window;
 };
@@ -413,27 +547,42 @@ bool retrieve_case(const RCfg& c, const char* name) {
 int main(int argc, char** argv) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
     const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
+    const bool tf32_only = argc > 1 && std::strcmp(argv[1], "tf32") == 0;  // cluster=tf32
     bool ok = true;
     // k-means: T not a tile multiple, C = 1, C = T, all-equal keys, ties, empty clusters,
     // D not a multiple of the 32-deep slice, both metrics, all dtypes, stop when stable.
-    ok &= kmeans_case<__half>({2, 300, 310, 7, 40, 0, 3, false, 0}, "f16 cosine, T 300 (3 tiles, tail 44)", 310);
-    ok &= kmeans_case<float>({1, 200, 200, 13, 24, 1, 4, false, 3}, "f32 L2, 8 blobs into 13 clusters, D 24");
-    ok &= kmeans_case<__nv_bfloat16>({2, 130, 140, 1, 33, 0, 2, false, 0}, "bf16 cosine, C = 1, D 33", 140);
-    ok &= kmeans_case<float>({1, 65, 65, 65, 16, 1, 2, false, 0}, "f32 L2, C = T = 65 (two centroid tiles)");
-    ok &= kmeans_case<__half>({1, 150, 150, 5, 32, 0, 3, false, 1}, "f16 cosine, all keys equal (ties)");
-    ok &= kmeans_case<float>({2, 257, 257, 9, 8, 1, 3, false, 2}, "f32 L2, values in {-1,0,1} (ties)");
-    ok &= kmeans_case<float>({2, 180, 200, 6, 20, 1, 30, true, 3}, "f32 L2, stop when stable", 200);
-    if (!quick) {
-        ok &= kmeans_case<__nv_bfloat16>({1, 400, 400, 70, 128, 0, 2, false, 0}, "bf16 cosine, D 128, C 70");
-        ok &= kmeans_case<__half>({1, 300, 300, 10, 64, 1, 12, true, 3}, "f16 L2, stop when stable, D 64");
+    if (!tf32_only) {
+        ok &= kmeans_case<__half>({2, 300, 310, 7, 40, 0, 3, false, 0}, "f16 cosine, T 300 (3 tiles, tail 44)", 310);
+        ok &= kmeans_case<float>({1, 200, 200, 13, 24, 1, 4, false, 3}, "f32 L2, 8 blobs into 13 clusters, D 24");
+        ok &= kmeans_case<__nv_bfloat16>({2, 130, 140, 1, 33, 0, 2, false, 0}, "bf16 cosine, C = 1, D 33", 140);
+        ok &= kmeans_case<float>({1, 65, 65, 65, 16, 1, 2, false, 0}, "f32 L2, C = T = 65 (two centroid tiles)");
+        ok &= kmeans_case<__half>({1, 150, 150, 5, 32, 0, 3, false, 1}, "f16 cosine, all keys equal (ties)");
+        ok &= kmeans_case<float>({2, 257, 257, 9, 8, 1, 3, false, 2}, "f32 L2, values in {-1,0,1} (ties)");
+        ok &= kmeans_case<float>({2, 180, 200, 6, 20, 1, 30, true, 3}, "f32 L2, stop when stable", 200);
+        if (!quick) {
+            ok &= kmeans_case<__nv_bfloat16>({1, 400, 400, 70, 128, 0, 2, false, 0}, "bf16 cosine, D 128, C 70");
+            ok &= kmeans_case<__half>({1, 300, 300, 10, 64, 1, 12, true, 3}, "f16 L2, stop when stable, D 64");
+        }
     }
-    // Retrieval: GQA 1, 3, 8; Tq up to 16; budget below sinks + window; budget above all.
-    ok &= retrieve_case<__half>({2, 1, 4, 4, 64, 20, 300, 0, 100, 4, 16}, "f16 GQA 1, max");
-    ok &= retrieve_case<float>({1, 2, 6, 2, 40, 9, 200, 1, 60, 2, 8}, "f32 GQA 3, Tq 2, sum");
-    ok &= retrieve_case<__nv_bfloat16>({2, 3, 16, 2, 128, 33, 500, 0, 150, 8, 32}, "bf16 GQA 8, Tq 3 (24 rows), max");
-    ok &= retrieve_case<__half>({1, 16, 2, 1, 32, 5, 100, 1, 10, 6, 20}, "f16 Tq 16, budget < sinks + window");
-    ok &= retrieve_case<float>({1, 1, 3, 3, 16, 130, 260, 0, 10000, 1, 1}, "f32 budget above every token, C 130");
-    ok &= retrieve_case<float>({3, 1, 8, 8, 8, 1, 70, 0, 30, 0, 0}, "f32 C = 1 (cut), no sinks or window");
+    // TF32 assignment: both head dims, all dtypes, both metrics, C below, at and above the
+    // 64-centroid tile, T not a tile multiple, an incremental range, a NaN row, equal keys.
+    ok &= tf32_case<float, 128>({2, 300, 310, 70, 1, 0, 0}, "f32 L2, C 70 (tile tail 6)");
+    ok &= tf32_case<__half, 64>({1, 200, 210, 64, 0, 0, 3}, "f16 cosine, blobs, C = 64");
+    ok &= tf32_case<__nv_bfloat16, 128>({2, 140, 150, 7, 0, 20, 1}, "bf16 cosine, first 20, NaN and zero rows");
+    ok &= tf32_case<float, 64>({1, 129, 129, 130, 1, 0, 2}, "f32 L2, every key equal, C 130");
+    if (!quick) {
+        ok &= tf32_case<__half, 128>({1, 260, 260, 200, 1, 0, 3}, "f16 L2, blobs, C 200");
+        ok &= tf32_case<float, 64>({1, 300, 300, 33, 0, 100, 0}, "f32 cosine, first 100");
+    }
+    if (!tf32_only) {
+        // Retrieval: GQA 1, 3, 8; Tq up to 16; budget below sinks + window; budget above all.
+        ok &= retrieve_case<__half>({2, 1, 4, 4, 64, 20, 300, 0, 100, 4, 16}, "f16 GQA 1, max");
+        ok &= retrieve_case<float>({1, 2, 6, 2, 40, 9, 200, 1, 60, 2, 8}, "f32 GQA 3, Tq 2, sum");
+        ok &= retrieve_case<__nv_bfloat16>({2, 3, 16, 2, 128, 33, 500, 0, 150, 8, 32}, "bf16 GQA 8, Tq 3 (24 rows), max");
+        ok &= retrieve_case<__half>({1, 16, 2, 1, 32, 5, 100, 1, 10, 6, 20}, "f16 Tq 16, budget < sinks + window");
+        ok &= retrieve_case<float>({1, 1, 3, 3, 16, 130, 260, 0, 10000, 1, 1}, "f32 budget above every token, C 130");
+        ok &= retrieve_case<float>({3, 1, 8, 8, 8, 1, 70, 0, 30, 0, 0}, "f32 C = 1 (cut), no sinks or window");
+    }
     std::printf(ok ? "ALL OK\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

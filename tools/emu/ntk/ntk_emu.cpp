@@ -213,7 +213,7 @@ bool tf32_case() {
     size_t bad = 0;
     for (float x : xs) {
         if (std::isnan(x)) continue;
-        const uint32_t got = to_tf32(x), want = tf32_rna(x);
+        const uint32_t got = ntkv::to_tf32(x), want = tf32_rna(x);
         if (got != want && bad++ < 4) std::printf("  to_tf32(%a) = %#x, want %#x\n", x, got, want);
     }
     std::printf("%-4s tf32      to_tf32 vs cvt.rna              %zu values: %zu differ\n", bad ? "FAIL" : "ok", xs.size(), bad);
